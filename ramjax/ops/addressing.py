@@ -1,0 +1,134 @@
+"""RAM-Net address decoder: sparse product-softmax addresses and CAPE (spec ramnet.md sections 2-3).
+
+A key of size U * d_p is split into U factors; each factor goes through a softmax over d_p entries and the
+address is their Kronecker product, a distribution over M = d_p ** U slots. Only its top-K entries are kept.
+The length-M vector is never built: a beam search over factors finds the exact top-K.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ramjax.ops import _checks
+
+# Slot indices are int32, so M must stay below 2 ** 31.
+_MAX_SLOTS = 2**31 - 1
+
+
+def factor_size(key_size: int, num_factors: int) -> int:
+    """d_p for a key of `key_size` = U * d_p entries split into `num_factors` = U factors."""
+    if key_size % num_factors:
+        raise ValueError(
+            f"x: last dimension {key_size} must be num_factors * d_p, but num_factors={num_factors} "
+            f"does not divide it"
+        )
+    return key_size // num_factors
+
+
+def _sort_desc_ties_low(values: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sorts the last axis by value descending, equal values by index ascending."""
+    neg_sorted, idx_sorted = jax.lax.sort((-values, indices), dimension=-1, num_keys=2)
+    return -neg_sorted, idx_sorted
+
+
+def _beam_search(probs: jax.Array, top_k: int) -> jax.Array:
+    """Indices of the top-K entries of the Kronecker product of `probs` [..., U, d_p].
+
+    Exact: every prefix (i_1..i_u) of a global top-K tuple is among the top-K prefixes of length u, because
+    extending K better prefixes by the same suffix would give K better tuples (the probabilities are > 0).
+    Partial products are formed left to right, exactly as a brute-force Kronecker product forms them.
+    """
+    num_factors, d_p = probs.shape[-2:]
+    width = min(top_k, d_p)
+    iota = jnp.broadcast_to(jnp.arange(d_p, dtype=jnp.int32), probs.shape)
+    factor_val, factor_idx = _sort_desc_ties_low(probs, iota)
+    factor_val, factor_idx = factor_val[..., :width], factor_idx[..., :width]
+
+    beam_val, beam_idx = factor_val[..., 0, :], factor_idx[..., 0, :]
+    for u in range(1, num_factors):
+        cand_val = beam_val[..., :, None] * factor_val[..., u, None, :]
+        cand_idx = beam_idx[..., :, None] * d_p + factor_idx[..., u, None, :]
+        batch_shape = cand_val.shape[:-2]
+        cand_val = cand_val.reshape(*batch_shape, -1)
+        cand_idx = cand_idx.reshape(*batch_shape, -1)
+        beam_val, beam_idx = _sort_desc_ties_low(cand_val, cand_idx)
+        beam_val, beam_idx = beam_val[..., :top_k], beam_idx[..., :top_k]
+    return beam_idx
+
+
+def gather_product(probs: jax.Array, idx: jax.Array) -> jax.Array:
+    """Entries `idx` [..., K] of the Kronecker product of `probs` [..., U, d_p], without building it.
+
+    Differentiable in `probs`; `idx` is mixed radix, first factor most significant.
+    """
+    num_factors, d_p = probs.shape[-2:]
+    val = None
+    for u in range(num_factors):
+        digit = (idx // d_p ** (num_factors - 1 - u)) % d_p
+        factor = jnp.take_along_axis(probs[..., u, :], digit, axis=-1)
+        val = factor if val is None else val * factor
+    return val
+
+
+def product_topk(
+    x: jax.Array, *, num_factors: int, top_k: int, temperature: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """Exact top-K of the product-softmax address of `x`.
+
+    Args:
+      x: `[..., U * d_p]` keys or queries.
+      num_factors: U, the number of factors the last axis is split into.
+      top_k: K, the number of slots kept, 1 <= K <= M = d_p ** U.
+      temperature: tau in softmax(x_u / tau) for each factor.
+
+    Returns:
+      idx: int32 `[..., K]` slot indices (mixed radix, first factor most significant).
+      val: `[..., K]` address weights (products of factor probabilities), sorted descending, equal values
+        ordered by lower index. Gradients flow into `x` through `val`; `idx` carries none.
+    """
+    x = jnp.asarray(x)
+    _checks.require_positive_int("num_factors", num_factors)
+    _checks.require_positive_int("top_k", top_k)
+    if x.ndim < 1:
+        raise ValueError(f"x: expected shape [..., num_factors * d_p], got a scalar")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x: expected a floating dtype, got {x.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    d_p = factor_size(x.shape[-1], num_factors)
+    num_slots = d_p**num_factors
+    if num_slots > _MAX_SLOTS:
+        raise ValueError(
+            f"num_factors={num_factors} with d_p={d_p} gives M = {d_p}**{num_factors} = {num_slots} slots, "
+            f"more than int32 indices can address ({_MAX_SLOTS})"
+        )
+    if top_k > num_slots:
+        raise ValueError(f"top_k: must be <= M = d_p ** U = {num_slots}, got {top_k}")
+
+    # Probabilities in at least fp32: a product of U bf16 probabilities would lose most of its bits.
+    compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    logits = x.astype(compute_dtype).reshape(*x.shape[:-1], num_factors, d_p) / temperature
+    probs = jax.nn.softmax(logits, axis=-1)
+    idx = _beam_search(jax.lax.stop_gradient(probs), top_k)
+    return idx, gather_product(probs, idx)
+
+
+def cape_shift(idx: jax.Array, positions: jax.Array, num_slots: int) -> jax.Array:
+    """Cyclic address positional embedding on sparse codes: (idx - position) mod M.
+
+    `positions` broadcasts against `idx` (for example `[batch, time, 1, 1]` against `[batch, time, heads, K]`).
+    """
+    _checks.require_positive_int("num_slots", num_slots)
+    idx, positions = jnp.asarray(idx), jnp.asarray(positions)
+    _checks.require_integer("idx", idx)
+    _checks.require_integer("positions", positions)
+    try:
+        jnp.broadcast_shapes(idx.shape, positions.shape)
+    except ValueError:
+        raise ValueError(
+            f"positions: shape {positions.shape} does not broadcast against idx shape {idx.shape}"
+        ) from None
+    # Reduce positions first so that idx - position cannot overflow int32 for long sequences.
+    shift = jnp.mod(positions, num_slots).astype(idx.dtype)
+    return jnp.mod(idx - shift, num_slots)

@@ -1,0 +1,333 @@
+"""RAM-Net memory: the power-decay moving average (PDMA) over M slots per head (spec ramnet.md sections 4 and 6).
+
+For every slot m of one (batch, head), with dense write weights w_t and read weights r_t over the M slots:
+
+    S_t[m] = (1 - w_t[m])^gamma * S_{t-1}[m] + w_t[m] * v_t          S_0 = 0
+    z_t[m] = (1 - w_t[m])^gamma * z_{t-1}[m] + w_t[m]                z_0 = 1 / M
+    o_t    = sum_m r_t[m] * S_t[m] / (z_t[m] + eps)                   (reads see the same step's write)
+
+The addresses arrive sparse, as K (index, value) pairs per token. Repeated indices within one token add up
+(w_t is the scatter-add of the pairs), so every implementation here agrees on codes with duplicates too.
+
+Implementations (`impl=`):
+  dense  the reference: materialises the M slots and runs the recurrence with `jax.lax.scan`.
+  scan   never materialises M: sorts the write and read events by slot and time and runs a segmented
+         associative scan of the per-slot affine maps. Memory O(T * K * d_v), independent of M.
+  auto   the fastest correct path on the current backend (today: scan everywhere).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ramjax.ops import _checks
+
+IMPLS = ("auto", "dense", "scan")
+
+
+class PDMAState(NamedTuple):
+    """The recurrent state of one PDMA layer: what `pdma_step` carries from token to token."""
+
+    memory: jax.Array  # S: [batch, heads, M, d_v]
+    normaliser: jax.Array  # z: [batch, heads, M]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The decay factor (1 - w)^gamma with the spec's backward proxy.
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def decay_factor(w: jax.Array, gamma: float, grad_eps: float) -> jax.Array:
+    """(1 - w)^gamma, exact in the forward pass.
+
+    The backward pass differentiates (grad_eps + (1 - grad_eps)(1 - w))^gamma instead, because the true
+    derivative gamma (1 - w)^(gamma - 1) blows up as w -> 1 for gamma < 1. 1 - w is clipped at 0 so that
+    duplicate writes whose weights sum past 1 empty the slot instead of producing NaN.
+    """
+    base = jnp.maximum(1 - w, 0)
+    if float(gamma).is_integer():
+        return base ** int(gamma)  # integer_pow: exact, and 0^0 = 1
+    return base**gamma
+
+
+@decay_factor.defjvp
+def _decay_factor_jvp(gamma, grad_eps, primals, tangents):
+    (w,), (w_dot,) = primals, tangents
+    out = decay_factor(w, gamma, grad_eps)
+    if gamma == 0:
+        return out, jnp.zeros_like(w_dot)
+    proxy_base = grad_eps + (1 - grad_eps) * jnp.maximum(1 - w, 0)
+    if float(gamma - 1).is_integer():
+        proxy_power = proxy_base ** int(gamma - 1)
+    else:
+        proxy_power = proxy_base ** (gamma - 1)
+    return out, -gamma * (1 - grad_eps) * proxy_power * w_dot
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument checks.
+
+
+def _check_hyper(num_slots, gamma, eps, grad_eps) -> None:
+    _checks.require_positive_int("num_slots", num_slots)
+    if not isinstance(gamma, numbers.Real) or not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"gamma: must be a finite number >= 0 (a Python number, not an array), got {gamma!r}")
+    if not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps: must be a number >= 0, got {eps!r}")
+    if not isinstance(grad_eps, numbers.Real) or not 0 <= grad_eps < 1:
+        raise ValueError(f"grad_eps: must be a number in [0, 1), got {grad_eps!r}")
+
+
+def _check_codes(idx_name, idx, val_name, val, lead: tuple, lead_names: str, num_slots: int) -> None:
+    """Checks one (indices, values) sparse code of shape lead + [K]."""
+    _checks.require_shape(idx_name, idx, lead + (None,), f"[{lead_names}, K]")
+    _checks.require_shape(val_name, val, tuple(idx.shape), f"[{lead_names}, K] like {idx_name}")
+    _checks.require_integer(idx_name, idx)
+    _checks.require_floating(val_name, val)
+    top_k = idx.shape[-1]
+    if top_k > num_slots:
+        raise ValueError(f"{idx_name}: K = {top_k} slots per token is more than num_slots = {num_slots}")
+    _checks.require_index_range(idx_name, idx, num_slots)
+
+
+def _check_pdma_args(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps, impl):
+    if impl not in IMPLS:
+        raise ValueError(f"impl: must be one of {IMPLS}, got {impl!r}")
+    _check_hyper(num_slots, gamma, eps, grad_eps)
+    _checks.require_floating("v", v)
+    if v.ndim != 4:
+        raise ValueError(f"v: expected shape [batch, time, heads, d_v], got {tuple(v.shape)}")
+    lead = tuple(v.shape[:3])
+    _check_codes("read_idx", read_idx, "read_val", read_val, lead, "batch, time, heads", num_slots)
+    _check_codes("write_idx", write_idx, "write_val", write_val, lead, "batch, time, heads", num_slots)
+
+
+def _compute_dtype(*arrays) -> jnp.dtype:
+    """fp32 at least: the state accumulates over the whole sequence, bf16 would drift."""
+    return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# impl="dense": the reference.
+
+
+def _dense_weights(idx: jax.Array, val: jax.Array, num_slots: int) -> jax.Array:
+    """Scatter-adds the K (index, value) pairs of `[..., K]` into dense `[..., M]` weights."""
+    return jnp.einsum("...k,...km->...m", val, jax.nn.one_hot(idx, num_slots, dtype=val.dtype))
+
+
+def _pdma_dense(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps):
+    batch, _, heads, d_v = v.shape
+    dtype = v.dtype
+
+    def step(carry, inputs):
+        memory, normaliser = carry  # [batch, heads, M, d_v], [batch, heads, M]
+        r_idx, r_val, w_idx, w_val, v_t = inputs  # [batch, heads, K] x 4, [batch, heads, d_v]
+        w = _dense_weights(w_idx, w_val, num_slots)
+        r = _dense_weights(r_idx, r_val, num_slots)
+        a = decay_factor(w, gamma, grad_eps)
+        memory = a[..., None] * memory + w[..., None] * v_t[:, :, None, :]
+        normaliser = a * normaliser + w
+        o_t = jnp.einsum("bhm,bhmd->bhd", r / (normaliser + eps), memory)
+        return (memory, normaliser), o_t
+
+    init = (
+        jnp.zeros((batch, heads, num_slots, d_v), dtype),
+        jnp.full((batch, heads, num_slots), 1.0 / num_slots, dtype),
+    )
+    time_major = [jnp.moveaxis(a, 1, 0) for a in (read_idx, read_val, write_idx, write_val, v)]
+    _, o = jax.lax.scan(step, init, time_major)
+    return jnp.moveaxis(o, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# impl="scan": sorted events and a segmented associative scan, one (batch, head) at a time.
+
+
+def _compose_segmented_affine(earlier, later):
+    """Composes per-slot affine maps x -> a x + b, restarting where `later` begins a new slot's segment."""
+    starts_e, a_e, b_e = earlier
+    starts_l, a_l, b_l = later
+    a = jnp.where(starts_l, a_l, a_e * a_l)
+    b = jnp.where(starts_l[..., None], b_l, a_l[..., None] * b_e + b_l)
+    return starts_e | starts_l, a, b
+
+
+def _pdma_scan_one(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps):
+    """PDMA of one (batch, head): read_idx/val [T, Kr], write_idx/val [T, Kw], v [T, d_v] -> o [T, d_v]."""
+    seq_len, k_write = write_idx.shape
+    k_read = read_idx.shape[1]
+    d_v = v.shape[1]
+    per_step = k_write + k_read
+    num_events = seq_len * per_step
+
+    # Events in time order, each step's writes before its reads. A stable sort by slot keeps that order
+    # within every slot, so a read lands right after the writes of its own step.
+    slots = jnp.concatenate([write_idx, read_idx], axis=1).reshape(num_events).astype(jnp.int32)
+    slot, event = jax.lax.sort((slots, jnp.arange(num_events, dtype=jnp.int32)), num_keys=1, is_stable=True)
+    step = event // per_step
+    is_write = event % per_step < k_write
+    zeros_w = jnp.zeros((seq_len, k_write), v.dtype)
+    zeros_r = jnp.zeros((seq_len, k_read), v.dtype)
+    w = jnp.concatenate([write_val, zeros_r], axis=1).reshape(num_events)[event]
+    r = jnp.concatenate([zeros_w, read_val], axis=1).reshape(num_events)[event]
+
+    # Writes to the same slot in the same step act as one write of their summed weight: the decay uses the
+    # sum and sits on the first of them; each adds its own w * v.
+    new_slot = jnp.concatenate([jnp.ones((1,), bool), slot[1:] != slot[:-1]])
+    new_step = new_slot | jnp.concatenate([jnp.ones((1,), bool), step[1:] != step[:-1]])
+    step_group = jnp.cumsum(new_step) - 1
+    w_step = jax.ops.segment_sum(w, step_group, num_segments=num_events, indices_are_sorted=True)[step_group]
+    a = jnp.where(new_step & is_write, decay_factor(w_step, gamma, grad_eps), 1.0).astype(v.dtype)
+    # Column d_v carries the normaliser z, whose update adds w where the memory adds w * v.
+    b = w[:, None] * jnp.concatenate([v[step], jnp.ones((num_events, 1), v.dtype)], axis=1)
+
+    _, a_prefix, b_prefix = jax.lax.associative_scan(_compose_segmented_affine, (new_slot, a, b))
+    memory = b_prefix[:, :d_v]  # S_0 = 0
+    normaliser = a_prefix / num_slots + b_prefix[:, d_v]  # z_0 = 1 / M
+    read_out = (r / (normaliser + eps))[:, None] * memory  # zero at write events, where r = 0
+
+    in_time_order = jnp.zeros_like(read_out).at[event].set(read_out, unique_indices=True)
+    return in_time_order.reshape(seq_len, per_step, d_v)[:, k_write:].sum(axis=1)
+
+
+def _pdma_scan(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps):
+    one = functools.partial(
+        _pdma_scan_one, num_slots=num_slots, gamma=gamma, eps=eps, grad_eps=grad_eps
+    )
+    over_heads = jax.vmap(one, in_axes=1, out_axes=1)  # [time, heads, ...] per batch element
+    return jax.vmap(over_heads, in_axes=0, out_axes=0)(read_idx, read_val, write_idx, write_val, v)
+
+
+_IMPL_FUNCTIONS = {"dense": _pdma_dense, "scan": _pdma_scan}
+
+
+def resolve_impl(impl: str) -> str:
+    """The implementation `impl="auto"` stands for on the current default backend."""
+    if impl != "auto":
+        return impl
+    # Measured on the CPU (experiments/results/pdma_cpu.md): scan beats dense from small M upwards and its
+    # memory does not grow with M. The GPU/TPU kernel path joins here when it exists.
+    return "scan"
+
+
+def pdma(
+    read_idx: jax.Array,
+    read_val: jax.Array,
+    write_idx: jax.Array,
+    write_val: jax.Array,
+    v: jax.Array,
+    *,
+    num_slots: int,
+    gamma: float = 1.0,
+    eps: float = 1e-6,
+    grad_eps: float = 1e-3,
+    impl: str = "auto",
+) -> jax.Array:
+    """RAM-Net memory read-out for a whole sequence.
+
+    Args:
+      read_idx, read_val: `[batch, time, heads, K_read]` sparse read addresses (int indices in [0, M), weights).
+      write_idx, write_val: `[batch, time, heads, K_write]` sparse write addresses.
+      v: `[batch, time, heads, d_v]` values written.
+      num_slots: M, the number of memory slots per head.
+      gamma: decay power, >= 0 (1 = exponential moving average, 0 = cumulative mean).
+      eps: added to the normaliser before dividing.
+      grad_eps: smoothing of the backward proxy for (1 - w)^gamma; the forward pass is exact.
+      impl: "auto", "dense" or "scan" (see the module docstring).
+
+    Returns:
+      o: `[batch, time, heads, d_v]` in v's dtype (computed in fp32 or wider).
+    """
+    read_idx, read_val, write_idx, write_val, v = map(jnp.asarray, (read_idx, read_val, write_idx, write_val, v))
+    _check_pdma_args(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps, impl)
+    dtype = _compute_dtype(read_val, write_val, v)
+    o = _IMPL_FUNCTIONS[resolve_impl(impl)](
+        read_idx.astype(jnp.int32),
+        read_val.astype(dtype),
+        write_idx.astype(jnp.int32),
+        write_val.astype(dtype),
+        v.astype(dtype),
+        num_slots,
+        gamma,
+        eps,
+        grad_eps,
+    )
+    return o.astype(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The recurrent (decode) form: O(K * d_v) work per token.
+
+
+def pdma_init(batch: int, heads: int, num_slots: int, d_v: int, dtype=jnp.float32) -> PDMAState:
+    """The state before the first token: S_0 = 0, z_0 = 1 / M."""
+    for name, value in (("batch", batch), ("heads", heads), ("num_slots", num_slots), ("d_v", d_v)):
+        _checks.require_positive_int(name, value)
+    return PDMAState(
+        memory=jnp.zeros((batch, heads, num_slots, d_v), dtype),
+        normaliser=jnp.full((batch, heads, num_slots), 1.0 / num_slots, dtype),
+    )
+
+
+def _step_one(memory, normaliser, read_idx, read_val, write_idx, write_val, v, gamma, eps, grad_eps):
+    """One token of one (batch, head): memory [M, d_v], normaliser [M], codes [K], v [d_v]."""
+    # Each write sees the total weight on its slot this step, so repeated indices act as one write.
+    same_slot = write_idx[:, None] == write_idx[None, :]
+    w_slot = same_slot.astype(write_val.dtype) @ write_val
+    a = decay_factor(w_slot, gamma, grad_eps)
+    new_rows = a[:, None] * memory[write_idx] + w_slot[:, None] * v[None, :]
+    new_norms = a * normaliser[write_idx] + w_slot
+    # Repeated indices store identical rows, so the order of the stores does not matter.
+    memory = memory.at[write_idx].set(new_rows)
+    normaliser = normaliser.at[write_idx].set(new_norms)
+    o = (read_val / (normaliser[read_idx] + eps)) @ memory[read_idx]
+    return o, memory, normaliser
+
+
+def pdma_step(
+    state: PDMAState,
+    read_idx: jax.Array,
+    read_val: jax.Array,
+    write_idx: jax.Array,
+    write_val: jax.Array,
+    v: jax.Array,
+    *,
+    gamma: float = 1.0,
+    eps: float = 1e-6,
+    grad_eps: float = 1e-3,
+) -> tuple[jax.Array, PDMAState]:
+    """One token of PDMA: codes `[batch, heads, K]`, v `[batch, heads, d_v]` -> (o `[batch, heads, d_v]`, state)."""
+    memory, normaliser = state
+    read_idx, read_val, write_idx, write_val, v = map(jnp.asarray, (read_idx, read_val, write_idx, write_val, v))
+    if memory.ndim != 4 or normaliser.shape != memory.shape[:3]:
+        raise ValueError(
+            f"state: expected memory [batch, heads, M, d_v] and normaliser [batch, heads, M], got "
+            f"{tuple(memory.shape)} and {tuple(normaliser.shape)}"
+        )
+    batch, heads, num_slots, d_v = memory.shape
+    _check_hyper(num_slots, gamma, eps, grad_eps)
+    _checks.require_floating("v", v)
+    _checks.require_shape("v", v, (batch, heads, d_v), "[batch, heads, d_v]")
+    _check_codes("read_idx", read_idx, "read_val", read_val, (batch, heads), "batch, heads", num_slots)
+    _check_codes("write_idx", write_idx, "write_val", write_val, (batch, heads), "batch, heads", num_slots)
+
+    dtype = memory.dtype
+    step = functools.partial(_step_one, gamma=gamma, eps=eps, grad_eps=grad_eps)
+    step = jax.vmap(jax.vmap(step))
+    o, memory, normaliser = step(
+        memory,
+        normaliser,
+        read_idx.astype(jnp.int32),
+        read_val.astype(dtype),
+        write_idx.astype(jnp.int32),
+        write_val.astype(dtype),
+        v.astype(dtype),
+    )
+    return o.astype(v.dtype), PDMAState(memory, normaliser)
