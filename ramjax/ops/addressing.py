@@ -7,6 +7,8 @@ The length-M vector is never built: a beam search over factors finds the exact t
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -106,6 +108,12 @@ def product_topk(
     if top_k > num_slots:
         raise ValueError(f"top_k: must be <= M = d_p ** U = {num_slots}, got {top_k}")
 
+    return _product_topk(x, num_factors, top_k, temperature)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _product_topk(x, num_factors, top_k, temperature):
+    d_p = x.shape[-1] // num_factors
     # Probabilities in at least fp32: a product of U bf16 probabilities would lose most of its bits.
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
     logits = x.astype(compute_dtype).reshape(*x.shape[:-1], num_factors, d_p) / temperature

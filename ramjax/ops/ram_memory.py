@@ -122,6 +122,12 @@ def _dense_weights(idx: jax.Array, val: jax.Array, num_slots: int) -> jax.Array:
     return jnp.einsum("...k,...km->...m", val, jax.nn.one_hot(idx, num_slots, dtype=val.dtype))
 
 
+# The implementations are jitted so that eager calls compile once instead of dispatching op by op; inside an
+# outer jit they inline.
+_jit_with_static_hyper = functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
+
+
+@_jit_with_static_hyper
 def _pdma_dense(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps):
     batch, _, heads, d_v = v.shape
     dtype = v.dtype
@@ -197,6 +203,7 @@ def _pdma_scan_one(read_idx, read_val, write_idx, write_val, v, num_slots, gamma
     return in_time_order.reshape(seq_len, per_step, d_v)[:, k_write:].sum(axis=1)
 
 
+@_jit_with_static_hyper
 def _pdma_scan(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps):
     one = functools.partial(
         _pdma_scan_one, num_slots=num_slots, gamma=gamma, eps=eps, grad_eps=grad_eps
@@ -291,6 +298,12 @@ def _step_one(memory, normaliser, read_idx, read_val, write_idx, write_val, v, g
     return o, memory, normaliser
 
 
+@functools.partial(jax.jit, static_argnums=(7, 8, 9))
+def _pdma_step_batched(memory, normaliser, read_idx, read_val, write_idx, write_val, v, gamma, eps, grad_eps):
+    step = functools.partial(_step_one, gamma=gamma, eps=eps, grad_eps=grad_eps)
+    return jax.vmap(jax.vmap(step))(memory, normaliser, read_idx, read_val, write_idx, write_val, v)
+
+
 def pdma_step(
     state: PDMAState,
     read_idx: jax.Array,
@@ -319,9 +332,7 @@ def pdma_step(
     _check_codes("write_idx", write_idx, "write_val", write_val, (batch, heads), "batch, heads", num_slots)
 
     dtype = memory.dtype
-    step = functools.partial(_step_one, gamma=gamma, eps=eps, grad_eps=grad_eps)
-    step = jax.vmap(jax.vmap(step))
-    o, memory, normaliser = step(
+    o, memory, normaliser = _pdma_step_batched(
         memory,
         normaliser,
         read_idx.astype(jnp.int32),
@@ -329,5 +340,8 @@ def pdma_step(
         write_idx.astype(jnp.int32),
         write_val.astype(dtype),
         v.astype(dtype),
+        gamma,
+        eps,
+        grad_eps,
     )
     return o.astype(v.dtype), PDMAState(memory, normaliser)

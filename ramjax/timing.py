@@ -1,0 +1,39 @@
+"""Wall-clock timing of jitted functions and the facts a results file records about the machine."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import time
+from typing import Callable
+
+import jax
+
+
+def time_call(fn: Callable, *args, warmup: int = 2, iters: int = 10) -> float:
+    """Median seconds of `fn(*args)` over `iters` calls after `warmup` calls (the first one compiles)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def environment() -> dict:
+    """Device, versions and date, for the header of a results file."""
+    import flax
+    import jaxlib
+
+    device = jax.devices()[0]
+    return {
+        "device": f"{jax.device_count()} x {device.device_kind} ({device.platform})",
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
