@@ -1,20 +1,29 @@
-"""The `ramjax` command: `ramjax COMMAND [flags]`. Each command is a module with absl flags and a main(argv)."""
+"""The `ramjax` command: `ramjax COMMAND --config FILE[:VARIANT] [--config.FIELD=VALUE ...]`.
+
+Each command is a module with `main(config)`; its config is an ml-collections file (locked, so a misspelt
+field is an error that names it).
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-from absl import app
+from absl import app, flags, logging  # noqa: F401  (importing app defines --help)
 
+from ml_collections import config_flags
+
+from ramjax.errors import ConfigError
+
+# command: (module, default config, one line of help)
 COMMANDS = {
-    "demo": ("ramjax.demo", "RAM-Net memory op on random data: every implementation checked and timed"),
+    "demo": ("ramjax.demo", "configs/demo.py", "RAM-Net memory op on random data: every implementation checked and timed"),
 }
 
 
 def usage() -> str:
     lines = ["usage: ramjax COMMAND [--config FILE[:VARIANT]] [--config.FIELD=VALUE ...]", "", "commands:"]
-    lines += [f"  {name:8s} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:8s} {text}  (default config: {config})" for name, (_, config, text) in COMMANDS.items()]
     lines += ["", "`ramjax COMMAND --help` lists a command's flags."]
     return "\n".join(lines)
 
@@ -27,8 +36,40 @@ def main(argv: list[str] | None = None) -> None:
     command = argv[1]
     if command not in COMMANDS:
         raise SystemExit(f"ramjax: unknown command {command!r}; known: {', '.join(COMMANDS)}\n\n{usage()}")
-    module = importlib.import_module(COMMANDS[command][0])
-    app.run(module.main, argv=[f"ramjax {command}"] + argv[2:])
+    module_name, default_config, _ = COMMANDS[command]
+    prog = f"ramjax {command}"
+    app.define_help_flags()
+    try:
+        config_flag = config_flags.DEFINE_config_file(
+            "config", default_config, f"Config file for `{prog}`.", sys_argv=[prog] + argv[2:]
+        )
+        rest = flags.FLAGS([prog] + argv[2:])
+        config = config_flag.value
+        config.to_dict()  # a config file that failed to load only raises when first used
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
+        # A misspelt field, a bad value or a missing config file: say which, without a traceback.
+        raise SystemExit(f"{prog}: bad flag or config: {_message(error)}") from None
+    if len(rest) > 1:
+        raise SystemExit(f"{prog}: unexpected arguments {rest[1:]}; settings go through --config.FIELD=VALUE")
+    logging.set_verbosity(logging.WARNING)  # absl would otherwise echo JAX's backend probing as INFO
+    try:
+        importlib.import_module(module_name).main(config)
+    except ConfigError as error:
+        raise SystemExit(f"{prog}: {error}") from None
+
+
+def _message(error: BaseException) -> str:
+    """The part of an error from absl or ml-collections that tells the user what to fix, on one line."""
+    # ml-collections wraps KeyErrors in AttributeErrors whose text is the repr of a string.
+    text = str(error.args[0]) if len(error.args) == 1 else str(error)
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    text = text.replace("\\n", "\n").replace("\\'", "'")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        # An error inside the config file's get_config: its own message is the last line.
+        return f"{lines[0].split(':')[0]}: {lines[-1]}"
+    return " ".join(lines)
 
 
 if __name__ == "__main__":

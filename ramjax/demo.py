@@ -13,15 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from absl import logging
-from ml_collections import config_flags
 
 from ramjax import timing
+from ramjax.errors import ConfigError
 from ramjax.ops import cape_shift, pdma, product_topk
 from ramjax.ops.ram_memory import IMPLS, resolve_impl
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config file (ml-collections).")
-
 
 def make_inputs(config):
     """Random q, k, v [batch, time, heads, ...] decoded into sparse read and write codes."""
@@ -63,9 +59,9 @@ def rel_rms(actual, expected) -> float:
 def check_config(config) -> None:
     for impl in config.impls:
         if impl not in IMPLS:
-            raise ValueError(f"config.impls: {impl!r} is not an implementation; allowed: {IMPLS}")
+            raise ConfigError(f"config.impls: {impl!r} is not an implementation; allowed: {IMPLS}")
     if not config.impls:
-        raise ValueError("config.impls: name at least one implementation")
+        raise ConfigError("config.impls: name at least one implementation")
 
 
 def run_demo(config) -> list[dict]:
@@ -109,8 +105,5 @@ def run_demo(config) -> list[dict]:
     return rows
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise SystemExit(f"ramjax demo: unexpected arguments {argv[1:]}; settings go through --config.FIELD=VALUE")
-    logging.set_verbosity(logging.WARNING)  # absl would otherwise echo JAX's backend probing
-    run_demo(_CONFIG.value)
+def main(config) -> None:
+    run_demo(config)
