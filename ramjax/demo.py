@@ -87,7 +87,7 @@ def run_demo(config) -> list[dict]:
         error = max([rel_rms(o, ref_o)] + [rel_rms(g, r) for g, r in zip(grads, ref_grads)])
         rows.append(
             {
-                "impl": f"{impl} ({resolve_impl(impl)})" if impl == "auto" else impl,
+                "impl": f"{impl} ({resolve_impl(impl, num_slots, config.d_v)})" if impl == "auto" else impl,
                 "fwd_ms": 1e3 * timing.time_call(forward, *codes, iters=config.timing_iters),
                 "fwd_bwd_ms": 1e3 * timing.time_call(backward, *grad_args, iters=config.timing_iters),
                 "error": error,

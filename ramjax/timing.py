@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -29,8 +30,11 @@ def environment() -> dict:
     import jaxlib
 
     device = jax.devices()[0]
+    described = f"{jax.device_count()} x {device.device_kind} ({device.platform})"
+    if device.platform == "cpu":
+        described += f", {os.cpu_count()} cores"
     return {
-        "device": f"{jax.device_count()} x {device.device_kind} ({device.platform})",
+        "device": described,
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
         "flax": flax.__version__,

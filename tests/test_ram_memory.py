@@ -262,3 +262,13 @@ def test_pdma_step_rejects_bad_arguments():
         pdma_step(state, idx, val, idx + 8, val, jnp.zeros((1, 2, 5)))
     with pytest.raises(ValueError, match="state: expected memory"):
         pdma_step((state.memory[0], state.normaliser), idx, val, idx, val, jnp.zeros((1, 2, 5)))
+
+
+def test_auto_picks_dense_only_for_a_small_memory_on_cpu():
+    from ramjax.ops.ram_memory import resolve_impl
+
+    assert jax.default_backend() == "cpu"
+    assert resolve_impl("auto", 32, 64) == "dense"
+    assert resolve_impl("auto", 1024, 64) == "scan"
+    assert resolve_impl("auto", 2**20, 16) == "scan"
+    assert resolve_impl("dense", 2**20, 16) == "dense"

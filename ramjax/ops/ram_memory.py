@@ -13,7 +13,7 @@ Implementations (`impl=`):
   dense  the reference: materialises the M slots and runs the recurrence with `jax.lax.scan`.
   scan   never materialises M: sorts the write and read events by slot and time and runs a segmented
          associative scan of the per-slot affine maps. Memory O(T * K * d_v), independent of M.
-  auto   the fastest correct path on the current backend (today: scan everywhere).
+  auto   the fastest correct path on the current backend and size (`resolve_impl`).
 """
 
 from __future__ import annotations
@@ -215,12 +215,20 @@ def _pdma_scan(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, ep
 _IMPL_FUNCTIONS = {"dense": _pdma_dense, "scan": _pdma_scan}
 
 
-def resolve_impl(impl: str) -> str:
-    """The implementation `impl="auto"` stands for on the current default backend."""
+# On the CPU the dense reference wins while the whole memory is small: its per-step work is M * d_v, the scan's
+# is a sort plus an associative scan over 2 T K events. Measured (experiments/results/ram_memory_cpu.md, d_v 64,
+# K 8): dense is faster forward and backward at M = 32, the scan from M = 243 up (4x at 243, 20x at 1024, fwd+bwd).
+_CPU_DENSE_MAX_STATE = 32 * 64
+
+
+def resolve_impl(impl: str, num_slots: int, d_v: int) -> str:
+    """The implementation `impl="auto"` stands for at this size on the current default backend."""
     if impl != "auto":
         return impl
-    # Measured on the CPU (experiments/results/pdma_cpu.md): scan beats dense from small M upwards and its
-    # memory does not grow with M. The GPU/TPU kernel path joins here when it exists.
+    if jax.default_backend() == "cpu" and num_slots * d_v <= _CPU_DENSE_MAX_STATE:
+        return "dense"
+    # The scan's memory does not grow with M, and it is parallel over time where dense is sequential.
+    # The GPU/TPU kernel path joins here when it exists.
     return "scan"
 
 
@@ -255,7 +263,7 @@ def pdma(
     read_idx, read_val, write_idx, write_val, v = map(jnp.asarray, (read_idx, read_val, write_idx, write_val, v))
     _check_pdma_args(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps, impl)
     dtype = _compute_dtype(read_val, write_val, v)
-    o = _IMPL_FUNCTIONS[resolve_impl(impl)](
+    o = _IMPL_FUNCTIONS[resolve_impl(impl, num_slots, v.shape[-1])](
         read_idx.astype(jnp.int32),
         read_val.astype(dtype),
         write_idx.astype(jnp.int32),
