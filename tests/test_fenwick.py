@@ -1,0 +1,200 @@
+"""Log-linear attention: the Fenwick partition, and dense == recurrent == chunked for outputs, states, gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from numerics import rel_rms
+from ramjax.ops.fenwick import (
+    FenwickState,
+    level_index,
+    loglinear_attention,
+    loglinear_init,
+    loglinear_step,
+    num_levels,
+)
+
+
+def test_level_index_equals_bucket_definition():
+    """Brute force over all s <= t < 2048: the level is the bucket [(t >> l) << l, + 2^(l-1)) holding s."""
+    n = 2048
+    t, s = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    levels = np.asarray(level_index(jnp.asarray(t, jnp.int32), jnp.asarray(s, jnp.int32)))
+    past = s <= t
+    for level in range(num_levels(n)):
+        if level == 0:
+            in_bucket = s == t
+        else:
+            start = (t >> level) << level
+            in_bucket = (s >= start) & (s < start + 2 ** (level - 1)) & (((t >> (level - 1)) & 1) == 1)
+        np.testing.assert_array_equal((levels == level) & past, in_bucket & past, err_msg=f"level {level}")
+    # Every past position lands in exactly one bucket, and buckets have 2^(l-1) keys (1 at level 0).
+    assert levels[past].max() < num_levels(n)
+    for tt in (0, 1, 6, 7, 100, 1023, 1024, 2047):
+        counts = np.bincount(levels[tt, : tt + 1], minlength=num_levels(n))
+        for level, count in enumerate(counts):
+            present = level == 0 or (tt >> (level - 1)) & 1
+            assert count == ((1 if level == 0 else 2 ** (level - 1)) if present else 0), (tt, level)
+        assert np.count_nonzero(counts) == bin(tt).count("1") + 1
+
+
+def test_num_levels():
+    assert [num_levels(t) for t in (1, 2, 3, 4, 5, 8, 9, 16384, 16385)] == [1, 2, 3, 3, 4, 4, 5, 15, 16]
+    with pytest.raises(ValueError, match="seq_len"):
+        num_levels(0)
+
+
+def random_inputs(seed, batch, seq_len, heads, d_k, d_v, extra_levels=1, decay=0.3):
+    rng = np.random.default_rng(seed)
+    num_level = num_levels(seq_len) + extra_levels
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    q, k = normal(batch, seq_len, heads, d_k), normal(batch, seq_len, heads, d_k)
+    v = normal(batch, seq_len, heads, d_v)
+    g = -jnp.asarray(rng.uniform(0, decay, size=(batch, seq_len, heads)), jnp.float32)
+    level_weights = jnp.asarray(rng.uniform(0.2, 2.0, size=(batch, seq_len, heads, num_level)), jnp.float32)
+    return q, k, v, g, level_weights
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
+def outputs_state_grads(q, k, v, g, level_weights, cotangent, state_cotangent, *, impl, chunk_size=64):
+    def run(q, k, v, g, level_weights):
+        o, state = loglinear_attention(
+            q, k, v, g, level_weights, impl=impl, chunk_size=chunk_size, return_final_state=True
+        )
+        return o, state.levels
+
+    (o, levels), pullback = jax.vjp(run, q, k, v, g, level_weights)
+    return o, levels, pullback((cotangent, state_cotangent))
+
+
+@pytest.mark.parametrize("seq_len", [1, 2, 63, 100, 1000])
+def test_dense_recurrent_chunked_agree(seq_len):
+    batch, heads, d_k, d_v = 2, 2, 5, 7
+    inputs = random_inputs(seq_len, batch, seq_len, heads, d_k, d_v)
+    rng = np.random.default_rng(seq_len + 7)
+    cotangent = jnp.asarray(rng.normal(size=(batch, seq_len, heads, d_v)), jnp.float32)
+    state_cotangent = jnp.asarray(rng.normal(size=(batch, heads, inputs[-1].shape[-1], d_k, d_v)), jnp.float32)
+    want_o, want_levels, want_grads = outputs_state_grads(*inputs, cotangent, state_cotangent, impl="dense")
+    for impl, chunk_size in (("recurrent", 64), ("chunked", 16), ("chunked", 64)):
+        o, levels, grads = outputs_state_grads(
+            *inputs, cotangent, state_cotangent, impl=impl, chunk_size=chunk_size
+        )
+        assert rel_rms(o, want_o) < 1e-5, (impl, chunk_size)
+        assert rel_rms(levels, want_levels) < 1e-5, (impl, chunk_size)
+        for name, got, want in zip(("q", "k", "v", "g", "level_weights"), grads, want_grads):
+            assert rel_rms(got, want) < 1e-5, (impl, chunk_size, name)
+
+
+def test_dense_equals_float64_loop():
+    """The reference itself, against the definition evaluated pair by pair in float64."""
+    q, k, v, g, lam = (np.asarray(a, np.float64) for a in random_inputs(3, 1, 37, 2, 4, 3))
+    big_g = np.cumsum(g, axis=1)
+    want = np.zeros_like(v)
+    for t in range(37):
+        for s in range(t + 1):
+            level = 0 if s == t else (t ^ s).bit_length()
+            w = lam[:, t, :, level] * np.exp(big_g[:, t] - big_g[:, s]) * np.sum(q[:, t] * k[:, s], -1)
+            want[:, t] += w[..., None] * v[:, s]
+    got = loglinear_attention(*random_inputs(3, 1, 37, 2, 4, 3), impl="dense")
+    assert rel_rms(got, want) < 1e-6
+
+
+def _plain_ssd(q, k, v, g):
+    """Mamba-2 SSD / gated linear attention with a scalar decay, written independently: a scan over time."""
+
+    def step(state, inputs):
+        q_t, k_t, v_t, g_t = inputs
+        state = jnp.exp(g_t)[..., None, None] * state + jnp.einsum("bhk,bhv->bhkv", k_t, v_t)
+        return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
+
+    batch, _, heads, d_k = q.shape
+    init = jnp.zeros((batch, heads, d_k, v.shape[-1]))
+    _, o = jax.lax.scan(step, init, [jnp.moveaxis(a, 1, 0) for a in (q, k, v, g)])
+    return jnp.moveaxis(o, 0, 1)
+
+
+@pytest.mark.parametrize("impl", ["dense", "recurrent", "chunked"])
+def test_all_ones_weights_is_plain_gated_linear_attention(impl):
+    q, k, v, g, level_weights = random_inputs(5, 2, 150, 3, 6, 4)
+    o = loglinear_attention(q, k, v, g, jnp.ones_like(level_weights), impl=impl, chunk_size=16)
+    assert rel_rms(o, _plain_ssd(q, k, v, g)) < 1e-5
+
+
+@pytest.mark.parametrize("prefill_impl", ["dense", "chunked"])
+def test_prefill_then_steps_equals_one_pass(prefill_impl):
+    q, k, v, g, level_weights = random_inputs(9, 2, 90, 2, 5, 3)
+    want = loglinear_attention(q, k, v, g, level_weights, impl="dense")
+    cut = 37
+    o_prefill, state = loglinear_attention(
+        q[:, :cut], k[:, :cut], v[:, :cut], g[:, :cut], level_weights[:, :cut],
+        impl=prefill_impl, chunk_size=16, return_final_state=True,
+    )
+    assert int(state.position) == cut
+    step = jax.jit(loglinear_step)
+    outputs = [o_prefill]
+    for t in range(cut, 90):
+        o_t, state = step(state, q[:, t], k[:, t], v[:, t], g[:, t], level_weights[:, t])
+        outputs.append(o_t[:, None])
+    assert rel_rms(jnp.concatenate(outputs, axis=1), want) < 1e-5
+    assert int(state.position) == 90
+
+
+@pytest.mark.parametrize("impl", ["dense", "recurrent", "chunked"])
+@pytest.mark.parametrize("cut", [16, 37])
+def test_continuing_from_a_state_equals_one_pass(impl, cut):
+    q, k, v, g, level_weights = random_inputs(10, 1, 100, 2, 4, 6)
+    want_o, want_state = loglinear_attention(q, k, v, g, level_weights, impl="dense", return_final_state=True)
+    first = [a[:, :cut] for a in (q, k, v, g, level_weights)]
+    rest = [a[:, cut:] for a in (q, k, v, g, level_weights)]
+    o1, state = loglinear_attention(*first, impl="chunked", chunk_size=16, return_final_state=True)
+    o2, final = loglinear_attention(*rest, impl=impl, chunk_size=16, initial_state=state, return_final_state=True)
+    assert rel_rms(jnp.concatenate([o1, o2], axis=1), want_o) < 1e-5
+    assert rel_rms(final.levels, want_state.levels) < 1e-5
+    assert int(final.position) == 100
+
+
+def test_init_and_dtypes():
+    state = loglinear_init(2, 3, 5, 4, 6)
+    assert state.levels.shape == (2, 3, 5, 4, 6) and int(state.position) == 0
+    q, k, v, g, level_weights = random_inputs(11, 1, 40, 2, 8, 8)
+    want = loglinear_attention(q, k, v, g, level_weights, impl="dense")
+    got = loglinear_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), g, level_weights, impl="chunked")
+    assert got.dtype == jnp.bfloat16 and rel_rms(got, want) < 2e-2
+
+
+def _args(seq_len=8, num_level=None):
+    q, k, v, g, level_weights = random_inputs(0, 1, seq_len, 2, 4, 3)
+    if num_level is not None:
+        level_weights = level_weights[..., :num_level]
+    return dict(q=q, k=k, v=v, g=g, level_weights=level_weights)
+
+
+@pytest.mark.parametrize(
+    "change,kwargs,needle",
+    [
+        (dict(k=jnp.zeros((1, 8, 2, 5))), {}, "k: expected shape"),
+        (dict(v=jnp.zeros((1, 7, 2, 3))), {}, "v: expected shape"),
+        (dict(g=jnp.zeros((1, 8, 3))), {}, "g: expected shape"),
+        (dict(g=jnp.full((1, 8, 2), 0.1)), {}, "g: log decays must be <= 0"),
+        (dict(level_weights=jnp.ones((1, 8, 2, 3))), {}, r"level_weights: L = 3 levels, but .* need num_levels\(8\) = 4"),
+        (dict(q=jnp.zeros((1, 8, 2, 4), jnp.int32)), {}, "q: expected a floating dtype"),
+        ({}, dict(impl="fast"), "impl: must be one of"),
+        ({}, dict(chunk_size=48), "chunk_size: must be a power of two"),
+    ],
+)
+def test_rejects_bad_arguments(change, kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        loglinear_attention(**{**_args(), **change}, **kwargs)
+
+
+def test_rejects_a_state_with_too_few_levels_for_what_follows():
+    args = _args(seq_len=8)
+    state = FenwickState(jnp.zeros((1, 2, 5, 4, 3)), jnp.int32(30))
+    with pytest.raises(ValueError, match=r"num_levels\(38\) = 7"):
+        loglinear_attention(**{**args, "level_weights": jnp.ones((1, 8, 2, 5))}, initial_state=state)
