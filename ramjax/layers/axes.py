@@ -1,0 +1,21 @@
+"""Logical axis names on parameters, for sharding.
+
+Parameters are annotated with logical names (embed, heads, mlp, vocab, levels, ...) and stay unsharded when
+created; the training loop maps the names to mesh axes through the config's rules. Creating them sharded
+eagerly would need a mesh at construction time, which tests and single-device runs do not have.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+
+def logical_init(initializer, *names: str | None):
+    """`initializer`, with its parameter annotated by the logical axis `names` (one per dimension)."""
+    return nnx.with_partitioning(initializer, names, eager_sharding=False)
+
+
+def logical_param(value: jax.Array, *names: str | None) -> nnx.Param:
+    """A parameter holding `value`, annotated by the logical axis `names` (one per dimension)."""
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)

@@ -1,0 +1,72 @@
+"""FenwickDecay: per-token, per-level weights lambda for log-linear attention (spec loglinear.md section 4).
+
+From x_t, a projection gives dl_t = W_l x_t, L numbers per head; a mode turns them into lambda_t [heads, L]:
+  fixed         lambda = 1 on every level (plain Mamba-2 / Gated DeltaNet).
+  linear        lambda = softplus(Lscale[h, l] * dl_t[h, l]), Lscale initialised to 1 (the original paper's code).
+  mlp_softplus  lambda = softplus(W2 GELU(W1 dl_t + b1) + b2), W1 Xavier with b1 = 0, W2 = 0 and b2 = 0.54, so
+                lambda starts at softplus(0.54) ~= 1; the MLP is shared across heads (the adaptive decay).
+  mlp_softmax   the same MLP ending in a softmax over levels (levels compete), W2 = 0, b2 = 0.
+Parameters carry logical axis names for sharding: embed, heads, levels, decay_mlp.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ramjax.layers.axes import logical_init, logical_param
+
+MODES = ("fixed", "linear", "mlp_softplus", "mlp_softmax")
+
+# softplus(0.54) = 0.9992: the adaptive decay starts as plain (lambda = 1) log-linear attention.
+MLP_SOFTPLUS_BIAS = 0.54
+
+
+class FenwickDecay(nnx.Module):
+    """x `[batch, time, d_model]` -> level_weights `[batch, time, heads, L]`."""
+
+    def __init__(
+        self, d_model: int, num_heads: int, num_levels: int, mode: str, hidden: int = 64, *, rngs: nnx.Rngs
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
+        for name, value in (("d_model", d_model), ("num_heads", num_heads), ("num_levels", num_levels),
+                            ("hidden", hidden)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        self.num_heads, self.num_levels, self.mode = num_heads, num_levels, mode
+        if mode == "fixed":
+            return
+        self.level_proj = nnx.Linear(
+            d_model, num_heads * num_levels, use_bias=False, rngs=rngs,
+            kernel_init=logical_init(nnx.initializers.lecun_normal(), "embed", "heads"),
+        )
+        if mode == "linear":
+            # Lscale: excluded from weight decay by the optimiser's mask (it is a scale, like a norm's).
+            self.level_scale = logical_param(jnp.ones((num_heads, num_levels)), "heads", "levels")
+            return
+        self.mlp_in = nnx.Linear(
+            num_levels, hidden, rngs=rngs,
+            kernel_init=logical_init(nnx.initializers.xavier_uniform(), "levels", "decay_mlp"),
+            bias_init=logical_init(nnx.initializers.zeros, "decay_mlp"),
+        )
+        out_bias = MLP_SOFTPLUS_BIAS if mode == "mlp_softplus" else 0.0
+        self.mlp_out = nnx.Linear(
+            hidden, num_levels, rngs=rngs,
+            kernel_init=logical_init(nnx.initializers.zeros, "decay_mlp", "levels"),
+            bias_init=logical_init(nnx.initializers.constant(out_bias), "levels"),
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, seq_len, _ = x.shape
+        shape = (batch, seq_len, self.num_heads, self.num_levels)
+        if self.mode == "fixed":
+            return jnp.ones(shape, x.dtype)
+        dl = self.level_proj(x).reshape(shape)
+        if self.mode == "linear":
+            return jax.nn.softplus(self.level_scale[...] * dl)
+        logits = self.mlp_out(jax.nn.gelu(self.mlp_in(dl)))
+        if self.mode == "mlp_softplus":
+            return jax.nn.softplus(logits)
+        return jax.nn.softmax(logits, axis=-1)
