@@ -12,10 +12,14 @@ from ramjax.ops.fenwick import (
     FenwickState,
     level_index,
     loglinear_attention,
+    loglinear_gated_delta,
+    loglinear_gated_delta_step,
     loglinear_init,
     loglinear_step,
     num_levels,
 )
+
+BASES = ["mamba2", "gated_delta"]
 
 
 def test_level_index_equals_bucket_definition():
@@ -47,7 +51,8 @@ def test_num_levels():
         num_levels(0)
 
 
-def random_inputs(seed, batch, seq_len, heads, d_k, d_v, extra_levels=1, decay=0.3):
+def random_inputs(seed, batch, seq_len, heads, d_k, d_v, extra_levels=1, decay=0.3, base="mamba2"):
+    """Random (q, k, v, g, level_weights), with beta after g for the gated-delta base (unit-norm keys)."""
     rng = np.random.default_rng(seed)
     num_level = num_levels(seq_len) + extra_levels
 
@@ -58,36 +63,44 @@ def random_inputs(seed, batch, seq_len, heads, d_k, d_v, extra_levels=1, decay=0
     v = normal(batch, seq_len, heads, d_v)
     g = -jnp.asarray(rng.uniform(0, decay, size=(batch, seq_len, heads)), jnp.float32)
     level_weights = jnp.asarray(rng.uniform(0.2, 2.0, size=(batch, seq_len, heads, num_level)), jnp.float32)
-    return q, k, v, g, level_weights
+    if base == "mamba2":
+        return q, k, v, g, level_weights
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    beta = jnp.asarray(rng.uniform(0.0, 1.0, size=(batch, seq_len, heads)), jnp.float32)
+    return q, k, v, g, beta, level_weights
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
-def outputs_state_grads(q, k, v, g, level_weights, cotangent, state_cotangent, *, impl, chunk_size=64):
-    def run(q, k, v, g, level_weights):
-        o, state = loglinear_attention(
-            q, k, v, g, level_weights, impl=impl, chunk_size=chunk_size, return_final_state=True
-        )
+OPS = {"mamba2": loglinear_attention, "gated_delta": loglinear_gated_delta}
+STEPS = {"mamba2": loglinear_step, "gated_delta": loglinear_gated_delta_step}
+
+
+@functools.partial(jax.jit, static_argnames=("base", "impl", "chunk_size"))
+def outputs_state_grads(inputs, cotangent, state_cotangent, *, base, impl, chunk_size=64):
+    def run(*inputs):
+        o, state = OPS[base](*inputs, impl=impl, chunk_size=chunk_size, return_final_state=True)
         return o, state.levels
 
-    (o, levels), pullback = jax.vjp(run, q, k, v, g, level_weights)
+    (o, levels), pullback = jax.vjp(run, *inputs)
     return o, levels, pullback((cotangent, state_cotangent))
 
 
+@pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("seq_len", [1, 2, 63, 100, 1000])
-def test_dense_recurrent_chunked_agree(seq_len):
+def test_dense_recurrent_chunked_agree(seq_len, base):
     batch, heads, d_k, d_v = 2, 2, 5, 7
-    inputs = random_inputs(seq_len, batch, seq_len, heads, d_k, d_v)
+    inputs = random_inputs(seq_len, batch, seq_len, heads, d_k, d_v, base=base)
     rng = np.random.default_rng(seq_len + 7)
     cotangent = jnp.asarray(rng.normal(size=(batch, seq_len, heads, d_v)), jnp.float32)
     state_cotangent = jnp.asarray(rng.normal(size=(batch, heads, inputs[-1].shape[-1], d_k, d_v)), jnp.float32)
-    want_o, want_levels, want_grads = outputs_state_grads(*inputs, cotangent, state_cotangent, impl="dense")
+    want_o, want_levels, want_grads = outputs_state_grads(inputs, cotangent, state_cotangent, base=base, impl="dense")
+    names = ("q", "k", "v", "g", "level_weights") if base == "mamba2" else ("q", "k", "v", "g", "beta", "level_weights")
     for impl, chunk_size in (("recurrent", 64), ("chunked", 16), ("chunked", 64)):
         o, levels, grads = outputs_state_grads(
-            *inputs, cotangent, state_cotangent, impl=impl, chunk_size=chunk_size
+            inputs, cotangent, state_cotangent, base=base, impl=impl, chunk_size=chunk_size
         )
         assert rel_rms(o, want_o) < 1e-5, (impl, chunk_size)
         assert rel_rms(levels, want_levels) < 1e-5, (impl, chunk_size)
-        for name, got, want in zip(("q", "k", "v", "g", "level_weights"), grads, want_grads):
+        for name, got, want in zip(names, grads, want_grads):
             assert rel_rms(got, want) < 1e-5, (impl, chunk_size, name)
 
 
@@ -126,34 +139,58 @@ def test_all_ones_weights_is_plain_gated_linear_attention(impl):
     assert rel_rms(o, _plain_ssd(q, k, v, g)) < 1e-5
 
 
+def _plain_gated_deltanet(q, k, v, g, beta):
+    """Gated DeltaNet written independently: S <- alpha (I - beta k k^T) S + beta k v^T, o = S^T q."""
+
+    def step(state, inputs):
+        q_t, k_t, v_t, g_t, b_t = inputs
+        eye = jnp.eye(k_t.shape[-1])
+        transition = jnp.exp(g_t)[..., None, None] * (eye - b_t[..., None, None] * k_t[..., :, None] * k_t[..., None, :])
+        state = transition @ state + b_t[..., None, None] * k_t[..., :, None] * v_t[..., None, :]
+        return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
+
+    batch, _, heads, d_k = q.shape
+    init = jnp.zeros((batch, heads, d_k, v.shape[-1]))
+    _, o = jax.lax.scan(step, init, [jnp.moveaxis(a, 1, 0) for a in (q, k, v, g, beta)])
+    return jnp.moveaxis(o, 0, 1)
+
+
+@pytest.mark.parametrize("impl", ["dense", "recurrent", "chunked"])
+def test_all_ones_weights_is_plain_gated_deltanet(impl):
+    q, k, v, g, beta, level_weights = random_inputs(6, 2, 150, 3, 6, 4, base="gated_delta")
+    o = loglinear_gated_delta(q, k, v, g, beta, jnp.ones_like(level_weights), impl=impl, chunk_size=16)
+    assert rel_rms(o, _plain_gated_deltanet(q, k, v, g, beta)) < 1e-5
+
+
+@pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("prefill_impl", ["dense", "chunked"])
-def test_prefill_then_steps_equals_one_pass(prefill_impl):
-    q, k, v, g, level_weights = random_inputs(9, 2, 90, 2, 5, 3)
-    want = loglinear_attention(q, k, v, g, level_weights, impl="dense")
+def test_prefill_then_steps_equals_one_pass(prefill_impl, base):
+    inputs = random_inputs(9, 2, 90, 2, 5, 3, base=base)
+    want = OPS[base](*inputs, impl="dense")
     cut = 37
-    o_prefill, state = loglinear_attention(
-        q[:, :cut], k[:, :cut], v[:, :cut], g[:, :cut], level_weights[:, :cut],
-        impl=prefill_impl, chunk_size=16, return_final_state=True,
+    o_prefill, state = OPS[base](
+        *(a[:, :cut] for a in inputs), impl=prefill_impl, chunk_size=16, return_final_state=True
     )
     assert int(state.position) == cut
-    step = jax.jit(loglinear_step)
+    step = jax.jit(STEPS[base])
     outputs = [o_prefill]
     for t in range(cut, 90):
-        o_t, state = step(state, q[:, t], k[:, t], v[:, t], g[:, t], level_weights[:, t])
+        o_t, state = step(state, *(a[:, t] for a in inputs))
         outputs.append(o_t[:, None])
     assert rel_rms(jnp.concatenate(outputs, axis=1), want) < 1e-5
     assert int(state.position) == 90
 
 
+@pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("impl", ["dense", "recurrent", "chunked"])
 @pytest.mark.parametrize("cut", [16, 37])
-def test_continuing_from_a_state_equals_one_pass(impl, cut):
-    q, k, v, g, level_weights = random_inputs(10, 1, 100, 2, 4, 6)
-    want_o, want_state = loglinear_attention(q, k, v, g, level_weights, impl="dense", return_final_state=True)
-    first = [a[:, :cut] for a in (q, k, v, g, level_weights)]
-    rest = [a[:, cut:] for a in (q, k, v, g, level_weights)]
-    o1, state = loglinear_attention(*first, impl="chunked", chunk_size=16, return_final_state=True)
-    o2, final = loglinear_attention(*rest, impl=impl, chunk_size=16, initial_state=state, return_final_state=True)
+def test_continuing_from_a_state_equals_one_pass(impl, cut, base):
+    inputs = random_inputs(10, 1, 100, 2, 4, 6, base=base)
+    want_o, want_state = OPS[base](*inputs, impl="dense", return_final_state=True)
+    first = [a[:, :cut] for a in inputs]
+    rest = [a[:, cut:] for a in inputs]
+    o1, state = OPS[base](*first, impl="chunked", chunk_size=16, return_final_state=True)
+    o2, final = OPS[base](*rest, impl=impl, chunk_size=16, initial_state=state, return_final_state=True)
     assert rel_rms(jnp.concatenate([o1, o2], axis=1), want_o) < 1e-5
     assert rel_rms(final.levels, want_state.levels) < 1e-5
     assert int(final.position) == 100
@@ -191,6 +228,14 @@ def _args(seq_len=8, num_level=None):
 def test_rejects_bad_arguments(change, kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         loglinear_attention(**{**_args(), **change}, **kwargs)
+
+
+def test_gated_delta_rejects_bad_beta():
+    q, k, v, g, beta, level_weights = random_inputs(0, 1, 8, 2, 4, 3, base="gated_delta")
+    with pytest.raises(ValueError, match="beta: expected shape"):
+        loglinear_gated_delta(q, k, v, g, beta[..., :1], level_weights)
+    with pytest.raises(ValueError, match="g: log decays must be <= 0"):
+        loglinear_gated_delta(q, k, v, -g, beta, level_weights)
 
 
 def test_rejects_a_state_with_too_few_levels_for_what_follows():

@@ -97,8 +97,9 @@ def _check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state):
     _checks.require_shape("level_weights", level_weights, (batch, seq_len, heads, None), "[batch, time, heads, L]")
     if seq_len == 0:
         raise ValueError("q: the time dimension is empty")
-    if _checks.is_concrete(g) and bool(jnp.any(g > 0)):
-        raise ValueError(f"g: log decays must be <= 0, got a maximum of {float(jnp.max(g))}")
+    # NumPy, not jnp: inside a jit trace jnp would stage even a concrete array's comparison.
+    if _checks.is_concrete(g) and g.size and np.asarray(g).max() > 0:
+        raise ValueError(f"g: log decays must be <= 0, got a maximum of {np.asarray(g).max()}")
     num_level = level_weights.shape[-1]
     start = 0
     if initial_state is not None:
@@ -123,17 +124,17 @@ def _check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state):
 # Pieces shared by the implementations.
 
 
-def _prefix_read(q, g_cum, level_weights, positions, state):
-    """What the queries read from an earlier state: sum_l lambda_t[level(t, p_l)] exp(G_t) q_t^T S_l.
+def _prefix_read(q_through, level_weights, positions, state):
+    """What the queries read from an earlier state: sum_l lambda_t[level(t, p_l)] q~_t^T S_l.
 
-    q [B, T, H, dk], g_cum [B, T, H] (log decay since the state's last token, inclusive), positions [T].
+    q_through [B, T, H, dk] are the queries carried back to the state's last token (for the scalar-decay base
+    q_t exp(G_t), G the log decay since then, inclusive), positions [T] absolute.
     """
     levels, position = state
     reps = _level_representatives(position, levels.shape[2])  # [L]
     target = level_index(positions[:, None], reps[None, :])  # [T, L]: the level each state level lands at
     lam = jnp.take_along_axis(level_weights, jnp.broadcast_to(target[None, :, None, :], level_weights.shape), -1)
-    reads = jnp.einsum("bthk,bhlkv->bthlv", q, levels)
-    return jnp.einsum("bthl,bthlv->bthv", lam * jnp.exp(g_cum)[..., None], reads)
+    return jnp.einsum("bthl,bthk,bhlkv->bthv", lam, q_through, levels)
 
 
 def _final_state(k, v, g, positions, state, num_level):
@@ -174,7 +175,7 @@ def _attention_dense(q, k, v, g, level_weights, initial_state):
     scores = jnp.einsum("bthk,bshk->bths", q, k)
     o = jnp.einsum("bths,bshv->bthv", weights * scores, v)
     if initial_state is not None:
-        o = o + _prefix_read(q, g_cum, level_weights, positions, initial_state)
+        o = o + _prefix_read(q * jnp.exp(g_cum)[..., None], level_weights, positions, initial_state)
     return o, positions
 
 
@@ -319,7 +320,7 @@ def _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size):
     )[:, lead : lead + seq_len]
     positions = start + jnp.arange(seq_len, dtype=jnp.int32)
     if initial_state is not None:
-        o = o + _prefix_read(q, jnp.cumsum(g, axis=1), level_weights, positions, initial_state)
+        o = o + _prefix_read(q * jnp.exp(jnp.cumsum(g, axis=1))[..., None], level_weights, positions, initial_state)
     return o, positions
 
 
@@ -392,3 +393,7 @@ def loglinear_attention(
         final = _final_state(k, v, g, positions, initial_state, level_weights.shape[-1]) if return_final_state else None
     o = o.astype(out_dtype)
     return (o, final) if return_final_state else o
+
+
+# The Gated DeltaNet base lives in its own file and shares the pieces above; it is part of this module's API.
+from ramjax.ops.fenwick_delta import loglinear_gated_delta, loglinear_gated_delta_step  # noqa: E402

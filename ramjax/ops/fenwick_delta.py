@@ -1,0 +1,299 @@
+"""Log-linear attention over the Gated DeltaNet base (spec loglinear.md section 3).
+
+Every level's state S_l [d_k, d_v] follows the same transition M_t = alpha_t (I - beta_t k_t k_t^T), and the
+new term beta_t k_t v_t^T enters level 0 (after the binary-counter merge of `fenwick.py`):
+
+    o_t = sum_l lambda_t[l] S_l^T q_t,    alpha_t = exp(g_t)
+
+so token s reaches query t through A_{t,s} = M_t ... M_{s+1}:  o_t = sum_{s<=t} lambda_t[level(t,s)]
+(q_t^T A_{t,s} k_s) beta_s v_s. Implementations mirror `loglinear_attention`:
+  dense      the T x T score matrix, built by a scan that carries A_{t,s} k_s for every s.
+  recurrent  a scan of `loglinear_gated_delta_step`.
+  chunked    inside a chunk the WY / UT representation: T = (I + diag(beta) L)^-1 diag(beta) with
+             L = strict_lower((Gamma_i / Gamma_j) k_i . k_j), W = T (Gamma K), U = T V. From these: the chunk's
+             score matrix tril(Gamma-ratio Q K^T) T, its transition P = Gamma_C I - (Gamma_C/Gamma K)^T W, its
+             own end state (Gamma_C/Gamma K)^T U, and the effective query q~ = Gamma Q - tril(ratio Q K^T) W
+             that reads a chunk-start state through the chunk's transitions. Above the chunk, each Fenwick level
+             sums the states of its source block of chunks (an associative scan of (P, U)) and carries it
+             through the reader's earlier chunks (prefix products of P).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ramjax.ops import _checks
+from ramjax.ops.fenwick import (
+    FenwickState,
+    _check_args,
+    _chunk_levels,
+    _level_representatives,
+    _merge_and_insert,
+    _prefix_read,
+    _read_levels,
+    _resolve_impl,
+    level_index,
+    loglinear_init,
+)
+
+
+def _apply_transition(levels, k_t, g_t, beta_t):
+    """S_l <- alpha_t (S_l - beta_t k_t (k_t^T S_l)) on every level [B, H, L, dk, dv]."""
+    projected = jnp.einsum("bhk,bhlkv->bhlv", k_t, levels)
+    levels = levels - (beta_t[:, :, None, None] * k_t[:, :, None, :])[..., None] * projected[:, :, :, None, :]
+    return levels * jnp.exp(g_t)[:, :, None, None, None]
+
+
+def loglinear_gated_delta_step(state: FenwickState, q, k, v, g, beta, level_weights):
+    """One token: q, k `[batch, heads, d_k]`, v `[batch, heads, d_v]`, g, beta `[batch, heads]`,
+    level_weights `[batch, heads, L]` -> (o `[batch, heads, d_v]`, state)."""
+    # Merge with a zero insert, transition every level, then put beta k v^T into the (empty) level 0.
+    levels = _merge_and_insert(state.levels, state.position, jnp.zeros_like(k), jnp.zeros_like(v), jnp.zeros_like(g))
+    levels = _apply_transition(levels, k, g, beta)
+    new = jnp.einsum("bh,bhk,bhv->bhkv", beta, k, v)
+    levels = levels.at[:, :, 0].set(new)
+    return _read_levels(levels, q, level_weights), FenwickState(levels, state.position + 1)
+
+
+def _delta_recurrent(q, k, v, g, beta, level_weights, initial_state):
+    batch, _, heads, d_k = q.shape
+    if initial_state is None:
+        initial_state = loglinear_init(batch, heads, level_weights.shape[-1], d_k, v.shape[-1], q.dtype)
+
+    def step(state, inputs):
+        o, state = loglinear_gated_delta_step(state, *inputs)
+        return state, o
+
+    time_major = [jnp.moveaxis(a, 1, 0) for a in (q, k, v, g, beta, level_weights)]
+    final, o = jax.lax.scan(step, initial_state, time_major)
+    return jnp.moveaxis(o, 0, 1), final
+
+
+def _delta_dense(q, k, v, g, beta, level_weights, initial_state, return_final_state):
+    batch, seq_len, heads, d_k = q.shape
+    num_level = level_weights.shape[-1]
+    start = jnp.int32(0) if initial_state is None else initial_state.position
+    positions = start + jnp.arange(seq_len, dtype=jnp.int32)
+
+    def step(carry, inputs):
+        # carried[:, :, :, s] = A_{t,s} k_s (zero for s > t); through = A_{t, start-1}, for an earlier state.
+        carried, through = carry
+        t, q_t, k_t, g_t, beta_t = inputs
+        alpha = jnp.exp(g_t)[:, :, None, None]
+        carried = alpha * (carried - beta_t[:, :, None, None] * k_t[..., None] * jnp.einsum("bhk,bhks->bhs", k_t, carried)[:, :, None, :])
+        through = alpha * (through - beta_t[:, :, None, None] * k_t[..., None] * jnp.einsum("bhk,bhkj->bhj", k_t, through)[:, :, None, :])
+        carried = carried.at[:, :, :, t].set(k_t)
+        scores = jnp.einsum("bhk,bhks->bhs", q_t, carried)
+        q_through = jnp.einsum("bhk,bhkj->bhj", q_t, through)
+        return (carried, through), (scores, q_through)
+
+    init = (
+        jnp.zeros((batch, heads, d_k, seq_len), q.dtype),
+        jnp.broadcast_to(jnp.eye(d_k, dtype=q.dtype), (batch, heads, d_k, d_k)),
+    )
+    inputs = [jnp.arange(seq_len)] + [jnp.moveaxis(a, 1, 0) for a in (q, k, g, beta)]
+    (carried, through), (scores, q_through) = jax.lax.scan(step, init, inputs)
+    scores = jnp.moveaxis(scores, 0, 1) * beta.transpose(0, 2, 1)[:, None]  # [B, T, H, S]
+    levels = level_index(positions[:, None], positions[None, :])
+    lam = jnp.take_along_axis(
+        level_weights, jnp.broadcast_to(levels[None, :, None, :], (batch, seq_len, heads, seq_len)), axis=-1
+    )
+    causal = positions[:, None] >= positions[None, :]
+    o = jnp.einsum("bths,bshv->bthv", jnp.where(causal[None, :, None, :], lam * scores, 0), v)
+    if initial_state is not None:
+        o = o + _prefix_read(jnp.moveaxis(q_through, 0, 1), level_weights, positions, initial_state)
+    if not return_final_state:
+        return o, None
+    last = positions[-1]
+    onehot = jax.nn.one_hot(level_index(last, positions), num_level, dtype=q.dtype)  # [S, L]
+    final = jnp.einsum("bhks,sl,bsh,bshv->bhlkv", carried, onehot, beta, v)
+    if initial_state is not None:
+        final = final + _carry_state(initial_state, through, last, num_level)
+    return o, FenwickState(final, (start + seq_len).astype(jnp.int32))
+
+
+def _carry_state(state, through, last, num_level):
+    """An earlier state carried to the last token: A S_l, each level moved to the level it now belongs to."""
+    reps = _level_representatives(state.position, num_level)
+    moved = jax.nn.one_hot(level_index(last, reps), num_level, dtype=through.dtype)  # [L_old, L_new]
+    return jnp.einsum("ln,bhkj,bhljv->bhnkv", moved, through, state.levels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# impl="chunked"
+
+
+def _compose_affine(earlier, later):
+    """(P, U) maps X -> P X + U: `later` after `earlier`."""
+    p_e, u_e = earlier
+    p_l, u_l = later
+    return p_l @ p_e, p_l @ u_e + u_l
+
+
+def _delta_chunk_pieces(qc, kc, vc, gc, bc):
+    """The WY / UT pieces of every chunk. Inputs [B, N, C, H, ...] -> per chunk and head."""
+    chunk_size = qc.shape[2]
+    g_in = jnp.cumsum(gc, axis=2)  # [B, N, C, H]
+    g_in = jnp.moveaxis(g_in, 3, 2)  # [B, N, H, C]
+    q, k, v = (jnp.moveaxis(a, 3, 2) for a in (qc, kc, vc))  # [B, N, H, C, d]
+    beta = jnp.moveaxis(bc, 3, 2)  # [B, N, H, C]
+    strict = np.tril(np.ones((chunk_size, chunk_size), bool), -1)
+    incl = np.tril(np.ones((chunk_size, chunk_size), bool))
+    log_ratio = g_in[..., :, None] - g_in[..., None, :]
+    ratio_strict = jnp.exp(jnp.where(strict, log_ratio, -jnp.inf))
+    ratio_incl = jnp.exp(jnp.where(incl, log_ratio, -jnp.inf))
+    lower = ratio_strict * jnp.einsum("...ik,...jk->...ij", k, k)
+    system = jnp.eye(chunk_size, dtype=q.dtype) + beta[..., :, None] * lower
+    t_mat = jax.lax.linalg.triangular_solve(
+        system, jnp.broadcast_to(jnp.eye(chunk_size, dtype=q.dtype) * beta[..., None, :], system.shape),
+        left_side=True, lower=True, unit_diagonal=True,
+    )  # (I + diag(beta) L)^-1 diag(beta)
+    gamma = jnp.exp(g_in)
+    w = t_mat @ (gamma[..., None] * k)
+    u = t_mat @ v
+    qk = ratio_incl * jnp.einsum("...ik,...jk->...ij", q, k)
+    scores = qk @ t_mat  # [B, N, H, C, C]: (q_t^T A_{t,s} k_s) beta_s for s <= t
+    q_eff = gamma[..., None] * q - qk @ w  # [B, N, H, C, dk]
+    to_end = jnp.exp(g_in[..., -1:] - g_in)[..., None] * k  # (Gamma_C / Gamma) K
+    d_k = k.shape[-1]
+    transition = gamma[..., -1, None, None] * jnp.eye(d_k, dtype=q.dtype) - jnp.swapaxes(to_end, -1, -2) @ w
+    own_state = jnp.swapaxes(to_end, -1, -2) @ u  # [B, N, H, dk, dv]
+    key_paths = jnp.swapaxes(to_end, -1, -2) @ t_mat  # [B, N, H, dk, C]: A_{end,s} beta_s k_s
+    return scores, q_eff, transition, own_state, key_paths
+
+
+def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state):
+    batch, seq_len, heads, d_k = q.shape
+    d_v = v.shape[-1]
+    num_level = level_weights.shape[-1]
+    if initial_state is None:
+        start = 0
+    elif _checks.is_concrete(initial_state.position):
+        start = int(initial_state.position)
+    else:
+        raise ValueError(
+            "initial_state.position: impl='chunked' aligns its chunks to absolute positions, so the position "
+            "must be known outside jit (a Python int or a concrete array); use impl='recurrent' under jit"
+        )
+    lead = start % chunk_size
+    total = -(-(lead + seq_len) // chunk_size) * chunk_size
+    num_chunks = total // chunk_size
+    first_chunk = start // chunk_size
+    pad = ((0, 0), (lead, total - lead - seq_len))
+
+    def chunked(a):  # pad with tokens that change nothing (k = 0, beta = 0, g = 0), then split into chunks
+        a = jnp.pad(a, pad + ((0, 0),) * (a.ndim - 2))
+        return a.reshape(batch, num_chunks, chunk_size, *a.shape[2:])
+
+    qc, kc, vc, gc, bc, lc = map(chunked, (q, k, v, g, beta, level_weights))
+    scores, q_eff, transition, own_state, key_paths = _delta_chunk_pieces(qc, kc, vc, gc, bc)
+
+    # Inside each chunk: lambda at the in-chunk level times the delta-rule scores.
+    chunk_bits = chunk_size.bit_length() - 1
+    lvl = jnp.asarray(np.minimum(_chunk_levels(chunk_size), num_level - 1), jnp.int32)
+    lam = jnp.take_along_axis(lc, jnp.broadcast_to(lvl[None, None, :, None, :], lc.shape[:4] + (chunk_size,)), -1)
+    lam = jnp.moveaxis(lam, 3, 2)  # [B, N, H, C, C]
+    o = jnp.einsum("bnhts,bnshv->bnthv", lam * scores, vc)
+
+    # Above the chunk, level chunk_bits + m.
+    last_chunk = first_chunk + num_chunks - 1
+    final_levels = jnp.zeros((batch, heads, num_level, d_k, d_v), q.dtype)
+    for m in range(1, (first_chunk ^ last_chunk).bit_length() + 1 if num_chunks > 1 else 1):
+        level = chunk_bits + m
+        half = 2 ** (m - 1)
+        front = first_chunk % (2 * half)
+        groups = -(-(front + num_chunks) // (2 * half))
+        group_pad = ((0, 0), (front, groups * 2 * half - front - num_chunks))
+
+        def grouped(a, fill=None):  # [B, N, ...] -> [B, G, 2, half, ...] on the absolute chunk grid
+            if fill is None:
+                a = jnp.pad(a, group_pad + ((0, 0),) * (a.ndim - 2))
+            else:  # pad with copies of `fill`
+                before, after = group_pad[1]
+                parts = [jnp.broadcast_to(fill, (batch, n) + a.shape[2:]) for n in (before, after)]
+                a = jnp.concatenate([parts[0], a, parts[1]], axis=1)
+            return a.reshape(batch, groups, 2, half, *a.shape[2:])
+
+        eye = jnp.eye(d_k, dtype=q.dtype)
+        trans = grouped(transition, fill=eye)  # padding chunks transition by the identity
+        states = grouped(own_state)
+        # Sum of the source block, carried to its end: fold (P, U) over the block's chunks.
+        _, block_state = jax.lax.associative_scan(_compose_affine, (trans[:, :, 0], states[:, :, 0]), axis=2)
+        block_state = block_state[:, :, -1]  # [B, G, H, dk, dv]
+        # Carried through the reader's earlier chunks: exclusive prefix products of P over the reading block.
+        prefix = jax.lax.associative_scan(lambda e, l: l @ e, trans[:, :, 1], axis=2)
+        prefix = jnp.concatenate([jnp.broadcast_to(eye, prefix[:, :, :1].shape), prefix[:, :, :-1]], axis=2)
+        start_state = prefix @ block_state[:, :, None]  # [B, G, half, H, dk, dv]
+        reader_lam = grouped(lc[..., level])[:, :, 1]  # [B, G, half, C, H]
+        reader_q = grouped(jnp.moveaxis(q_eff, 3, 2))[:, :, 1]  # [B, G, half, C, H, dk]
+        read = jnp.einsum("bgich,bgichk,bgihkv->bgichv", reader_lam, reader_q, start_state)
+        read = jnp.concatenate([jnp.zeros_like(read), read], axis=2)
+        o = o + read.reshape(batch, groups * 2 * half, *read.shape[3:])[:, front : front + num_chunks]
+        if return_final_state and (last_chunk >> (m - 1)) & 1:
+            # The last chunk reads this level: carry its start state through the last chunk.
+            group, slot = divmod(front + num_chunks - 1, 2 * half)
+            last_state = transition[:, -1] @ start_state[:, group, slot - half]
+            final_levels = final_levels.at[:, :, level].add(last_state)
+
+    o = o.reshape(batch, total, heads, d_v)[:, lead : lead + seq_len]
+    positions = start + jnp.arange(seq_len, dtype=jnp.int32)
+    if initial_state is not None or return_final_state:
+        # Products of the chunk transitions: what carries an earlier state to each chunk start and to the end.
+        through_all = jax.lax.associative_scan(lambda e, l: l @ e, transition, axis=1)  # [B, N, H, dk, dk]
+    if initial_state is not None:
+        eye = jnp.broadcast_to(jnp.eye(d_k, dtype=q.dtype), through_all[:, :1].shape)
+        before = jnp.concatenate([eye, through_all[:, :-1]], axis=1)
+        q_prefix = jnp.einsum("bnhtk,bnhkj->bnthj", q_eff, before).reshape(batch, total, heads, d_k)
+        o = o + _prefix_read(q_prefix[:, lead : lead + seq_len], level_weights, positions, initial_state)
+    if not return_final_state:
+        return o, None
+
+    # In-chunk levels of the last token, from the last chunk's own keys.
+    last = positions[-1]
+    in_last = (last_chunk * chunk_size + jnp.arange(chunk_size, dtype=jnp.int32))
+    valid = in_last <= last
+    onehot = jax.nn.one_hot(level_index(last, in_last), num_level, dtype=q.dtype) * valid[:, None]
+    final_levels = final_levels + jnp.einsum("bhks,sl,bshv->bhlkv", key_paths[:, -1], onehot, vc[:, -1])
+    if initial_state is not None:
+        final_levels = final_levels + _carry_state(initial_state, through_all[:, -1], last, num_level)
+    return o, FenwickState(final_levels, jnp.int32(start + seq_len))
+
+
+def loglinear_gated_delta(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    level_weights: jax.Array,
+    *,
+    impl: str = "auto",
+    chunk_size: int = 64,
+    initial_state: FenwickState | None = None,
+    return_final_state: bool = False,
+):
+    """Log-linear Gated DeltaNet: arguments as `loglinear_attention`, plus beta `[batch, time, heads]`.
+
+    q and k are used as given (the layer L2-normalises them); g = log alpha <= 0; beta in [0, 1] keeps the
+    transition a contraction (sigmoid in the layer).
+    """
+    q, k, v, g, beta, level_weights = map(jnp.asarray, (q, k, v, g, beta, level_weights))
+    _check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state)
+    _checks.require_floating("beta", beta)
+    _checks.require_shape("beta", beta, tuple(g.shape), "[batch, time, heads] like g")
+    out_dtype = v.dtype
+    dtype = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
+    q, k, v, g, beta, level_weights = (a.astype(dtype) for a in (q, k, v, g, beta, level_weights))
+    if initial_state is not None:
+        initial_state = FenwickState(initial_state.levels.astype(dtype), jnp.asarray(initial_state.position, jnp.int32))
+    impl = _resolve_impl(impl, q.shape[1])
+    if impl == "recurrent":
+        o, final = _delta_recurrent(q, k, v, g, beta, level_weights, initial_state)
+    elif impl == "dense":
+        o, final = _delta_dense(q, k, v, g, beta, level_weights, initial_state, return_final_state)
+    else:
+        o, final = _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state)
+    o = o.astype(out_dtype)
+    return (o, final) if return_final_state else o
