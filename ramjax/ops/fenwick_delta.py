@@ -132,6 +132,22 @@ def _compose_affine(earlier, later):
     return p_l @ p_e, p_l @ u_e + u_l
 
 
+def _unit_lower_inverse(strict_lower: jax.Array) -> jax.Array:
+    """(I + A)^-1 for strictly lower-triangular A [..., C, C], by matrix products only.
+
+    A is nilpotent (A^C = 0), so (I + A)^-1 = sum_j (-A)^j = prod_i (I + (-A)^(2^i)) over i < log2 C: 2 log2 C
+    matmuls, which suit tensor cores. (It also avoids jaxlib's CPU triangular solve, which deadlocked here when
+    two batched solves ran at once on a 2-core machine: both waited in ParallelBatchMap.)
+    """
+    size = strict_lower.shape[-1]
+    power = -strict_lower
+    inverse = jnp.eye(size, dtype=strict_lower.dtype) + power
+    for _ in range(max(size - 1, 1).bit_length() - 1):
+        power = power @ power
+        inverse = inverse + inverse @ power
+    return inverse
+
+
 def _delta_chunk_pieces(qc, kc, vc, gc, bc):
     """The WY / UT pieces of every chunk. Inputs [B, N, C, H, ...] -> per chunk and head."""
     chunk_size = qc.shape[2]
@@ -145,11 +161,7 @@ def _delta_chunk_pieces(qc, kc, vc, gc, bc):
     ratio_strict = jnp.exp(jnp.where(strict, log_ratio, -jnp.inf))
     ratio_incl = jnp.exp(jnp.where(incl, log_ratio, -jnp.inf))
     lower = ratio_strict * jnp.einsum("...ik,...jk->...ij", k, k)
-    system = jnp.eye(chunk_size, dtype=q.dtype) + beta[..., :, None] * lower
-    t_mat = jax.lax.linalg.triangular_solve(
-        system, jnp.broadcast_to(jnp.eye(chunk_size, dtype=q.dtype) * beta[..., None, :], system.shape),
-        left_side=True, lower=True, unit_diagonal=True,
-    )  # (I + diag(beta) L)^-1 diag(beta)
+    t_mat = _unit_lower_inverse(beta[..., :, None] * lower) * beta[..., None, :]  # (I + diag(beta) L)^-1 diag(beta)
     gamma = jnp.exp(g_in)
     w = t_mat @ (gamma[..., None] * k)
     u = t_mat @ v
