@@ -269,12 +269,9 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
 
     # Above the chunk: level chunk_bits + m reads, for the chunks of an odd block of 2^(m-1) chunks, the
     # summed state of the even block just before it (blocks aligned to absolute chunk indices).
-    last_chunk = first_chunk + num_chunks - 1
-    for m in range(1, (first_chunk ^ last_chunk).bit_length() + 1 if num_chunks > 1 else 1):
+    for m in _levels_above_chunk(first_chunk, num_chunks):
         level = chunk_bits + m
-        half = 2 ** (m - 1)
-        lead = first_chunk % (2 * half)
-        groups = -(-(lead + num_chunks) // (2 * half))
+        half, lead, groups = _block_grid(first_chunk, num_chunks, m)
         pad = ((0, 0), (lead, groups * 2 * half - lead - num_chunks))
 
         def grouped(a):  # [B, N, ...] -> [B, groups, 2, half, ...] on the absolute chunk grid
@@ -295,8 +292,20 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
     return o.reshape(batch, seq_len, heads, d_v)
 
 
-def _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size):
-    seq_len = q.shape[1]
+class ChunkGrid(NamedTuple):
+    """Where a sequence sits on the grid of chunks aligned to absolute positions."""
+
+    start: int  # absolute position of the first token
+    lead: int  # padding tokens before it, so that the first chunk starts on the grid
+    total: int  # padded length, a whole number of chunks
+
+    def pad(self, a: jax.Array) -> jax.Array:
+        """Pads the time axis (axis 1) with zeros: tokens that write nothing (k = 0) and do not decay (g = 0)."""
+        widths = ((0, 0), (self.lead, self.total - self.lead - a.shape[1])) + ((0, 0),) * (a.ndim - 2)
+        return jnp.pad(a, widths)
+
+
+def _chunk_grid(initial_state, seq_len: int, chunk_size: int) -> ChunkGrid:
     if initial_state is None:
         start = 0
     elif _checks.is_concrete(initial_state.position):
@@ -306,18 +315,29 @@ def _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size):
             "initial_state.position: impl='chunked' aligns its chunks to absolute positions, so the position "
             "must be known outside jit (a Python int or a concrete array); use impl='recurrent' under jit"
         )
-    # Front-pad to the chunk grid of absolute positions and back-pad to whole chunks, with tokens that
-    # write nothing (k = 0) and do not decay (g = 0).
     lead = start % chunk_size
-    total = -(-(lead + seq_len) // chunk_size) * chunk_size
-    pad = ((0, 0), (lead, total - lead - seq_len))
+    return ChunkGrid(start, lead, -(-(lead + seq_len) // chunk_size) * chunk_size)
 
-    def padded(a):
-        return jnp.pad(a, pad + ((0, 0),) * (a.ndim - 2))
 
-    o = _attention_chunked_aligned(
-        padded(q), padded(k), padded(v), padded(g), padded(level_weights), chunk_size, start // chunk_size
-    )[:, lead : lead + seq_len]
+def _block_grid(first_chunk: int, num_chunks: int, level_above_chunk: int) -> tuple[int, int, int]:
+    """For Fenwick level m above the chunk: (half, front, groups). Chunks are grouped in pairs of blocks of
+    half = 2^(m-1) chunks on the absolute chunk grid; `front` padding chunks come first, `groups` pairs in all."""
+    half = 2 ** (level_above_chunk - 1)
+    front = first_chunk % (2 * half)
+    return half, front, -(-(front + num_chunks) // (2 * half))
+
+
+def _levels_above_chunk(first_chunk: int, num_chunks: int) -> range:
+    """The levels m >= 1 above the chunk at which two chunks of this sequence can meet."""
+    last_chunk = first_chunk + num_chunks - 1
+    return range(1, (first_chunk ^ last_chunk).bit_length() + 1)
+
+
+def _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size):
+    seq_len = q.shape[1]
+    start, lead, _ = grid = _chunk_grid(initial_state, seq_len, chunk_size)
+    padded = [grid.pad(a) for a in (q, k, v, g, level_weights)]
+    o = _attention_chunked_aligned(*padded, chunk_size, start // chunk_size)[:, lead : lead + seq_len]
     positions = start + jnp.arange(seq_len, dtype=jnp.int32)
     if initial_state is not None:
         o = o + _prefix_read(q * jnp.exp(jnp.cumsum(g, axis=1))[..., None], level_weights, positions, initial_state)

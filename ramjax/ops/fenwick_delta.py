@@ -27,8 +27,11 @@ import numpy as np
 from ramjax.ops import _checks
 from ramjax.ops.fenwick import (
     FenwickState,
+    _block_grid,
     _check_args,
+    _chunk_grid,
     _chunk_levels,
+    _levels_above_chunk,
     _level_representatives,
     _merge_and_insert,
     _prefix_read,
@@ -180,24 +183,13 @@ def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, r
     batch, seq_len, heads, d_k = q.shape
     d_v = v.shape[-1]
     num_level = level_weights.shape[-1]
-    if initial_state is None:
-        start = 0
-    elif _checks.is_concrete(initial_state.position):
-        start = int(initial_state.position)
-    else:
-        raise ValueError(
-            "initial_state.position: impl='chunked' aligns its chunks to absolute positions, so the position "
-            "must be known outside jit (a Python int or a concrete array); use impl='recurrent' under jit"
-        )
-    lead = start % chunk_size
-    total = -(-(lead + seq_len) // chunk_size) * chunk_size
+    grid = _chunk_grid(initial_state, seq_len, chunk_size)
+    start, lead, total = grid
     num_chunks = total // chunk_size
     first_chunk = start // chunk_size
-    pad = ((0, 0), (lead, total - lead - seq_len))
 
     def chunked(a):  # pad with tokens that change nothing (k = 0, beta = 0, g = 0), then split into chunks
-        a = jnp.pad(a, pad + ((0, 0),) * (a.ndim - 2))
-        return a.reshape(batch, num_chunks, chunk_size, *a.shape[2:])
+        return grid.pad(a).reshape(batch, num_chunks, chunk_size, *a.shape[2:])
 
     qc, kc, vc, gc, bc, lc = map(chunked, (q, k, v, g, beta, level_weights))
     scores, q_eff, transition, own_state, key_paths = _delta_chunk_pieces(qc, kc, vc, gc, bc)
@@ -212,11 +204,9 @@ def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, r
     # Above the chunk, level chunk_bits + m.
     last_chunk = first_chunk + num_chunks - 1
     final_levels = jnp.zeros((batch, heads, num_level, d_k, d_v), q.dtype)
-    for m in range(1, (first_chunk ^ last_chunk).bit_length() + 1 if num_chunks > 1 else 1):
+    for m in _levels_above_chunk(first_chunk, num_chunks):
         level = chunk_bits + m
-        half = 2 ** (m - 1)
-        front = first_chunk % (2 * half)
-        groups = -(-(front + num_chunks) // (2 * half))
+        half, front, groups = _block_grid(first_chunk, num_chunks, m)
         group_pad = ((0, 0), (front, groups * 2 * half - front - num_chunks))
 
         def grouped(a, fill=None):  # [B, N, ...] -> [B, G, 2, half, ...] on the absolute chunk grid
