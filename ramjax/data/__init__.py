@@ -1,0 +1,1 @@
+"""Input pipelines: synthetic tasks (MQAR) now, text through TensorFlow Datasets later."""
