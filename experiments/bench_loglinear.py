@@ -20,6 +20,7 @@ from absl import app, logging
 from ml_collections import config_flags
 
 from ramjax import timing
+from ramjax.numerics import rel_rms
 from ramjax.ops.fenwick import loglinear_attention, loglinear_gated_delta
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_loglinear.py:anchors", "Benchmark grid.")
@@ -76,11 +77,6 @@ def time_fla(inputs, iters):
     out = chunk_log_linear_attn(*args)
     o = out[0] if isinstance(out, tuple) else out
     return fwd, fwd_bwd, o.detach().float().cpu().numpy()
-
-
-def rel_rms(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
 
 
 def main(argv) -> None:

@@ -15,7 +15,8 @@ from absl import app, logging
 from ml_collections import config_flags
 
 from ramjax import timing
-from ramjax.demo import make_functions, make_inputs, rel_rms
+from ramjax.demo import make_functions, make_inputs
+from ramjax.numerics import rel_rms
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_ram_memory.py:cpu", "Benchmark grid.")
 

@@ -11,11 +11,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import tqdm
 
 from ramjax import timing
 from ramjax.errors import ConfigError
+from ramjax.numerics import rel_rms
 from ramjax.ops import cape_shift, pdma, product_topk
 from ramjax.ops.ram_memory import IMPLS, resolve_impl
 
@@ -49,11 +49,6 @@ def make_functions(config, num_slots, impl):
     forward = jax.jit(run)
     backward = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
     return forward, backward
-
-
-def rel_rms(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.sqrt(np.mean((actual - expected) ** 2) / max(np.mean(expected**2), 1e-300)))
 
 
 def check_config(config) -> None:

@@ -1,7 +1,5 @@
 """product_topk against brute force (the materialised Kronecker product), and cape_shift."""
 
-import itertools
-
 import hypothesis
 import hypothesis.strategies as st
 import jax

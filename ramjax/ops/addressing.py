@@ -93,7 +93,7 @@ def product_topk(
     _checks.require_positive_int("num_factors", num_factors)
     _checks.require_positive_int("top_k", top_k)
     if x.ndim < 1:
-        raise ValueError(f"x: expected shape [..., num_factors * d_p], got a scalar")
+        raise ValueError("x: expected shape [..., num_factors * d_p], got a scalar")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x: expected a floating dtype, got {x.dtype}")
     if not temperature > 0:

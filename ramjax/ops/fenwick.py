@@ -22,7 +22,6 @@ can hand over to `loglinear_step` decoding.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -416,4 +415,4 @@ def loglinear_attention(
 
 
 # The Gated DeltaNet base lives in its own file and shares the pieces above; it is part of this module's API.
-from ramjax.ops.fenwick_delta import loglinear_gated_delta, loglinear_gated_delta_step  # noqa: E402
+from ramjax.ops.fenwick_delta import loglinear_gated_delta, loglinear_gated_delta_step  # noqa: E402, F401
