@@ -15,15 +15,19 @@ from ml_collections import config_flags
 
 from ramjax.errors import ConfigError
 
-# command: (module, default config, one line of help)
+# command: (module, default config, one line of help, whether it takes --workdir)
 COMMANDS = {
-    "demo": ("ramjax.demo", "configs/demo.py", "RAM-Net memory op on random data: every implementation checked and timed"),
+    "demo": ("ramjax.demo", "configs/demo.py", "RAM-Net memory op on random data: every implementation checked and timed",
+             False),
+    "train": ("ramjax.train.trainer", "configs/mqar.py:cpu", "train (or resume) a model from a config; needs --workdir",
+              True),
 }
 
 
 def usage() -> str:
-    lines = ["usage: ramjax COMMAND [--config FILE[:VARIANT]] [--config.FIELD=VALUE ...]", "", "commands:"]
-    lines += [f"  {name:8s} {text}  (default config: {config})" for name, (_, config, text) in COMMANDS.items()]
+    lines = ["usage: ramjax COMMAND [--config FILE[:VARIANT]] [--config.FIELD=VALUE ...] [--workdir DIR]", "",
+             "commands:"]
+    lines += [f"  {name:8s} {text}  (default config: {config})" for name, (_, config, text, _) in COMMANDS.items()]
     lines += ["", "`ramjax COMMAND --help` lists a command's flags."]
     return "\n".join(lines)
 
@@ -36,13 +40,16 @@ def main(argv: list[str] | None = None) -> None:
     command = argv[1]
     if command not in COMMANDS:
         raise SystemExit(f"ramjax: unknown command {command!r}; known: {', '.join(COMMANDS)}\n\n{usage()}")
-    module_name, default_config, _ = COMMANDS[command]
+    module_name, default_config, _, takes_workdir = COMMANDS[command]
     prog = f"ramjax {command}"
     app.define_help_flags()
     try:
         config_flag = config_flags.DEFINE_config_file(
             "config", default_config, f"Config file for `{prog}`.", sys_argv=[prog] + argv[2:]
         )
+        if takes_workdir:
+            flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary; rerunning "
+                                "with the same directory resumes.")
         rest = flags.FLAGS([prog] + argv[2:])
         config = config_flag.value
         config.to_dict()  # a config file that failed to load only raises when first used
@@ -53,7 +60,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{prog}: unexpected arguments {rest[1:]}; settings go through --config.FIELD=VALUE")
     logging.set_verbosity(logging.WARNING)  # absl would otherwise echo JAX's backend probing as INFO
     try:
-        importlib.import_module(module_name).main(config)
+        module = importlib.import_module(module_name)
+        if takes_workdir:
+            module.main(config, workdir=flags.FLAGS.workdir)
+        else:
+            module.main(config)
     except ConfigError as error:
         raise SystemExit(f"{prog}: {error}") from None
 

@@ -8,6 +8,7 @@ eagerly would need a mesh at construction time, which tests and single-device ru
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -19,3 +20,11 @@ def logical_init(initializer, *names: str | None):
 def logical_param(value: jax.Array, *names: str | None) -> nnx.Param:
     """A parameter holding `value`, annotated by the logical axis `names` (one per dimension)."""
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def dense(in_features: int, out_features: int, in_axis: str | None, out_axis: str | None, *, dtype, rngs: nnx.Rngs,
+          init=None) -> nnx.Linear:
+    """A bias-free Linear whose kernel carries the logical axes (in_axis, out_axis)."""
+    init = nnx.initializers.lecun_normal() if init is None else init
+    return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+                      kernel_init=logical_init(init, in_axis, out_axis))

@@ -11,6 +11,12 @@ from ramjax.ops.fenwick import (
     loglinear_step,
     num_levels,
 )
+from ramjax.ops.linear_attention import (
+    gated_delta_rule,
+    gated_delta_rule_step,
+    gated_linear_attention,
+    gated_linear_attention_step,
+)
 from ramjax.ops.ram_memory import PDMAState, pdma, pdma_init, pdma_step
 
 __all__ = [
@@ -24,6 +30,10 @@ __all__ = [
     "loglinear_init",
     "loglinear_step",
     "num_levels",
+    "gated_delta_rule",
+    "gated_delta_rule_step",
+    "gated_linear_attention",
+    "gated_linear_attention_step",
     "PDMAState",
     "pdma",
     "pdma_init",

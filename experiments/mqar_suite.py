@@ -1,0 +1,81 @@
+"""Train several models on MQAR and tabulate accuracy per (kv, length) slice, with steps/s.
+
+  python experiments/mqar_suite.py --variants ramnet,transformer,gla --num_steps 3000 --workdir runs/mqar_suite
+  python experiments/mqar_suite.py --variants ramnet,transformer --cpu --num_steps 200 --workdir /tmp/mqar  # smoke
+
+Each model is a variant of configs/mqar.py (d_model 128, 2 layers, trained on the 7-setting suite by default),
+trained with `ramjax.train.trainer.train` in its own workdir under --workdir (rerunning resumes and skips
+finished runs). Writes a Markdown table with device, versions, date and command to --results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+from ramjax import timing
+from ramjax.train.trainer import train
+
+
+def load_config(variant: str):
+    spec = importlib.util.spec_from_file_location("mqar_config", os.path.join(os.path.dirname(__file__), "..",
+                                                                              "configs", "mqar.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="ramnet,transformer,gla")
+    parser.add_argument("--num_steps", type=int, default=3000)
+    parser.add_argument("--workdir", default="runs/mqar_suite")
+    parser.add_argument("--cpu", action="store_true", help="the configs' cpu sizes")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field for every variant, e.g. --set optim.learning_rate=3e-3")
+    parser.add_argument("--results", default="experiments/results/mqar_gpu.md")
+    args = parser.parse_args()
+
+    rows = []
+    for variant in args.variants.split(","):
+        config = load_config(variant + (",cpu" if args.cpu else ""))
+        config.train.num_steps = args.num_steps
+        config.train.eval_every = args.num_steps
+        for item in args.set:
+            field, value = item.split("=", 1)
+            *parents, leaf = field.split(".")
+            node = config
+            for parent in parents:
+                node = node[parent]
+            node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+        workdir = os.path.join(args.workdir, variant)
+        summary_path = os.path.join(workdir, "summary.json")
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
+        else:
+            summary = train(config, workdir)
+        rows.append((variant, summary))
+        print(f"{variant}: mean accuracy {summary['eval']['eval/accuracy/mean']:.3f}", flush=True)
+
+    slices = [k for k in rows[0][1]["eval"] if k.startswith("eval/accuracy/") and not k.endswith("/mean")]
+    header = ["model", "params", "steps", "steps/s"] + [s.split("/")[-1] for s in slices] + ["mean"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant, s in rows:
+        cells = [variant, f"{s['parameters']:,}", str(s["steps"]), f"{s['train'].get('steps_per_s', float('nan')):.1f}"]
+        cells += [f"{s['eval'][k]:.3f}" for k in slices] + [f"{s['eval']['eval/accuracy/mean']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    env = timing.environment()
+    header_text = "\n".join(f"- {k}: {v}" for k, v in env.items())
+    with open(args.results, "w") as f:
+        f.write(f"# MQAR: accuracy per (kv, length) slice\n\n{header_text}\n- command: `{' '.join(sys.argv)}`\n\n"
+                f"{table}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The synthetic tasks the trainer runs, behind one interface: training batches by step, evaluation slices.
+
+A task is configured by `config.task` ("mqar" or "selective_copy") and `config.data`. Settings are strings of
+"a:length" pairs, where a is the number of kv pairs (MQAR) or of tokens to copy (selective copying).
+
+Every process builds the same global batch from (seed, step) and keeps its own rows, so the data a run sees does
+not depend on how many processes share it (a run on 2 hosts equals a run on 1), and a restarted run sees the
+same batches. Generating the global batch is cheap next to a train step for these tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ramjax.data import mqar, selective_copy
+from ramjax.data.mqar import Batch, batch_rng
+
+TASKS = ("mqar", "selective_copy")
+MIXTURES = ("cycle", "pad")
+
+
+def parse_settings(field: str, text: str) -> list[tuple[int, int]]:
+    """ "4:64,8:64" -> [(4, 64), (8, 64)], with an error that names the config field."""
+    settings = []
+    for item in str(text).split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"{field}: expected comma-separated 'count:length' pairs such as '4:64,8:64', "
+                             f"got {text!r}")
+        settings.append((int(parts[0]), int(parts[1])))
+    return settings
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSlice:
+    name: str  # "kv8_len64" or "tokens16_len256"
+    count: int
+    seq_len: int
+
+
+class SyntheticTask:
+    def __init__(self, task: str, data_config):
+        if task not in TASKS:
+            raise ValueError(f"task: must be one of {TASKS}, got {task!r}")
+        d = data_config
+        if d.mixture not in MIXTURES:
+            raise ValueError(f"data.mixture: must be one of {MIXTURES}, got {d.mixture!r}")
+        self.task, self.config = task, d
+        self.train_settings = parse_settings("data.train_settings", d.train_settings)
+        self.eval_settings = parse_settings("data.eval_settings", d.eval_settings)
+        for field, settings in (("data.train_settings", self.train_settings),
+                                ("data.eval_settings", self.eval_settings)):
+            for count, seq_len in settings:
+                try:
+                    self._check(count, seq_len)
+                except ValueError as error:
+                    raise ValueError(f"{field}: setting {count}:{seq_len} is invalid: {error}") from None
+        if d.mixture == "pad" and d.batch_size < len(self.train_settings):
+            raise ValueError(f"data.batch_size: with mixture 'pad' every batch holds every setting, so it must be "
+                             f">= {len(self.train_settings)} (the number of train settings), got {d.batch_size}")
+        prefix = "kv" if task == "mqar" else "tokens"
+        self.eval_slices = [EvalSlice(f"{prefix}{c}_len{n}", c, n) for c, n in self.eval_settings]
+
+    def _check(self, count: int, seq_len: int) -> None:
+        if self.task == "mqar":
+            mqar.check_setting(count, seq_len, self.config.vocab_size)
+        else:
+            selective_copy.check_setting(count, seq_len, self.config.vocab_size)
+
+    def _batch(self, rng, batch_size: int, count: int, seq_len: int) -> Batch:
+        if self.task == "mqar":
+            return mqar.mqar_batch(rng, batch_size=batch_size, seq_len=seq_len, num_kv_pairs=count,
+                                   vocab_size=self.config.vocab_size, power_a=self.config.power_a)
+        return selective_copy.selective_copy_batch(rng, batch_size=batch_size, seq_len=seq_len, num_tokens=count,
+                                                   vocab_size=self.config.vocab_size)
+
+    @property
+    def max_train_len(self) -> int:
+        return max(n for _, n in self.train_settings)
+
+    def train_batch(self, step: int) -> Batch:
+        """The global training batch of `step`: one setting in turn ("cycle"), or all settings right-padded to
+        the longest ("pad"; padding is token 0 with no loss, harmless to a causal model)."""
+        rng = batch_rng(self.config.seed, step)
+        if self.config.mixture == "cycle":
+            count, seq_len = self.train_settings[step % len(self.train_settings)]
+            return self._batch(rng, self.config.batch_size, count, seq_len)
+        sizes = np.full(len(self.train_settings), self.config.batch_size // len(self.train_settings))
+        sizes[: self.config.batch_size % len(self.train_settings)] += 1
+        parts = [self._batch(rng, int(size), count, seq_len)
+                 for size, (count, seq_len) in zip(sizes, self.train_settings)]
+        width = self.max_train_len
+        return Batch(*(np.concatenate([np.pad(getattr(p, field), ((0, 0), (0, width - p.inputs.shape[1])))
+                                       for p in parts]) for field in Batch._fields))
+
+    def eval_batches(self, eval_slice: EvalSlice):
+        """The fixed evaluation batches of one slice (the same in every run with this eval_seed): eval_examples
+        rounded up to whole batches of eval_batch_size, so every batch has one shape (one compilation)."""
+        index = self.eval_slices.index(eval_slice)
+        size = self.config.eval_batch_size
+        for batch_index in range(-(-self.config.eval_examples // size)):
+            rng = np.random.default_rng([self.config.eval_seed, index, batch_index])
+            yield self._batch(rng, size, eval_slice.count, eval_slice.seq_len)

@@ -1,0 +1,62 @@
+"""Softmax attention with rotary position embeddings: the Transformer++ baseline mixer.
+
+The score computation goes through `jax.nn.dot_product_attention`: cuDNN's fused kernel on a GPU with bf16/fp16
+inputs (the anchor table's "cuDNN" row), XLA everywhere else. RoPE uses the given positions, so packed sequences
+whose positions restart at each document rotate correctly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ramjax.layers.axes import dense
+
+IMPLS = ("auto", "xla", "cudnn")
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate pairs (x[..., i], x[..., i + d/2]) of x `[batch, time, heads, d]` by positions * theta^(-2i/d)."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [batch, time, 1, half]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def resolve_impl(impl: str, dtype) -> str:
+    if impl != "auto":
+        return impl
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention. x `[batch, time, d_model]`, positions int `[batch, time]`."""
+
+    def __init__(self, d_model: int, num_heads: int, *, head_dim: int = 0, rope_theta: float = 10000.0,
+                 impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+        if impl not in IMPLS:
+            raise ValueError(f"attention.impl: must be one of {IMPLS}, got {impl!r}")
+        head_dim = head_dim or d_model // num_heads
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(f"attention head_dim: must be even and >= 2 for RoPE, got {head_dim} "
+                             f"(d_model {d_model} / num_heads {num_heads})")
+        self.num_heads, self.head_dim, self.rope_theta, self.impl, self.dtype = (
+            num_heads, head_dim, rope_theta, impl, dtype)
+        width = num_heads * head_dim
+        self.q_proj = dense(d_model, width, "embed", "heads", dtype=dtype, rngs=rngs)
+        self.k_proj = dense(d_model, width, "embed", "heads", dtype=dtype, rngs=rngs)
+        self.v_proj = dense(d_model, width, "embed", "heads", dtype=dtype, rngs=rngs)
+        self.o_proj = dense(width, d_model, "heads", "embed", dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        batch, seq_len, _ = x.shape
+        shape = (batch, seq_len, self.num_heads, self.head_dim)
+        q = rope(self.q_proj(x).reshape(shape), positions, self.rope_theta)
+        k = rope(self.k_proj(x).reshape(shape), positions, self.rope_theta)
+        v = self.v_proj(x).reshape(shape)
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=resolve_impl(self.impl, q.dtype))
+        return self.o_proj(o.reshape(batch, seq_len, -1))

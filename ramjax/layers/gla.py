@@ -1,0 +1,53 @@
+"""Gated linear attention (GLA, arXiv 2312.06635) token mixer, configured as flash-linear-attention's layer.
+
+q, k of width expand_k * d_model and v of width expand_v * d_model split into heads; a per-key-dimension log
+decay log_sigmoid(W2 W1 x) / gate_normaliser from a low-rank projection (the normaliser keeps decays near 1);
+S_t = diag(alpha_t) S_{t-1} + k_t v_t^T read by q_t * d_k^-1/2; out = W_o GatedRMSNorm(o, W_g x) per head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ramjax import ops
+from ramjax.layers.axes import dense, logical_init
+from ramjax.layers.norm import GatedRMSNorm
+
+
+class GLAMixer(nnx.Module):
+    """x `[batch, time, d_model]`, positions (unused) -> `[batch, time, d_model]`."""
+
+    def __init__(self, d_model: int, *, num_heads: int, expand_k: float = 0.5, expand_v: float = 1.0,
+                 gate_rank: int = 16, gate_normaliser: float = 16.0, chunk_size: int = 64, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        key_width, value_width = int(d_model * expand_k), int(d_model * expand_v)
+        if key_width % num_heads or value_width % num_heads:
+            raise ValueError(f"model.gla: expand_k * d_model = {key_width} and expand_v * d_model = {value_width} "
+                             f"must both be divisible by num_heads = {num_heads}")
+        self.num_heads, self.d_k = num_heads, key_width // num_heads
+        self.gate_normaliser, self.chunk_size = gate_normaliser, chunk_size
+        self.q_proj = dense(d_model, key_width, "embed", "heads", dtype=dtype, rngs=rngs)
+        self.k_proj = dense(d_model, key_width, "embed", "heads", dtype=dtype, rngs=rngs)
+        self.v_proj = dense(d_model, value_width, "embed", "heads", dtype=dtype, rngs=rngs)
+        self.decay_down = dense(d_model, gate_rank, "embed", None, dtype=dtype, rngs=rngs)
+        self.decay_up = nnx.Linear(gate_rank, key_width, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+                                   kernel_init=logical_init(nnx.initializers.lecun_normal(), None, "heads"),
+                                   bias_init=logical_init(nnx.initializers.zeros, "heads"))
+        self.gate_proj = dense(d_model, value_width, "embed", "heads", dtype=dtype, rngs=rngs)
+        self.norm = GatedRMSNorm(value_width // num_heads, axis_name=None)
+        self.o_proj = dense(value_width, d_model, "heads", "embed", dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        del positions
+        batch, seq_len, _ = x.shape
+        split = (batch, seq_len, self.num_heads, -1)
+        q = self.q_proj(x).reshape(split) * (self.d_k**-0.5)
+        k = self.k_proj(x).reshape(split)
+        v = self.v_proj(x).reshape(split)
+        logits = self.decay_up(self.decay_down(x)).astype(jnp.float32)
+        log_decay = (jax.nn.log_sigmoid(logits) / self.gate_normaliser).reshape(split)
+        o = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size)
+        o = self.norm(o, self.gate_proj(x).reshape(o.shape))
+        return self.o_proj(o.reshape(batch, seq_len, -1))

@@ -1,0 +1,78 @@
+"""Mamba-2 (SSD) token mixer, and its log-linear form (spec loglinear.md section 2, "Mamba-2 mapping").
+
+x -> z (gate), x_in, B, C, dt by separate projections; short causal conv + SiLU on x_in, B and C; per head
+dt = softplus(dt_raw + dt_bias), A = -exp(A_log); the recurrence runs with q = C, k = B, v = x_in * dt and the
+log decay g = A * dt; y = recurrence + D * x_in; out = W_out RMSNorm(y * silu(z)). One B/C group shared by all
+heads (ngroups = 1, as in the Mamba-2 language models).
+
+With a `FenwickDecay` (`decay_mode` other than None) the recurrence is log-linear attention weighted per level
+by lambda(x): the log-linear Mamba-2. With `decay_mode=None` it is plain Mamba-2 (a chunked linear recurrence).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ramjax import ops
+from ramjax.layers.axes import dense, logical_param
+from ramjax.layers.conv import ShortConv
+from ramjax.layers.fenwick_decay import FenwickDecay
+from ramjax.layers.norm import RMSNorm
+
+
+def _dt_bias_init(key, num_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> jax.Array:
+    """softplus^-1 of dt drawn log-uniformly in [dt_min, dt_max] (Mamba's initialisation)."""
+    dt = jnp.exp(jax.random.uniform(key, (num_heads,), minval=math.log(dt_min), maxval=math.log(dt_max)))
+    return dt + jnp.log(-jnp.expm1(-dt))
+
+
+class Mamba2Mixer(nnx.Module):
+    """x `[batch, time, d_model]`, positions (unused: the recurrence is position-free) -> `[batch, time, d_model]`."""
+
+    def __init__(self, d_model: int, *, expand: int = 2, head_dim: int = 64, d_state: int = 64, conv_width: int = 4,
+                 chunk_size: int = 64, decay_mode: str | None = None, num_levels: int = 15, decay_hidden: int = 64,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        d_inner = expand * d_model
+        if d_inner % head_dim:
+            raise ValueError(f"model.mamba2.head_dim: must divide expand * d_model = {d_inner}, got {head_dim}")
+        self.num_heads, self.head_dim, self.d_state, self.chunk_size = d_inner // head_dim, head_dim, d_state, chunk_size
+        self.z_proj = dense(d_model, d_inner, "embed", "heads", dtype=dtype, rngs=rngs)
+        self.x_proj = dense(d_model, d_inner, "embed", "heads", dtype=dtype, rngs=rngs)
+        self.b_proj = dense(d_model, d_state, "embed", None, dtype=dtype, rngs=rngs)
+        self.c_proj = dense(d_model, d_state, "embed", None, dtype=dtype, rngs=rngs)
+        self.dt_proj = dense(d_model, self.num_heads, "embed", "heads", dtype=dtype, rngs=rngs)
+        self.x_conv = ShortConv(d_inner, conv_width, dtype=dtype, rngs=rngs)
+        self.b_conv = ShortConv(d_state, conv_width, dtype=dtype, rngs=rngs)
+        self.c_conv = ShortConv(d_state, conv_width, dtype=dtype, rngs=rngs)
+        self.dt_bias = logical_param(_dt_bias_init(rngs.params(), self.num_heads), "heads")
+        a_init = jax.random.uniform(rngs.params(), (self.num_heads,), minval=1.0, maxval=16.0)
+        self.a_log = logical_param(jnp.log(a_init), "heads")
+        self.d_skip = logical_param(jnp.ones((self.num_heads,)), "heads")
+        self.norm = RMSNorm(d_inner, axis_name="heads")
+        self.out_proj = dense(d_inner, d_model, "heads", "embed", dtype=dtype, rngs=rngs)
+        self.decay = (FenwickDecay(d_model, self.num_heads, num_levels, decay_mode, decay_hidden, rngs=rngs)
+                      if decay_mode is not None else None)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        del positions
+        batch, seq_len, _ = x.shape
+        heads = (batch, seq_len, self.num_heads, self.head_dim)
+        x_in = self.x_conv(self.x_proj(x)).reshape(heads)
+        b = self.b_conv(self.b_proj(x))
+        c = self.c_conv(self.c_proj(x))
+        dt = jax.nn.softplus(self.dt_proj(x).astype(jnp.float32) + self.dt_bias[...])  # [batch, time, heads]
+        log_decay = -jnp.exp(self.a_log[...]) * dt
+        k = jnp.broadcast_to(b[:, :, None, :], (batch, seq_len, self.num_heads, self.d_state))
+        q = jnp.broadcast_to(c[:, :, None, :], (batch, seq_len, self.num_heads, self.d_state))
+        v = x_in * dt[..., None].astype(x_in.dtype)
+        if self.decay is None:
+            y = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size)
+        else:
+            y = ops.loglinear_attention(q, k, v, log_decay, self.decay(x), chunk_size=self.chunk_size)
+        y = y + self.d_skip[...].astype(y.dtype)[:, None] * x_in
+        y = y.reshape(batch, seq_len, -1) * jax.nn.silu(self.z_proj(x))
+        return self.out_proj(self.norm(y))

@@ -1,0 +1,114 @@
+"""The RAM-Net token mixer (spec ramnet.md sections 2-5).
+
+Per head: q = exp(alpha_h) W_q x and k = exp(alpha_h) W_k x (the learnable temperature of section 5),
+v = W_v x; write and read addresses are the top-K product-softmax codes of k and q, shifted by CAPE on the heads
+the schedule names; the PDMA memory is written with v and read; W_o maps the heads back to d_model.
+Every number (U, d_p, K, gamma, eps, d_v, heads) is an argument, and so a config field of `model.ramnet`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ramjax import ops
+from ramjax.layers.axes import dense, logical_param
+from ramjax.layers.conv import ShortConv
+from ramjax.layers.norm import GatedRMSNorm, RMSNorm
+
+CAPE_SCHEDULES = ("paper", "half", "all", "none")
+
+
+def cape_heads_per_layer(schedule: str | Sequence[int], num_layers: int, num_heads: int) -> list[int]:
+    """How many heads (the first ones) of each layer use CAPE.
+
+    "paper": all heads in layers 1-4, half in layers 5-8, none after (absolute addressing); "half" (half the
+    heads, rounded up, in every layer); "all"; "none"; or one count per layer."""
+    if isinstance(schedule, str):
+        if schedule not in CAPE_SCHEDULES:
+            raise ValueError(f"model.ramnet.cape: must be one of {CAPE_SCHEDULES} or one head count per layer, "
+                             f"got {schedule!r}")
+        if schedule == "all":
+            return [num_heads] * num_layers
+        if schedule == "none":
+            return [0] * num_layers
+        if schedule == "half":
+            return [(num_heads + 1) // 2] * num_layers
+        return [num_heads if layer < 4 else num_heads // 2 if layer < 8 else 0 for layer in range(num_layers)]
+    counts = [int(c) for c in schedule]
+    if len(counts) != num_layers or any(not 0 <= c <= num_heads for c in counts):
+        raise ValueError(f"model.ramnet.cape: an explicit schedule needs {num_layers} counts (one per layer), each "
+                         f"in [0, {num_heads}], got {tuple(schedule)}")
+    return counts
+
+
+class CapeHeads(nnx.Variable):
+    """A fixed bool mask `[heads]`: which heads shift their addresses by position. Not trained."""
+
+
+class RAMNetMixer(nnx.Module):
+    """x `[batch, time, d_model]`, positions int `[batch, time]` -> `[batch, time, d_model]`."""
+
+    def __init__(self, d_model: int, *, num_heads: int, num_factors: int, factor_size: int, top_k: int, d_v: int,
+                 gamma: float = 1.0, eps: float = 1e-6, grad_eps: float = 1e-3, cape_heads: int | jax.Array = 0,
+                 alpha_init: float = 0.0, output_norm: bool = False, output_gate: bool = False,
+                 short_conv: int = 0, impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+        num_slots = factor_size**num_factors
+        if top_k > num_slots:
+            raise ValueError(f"model.ramnet.top_k: must be <= M = factor_size ** num_factors = {num_slots}, "
+                             f"got {top_k}")
+        self.num_heads, self.num_factors, self.top_k, self.d_v = num_heads, num_factors, top_k, d_v
+        self.num_slots, self.gamma, self.eps, self.grad_eps, self.impl = num_slots, gamma, eps, grad_eps, impl
+        d_k = num_factors * factor_size
+        self.d_k = d_k
+        self.q_proj = dense(d_model, num_heads * d_k, "embed", "heads", dtype=dtype, rngs=rngs)
+        self.k_proj = dense(d_model, num_heads * d_k, "embed", "heads", dtype=dtype, rngs=rngs)
+        self.v_proj = dense(d_model, num_heads * d_v, "embed", "heads", dtype=dtype, rngs=rngs)
+        self.o_proj = dense(num_heads * d_v, d_model, "heads", "embed", dtype=dtype, rngs=rngs)
+        # log temperature per head, shared by W_q and W_k (w_ij = exp(alpha_h) w'_ij).
+        self.alpha = logical_param(jnp.full((num_heads,), alpha_init, jnp.float32), "heads")
+        self.cape_heads = CapeHeads(jnp.arange(num_heads) < cape_heads, out_sharding=("heads",),
+                                    eager_sharding=False)
+        self.gate_proj = (dense(d_model, num_heads * d_v, "embed", "heads", dtype=dtype, rngs=rngs)
+                          if output_gate else None)
+        # Ours, off by default (the paper has none): a short causal conv on the q, k and v projections, the
+        # token shift that Mamba-2 / Gated DeltaNet have and that recall tasks need (see configs/mqar.py).
+        self.convs = nnx.List([ShortConv(width, short_conv, activation=False, dtype=dtype, rngs=rngs)
+                               for width in (num_heads * d_k, num_heads * d_k, num_heads * d_v)]
+                              if short_conv else [])
+        norm_type = GatedRMSNorm if output_gate else RMSNorm
+        self.out_norm = norm_type(d_v, axis_name=None) if (output_norm or output_gate) else None
+
+    def _project(self, index: int, projection, x: jax.Array) -> jax.Array:
+        y = projection(x)
+        return self.convs[index](y) if self.convs else y
+
+    def addresses(self, x: jax.Array, positions: jax.Array):
+        """Sparse read and write codes (idx, val), each `[batch, time, heads, K]`, with CAPE applied."""
+        batch, seq_len, _ = x.shape
+        scale = jnp.exp(self.alpha[...])[:, None]
+        q, k = self._project(0, self.q_proj, x), self._project(1, self.k_proj, x)
+        q = q.reshape(batch, seq_len, self.num_heads, self.d_k) * scale.astype(x.dtype)
+        k = k.reshape(batch, seq_len, self.num_heads, self.d_k) * scale.astype(x.dtype)
+        read_idx, read_val = ops.product_topk(q, num_factors=self.num_factors, top_k=self.top_k)
+        write_idx, write_val = ops.product_topk(k, num_factors=self.num_factors, top_k=self.top_k)
+        shifted = self.cape_heads[...][None, None, :, None]
+        position = positions.astype(jnp.int32)[:, :, None, None]
+        read_idx = jnp.where(shifted, ops.cape_shift(read_idx, position, self.num_slots), read_idx)
+        write_idx = jnp.where(shifted, ops.cape_shift(write_idx, position, self.num_slots), write_idx)
+        return (read_idx, read_val), (write_idx, write_val)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        batch, seq_len, _ = x.shape
+        (read_idx, read_val), (write_idx, write_val) = self.addresses(x, positions)
+        v = self._project(2, self.v_proj, x).reshape(batch, seq_len, self.num_heads, self.d_v)
+        o = ops.pdma(read_idx, read_val, write_idx, write_val, v, num_slots=self.num_slots, gamma=self.gamma,
+                     eps=self.eps, grad_eps=self.grad_eps, impl=self.impl)
+        if self.gate_proj is not None:
+            o = self.out_norm(o, self.gate_proj(x).reshape(o.shape))
+        elif self.out_norm is not None:
+            o = self.out_norm(o)
+        return self.o_proj(o.reshape(batch, seq_len, -1))

@@ -1,0 +1,115 @@
+"""The language model: embeddings, pre-norm residual blocks (token mixer + SwiGLU MLP, RMSNorm), LM head.
+
+The mixer of each layer comes from `model.pattern`, repeated over the depth (a hybrid such as
+"ramnet,ramnet,ramnet,attention" gives three RAM-Net layers then one attention layer, and again). One period of
+the pattern is a `BlockGroup`; with `model.scan_layers` the groups are created stacked (nnx.vmap, a leading
+"layers" axis on every parameter) and run by nnx.scan, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ramjax.layers.axes import dense, logical_init
+from ramjax.layers.mlp import SwiGLU
+from ramjax.layers.norm import RMSNorm
+from ramjax.layers.ramnet import cape_heads_per_layer
+from ramjax.models.mixers import compute_dtype, make_mixer, parse_pattern
+
+
+def mlp_hidden(cfg) -> int:
+    """model.mlp_hidden, or (when 0) 8/3 d_model rounded up to a multiple of 8: SwiGLU at the MLP cost of 4x."""
+    if cfg.mlp_hidden:
+        return cfg.mlp_hidden
+    return -(-(8 * cfg.d_model) // 3 // 8) * 8
+
+
+def cape_schedule(cfg) -> np.ndarray:
+    """CAPE head count per layer (used by RAM-Net layers only)."""
+    schedule = cfg.ramnet.cape
+    if isinstance(schedule, str) and "," in schedule:
+        schedule = [int(c) for c in schedule.split(",")]
+    return np.asarray(cape_heads_per_layer(schedule, cfg.num_layers, cfg.num_heads), np.int32)
+
+
+class Block(nnx.Module):
+    """x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, kind: str, cfg, cape_heads, *, rngs: nnx.Rngs):
+        dtype = compute_dtype(cfg)
+        self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mixer = make_mixer(kind, cfg, cape_heads, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, mlp_hidden(cfg), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        x = x + self.mixer(self.mixer_norm(x), positions)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class BlockGroup(nnx.Module):
+    """One period of the layer pattern. `group_index` may be traced (when the groups are created stacked)."""
+
+    def __init__(self, kinds: list[str], cfg, group_index, *, rngs: nnx.Rngs):
+        cape = jnp.asarray(cape_schedule(cfg))
+        period = len(kinds)
+        self.blocks = nnx.List([
+            Block(kind, cfg, cape[group_index * period + offset], rngs=rngs) for offset, kind in enumerate(kinds)
+        ])
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        for block in self.blocks:
+            x = block(x, positions)
+        return x
+
+
+class LanguageModel(nnx.Module):
+    """tokens int `[batch, time]` (and optional positions `[batch, time]`) -> fp32 logits `[batch, time, vocab]`."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.dtype = compute_dtype(cfg)
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads"):
+            value = cfg[name]
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name}: must be a positive integer, got {value!r}")
+        layer_kinds = parse_pattern(cfg.pattern, cfg.num_layers)
+        period = len(cfg.pattern.split(","))
+        kinds, num_groups = layer_kinds[:period], cfg.num_layers // period
+        self.scan_layers, self.remat = cfg.scan_layers, cfg.remat
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs,
+                               embedding_init=logical_init(nnx.initializers.normal(1.0), "vocab", "embed"))
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=num_groups)
+            @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def create_groups(rngs, group_index):
+                return BlockGroup(kinds, cfg, group_index, rngs=rngs)
+
+            self.groups = create_groups(rngs, jnp.arange(num_groups))
+        else:
+            self.groups = nnx.List([BlockGroup(kinds, cfg, g, rngs=rngs) for g in range(num_groups)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = dense(cfg.d_model, cfg.vocab_size, "embed", "vocab", dtype=self.dtype, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        x = self.embed(tokens)
+
+        def run_group(group, x):
+            return group(x, positions)
+
+        if self.remat:
+            run_group = nnx.remat(run_group)
+        if self.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            def run_all(group, x):
+                return run_group(group, x)
+
+            x = run_all(self.groups, x)
+        else:
+            for group in self.groups:
+                x = run_group(group, x)
+        return self.lm_head(self.final_norm(x)).astype(jnp.float32)

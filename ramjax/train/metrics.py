@@ -1,0 +1,40 @@
+"""Metrics to a JSONL file and TensorBoard event files in the workdir (written by process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from ramjax.train.tensorboard import SummaryWriter
+
+
+class MetricsLog:
+    def __init__(self, workdir: str, *, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard")) if enabled else None
+
+    def write(self, step: int, metrics: dict) -> None:
+        """One JSON line {"step", "time", **metrics} and one TensorBoard scalar per metric."""
+        if not self.enabled:
+            return
+        clean = {name: (float(value) if math.isfinite(float(value)) else str(float(value)))
+                 for name, value in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        self.tensorboard.scalars({name: float(value) for name, value in metrics.items()}, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

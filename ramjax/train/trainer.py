@@ -1,0 +1,250 @@
+"""`ramjax train --config configs/mqar.py:VARIANT --workdir DIR`: the training loop, top to bottom.
+
+Rerunning the same command with the same workdir resumes from the newest checkpoint: parameters, optimizer
+state, step and data position (batches are a function of (data.seed, step)), so an interrupted run ends where an
+uninterrupted one would. The workdir holds config.json, metrics.jsonl, tensorboard/, checkpoints/ and, at the
+end, summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from ramjax.data.tasks import SyntheticTask
+from ramjax.errors import ConfigError
+from ramjax.models import LanguageModel
+from ramjax.timing import environment
+from ramjax.train import sharding
+from ramjax.train.checkpoint import Checkpoints
+from ramjax.train.metrics import MetricsLog
+from ramjax.train.optim import learning_rate_schedule, make_optimizer
+from ramjax.train.step import make_eval_step, make_train_step
+
+
+def check_config(config, task: SyntheticTask, batch_shards: int) -> None:
+    d, t = config.data, config.train
+    if config.model.vocab_size < d.vocab_size:
+        raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) must be >= data.vocab_size ({d.vocab_size})")
+    for field in ("num_steps", "log_every", "eval_every"):
+        if not isinstance(t[field], int) or t[field] < 1:
+            raise ConfigError(f"train.{field}: must be a positive integer, got {t[field]!r}")
+    for field in ("batch_size", "eval_batch_size"):
+        if d[field] < 1 or d[field] % batch_shards or d[field] % jax.process_count():
+            raise ConfigError(f"data.{field}: must be a positive multiple of the {batch_shards} batch shards and "
+                              f"the {jax.process_count()} processes, got {d[field]}")
+
+
+def _abstract_with_shardings(abstract_tree, shardings):
+    """ShapeDtypeStructs carrying their target sharding: what Orbax restores into."""
+    return jax.tree.map(
+        lambda sh, sub: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sub),
+        shardings, abstract_tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
+def _model_differences(saved: dict, current: dict, prefix: str = "model") -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    diffs = []
+    for key in keys:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _model_differences(a, b, f"{prefix}.{key}")
+        elif a != b and not (isinstance(a, list) and tuple(a) == b):
+            diffs.append(f"{prefix}.{key}: checkpoint {a!r}, now {b!r}")
+    return diffs
+
+
+class _Batches:
+    """Global batches as sharded jax.Arrays; each process contributes its own rows."""
+
+    def __init__(self, batch_sharding):
+        self.sharding = batch_sharding
+
+    def put(self, batch) -> dict:
+        rows = batch.inputs.shape[0] // jax.process_count()
+        start = jax.process_index() * rows
+        return {field: jax.make_array_from_process_local_data(self.sharding, np.asarray(value[start:start + rows]))
+                for field, value in batch._asdict().items()}
+
+
+def evaluate(eval_step, params, rest, task: SyntheticTask, batches: _Batches) -> dict:
+    """Accuracy and loss on every evaluation slice, and the mean accuracy over slices."""
+    results = {}
+    for eval_slice in task.eval_slices:
+        totals = None
+        for batch in task.eval_batches(eval_slice):
+            out = eval_step(params, rest, batches.put(batch))
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        totals = jax.device_get(totals)
+        results[f"eval/accuracy/{eval_slice.name}"] = float(totals["correct"] / max(totals["count"], 1))
+        results[f"eval/loss/{eval_slice.name}"] = float(totals["loss_sum"] / max(totals["count"], 1))
+    accuracies = [v for k, v in results.items() if k.startswith("eval/accuracy/")]
+    results["eval/accuracy/mean"] = float(np.mean(accuracies))
+    return results
+
+
+def train(config, workdir: str, *, devices=None) -> dict:
+    """Train (or resume) the run in `workdir`; returns the summary written to workdir/summary.json."""
+    wall_start = time.time()
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        task = SyntheticTask(config.task, config.data)
+        mesh = sharding.make_mesh(config.mesh, devices)
+        rules = config.mesh.rules
+        batch_sh = sharding.batch_sharding(rules, mesh)
+        check_config(config, task, sharding.num_shards(batch_sh))
+        num_steps = config.train.num_steps
+
+        def build():
+            return LanguageModel(config.model, rngs=nnx.Rngs(config.train.init_seed))
+
+        abstract_model = nnx.eval_shape(build)
+        tx = make_optimizer(config.optim, num_steps)
+        schedule = learning_rate_schedule(config.optim, num_steps)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+    graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+    abstract_state = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
+                      "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    state_sh = sharding.tree_shardings(abstract_state, rules, mesh)
+    rest_sh = sharding.tree_shardings(abstract_rest, rules, mesh)
+    replicated = sharding.replicated(mesh)
+
+    def init_state():
+        _, params, _ = nnx.split(build(), nnx.Param, ...)
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def init_rest():
+        return nnx.split(build(), nnx.Param, ...)[2]
+
+    train_step = jax.jit(make_train_step(graphdef, tx, schedule), in_shardings=(state_sh, rest_sh, batch_sh),
+                         out_shardings=(state_sh, replicated), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh["params"], rest_sh, batch_sh),
+                        out_shardings=replicated)
+    rest = jax.jit(init_rest, out_shardings=rest_sh)()
+
+    # --- state: resume from the newest checkpoint, or initialise -------------------------------------------
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+                              every=config.train.checkpoint_every)
+    config_path = os.path.join(workdir, "config.json")
+    current = json.loads(config.to_json_best_effort())
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                saved = json.load(f)
+            diffs = _model_differences(saved.get("model", {}), current["model"])
+            if diffs:
+                raise ConfigError(f"{workdir} holds a checkpoint of a different model ({'; '.join(diffs)}); use a "
+                                  "new --workdir, or the same model settings to resume")
+        state, meta = checkpoints.restore(latest, _abstract_with_shardings(abstract_state, state_sh))
+        start = int(meta["step"])
+        if is_main:
+            print(f"ramjax train: resuming {workdir} from step {start} (data position {meta['data_step']})")
+    else:
+        state = jax.jit(init_state, out_shardings=state_sh)()
+        start = 0
+    if is_main:
+        with open(config_path, "w") as f:
+            json.dump(current, f, indent=2)
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    metrics_log = MetricsLog(workdir, enabled=is_main)
+    batches = _Batches(batch_sh)
+    t = config.train
+    tokens_per_step = config.data.batch_size * (task.max_train_len if config.data.mixture == "pad" else
+                                                float(np.mean([n for _, n in task.train_settings])))
+    last_metrics, last_eval = {}, {}
+    n_params = int(sum(x.size for x in jax.tree.leaves(abstract_params)))
+    if is_main:
+        print(f"ramjax train: {config.model.pattern} model, {n_params:,} parameters, mesh "
+              f"{dict(mesh.shape)}, steps {start}..{num_steps}, workdir {workdir}")
+    progress = tqdm(total=num_steps, initial=start, disable=not (t.progress and is_main), unit="step",
+                    dynamic_ncols=True, desc="train")
+    step, interval_start, interval_steps, train_seconds = start, time.time(), 0, 0.0
+
+    def meta_for(step):
+        return {"step": step, "data_step": step, "data_seed": config.data.seed,
+                "init_seed": config.train.init_seed}
+
+    try:
+        for step in range(start, num_steps):
+            state, metrics = train_step(state, rest, batches.put(task.train_batch(step)))
+            interval_steps += 1
+            done = step + 1
+            if done % t.log_every == 0 or done == num_steps:
+                metrics = jax.device_get(metrics)
+                elapsed = time.time() - interval_start
+                train_seconds += elapsed
+                last_metrics = {name: float(value) for name, value in metrics.items()}
+                last_metrics["tokens_per_s"] = interval_steps * tokens_per_step / max(elapsed, 1e-9)
+                last_metrics["steps_per_s"] = interval_steps / max(elapsed, 1e-9)
+                metrics_log.write(done, {f"train/{k}": v for k, v in last_metrics.items()})
+                progress.set_postfix(loss=f"{last_metrics['loss']:.3f}", acc=f"{last_metrics['accuracy']:.3f}",
+                                     tok_s=f"{last_metrics['tokens_per_s']:.0f}")
+            if done % t.eval_every == 0 or done == num_steps:
+                last_eval = evaluate(eval_step, state["params"], rest, task, batches)
+                metrics_log.write(done, last_eval)
+                if is_main:
+                    progress.write(f"step {done}: eval accuracy mean {last_eval['eval/accuracy/mean']:.3f} " +
+                                   " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in last_eval.items()
+                                            if k.startswith("eval/accuracy/") and not k.endswith("/mean")))
+            checkpoints.save(done, state, meta_for(done))
+            progress.update(1)
+            if done % t.log_every == 0:
+                interval_start, interval_steps = time.time(), 0
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what was trained. `state` is the state after the last completed step.
+        completed = int(jax.device_get(state["step"]))
+        if checkpoints.latest_step() != completed:  # not saved already (an interrupt just after a checkpoint)
+            checkpoints.save(completed, state, meta_for(completed), force=True)
+        checkpoints.wait()
+        progress.close()
+        print(f"\nramjax train: interrupted; saved step {completed} in {workdir}; rerun the command to resume")
+        raise SystemExit(130) from None
+    progress.close()
+    if checkpoints.latest_step() != num_steps:
+        checkpoints.save(num_steps, state, meta_for(num_steps), force=True)
+    checkpoints.wait()
+    checkpoints.close()
+    metrics_log.close()
+
+    if not last_eval and start >= num_steps:
+        last_eval = evaluate(eval_step, state["params"], rest, task, batches)
+    summary = {
+        "status": "finished",
+        "workdir": os.path.abspath(workdir),
+        "model": config.model.pattern,
+        "parameters": n_params,
+        "steps": num_steps,
+        "resumed_from": start,
+        "train": last_metrics,
+        "eval": last_eval,
+        "wall_s": time.time() - wall_start,
+        "train_s_this_session": train_seconds,
+        "environment": environment(),
+        "command": " ".join(sys.argv),
+    }
+    if is_main:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"ramjax train: finished {num_steps} steps in {summary['wall_s']:.0f} s; eval accuracy mean "
+              f"{last_eval.get('eval/accuracy/mean', float('nan')):.3f}; summary {workdir}/summary.json")
+    return summary
+
+
+def main(config, workdir: str | None = None) -> None:
+    if not workdir:
+        raise ConfigError("--workdir is required: the directory for checkpoints, metrics and the summary "
+                          "(rerun with the same --workdir to resume)")
+    train(config, workdir)

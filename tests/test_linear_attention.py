@@ -1,0 +1,321 @@
+"""Plain gated recurrences: dense == recurrent == chunked (outputs, final states, gradients) against float64,
+state hand-over, the step functions, strong decays, bf16, argument checks, and the log-linear ops at lambda = 1."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numerics import rel_rms
+
+from ramjax.ops import (
+    gated_delta_rule,
+    gated_delta_rule_step,
+    gated_linear_attention,
+    gated_linear_attention_step,
+    loglinear_attention,
+    loglinear_gated_delta,
+    num_levels,
+)
+
+OPS = {"gla": gated_linear_attention, "delta": gated_delta_rule}
+STEPS = {"gla": gated_linear_attention_step, "delta": gated_delta_rule_step}
+# (op, gate shape): the scalar gate per head (Mamba-2 / SSD), the per-key-dimension gate (GLA), Gated DeltaNet.
+CASES = [("gla", "scalar"), ("gla", "per_dim"), ("delta", "scalar")]
+CASE_IDS = ["gla-scalar", "gla-per_dim", "delta"]
+REFERENCE = {"gla": "dense", "delta": "recurrent"}
+
+
+# Every test draws from these shapes, so the few executables it needs are compiled once for the whole file:
+# with sizes this small, XLA's compile time, not the arithmetic, is what the tests cost.
+BATCH, HEADS, D_K, D_V = 2, 3, 5, 7
+CHUNK = {1: 16, 37: 16, 130: 32}  # sizes that do not divide the lengths: 1 -> 16, 37 = 2 * 16 + 5, 130 = 4 * 32 + 2
+
+
+def random_inputs(seed, seq_len, *, op="gla", gate="scalar", decay=(0.0, 0.5)):
+    """(inputs, initial_state): inputs (q, k, v, log_decay) and, for the delta rule, beta with unit-norm keys."""
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    q, k = normal(BATCH, seq_len, HEADS, D_K), normal(BATCH, seq_len, HEADS, D_K)
+    v = normal(BATCH, seq_len, HEADS, D_V)
+    gate_shape = (BATCH, seq_len, HEADS) + ((D_K,) if gate == "per_dim" else ())
+    log_decay = -jnp.asarray(rng.uniform(*decay, size=gate_shape), jnp.float32)
+    state = normal(BATCH, HEADS, D_K, D_V)
+    if op == "gla":
+        return (q, k, v, log_decay), state
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    beta = jnp.asarray(rng.uniform(0.0, 1.0, size=(BATCH, seq_len, HEADS)), jnp.float32)
+    return (q, k, v, log_decay, beta), state
+
+
+def names(op):
+    return ("q", "k", "v", "log_decay") + (("beta",) if op == "delta" else ()) + ("initial_state",)
+
+
+# And compiled like this, XLA CPU spends about a quarter of its default compile time on them.
+quick_jit = functools.partial(
+    jax.jit, compiler_options={"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+)
+
+
+@functools.partial(quick_jit, static_argnames=("op", "impl", "chunk_size"))
+def _outputs_state_grads(inputs, initial_state, cotangents, *, op, impl, chunk_size):
+    def fn(*args):
+        *inputs, state = args
+        return OPS[op](*inputs, impl=impl, chunk_size=chunk_size, initial_state=state, return_final_state=True)
+
+    out, pullback = jax.vjp(fn, *inputs, initial_state)
+    return out, pullback(cotangents)
+
+
+def run(inputs, initial_state, cotangents=None, *, op, impl, chunk_size=16):
+    """((o, final_state), gradients of <cotangents, (o, final_state)> for inputs + (initial_state,))."""
+    inputs = tuple(inputs)  # a list would be another pytree, so another compile
+    if cotangents is None:
+        q, v = inputs[0], inputs[2]
+        state_dtype = jnp.result_type(jnp.float32, *(a.dtype for a in inputs))
+        cotangents = (jnp.zeros_like(v), jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), state_dtype))
+    return _outputs_state_grads(inputs, initial_state, cotangents, op=op, impl=impl, chunk_size=chunk_size)
+
+
+def forward(inputs, initial_state, **kwargs):
+    """(o, final_state) through the same executables as `run`."""
+    return run(inputs, initial_state, **kwargs)[0]
+
+
+@functools.partial(quick_jit, static_argnames=("op", "impl", "chunk_size"))
+def forward_only(inputs, initial_state, *, op, impl, chunk_size=16):
+    """(o, final_state) alone, for shapes or dtypes no other test uses: a forward pass compiles faster than a vjp."""
+    return OPS[op](*inputs, impl=impl, chunk_size=chunk_size, initial_state=initial_state, return_final_state=True)
+
+
+def float64(fn, *args, **kwargs):
+    """fn on float64 copies of the array arguments, with 64-bit JAX switched on; returns NumPy arrays."""
+    with jax.enable_x64(True):
+        args = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), args)
+        return jax.tree.map(np.asarray, fn(*args, **kwargs))
+
+
+@pytest.mark.parametrize("op,gate", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("seq_len", [1, 37, 130])
+def test_impls_agree_with_float64_reference(op, gate, seq_len):
+    inputs, state = random_inputs(seq_len, seq_len, op=op, gate=gate)
+    rng = np.random.default_rng(seq_len + 1)
+    cotangents = (
+        jnp.asarray(rng.normal(size=(BATCH, seq_len, HEADS, D_V)), jnp.float32),
+        jnp.asarray(rng.normal(size=(BATCH, HEADS, D_K, D_V)), jnp.float32),
+    )
+    (want_o, want_state), want_grads = float64(run, inputs, state, cotangents, op=op, impl=REFERENCE[op])
+    assert want_o.dtype == np.float64
+    # (float32 dense, itself a reference, is checked against a NumPy loop and in the continuation test.)
+    for impl in ("recurrent", "chunked"):
+        (o, final), grads = run(inputs, state, cotangents, op=op, impl=impl, chunk_size=CHUNK[seq_len])
+        assert o.dtype == jnp.float32 and final.dtype == jnp.float32
+        assert final.shape == (BATCH, HEADS, D_K, D_V)
+        assert rel_rms(o, want_o) < 1e-4, impl
+        assert rel_rms(final, want_state) < 1e-4, impl
+        for name, got, want in zip(names(op), grads, want_grads, strict=True):
+            assert got.shape == want.shape, (impl, name)
+            assert rel_rms(got, want) < 1e-4, (impl, name)
+
+
+@pytest.mark.parametrize("op,gate", CASES, ids=CASE_IDS)
+def test_references_equal_float64_loop(op, gate):
+    """The float64 references themselves (GLA dense, delta recurrent) against the recurrence in NumPy."""
+    inputs, state = random_inputs(3, 37, op=op, gate=gate)
+    q, k, v, a, *beta = (np.asarray(x, np.float64) for x in inputs)
+    s = np.asarray(state, np.float64)
+    want = np.zeros_like(v)
+    for t in range(37):
+        decay = np.exp(a[:, t])[..., None] if gate == "per_dim" else np.exp(a[:, t])[..., None, None]
+        if op == "gla":
+            s = decay * s + k[:, t, :, :, None] * v[:, t, :, None, :]
+        else:
+            b = beta[0][:, t, :, None, None]
+            s = decay * (s - b * k[:, t, :, :, None] * np.einsum("bhk,bhkv->bhv", k[:, t], s)[:, :, None, :])
+            s = s + b * k[:, t, :, :, None] * v[:, t, :, None, :]
+        want[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], s)
+    o, final = float64(forward, inputs, state, op=op, impl=REFERENCE[op])
+    assert rel_rms(o, want) < 1e-12 and rel_rms(final, s) < 1e-12
+
+
+@pytest.mark.parametrize("op,gate", CASES, ids=CASE_IDS)
+def test_continuing_from_a_state_equals_one_pass(op, gate):
+    """37 tokens with return_final_state, then 37 more from that state, == 74 at once (in float64)."""
+    inputs, state = random_inputs(10, 74, op=op, gate=gate)
+    want_o, want_state = float64(forward_only, tuple(inputs), state, op=op, impl=REFERENCE[op])
+    o1, mid = forward([a[:, :37] for a in inputs], state, op=op, impl="chunked")
+    for impl in ("recurrent", "chunked"):
+        o2, final = forward([a[:, 37:] for a in inputs], mid, op=op, impl=impl)
+        assert rel_rms(jnp.concatenate([o1, o2], axis=1), want_o) < 1e-5, impl
+        assert rel_rms(final, want_state) < 1e-5, impl
+
+
+@pytest.mark.parametrize("op,gate", CASES, ids=CASE_IDS)
+def test_steps_equal_recurrent(op, gate):
+    inputs, state = random_inputs(11, 37, op=op, gate=gate)
+    want_o, want_state = forward(inputs, state, op=op, impl="recurrent")
+    step = jax.jit(STEPS[op])
+    outputs = []
+    for t in range(37):
+        o_t, state = step(state, *(a[:, t] for a in inputs))
+        outputs.append(o_t)
+    assert rel_rms(jnp.stack(outputs, axis=1), want_o) < 1e-6
+    assert rel_rms(state, want_state) < 1e-6
+
+
+@pytest.mark.parametrize("op,gate", CASES, ids=CASE_IDS)
+def test_padding_tokens_change_nothing(op, gate):
+    """Tokens with q = k = v = 0 and log decay 0 (what impl='chunked' pads with) leave outputs and state alone."""
+    inputs, state = random_inputs(12, 37, op=op, gate=gate)
+    padded = [jnp.concatenate([a, jnp.zeros((BATCH, 93, *a.shape[2:]), a.dtype)], axis=1) for a in inputs]
+    o, final = forward(inputs, state, op=op, impl="chunked", chunk_size=CHUNK[37])
+    o_padded, final_padded = forward(padded, state, op=op, impl="chunked", chunk_size=CHUNK[130])
+    np.testing.assert_allclose(o_padded[:, :37], o, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(final_padded, final, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op,gate", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("mixed", [False, True], ids=["strong", "mixed"])
+def test_strong_decays_stay_finite(op, gate, mixed):
+    """Log decays of -15 to -25 per token (summing to about -2600), alone or mixed with weak ones: no inf or nan,
+    and the float64 reference's outputs, state and gradients.
+
+    One allowance, for the delta rule: where every decay is strong, the log-decay gradient is itself tiny (about
+    exp(-20) times the others), and the WY pieces it shares with `loglinear_gated_delta` take the in-chunk log
+    decays as differences of cumulative sums, diagonal included, so that this gradient holds order-one terms
+    that cancel and its error is float32 rounding on the scale of the other gradients; it is compared on their
+    scale. (Gated linear attention keeps the s = t terms constant and needs no allowance.)
+    """
+    inputs, state = random_inputs(13, 130, op=op, gate=gate, decay=(15.0, 25.0))
+    if mixed:
+        weak = jnp.asarray(np.random.default_rng(14).random(inputs[3].shape) < 0.3)
+        inputs = (*inputs[:3], jnp.where(weak, inputs[3] * 1e-3, inputs[3]), *inputs[4:])
+    cotangents = (jnp.ones((BATCH, 130, HEADS, D_V)), jnp.ones((BATCH, HEADS, D_K, D_V)))
+    (want_o, want_state), want_grads = float64(run, inputs, state, cotangents, op=op, impl=REFERENCE[op])
+    (o, final), grads = run(inputs, state, cotangents, op=op, impl="chunked", chunk_size=CHUNK[130])
+    scale = np.sqrt(np.mean(want_grads[0] ** 2))  # of the q gradient
+    for name, got, want in zip(("o", "final_state") + names(op), (o, final, *grads), (want_o, want_state, *want_grads)):
+        assert bool(jnp.all(jnp.isfinite(got))), name
+        if name == "log_decay" and op == "delta" and not mixed:
+            assert np.sqrt(np.mean((np.asarray(got) - want) ** 2)) < 1e-6 * scale
+        else:
+            assert rel_rms(got, want) < 1e-4, name
+
+
+@pytest.mark.parametrize("op,gate", CASES, ids=CASE_IDS)
+def test_bf16_inputs_give_bf16_outputs(op, gate):
+    inputs, state = random_inputs(15, 37, op=op, gate=gate)
+    low = tuple(a.astype(jnp.bfloat16) for a in inputs)
+    want_o, want_state = forward([a.astype(jnp.float32) for a in low], state, op=op, impl="recurrent")
+    o, final = forward_only(low, state, op=op, impl="chunked")
+    assert o.dtype == jnp.bfloat16 and final.dtype == jnp.float32
+    assert rel_rms(o, want_o) < 1e-2 and rel_rms(final, want_state) < 1e-5
+    o_t, state_t = jax.eval_shape(STEPS[op], state, *(a[:, 0] for a in low))
+    assert o_t.dtype == jnp.bfloat16 and state_t.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("op", ["gla", "delta"])
+@pytest.mark.parametrize("seq_len", [1, 37])
+def test_auto_picks_recurrent_for_one_token_else_chunked(seq_len, op):
+    inputs, state = random_inputs(16, seq_len, op=op)
+
+    def trace(impl):
+        fn = functools.partial(OPS[op], impl=impl, chunk_size=16, initial_state=state, return_final_state=True)
+        return str(jax.make_jaxpr(fn)(*inputs))
+
+    assert trace("auto") == trace("recurrent" if seq_len == 1 else "chunked")
+
+
+def test_scalar_gate_is_loglinear_attention_with_unit_level_weights():
+    (q, k, v, a), _ = random_inputs(17, 37)
+    weights = jnp.ones((BATCH, 37, HEADS, num_levels(37)))
+    loglinear = quick_jit(functools.partial(loglinear_attention, impl="chunked", chunk_size=16, return_final_state=True))
+    want_o, want_state = loglinear(q, k, v, a, weights)
+    o, final = forward((q, k, v, a), jnp.zeros((BATCH, HEADS, D_K, D_V)), op="gla", impl="chunked")
+    assert rel_rms(o, want_o) < 1e-5
+    assert rel_rms(final, jnp.sum(want_state.levels, axis=2)) < 1e-5  # lambda = 1: the levels add up
+
+
+def test_gated_delta_rule_is_loglinear_gated_delta_with_unit_level_weights():
+    inputs, _ = random_inputs(18, 37, op="delta")
+    weights = jnp.ones((BATCH, 37, HEADS, num_levels(37)))
+    loglinear = quick_jit(functools.partial(loglinear_gated_delta, impl="chunked", chunk_size=16, return_final_state=True))
+    want_o, want_state = loglinear(*inputs, weights)
+    o, final = forward(inputs, jnp.zeros((BATCH, HEADS, D_K, D_V)), op="delta", impl="chunked")
+    assert rel_rms(o, want_o) < 1e-5
+    assert rel_rms(final, jnp.sum(want_state.levels, axis=2)) < 1e-5
+
+
+@pytest.mark.parametrize("op", ["gla", "delta"])
+@pytest.mark.parametrize("impl", ["recurrent", "chunked"])
+def test_no_initial_state_is_a_zero_state(op, impl):
+    inputs, _ = random_inputs(19, 37, op=op)
+    want_o, want_state = forward(inputs, jnp.zeros((BATCH, HEADS, D_K, D_V)), op=op, impl=impl)
+    o, final = forward_only(inputs, None, op=op, impl=impl)
+    np.testing.assert_array_equal(o, want_o)
+    np.testing.assert_array_equal(final, want_state)
+
+
+def _gla_args():
+    (q, k, v, a), _ = random_inputs(0, 8)  # q, k [2, 8, 3, 5], v [2, 8, 3, 7], log_decay [2, 8, 3]
+    return {"q": q, "k": k, "v": v, "log_decay": a}
+
+
+@pytest.mark.parametrize(
+    "change,kwargs,needle",
+    [
+        ({"q": jnp.zeros((2, 8, 5))}, {}, r"q: expected shape \[batch, time, heads, d_k\]"),
+        ({"q": jnp.zeros((2, 8, 3, 5), jnp.int32)}, {}, "q: expected a floating dtype"),
+        ({"k": jnp.zeros((2, 8, 3, 4))}, {}, "k: expected shape"),
+        ({"v": jnp.zeros((2, 7, 3, 7))}, {}, "v: expected shape"),
+        ({"log_decay": jnp.zeros((2, 8, 2))}, {}, r"log_decay: expected shape .* or \[batch, time, heads, d_k\]"),
+        ({"log_decay": jnp.zeros((2, 8, 3, 4))}, {}, "log_decay: expected shape"),
+        ({"log_decay": jnp.full((2, 8, 3), 0.1)}, {}, "log_decay: log decays must be <= 0"),
+        ({"log_decay": jnp.zeros((2, 8, 3), jnp.int32)}, {}, "log_decay: expected a floating dtype"),
+        (
+            {"q": jnp.zeros((2, 0, 3, 5)), "k": jnp.zeros((2, 0, 3, 5)), "v": jnp.zeros((2, 0, 3, 7)),
+             "log_decay": jnp.zeros((2, 0, 3))},
+            {},
+            "q: the time dimension is empty",
+        ),
+        ({}, {"impl": "fast"}, "impl: must be one of"),
+        ({}, {"chunk_size": 0}, "chunk_size: must be a positive integer"),
+        ({}, {"chunk_size": 16.0}, "chunk_size: must be a positive integer"),
+        ({}, {"chunk_size": True}, "chunk_size: must be a positive integer"),
+        ({}, {"initial_state": jnp.zeros((2, 3, 4, 7))}, r"initial_state: expected shape \[batch, heads, d_k, d_v\]"),
+        ({}, {"initial_state": jnp.zeros((2, 3, 5, 7), jnp.int32)}, "initial_state: expected a floating dtype"),
+    ],
+)
+def test_gla_rejects_bad_arguments(change, kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        gated_linear_attention(**{**_gla_args(), **change}, **kwargs)
+
+
+def test_delta_rejects_bad_arguments():
+    (q, k, v, a, beta), _ = random_inputs(0, 8, op="delta")
+    with pytest.raises(ValueError, match="impl: must be one of"):
+        gated_delta_rule(q, k, v, a, beta, impl="dense")
+    with pytest.raises(ValueError, match="beta: expected shape"):
+        gated_delta_rule(q, k, v, a, beta[..., :1])
+    with pytest.raises(ValueError, match=r"log_decay: expected shape \[batch, time, heads\] = \(2, 8, 3\), got"):
+        gated_delta_rule(q, k, v, jnp.zeros((2, 8, 3, 5)), beta)
+    with pytest.raises(ValueError, match="log_decay: log decays must be <= 0"):
+        gated_delta_rule(q, k, v, -a + 0.1, beta)
+
+
+def test_steps_reject_bad_arguments():
+    (q, k, v, a, beta), state = random_inputs(0, 8, op="delta")
+    q, k, v, a, beta = (x[:, 0] for x in (q, k, v, a, beta))
+    with pytest.raises(ValueError, match="state: expected shape"):
+        gated_linear_attention_step(state[..., :2], q, k, v, a)
+    with pytest.raises(ValueError, match="log_decay: expected shape"):
+        gated_linear_attention_step(state, q, k, v, a[..., None])
+    with pytest.raises(ValueError, match="beta: expected shape"):
+        gated_delta_rule_step(state, q, k, v, a, beta[:, :1])
+    with pytest.raises(ValueError, match=r"q: expected shape \[batch, heads, d_k\]"):
+        gated_delta_rule_step(state, q[None], k, v, a, beta)
