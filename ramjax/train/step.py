@@ -38,7 +38,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule):
         metrics = {
             "loss": loss,
             "accuracy": correct / jnp.maximum(count, 1.0),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state["step"]),
         }
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics

@@ -1,0 +1,255 @@
+"""The token mixers and the language model: causality, the CAPE schedule, the layer pattern, scanning over
+layers (same function, constant trace size), logical axis names on every parameter, and RAM-Net's temperature."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from numerics import rel_rms
+from tiny import tiny_config
+
+from ramjax.models import MIXERS, LanguageModel
+from ramjax.models.lm import cape_schedule
+from ramjax.models.mixers import make_mixer, parse_pattern
+from ramjax.layers.ramnet import cape_heads_per_layer
+
+SEQ_LEN, CUT = 37, 17  # 37: not a multiple of the chunk size 8, so the chunked kernels pad
+LOGICAL_NAMES = {"embed", "heads", "mlp", "vocab", "layers", "levels", "decay_mlp", None}
+
+
+def model_config(pattern="ramnet", **overrides):
+    m = tiny_config().model
+    m.pattern = pattern
+    for name, value in overrides.items():
+        m[name] = value
+    return m
+
+
+def positions_for(x):
+    return jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+
+
+def run_mixer(module):
+    """A jitted `x -> module(x, positions)` (one compilation for the two calls each test makes)."""
+    graphdef, state = nnx.split(module)
+
+    @jax.jit
+    def run(state, x):
+        return nnx.merge(graphdef, state)(x, positions_for(x))
+
+    return lambda x: run(state, x)
+
+
+def run_model(model):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, tokens):
+        return nnx.merge(graphdef, state)(tokens)
+
+    return lambda tokens: run(state, tokens)
+
+
+def assert_causal(before, after, cut=CUT):
+    before, after = np.asarray(before), np.asarray(after)
+    assert np.abs(after[:, : cut + 1] - before[:, : cut + 1]).max() < 1e-5, "the past saw the future"
+    assert np.abs(after[:, cut + 1 :] - before[:, cut + 1 :]).max() > 1e-3, "the perturbation changed nothing"
+
+
+# --- causality ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+def test_every_mixer_is_causal(kind):
+    cfg = model_config()
+    mixer = run_mixer(make_mixer(kind, cfg, 1, rngs=nnx.Rngs(0)))  # RAM-Net: head 0 uses CAPE, head 1 not
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, SEQ_LEN, cfg.d_model)).astype(np.float32)
+    perturbed = x.copy()
+    perturbed[:, CUT + 1 :] += rng.normal(size=perturbed[:, CUT + 1 :].shape)
+    before, after = mixer(jnp.asarray(x)), mixer(jnp.asarray(perturbed))
+    assert before.shape == x.shape and np.isfinite(np.asarray(before)).all()
+    assert_causal(before, after)
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    """A 4-layer "ramnet,attention" model with scan_layers (two stacked groups), its config and its jitted forward."""
+    cfg = model_config("ramnet,attention", num_layers=4)
+    cfg.ramnet.cape = "1,0,0,0"  # CAPE on one head of the first RAM-Net layer, absolute addresses in the other
+    model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+    return cfg, model, run_model(model)
+
+
+def test_language_model_is_causal(hybrid):
+    cfg, _, forward = hybrid
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, cfg.vocab_size, size=(2, SEQ_LEN))
+    perturbed = tokens.copy()
+    perturbed[:, CUT + 1 :] = rng.integers(0, cfg.vocab_size, size=perturbed[:, CUT + 1 :].shape)
+    assert_causal(forward(jnp.asarray(tokens)), forward(jnp.asarray(perturbed)))
+
+
+# --- the CAPE schedule and the layer pattern -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "schedule,layers,heads,expected",
+    [
+        ("paper", 10, 4, [4, 4, 4, 4, 2, 2, 2, 2, 0, 0]),
+        ("paper", 2, 3, [3, 3]),
+        ("half", 3, 3, [2, 2, 2]),
+        ("half", 2, 4, [2, 2]),
+        ("all", 2, 4, [4, 4]),
+        ("none", 3, 4, [0, 0, 0]),
+        ([1, 0, 2], 3, 2, [1, 0, 2]),
+    ],
+)
+def test_cape_schedules(schedule, layers, heads, expected):
+    assert cape_heads_per_layer(schedule, layers, heads) == expected
+
+
+@pytest.mark.parametrize(
+    "schedule,layers,heads",
+    [("halves", 2, 2), ("", 2, 2), ([1, 1], 3, 2), ([3, 0], 2, 2), ([-1, 0], 2, 2)],
+)
+def test_cape_schedule_rejects_bad_values(schedule, layers, heads):
+    with pytest.raises(ValueError, match="model.ramnet.cape"):
+        cape_heads_per_layer(schedule, layers, heads)
+
+
+def test_cape_schedule_from_the_config():
+    cfg = model_config(num_layers=2)
+    cfg.ramnet.cape = "half"
+    assert list(cape_schedule(cfg)) == [1, 1]
+    cfg = model_config(num_layers=3)
+    cfg.ramnet.cape = "2,0,1"
+    assert list(cape_schedule(cfg)) == [2, 0, 1]
+    cfg.ramnet.cape = "2,0"
+    with pytest.raises(ValueError, match="model.ramnet.cape"):
+        cape_schedule(cfg)
+
+
+def test_parse_pattern():
+    assert parse_pattern("ramnet,ramnet,ramnet,attention", 8) == ["ramnet"] * 3 + ["attention"] + ["ramnet"] * 3 + [
+        "attention"]
+    assert parse_pattern(" gla , attention ", 4) == ["gla", "attention"] * 2
+    assert parse_pattern("mamba2", 3) == ["mamba2"] * 3
+    for bad in ("", "ramnet,transformer", ",", "ramnet;attention"):
+        with pytest.raises(ValueError, match="model.pattern"):
+            parse_pattern(bad, 4)
+    with pytest.raises(ValueError, match="model.num_layers"):
+        parse_pattern("ramnet,ramnet,ramnet,attention", 6)
+
+
+def test_language_model_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="model.num_heads"):
+        LanguageModel(model_config(num_heads=0), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="model.pattern"):
+        LanguageModel(model_config("ramnet,lstm"), rngs=nnx.Rngs(0))
+
+
+# --- scanning over layers --------------------------------------------------------------------------------------
+
+
+def unstack_into(list_model, scanned_model):
+    """Copy the stacked parameters of a scan_layers model into the per-group modules of a list model."""
+    flat = {}
+    for path, variable in nnx.to_flat_state(nnx.state(scanned_model)):
+        if path[0] == "groups":
+            for g in range(variable.get_value().shape[0]):
+                flat[("groups", g) + path[1:]] = variable.get_value()[g]
+        else:
+            flat[path] = variable.get_value()
+    target = nnx.state(list_model)
+    paths = {path for path, _ in nnx.to_flat_state(target)}
+    assert paths == set(flat), paths ^ set(flat)
+    for path, variable in nnx.to_flat_state(target):
+        assert variable.get_value().shape == flat[path].shape, path
+        variable.set_value(flat[path])
+    nnx.update(list_model, target)
+
+
+def test_hybrid_model_with_and_without_scan_computes_the_same_function(hybrid):
+    cfg, scanned, forward = hybrid
+    cfg = cfg.copy_and_resolve_references()
+    cfg.scan_layers = False
+    unrolled = LanguageModel(cfg, rngs=nnx.Rngs(1))
+    unstack_into(unrolled, scanned)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, size=(2, SEQ_LEN)))
+    a, b = forward(tokens), run_model(unrolled)(tokens)
+    assert a.shape == b.shape == (2, SEQ_LEN, cfg.vocab_size) and a.dtype == jnp.float32
+    assert np.isfinite(np.asarray(a)).all()
+    assert rel_rms(b, a) < 1e-5
+
+
+def forward_jaxpr_size(cfg) -> int:
+    model = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+
+    def forward(state, tokens):
+        return nnx.merge(graphdef, state)(tokens)
+
+    return len(jax.make_jaxpr(forward)(state, jnp.zeros((2, 16), jnp.int32)).jaxpr.eqns)
+
+
+def test_scanned_trace_does_not_grow_with_depth():
+    sizes = {}
+    for scan in (True, False):
+        for layers in (2, 6):
+            sizes[scan, layers] = forward_jaxpr_size(model_config("ramnet,attention", num_layers=layers,
+                                                                  scan_layers=scan))
+    assert abs(sizes[True, 6] - sizes[True, 2]) <= 4, sizes
+    assert sizes[False, 6] > sizes[False, 2] + 20, sizes
+
+
+# --- logical axis names ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", MIXERS + ("loglinear-gated_deltanet", "loglinear-linear", "loglinear-fixed"))
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "list"])
+def test_every_parameter_has_logical_axis_names(kind, scan):
+    cfg = model_config(kind.split("-")[0], scan_layers=scan)
+    if kind == "loglinear-gated_deltanet":
+        cfg.loglinear.base = "gated_deltanet"
+    elif kind.startswith("loglinear-"):
+        cfg.loglinear.mode = kind.split("-")[1]
+    model = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))
+    params = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert len(params) > 5
+    for path, variable in nnx.to_flat_state(nnx.state(model)):
+        names = variable.get_metadata().get("out_sharding")
+        shape = variable.get_value().shape
+        assert names is not None and len(names) == len(shape), (path, names, shape)
+        assert set(names) <= LOGICAL_NAMES, (path, names)
+        # Scanned groups stack their parameters on a leading "layers" axis; nothing else has one.
+        assert (names[0] == "layers") == (scan and path[0] == "groups"), (path, names)
+
+
+# --- RAM-Net's temperature -------------------------------------------------------------------------------------
+
+
+def test_ramnet_alpha_scales_the_address_projections():
+    cfg = model_config()
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 16, cfg.d_model)), jnp.float32)
+    positions = positions_for(x)
+
+    def addresses(alpha, kernel_scale=1.0):
+        mixer = make_mixer("ramnet", cfg, 0, rngs=nnx.Rngs(3))
+        mixer.alpha.set_value(jnp.full_like(mixer.alpha.get_value(), alpha))
+        for proj in (mixer.q_proj, mixer.k_proj):
+            proj.kernel.set_value(proj.kernel.get_value() * kernel_scale)
+        return mixer.addresses(x, positions)
+
+    (_, read0), (_, write0) = addresses(0.0)
+    (read_idx, read), (write_idx, write) = addresses(1.5)
+    # Sharper: the top slot's weight grows, for reads and writes.
+    assert float(read[..., 0].mean()) > float(read0[..., 0].mean()) + 0.05
+    assert float(write[..., 0].mean()) > float(write0[..., 0].mean()) + 0.05
+    # And exactly a scale on W_q and W_k: alpha = 0 with the kernels times e^1.5 gives the same codes (the
+    # optional short conv after the projections is linear, with a zero bias at initialisation).
+    (ref_read_idx, ref_read), (ref_write_idx, ref_write) = addresses(0.0, np.exp(1.5))
+    np.testing.assert_array_equal(read_idx, ref_read_idx)
+    np.testing.assert_array_equal(write_idx, ref_write_idx)
+    assert rel_rms(read, ref_read) < 1e-5 and rel_rms(write, ref_write) < 1e-5

@@ -1,0 +1,227 @@
+"""The training loop end to end on tiny configs: every model variant trains and writes its outputs, the loss
+falls, an interrupted run resumes to the same parameters, a changed model is refused, the CLI needs --workdir,
+and a step on an 8-device (data, fsdp, tensor) mesh equals the step on one device."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from numerics import rel_rms
+from tiny import MQAR, tiny_config
+
+from ramjax.data.tasks import SyntheticTask
+from ramjax.errors import ConfigError
+from ramjax.train.checkpoint import Checkpoints
+from ramjax.train.metrics import read_metrics
+from ramjax.train.tensorboard import read_scalars
+from ramjax.train.trainer import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SLICES = ("kv2_len32", "kv4_len32")
+
+
+def config_for(variant, steps, **train_fields):
+    config = tiny_config(variant, steps=steps)
+    # Evaluation slices of one length: one compilation of the evaluation step.
+    config.data.eval_settings = "2:32,4:32"
+    for name, value in train_fields.items():
+        config.train[name] = value
+    return config
+
+
+def restore_final(workdir):
+    """(params as a nested dict of numpy arrays, meta) of the newest checkpoint in `workdir`."""
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=2, every=1)
+    step = checkpoints.latest_step()
+    state, meta = checkpoints.restore(step, None)
+    checkpoints.close()
+    return state, meta
+
+
+def assert_trees_equal(a, b):
+    leaves_a, leaves_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [path for path, _ in leaves_a] == [path for path, _ in leaves_b]
+    for (path, x), (_, y) in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("variant", MQAR.MODEL_VARIANTS)
+def test_every_model_variant_trains_and_writes_its_outputs(variant, tmp_path):
+    summary = train(config_for(variant, steps=2), str(tmp_path))
+    assert summary["status"] == "finished" and summary["steps"] == 2 and summary["resumed_from"] == 0
+    assert np.isfinite(summary["train"]["loss"]) and summary["train"]["loss"] > 0
+    assert np.isfinite(summary["train"]["grad_norm"]) and summary["train"]["grad_norm"] > 0
+    with open(tmp_path / "summary.json") as f:
+        written = json.load(f)
+    assert written["train"]["loss"] == summary["train"]["loss"]
+    expected_eval = {f"eval/{m}/{s}" for m in ("accuracy", "loss") for s in SLICES} | {"eval/accuracy/mean"}
+    assert set(written["eval"]) == expected_eval
+    for name, value in written["eval"].items():
+        assert np.isfinite(value) and (0 <= value <= 1 or "/loss/" in name), name
+    assert written["eval"]["eval/accuracy/mean"] == pytest.approx(
+        np.mean([written["eval"][f"eval/accuracy/{s}"] for s in SLICES]))
+
+    lines = read_metrics(str(tmp_path))
+    assert [line["step"] for line in lines if "train/loss" in line] == [1, 2]
+    assert [line["step"] for line in lines if "eval/accuracy/mean" in line] == [2]
+    scalars = read_scalars(tmp_path / "tensorboard")
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2]
+    assert scalars["train/loss"][-1][1] == pytest.approx(summary["train"]["loss"], rel=1e-6)
+    for s in SLICES:
+        assert scalars[f"eval/accuracy/{s}"] == [(2, pytest.approx(written["eval"][f"eval/accuracy/{s}"]))]
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["model"]["pattern"] == summary["model"]
+    state, meta = restore_final(str(tmp_path))
+    assert meta["step"] == 2 and int(state["step"]) == 2
+
+
+def test_loss_falls(tmp_path):
+    config = config_for("transformer", steps=50, eval_every=50)
+    config.optim.learning_rate = 1e-2
+    train(config, str(tmp_path))
+    losses = [line["train/loss"] for line in read_metrics(str(tmp_path)) if "train/loss" in line]
+    assert len(losses) == 50
+    first, last = losses[0], float(np.mean(losses[-5:]))
+    # At the start ~ln(vocab) = 4.2; learning that answers are value tokens alone brings it to ~ln(32) = 3.5.
+    assert last < 0.8 * first, (first, last)
+
+
+def resume_config():
+    config = config_for("transformer", steps=12, checkpoint_every=4, log_every=4, eval_every=12)
+    config.data.mixture = "cycle"  # the setting depends on the step: a resumed run must pick up the rotation
+    return config
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Run A: 12 steps in one go."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    return workdir, train(resume_config(), workdir)
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(uninterrupted, tmp_path, monkeypatch, capsys):
+    workdir_a, summary_a = uninterrupted
+    workdir_b = str(tmp_path)
+    # Run B: the same run (num_steps 12: the learning-rate schedule depends on it), interrupted as by Ctrl-C
+    # while the batch of step 8 is made, just after the checkpoint of step 8.
+    make_batch = SyntheticTask.train_batch
+
+    def interrupt_at_step_8(self, step):
+        if step == 8:
+            raise KeyboardInterrupt
+        return make_batch(self, step)
+
+    monkeypatch.setattr(SyntheticTask, "train_batch", interrupt_at_step_8)
+    with pytest.raises(SystemExit) as exit_info:
+        train(resume_config(), workdir_b)
+    assert exit_info.value.code == 130
+    assert "interrupted; saved step 8" in capsys.readouterr().out
+    state, meta = restore_final(workdir_b)
+    assert meta["step"] == meta["data_step"] == 8 and int(state["step"]) == 8
+    monkeypatch.undo()
+
+    summary_b = train(resume_config(), workdir_b)
+    assert summary_b["resumed_from"] == 8 and "resuming" in capsys.readouterr().out
+    assert summary_b["train"]["loss"] == summary_a["train"]["loss"]
+    assert summary_b["eval"] == summary_a["eval"]
+    state_a, meta_a = restore_final(workdir_a)
+    state_b, meta_b = restore_final(workdir_b)
+    assert meta_a == meta_b and meta_a["step"] == 12
+    assert_trees_equal(state_a, state_b)  # params, Adam's moments and step, bit for bit
+
+    # A finished run rerun: nothing to train, the same evaluation.
+    again = train(resume_config(), workdir_b)
+    assert again["resumed_from"] == 12 and again["eval"] == summary_a["eval"]
+
+
+@pytest.mark.parametrize("field,value", [("d_model", 32), ("pattern", "ramnet"), ("num_layers", 4)])
+def test_resuming_with_a_different_model_is_refused(uninterrupted, field, value):
+    workdir, _ = uninterrupted
+    config = resume_config()
+    config.model[field] = value
+    with pytest.raises(ConfigError, match=f"model.{field}: checkpoint"):
+        train(config, workdir)
+
+
+def test_config_errors_are_config_errors(tmp_path):
+    config = config_for("transformer", steps=2)
+    config.data.train_settings = "9:32"
+    with pytest.raises(ConfigError, match="data.train_settings"):
+        train(config, str(tmp_path))
+    config = config_for("transformer", steps=2)
+    config.model.pattern = "attention,lstm"
+    with pytest.raises(ConfigError, match="model.pattern"):
+        train(config, str(tmp_path))
+    config = config_for("transformer", steps=2)
+    config.data.batch_size = 7
+    config.data.mixture = "cycle"
+    config.mesh.data = 2
+    with pytest.raises(ConfigError, match="mesh"):  # 2 devices asked, 1 here
+        train(config, str(tmp_path))
+
+
+def test_cli_train_needs_a_workdir():
+    result = subprocess.run([sys.executable, "-m", "ramjax.cli", "train", "--config", "configs/mqar.py:cpu"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "--workdir" in result.stderr and "Traceback" not in result.stderr
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import json, sys, tempfile
+    import jax, numpy as np
+    sys.path.insert(0, "tests")
+    from tiny import tiny_config
+    from ramjax.train.trainer import train
+    from test_train import restore_final
+
+    assert jax.device_count() == 8
+    results = {}
+    for variant in sys.argv[1:]:
+        runs = {}
+        for name, (data, fsdp, tensor), devices in (("one", (1, 1, 1), jax.devices()[:1]),
+                                                    ("eight", (2, 2, 2), None)):
+            config = tiny_config(variant, d_model=16, steps=2)
+            config.data.eval_settings = "2:32,4:32"
+            config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
+            summary = train(config, tempfile.mkdtemp(), devices=devices)
+            state, _ = restore_final(summary["workdir"])
+            sharded = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(state["params"])
+                       if not x.sharding.is_fully_replicated]
+            runs[name] = dict(loss=summary["train"]["loss"], eval=summary["eval"], sharded=sharded,
+                              devices=sorted({len(x.sharding.device_set) for x in jax.tree.leaves(state["params"])}),
+                              params=[np.asarray(x).tolist() for x in jax.tree.leaves(state["params"])])
+        results[variant] = runs
+    print("RESULTS" + json.dumps(results))
+""")
+
+
+def test_eight_device_mesh_step_equals_one_device_step():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, "ramnet", "transformer"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "kept replicated" not in result.stderr  # every dimension divides its mesh axes: all of it is sharded
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS"))
+    results = json.loads(line[len("RESULTS"):])
+    for variant, runs in results.items():
+        one, eight = runs["one"], runs["eight"]
+        assert one["devices"] == [1] and eight["devices"] == [8], variant
+        assert not one["sharded"]
+        # Sharding really happened: the embedding and the projection kernels are split over fsdp and tensor.
+        assert any("embed" in path for path in eight["sharded"]), (variant, eight["sharded"])
+        assert any("q_proj" in path for path in eight["sharded"]), (variant, eight["sharded"])
+        # Step 2's loss depends on step 1's update; the parameters are those after both steps.
+        assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5), variant
+        for a, b in zip(one["params"], eight["params"], strict=True):
+            assert rel_rms(b, a) < 1e-5, variant
+        for name, value in one["eval"].items():
+            assert eight["eval"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (variant, name)
