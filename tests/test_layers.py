@@ -9,10 +9,10 @@ from flax import nnx
 from numerics import rel_rms
 from tiny import tiny_config
 
+from ramjax.layers.ramnet import cape_heads_per_layer
 from ramjax.models import MIXERS, LanguageModel
 from ramjax.models.lm import cape_schedule
 from ramjax.models.mixers import make_mixer, parse_pattern
-from ramjax.layers.ramnet import cape_heads_per_layer
 
 SEQ_LEN, CUT = 37, 17  # 37: not a multiple of the chunk size 8, so the chunked kernels pad
 LOGICAL_NAMES = {"embed", "heads", "mlp", "vocab", "layers", "levels", "decay_mlp", None}

@@ -88,8 +88,9 @@ def test_loss_falls(tmp_path):
     losses = [line["train/loss"] for line in read_metrics(str(tmp_path)) if "train/loss" in line]
     assert len(losses) == 50
     first, last = losses[0], float(np.mean(losses[-5:]))
-    # At the start ~ln(vocab) = 4.2; learning that answers are value tokens alone brings it to ~ln(32) = 3.5.
-    assert last < 0.8 * first, (first, last)
+    # From ~4.7 at the start to ~3.6: learning that answers are value tokens alone gives ln(32) = 3.47 (a model
+    # this small and short does not get further; measured: 4.69 -> 3.60).
+    assert first - last > 0.8, (first, last)
 
 
 def resume_config():
@@ -189,6 +190,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
                                                     ("eight", (2, 2, 2), None)):
             config = tiny_config(variant, d_model=16, steps=2)
             config.data.eval_settings = "2:32,4:32"
+            config.model.ramnet.impl = "dense"  # half the compile time of "scan" (which the variant test covers)
             config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
             summary = train(config, tempfile.mkdtemp(), devices=devices)
             state, _ = restore_final(summary["workdir"])
