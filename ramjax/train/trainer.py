@@ -204,12 +204,19 @@ def train(config, workdir: str, *, devices=None) -> dict:
             if done % t.log_every == 0:
                 interval_start, interval_steps = time.time(), 0
     except KeyboardInterrupt:
-        # Ctrl-C: keep what was trained. `state` is the state after the last completed step.
+        # Ctrl-C: keep what was trained. `state` is the state after the last completed step, unless the
+        # interrupt came inside a train_step call after its buffers were donated: then the newest checkpoint is
+        # all there is.
+        progress.close()
+        if any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
+            checkpoints.wait()
+            print(f"\nramjax train: interrupted inside a step; the newest checkpoint (step "
+                  f"{checkpoints.latest_step()}) in {workdir} is kept; rerun the command to resume")
+            raise SystemExit(130) from None
         completed = int(jax.device_get(state["step"]))
         if checkpoints.latest_step() != completed:  # not saved already (an interrupt just after a checkpoint)
             checkpoints.save(completed, state, meta_for(completed), force=True)
         checkpoints.wait()
-        progress.close()
         print(f"\nramjax train: interrupted; saved step {completed} in {workdir}; rerun the command to resume")
         raise SystemExit(130) from None
     progress.close()
