@@ -28,6 +28,20 @@ GRID = [
     ("h4a1conv_nocape", "cpu", {"model.num_heads": 4, "model.ramnet.alpha_init": 1.0, "model.ramnet.short_conv": 4, "model.ramnet.cape": "none"}),
     ("h4a1conv_u3", "cpu", {"model.num_heads": 4, "model.ramnet.alpha_init": 1.0, "model.ramnet.short_conv": 4, "model.ramnet.num_factors": 3}),
     ("h4a1conv_d128", "ramnet", {"model.num_heads": 4, "model.ramnet.alpha_init": 1.0, "model.ramnet.short_conv": 4, "data.batch_size": 64, "data.vocab_size": 256, "model.vocab_size": 256, "data.train_settings": "4:64,8:64,16:64", "data.mixture": "pad", "data.eval_settings": "4:64,8:64,16:64", "data.eval_examples": 500}),
+    # Round 2, from the cpu default (4 heads, alpha 1, short conv 4, CAPE none): learning faster in fewer steps.
+    ("cpu_default", "cpu", {}),
+    ("lr5e3", "cpu", {"optim.learning_rate": 5e-3}),
+    ("lr1e2", "cpu", {"optim.learning_rate": 1e-2}),
+    ("k2", "cpu", {"model.ramnet.top_k": 2}),
+    ("batch32", "cpu", {"data.batch_size": 32}),
+    ("h2", "cpu", {"model.num_heads": 2}),
+    ("wd0", "cpu", {"optim.weight_decay": 0.0}),
+    ("lr5e3_wu50", "cpu", {"optim.learning_rate": 5e-3, "optim.warmup_steps": 50}),
+    # Round 3: the new cpu default (lr 1e-2, 500 steps) over seeds.
+    ("seed0", "cpu", {"train.init_seed": 0, "data.seed": 0, "train.num_steps": 500, "optim.learning_rate": 1e-2}),
+    ("seed1", "cpu", {"train.init_seed": 1, "data.seed": 1, "train.num_steps": 500, "optim.learning_rate": 1e-2}),
+    ("seed2", "cpu", {"train.init_seed": 2, "data.seed": 2, "train.num_steps": 500, "optim.learning_rate": 1e-2}),
+    ("seed3", "cpu", {"train.init_seed": 3, "data.seed": 3, "train.num_steps": 500, "optim.learning_rate": 1e-2}),
     ("h4a1outnorm", "cpu", {"model.num_heads": 4, "model.ramnet.alpha_init": 1.0, "model.ramnet.output_norm": True}),
 ]
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
@@ -39,9 +53,9 @@ for name, variant, over in GRID:
         continue
     cfg = load_config(variant)
     cfg.train.num_steps = steps
-    cfg.train.eval_every = 250
+    cfg.train.eval_every = int(os.environ.get("EVAL_EVERY", 250))
     cfg.train.progress = False
-    cfg.optim.learning_rate = 3e-3
+    cfg.optim.learning_rate = 3e-3  # what rounds 1-2 ran at; entries that differ say so
     cfg.train.num_steps = over.get("train.num_steps", steps)
     for k, v in over.items():
         *ps, leaf = k.split(".")
