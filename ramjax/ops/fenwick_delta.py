@@ -159,10 +159,12 @@ def _delta_chunk_pieces(qc, kc, vc, gc, bc):
     q, k, v = (jnp.moveaxis(a, 3, 2) for a in (qc, kc, vc))  # [B, N, H, C, d]
     beta = jnp.moveaxis(bc, 3, 2)  # [B, N, H, C]
     strict = np.tril(np.ones((chunk_size, chunk_size), bool), -1)
-    incl = np.tril(np.ones((chunk_size, chunk_size), bool))
     log_ratio = g_in[..., :, None] - g_in[..., None, :]
     ratio_strict = jnp.exp(jnp.where(strict, log_ratio, -jnp.inf))
-    ratio_incl = jnp.exp(jnp.where(incl, log_ratio, -jnp.inf))
+    # The diagonal's exponent is the constant 0, not g_i - g_i: with strong decays the two opposite gradient
+    # contributions of such a difference cancel against large terms and leave a wrong gradient for g.
+    eye = np.eye(chunk_size, dtype=bool)
+    ratio_incl = jnp.exp(jnp.where(strict, log_ratio, jnp.where(eye, 0.0, -jnp.inf)))
     lower = ratio_strict * jnp.einsum("...ik,...jk->...ij", k, k)
     t_mat = _unit_lower_inverse(beta[..., :, None] * lower) * beta[..., None, :]  # (I + diag(beta) L)^-1 diag(beta)
     gamma = jnp.exp(g_in)
@@ -171,7 +173,12 @@ def _delta_chunk_pieces(qc, kc, vc, gc, bc):
     qk = ratio_incl * jnp.einsum("...ik,...jk->...ij", q, k)
     scores = qk @ t_mat  # [B, N, H, C, C]: (q_t^T A_{t,s} k_s) beta_s for s <= t
     q_eff = gamma[..., None] * q - qk @ w  # [B, N, H, C, dk]
-    to_end = jnp.exp(g_in[..., -1:] - g_in)[..., None] * k  # (Gamma_C / Gamma) K
+    # log(Gamma_C / Gamma_i) = sum of the gates after i, summed directly (an exclusive reverse cumsum) rather
+    # than as a difference of two running sums, for the same reason.
+    g_heads = jnp.moveaxis(gc, 3, 2)  # [B, N, H, C]
+    after = jnp.flip(jnp.cumsum(jnp.flip(g_heads, -1), -1), -1)
+    after = jnp.concatenate([after[..., 1:], jnp.zeros_like(after[..., :1])], axis=-1)
+    to_end = jnp.exp(after)[..., None] * k  # (Gamma_C / Gamma) K
     d_k = k.shape[-1]
     transition = gamma[..., -1, None, None] * jnp.eye(d_k, dtype=q.dtype) - jnp.swapaxes(to_end, -1, -2) @ w
     own_state = jnp.swapaxes(to_end, -1, -2) @ u  # [B, N, H, dk, dv]
