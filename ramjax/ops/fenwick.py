@@ -140,7 +140,7 @@ def _final_state(k, v, g, positions, state, num_level):
     """The per-level states after the last of these tokens, with the earlier state (if any) folded in."""
     last = positions[-1]
     # Log decay from each token to the last one: the sum of g after it.
-    decay_to_end = jnp.flip(jnp.cumsum(jnp.flip(g, 1), 1), 1) - g  # [B, T, H]
+    decay_to_end = _exclusive_cumsum(g, axis=1, reverse=True)  # [B, T, H]
     onehot = jax.nn.one_hot(level_index(last, positions), num_level, dtype=k.dtype)  # [T, L]
     levels = jnp.einsum("tl,bth,bthk,bthv->bhlkv", onehot, jnp.exp(decay_to_end), k, v)
     if state is not None:
@@ -224,6 +224,20 @@ def _attention_recurrent(q, k, v, g, level_weights, initial_state):
 # impl="chunked"
 
 
+def _exclusive_cumsum(x: jax.Array, axis: int, reverse: bool = False) -> jax.Array:
+    """Sums of the elements strictly before (or, reversed, strictly after) each one along `axis`.
+
+    Summed directly, not as a running sum minus the element: with strong decays that difference cancels large
+    terms and the gradient for g loses its accuracy."""
+    x = jnp.moveaxis(x, axis, -1)
+    if reverse:
+        x = jnp.flip(x, -1)
+    shifted = jnp.concatenate([jnp.zeros_like(x[..., :1]), jnp.cumsum(x[..., :-1], axis=-1)], axis=-1)
+    if reverse:
+        shifted = jnp.flip(shifted, -1)
+    return jnp.moveaxis(shifted, -1, axis)
+
+
 def _chunk_levels(chunk_size: int) -> np.ndarray:
     """level_index inside one aligned chunk, [C, C] (static)."""
     a = np.arange(chunk_size)
@@ -251,19 +265,21 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
     # Inside each chunk: a masked C x C matmul.
     # Pairs above the diagonal (masked below) may name levels past L; clip so the gather stays in range.
     lvl = jnp.asarray(np.minimum(_chunk_levels(chunk_size), num_level - 1), jnp.int32)
-    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
     lam = jnp.take_along_axis(
         lc, jnp.broadcast_to(lvl[None, None, :, None, :], lc.shape[:4] + (chunk_size,)), axis=-1
     )  # [B, N, C, H, C]
     log_decay = g_in[:, :, :, None, :] - g_in[:, :, None, :, :]  # [B, N, C(t), C(s), H]
-    log_decay = jnp.where(causal[None, None, :, :, None], log_decay, -jnp.inf)
+    # s = t gets the constant exponent 0 rather than g_t - g_t (whose gradient terms cancel badly).
+    strict = np.tril(np.ones((chunk_size, chunk_size), bool), -1)[None, None, :, :, None]
+    diagonal = np.eye(chunk_size, dtype=bool)[None, None, :, :, None]
+    log_decay = jnp.where(strict, log_decay, jnp.where(diagonal, 0.0, -jnp.inf))
     weights = lam * jnp.exp(jnp.moveaxis(log_decay, 4, 3))  # [B, N, C(t), H, C(s)]
     scores = jnp.einsum("bnthk,bnshk->bnths", qc, kc)
     o = jnp.einsum("bnths,bnshv->bnthv", weights * scores, vc)
 
     # Each chunk's keys summed into one state, decayed to the chunk's end.
     chunk_log_decay = g_in[:, :, -1]  # [B, N, H]
-    to_end = jnp.exp(chunk_log_decay[:, :, None] - g_in)  # [B, N, C, H]
+    to_end = jnp.exp(_exclusive_cumsum(gc, axis=2, reverse=True))  # [B, N, C, H]
     chunk_states = jnp.einsum("bnch,bnchk,bnchv->bnhkv", to_end, kc, vc)
 
     # Above the chunk: level chunk_bits + m reads, for the chunks of an odd block of 2^(m-1) chunks, the
@@ -279,10 +295,10 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
         decays = grouped(chunk_log_decay)  # [B, G, 2, half, H]
         source_states = grouped(chunk_states)[:, :, 0]  # [B, G, half, H, dk, dv]
         # Decay of each source chunk's state to the end of its block: the later chunks of the block.
-        source_decay = jnp.flip(jnp.cumsum(jnp.flip(decays[:, :, 0], 2), 2), 2) - decays[:, :, 0]
+        source_decay = _exclusive_cumsum(decays[:, :, 0], axis=2, reverse=True)
         block_state = jnp.einsum("bgih,bgihkv->bghkv", jnp.exp(source_decay), source_states)
         # Decay from the end of the source block to each reading token: earlier reading chunks, then g_in.
-        before = jnp.cumsum(decays[:, :, 1], axis=2) - decays[:, :, 1]  # [B, G, half, H]
+        before = _exclusive_cumsum(decays[:, :, 1], axis=2)  # [B, G, half, H]
         reader_decay = jnp.exp(before[:, :, :, None] + grouped(g_in)[:, :, 1])  # [B, G, half, C, H]
         reader_q = grouped(qc)[:, :, 1] * (reader_decay * grouped(lc[..., level])[:, :, 1])[..., None]
         read = jnp.einsum("bgichk,bghkv->bgichv", reader_q, block_state)  # [B, G, half, C, H, dv]

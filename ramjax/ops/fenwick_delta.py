@@ -31,6 +31,7 @@ from ramjax.ops.fenwick import (
     _check_args,
     _chunk_grid,
     _chunk_levels,
+    _exclusive_cumsum,
     _levels_above_chunk,
     _level_representatives,
     _merge_and_insert,
@@ -173,11 +174,8 @@ def _delta_chunk_pieces(qc, kc, vc, gc, bc):
     qk = ratio_incl * jnp.einsum("...ik,...jk->...ij", q, k)
     scores = qk @ t_mat  # [B, N, H, C, C]: (q_t^T A_{t,s} k_s) beta_s for s <= t
     q_eff = gamma[..., None] * q - qk @ w  # [B, N, H, C, dk]
-    # log(Gamma_C / Gamma_i) = sum of the gates after i, summed directly (an exclusive reverse cumsum) rather
-    # than as a difference of two running sums, for the same reason.
-    g_heads = jnp.moveaxis(gc, 3, 2)  # [B, N, H, C]
-    after = jnp.flip(jnp.cumsum(jnp.flip(g_heads, -1), -1), -1)
-    after = jnp.concatenate([after[..., 1:], jnp.zeros_like(after[..., :1])], axis=-1)
+    # log(Gamma_C / Gamma_i) = the gates after i, summed directly (see _exclusive_cumsum).
+    after = _exclusive_cumsum(jnp.moveaxis(gc, 3, 2), axis=-1, reverse=True)  # [B, N, H, C]
     to_end = jnp.exp(after)[..., None] * k  # (Gamma_C / Gamma) K
     d_k = k.shape[-1]
     transition = gamma[..., -1, None, None] * jnp.eye(d_k, dtype=q.dtype) - jnp.swapaxes(to_end, -1, -2) @ w
