@@ -17,6 +17,7 @@ import os
 import sys
 
 from ramjax import timing
+from ramjax.train.metrics import read_metrics
 from ramjax.train.trainer import train
 
 
@@ -28,6 +29,18 @@ def load_config(variant: str):
     return module.get_config(variant)
 
 
+def unfinished_summary(workdir: str) -> dict | None:
+    """The last evaluation and train metrics of a run that did not finish, shaped like its summary.json."""
+    records = read_metrics(workdir)
+    evals = [r for r in records if "eval/accuracy/mean" in r]
+    if not evals:
+        return None
+    trains = [r for r in records if "train/steps_per_s" in r]
+    return {"steps": f"{evals[-1]['step']} (unfinished)", "parameters": None,
+            "train": {"steps_per_s": trains[-1]["train/steps_per_s"]} if trains else {},
+            "eval": {k: v for k, v in evals[-1].items() if k.startswith("eval/")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="ramnet,transformer,gla")
@@ -37,6 +50,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field for every variant, e.g. --set optim.learning_rate=3e-3")
     parser.add_argument("--results", default="experiments/results/mqar_gpu.md")
+    parser.add_argument("--table_only", action="store_true",
+                        help="train nothing: tabulate the runs in --workdir (an unfinished run shows its last eval)")
     args = parser.parse_args()
 
     rows = []
@@ -56,16 +71,23 @@ def main() -> None:
         if os.path.exists(summary_path):
             with open(summary_path) as f:
                 summary = json.load(f)
+        elif args.table_only:
+            summary = unfinished_summary(workdir)
+            if summary is None:
+                print(f"{variant}: no evaluation in {workdir}; left out of the table", flush=True)
+                continue
         else:
             summary = train(config, workdir)
         rows.append((variant, summary))
         print(f"{variant}: mean accuracy {summary['eval']['eval/accuracy/mean']:.3f}", flush=True)
+    if not rows:
+        raise SystemExit(f"mqar_suite: nothing to tabulate in {args.workdir}")
 
     slices = [k for k in rows[0][1]["eval"] if k.startswith("eval/accuracy/") and not k.endswith("/mean")]
     header = ["model", "params", "steps", "steps/s"] + [s.split("/")[-1] for s in slices] + ["mean"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant, s in rows:
-        cells = [variant, f"{s['parameters']:,}", str(s["steps"]), f"{s['train'].get('steps_per_s', float('nan')):.1f}"]
+        cells = [variant, f"{s['parameters']:,}" if s["parameters"] else "-", str(s["steps"]), f"{s['train'].get('steps_per_s', float('nan')):.1f}"]
         cells += [f"{s['eval'][k]:.3f}" for k in slices] + [f"{s['eval']['eval/accuracy/mean']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
