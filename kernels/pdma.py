@@ -1,0 +1,189 @@
+"""PDMA (RAM-Net's memory update and read) forward and backward on the sparse gated scan kernels.
+
+    S_t[m] = (1 - w_t[m])^gamma S_{t-1}[m] + w_t[m] v_t        S_0 = 0
+    z_t[m] = (1 - w_t[m])^gamma z_{t-1}[m] + w_t[m]            z_0 = 1 / M
+    o_t    = sum_j r_tj S_t[slot_tj] / (z_t[slot_tj] + eps)
+
+Forward: one scan over rows [v_t, 1] (S and z side by side) whose reads return, per token, the K read slots
+after the write and the K slots the next token writes, before it (the values the backward pass needs).
+Backward: the adjoint of a per-slot scalar-gated recurrence is the same recurrence backwards in time, so a
+second scan runs over reversed time: at step t it decays the slots written at t + 1, adds each read's
+cotangent row [r g_t / (z + eps), -r (g_t . S) / (z + eps)^2] to its slot, and reads the adjoint at the slots
+written at t. The gradients of v, w and r are then local sums.
+
+Repeated indices in one token's write code act as one write with the summed weight (w_t is a scatter-add),
+matching ramjax's dense reference. The backward pass differentiates (grad_eps + (1 - grad_eps)(1 - w))^gamma in
+place of (1 - w)^gamma (RAM-Net's proxy); the forward pass is exact up to a floor of exp(-60) on the decay.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kernels.sparse_scan import BACKENDS, sparse_gated_scan
+
+# A full reset (w = 1) leaves exp(-60) ~ 1e-26 of the old value instead of 0: the chunk maths subtracts
+# log-decays, and -inf - -inf has no value.
+LOG_DECAY_FLOOR = -60.0
+
+
+class PDMAOptions(NamedTuple):
+    num_slots: int
+    gamma: float
+    eps: float
+    grad_eps: float
+    backend: str
+    bwd_backend: str
+    chunk: int
+    interpret: bool
+    num_warps: int
+    d_tile: int
+
+
+def _to_sequences(x):
+    """[batch, time, heads, ...] -> [batch * heads, time, ...]."""
+    b, t, h = x.shape[:3]
+    return jnp.moveaxis(x, 2, 1).reshape(b * h, t, *x.shape[3:])
+
+
+def _from_sequences(x, batch: int):
+    g, t = x.shape[:2]
+    return jnp.moveaxis(x.reshape(batch, g // batch, t, *x.shape[2:]), 1, 2)
+
+
+def _merged_writes(write_idx, write_val):
+    """Per token, one event per distinct slot: (slot or -1, summed weight, same-slot matrix)."""
+    same = write_idx[..., :, None] == write_idx[..., None, :]
+    k = write_idx.shape[-1]
+    earlier = jnp.tril(jnp.ones((k, k), bool), -1)
+    first = ~jnp.any(same & earlier, axis=-1)
+    w_sum = jnp.einsum("...ij,...j->...i", same.astype(write_val.dtype), write_val)
+    return jnp.where(first, write_idx, -1), jnp.where(first, w_sum, 0.0), same
+
+
+def _log_decay(w, gamma):
+    if gamma == 0:
+        return jnp.zeros_like(w)
+    one_minus = jnp.maximum(1 - w, 0.0)
+    return jnp.maximum(gamma * jnp.log(jnp.maximum(one_minus, 1e-30)), LOG_DECAY_FLOOR)
+
+
+def _proxy_derivative(w, gamma, grad_eps):
+    """d/dw of (grad_eps + (1 - grad_eps)(1 - w))^gamma: the backward stand-in for d(1 - w)^gamma / dw."""
+    if gamma == 0:
+        return jnp.zeros_like(w)
+    base = grad_eps + (1 - grad_eps) * jnp.maximum(1 - w, 0.0)
+    power = base ** int(gamma - 1) if float(gamma - 1).is_integer() else base ** (gamma - 1)
+    return -gamma * (1 - grad_eps) * power
+
+
+def _scan(opts: PDMAOptions, backend: str, *args):
+    kwargs = dict(num_slots=opts.num_slots, backend=backend, chunk=opts.chunk, interpret=opts.interpret)
+    if backend == "triton":
+        kwargs.update(num_warps=opts.num_warps, d_tile=opts.d_tile)
+    return sparse_gated_scan(*args, **kwargs)
+
+
+def _forward(opts: PDMAOptions, read_idx, read_val, write_idx, write_val, v):
+    batch, _, _, k = read_idx.shape
+    d_v = v.shape[-1]
+    ri, rv, wi, wv, vs = (_to_sequences(x) for x in (read_idx, read_val, write_idx, write_val, v))
+    rv, wv, vs = rv.astype(jnp.float32), wv.astype(jnp.float32), vs.astype(jnp.float32)
+    slot, w, _ = _merged_writes(wi, wv)
+    log_decay = _log_decay(w, opts.gamma)
+    rows = jnp.concatenate([vs, jnp.ones_like(vs[..., :1])], axis=-1)[:, :, None, :]
+    next_slot = jnp.concatenate([slot[:, 1:], jnp.full_like(slot[:, :1], -1)], axis=1)
+    init = jnp.zeros((d_v + 1,), jnp.float32).at[d_v].set(1.0 / opts.num_slots)
+    y = _scan(opts, opts.backend, slot, log_decay, w, jnp.zeros_like(slot), rows,
+              jnp.concatenate([ri, next_slot], axis=-1), init)
+    after = y[:, :, :k]  # [G, T, K, d_v + 1]: the read slots after the write
+    before_next = y[:, :, k:]  # the slots token t + 1 writes, before it writes
+    before = jnp.concatenate([jnp.broadcast_to(init, before_next[:, :1].shape), before_next[:, :-1]], axis=1)
+    inv_den = 1.0 / (after[..., d_v] + opts.eps)
+    o = jnp.einsum("gtk,gtkd->gtd", rv * inv_den, after[..., :d_v])
+    residuals = (ri, rv, wi, wv, vs, slot, w, log_decay, after, before)
+    return _from_sequences(o, batch).astype(v.dtype), residuals
+
+
+def _backward(opts: PDMAOptions, batch, dtypes, residuals, g_o):
+    ri, rv, wi, wv, vs, slot, w, log_decay, after, before = residuals
+    d_v = vs.shape[-1]
+    k = ri.shape[-1]
+    g = _to_sequences(g_o).astype(jnp.float32)
+    inv_den = 1.0 / (after[..., d_v] + opts.eps)
+    g_dot_s = jnp.einsum("gtd,gtkd->gtk", g, after[..., :d_v])
+    d_read_val = g_dot_s * inv_den
+    # Each read's cotangent on its slot's (S, z) after the write.
+    add_rows = jnp.concatenate([(rv * inv_den)[..., None] * g[:, :, None, :],
+                                (-rv * g_dot_s * inv_den**2)[..., None]], axis=-1)
+    next_slot = jnp.concatenate([slot[:, 1:], jnp.full_like(slot[:, :1], -1)], axis=1)
+    next_decay = jnp.concatenate([log_decay[:, 1:], jnp.zeros_like(log_decay[:, :1])], axis=1)
+    upd_slot = jnp.concatenate([ri, next_slot], axis=-1)
+    upd_log_decay = jnp.concatenate([jnp.zeros_like(rv), next_decay], axis=-1)
+    upd_scale = jnp.concatenate([jnp.ones_like(rv), jnp.zeros_like(next_decay)], axis=-1)
+    upd_row = jnp.concatenate([jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), ri.shape),
+                               jnp.zeros_like(next_slot)], axis=-1)
+    reverse = functools.partial(jnp.flip, axis=1)
+    adjoint = reverse(_scan(opts, opts.bwd_backend, *(reverse(x) for x in (upd_slot, upd_log_decay, upd_scale,
+                                                                           upd_row, add_rows, slot)),
+                            jnp.zeros((d_v + 1,), jnp.float32)))
+    q_s, q_z = adjoint[..., :d_v], adjoint[..., d_v]  # adjoint of (S_t, z_t) at the slots written at t
+    d_v_rows = jnp.einsum("gti,gtid->gtd", w, q_s)
+    d_decay = jnp.einsum("gtid,gtid->gti", q_s, before[..., :d_v]) + q_z * before[..., d_v]
+    d_w = (jnp.einsum("gtid,gtd->gti", q_s, vs) + q_z
+           + d_decay * _proxy_derivative(w, opts.gamma, opts.grad_eps))
+    d_w = jnp.where(slot >= 0, d_w, 0.0)
+    # Repeated indices: every original event of a slot gets the merged event's gradient.
+    _, _, same = _merged_writes(wi, wv)
+    d_write_val = jnp.einsum("gtij,gtj->gti", same.astype(d_w.dtype), d_w)
+    read_dtype, write_dtype, v_dtype = dtypes
+    return (None, _from_sequences(d_read_val, batch).astype(read_dtype), None,
+            _from_sequences(d_write_val, batch).astype(write_dtype), _from_sequences(d_v_rows, batch).astype(v_dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pdma(opts, read_idx, read_val, write_idx, write_val, v):
+    return _forward(opts, read_idx, read_val, write_idx, write_val, v)[0]
+
+
+def _pdma_fwd(opts, read_idx, read_val, write_idx, write_val, v):
+    o, residuals = _forward(opts, read_idx, read_val, write_idx, write_val, v)
+    # Residuals must be arrays: empty ones carry the input dtypes for the gradients.
+    dtype_tags = tuple(jnp.zeros((0,), x.dtype) for x in (read_val, write_val, v))
+    return o, (residuals, dtype_tags)
+
+
+def _pdma_bwd(opts, saved, g_o):
+    residuals, dtype_tags = saved
+    return _backward(opts, g_o.shape[0], tuple(x.dtype for x in dtype_tags), residuals, g_o)
+
+
+_pdma.defvjp(_pdma_fwd, _pdma_bwd)
+
+
+def pdma(read_idx, read_val, write_idx, write_val, v, *, num_slots: int, gamma: float = 1.0, eps: float = 1e-6,
+         grad_eps: float = 1e-3, backend: str = "triton", xla_backward: bool = False, chunk: int = 16,
+         interpret: bool = False, num_warps: int = 4, d_tile: int = 32) -> jax.Array:
+    """PDMA read-out o `[batch, time, heads, d_v]` (v's dtype) from sparse codes, differentiable.
+
+    Args:
+      read_idx, read_val, write_idx, write_val: `[batch, time, heads, K]` sparse addresses (slot, weight).
+      v: `[batch, time, heads, d_v]` values written (any float dtype; the state is fp32).
+      num_slots: M; gamma: decay power >= 0; eps: added to the normaliser; grad_eps: the backward proxy's.
+      backend: "triton" (GPU), "tpu" or "xla" (the chunked maths in jax.numpy).
+      xla_backward: run the backward scan with backend "xla" whatever `backend` is (for debugging a kernel).
+      chunk, num_warps, d_tile: kernel tiling (see sparse_scan.sparse_gated_scan).
+      interpret: run the Pallas kernels in interpret mode (on any device, the CPU included).
+
+    Indices are not checked here (ramjax.ops.ram_memory.pdma does): an index outside [0, M) is undefined.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
+    opts = PDMAOptions(int(num_slots), float(gamma), float(eps), float(grad_eps), backend,
+                       "xla" if xla_backward else backend, int(chunk), bool(interpret), int(num_warps), int(d_tile))
+    return _pdma(opts, jnp.asarray(read_idx, jnp.int32), jnp.asarray(read_val), jnp.asarray(write_idx, jnp.int32),
+                 jnp.asarray(write_val), jnp.asarray(v))
