@@ -42,6 +42,7 @@ class PDMAOptions(NamedTuple):
     interpret: bool
     num_warps: int
     d_tile: int
+    poison_output: bool
 
 
 def _to_sequences(x):
@@ -85,6 +86,8 @@ def _scan(opts: PDMAOptions, backend: str, *args):
     kwargs = dict(num_slots=opts.num_slots, backend=backend, chunk=opts.chunk, interpret=opts.interpret)
     if backend == "triton":
         kwargs.update(num_warps=opts.num_warps, d_tile=opts.d_tile)
+    if backend != "xla":
+        kwargs.update(poison_output=opts.poison_output)
     return sparse_gated_scan(*args, **kwargs)
 
 
@@ -167,7 +170,7 @@ _pdma.defvjp(_pdma_fwd, _pdma_bwd)
 
 def pdma(read_idx, read_val, write_idx, write_val, v, *, num_slots: int, gamma: float = 1.0, eps: float = 1e-6,
          grad_eps: float = 1e-3, backend: str = "triton", xla_backward: bool = False, chunk: int = 16,
-         interpret: bool = False, num_warps: int = 4, d_tile: int = 32) -> jax.Array:
+         interpret: bool = False, num_warps: int = 4, d_tile: int = 32, poison_output: bool = False) -> jax.Array:
     """PDMA read-out o `[batch, time, heads, d_v]` (v's dtype) from sparse codes, differentiable.
 
     Args:
@@ -178,12 +181,14 @@ def pdma(read_idx, read_val, write_idx, write_val, v, *, num_slots: int, gamma: 
       xla_backward: run the backward scan with backend "xla" whatever `backend` is (for debugging a kernel).
       chunk, num_warps, d_tile: kernel tiling (see sparse_scan.sparse_gated_scan).
       interpret: run the Pallas kernels in interpret mode (on any device, the CPU included).
+      poison_output: NaN-fill the kernels' output buffers first (tests: an unwritten element shows).
 
     Indices are not checked here (ramjax.ops.ram_memory.pdma does): an index outside [0, M) is undefined.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
     opts = PDMAOptions(int(num_slots), float(gamma), float(eps), float(grad_eps), backend,
-                       "xla" if xla_backward else backend, int(chunk), bool(interpret), int(num_warps), int(d_tile))
+                       "xla" if xla_backward else backend, int(chunk), bool(interpret), int(num_warps), int(d_tile),
+                       bool(poison_output))
     return _pdma(opts, jnp.asarray(read_idx, jnp.int32), jnp.asarray(read_val), jnp.asarray(write_idx, jnp.int32),
                  jnp.asarray(write_val), jnp.asarray(v))

@@ -136,9 +136,14 @@ def _scan_xla(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init
 # GPU: Pallas with the Triton lowering.
 
 
-def _triton_kernel(us_ref, uld_ref, usc_ref, urow_ref, rs_ref, rows_ref, state_in_ref, out_ref, state_ref, *,
-                   chunk, ku, kr, ru, d_tile, n_chunks, slots_stride, t_pad, interpret):
-    del state_in_ref  # aliased with state_ref
+def _output_buffer(shape, poison: bool):
+    """The buffer the kernel writes its output into: NaN-filled when testing that every element is written."""
+    return jnp.full(shape, jnp.nan if poison else 0.0, jnp.float32)
+
+
+def _triton_kernel(us_ref, uld_ref, usc_ref, urow_ref, rs_ref, rows_ref, state_in_ref, out_in_ref, out_ref,
+                   state_ref, *, chunk, ku, kr, ru, d_tile, n_chunks, slots_stride, t_pad, interpret):
+    del state_in_ref, out_in_ref  # aliased with state_ref and out_ref
     from jax.experimental.pallas import triton as plgpu
 
     seq = pl.program_id(0)
@@ -181,7 +186,7 @@ def _triton_kernel(us_ref, uld_ref, usc_ref, urow_ref, rs_ref, rows_ref, state_i
 
 
 def _scan_triton(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init_row, num_slots, chunk,
-                 interpret, num_warps, d_tile):
+                 interpret, num_warps, d_tile, poison_output):
     g, t, ku = upd_slot.shape
     kr, ru, d = read_slot.shape[-1], rows.shape[2], rows.shape[-1]
     # Triton arrays have power-of-2 sizes and matrix products need >= 16 rows: pad the events per step and
@@ -214,11 +219,11 @@ def _scan_triton(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, i
         grid=(g, d_pad // d_tile),
         out_shape=(jax.ShapeDtypeStruct((g * t_pad * kr_p, d_pad), jnp.float32),
                    jax.ShapeDtypeStruct(state.shape, jnp.float32)),
-        input_output_aliases={6: 1},
+        input_output_aliases={6: 1, 7: 0},
         interpret=interpret,
         name="sparse_gated_scan",
         **extra,
-    )(*flat, rows.reshape(g * t_pad * ru, d_pad), state)
+    )(*flat, rows.reshape(g * t_pad * ru, d_pad), state, _output_buffer((g * t_pad * kr_p, d_pad), poison_output))
     return out.reshape(g, t_pad, kr_p, d_pad)[:, :t, :kr, :d]
 
 
@@ -226,8 +231,9 @@ def _scan_triton(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, i
 # TPU: Pallas Mosaic. The state of one sequence lives in VMEM; tokens stream in order.
 
 
-def _tpu_kernel(us_ref, uld_ref, usc_ref, urow_ref, rs_ref, init_ref, rows_ref, out_ref, state_ref, *,
+def _tpu_kernel(us_ref, uld_ref, usc_ref, urow_ref, rs_ref, init_ref, rows_ref, out_in_ref, out_ref, state_ref, *,
                 chunk, ku, kr, num_slots):
+    del out_in_ref  # aliased with out_ref
     c = pl.program_id(1)
 
     @pl.when(c == 0)
@@ -262,7 +268,7 @@ def _tpu_kernel(us_ref, uld_ref, usc_ref, urow_ref, rs_ref, init_ref, rows_ref, 
 
 
 def _scan_tpu(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init_row, num_slots, chunk,
-              interpret):
+              interpret, poison_output):
     from jax.experimental.pallas import tpu as pltpu
 
     g, t, ku = upd_slot.shape
@@ -275,6 +281,7 @@ def _scan_tpu(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init
     rows = _pad_axis(rows, 1, t_pad, 0.0).astype(jnp.float32)
     smem = functools.partial(pl.BlockSpec, memory_space=pltpu.SMEM)
     kernel = functools.partial(_tpu_kernel, chunk=chunk, ku=ku, kr=kr, num_slots=num_slots)
+    out_spec = pl.BlockSpec((1, chunk, kr, d), lambda s, c: (s, c, 0, 0))
     out = pl.pallas_call(
         kernel,
         grid=(g, t_pad // chunk),
@@ -282,14 +289,16 @@ def _scan_tpu(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init
             smem((1, chunk * kr), lambda s, c: (s, c)),
             pl.BlockSpec((1, d), lambda s, c: (0, 0)),
             pl.BlockSpec((1, chunk, ru, d), lambda s, c: (s, c, 0, 0)),
+            out_spec,
         ],
-        out_specs=pl.BlockSpec((1, chunk, kr, d), lambda s, c: (s, c, 0, 0)),
+        out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct((g, t_pad, kr, d), jnp.float32),
         scratch_shapes=[pltpu.VMEM((num_slots, d), jnp.float32)],
+        input_output_aliases={7: 0},
         interpret=interpret,
         name="sparse_gated_scan_tpu",
     )(us, uld.astype(jnp.float32), usc.astype(jnp.float32), urow, rs, init_row.reshape(1, d).astype(jnp.float32),
-      rows)
+      rows, _output_buffer((g, t_pad, kr, d), poison_output))
     return out[:, :t]
 
 
@@ -298,7 +307,7 @@ def _scan_tpu(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init
 
 def sparse_gated_scan(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init_row, *, num_slots: int,
                       backend: str = "xla", chunk: int = 16, interpret: bool = False, num_warps: int = 4,
-                      d_tile: int = 32):
+                      d_tile: int = 32, poison_output: bool = False):
     """Runs the scan described in the module docstring; returns out `[G, T, K_read, D]` in fp32.
 
     Args:
@@ -312,6 +321,8 @@ def sparse_gated_scan(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_sl
       chunk: tokens per chunk (a power of 2): the unit of the xla/triton chunk maths and of the TPU time grid.
       interpret: run a Pallas backend in interpret mode (any device, the CPU included).
       num_warps, d_tile: Triton launch shape: warps per program and columns per program.
+      poison_output: fill the kernel's output buffer with NaN before it runs (tests: an element the kernel
+        fails to write then shows up).
     """
     _check(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init_row, num_slots, chunk)
     if backend not in BACKENDS:
@@ -322,8 +333,8 @@ def sparse_gated_scan(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_sl
     if backend == "xla":
         return _scan_xla(*args, num_slots, chunk)
     if backend == "triton":
-        return _scan_triton(*args, num_slots, chunk, interpret, num_warps, d_tile)
-    return _scan_tpu(*args, num_slots, chunk, interpret)
+        return _scan_triton(*args, num_slots, chunk, interpret, num_warps, d_tile, poison_output)
+    return _scan_tpu(*args, num_slots, chunk, interpret, poison_output)
 
 
 def sparse_gated_scan_loop(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init_row, num_slots):

@@ -13,6 +13,9 @@ Implementations (`impl=`):
   dense  the reference: materialises the M slots and runs the recurrence with `jax.lax.scan`.
   scan   never materialises M: sorts the write and read events by slot and time and runs a segmented
          associative scan of the per-slot affine maps. Memory O(T * K * d_v), independent of M.
+  pallas the Pallas kernels of `kernels.pdma` (a chunked Triton kernel on GPUs, a Mosaic kernel on TPUs, the
+         Triton kernel in interpret mode elsewhere), forward and backward. Memory O(T * K * d_v) plus the
+         M x d_v state per (batch, head), which the kernel touches only at the K slots of each token.
   auto   the fastest correct path on the current backend and size (`resolve_impl`).
 """
 
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 
 from ramjax.ops import _checks
 
-IMPLS = ("auto", "dense", "scan")
+IMPLS = ("auto", "dense", "scan", "pallas")
 
 
 class PDMAState(NamedTuple):
@@ -212,7 +215,35 @@ def _pdma_scan(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, ep
     return jax.vmap(over_heads, in_axes=0, out_axes=0)(read_idx, read_val, write_idx, write_val, v)
 
 
-_IMPL_FUNCTIONS = {"dense": _pdma_dense, "scan": _pdma_scan}
+# ----------------------------------------------------------------------------------------------------------
+# impl="pallas": the kernels package.
+
+# Kernel tiling for impl="pallas" on GPUs (tokens per chunk, warps per program, state columns per program),
+# chosen by measurement on an H200: see kernels/README.md.
+PALLAS_GPU_OPTIONS = {"chunk": 16, "num_warps": 4, "d_tile": 32}
+
+
+def pallas_backend() -> tuple[str, bool]:
+    """(kernel backend, interpret) for the current default device."""
+    platform = jax.default_backend()
+    if platform == "gpu":
+        return "triton", False
+    if platform == "tpu":
+        return "tpu", False
+    return "triton", True  # interpret mode: the same kernel, run by the CPU
+
+
+@_jit_with_static_hyper
+def _pdma_pallas(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps):
+    from kernels import pdma as kernel_pdma
+
+    backend, interpret = pallas_backend()
+    options = PALLAS_GPU_OPTIONS if backend == "triton" else {}
+    return kernel_pdma.pdma(read_idx, read_val, write_idx, write_val, v, num_slots=num_slots, gamma=gamma, eps=eps,
+                            grad_eps=grad_eps, backend=backend, interpret=interpret, **options)
+
+
+_IMPL_FUNCTIONS = {"dense": _pdma_dense, "scan": _pdma_scan, "pallas": _pdma_pallas}
 
 
 # On the CPU the dense reference wins while the whole memory is small: its per-step work is M * d_v, the scan's
@@ -227,8 +258,9 @@ def resolve_impl(impl: str, num_slots: int, d_v: int) -> str:
         return impl
     if jax.default_backend() == "cpu" and num_slots * d_v <= _CPU_DENSE_MAX_STATE:
         return "dense"
+    if jax.default_backend() in ("gpu", "tpu"):
+        return "pallas"
     # The scan's memory does not grow with M, and it is parallel over time where dense is sequential.
-    # The GPU/TPU kernel path joins here when it exists.
     return "scan"
 
 
@@ -255,7 +287,7 @@ def pdma(
       gamma: decay power, >= 0 (1 = exponential moving average, 0 = cumulative mean).
       eps: added to the normaliser before dividing.
       grad_eps: smoothing of the backward proxy for (1 - w)^gamma; the forward pass is exact.
-      impl: "auto", "dense" or "scan" (see the module docstring).
+      impl: "auto", "dense", "scan" or "pallas" (see the module docstring).
 
     Returns:
       o: `[batch, time, heads, d_v]` in v's dtype (computed in fp32 or wider).
