@@ -159,30 +159,33 @@ def _triton_kernel(us_ref, uld_ref, usc_ref, urow_ref, rs_ref, rows_ref, state_i
         if not interpret:
             plgpu.debug_barrier()
 
-    def body(c, carry):
+    def load_inputs(c):
+        """The chunk's codes and added rows: they do not depend on the state, so they are loaded one chunk
+        ahead and their latency hides behind the previous chunk's work."""
         u0 = seq * t_pad * ku + c * nu
-        r0 = seq * t_pad * kr + c * nr
         us = us_ref[pl.ds(u0, nu)]
-        uld = uld_ref[pl.ds(u0, nu)]
-        usc = usc_ref[pl.ds(u0, nu)]
         urow = urow_ref[pl.ds(u0, nu)]
-        rs = rs_ref[pl.ds(r0, nr)]
-        w_read, w_upd, decay_r, decay_u, is_last = _chunk_weights(us, upd_step, uld, rs, read_step)
         row_ids = (seq * t_pad + c * chunk + upd_step) * ru + urow
-        x = usc[:, None] * rows_ref[row_ids, cols]
+        x = usc_ref[pl.ds(u0, nu)][:, None] * rows_ref[row_ids, cols]
+        return us, uld_ref[pl.ds(u0, nu)], x, rs_ref[pl.ds(seq * t_pad * kr + c * nr, nr)]
+
+    def body(c, inputs):
+        us, uld, x, rs = inputs
+        upcoming = load_inputs(jnp.minimum(c + 1, n_chunks - 1))
+        w_read, w_upd, decay_r, decay_u, is_last = _chunk_weights(us, upd_step, uld, rs, read_step)
         s0_u = state_ref[state_base + jnp.maximum(us, 0), cols]
         s0_r = state_ref[state_base + jnp.maximum(rs, 0), cols]
         hi = jax.lax.Precision.HIGHEST
         out = decay_r[:, None] * s0_r + jnp.dot(w_read, x, precision=hi)
         out = jnp.where(rs[:, None] >= 0, out, 0.0)
         end = decay_u[:, None] * s0_u + jnp.dot(w_upd, x, precision=hi)
-        out_ref[pl.ds(r0, nr), cols] = out.astype(out_ref.dtype)
+        out_ref[pl.ds(seq * t_pad * kr + c * nr, nr), cols] = out.astype(out_ref.dtype)
         barrier()  # every thread has gathered this chunk's S0 before any row is overwritten
         state_ref[jnp.where(is_last, state_base + us, discard), cols] = end
         barrier()  # the stores are visible before the next chunk gathers
-        return carry
+        return upcoming
 
-    jax.lax.fori_loop(0, n_chunks, body, 0)
+    jax.lax.fori_loop(0, n_chunks, body, load_inputs(0))
 
 
 def _scan_triton(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init_row, num_slots, chunk,
