@@ -28,35 +28,43 @@ def factor_size(key_size: int, num_factors: int) -> int:
     return key_size // num_factors
 
 
-def _sort_desc_ties_low(values: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Sorts the last axis by value descending, equal values by index ascending."""
-    neg_sorted, idx_sorted = jax.lax.sort((-values, indices), dimension=-1, num_keys=2)
-    return -neg_sorted, idx_sorted
+def _top_k_in_index_order(values: jax.Array, indices: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k largest of `values` (ties to the lower position), returned in position order.
+
+    Callers keep `indices` increasing along the last axis, so position order is index order and the ties go
+    to the lower index. `lax.top_k` plus a rank computed by comparisons: no sort kernel, which on GPUs costs
+    far more than these rows of a few dozen entries are worth.
+    """
+    _, pos = jax.lax.top_k(values, k)
+    rank = jnp.sum(pos[..., None, :] < pos[..., :, None], axis=-1)  # where each kept position goes
+    in_order = jnp.sum(jnp.where(rank[..., :, None] == jnp.arange(k), pos[..., :, None], 0), axis=-2)
+    return jnp.take_along_axis(values, in_order, axis=-1), jnp.take_along_axis(indices, in_order, axis=-1)
 
 
 def _beam_search(probs: jax.Array, top_k: int) -> jax.Array:
-    """Indices of the top-K entries of the Kronecker product of `probs` [..., U, d_p].
+    """Indices of the top-K entries of the Kronecker product of `probs` [..., U, d_p], by descending value,
+    equal values by ascending index.
 
     Exact: every prefix (i_1..i_u) of a global top-K tuple is among the top-K prefixes of length u, because
     extending K better prefixes by the same suffix would give K better tuples (the probabilities are > 0).
-    Partial products are formed left to right, exactly as a brute-force Kronecker product forms them.
+    Partial products are formed left to right, exactly as a brute-force Kronecker product forms them. The beam
+    is kept in index order, so that candidates are generated in index order and `lax.top_k`'s ties (lower
+    position first) are the lower-index ties the contract asks for.
     """
     num_factors, d_p = probs.shape[-2:]
-    width = min(top_k, d_p)
-    iota = jnp.broadcast_to(jnp.arange(d_p, dtype=jnp.int32), probs.shape)
-    factor_val, factor_idx = _sort_desc_ties_low(probs, iota)
-    factor_val, factor_idx = factor_val[..., :width], factor_idx[..., :width]
-
-    beam_val, beam_idx = factor_val[..., 0, :], factor_idx[..., 0, :]
+    digits = jnp.arange(d_p, dtype=jnp.int32)
+    beam_val = probs[..., 0, :]
+    beam_idx = jnp.broadcast_to(digits, beam_val.shape)
+    if d_p > top_k:
+        beam_val, beam_idx = _top_k_in_index_order(beam_val, beam_idx, top_k)
     for u in range(1, num_factors):
-        cand_val = beam_val[..., :, None] * factor_val[..., u, None, :]
-        cand_idx = beam_idx[..., :, None] * d_p + factor_idx[..., u, None, :]
-        batch_shape = cand_val.shape[:-2]
-        cand_val = cand_val.reshape(*batch_shape, -1)
-        cand_idx = cand_idx.reshape(*batch_shape, -1)
-        beam_val, beam_idx = _sort_desc_ties_low(cand_val, cand_idx)
-        beam_val, beam_idx = beam_val[..., :top_k], beam_idx[..., :top_k]
-    return beam_idx
+        cand_val = beam_val[..., :, None] * probs[..., u, None, :]
+        cand_idx = beam_idx[..., :, None] * d_p + digits
+        cand_val = cand_val.reshape(*cand_val.shape[:-2], -1)
+        cand_idx = cand_idx.reshape(*cand_idx.shape[:-2], -1)
+        beam_val, beam_idx = _top_k_in_index_order(cand_val, cand_idx, min(top_k, cand_val.shape[-1]))
+    _, pos = jax.lax.top_k(beam_val, top_k)  # descending; ties keep index order
+    return jnp.take_along_axis(beam_idx, pos, axis=-1)
 
 
 def gather_product(probs: jax.Array, idx: jax.Array) -> jax.Array:

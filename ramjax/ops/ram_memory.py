@@ -220,7 +220,7 @@ def _pdma_scan(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, ep
 
 # Kernel tiling for impl="pallas" on GPUs (tokens per chunk, warps per program, state columns per program),
 # chosen by measurement on an H200: see kernels/README.md.
-PALLAS_GPU_OPTIONS = {"chunk": 4, "num_warps": 8, "d_tile": 32}
+PALLAS_GPU_OPTIONS = {"chunk": 2, "num_warps": 4, "d_tile": 32}
 
 
 def pallas_backend() -> tuple[str, bool]:
