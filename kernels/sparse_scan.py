@@ -98,7 +98,7 @@ def _chunk_weights(upd_slot, upd_step, upd_log_decay, read_slot, read_step):
 
 
 def _scan_xla(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init_row, num_slots, chunk):
-    g, t, ku = upd_slot.shape
+    _, t, ku = upd_slot.shape
     kr, ru, d = read_slot.shape[-1], rows.shape[2], rows.shape[-1]
     t_pad = -(-t // chunk) * chunk
     pads = [(upd_slot, -1), (upd_log_decay, 0.0), (upd_scale, 0.0), (upd_row, 0), (rows, 0.0), (read_slot, -1)]
