@@ -130,6 +130,10 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 2
     config.train.progress = True  # a progress bar on the terminal
+    # A step with a non-finite loss or gradient norm never updates the parameters; then "skip" goes on with the
+    # next batch, "stop" ends the run (exit code 3). Either way the step and its batch are logged.
+    config.train.on_nonfinite = "skip"
+    config.train.inject_nan_at_step = -1  # >= 0: make that step's loss NaN (a drill for the guard above)
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: the devices the other axes leave

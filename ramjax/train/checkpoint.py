@@ -8,8 +8,12 @@ read straight into the layout this run uses.
 from __future__ import annotations
 
 import os
+import shutil
+import time
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class Checkpoints:
@@ -18,13 +22,44 @@ class Checkpoints:
             raise ValueError(f"train.keep_checkpoints: must be >= 1, got {keep}")
         if every < 1:
             raise ValueError(f"train.checkpoint_every: must be >= 1, got {every}")
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
-                                               enable_async_checkpointing=True)
+        self.every = every
+        self.options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
+                                                    enable_async_checkpointing=True)
         self.directory = os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.manager = self._open()
+
+    def _open(self):
+        return ocp.CheckpointManager(self.directory, options=self.options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def is_save_step(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def restore_newest_good(self, abstract_state, *, log=None):
+        """(state, meta) of the newest checkpoint that restores, or None if none does.
+
+        A checkpoint that fails to restore (a corrupt or truncated file; Orbax already ignores saves that never
+        finished) is moved aside to `<dir>/corrupt-<step>-<time>`, kept for inspection but out of the way of
+        keep-N and of the next resume, and the one before it is tried.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self.restore(step, abstract_state)
+            except Exception as error:  # noqa: BLE001 -- any failure to read means: try the previous one
+                self.manager.close()
+                aside = os.path.join(self.directory, f"corrupt-{step}-{int(time.time())}")
+                if jax.process_index() == 0:
+                    shutil.move(os.path.join(self.directory, str(step)), aside)
+                if jax.process_count() > 1:
+                    multihost_utils.sync_global_devices(f"ramjax: checkpoint {step} moved aside")
+                self.manager = self._open()
+                if log:
+                    log(f"ramjax train: checkpoint step {step} in {self.directory} does not restore "
+                        f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); moved it to {aside} and "
+                        "trying the previous one")
+        return None
 
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
         """Save at `step` if it is a checkpoint step (or `force`); True when a save started."""

@@ -24,24 +24,37 @@ def masked_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
     return loss, correct, count
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule):
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, inject_nan_at_step: int = -1):
+    """The jitted-to-be train step. A step whose loss or gradient norm is not finite changes neither the
+    parameters nor the optimizer state (only the step counter moves on, past the bad batch), and reports
+    metrics["finite"] = 0; the loop decides whether to go on or stop. `inject_nan_at_step` (>= 0, tests and
+    drills only) turns that step's loss and gradients into NaN."""
+
     def train_step(state, rest, batch):
         def loss_fn(params):
             # Rebuild rest's Variables inside this trace: nnx refuses Variables made at an outer trace level.
             model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
             loss, correct, count = masked_loss(model(batch["inputs"]), batch["targets"], batch["loss_mask"])
+            if inject_nan_at_step >= 0:
+                loss = loss * jnp.where(state["step"] == inject_nan_at_step, jnp.nan, 1.0)
             return loss, (correct, count)
 
         (loss, (correct, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         metrics = {
             "loss": loss,
             "accuracy": correct / jnp.maximum(count, 1.0),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state["step"]),
+            "finite": finite.astype(jnp.float32),
         }
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        return {"params": jax.tree.map(keep_if_bad, params, state["params"]),
+                "opt_state": jax.tree.map(keep_if_bad, opt_state, state["opt_state"]),
+                "step": state["step"] + 1}, metrics
 
     return train_step
 

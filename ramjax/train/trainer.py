@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -37,6 +38,8 @@ def check_config(config, task: SyntheticTask, batch_shards: int) -> None:
     for field in ("num_steps", "log_every", "eval_every"):
         if not isinstance(t[field], int) or t[field] < 1:
             raise ConfigError(f"train.{field}: must be a positive integer, got {t[field]!r}")
+    if t.get("on_nonfinite", "skip") not in ("skip", "stop"):
+        raise ConfigError(f"train.on_nonfinite: must be 'skip' or 'stop', got {t.on_nonfinite!r}")
     for field in ("batch_size", "eval_batch_size"):
         if d[field] < 1 or d[field] % batch_shards or d[field] % jax.process_count():
             raise ConfigError(f"data.{field}: must be a positive multiple of the {batch_shards} batch shards and "
@@ -60,6 +63,24 @@ def _model_differences(saved: dict, current: dict, prefix: str = "model") -> lis
         elif a != b and not (isinstance(a, list) and tuple(a) == b):
             diffs.append(f"{prefix}.{key}: checkpoint {a!r}, now {b!r}")
     return diffs
+
+
+def _install_sigterm(flag: list):
+    """SIGTERM (the preemption signal) appends to `flag`; the loop then saves and exits 0. Returns the previous
+    handler, or None where no handler can be installed (not the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, lambda signum, frame: flag.append(signum))
+    except ValueError:
+        return None
+
+
+def _record_nonfinite_batch(workdir: str, task: SyntheticTask, step: int) -> str:
+    """Writes the batch of a non-finite step to workdir/nonfinite/step_N.npz; returns where, for the log."""
+    directory = os.path.join(workdir, "nonfinite")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"step_{step}.npz")
+    np.savez(path, **task.train_batch(step)._asdict())
+    return f", saved to {path}"
 
 
 class _Batches:
@@ -127,7 +148,9 @@ def train(config, workdir: str, *, devices=None) -> dict:
     def init_rest():
         return nnx.split(build(), nnx.Param, ...)[2]
 
-    train_step = jax.jit(make_train_step(graphdef, tx, schedule), in_shardings=(state_sh, rest_sh, batch_sh),
+    train_step = jax.jit(make_train_step(graphdef, tx, schedule,
+                                         inject_nan_at_step=config.train.get("inject_nan_at_step", -1)),
+                         in_shardings=(state_sh, rest_sh, batch_sh),
                          out_shardings=(state_sh, replicated), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh["params"], rest_sh, batch_sh),
                         out_shardings=replicated)
@@ -147,7 +170,12 @@ def train(config, workdir: str, *, devices=None) -> dict:
             if diffs:
                 raise ConfigError(f"{workdir} holds a checkpoint of a different model ({'; '.join(diffs)}); use a "
                                   "new --workdir, or the same model settings to resume")
-        state, meta = checkpoints.restore(latest, _abstract_with_shardings(abstract_state, state_sh))
+        restored = checkpoints.restore_newest_good(_abstract_with_shardings(abstract_state, state_sh),
+                                                   log=print if is_main else None)
+    else:
+        restored = None
+    if restored is not None:
+        state, meta = restored
         start = int(meta["step"])
         if is_main:
             print(f"ramjax train: resuming {workdir} from step {start} (data position {meta['data_step']})")
@@ -177,11 +205,41 @@ def train(config, workdir: str, *, devices=None) -> dict:
         return {"step": step, "data_step": step, "data_seed": config.data.seed,
                 "init_seed": config.train.init_seed}
 
+    on_nonfinite = t.get("on_nonfinite", "skip")
+    unchecked = []  # (step, metrics) not yet checked for a non-finite loss
+    nonfinite_steps = []
+
+    def check_finite():
+        """Logs every unchecked step whose update was skipped as non-finite; True if there was one."""
+        bad = [(s, m) for s, m in jax.device_get(unchecked) if not m["finite"]]
+        unchecked.clear()
+        for bad_step, m in bad:
+            nonfinite_steps.append(bad_step)
+            record = _record_nonfinite_batch(workdir, task, bad_step) if is_main else ""
+            metrics_log.write(bad_step + 1, {"train/nonfinite_step": bad_step, "train/nonfinite_loss": m["loss"],
+                                             "train/nonfinite_grad_norm": m["grad_norm"]})
+            if is_main:
+                progress.write(f"ramjax train: step {bad_step}: loss {m['loss']}, gradient norm {m['grad_norm']}: "
+                               f"not finite, the update was skipped; the batch is (data.seed "
+                               f"{config.data.seed}, step {bad_step}){record}")
+        return bool(bad)
+
+    preempted = []
+    previous_handler = _install_sigterm(preempted)
     try:
         for step in range(start, num_steps):
             state, metrics = train_step(state, rest, batches.put(task.train_batch(step)))
             interval_steps += 1
             done = step + 1
+            unchecked.append((step, {k: metrics[k] for k in ("finite", "loss", "grad_norm")}))
+            # "stop" checks every step (a sync per step); "skip" checks at each log and before each checkpoint.
+            if (on_nonfinite == "stop" or done % t.log_every == 0 or checkpoints.is_save_step(done)) and \
+                    check_finite() and on_nonfinite == "stop":
+                progress.close()
+                checkpoints.wait()
+                print(f"ramjax train: stopped at step {step} (train.on_nonfinite='stop'); the newest checkpoint "
+                      f"(step {checkpoints.latest_step()}) holds the last good state")
+                raise SystemExit(3)
             if done % t.log_every == 0 or done == num_steps:
                 metrics = jax.device_get(metrics)
                 elapsed = time.time() - interval_start
@@ -203,6 +261,15 @@ def train(config, workdir: str, *, devices=None) -> dict:
             progress.update(1)
             if done % t.log_every == 0:
                 interval_start, interval_steps = time.time(), 0
+            if preempted:
+                progress.close()
+                check_finite()
+                if checkpoints.latest_step() != done:
+                    checkpoints.save(done, state, meta_for(done), force=True)
+                checkpoints.wait()
+                print(f"ramjax train: SIGTERM received; saved step {done} in {workdir} and stopped; rerun the "
+                      f"command to resume")
+                raise SystemExit(0)
     except KeyboardInterrupt:
         # Ctrl-C: keep what was trained. `state` is the state after the last completed step, unless the
         # interrupt came inside a train_step call after its buffers were donated: then the newest checkpoint is
@@ -219,7 +286,11 @@ def train(config, workdir: str, *, devices=None) -> dict:
         checkpoints.wait()
         print(f"\nramjax train: interrupted; saved step {completed} in {workdir}; rerun the command to resume")
         raise SystemExit(130) from None
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     progress.close()
+    check_finite()
     if checkpoints.latest_step() != num_steps:
         checkpoints.save(num_steps, state, meta_for(num_steps), force=True)
     checkpoints.wait()
@@ -236,6 +307,7 @@ def train(config, workdir: str, *, devices=None) -> dict:
         "steps": num_steps,
         "resumed_from": start,
         "train": last_metrics,
+        "nonfinite_steps": nonfinite_steps,
         "eval": last_eval,
         "wall_s": time.time() - wall_start,
         "train_s_this_session": train_seconds,

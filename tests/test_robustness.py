@@ -1,0 +1,149 @@
+"""Nothing lost: non-finite steps are skipped or stop the run without a poisoned checkpoint, SIGTERM saves and
+exits 0, a corrupt newest checkpoint falls back to the previous one, and a run killed with SIGKILL and rerun
+ends bit for bit where an uninterrupted run ends."""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from test_train import assert_trees_equal, resume_config, restore_final
+from tiny import tiny_config
+
+from ramjax.data.tasks import SyntheticTask
+from ramjax.train.metrics import read_metrics
+from ramjax.train.trainer import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    return workdir, train(resume_config(), workdir)
+
+
+def all_finite(tree) -> bool:
+    return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree))
+
+
+def test_nonfinite_step_is_skipped_and_logged(tmp_path, capsys):
+    config = resume_config()
+    config.train.inject_nan_at_step = 5
+    summary = train(config, str(tmp_path))
+    assert summary["nonfinite_steps"] == [5]
+    out = capsys.readouterr().out
+    assert "step 5:" in out and "not finite, the update was skipped" in out and "data.seed 0, step 5" in out
+    saved = np.load(tmp_path / "nonfinite" / "step_5.npz")
+    np.testing.assert_array_equal(saved["inputs"], SyntheticTask(config.task, config.data).train_batch(5).inputs)
+    assert any(line.get("train/nonfinite_step") == 5 for line in read_metrics(str(tmp_path)))
+    state, meta = restore_final(str(tmp_path))
+    assert meta["step"] == 12 and all_finite(state)
+
+
+def test_nonfinite_step_stops_the_run_with_the_last_good_checkpoint(tmp_path, capsys, uninterrupted):
+    config = resume_config()  # checkpoints every 4 steps
+    config.train.inject_nan_at_step = 6
+    config.train.on_nonfinite = "stop"
+    with pytest.raises(SystemExit) as exit_info:
+        train(config, str(tmp_path))
+    assert exit_info.value.code == 3
+    assert "stopped at step 6" in capsys.readouterr().out
+    state, meta = restore_final(str(tmp_path))
+    assert meta["step"] == 4 and all_finite(state)  # no checkpoint after the bad step
+
+
+def test_bad_on_nonfinite_value_is_a_config_error(tmp_path):
+    from ramjax.errors import ConfigError
+
+    config = resume_config()
+    config.train.on_nonfinite = "ignore"
+    with pytest.raises(ConfigError, match="train.on_nonfinite"):
+        train(config, str(tmp_path))
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes_exactly(tmp_path, monkeypatch, capsys, uninterrupted):
+    make_batch = SyntheticTask.train_batch
+
+    def preempt_at_step_5(self, step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return make_batch(self, step)
+
+    monkeypatch.setattr(SyntheticTask, "train_batch", preempt_at_step_5)
+    with pytest.raises(SystemExit) as exit_info:
+        train(resume_config(), str(tmp_path))
+    assert exit_info.value.code == 0
+    assert "SIGTERM received; saved step 6" in capsys.readouterr().out
+    assert restore_final(str(tmp_path))[1]["step"] == 6  # between the periodic checkpoints of 4 and 8
+    monkeypatch.undo()
+    summary = train(resume_config(), str(tmp_path))
+    assert summary["resumed_from"] == 6
+    assert_trees_equal(restore_final(uninterrupted[0])[0], restore_final(str(tmp_path))[0])
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, uninterrupted):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], workdir)
+    for name in ("summary.json",):
+        (workdir / name).unlink()
+    # Checkpoints 8 and 12 are kept; truncate every file of step 12's state.
+    for path in (workdir / "checkpoints" / "12" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")
+    summary = train(resume_config(), str(workdir))
+    out = capsys.readouterr().out
+    assert "checkpoint step 12" in out and "does not restore" in out and "trying the previous one" in out
+    assert summary["resumed_from"] == 8
+    assert any(p.name.startswith("corrupt-12-") for p in (workdir / "checkpoints").iterdir())
+    assert_trees_equal(restore_final(uninterrupted[0])[0], restore_final(str(workdir))[0])
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, "tests")
+    from test_train import resume_config
+    from ramjax.train.trainer import train
+
+    config = resume_config()
+    config.train.checkpoint_every = 1
+    config.train.progress = True  # the bar on stderr tells the parent how far it got
+    train(config, sys.argv[1])
+""")
+
+
+def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path):
+    """SIGKILL lands somewhere in steps 3-10 (wherever the run is when it comes: inside a step, between steps
+    or during an asynchronous save); rerunning the same command finishes the run bit for bit as run A."""
+    reference = str(tmp_path / "reference")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    subprocess.run([sys.executable, "-c", KILL_SCRIPT, reference], cwd=ROOT, env=env, check=True, timeout=600,
+                   capture_output=True)
+    workdir = str(tmp_path / "killed")
+    rng = np.random.default_rng(int(time.time()))
+    kill_after = int(rng.integers(3, 11))
+    process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, workdir], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        seen += process.stderr.read(1) or ""
+        if f"{kill_after}/12" in seen or process.poll() is not None:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode in (-signal.SIGKILL, 0), seen[-2000:]
+    result = subprocess.run([sys.executable, "-c", KILL_SCRIPT, workdir], cwd=ROOT, env=env, timeout=600,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state_ref, meta_ref = restore_final(reference)
+    state, meta = restore_final(workdir)
+    assert meta == meta_ref and meta["step"] == 12
+    assert_trees_equal(state_ref, state)
