@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> None:
         if takes_workdir:
             flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary; rerunning "
                                 "with the same directory resumes.")
+            flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0 (or "
+                                "RAMJAX_COORDINATOR_ADDRESS; SLURM and TPU pods need none of these three).")
+            flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes (or "
+                                 "RAMJAX_NUM_PROCESSES).")
+            flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index (or "
+                                 "RAMJAX_PROCESS_ID).")
         rest = flags.FLAGS([prog] + argv[2:])
         config = config_flag.value
         config.to_dict()  # a config file that failed to load only raises when first used
@@ -62,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         module = importlib.import_module(module_name)
         if takes_workdir:
+            from ramjax.train import distributed
+
+            f = flags.FLAGS
+            distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
             module.main(config, workdir=flags.FLAGS.workdir)
         else:
             module.main(config)

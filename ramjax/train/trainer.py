@@ -112,6 +112,37 @@ def evaluate(eval_step, params, rest, task: SyntheticTask, batches: _Batches) ->
     return results
 
 
+def _abstract(config):
+    """The model builder, optimizer, schedule, graphdef, and the abstract params, other variables and state."""
+    def build():
+        return LanguageModel(config.model, rngs=nnx.Rngs(config.train.init_seed))
+
+    tx = make_optimizer(config.optim, config.train.num_steps)
+    schedule = learning_rate_schedule(config.optim, config.train.num_steps)
+    graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+    abstract_state = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
+                      "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    return build, tx, schedule, graphdef, abstract_params, abstract_rest, abstract_state
+
+
+def restore_state(config, workdir: str, *, devices=None, step: int | None = None):
+    """(state, meta) of checkpoint `step` (default: the newest) in `workdir`, placed on the mesh that
+    `config.mesh` makes of `devices`: whatever mesh the checkpoint was written from. For inspecting a run or
+    checking a move to another machine; `ramjax train` itself restores the same way when it resumes."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    *_, abstract_state = _abstract(config)
+    state_sh = sharding.tree_shardings(abstract_state, config.mesh.rules, mesh)
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+                              every=config.train.checkpoint_every)
+    try:
+        step = checkpoints.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"{workdir}: no checkpoint to restore")
+        return checkpoints.restore(step, _abstract_with_shardings(abstract_state, state_sh))
+    finally:
+        checkpoints.close()
+
+
 def train(config, workdir: str, *, devices=None) -> dict:
     """Train (or resume) the run in `workdir`; returns the summary written to workdir/summary.json."""
     wall_start = time.time()
@@ -124,19 +155,10 @@ def train(config, workdir: str, *, devices=None) -> dict:
         batch_sh = sharding.batch_sharding(rules, mesh)
         check_config(config, task, sharding.num_shards(batch_sh))
         num_steps = config.train.num_steps
-
-        def build():
-            return LanguageModel(config.model, rngs=nnx.Rngs(config.train.init_seed))
-
-        abstract_model = nnx.eval_shape(build)
-        tx = make_optimizer(config.optim, num_steps)
-        schedule = learning_rate_schedule(config.optim, num_steps)
+        build, tx, schedule, graphdef, abstract_params, abstract_rest, abstract_state = _abstract(config)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
-    graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
-    abstract_state = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
-                      "step": jax.ShapeDtypeStruct((), jnp.int32)}
     state_sh = sharding.tree_shardings(abstract_state, rules, mesh)
     rest_sh = sharding.tree_shardings(abstract_rest, rules, mesh)
     replicated = sharding.replicated(mesh)

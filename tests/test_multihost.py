@@ -1,0 +1,160 @@
+"""Multi-process training and moving checkpoints between meshes, on CPU devices.
+
+- 2 processes x 4 CPU devices (jax.distributed on localhost, gloo collectives) train MQAR for 20 steps and end
+  with the parameters of 1 process x 8 devices.
+- A checkpoint written from 8 devices in a (2, 2, 2) mesh restores onto 4 devices in (4, 1, 1) and onto 1
+  device with identical parameters, and training continues from it.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from ramjax.errors import ConfigError
+from ramjax.train import distributed
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+TRAIN_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, "tests")
+    from ramjax.train import distributed
+    layout = distributed.initialize(*(sys.argv[2:3] or [None]), *(int(x) for x in sys.argv[3:5]))
+    import jax
+    from tiny import tiny_config
+    from ramjax.train.trainer import train
+
+    config = tiny_config("ramnet", steps=20)
+    config.data.eval_settings = "2:32,4:32"
+    config.model.ramnet.impl = "dense"
+    config.train.checkpoint_every = 10
+    config.train.log_every = 5
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+    summary = train(config, sys.argv[1])
+    print("LAYOUT", layout, jax.process_count(), jax.device_count(), flush=True)
+""")
+
+# Restores the newest checkpoint of each workdir onto this process's devices and mesh, prints the params.
+RESTORE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, "tests")
+    import jax, numpy as np
+    from tiny import tiny_config
+    from ramjax.train.trainer import restore_state, train
+
+    mesh = tuple(int(x) for x in sys.argv[1].split(","))
+    out = {}
+    for workdir in sys.argv[2:]:
+        config = tiny_config("ramnet", steps=20)
+        config.data.eval_settings = "2:32,4:32"
+        config.model.ramnet.impl = "dense"
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
+        state, meta = restore_state(config, workdir)
+        devices = sorted({len(x.sharding.device_set) for x in jax.tree.leaves(state["params"])})
+        out[workdir] = dict(step=meta["step"], devices=devices,
+                            params=[np.asarray(x).tolist() for x in jax.tree.leaves(state["params"])])
+    if len(sys.argv) == 3 and jax.device_count() < 8:
+        # Training goes on from the moved checkpoint, on this mesh.
+        config.train.num_steps = 24
+        config.train.checkpoint_every = 4
+        summary = train(config, sys.argv[2])
+        out["continued"] = dict(resumed_from=summary["resumed_from"], steps=summary["steps"])
+    print("RESULTS" + json.dumps(out))
+""")
+
+
+def cpu_env(devices: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    for name in distributed.ENV:
+        env.pop(name, None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_restore(mesh: str, devices: int, *workdirs) -> dict:
+    result = subprocess.run([sys.executable, "-c", RESTORE_SCRIPT, mesh, *workdirs], cwd=ROOT, env=cpu_env(devices),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("RESULTS"))[7:])
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(tmp_path_factory):
+    """1 process x 8 devices, mesh (2, 2, 2), 20 steps."""
+    workdir = str(tmp_path_factory.mktemp("one_process"))
+    result = subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, workdir], cwd=ROOT, env=cpu_env(8),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LAYOUT single process 1 8" in result.stdout
+    return workdir
+
+
+def test_two_processes_of_four_devices_equal_one_process_of_eight(eight_device_run, tmp_path):
+    workdir = str(tmp_path / "two_processes")
+    address = f"localhost:{free_port()}"
+    processes = [subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, workdir, address, "2", str(i)], cwd=ROOT,
+                                  env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+    outputs = [p.communicate(timeout=900) for p in processes]
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+        assert "LAYOUT 2 processes (flags) 2 8" in out
+    # Only process 0 writes the logs and the summary.
+    assert "finished 20 steps" in outputs[0][0] and "finished 20 steps" not in outputs[1][0]
+    with open(os.path.join(workdir, "summary.json")) as f:
+        two = json.load(f)
+    with open(os.path.join(eight_device_run, "summary.json")) as f:
+        one = json.load(f)
+    assert two["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-5)
+    restored = run_restore("2,2,2", 8, eight_device_run, workdir)
+    a, b = restored[eight_device_run], restored[workdir]
+    assert a["step"] == b["step"] == 20
+    for x, y in zip(a["params"], b["params"], strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert np.sqrt(np.mean((x - y) ** 2) / max(np.mean(x**2), 1e-30)) < 1e-5
+
+
+@pytest.mark.parametrize("mesh,devices", [("4,1,1", 4), ("1,1,1", 1)])
+def test_checkpoint_from_eight_devices_restores_on_another_mesh(eight_device_run, tmp_path, mesh, devices):
+    import shutil
+
+    original = run_restore("2,2,2", 8, eight_device_run)[eight_device_run]
+    assert original["devices"] == [8] and original["step"] == 20
+    moved = str(tmp_path / "moved")
+    shutil.copytree(eight_device_run, moved)
+    os.remove(os.path.join(moved, "summary.json"))
+    results = run_restore(mesh, devices, moved)
+    restored = results[moved]
+    assert restored["devices"] == [devices] and restored["step"] == 20
+    for x, y in zip(original["params"], restored["params"], strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit
+    assert results["continued"] == {"resumed_from": 20, "steps": 24}
+
+
+def test_distributed_initialize_needs_the_whole_layout(monkeypatch):
+    for name in distributed.ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert distributed.initialize() == "single process"
+    with pytest.raises(ConfigError, match="give all of the coordinator address"):
+        distributed.initialize("localhost:1234", None, None)
+    with pytest.raises(ConfigError, match="process id must be in"):
+        distributed.initialize("localhost:1234", 2, 5)
+    monkeypatch.setenv("RAMJAX_NUM_PROCESSES", "1")
+    monkeypatch.setenv("RAMJAX_PROCESS_ID", "0")
+    monkeypatch.setenv("RAMJAX_COORDINATOR_ADDRESS", "localhost:1234")
+    assert distributed.initialize() == "single process"
