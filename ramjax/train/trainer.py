@@ -9,6 +9,7 @@ end, summary.json.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from ramjax.data.tasks import SyntheticTask
@@ -112,14 +114,19 @@ def evaluate(eval_step, params, rest, task: SyntheticTask, batches: _Batches) ->
     return results
 
 
-def _abstract(config):
-    """The model builder, optimizer, schedule, graphdef, and the abstract params, other variables and state."""
+def _abstract(config, mesh=None):
+    """The model builder, optimizer, schedule, graphdef, and the abstract params, other variables and state.
+    With a mesh, the model keeps its activations sharded over the batch axes of `config.mesh.rules`."""
     def build():
         return LanguageModel(config.model, rngs=nnx.Rngs(config.train.init_seed))
 
     tx = make_optimizer(config.optim, config.train.num_steps)
     schedule = learning_rate_schedule(config.optim, config.train.num_steps)
-    graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+    abstract_model = nnx.eval_shape(build)
+    if mesh is not None:
+        batch_axes = sharding.batch_sharding(config.mesh.rules, mesh).spec[0]
+        abstract_model.activation_sharding = NamedSharding(mesh, PartitionSpec(batch_axes, None, None))
+    graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
     abstract_state = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
                       "step": jax.ShapeDtypeStruct((), jnp.int32)}
     return build, tx, schedule, graphdef, abstract_params, abstract_rest, abstract_state
@@ -143,6 +150,30 @@ def restore_state(config, workdir: str, *, devices=None, step: int | None = None
         checkpoints.close()
 
 
+def step_memory(config, *, devices=None) -> dict:
+    """Per-device bytes of the compiled train step on the mesh `config.mesh` makes of `devices`, from XLA's
+    memory analysis: its arguments (parameters, optimizer state, batch), outputs and temporaries, and the
+    parameter + optimizer-state bytes one device holds (from the shardings: what FSDP divides)."""
+    task = SyntheticTask(config.task, config.data)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = config.mesh.rules
+    _, tx, schedule, graphdef, _, abstract_rest, abstract_state = _abstract(config, mesh)
+    state_sh = sharding.tree_shardings(abstract_state, rules, mesh)
+    rest_sh = sharding.tree_shardings(abstract_rest, rules, mesh)
+    batch_sh = sharding.batch_sharding(rules, mesh)
+    step = jax.jit(make_train_step(graphdef, tx, schedule), in_shardings=(state_sh, rest_sh, batch_sh),
+                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    batch = {name: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype, sharding=batch_sh)
+             for name, value in task.train_batch(0)._asdict().items()}
+    state = _abstract_with_shardings(abstract_state, state_sh)
+    rest = _abstract_with_shardings(abstract_rest, rest_sh)
+    analysis = step.lower(state, rest, batch).compile().memory_analysis()
+    held = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+    return {"mesh": dict(mesh.shape), "argument_bytes": analysis.argument_size_in_bytes,
+            "output_bytes": analysis.output_size_in_bytes, "temp_bytes": analysis.temp_size_in_bytes,
+            "state_bytes_per_device": held}
+
+
 def train(config, workdir: str, *, devices=None) -> dict:
     """Train (or resume) the run in `workdir`; returns the summary written to workdir/summary.json."""
     wall_start = time.time()
@@ -155,7 +186,7 @@ def train(config, workdir: str, *, devices=None) -> dict:
         batch_sh = sharding.batch_sharding(rules, mesh)
         check_config(config, task, sharding.num_shards(batch_sh))
         num_steps = config.train.num_steps
-        build, tx, schedule, graphdef, abstract_params, abstract_rest, abstract_state = _abstract(config)
+        build, tx, schedule, graphdef, abstract_params, abstract_rest, abstract_state = _abstract(config, mesh)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
