@@ -24,10 +24,17 @@ COMMANDS = {
 }
 
 
+# Commands with flags of their own: command -> (module with main(argv), one line of help).
+OWN_FLAG_COMMANDS = {
+    "sweep": ("ramjax.sweep", "a grid of `ramjax train` runs from --config and --sweep FILE; tables and plots"),
+}
+
+
 def usage() -> str:
     lines = ["usage: ramjax COMMAND [--config FILE[:VARIANT]] [--config.FIELD=VALUE ...] [--workdir DIR]", "",
              "commands:"]
     lines += [f"  {name:8s} {text}  (default config: {config})" for name, (_, config, text, _) in COMMANDS.items()]
+    lines += [f"  {name:8s} {text}" for name, (_, text) in OWN_FLAG_COMMANDS.items()]
     lines += ["", "`ramjax COMMAND --help` lists a command's flags."]
     return "\n".join(lines)
 
@@ -38,8 +45,12 @@ def main(argv: list[str] | None = None) -> None:
         print(usage())
         return
     command = argv[1]
+    if command in OWN_FLAG_COMMANDS:
+        importlib.import_module(OWN_FLAG_COMMANDS[command][0]).main(argv[2:])
+        return
     if command not in COMMANDS:
-        raise SystemExit(f"ramjax: unknown command {command!r}; known: {', '.join(COMMANDS)}\n\n{usage()}")
+        raise SystemExit(f"ramjax: unknown command {command!r}; known: "
+                         f"{', '.join(list(COMMANDS) + list(OWN_FLAG_COMMANDS))}\n\n{usage()}")
     module_name, default_config, _, takes_workdir = COMMANDS[command]
     prog = f"ramjax {command}"
     app.define_help_flags()

@@ -186,3 +186,45 @@ def test_fsdp_divides_parameter_and_optimizer_memory_per_device():
     assert data["state_bytes_per_device"] / fsdp["state_bytes_per_device"] > 7
     assert data["argument_bytes"] / fsdp["argument_bytes"] > 6
     assert fsdp["temp_bytes"] < 1.25 * data["temp_bytes"]
+
+
+KERNEL_SCRIPT = textwrap.dedent("""
+    import json, sys, tempfile
+    sys.path.insert(0, "tests")
+    import jax, numpy as np
+    from tiny import tiny_config
+    from ramjax.train.trainer import train, restore_state
+
+    out = {}
+    for name, mesh, devices in (("one", (1, 1, 1), jax.devices()[:1]), ("eight", (2, 2, 2), None)):
+        config = tiny_config("ramnet", steps=2)
+        config.data.eval_settings = "2:32,4:32"
+        config.model.ramnet.impl = "pallas"  # interpret mode on the CPU
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
+        summary = train(config, tempfile.mkdtemp(), devices=devices)
+        state, _ = restore_state(config, summary["workdir"], devices=devices)
+        out[name] = [np.asarray(x).tolist() for x in jax.tree.leaves(state["params"])]
+    # The kernel call sits inside a shard_map in the sharded step.
+    import jax.numpy as jnp
+    from flax import nnx
+    from ramjax.models import LanguageModel
+    from ramjax.train import sharding
+    model = LanguageModel(config.model, rngs=nnx.Rngs(0))
+    model.shard_activations(sharding.make_mesh(config.mesh), ("data", "fsdp"), "tensor")
+    graphdef, variables = nnx.split(model)
+    tokens = jnp.zeros((8, 32), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda v, t: nnx.merge(graphdef, v)(t))(variables, tokens)
+    out["jaxpr_has_shard_map"] = "shard_map" in str(jaxpr)
+    print("RESULTS" + json.dumps(out))
+""")
+
+
+def test_pallas_kernel_runs_per_shard_and_matches_one_device():
+    result = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT], cwd=ROOT, env=cpu_env(8), capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("RESULTS"))[7:])
+    assert out["jaxpr_has_shard_map"]
+    for x, y in zip(out["one"], out["eight"], strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert np.sqrt(np.mean((x - y) ** 2) / max(np.mean(x**2), 1e-30)) < 1e-5

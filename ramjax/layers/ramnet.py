@@ -81,6 +81,9 @@ class RAMNetMixer(nnx.Module):
                               if short_conv else [])
         norm_type = GatedRMSNorm if output_gate else RMSNorm
         self.out_norm = norm_type(d_v, axis_name=None) if (output_norm or output_gate) else None
+        # The mesh layout of [batch, time, heads, ...] inside this layer (set by LanguageModel.shard_activations):
+        # the Pallas memory kernel then runs per device shard.
+        self.kernel_sharding = None
 
     def _project(self, index: int, projection, x: jax.Array) -> jax.Array:
         y = projection(x)
@@ -106,7 +109,7 @@ class RAMNetMixer(nnx.Module):
         (read_idx, read_val), (write_idx, write_val) = self.addresses(x, positions)
         v = self._project(2, self.v_proj, x).reshape(batch, seq_len, self.num_heads, self.d_v)
         o = ops.pdma(read_idx, read_val, write_idx, write_val, v, num_slots=self.num_slots, gamma=self.gamma,
-                     eps=self.eps, grad_eps=self.grad_eps, impl=self.impl)
+                     eps=self.eps, grad_eps=self.grad_eps, impl=self.impl, sharding=self.kernel_sharding)
         if self.gate_proj is not None:
             o = self.out_norm(o, self.gate_proj(x).reshape(o.shape))
         elif self.out_norm is not None:

@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ramjax.layers.axes import dense, logical_init
 from ramjax.layers.mlp import SwiGLU
 from ramjax.layers.norm import RMSNorm
-from ramjax.layers.ramnet import cape_heads_per_layer
+from ramjax.layers.ramnet import RAMNetMixer, cape_heads_per_layer
 from ramjax.models.mixers import compute_dtype, make_mixer, parse_pattern
 
 
@@ -96,6 +97,15 @@ class LanguageModel(nnx.Module):
         # it, XLA may follow the FSDP sharding of the weights into the activations and give every device the
         # whole batch (measured: 8x the temporaries on a (1, 8, 1) mesh).
         self.activation_sharding = None
+
+    def shard_activations(self, mesh, batch_axes, heads_axes) -> None:
+        """Lay the residual stream out as (batch over `batch_axes`) on `mesh`, and tell the layers with custom
+        kernels how their per-head tensors are laid out (batch over `batch_axes`, heads over `heads_axes`)."""
+        self.activation_sharding = NamedSharding(mesh, PartitionSpec(batch_axes, None, None))
+        per_head = NamedSharding(mesh, PartitionSpec(batch_axes, None, heads_axes, None))
+        for _, module in self.iter_modules():
+            if isinstance(module, RAMNetMixer):
+                module.kernel_sharding = per_head
 
     def _constrain(self, x: jax.Array) -> jax.Array:
         if self.activation_sharding is None:

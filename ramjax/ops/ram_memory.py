@@ -276,6 +276,7 @@ def pdma(
     eps: float = 1e-6,
     grad_eps: float = 1e-3,
     impl: str = "auto",
+    sharding: jax.sharding.NamedSharding | None = None,
 ) -> jax.Array:
     """RAM-Net memory read-out for a whole sequence.
 
@@ -288,6 +289,9 @@ def pdma(
       eps: added to the normaliser before dividing.
       grad_eps: smoothing of the backward proxy for (1 - w)^gamma; the forward pass is exact.
       impl: "auto", "dense", "scan" or "pallas" (see the module docstring).
+      sharding: how the `[batch, time, heads, ...]` arguments are laid out on a device mesh (time unsplit).
+        With impl "pallas" the kernel then runs on each device's shard under `shard_map` (every (batch, head)
+        is independent), instead of on arrays XLA would first gather; the XLA implementations ignore it.
 
     Returns:
       o: `[batch, time, heads, d_v]` in v's dtype (computed in fp32 or wider).
@@ -295,17 +299,15 @@ def pdma(
     read_idx, read_val, write_idx, write_val, v = map(jnp.asarray, (read_idx, read_val, write_idx, write_val, v))
     _check_pdma_args(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps, impl)
     dtype = _compute_dtype(read_val, write_val, v)
-    o = _IMPL_FUNCTIONS[resolve_impl(impl, num_slots, v.shape[-1])](
-        read_idx.astype(jnp.int32),
-        read_val.astype(dtype),
-        write_idx.astype(jnp.int32),
-        write_val.astype(dtype),
-        v.astype(dtype),
-        num_slots,
-        gamma,
-        eps,
-        grad_eps,
-    )
+    chosen = resolve_impl(impl, num_slots, v.shape[-1])
+    run = functools.partial(_IMPL_FUNCTIONS[chosen], num_slots=num_slots, gamma=gamma, eps=eps, grad_eps=grad_eps)
+    if chosen == "pallas" and sharding is not None and sharding.mesh.size > 1:
+        if len(sharding.spec) > 1 and sharding.spec[1] is not None:
+            raise ValueError(f"sharding: the time axis must not be split, got {sharding.spec}")
+        run = jax.shard_map(run, mesh=sharding.mesh, in_specs=(sharding.spec,) * 5, out_specs=sharding.spec,
+                            check_vma=False)
+    o = run(read_idx.astype(jnp.int32), read_val.astype(dtype), write_idx.astype(jnp.int32),
+            write_val.astype(dtype), v.astype(dtype))
     return o.astype(v.dtype)
 
 

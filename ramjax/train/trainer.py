@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from ramjax.data.tasks import SyntheticTask
@@ -125,7 +124,12 @@ def _abstract(config, mesh=None):
     abstract_model = nnx.eval_shape(build)
     if mesh is not None:
         batch_axes = sharding.batch_sharding(config.mesh.rules, mesh).spec[0]
-        abstract_model.activation_sharding = NamedSharding(mesh, PartitionSpec(batch_axes, None, None))
+        heads_axes = dict(config.mesh.rules).get("heads")
+        heads_size = math.prod(mesh.shape[a] for a in ((heads_axes,) if isinstance(heads_axes, str) else
+                                                       (heads_axes or ())))
+        if config.model.num_heads % heads_size:
+            heads_axes = None  # as the parameters: not divisible, kept whole
+        abstract_model.shard_activations(mesh, batch_axes, heads_axes)
     graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
     abstract_state = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
                       "step": jax.ShapeDtypeStruct((), jnp.int32)}

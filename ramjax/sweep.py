@@ -1,0 +1,325 @@
+"""`ramjax sweep`: run a grid of training runs from one config and a sweep file, and tabulate and plot them.
+
+  ramjax sweep --config configs/mqar.py:ramnet --sweep configs/sweeps/NAME.py [--workdir DIR]
+               [--dry-run] [--max-parallel N] [--config.FIELD=VALUE ...]
+
+A sweep file is Python, like a config file. It defines `get_sweep()`, returning the grid built from
+`values(field, [...])` with `product(...)` (every combination) and `zipped(...)` (element by element), and may
+define `PLOT = {"x": field, "y": metric, "series": [fields]}`:
+
+    from ramjax.sweep import product, values, zipped
+
+    def get_sweep():
+        return product(values("model.pattern", ["ramnet", "attention"]),
+                       zipped(values("model.d_model", [64, 128]), values("optim.learning_rate", [3e-3, 1e-3])))
+
+Every run is `ramjax train` in its own process and workdir under the sweep directory (default
+runs/sweeps/<sweep file name>), so a crash of one run does not end the sweep. Rerunning the same command skips
+finished runs and resumes unfinished ones. `--dry-run` prints the `ramjax train` command of every run (for a
+cluster scheduler) and runs nothing. At the end, results.csv, results.md and plots (PNG) are written to the
+sweep directory; a failed run is a row saying so, with the end of its error output.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from tqdm import tqdm
+
+from ramjax.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------------------------
+# Grids: a grid is a list of runs, a run a dict {field: value} (fields in the order they were declared).
+
+
+def values(field: str, options) -> list[dict]:
+    """One field over a list of values."""
+    if not isinstance(field, str) or not field:
+        raise ConfigError(f"sweep: a field name must be a non-empty string like 'model.d_model', got {field!r}")
+    options = list(options)
+    if not options:
+        raise ConfigError(f"sweep: values({field!r}, ...) needs at least one value")
+    return [{field: value} for value in options]
+
+
+def product(*grids) -> list[dict]:
+    """Every combination of the grids' runs (the last grid varies fastest)."""
+    runs = [{}]
+    for grid in grids:
+        runs = [_merged(a, b) for a in runs for b in grid]
+    return runs
+
+
+def zipped(*grids) -> list[dict]:
+    """The grids' runs element by element; they must have the same length."""
+    lengths = [len(grid) for grid in grids]
+    if len(set(lengths)) > 1:
+        raise ConfigError(f"sweep: zipped(...) needs grids of equal length, got lengths {lengths}")
+    return [_merged_all(parts) for parts in zip(*grids)]
+
+
+def _merged(a: dict, b: dict) -> dict:
+    both = set(a) & set(b)
+    if both:
+        raise ConfigError(f"sweep: field {sorted(both)[0]!r} is swept twice in one run")
+    return {**a, **b}
+
+
+def _merged_all(parts) -> dict:
+    out = {}
+    for part in parts:
+        out = _merged(out, part)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading a sweep file, naming runs, building their commands.
+
+
+def load_sweep(path: str):
+    """(runs, plot spec) from a sweep file."""
+    if not os.path.exists(path):
+        raise ConfigError(f"--sweep: no such file {path!r}")
+    spec = importlib.util.spec_from_file_location(f"sweep_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise ConfigError(f"--sweep {path}: defines no get_sweep()")
+    runs = module.get_sweep()
+    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
+        raise ConfigError(f"--sweep {path}: get_sweep() must return a non-empty list of runs (use values, product, "
+                          "zipped from ramjax.sweep)")
+    names = [run_name(i, r) for i, r in enumerate(runs)]
+    plot = getattr(module, "PLOT", None)
+    return runs, plot, names
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ",".join(_format(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return str(value)
+
+
+def run_name(index: int, run: dict) -> str:
+    """A directory name: the run's index and its swept values, e.g. 003-d_model=64-learning_rate=0.001."""
+    parts = [f"{field.split('.')[-1]}={_format(value)}" for field, value in run.items()]
+    name = "-".join([f"{index:03d}"] + parts)
+    return re.sub(r"[^A-Za-z0-9_.=,()+-]", "_", name)[:180]
+
+
+def train_command(config: str, workdir: str, run: dict, overrides: list[str]) -> list[str]:
+    return ([sys.executable, "-m", "ramjax.cli", "train", f"--config={config}", f"--workdir={workdir}"] + overrides
+            + [f"--config.{field}={_format(value)}" for field, value in run.items()])
+
+
+def printable(command: list[str]) -> str:
+    return shlex.join(["ramjax"] + command[3:])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running.
+
+
+def run_status(workdir: str) -> str:
+    """finished, failed, unfinished (a checkpoint or a log, no summary) or new."""
+    if os.path.exists(os.path.join(workdir, "summary.json")):
+        return "finished"
+    if os.path.exists(os.path.join(workdir, "error.txt")):
+        return "failed"
+    return "unfinished" if os.path.exists(workdir) else "new"
+
+
+def execute(command: list[str], workdir: str) -> tuple[str, float]:
+    """Runs one training process; its output goes to workdir/train.log. Returns (status, seconds)."""
+    os.makedirs(workdir, exist_ok=True)
+    error_path = os.path.join(workdir, "error.txt")
+    if os.path.exists(error_path):
+        os.remove(error_path)  # a retry
+    start = time.time()
+    with open(os.path.join(workdir, "train.log"), "a") as log:
+        log.write(f"$ {printable(command)}\n")
+        log.flush()
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    if done.returncode == 0 and os.path.exists(os.path.join(workdir, "summary.json")):
+        return "finished", time.time() - start
+    with open(os.path.join(workdir, "train.log")) as f:
+        tail = [line.rstrip() for line in f.readlines()[-15:] if line.strip()]
+    with open(error_path, "w") as f:
+        f.write(f"exit code {done.returncode}\n" + "\n".join(tail) + "\n")
+    return "failed", time.time() - start
+
+
+def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: bool = False, max_parallel: int = 1,
+          overrides: list[str] = ()) -> list[dict]:
+    """Runs (or, with dry_run, prints) the sweep; returns its result rows."""
+    runs, plot, names = load_sweep(sweep_path)
+    if max_parallel < 1:
+        raise ConfigError(f"--max-parallel: must be >= 1, got {max_parallel}")
+    sweep_dir = workdir or os.path.join("runs", "sweeps", os.path.splitext(os.path.basename(sweep_path))[0])
+    commands = [train_command(config, os.path.join(sweep_dir, name), run, list(overrides))
+                for name, run in zip(names, runs)]
+    if dry_run:
+        for command in commands:
+            print(printable(command))
+        return []
+    os.makedirs(sweep_dir, exist_ok=True)
+    with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
+        json.dump({"config": config, "sweep": os.path.abspath(sweep_path), "overrides": list(overrides),
+                   "runs": [{"name": n, "fields": r} for n, r in zip(names, runs)]}, f, indent=2, default=str)
+    todo = [(name, command) for name, command in zip(names, commands)
+            if run_status(os.path.join(sweep_dir, name)) != "finished"]
+    print(f"ramjax sweep: {len(runs)} runs in {sweep_dir}; {len(runs) - len(todo)} finished already, "
+          f"{len(todo)} to run ({max_parallel} at a time)")
+    with tqdm(total=len(todo), unit="run", desc="sweep") as progress, ThreadPoolExecutor(max_parallel) as pool:
+        futures = {pool.submit(execute, command, os.path.join(sweep_dir, name)): name for name, command in todo}
+        for future in futures:
+            status, seconds = future.result()
+            progress.update(1)
+            progress.write(f"{futures[future]}: {status} in {seconds:.0f} s")
+    rows = collect(sweep_dir, names, runs)
+    write_results(sweep_dir, rows, runs, plot)
+    failed = [r["run"] for r in rows if r["status"] == "failed"]
+    print(f"ramjax sweep: results in {sweep_dir}/results.md" + (f"; {len(failed)} failed: {failed}" if failed else ""))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results.
+
+
+def collect(sweep_dir: str, names: list[str], runs: list[dict]) -> list[dict]:
+    rows = []
+    for name, run in zip(names, runs):
+        directory = os.path.join(sweep_dir, name)
+        row = {"run": name, **{field: _format(value) for field, value in run.items()}}
+        status = run_status(directory)
+        row["status"] = status
+        if status == "finished":
+            with open(os.path.join(directory, "summary.json")) as f:
+                summary = json.load(f)
+            row.update({"steps": summary.get("steps"), "wall_s": round(summary.get("wall_s", float("nan")), 1),
+                        "train/loss": summary.get("train", {}).get("loss")})
+            row.update(summary.get("eval", {}))
+        elif status == "failed":
+            with open(os.path.join(directory, "error.txt")) as f:
+                lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+            row["error"] = f"{lines[-1]} ({lines[0]})" if len(lines) > 1 else lines[0] if lines else "failed"
+        rows.append(row)
+    return rows
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    return columns
+
+
+def write_results(sweep_dir: str, rows: list[dict], runs: list[dict], plot) -> None:
+    columns = _columns(rows)
+    with open(os.path.join(sweep_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def cell(value):
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value).replace("|", "/")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    with open(os.path.join(sweep_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    fields = list(dict.fromkeys(field for run in runs for field in run))
+    for path in plot_results(sweep_dir, rows, fields, plot):
+        print(f"ramjax sweep: plot {path}")
+
+
+def plot_results(sweep_dir: str, rows: list[dict], fields: list[str], plot) -> list[str]:
+    """Metric against one swept field, a line per combination of the others; PNG files in sweep_dir."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finished = [r for r in rows if r["status"] == "finished"]
+    if not finished or not fields:
+        return []
+    plot = dict(plot or {})
+    x = plot.get("x", fields[0])
+    ys = plot.get("y", "eval/accuracy/mean")
+    ys = [ys] if isinstance(ys, str) else list(ys)
+    series = plot.get("series", [f for f in fields if f != x])
+    paths = []
+    for y in ys:
+        if not any(y in r for r in finished):
+            continue
+        figure, axes = plt.subplots(figsize=(6, 4))
+        key = lambda r: tuple(r.get(s) for s in series)  # noqa: E731
+        for group, members in itertools.groupby(sorted(finished, key=lambda r: str(key(r))), key=key):
+            members = [m for m in members if m.get(y) is not None]
+            points = sorted(((_number(m[x]), m[y]) for m in members), key=lambda p: p[0])
+            label = ", ".join(f"{s.split('.')[-1]}={v}" for s, v in zip(series, group)) or y
+            axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        axes.set_xlabel(x)
+        axes.set_ylabel(y)
+        if all(isinstance(_number(r[x]), float) and _number(r[x]) > 0 for r in finished):
+            values = sorted({_number(r[x]) for r in finished})
+            if len(values) > 2 and values[-1] / values[0] >= 16:
+                axes.set_xscale("log")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+        figure.tight_layout()
+        path = os.path.join(sweep_dir, "plot_" + re.sub(r"[^A-Za-z0-9]+", "_", y).strip("_") + ".png")
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command line.
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="ramjax sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/mqar.py:ramnet", help="config file[:variant] of every run")
+    parser.add_argument("--sweep", required=True, help="sweep file (Python, defines get_sweep())")
+    parser.add_argument("--workdir", default=None, help="sweep directory (default runs/sweeps/<sweep file name>)")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs' `ramjax train` commands, run nothing")
+    parser.add_argument("--max-parallel", type=int, default=1, help="runs at the same time (default 1)")
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if not a.startswith("--config.")]
+    if bad:
+        parser.error(f"unexpected arguments {bad}; settings for every run go through --config.FIELD=VALUE")
+    try:
+        rows = sweep(args.config, args.sweep, workdir=args.workdir, dry_run=args.dry_run,
+                     max_parallel=args.max_parallel, overrides=extra)
+    except ConfigError as error:
+        raise SystemExit(f"ramjax sweep: {error}") from None
+    if any(r["status"] == "failed" for r in rows):
+        raise SystemExit(1)

@@ -1,0 +1,107 @@
+"""`ramjax sweep`: grid expansion, dry-run commands, running with skip/resume, failed runs reported, results."""
+
+import csv
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from ramjax import sweep
+from ramjax.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_product_and_zipped_expand_in_order():
+    grid = sweep.product(sweep.values("a", [1, 2]),
+                         sweep.zipped(sweep.values("b", ["x", "y"]), sweep.values("c", [0.1, 0.2])))
+    assert grid == [{"a": 1, "b": "x", "c": 0.1}, {"a": 1, "b": "y", "c": 0.2},
+                    {"a": 2, "b": "x", "c": 0.1}, {"a": 2, "b": "y", "c": 0.2}]
+    with pytest.raises(ConfigError, match="equal length"):
+        sweep.zipped(sweep.values("b", [1, 2]), sweep.values("c", [1]))
+    with pytest.raises(ConfigError, match="swept twice"):
+        sweep.product(sweep.values("a", [1]), sweep.values("a", [2]))
+    with pytest.raises(ConfigError, match="at least one value"):
+        sweep.values("a", [])
+
+
+def test_run_names_are_unique_and_readable():
+    names = [sweep.run_name(i, r) for i, r in enumerate(sweep.product(sweep.values("model.pattern", ["a,b", "c"]),
+                                                                     sweep.values("optim.learning_rate", [1e-3])))]
+    assert names == ["000-pattern=a,b-learning_rate=0.001", "001-pattern=c-learning_rate=0.001"]
+
+
+def test_dry_run_prints_one_train_command_per_run(capsys):
+    rows = sweep.sweep("configs/mqar.py:ramnet,cpu", str(ROOT / "configs" / "sweeps" / "mqar_width.py"),
+                       workdir="/tmp/never_made", dry_run=True, overrides=["--config.train.num_steps=10"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rows == [] and len(lines) == 9 and not os.path.exists("/tmp/never_made")
+    assert all(line.startswith("ramjax train --config=configs/mqar.py:ramnet,cpu --workdir=/tmp/never_made/")
+               for line in lines)
+    assert "--config.train.num_steps=10 --config.model.pattern=ramnet --config.model.d_model=64" in lines[0]
+
+
+def test_bad_sweep_files_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        sweep.load_sweep(str(tmp_path / "missing.py"))
+    path = tmp_path / "empty.py"
+    path.write_text("X = 1\n")
+    with pytest.raises(ConfigError, match="defines no get_sweep"):
+        sweep.load_sweep(str(path))
+
+
+TINY_CONFIG = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from tiny import tiny_config
+
+
+def get_config(variant="transformer"):
+    config = tiny_config(variant, steps=2)
+    config.data.eval_settings = "2:32,4:32"
+    return config
+"""
+
+SWEEP = """
+from ramjax.sweep import product, values
+
+PLOT = {"x": "optim.learning_rate", "y": "eval/accuracy/mean", "series": ["data.train_settings"]}
+
+
+def get_sweep():
+    # The second setting is invalid (4 * kv > length): that run fails, and the sweep must say so.
+    return product(values("data.train_settings", ["2:16,4:32", "9:32"]), values("optim.learning_rate", [1e-3, 1e-2]))
+"""
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "ramjax.cli", "sweep", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_sweep_runs_skips_resumes_and_reports_failures(tmp_path):
+    (tmp_path / "tiny.py").write_text(TINY_CONFIG)
+    (tmp_path / "grid.py").write_text(SWEEP)
+    args = ("--config", "tiny.py:transformer", "--sweep", "grid.py", "--workdir", "out", "--max-parallel", "2")
+    first = run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 1, first.stderr[-2000:]  # two runs failed
+    out = tmp_path / "out"
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["finished", "finished", "failed", "failed"]
+    assert all(float(r["eval/accuracy/mean"]) >= 0 for r in rows[:2])
+    assert "setting 9:32 is invalid" in rows[2]["error"] and "exit code 1" in rows[2]["error"], rows[2]["error"]
+    table = (out / "results.md").read_text()
+    assert "| failed |" in table and "| 000-train_settings=2_16,4_32-learning_rate=0.001 | 2:16,4:32 | 0.001 | finished |" in table
+    assert (out / "plot_eval_accuracy_mean.png").stat().st_size > 1000
+
+    # Rerun: finished runs are skipped; an unfinished one (no summary) resumes from its checkpoint.
+    (out / "001-train_settings=2_16,4_32-learning_rate=0.01" / "summary.json").unlink()
+    second = run_cli(*args, cwd=tmp_path)
+    assert "4 runs in out; 1 finished already, 3 to run" in second.stdout, second.stdout
+    log = (out / "001-train_settings=2_16,4_32-learning_rate=0.01" / "train.log").read_text()
+    assert "resuming" in log
+    with open(out / "results.csv") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["finished", "finished", "failed", "failed"]
