@@ -209,7 +209,9 @@ def collect(sweep_dir: str, names: list[str], runs: list[dict]) -> list[dict]:
         if status == "finished":
             with open(os.path.join(directory, "summary.json")) as f:
                 summary = json.load(f)
-            row.update({"steps": summary.get("steps"), "wall_s": round(summary.get("wall_s", float("nan")), 1),
+            row.update({"steps": summary.get("steps"), "parameters": summary.get("parameters"),
+                        "state_size": summary.get("state_size"),
+                        "wall_s": round(summary.get("wall_s", float("nan")), 1),
                         "train/loss": summary.get("train", {}).get("loss")})
             row.update(summary.get("eval", {}))
         elif status == "failed":

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ramjax.data.tasks import SyntheticTask
 from ramjax.errors import ConfigError
 from ramjax.models import LanguageModel
+from ramjax.models.state_size import recurrent_state_size
 from ramjax.timing import environment
 from ramjax.train import sharding
 from ramjax.train.checkpoint import Checkpoints
@@ -361,6 +362,7 @@ def train(config, workdir: str, *, devices=None) -> dict:
         "workdir": os.path.abspath(workdir),
         "model": config.model.pattern,
         "parameters": n_params,
+        "state_size": recurrent_state_size(config.model, max(n for _, n in task.eval_settings)),
         "steps": num_steps,
         "resumed_from": start,
         "train": last_metrics,
