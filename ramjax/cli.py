@@ -21,12 +21,14 @@ COMMANDS = {
              False),
     "train": ("ramjax.train.trainer", "configs/mqar.py:cpu", "train (or resume) a model from a config; needs --workdir",
               True),
+    "prepare": ("ramjax.data.lm", "configs/lm.py", "build a language-model dataset and its tokenizer", False),
 }
 
 
 # Commands with flags of their own: command -> (module with main(argv), one line of help).
 OWN_FLAG_COMMANDS = {
     "sweep": ("ramjax.sweep", "a grid of `ramjax train` runs from --config and --sweep FILE; tables and plots"),
+    "eval": ("ramjax.evaluate", "language-model evaluation of a run: --workdir DIR [--split validation]"),
 }
 
 

@@ -34,7 +34,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, inj
         def loss_fn(params):
             # Rebuild rest's Variables inside this trace: nnx refuses Variables made at an outer trace level.
             model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
-            loss, correct, count = masked_loss(model(batch["inputs"]), batch["targets"], batch["loss_mask"])
+            logits = model(batch["inputs"], batch.get("positions"))
+            loss, correct, count = masked_loss(logits, batch["targets"], batch["loss_mask"])
             if inject_nan_at_step >= 0:
                 loss = loss * jnp.where(state["step"] == inject_nan_at_step, jnp.nan, 1.0)
             return loss, (correct, count)
@@ -62,7 +63,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, inj
 def make_eval_step(graphdef):
     def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        loss, correct, count = masked_loss(model(batch["inputs"]), batch["targets"], batch["loss_mask"])
+        logits = model(batch["inputs"], batch.get("positions"))
+        loss, correct, count = masked_loss(logits, batch["targets"], batch["loss_mask"])
         return {"loss_sum": loss * count, "correct": correct, "count": count}
 
     return eval_step

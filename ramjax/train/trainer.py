@@ -33,7 +33,16 @@ from ramjax.train.optim import learning_rate_schedule, make_optimizer
 from ramjax.train.step import make_eval_step, make_train_step
 
 
-def check_config(config, task: SyntheticTask, batch_shards: int) -> None:
+def make_task(config, **kwargs):
+    """The task of `config.task`: a synthetic one (mqar, selective_copy) or language modelling (lm)."""
+    if config.task == "lm":
+        from ramjax.data.lm import LMTask
+
+        return LMTask(config.data, **kwargs)
+    return SyntheticTask(config.task, config.data)
+
+
+def check_config(config, task, batch_shards: int) -> None:
     d, t = config.data, config.train
     if config.model.vocab_size < d.vocab_size:
         raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) must be >= data.vocab_size ({d.vocab_size})")
@@ -159,7 +168,7 @@ def step_memory(config, *, devices=None) -> dict:
     """Per-device bytes of the compiled train step on the mesh `config.mesh` makes of `devices`, from XLA's
     memory analysis: its arguments (parameters, optimizer state, batch), outputs and temporaries, and the
     parameter + optimizer-state bytes one device holds (from the shardings: what FSDP divides)."""
-    task = SyntheticTask(config.task, config.data)
+    task = make_task(config)
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = config.mesh.rules
     _, tx, schedule, graphdef, _, abstract_rest, abstract_state = _abstract(config, mesh)
@@ -185,7 +194,7 @@ def train(config, workdir: str, *, devices=None) -> dict:
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     try:
-        task = SyntheticTask(config.task, config.data)
+        task = make_task(config)
         mesh = sharding.make_mesh(config.mesh, devices)
         rules = config.mesh.rules
         batch_sh = sharding.batch_sharding(rules, mesh)
@@ -243,12 +252,14 @@ def train(config, workdir: str, *, devices=None) -> dict:
     if is_main:
         with open(config_path, "w") as f:
             json.dump(current, f, indent=2)
+        if hasattr(task, "tokenizer"):
+            task.tokenizer.save(workdir)  # evaluation reads the text with the tokenizer training used
 
     # --- the loop ------------------------------------------------------------------------------------------
     metrics_log = MetricsLog(workdir, enabled=is_main)
     batches = _Batches(batch_sh)
     t = config.train
-    tokens_per_step = config.data.batch_size * (task.max_train_len if config.data.mixture == "pad" else
+    tokens_per_step = config.data.batch_size * (task.max_train_len if config.data.get("mixture", "pad") == "pad" else
                                                 float(np.mean([n for _, n in task.train_settings])))
     last_metrics, last_eval = {}, {}
     n_params = int(sum(x.size for x in jax.tree.leaves(abstract_params)))

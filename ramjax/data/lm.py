@@ -1,0 +1,213 @@
+"""Language-model data: documents from TFDS, tokenised, packed into fixed-length windows.
+
+Packing: every document is tokenised and followed by EOS, and the documents of a split are concatenated into one
+token stream, with each token's position inside its document (positions, and so RAM-Net's CAPE shifts, restart
+at every document). Training windows are T + 1 consecutive tokens of that stream (inputs the first T, targets the
+last T); the window order is a permutation of all windows per epoch, drawn from (data.seed, epoch), so the
+batch of a step is a function of (seed, step): a resumed run sees the batches an uninterrupted one would, and
+every process builds the same global batch and keeps its rows. The loss mask is 0 only on padding (evaluation
+batches padded to full size).
+
+Sources (`data.dataset`): "local_text" (the builder in local_text.py over `data.corpus_dir`, default the Python
+standard library) or "tfds:NAME" (any prepared TFDS dataset in `data.data_dir` with a text feature
+`data.text_feature`, read through `tfds.data_source`, no TensorFlow). Tokenised streams are cached as .npy files
+next to the data, keyed by the tokeniser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from ramjax.data.tasks import EvalSlice
+from ramjax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
+
+TOKENIZERS = ("byte", "sentencepiece")
+
+
+class LMBatch(NamedTuple):
+    inputs: np.ndarray  # int32 [batch, time]
+    targets: np.ndarray  # int32 [batch, time]
+    loss_mask: np.ndarray  # bool [batch, time]
+    positions: np.ndarray  # int32 [batch, time]: position inside the document
+
+
+class Stream(NamedTuple):
+    tokens: np.ndarray  # int32 [n]
+    positions: np.ndarray  # int32 [n]
+    nbytes: np.ndarray  # int32 [n]: bytes of text each token stands for (EOS: 0)
+    documents: int
+
+
+def data_root(d) -> str:
+    return os.path.abspath(os.path.expanduser(d.data_dir))
+
+
+def _source(d, split: str):
+    """A random-access sequence of examples (dicts with the text feature) of `split`, preparing it if needed."""
+    if d.dataset == "local_text":
+        from ramjax.data.local_text import local_text_builder
+
+        builder = local_text_builder(corpus_dir=d.corpus_dir or None, data_dir=d.data_dir,
+                                     validation_percent=d.validation_percent)
+        if not builder.is_prepared():
+            print(f"ramjax: preparing the local_text dataset in {data_root(d)} (once)", flush=True)
+            builder.download_and_prepare()
+        return builder.as_data_source(split), "text"
+    if d.dataset.startswith("tfds:"):
+        import tensorflow_datasets as tfds
+
+        return tfds.data_source(d.dataset[len("tfds:"):], split=split, data_dir=d.data_dir), d.text_feature
+    raise ValueError(f"data.dataset: 'local_text' or 'tfds:NAME', got {d.dataset!r}")
+
+
+def _texts(d, split: str):
+    source, feature = _source(d, split)
+    for i in range(len(source)):
+        text = source[i][feature]
+        yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+
+
+def make_tokenizer(d, *, train_if_missing: bool = True):
+    if d.tokenizer == "byte":
+        return ByteTokenizer()
+    if d.tokenizer == "sentencepiece":
+        path = os.path.join(data_root(d), "tokenizers", f"spm_bpe_{d.vocab_size}.model")
+        if not os.path.exists(path) and train_if_missing:
+            print(f"ramjax: training a SentencePiece model ({d.vocab_size} pieces) on the train split -> {path}",
+                  flush=True)
+            texts = _texts(d, "train")
+            if d.tokenizer_max_documents > 0:
+                texts = (t for i, t in zip(range(d.tokenizer_max_documents), texts))
+            train_sentencepiece(texts, path, d.vocab_size)
+        return SentencePieceTokenizer(path)
+    raise ValueError(f"data.tokenizer: must be one of {TOKENIZERS}, got {d.tokenizer!r}")
+
+
+def _tokenizer_tag(tokenizer) -> str:
+    if isinstance(tokenizer, ByteTokenizer):
+        return "byte"
+    with open(tokenizer.model_path, "rb") as f:
+        return "spm-" + hashlib.sha1(f.read()).hexdigest()[:12]
+
+
+def load_stream(d, tokenizer, split: str) -> Stream:
+    """The packed token stream of `split` (cached under data_dir/streams/)."""
+    directory = os.path.join(data_root(d), "streams", f"{d.dataset.replace(':', '_')}-{_tokenizer_tag(tokenizer)}")
+    path = os.path.join(directory, f"{split}.npz")
+    if not os.path.exists(path):
+        tokens, positions, documents = [], [], 0
+        for text in _texts(d, split):
+            ids = np.append(tokenizer.encode(text), tokenizer.eos_id).astype(np.int32)
+            tokens.append(ids)
+            positions.append(np.arange(len(ids), dtype=np.int32))
+            documents += 1
+        if not tokens:
+            raise ValueError(f"data: the {split!r} split of {d.dataset} has no documents")
+        tokens, positions = np.concatenate(tokens), np.concatenate(positions)
+        os.makedirs(directory, exist_ok=True)
+        partial = path + f".{os.getpid()}.tmp.npz"
+        np.savez(partial, tokens=tokens, positions=positions, documents=documents)
+        os.replace(partial, path)  # atomic: processes sharing the data dir never read half a file
+    with np.load(path) as f:
+        tokens, positions, documents = f["tokens"], f["positions"], int(f["documents"])
+    return Stream(tokens, positions, tokenizer.token_bytes(tokens).astype(np.int32), documents)
+
+
+def _window(stream: Stream, index: int, seq_len: int):
+    start = index * seq_len
+    return (stream.tokens[start:start + seq_len], stream.tokens[start + 1:start + seq_len + 1],
+            stream.positions[start:start + seq_len])
+
+
+class LMTask:
+    """The trainer's task interface (train_batch, eval_slices, eval_batches) over packed text."""
+
+    def __init__(self, data_config, *, eval_split: str = "validation"):
+        d = self.config = data_config
+        if d.tokenizer not in TOKENIZERS:
+            raise ValueError(f"data.tokenizer: must be one of {TOKENIZERS}, got {d.tokenizer!r}")
+        self.seq_len = int(d.seq_len)
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len: must be >= 2, got {d.seq_len}")
+        self.tokenizer = make_tokenizer(d)
+        if d.tokenizer == "byte" and d.vocab_size != ByteTokenizer.vocab_size:
+            raise ValueError(f"data.vocab_size: the byte tokenizer has {ByteTokenizer.vocab_size} ids, "
+                             f"got {d.vocab_size}")
+        self.train_settings = self.eval_settings = [(0, self.seq_len)]
+        self.eval_split = eval_split
+        self.eval_slices = [EvalSlice(f"{eval_split}_len{self.seq_len}", 0, self.seq_len)]
+        self._streams = {}
+
+    def stream(self, split: str) -> Stream:
+        if split not in self._streams:
+            self._streams[split] = load_stream(self.config, self.tokenizer, split)
+            if len(self._streams[split].tokens) < self.seq_len + 1:
+                raise ValueError(f"data.seq_len: the {split!r} split has {len(self._streams[split].tokens)} "
+                                 f"tokens, fewer than one window of {self.seq_len + 1}")
+        return self._streams[split]
+
+    @property
+    def max_train_len(self) -> int:
+        return self.seq_len
+
+    def num_windows(self, split: str) -> int:
+        return (len(self.stream(split).tokens) - 1) // self.seq_len
+
+    def train_batch(self, step: int) -> LMBatch:
+        stream, n = self.stream("train"), self.num_windows("train")
+        flat = step * self.config.batch_size + np.arange(self.config.batch_size)
+        epochs, offsets = flat // n, flat % n
+        order = {e: np.random.default_rng([self.config.seed, int(e)]).permutation(n) for e in np.unique(epochs)}
+        rows = [_window(stream, int(order[e][o]), self.seq_len) for e, o in zip(epochs, offsets)]
+        inputs, targets, positions = (np.stack(x) for x in zip(*rows))
+        return LMBatch(inputs, targets, np.ones_like(inputs, bool), positions)
+
+    def eval_batches(self, eval_slice: EvalSlice | None = None):
+        """The evaluation split's windows in order, up to data.eval_examples of them (0: all), in batches of
+        data.eval_batch_size; the last batch is padded with masked rows."""
+        del eval_slice
+        stream, n = self.stream(self.eval_split), self.num_windows(self.eval_split)
+        limit = n if self.config.eval_examples <= 0 else min(n, self.config.eval_examples)
+        size = self.config.eval_batch_size
+        for first in range(0, limit, size):
+            indices = list(range(first, min(first + size, limit)))
+            rows = [_window(stream, i, self.seq_len) for i in indices]
+            inputs, targets, positions = (np.stack(x) for x in zip(*rows))
+            mask = np.ones_like(inputs, bool)
+            pad = size - len(indices)
+            if pad:
+                inputs, targets, positions, mask = (np.pad(x, ((0, pad), (0, 0))) for x in
+                                                    (inputs, targets, positions, mask))
+            yield LMBatch(inputs, targets, mask, positions)
+
+    def eval_bytes(self, limit_windows: int | None = None) -> np.ndarray:
+        """Bytes of text behind each target of the evaluation windows, [windows, T] (for bits per byte)."""
+        stream, n = self.stream(self.eval_split), self.num_windows(self.eval_split)
+        limit = n if not limit_windows else min(n, limit_windows)
+        return np.stack([stream.nbytes[i * self.seq_len + 1:i * self.seq_len + self.seq_len + 1]
+                         for i in range(limit)])
+
+
+def prepare(config) -> dict:
+    """Builds the dataset, trains the tokeniser if it is SentencePiece, and tokenises both splits."""
+    task = LMTask(config.data)
+    out = {"data_dir": data_root(config.data), "tokenizer": task.tokenizer.name,
+           "vocab_size": int(task.tokenizer.vocab_size)}
+    for split in ("train", "validation"):
+        stream = task.stream(split)
+        out[split] = {"documents": stream.documents, "tokens": int(len(stream.tokens)),
+                      "bytes": int(stream.nbytes.sum()), "windows": task.num_windows(split)}
+    return out
+
+
+def main(config) -> None:
+    """`ramjax prepare --config configs/lm.py`."""
+    import json
+
+    if config.get("task") != "lm":
+        raise SystemExit("ramjax prepare: the config's task is not 'lm'")
+    print(json.dumps(prepare(config), indent=2))

@@ -1,0 +1,95 @@
+"""A TensorFlow Datasets builder for local text: a directory of .txt / .jsonl / .parquet files, or by default the
+Python standard library's own source files (tens of MB of real text on every machine, no download).
+
+  builder = local_text_builder(corpus_dir=None, data_dir="~/ramjax_data/python_stdlib")
+  builder.download_and_prepare(file_format="array_record")   # needs tensorflow-datasets, not TensorFlow
+  source = builder.as_data_source("train")                    # random access, no TensorFlow either
+
+Documents: a .txt or .py file is one document; a .jsonl line is one (its "text" field); a .parquet row is one
+(its "text" column; needs pyarrow). Each document goes to "validation" when a hash of its identity (path, and
+line or row) falls in the first `validation_percent` of the hash range, else to "train": the split is by
+document, deterministic, and stable when files are added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+
+import tensorflow_datasets as tfds
+
+SUFFIXES = (".txt", ".jsonl", ".parquet", ".py")
+
+
+def default_corpus_dir() -> str:
+    """The standard library of the running Python."""
+    return sysconfig.get_paths()["stdlib"]
+
+
+def list_documents(corpus_dir: str):
+    """(identity, text) of every document under corpus_dir, in a fixed order."""
+    corpus_dir = os.path.abspath(os.path.expanduser(corpus_dir))
+    if not os.path.isdir(corpus_dir):
+        raise ValueError(f"data.corpus_dir: {corpus_dir!r} is not a directory")
+    stdlib = corpus_dir == os.path.abspath(default_corpus_dir())
+    for root, dirs, files in os.walk(corpus_dir):
+        dirs.sort()
+        if stdlib:  # the standard library alone: not what pip installed next to it, not caches
+            dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__")]
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, corpus_dir)
+            if name.endswith((".txt", ".py")):
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    yield relative, f.read()
+            elif name.endswith(".jsonl"):
+                with open(path, encoding="utf-8") as f:
+                    for number, line in enumerate(f):
+                        if line.strip():
+                            yield f"{relative}:{number}", json.loads(line)["text"]
+            elif name.endswith(".parquet"):
+                try:
+                    import pyarrow.parquet as pq
+                except ImportError:
+                    raise ValueError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
+                for number, text in enumerate(pq.read_table(path, columns=["text"]).column("text").to_pylist()):
+                    yield f"{relative}:{number}", text
+
+
+def split_of(identity: str, validation_percent: float) -> str:
+    bucket = int.from_bytes(hashlib.sha1(identity.encode()).digest()[:8], "big") % 1_000_000
+    return "validation" if bucket < validation_percent * 10_000 else "train"
+
+
+class LocalText(tfds.core.GeneratorBasedBuilder):
+    """Local text documents, split into train and validation by document."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First version."}
+
+    def __init__(self, *, corpus_dir: str | None = None, validation_percent: float = 1.0, **kwargs):
+        self.corpus_dir = corpus_dir or default_corpus_dir()
+        self.validation_percent = validation_percent
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "id": tfds.features.Text()}),
+            description="Local text documents (by default the Python standard library's sources).",
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(split) for split in ("train", "validation")}
+
+    def _generate_examples(self, split: str):
+        for identity, text in list_documents(self.corpus_dir):
+            if split_of(identity, self.validation_percent) == split:
+                yield identity, {"text": text, "id": identity}
+
+
+def local_text_builder(*, corpus_dir: str | None, data_dir: str, validation_percent: float = 1.0) -> LocalText:
+    return LocalText(corpus_dir=corpus_dir, validation_percent=validation_percent,
+                     data_dir=os.path.expanduser(data_dir), file_format="array_record")
