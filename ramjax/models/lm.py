@@ -103,7 +103,8 @@ class LanguageModel(nnx.Module):
         kernels how their per-head tensors are laid out (batch over `batch_axes`, heads over `heads_axes`)."""
         self.activation_sharding = NamedSharding(mesh, PartitionSpec(batch_axes, None, None))
         per_head = NamedSharding(mesh, PartitionSpec(batch_axes, None, heads_axes, None))
-        for _, module in self.iter_modules():
+        modules = nnx.iter_modules(self) if hasattr(nnx, "iter_modules") else self.iter_modules()
+        for _, module in modules:
             if isinstance(module, RAMNetMixer):
                 module.kernel_sharding = per_head
 

@@ -1,0 +1,159 @@
+"""Language modelling data and evaluation: the local-text builder, tokenizers, packing, `ramjax eval`, and one
+train step per LM variant. No TensorFlow anywhere on this path."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from ramjax.data import lm
+from ramjax.data.local_text import list_documents, local_text_builder
+from ramjax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
+from ramjax.train.trainer import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("configs_lm", ROOT / "configs" / "lm.py")
+LM = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(LM)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """40 .txt documents of varied lengths, and a .jsonl file of 10 more."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["memory", "slot", "decay", "token", "attention", "über", "naïve", "λ", "state", "read"]
+    (root / "a").mkdir()
+    for i in range(40):
+        text = " ".join(rng.choice(words, size=int(rng.integers(5, 200)))) + f" #{i}\n"
+        (root / "a" / f"doc{i:02d}.txt").write_text(text, encoding="utf-8")
+    with open(root / "more.jsonl", "w", encoding="utf-8") as f:
+        for i in range(10):
+            f.write(json.dumps({"text": f"json document {i} " + " ".join(rng.choice(words, size=30))}) + "\n")
+    return root
+
+
+def lm_config(corpus, data_dir, variant="ramnet", **data):
+    config = LM.get_config(f"{variant},cpu")
+    d = config.data
+    d.corpus_dir, d.data_dir, d.validation_percent = str(corpus), str(data_dir), 20.0
+    d.seq_len, d.batch_size, d.eval_examples, d.eval_batch_size = 32, 4, 6, 4
+    for key, value in data.items():
+        d[key] = value
+    m = config.model
+    m.d_model, m.num_heads = 16, 2
+    m.ramnet.num_factors, m.ramnet.factor_size, m.ramnet.top_k, m.ramnet.d_v = 2, 4, 2, 8
+    m.mamba2.head_dim, m.mamba2.d_state = 8, 8
+    m.gated_deltanet.chunk_size = m.mamba2.chunk_size = 8
+    m.loglinear.num_levels, m.loglinear.decay_hidden = 6, 8
+    config.train.num_steps, config.train.log_every, config.train.eval_every = 2, 1, 2
+    config.train.checkpoint_every, config.train.progress = 2, False
+    config.optim.warmup_steps = 0
+    return config
+
+
+def test_builder_splits_by_document_deterministically(corpus, tmp_path):
+    documents = list(list_documents(str(corpus)))
+    assert len(documents) == 50 and documents[0][0] == "more.jsonl:0" and documents[10][0] == "a/doc00.txt"
+    sizes = []
+    for attempt in range(2):
+        builder = local_text_builder(corpus_dir=str(corpus), data_dir=str(tmp_path / f"d{attempt}"),
+                                     validation_percent=20.0)
+        builder.download_and_prepare()
+        splits = {s: builder.as_data_source(s) for s in ("train", "validation")}
+        ids = {s: sorted(src[i]["id"] for i in range(len(src))) for s, src in splits.items()}
+        sizes.append({s: len(v) for s, v in ids.items()})
+        assert not set(ids["train"]) & set(ids["validation"])
+        if attempt:
+            assert ids == previous
+        previous = ids
+    assert sizes[0] == sizes[1] and sum(sizes[0].values()) == 50 and 3 <= sizes[0]["validation"] <= 20
+
+
+def test_byte_tokenizer_round_trips_and_counts_bytes():
+    tokenizer = ByteTokenizer()
+    text = "naïve λ-decay über\n"
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert int(tokenizer.token_bytes(np.append(ids, tokenizer.eos_id)).sum()) == len(text.encode("utf-8"))
+
+
+def test_sentencepiece_trains_and_round_trips(corpus, tmp_path):
+    texts = [text for _, text in list_documents(str(corpus))]
+    path = train_sentencepiece(texts, str(tmp_path / "spm.model"), vocab_size=320)
+    tokenizer = SentencePieceTokenizer(path)
+    assert tokenizer.vocab_size == 320
+    for text in texts[:5] + ["unseen: ✓ 漢字 tokens"]:
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text
+        assert int(tokenizer.token_bytes(ids).sum()) == len(text.encode("utf-8"))
+    assert len(tokenizer.encode(texts[0])) < len(texts[0].encode("utf-8"))  # it does compress
+
+
+def test_packing_restarts_positions_at_documents_and_is_deterministic(corpus, tmp_path):
+    task = lm.LMTask(lm_config(corpus, tmp_path).data)
+    stream = task.stream("train")
+    eos = np.flatnonzero(stream.tokens == task.tokenizer.eos_id)
+    assert len(eos) == stream.documents
+    starts = np.concatenate([[0], eos[:-1] + 1])
+    assert np.all(stream.positions[starts] == 0)
+    assert np.all(np.diff(stream.positions)[np.diff(stream.positions) != 1] < 0)  # +1 inside, reset between
+    batch = task.train_batch(3)
+    assert batch.inputs.shape == batch.positions.shape == (4, 32) and batch.loss_mask.all()
+    np.testing.assert_array_equal(batch.targets[:, :-1], batch.inputs[:, 1:])
+    again = lm.LMTask(lm_config(corpus, tmp_path).data).train_batch(3)
+    for a, b in zip(batch, again):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(task.train_batch(4).inputs, batch.inputs)
+    # Within an epoch no window repeats, and every row is one of the stream's windows.
+    n = task.num_windows("train")
+    windows = {tuple(stream.tokens[i * 32:(i + 1) * 32]) for i in range(n)}
+    seen = [tuple(row) for s in range(n // 4) for row in task.train_batch(s).inputs]
+    assert len(set(seen)) == len(seen) == (n // 4) * 4 and set(seen) <= windows
+    evals = list(task.eval_batches())
+    assert sum(int(b.loss_mask[:, 0].sum()) for b in evals) == min(6, task.num_windows("validation"))
+
+
+@pytest.mark.parametrize("variant", LM.MODEL_VARIANTS)
+def test_one_lm_train_step_per_variant(corpus, tmp_path, variant):
+    config = lm_config(corpus, tmp_path / "data", variant)
+    config.train.num_steps = 1
+    config.train.eval_every = config.train.checkpoint_every = 1
+    summary = train(config, str(tmp_path / "run"))
+    assert np.isfinite(summary["train"]["loss"])
+    assert (tmp_path / "run" / "tokenizer_byte.txt").exists()
+
+
+def test_ramjax_eval_reports_bits_per_byte_and_per_position_loss(corpus, tmp_path):
+    from ramjax.evaluate import evaluate_run
+
+    config = lm_config(corpus, tmp_path / "data", "hybrid", tokenizer="sentencepiece", vocab_size=300)
+    config.model.vocab_size = 300
+    workdir = str(tmp_path / "run")
+    train(config, workdir)
+    result = evaluate_run(workdir)
+    assert result["windows"] == min(6, lm.LMTask(config.data).num_windows("validation"))
+    assert result["tokens"] == result["windows"] * 32
+    assert 0 < result["bits_per_byte"] < 20 and len(result["per_position_loss"]) == 32
+    assert result["perplexity"] == pytest.approx(np.exp(result["loss"]))
+    assert (tmp_path / "run" / "eval_validation.json").exists()
+    assert (tmp_path / "run" / "eval_validation.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "spm_bpe_300.model").exists()  # the tokenizer travels with the run
+
+
+def test_eval_refuses_a_non_lm_workdir(tmp_path):
+    from ramjax.errors import ConfigError
+    from ramjax.evaluate import evaluate_run
+
+    (tmp_path / "config.json").write_text(json.dumps({"task": "mqar"}))
+    with pytest.raises(ConfigError, match="evaluates language models"):
+        evaluate_run(str(tmp_path))
+    with pytest.raises(ConfigError, match="no config.json"):
+        evaluate_run(str(tmp_path / "missing"))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
