@@ -69,12 +69,11 @@ def pdma_codes(rng, batch, t, heads, k, m, d_v, repeats=False):
 
 def reference(codes, m, gamma, cotangent):
     """Dense float64 PDMA and its gradients with respect to (read_val, write_val, v)."""
-    ri, rv, wi, wv, v = (jnp.asarray(x, jnp.int32 if i in (0, 2) else jnp.float64) for i, x in enumerate(codes))
-
     def loss(rv, wv, v):
         return jnp.sum(pdma(ri, rv, wi, wv, v, num_slots=m, gamma=gamma, impl="dense") * cotangent)
 
     with jax.enable_x64(True):
+        ri, rv, wi, wv, v = (jnp.asarray(x, jnp.int32 if i in (0, 2) else jnp.float64) for i, x in enumerate(codes))
         o = pdma(ri, rv, wi, wv, v, num_slots=m, gamma=gamma, impl="dense")
         grads = jax.grad(loss, argnums=(0, 1, 2))(rv, wv, v)
         return np.asarray(o), [np.asarray(x) for x in grads]
