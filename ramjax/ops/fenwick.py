@@ -44,6 +44,11 @@ class FenwickState(NamedTuple):
 # The partition.
 
 
+# Log-decays below this count as this (e^-30 ~ 1e-13: a full reset in fp32). The dense and chunked forms take
+# differences of cumulative log-decays, where a -inf (a gate of exactly 0, exp(A_log) overflowing) would give
+# -inf - -inf = NaN; every implementation applies the same floor, so they agree.
+LOG_DECAY_FLOOR = -30.0
+
 def _bit_length(x: jax.Array) -> jax.Array:
     """bit_length of non-negative integers, elementwise."""
     bits = jnp.iinfo(x.dtype).bits
@@ -415,6 +420,7 @@ def loglinear_attention(
     out_dtype = v.dtype
     dtype = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
     q, k, v, g, level_weights = (a.astype(dtype) for a in (q, k, v, g, level_weights))
+    g = jnp.maximum(g, LOG_DECAY_FLOOR)
     if initial_state is not None:
         initial_state = FenwickState(initial_state.levels.astype(dtype), jnp.asarray(initial_state.position, jnp.int32))
     impl = _resolve_impl(impl, q.shape[1])

@@ -26,6 +26,7 @@ import numpy as np
 
 from ramjax.ops import _checks
 from ramjax.ops.fenwick import (
+    LOG_DECAY_FLOOR,
     FenwickState,
     _block_grid,
     _check_args,
@@ -293,6 +294,7 @@ def loglinear_gated_delta(
     out_dtype = v.dtype
     dtype = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
     q, k, v, g, beta, level_weights = (a.astype(dtype) for a in (q, k, v, g, beta, level_weights))
+    g = jnp.maximum(g, LOG_DECAY_FLOOR)
     if initial_state is not None:
         initial_state = FenwickState(initial_state.levels.astype(dtype), jnp.asarray(initial_state.position, jnp.int32))
     impl = _resolve_impl(impl, q.shape[1])

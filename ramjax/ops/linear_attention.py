@@ -38,10 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ramjax.ops import _checks
-from ramjax.ops.fenwick import _resolve_impl
+from ramjax.ops.fenwick import LOG_DECAY_FLOOR, _resolve_impl
 from ramjax.ops.fenwick_delta import _apply_transition, _delta_chunk_pieces
 
 GLA_IMPLS = ("auto", "dense", "recurrent", "chunked")
+# The same floor on log-decays as the log-linear ops (see ramjax.ops.fenwick).
 DELTA_IMPLS = ("auto", "recurrent", "chunked")
 
 
@@ -289,6 +290,7 @@ def gated_linear_attention(
     out_dtype = v.dtype
     dtype = _compute_dtype(q, k, v, log_decay)
     q, k, v, log_decay = (x.astype(dtype) for x in (q, k, v, log_decay))
+    log_decay = jnp.maximum(log_decay, LOG_DECAY_FLOOR)
     if log_decay.ndim == 3:
         log_decay = log_decay[..., None]
     q, k, v, a = map(_heads_first, (q, k, v, log_decay))
@@ -413,6 +415,7 @@ def gated_delta_rule(
     out_dtype = v.dtype
     dtype = _compute_dtype(q, k, v, log_decay, beta)
     q, k, v, log_decay, beta = (x.astype(dtype) for x in (q, k, v, log_decay, beta))
+    log_decay = jnp.maximum(log_decay, LOG_DECAY_FLOOR)
     state = None if initial_state is None else initial_state.astype(dtype)
     impl = _resolve_impl(impl, q.shape[1])
     if impl == "recurrent":
