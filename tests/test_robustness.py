@@ -147,3 +147,17 @@ def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path):
     state, meta = restore_final(workdir)
     assert meta == meta_ref and meta["step"] == 12
     assert_trees_equal(state_ref, state)
+    # The metrics log has each step once, with the values of the uninterrupted run.
+    logged = [(line["step"], line["train/loss"]) for line in read_metrics(workdir) if "train/loss" in line]
+    assert logged == [(line["step"], line["train/loss"]) for line in read_metrics(reference) if "train/loss" in line]
+
+
+def test_metrics_log_drops_the_steps_a_resumed_run_redoes(tmp_path):
+    from ramjax.train.metrics import MetricsLog
+
+    log = MetricsLog(str(tmp_path))
+    for step in (4, 8, 9, 10):
+        log.write(step, {"train/loss": float(step)})
+    log.close()
+    MetricsLog(str(tmp_path), resumed_from=8).close()  # the checkpoint was step 8: steps 9 and 10 run again
+    assert [line["step"] for line in read_metrics(str(tmp_path))] == [4, 8]

@@ -11,9 +11,20 @@ from ramjax.train.tensorboard import SummaryWriter
 
 
 class MetricsLog:
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    def __init__(self, workdir: str, *, enabled: bool = True, resumed_from: int | None = None):
+        """`resumed_from`: the step a resumed run restarts at. Lines logged after it by the interrupted run are
+        dropped from metrics.jsonl, because the resumed run computes and logs those steps again (the JSONL then
+        has one line per step; TensorBoard shows the rerun's points over the old ones)."""
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
+        if enabled and resumed_from is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = f.readlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resumed_from]
+            if len(kept) != len(lines):
+                with open(self.path + ".tmp", "w") as f:
+                    f.writelines(kept)
+                os.replace(self.path + ".tmp", self.path)
         self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard")) if enabled else None
 
     def write(self, step: int, metrics: dict) -> None:

@@ -256,7 +256,7 @@ def train(config, workdir: str, *, devices=None) -> dict:
             task.tokenizer.save(workdir)  # evaluation reads the text with the tokenizer training used
 
     # --- the loop ------------------------------------------------------------------------------------------
-    metrics_log = MetricsLog(workdir, enabled=is_main)
+    metrics_log = MetricsLog(workdir, enabled=is_main, resumed_from=start if start else None)
     batches = _Batches(batch_sh)
     t = config.train
     tokens_per_step = config.data.batch_size * (task.max_train_len if config.data.get("mixture", "pad") == "pad" else
