@@ -157,3 +157,15 @@ def test_eval_refuses_a_non_lm_workdir(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_prepared_tfds_dataset_reads_by_name(corpus, tmp_path):
+    """data.dataset = "tfds:NAME" reads any prepared TFDS dataset from data_dir (here the local_text one)."""
+    missing = lm.LMTask(lm_config(corpus, tmp_path, dataset="tfds:local_text").data)
+    with pytest.raises(ValueError, match="not prepared in"):
+        missing.stream("validation")
+    by_builder = lm.LMTask(lm_config(corpus, tmp_path).data)
+    by_builder.stream("validation")  # prepares local_text in data_dir
+    by_name = lm.LMTask(lm_config(corpus, tmp_path, dataset="tfds:local_text").data)
+    np.testing.assert_array_equal(by_name.stream("validation").tokens, by_builder.stream("validation").tokens)
+    np.testing.assert_array_equal(by_name.train_batch(0).inputs, by_builder.train_batch(0).inputs)

@@ -60,7 +60,13 @@ def _source(d, split: str):
     if d.dataset.startswith("tfds:"):
         import tensorflow_datasets as tfds
 
-        return tfds.data_source(d.dataset[len("tfds:"):], split=split, data_dir=d.data_dir), d.text_feature
+        name = d.dataset[len("tfds:"):]
+        builder = tfds.builder(name, data_dir=os.path.expanduser(d.data_dir))
+        if not builder.is_prepared():
+            raise ValueError(f"data.dataset {d.dataset!r}: not prepared in {data_root(d)}; prepare it there first "
+                             f"(`tfds build {name} --data_dir {data_root(d)}` on a machine with TensorFlow, with "
+                             "--file_format array_record so that reading needs none)")
+        return builder.as_data_source(split), d.text_feature
     raise ValueError(f"data.dataset: 'local_text' or 'tfds:NAME', got {d.dataset!r}")
 
 
