@@ -177,8 +177,7 @@ def ratios(rows) -> list[str]:
         if key not in shapes and not r["shape"].endswith("layer"):
             shapes.append(key)
     for key in shapes:
-        gla, pallas, scan = find("peer: fla", key + " "), find("pallas", key + " M=1024"), find("scan", key + " M=1024")
-        gla = gla if gla is not None else find("peer: fla", key)
+        gla, pallas, scan = find("peer: fla", key), find("pallas", key + " M=1024"), find("scan", key + " M=1024")
         for name, mine in (("pallas", pallas), ("scan", scan)):
             if gla and mine:
                 lines.append(f"- {key}: fla chunk_gla / {name} fwd+bwd = {gla / mine:.2f}x (target >= 1.5 for pallas)")

@@ -10,21 +10,13 @@ analysis; writes a Markdown table with device, versions, date and command to --r
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 
 import jax
 
 from ramjax import timing
+from ramjax.config_files import load_config
 from ramjax.train.trainer import step_memory
-
-
-def load_config(spec: str):
-    path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("config_module", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
 
 
 def main() -> None:

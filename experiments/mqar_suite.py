@@ -11,22 +11,20 @@ finished runs). Writes a Markdown table with device, versions, date and command 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 
-from ramjax import timing
+from ramjax import config_files, timing
 from ramjax.train.metrics import read_metrics
 from ramjax.train.trainer import train
 
 
+MQAR_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "mqar.py")
+
+
 def load_config(variant: str):
-    spec = importlib.util.spec_from_file_location("mqar_config", os.path.join(os.path.dirname(__file__), "..",
-                                                                              "configs", "mqar.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return config_files.load_config(f"{MQAR_CONFIG}:{variant}")
 
 
 def unfinished_summary(workdir: str) -> dict | None:
@@ -60,12 +58,7 @@ def main() -> None:
         config.train.num_steps = args.num_steps
         config.train.eval_every = args.num_steps
         for item in args.set:
-            field, value = item.split("=", 1)
-            *parents, leaf = field.split(".")
-            node = config
-            for parent in parents:
-                node = node[parent]
-            node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+            config_files.set_field(config, item)
         workdir = os.path.join(args.workdir, variant)
         summary_path = os.path.join(workdir, "summary.json")
         if os.path.exists(summary_path):

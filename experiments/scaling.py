@@ -14,7 +14,6 @@ command to --results. On GPUs keep NCCL's NVLink multicast off: NCCL_NVLS_ENABLE
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import tempfile
@@ -22,26 +21,9 @@ import tempfile
 import jax
 
 from ramjax import timing
+from ramjax.config_files import load_config, set_field
 from ramjax.train.metrics import read_metrics
 from ramjax.train.trainer import train
-
-
-def load_config(spec: str):
-    path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("config_module", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
-
-
-def set_field(config, item: str) -> None:
-    field, value = item.split("=", 1)
-    *parents, leaf = field.split(".")
-    node = config
-    for parent in parents:
-        node = node[parent]
-    old = node[leaf]
-    node[leaf] = (value == "True") if isinstance(old, bool) else type(old)(value)
 
 
 def main() -> None:

@@ -21,12 +21,12 @@ from flax import nnx
 from tqdm import tqdm
 
 from ramjax.errors import ConfigError
+from ramjax.train.step import token_nll
 
 
 def per_token_nll(graphdef, params, rest, batch):
     model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))  # rest's Variables rebuilt in this trace
-    logp = jax.nn.log_softmax(model(batch["inputs"], batch["positions"]).astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    nll = token_nll(model(batch["inputs"], batch["positions"]), batch["targets"])
     return jnp.where(batch["loss_mask"], nll, 0.0)
 
 

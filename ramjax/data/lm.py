@@ -158,6 +158,7 @@ class LMTask:
         self.eval_split = eval_split
         self.eval_slices = [EvalSlice(f"{eval_split}_len{self.seq_len}", 0, self.seq_len)]
         self._streams = {}
+        self._orders = {}
 
     def stream(self, split: str) -> Stream:
         if split not in self._streams:
@@ -178,10 +179,17 @@ class LMTask:
         stream, n = self.stream("train"), self.num_windows("train")
         flat = step * self.config.batch_size + np.arange(self.config.batch_size)
         epochs, offsets = flat // n, flat % n
-        order = {e: np.random.default_rng([self.config.seed, int(e)]).permutation(n) for e in np.unique(epochs)}
-        rows = [_window(stream, int(order[e][o]), self.seq_len) for e, o in zip(epochs, offsets)]
+        rows = [_window(stream, int(self._epoch_order(int(e), n)[o]), self.seq_len) for e, o in zip(epochs, offsets)]
         inputs, targets, positions = (np.stack(x) for x in zip(*rows))
         return LMBatch(inputs, targets, np.ones_like(inputs, bool), positions)
+
+    def _epoch_order(self, epoch: int, n: int) -> np.ndarray:
+        """The window order of `epoch`, drawn from (data.seed, epoch); the last two are kept, so the permutation
+        is drawn once per epoch rather than once per step."""
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = np.random.default_rng([self.config.seed, epoch]).permutation(n)
+        return self._orders[epoch]
 
     def eval_batches(self, eval_slice: EvalSlice | None = None):
         """The evaluation split's windows in order, up to data.eval_examples of them (0: all), in batches of

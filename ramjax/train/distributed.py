@@ -24,8 +24,7 @@ def _cluster_detected() -> str | None:
     if int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1")) or 1) > 1 and \
             "SLURM_JOB_ID" in os.environ:
         return "SLURM"
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", os.environ.get("CLOUD_TPU_TASK_ID") and "pod" or "")
-    if hosts and ("," in hosts or hosts == "pod"):
+    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a Cloud TPU slice with more than one worker
         return "TPU pod"
     return None
 

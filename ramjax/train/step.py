@@ -13,10 +13,15 @@ import optax
 from flax import nnx
 
 
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Cross-entropy of every position `[batch, time]`, in fp32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
 def masked_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
     """Mean cross-entropy over the masked positions, and the (correct, counted) totals for accuracy."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    nll = token_nll(logits, targets)
     mask = loss_mask.astype(jnp.float32)
     count = jnp.sum(mask)
     loss = jnp.sum(nll * mask) / jnp.maximum(count, 1.0)

@@ -133,17 +133,23 @@ def _abstract(config, mesh=None):
     schedule = learning_rate_schedule(config.optim, config.train.num_steps)
     abstract_model = nnx.eval_shape(build)
     if mesh is not None:
-        batch_axes = sharding.batch_sharding(config.mesh.rules, mesh).spec[0]
-        heads_axes = dict(config.mesh.rules).get("heads")
-        heads_size = math.prod(mesh.shape[a] for a in ((heads_axes,) if isinstance(heads_axes, str) else
-                                                       (heads_axes or ())))
-        if config.model.num_heads % heads_size:
-            heads_axes = None  # as the parameters: not divisible, kept whole
-        abstract_model.shard_activations(mesh, batch_axes, heads_axes)
+        # [batch, time, heads, ...] laid out by the same rules as everything else (heads not divisible by
+        # their mesh axes stay whole, as the parameters do).
+        per_head = sharding.logical_to_mesh(("batch", None, "heads"), (config.data.batch_size, 1,
+                                                                       config.model.num_heads),
+                                            config.mesh.rules, mesh, "per-head activations")
+        abstract_model.shard_activations(mesh, per_head[0], per_head[2])
     graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
     abstract_state = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
                       "step": jax.ShapeDtypeStruct((), jnp.int32)}
     return build, tx, schedule, graphdef, abstract_params, abstract_rest, abstract_state
+
+
+def _jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh):
+    """The train step as one jit with explicit shardings; the state's buffers are donated."""
+    step = make_train_step(graphdef, tx, schedule, inject_nan_at_step=config.train.get("inject_nan_at_step", -1))
+    return jax.jit(step, in_shardings=(state_sh, rest_sh, batch_sh),
+                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def restore_state(config, workdir: str, *, devices=None, step: int | None = None):
@@ -175,8 +181,7 @@ def step_memory(config, *, devices=None) -> dict:
     state_sh = sharding.tree_shardings(abstract_state, rules, mesh)
     rest_sh = sharding.tree_shardings(abstract_rest, rules, mesh)
     batch_sh = sharding.batch_sharding(rules, mesh)
-    step = jax.jit(make_train_step(graphdef, tx, schedule), in_shardings=(state_sh, rest_sh, batch_sh),
-                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    step = _jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh)
     batch = {name: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype, sharding=batch_sh)
              for name, value in task.train_batch(0)._asdict().items()}
     state = _abstract_with_shardings(abstract_state, state_sh)
@@ -215,10 +220,7 @@ def train(config, workdir: str, *, devices=None) -> dict:
     def init_rest():
         return nnx.split(build(), nnx.Param, ...)[2]
 
-    train_step = jax.jit(make_train_step(graphdef, tx, schedule,
-                                         inject_nan_at_step=config.train.get("inject_nan_at_step", -1)),
-                         in_shardings=(state_sh, rest_sh, batch_sh),
-                         out_shardings=(state_sh, replicated), donate_argnums=0)
+    train_step = _jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh)
     eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh["params"], rest_sh, batch_sh),
                         out_shardings=replicated)
     rest = jax.jit(init_rest, out_shardings=rest_sh)()
