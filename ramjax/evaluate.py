@@ -76,12 +76,16 @@ def evaluate_run(workdir: str, split: str = "validation", max_windows: int = 0) 
     result["plot"] = plot_per_position(result, os.path.join(workdir, f"eval_{split}.png"))
     print(f"ramjax eval: {split}: loss {loss:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
           f"{result['bits_per_byte']:.4f} bits/byte over {windows} windows of {seq_len} ({nbytes:,} bytes); "
-          f"{json_path}, {result['plot']}")
+          f"{json_path}" + (f", {result['plot']}" if result["plot"] else ""))
     return result
 
 
-def plot_per_position(result: dict, path: str) -> str:
-    import matplotlib
+def plot_per_position(result: dict, path: str) -> str | None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("ramjax eval: matplotlib is not installed, so no plot (the JSON has the per-position loss)")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,7 +1,7 @@
 """`ramjax sweep`: run a grid of training runs from one config and a sweep file, and tabulate and plot them.
 
   ramjax sweep --config configs/mqar.py:ramnet --sweep configs/sweeps/NAME.py [--workdir DIR]
-               [--dry-run] [--max-parallel N] [--config.FIELD=VALUE ...]
+               [--dry-run] [--max-parallel N] [--devices 0,1,2,3] [--report] [--config.FIELD=VALUE ...]
 
 A sweep file is Python, like a config file. It defines `get_sweep()`, returning the grid built from
 `values(field, [...])` with `product(...)` (every combination) and `zipped(...)` (element by element), and may
@@ -16,8 +16,14 @@ define `PLOT = {"x": field, "y": metric, "series": [fields]}`:
 Every run is `ramjax train` in its own process and workdir under the sweep directory (default
 runs/sweeps/<sweep file name>), so a crash of one run does not end the sweep. Rerunning the same command skips
 finished runs and resumes unfinished ones. `--dry-run` prints the `ramjax train` command of every run (for a
-cluster scheduler) and runs nothing. At the end, results.csv, results.md and plots (PNG) are written to the
-sweep directory; a failed run is a row saying so, with the end of its error output.
+cluster scheduler) and runs nothing. `--devices` spreads the runs over those GPUs (each run sees one, through
+CUDA_VISIBLE_DEVICES; with --max-parallel above the number of GPUs, runs share them, each with an equal part of
+the GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is set). At the end, results.csv, results.md and plots
+(PNG, when matplotlib is installed) are written to the sweep directory; a failed run is a row saying so, with the
+end of its error output, and an unfinished one (stopped, or still running elsewhere) shows its last evaluation.
+`--report` only writes those results from the runs' directories. SIGTERM (a scheduler's time limit) is passed on
+to the running trainers, which save a checkpoint and stop; no new run starts, the results are written, and the
+next invocation resumes.
 """
 
 from __future__ import annotations
@@ -29,8 +35,11 @@ import json
 import os
 import re
 import shlex
+import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -141,28 +150,82 @@ def run_status(workdir: str) -> str:
     return "unfinished" if os.path.exists(workdir) else "new"
 
 
-def execute(command: list[str], workdir: str) -> tuple[str, float]:
-    """Runs one training process; its output goes to workdir/train.log. Returns (status, seconds)."""
-    os.makedirs(workdir, exist_ok=True)
-    error_path = os.path.join(workdir, "error.txt")
-    if os.path.exists(error_path):
-        os.remove(error_path)  # a retry
-    start = time.time()
-    with open(os.path.join(workdir, "train.log"), "a") as log:
-        log.write(f"$ {printable(command)}\n")
-        log.flush()
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    if done.returncode == 0 and os.path.exists(os.path.join(workdir, "summary.json")):
-        return "finished", time.time() - start
-    with open(os.path.join(workdir, "train.log")) as f:
-        tail = [line.rstrip() for line in f.readlines()[-15:] if line.strip()]
-    with open(error_path, "w") as f:
-        f.write(f"exit code {done.returncode}\n" + "\n".join(tail) + "\n")
-    return "failed", time.time() - start
+class Launcher:
+    """Starts training processes, each on the next free device slot, and stops them all on request."""
+
+    def __init__(self, devices: list[str], max_parallel: int):
+        self.slots = queue.Queue()
+        for i in range(max_parallel):
+            self.slots.put(devices[i % len(devices)] if devices else None)
+        per_device = -(-max_parallel // len(devices)) if devices else 1
+        self.memory_fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                                              f"{0.9 / per_device:.3f}" if per_device > 1 else None)
+        self.stopping = False
+        self.running: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+
+    def stop(self, signum=signal.SIGTERM, frame=None) -> None:
+        """No new runs; the running trainers get SIGTERM (they save a checkpoint and exit)."""
+        self.stopping = True
+        with self.lock:
+            for process in self.running:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+
+    def execute(self, command: list[str], workdir: str) -> tuple[str, float]:
+        """Runs one training process; its output goes to workdir/train.log. Returns (status, seconds)."""
+        if self.stopping:
+            return "not started", 0.0
+        device = self.slots.get()
+        try:
+            return self._execute(command, workdir, device)
+        finally:
+            self.slots.put(device)
+
+    def _execute(self, command: list[str], workdir: str, device) -> tuple[str, float]:
+        os.makedirs(workdir, exist_ok=True)
+        error_path = os.path.join(workdir, "error.txt")
+        if os.path.exists(error_path):
+            os.remove(error_path)  # a retry
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        if self.memory_fraction:
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = self.memory_fraction
+        start = time.time()
+        with open(os.path.join(workdir, "train.log"), "a") as log:
+            log.write(f"$ {printable(command)}" + (f"  (device {device})" if device is not None else "") + "\n")
+            log.flush()
+            with self.lock:
+                if self.stopping:
+                    return "not started", 0.0
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                self.running.add(process)
+            returncode = process.wait()
+            with self.lock:
+                self.running.discard(process)
+        if os.path.exists(os.path.join(workdir, "summary.json")):
+            return "finished", time.time() - start
+        if returncode == 0 or (self.stopping and returncode in (-signal.SIGTERM, 128 + signal.SIGTERM)):
+            return "unfinished", time.time() - start  # stopped by SIGTERM: the next invocation resumes it
+        with open(os.path.join(workdir, "train.log")) as f:
+            tail = [line.rstrip() for line in f.readlines()[-15:] if line.strip()]
+        with open(error_path, "w") as f:
+            f.write(f"exit code {returncode}\n" + "\n".join(tail) + "\n")
+        return "failed", time.time() - start
+
+
+def parse_devices(text: str | None) -> list[str]:
+    if not text:
+        return []
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices or not all(d.isdigit() for d in devices):
+        raise ConfigError(f"--devices: a comma-separated list of GPU indices like 0,1,2,3, got {text!r}")
+    return devices
 
 
 def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: bool = False, max_parallel: int = 1,
-          overrides: list[str] = ()) -> list[dict]:
+          overrides: list[str] = (), devices: list[str] = (), report_only: bool = False) -> list[dict]:
     """Runs (or, with dry_run, prints) the sweep; returns its result rows."""
     runs, plot, names = load_sweep(sweep_path)
     if max_parallel < 1:
@@ -171,9 +234,24 @@ def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: 
     commands = [train_command(config, os.path.join(sweep_dir, name), run, list(overrides))
                 for name, run in zip(names, runs)]
     if dry_run:
-        for command in commands:
-            print(printable(command))
+        for command, device in zip(commands, itertools.cycle(devices or [None])):
+            print((f"CUDA_VISIBLE_DEVICES={device} " if device is not None else "") + printable(command))
         return []
+    if report_only:
+        if not os.path.isdir(sweep_dir):
+            raise ConfigError(f"--report: no sweep directory {sweep_dir!r} (run the sweep first)")
+    else:
+        run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, list(devices), max_parallel)
+    rows = collect(sweep_dir, names, runs)
+    write_results(sweep_dir, rows, runs, plot)
+    failed = [r["run"] for r in rows if r["status"] == "failed"]
+    unfinished = [r["run"] for r in rows if r["status"] in ("unfinished", "new")]
+    print(f"ramjax sweep: results in {sweep_dir}/results.md" + (f"; {len(failed)} failed: {failed}" if failed else "")
+          + (f"; {len(unfinished)} unfinished (rerun the same command to finish them)" if unfinished else ""))
+    return rows
+
+
+def run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, devices, max_parallel) -> None:
     os.makedirs(sweep_dir, exist_ok=True)
     with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
         json.dump({"config": config, "sweep": os.path.abspath(sweep_path), "overrides": list(overrides),
@@ -181,18 +259,23 @@ def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: 
     todo = [(name, command) for name, command in zip(names, commands)
             if run_status(os.path.join(sweep_dir, name)) != "finished"]
     print(f"ramjax sweep: {len(runs)} runs in {sweep_dir}; {len(runs) - len(todo)} finished already, "
-          f"{len(todo)} to run ({max_parallel} at a time)")
-    with tqdm(total=len(todo), unit="run", desc="sweep") as progress, ThreadPoolExecutor(max_parallel) as pool:
-        futures = {pool.submit(execute, command, os.path.join(sweep_dir, name)): name for name, command in todo}
-        for future in futures:
-            status, seconds = future.result()
-            progress.update(1)
-            progress.write(f"{futures[future]}: {status} in {seconds:.0f} s")
-    rows = collect(sweep_dir, names, runs)
-    write_results(sweep_dir, rows, runs, plot)
-    failed = [r["run"] for r in rows if r["status"] == "failed"]
-    print(f"ramjax sweep: results in {sweep_dir}/results.md" + (f"; {len(failed)} failed: {failed}" if failed else ""))
-    return rows
+          f"{len(todo)} to run ({max_parallel} at a time" + (f" on devices {','.join(devices)})" if devices else ")"))
+    launcher = Launcher(devices, max_parallel)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, launcher.stop) if on_main_thread else None
+    try:
+        with tqdm(total=len(todo), unit="run", desc="sweep") as progress, ThreadPoolExecutor(max_parallel) as pool:
+            futures = {pool.submit(launcher.execute, command, os.path.join(sweep_dir, name)): name
+                       for name, command in todo}
+            for future in futures:
+                status, seconds = future.result()
+                progress.update(1)
+                progress.write(f"{futures[future]}: {status} in {seconds:.0f} s")
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    if launcher.stopping:
+        print("ramjax sweep: SIGTERM received; running trainers were told to save and stop, no new runs started")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,12 +297,32 @@ def collect(sweep_dir: str, names: list[str], runs: list[dict]) -> list[dict]:
                         "wall_s": round(summary.get("wall_s", float("nan")), 1),
                         "train/loss": summary.get("train", {}).get("loss")})
             row.update(summary.get("eval", {}))
+        elif status == "unfinished":
+            row.update(last_evaluation(directory))
         elif status == "failed":
             with open(os.path.join(directory, "error.txt")) as f:
                 lines = [line.strip() for line in f.read().splitlines() if line.strip()]
             row["error"] = f"{lines[-1]} ({lines[0]})" if len(lines) > 1 else lines[0] if lines else "failed"
         rows.append(row)
     return rows
+
+
+def last_evaluation(directory: str) -> dict:
+    """The newest evaluation an unfinished run logged (its step as eval_step), from metrics.jsonl."""
+    path = os.path.join(directory, "metrics.jsonl")
+    latest = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                if any(k.startswith("eval/") for k in record):
+                    latest = record
+    if not latest:
+        return {}
+    return {"eval_step": latest.get("step"), **{k: v for k, v in latest.items() if k.startswith("eval/")}}
 
 
 def _columns(rows: list[dict]) -> list[str]:
@@ -253,13 +356,17 @@ def write_results(sweep_dir: str, rows: list[dict], runs: list[dict], plot) -> N
 
 
 def plot_results(sweep_dir: str, rows: list[dict], fields: list[str], plot) -> list[str]:
-    """Metric against one swept field, a line per combination of the others; PNG files in sweep_dir."""
-    import matplotlib
-
+    """Metric against one swept field, a line per combination of the others; PNG files in sweep_dir. Unfinished
+    runs are drawn at their last evaluation (the table says which)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("ramjax sweep: matplotlib is not installed, so no plots; `pip install matplotlib` and rerun with --report")
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finished = [r for r in rows if r["status"] == "finished"]
+    finished = [r for r in rows if r["status"] in ("finished", "unfinished") and any(k.startswith("eval/") for k in r)]
     if not finished or not fields:
         return []
     plot = dict(plot or {})
@@ -314,13 +421,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--workdir", default=None, help="sweep directory (default runs/sweeps/<sweep file name>)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs' `ramjax train` commands, run nothing")
     parser.add_argument("--max-parallel", type=int, default=1, help="runs at the same time (default 1)")
+    parser.add_argument("--devices", default=None, help="GPU indices to spread the runs over, e.g. 0,1,2,3")
+    parser.add_argument("--report", action="store_true", help="only write the results table and plots from the "
+                        "runs' directories (no training)")
     args, extra = parser.parse_known_args(argv)
     bad = [a for a in extra if not a.startswith("--config.")]
     if bad:
         parser.error(f"unexpected arguments {bad}; settings for every run go through --config.FIELD=VALUE")
     try:
         rows = sweep(args.config, args.sweep, workdir=args.workdir, dry_run=args.dry_run,
-                     max_parallel=args.max_parallel, overrides=extra)
+                     max_parallel=args.max_parallel, overrides=extra, devices=parse_devices(args.devices),
+                     report_only=args.report)
     except ConfigError as error:
         raise SystemExit(f"ramjax sweep: {error}") from None
     if any(r["status"] == "failed" for r in rows):

@@ -105,3 +105,61 @@ def test_sweep_runs_skips_resumes_and_reports_failures(tmp_path):
     assert "resuming" in log
     with open(out / "results.csv") as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["finished", "finished", "failed", "failed"]
+
+
+def test_dry_run_spreads_runs_over_devices(capsys):
+    sweep.sweep("configs/mqar.py:ramnet,cpu", str(ROOT / "configs" / "sweeps" / "mqar_width.py"),
+                workdir="/tmp/never_made", dry_run=True, devices=["0", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines[:3]] == ["CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=3",
+                                                       "CUDA_VISIBLE_DEVICES=0"]
+    with pytest.raises(ConfigError, match="GPU indices"):
+        sweep.parse_devices("gpu0")
+
+
+ECHO_ENV = ("import os, sys; open(sys.argv[1], 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '') + ' ' + "
+            "os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', ''))")
+
+
+def test_launcher_gives_each_run_a_device_and_a_share_of_its_memory(tmp_path, monkeypatch):
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    launcher = sweep.Launcher(["0", "1"], max_parallel=4)
+    seen = []
+    for i in range(4):
+        out = tmp_path / f"env{i}.txt"
+        status, _ = launcher.execute([sys.executable, "-c", ECHO_ENV, str(out)], str(tmp_path / f"run{i}"))
+        assert status == "unfinished"  # exit 0 without a summary.json: a stopped trainer, resumed next time
+        seen.append(out.read_text())
+    # Two runs per GPU: each gets 0.9 / 2 of its memory; slots are reused in order when runs are sequential.
+    assert seen == ["0 0.450", "1 0.450", "0 0.450", "1 0.450"]
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.2")
+    assert sweep.Launcher(["0"], max_parallel=3).memory_fraction == "0.2"  # the user's setting wins
+    assert sweep.Launcher([], max_parallel=3).memory_fraction == "0.2"
+
+
+def test_launcher_stop_passes_sigterm_on_and_starts_nothing_new(tmp_path):
+    import threading
+
+    launcher = sweep.Launcher([], max_parallel=1)
+    threading.Timer(1.0, launcher.stop).start()
+    status, seconds = launcher.execute([sys.executable, "-c", "import time; time.sleep(60)"], str(tmp_path / "a"))
+    assert status == "unfinished" and seconds < 30
+    assert launcher.execute([sys.executable, "-c", "pass"], str(tmp_path / "b")) == ("not started", 0.0)
+    assert not (tmp_path / "a" / "error.txt").exists()
+
+
+def test_report_shows_unfinished_runs_at_their_last_evaluation(tmp_path):
+    (tmp_path / "grid.py").write_text(SWEEP)
+    runs, _, names = sweep.load_sweep(str(tmp_path / "grid.py"))
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="no sweep directory"):
+        sweep.sweep("tiny.py", str(tmp_path / "grid.py"), workdir=str(out), report_only=True)
+    run = out / names[0]
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 10, "train/loss": 2.0}\n{"step": 20, "eval/accuracy/mean": 0.25}\n'
+                                       '{"step": 30, "train/loss": 1.5}\n{"step": 40, "eval/acc')  # cut by a kill
+    rows = sweep.sweep("tiny.py", str(tmp_path / "grid.py"), workdir=str(out), report_only=True)
+    assert rows[0]["status"] == "unfinished" and rows[0]["eval_step"] == 20
+    assert rows[0]["eval/accuracy/mean"] == 0.25
+    assert [r["status"] for r in rows[1:]] == ["new"] * 3
+    assert "| unfinished |" in (out / "results.md").read_text()

@@ -1,0 +1,198 @@
+"""The LM table: train the configs/lm.py variants on equal tokens, evaluate them, tabulate and plot.
+
+  python experiments/lm_table.py --workdir runs/lm_table --steps 1500 --devices 0,1,2,3 \
+      --set data.data_dir=.data/python_stdlib --results experiments/results/lm_table.md
+  python experiments/lm_table.py --from_json experiments/results/lm_table.json   # redraw table and plot
+
+Every variant is `ramjax train` (same steps, batch and context, so equal tokens) in its own process on the next
+device of --devices, then `ramjax eval` on the validation split (loss, bits per byte, per-position loss).
+`--timeout SECONDS` sends the trainers SIGTERM at that time (they save and stop; the evaluation then runs on
+what they reached, and the table gives the steps done). Tokens/s is the median logged training throughput after
+the first log interval; when several processes share a GPU it is lower than alone, so pass the single-GPU
+measurements with --throughput VARIANT=TOKENS_PER_S to add them as a column. Writes RESULTS.md, RESULTS.json
+(everything, per-position losses included) and RESULTS_per_position.png (when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+LM_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "lm.py")
+VARIANTS = ("ramnet", "transformer", "loglinear_mamba2", "gated_deltanet", "hybrid")
+
+
+def run_variant(variant: str, args, device: str | None, deadline: float | None) -> None:
+    workdir = os.path.join(args.workdir, variant)
+    os.makedirs(workdir, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+    train = [sys.executable, "-m", "ramjax.cli", "train", f"--config={LM_CONFIG}:{variant}{',' + args.size if args.size else ''}", f"--workdir={workdir}",
+             f"--config.train.num_steps={args.steps}", f"--config.train.eval_every={args.steps}",
+             f"--config.train.checkpoint_every={args.checkpoint_every}", "--config.train.progress=False"]
+    train += [f"--config.{item}" for item in args.set]
+    with open(os.path.join(workdir, "lm_table.log"), "a") as log:
+        log.write("$ " + " ".join(train) + "\n")
+        log.flush()
+        process = subprocess.Popen(train, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while process.poll() is None:
+            if deadline is not None and time.time() > deadline:
+                process.terminate()  # SIGTERM: the trainer saves its current step and exits
+                process.wait()
+                break
+            time.sleep(1)
+        log.write(f"train exit code {process.returncode}\n")
+        log.flush()
+        evaluate = [sys.executable, "-m", "ramjax.cli", "eval", f"--workdir={workdir}"]
+        if args.eval_windows:
+            evaluate.append(f"--max_windows={args.eval_windows}")
+        done = subprocess.run(evaluate, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.write(f"eval exit code {done.returncode}\n")
+
+
+def collect(workdir: str, variants, throughput: dict) -> list[dict]:
+    records = []
+    for variant in variants:
+        directory = os.path.join(workdir, variant)
+        record = {"variant": variant}
+        config_path = os.path.join(directory, "config.json")
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                config = json.load(f)
+            record.update(batch=config["data"]["batch_size"], seq_len=config["data"]["seq_len"],
+                          planned_steps=config["train"]["num_steps"], pattern=config["model"]["pattern"])
+        metrics = []
+        if os.path.exists(os.path.join(directory, "metrics.jsonl")):
+            with open(os.path.join(directory, "metrics.jsonl")) as f:
+                metrics = [json.loads(line) for line in f if line.strip()]
+        rates = [m["train/tokens_per_s"] for m in metrics if "train/tokens_per_s" in m][1:]  # first: compile
+        record["tokens_per_s"] = statistics.median(rates) if rates else None
+        losses = [m for m in metrics if "train/loss" in m]
+        record["train_loss"] = losses[-1]["train/loss"] if losses else None
+        if os.path.exists(os.path.join(directory, "summary.json")):
+            with open(os.path.join(directory, "summary.json")) as f:
+                summary = json.load(f)
+            record.update(parameters=summary.get("parameters"), wall_s=summary.get("wall_s"))
+        evaluation = os.path.join(directory, "eval_validation.json")
+        if os.path.exists(evaluation):
+            with open(evaluation) as f:
+                result = json.load(f)
+            record.update(steps=result["step"], val_loss=result["loss"], val_bits_per_byte=result["bits_per_byte"],
+                          val_windows=result["windows"], per_position_loss=result["per_position_loss"])
+        if record.get("steps") is not None and record.get("batch"):
+            record["tokens"] = record["steps"] * record["batch"] * record["seq_len"]
+        record["tokens_per_s_alone"] = throughput.get(variant)
+        records.append(record)
+    return records
+
+
+def table(records: list[dict]) -> str:
+    def number(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    lines = ["| variant | parameters | steps | tokens | val loss (nats/token) | val bits/byte | train loss | "
+             "tokens/s (this run) | tokens/s alone on 1 GPU |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        tokens = "-" if r.get("tokens") is None else f"{r['tokens'] / 1e6:.1f} M"
+        lines.append(f"| {r['variant']} | {number(r.get('parameters'), ',')} | {number(r.get('steps'), 'd')} | "
+                     f"{tokens} | {number(r.get('val_loss'), '.4f')} | {number(r.get('val_bits_per_byte'), '.4f')} | "
+                     f"{number(r.get('train_loss'), '.4f')} | {number(r.get('tokens_per_s'), ',.0f')} | "
+                     f"{number(r.get('tokens_per_s_alone'), ',.0f')} |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: str) -> str | None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("lm_table: matplotlib is not installed, so no plot; redraw with --from_json where it is")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    window = 1
+    for r in records:
+        if not r.get("per_position_loss"):
+            continue
+        losses = np.asarray(r["per_position_loss"])
+        window = max(1, len(losses) // 64)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        positions = np.arange(1, len(losses) + 1)[window - 1:]
+        axes.plot(positions, smooth, label=f"{r['variant']} ({r['val_bits_per_byte']:.3f} bits/byte)")
+    axes.set_xscale("log")
+    axes.set_xlabel("position in the context window")
+    axes.set_ylabel(f"validation loss (nats/token), mean over a window of {window}")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write(records: list[dict], header: str, results: str) -> None:
+    stem = os.path.splitext(results)[0]
+    with open(stem + ".json", "w") as f:
+        json.dump({"header": header, "records": records}, f)
+    png = plot(records, stem + "_per_position.png")
+    text = header + "\n" + table(records) + "\n" + (f"\nPer-position loss: `{os.path.basename(png)}`\n" if png else "")
+    with open(results, "w") as f:
+        f.write(text)
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/lm_table")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--size", default="", help="size modifier of configs/lm.py ('cpu' for a smoke test)")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps of every variant (equal tokens)")
+    parser.add_argument("--checkpoint_every", type=int, default=500)
+    parser.add_argument("--devices", default="", help="GPU indices, one variant per device in turn (e.g. 0,1,2,3)")
+    parser.add_argument("--timeout", type=float, default=0, help="stop the trainers after this many seconds")
+    parser.add_argument("--eval_windows", type=int, default=0, help="validation windows (0: the config's)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="for every variant")
+    parser.add_argument("--throughput", nargs="*", default=[], metavar="VARIANT=TOKENS_PER_S")
+    parser.add_argument("--results", default="experiments/results/lm_table.md")
+    parser.add_argument("--table_only", action="store_true", help="tabulate the runs in --workdir, train nothing")
+    parser.add_argument("--from_json", default=None, help="redraw the table and plot from a results JSON")
+    args = parser.parse_args()
+
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        write(saved["records"], saved["header"], os.path.splitext(args.from_json)[0] + ".md")
+        return
+    throughput = {}
+    for item in args.throughput:
+        variant, _, value = item.partition("=")
+        throughput[variant] = float(value)
+    if not args.table_only:
+        devices = [d for d in args.devices.split(",") if d] or [None]
+        deadline = time.time() + args.timeout if args.timeout else None
+        threads = [threading.Thread(target=run_variant, args=(v, args, devices[i % len(devices)], deadline))
+                   for i, v in enumerate(args.variants)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    from ramjax import timing  # after the trainers: this process then takes no GPU memory while they run
+
+    env = timing.environment()
+    header = (f"# Language models on equal tokens (configs/lm.py, {args.workdir})\n\n" +
+              "\n".join(f"- {k}: {v}" for k, v in env.items()) + f"\n- command: `{' '.join(sys.argv)}`\n")
+    write(collect(args.workdir, args.variants, throughput), header, args.results)
+
+
+if __name__ == "__main__":
+    main()
