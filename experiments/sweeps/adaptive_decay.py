@@ -1,4 +1,4 @@
-"""Adaptive Fenwick decay on MQAR: fixed / linear / mlp_softplus / mlp_softmax lambda, kv 4-32, three seeds.
+"""Adaptive Fenwick decay on MQAR: fixed / linear / mlp_softplus / mlp_softmax lambda, kv 4-32, two seeds.
 
   ramjax sweep --config configs/mqar.py:loglinear --sweep experiments/sweeps/adaptive_decay.py \
       --workdir runs/adaptive_decay --max-parallel 4 \
@@ -16,4 +16,4 @@ PLOT = {"x": "model.loglinear.mode", "y": ["eval/accuracy/kv32_len128", "eval/ac
 
 def get_sweep():
     return product(values("model.loglinear.mode", ["fixed", "linear", "mlp_softplus", "mlp_softmax"]),
-                   values("train.init_seed", [0, 1, 2]))
+                   values("train.init_seed", [0, 1]))  # two seeds fit one device call
