@@ -5,7 +5,8 @@
 
 A sweep file is Python, like a config file. It defines `get_sweep()`, returning the grid built from
 `values(field, [...])` with `product(...)` (every combination) and `zipped(...)` (element by element), and may
-define `PLOT = {"x": field, "y": metric, "series": [fields]}`:
+define `PLOT = {"x": field, "y": metric, "series": [fields], "best_over": [fields]}` (best_over: plot only the
+best run over those fields, e.g. the learning rate, for each combination of the others):
 
     from ramjax.sweep import product, values, zipped
 
@@ -373,20 +374,22 @@ def plot_results(sweep_dir: str, rows: list[dict], fields: list[str], plot) -> l
     x = plot.get("x", fields[0])
     ys = plot.get("y", "eval/accuracy/mean")
     ys = [ys] if isinstance(ys, str) else list(ys)
-    series = plot.get("series", [f for f in fields if f != x])
+    best_over = list(plot.get("best_over", []))
+    series = plot.get("series", [f for f in fields if f != x and f not in best_over])
     paths = []
     for y in ys:
         if not any(y in r for r in finished):
             continue
+        shown = best_rows(finished, y, [f for f in fields if f not in best_over]) if best_over else finished
         figure, axes = plt.subplots(figsize=(6, 4))
         key = lambda r: tuple(r.get(s) for s in series)  # noqa: E731
-        for group, members in itertools.groupby(sorted(finished, key=lambda r: str(key(r))), key=key):
+        for group, members in itertools.groupby(sorted(shown, key=lambda r: str(key(r))), key=key):
             members = [m for m in members if m.get(y) is not None]
             points = sorted(((_number(m[x]), m[y]) for m in members), key=lambda p: p[0])
             label = ", ".join(f"{s.split('.')[-1]}={v}" for s, v in zip(series, group)) or y
             axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         axes.set_xlabel(x)
-        axes.set_ylabel(y)
+        axes.set_ylabel(y + (f" (best over {', '.join(f.split('.')[-1] for f in best_over)})" if best_over else ""))
         if all(isinstance(_number(r[x]), float) and _number(r[x]) > 0 for r in finished):
             values = sorted({_number(r[x]) for r in finished})
             if len(values) > 2 and values[-1] / values[0] >= 16:
@@ -399,6 +402,19 @@ def plot_results(sweep_dir: str, rows: list[dict], fields: list[str], plot) -> l
         plt.close(figure)
         paths.append(path)
     return paths
+
+
+def best_rows(rows: list[dict], metric: str, keep: list[str]) -> list[dict]:
+    """For each combination of the `keep` fields, the row with the highest `metric` (e.g. the best learning rate
+    of each model and width)."""
+    best = {}
+    for row in rows:
+        if row.get(metric) is None:
+            continue
+        key = tuple(str(row.get(f)) for f in keep)
+        if key not in best or row[metric] > best[key][metric]:
+            best[key] = row
+    return list(best.values())
 
 
 def _number(value):

@@ -163,3 +163,11 @@ def test_report_shows_unfinished_runs_at_their_last_evaluation(tmp_path):
     assert rows[0]["eval/accuracy/mean"] == 0.25
     assert [r["status"] for r in rows[1:]] == ["new"] * 3
     assert "| unfinished |" in (out / "results.md").read_text()
+
+
+def test_best_rows_keeps_the_best_run_of_each_combination():
+    rows = [{"model": "a", "lr": 1e-2, "acc": 0.1}, {"model": "a", "lr": 3e-3, "acc": 0.7},
+            {"model": "b", "lr": 1e-2, "acc": 0.5}, {"model": "b", "lr": 3e-3, "acc": None},
+            {"model": "c", "lr": 1e-2}]
+    best = sweep.best_rows(rows, "acc", ["model"])
+    assert sorted((r["model"], r["lr"]) for r in best) == [("a", 3e-3), ("b", 1e-2)]

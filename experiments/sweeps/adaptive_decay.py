@@ -11,9 +11,10 @@ mlp_softplus >= linear, most at kv = 32 (published 99.6 vs 60.9) and in length g
 from ramjax.sweep import product, values
 
 PLOT = {"x": "model.loglinear.mode", "y": ["eval/accuracy/kv32_len128", "eval/accuracy/kv32_len256"],
-        "series": ["train.init_seed"]}
+        "series": ["train.init_seed"], "best_over": ["optim.learning_rate"]}
 
 
 def get_sweep():
     return product(values("model.loglinear.mode", ["fixed", "linear", "mlp_softplus", "mlp_softmax"]),
-                   values("train.init_seed", [0, 1]))  # two seeds fit one device call
+                   values("train.init_seed", [0, 1]),  # two seeds fit one device call
+                   values("optim.learning_rate", [1e-2, 3e-3]))

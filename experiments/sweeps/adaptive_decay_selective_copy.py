@@ -10,7 +10,7 @@ and 512 (length generalisation).
 
 from ramjax.sweep import values
 
-PLOT = {"x": "model.loglinear.mode", "y": ["eval/accuracy/mean"], "series": []}
+PLOT = {"x": "model.loglinear.mode", "y": ["eval/accuracy/tokens16_len256", "eval/accuracy/tokens16_len512"], "series": []}
 
 
 def get_sweep():

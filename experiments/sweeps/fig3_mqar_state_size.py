@@ -1,22 +1,30 @@
-"""RAM-Net Figure 3: mean accuracy over the 7-setting MQAR suite against total recurrent state size, 2 layers.
+"""RAM-Net Figure 3: mean MQAR accuracy against total recurrent state size, 2 layers, two widths, two learning
+rates (each model plotted at its better one).
 
+The paper's regime (Zoology's 7-setting suite, vocabulary 8192, d_model 128):
   ramjax sweep --config configs/mqar.py:ramnet --sweep experiments/sweeps/fig3_mqar_state_size.py \
       --workdir runs/fig3 --max-parallel 3 --config.train.num_steps=6000
 
-Widths 64 and 128 fit one 10-minute device call with the other figures' runs; add (256, 256) to the zip for the
-widest points.
+The small regime committed in experiments/results/fig3_mqar_state_size.md (configs/mqar.py's cpu sizes,
+vocabulary 512, kv 4-32 up to length 128 in training, up to kv 64 / length 256 in evaluation, 1000 steps):
+  ramjax sweep --config configs/mqar.py:ramnet,cpu --sweep experiments/sweeps/fig3_mqar_state_size.py \
+      --workdir runs/fig3_small --devices 0,1,2,3 --max-parallel 12 \
+      --config.data.vocab_size=512 --config.model.vocab_size=512 --config.train.num_steps=1000 \
+      --config.train.eval_every=500 --config.data.train_settings=4:64,8:64,16:64,32:128 \
+      --config.data.eval_settings=4:64,8:64,16:64,32:128,64:256
 
 The claim to test: RAM-Net is best at every state size. Width moves the baselines' state; RAM-Net's state is
 heads x M x (d_v + 1), so its points move with d_v (zipped with the width here). Attention's "state" is its KV
-cache at the longest evaluation length.
+cache at the longest evaluation length. Add (256, 256) to the zip for wider points.
 """
 
 from ramjax.sweep import product, values, zipped
 
-PLOT = {"x": "state_size", "y": ["eval/accuracy/mean"], "series": ["model.pattern"]}
+PLOT = {"x": "state_size", "y": ["eval/accuracy/mean"], "series": ["model.pattern"],
+        "best_over": ["optim.learning_rate"]}
 
 
 def get_sweep():
-    widths = zipped(values("model.d_model", [64, 128]), values("model.ramnet.d_v", [16, 64]))
     models = values("model.pattern", ["ramnet", "gla", "mamba2", "gated_deltanet", "loglinear", "attention"])
-    return product(models, widths)
+    widths = zipped(values("model.d_model", [64, 128]), values("model.ramnet.d_v", [16, 64]))
+    return product(models, widths, values("optim.learning_rate", [1e-2, 3e-3]))
