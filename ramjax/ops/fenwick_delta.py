@@ -138,33 +138,28 @@ def _compose_affine(earlier, later):
 
 
 def _unit_lower_inverse(strict_lower: jax.Array) -> jax.Array:
-    """(I + A)^-1 for strictly lower-triangular A [..., C, C], by recursive block inversion (matmuls only).
+    """(I + A)^-1 for strictly lower-triangular A [..., C, C], by block doubling (matmuls only).
 
-    Diagonal blocks double in size each round: inv([[X, 0], [L, Y]]) = [[X^-1, 0], [-Y^-1 L X^-1, Y^-1]], so every
-    intermediate is a block of the inverse itself, which stays moderate for the delta rule's unit-norm keys and
-    beta in [0, 1]. (The Neumann product prod_i (I + (-A)^(2^i)) is shorter but not stable: with aligned keys the
-    powers of A reach ~1e17 and cancel, which gave wrong outputs and NaN gradients in fp32.) log2 C rounds of
-    batched matmuls at full fp32 precision (TF32 would lose the inverse). It also avoids jaxlib's CPU triangular
-    solve, which deadlocked here when two batched solves ran at once on a 2-core machine.
+    X starts as the inverse of the unit diagonal (I); each round merges pairs of diagonal blocks of width w into
+    blocks of width 2w: if E holds the entries of I + A that link the two halves of each 2w block (a fixed mask),
+    the merged inverse is X - X E X (exact: E X E = 0). Every X is the inverse of a block-diagonal part of I + A,
+    so it stays moderate for the delta rule's unit-norm keys and beta in [0, 1]. (The Neumann product
+    prod_i (I + (-A)^(2^i)) has the same cost but is not stable: with aligned keys the powers of A reach ~1e17
+    and cancel, which gave wrong outputs and NaN gradients in fp32.) Full fp32 precision: TF32 would lose the
+    inverse. Matmuls also avoid jaxlib's CPU triangular solve, which deadlocked here when two batched solves ran
+    at once on a 2-core machine.
     """
     size = strict_lower.shape[-1]
-    padded = 1 << max(size - 1, 0).bit_length()  # a power of two; the padding rows/columns are identity
-    matrix = jnp.eye(padded, dtype=strict_lower.dtype) + jnp.pad(
-        jnp.tril(strict_lower, -1), [(0, 0)] * (strict_lower.ndim - 2) + [(0, padded - size)] * 2)
-    lead = matrix.shape[:-2]
-    blocks = jnp.ones(lead + (padded, 1, 1), matrix.dtype)  # inverses of the 1 x 1 diagonal blocks (unit diagonal)
+    index = np.arange(size)
+    inverse = jnp.broadcast_to(jnp.eye(size, dtype=strict_lower.dtype), strict_lower.shape)
     width = 1
-    while width < padded:
-        count = padded // width  # blocks of this width along the diagonal
-        tiles = jnp.swapaxes(matrix.reshape(lead + (count, width, count, width)), -3, -2)  # [..., i, j, w, w]
-        pairs = np.arange(count // 2)
-        lower_left = tiles[..., 2 * pairs + 1, 2 * pairs, :, :]  # [..., count/2, w, w]
-        top, bottom = blocks[..., 0::2, :, :], blocks[..., 1::2, :, :]
-        corner = -jnp.matmul(jnp.matmul(bottom, lower_left, precision="highest"), top, precision="highest")
-        zeros = jnp.zeros_like(top)
-        blocks = jnp.concatenate([jnp.concatenate([top, zeros], -1), jnp.concatenate([corner, bottom], -1)], -2)
+    while width < size:
+        same_pair = (index[:, None] // (2 * width)) == (index[None, :] // (2 * width))
+        link = same_pair & ((index[:, None] // width) % 2 == 1) & ((index[None, :] // width) % 2 == 0)
+        step = jnp.matmul(inverse, jnp.where(link, strict_lower, 0.0), precision="highest")
+        inverse = inverse - jnp.matmul(step, inverse, precision="highest")
         width *= 2
-    return blocks[..., 0, :size, :size]
+    return inverse
 
 
 def _delta_chunk_pieces(qc, kc, vc, gc, bc):
