@@ -179,6 +179,11 @@ def main() -> None:
         throughput[variant] = float(value)
     if not args.table_only:
         devices = [d for d in args.devices.split(",") if d] or [None]
+        if len(args.variants) > len(devices):
+            # Seen on an H200: two LM processes on one GPU ran it out of memory (63 + 37 GB peaks, plus slack).
+            print(f"lm_table: {len(args.variants)} variants on {len(devices)} device(s): some share a GPU, so "
+                  "their throughput is shared too and their memory must fit together (set "
+                  "XLA_PYTHON_CLIENT_MEM_FRACTION, or run the extra variants in a second invocation)")
         deadline = time.time() + args.timeout if args.timeout else None
         threads = [threading.Thread(target=run_variant, args=(v, args, devices[i % len(devices)], deadline))
                    for i, v in enumerate(args.variants)]
