@@ -183,7 +183,8 @@ def ratios(rows) -> list[str]:
                 lines.append(f"- {key}: fla chunk_gla / {name} fwd+bwd = {gla / mine:.2f}x (target >= 1.5 for pallas)")
         decoder = find("decoder", key + " M=1024")
         if decoder and scan:
-            lines.append(f"- {key}: decoder fwd+bwd = {decoder:.2f} ms, {decoder / (decoder + min(x for x in (scan, pallas) if x)):.0%} "
+            share = decoder / (decoder + min(x for x in (scan, pallas) if x))
+            lines.append(f"- {key}: decoder fwd+bwd = {decoder:.2f} ms, {share:.0%} "
                          "of decoder + fastest memory op")
     for impl in ("pallas", "scan"):
         small, big = find(impl, "B=2 T=16384 M=1024"), find(impl, "B=2 T=16384 M=1048576")
@@ -223,7 +224,8 @@ def main(argv) -> None:
         "| shape | impl | fwd ms | fwd+bwd ms | max rel RMS (o, grads) |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {r['shape']} | {r['impl']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['check']} |" for r in rows]
+    lines += [f"| {r['shape']} | {r['impl']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['check']} |"
+              for r in rows]
     summary = ratios(rows)
     if summary:
         lines += ["", "Ratios from this run (fwd+bwd):", ""] + summary

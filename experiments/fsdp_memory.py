@@ -10,7 +10,6 @@ analysis; writes a Markdown table with device, versions, date and command to --r
 from __future__ import annotations
 
 import argparse
-import sys
 
 import jax
 
@@ -40,10 +39,8 @@ def main() -> None:
         lines.append(f"| ({m['data']}, {m['fsdp']}, {m['tensor']}) | {r['state_bytes_per_device'] / 1e6:.2f} | "
                      f"{base / r['state_bytes_per_device']:.2f}x smaller | {r['argument_bytes'] / 1e6:.2f} | "
                      f"{r['temp_bytes'] / 1e6:.2f} |")
-    env = timing.environment()
-    text = (f"# Train-step memory per device by mesh\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) +
-            f"\n- command: `{' '.join(sys.argv)}`\n- {jax.device_count()} devices; compiled, not run\n\n" +
-            "\n".join(lines) + "\n")
+    text = ("# Train-step memory per device by mesh\n\n" + timing.environment_lines() +
+            f"- {jax.device_count()} devices; compiled, not run\n\n" + "\n".join(lines) + "\n")
     print(text)
     with open(args.results, "w") as f:
         f.write(text)

@@ -36,7 +36,8 @@ def run_variant(variant: str, args, device: str | None, deadline: float | None) 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
-    train = [sys.executable, "-m", "ramjax.cli", "train", f"--config={LM_CONFIG}:{variant}{',' + args.size if args.size else ''}", f"--workdir={workdir}",
+    config = f"{LM_CONFIG}:{variant}" + (f",{args.size}" if args.size else "")
+    train = [sys.executable, "-m", "ramjax.cli", "train", f"--config={config}", f"--workdir={workdir}",
              f"--config.train.num_steps={args.steps}", f"--config.train.eval_every={args.steps}",
              f"--config.train.checkpoint_every={args.checkpoint_every}", "--config.train.progress=False"]
     train += [f"--config.{item}" for item in args.set]
@@ -193,9 +194,7 @@ def main() -> None:
             thread.join()
     from ramjax import timing  # after the trainers: this process then takes no GPU memory while they run
 
-    env = timing.environment()
-    header = (f"# Language models on equal tokens (configs/lm.py, {args.workdir})\n\n" +
-              "\n".join(f"- {k}: {v}" for k, v in env.items()) + f"\n- command: `{' '.join(sys.argv)}`\n")
+    header = f"# Language models on equal tokens (configs/lm.py, {args.workdir})\n\n" + timing.environment_lines()
     write(collect(args.workdir, args.variants, throughput), header, args.results)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from ramjax import config_files, timing
 from ramjax.train.metrics import read_metrics
@@ -80,16 +79,14 @@ def main() -> None:
     header = ["model", "params", "steps", "steps/s"] + [s.split("/")[-1] for s in slices] + ["mean"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant, s in rows:
-        cells = [variant, f"{s['parameters']:,}" if s["parameters"] else "-", str(s["steps"]), f"{s['train'].get('steps_per_s', float('nan')):.1f}"]
+        steps_per_s = s["train"].get("steps_per_s", float("nan"))
+        cells = [variant, f"{s['parameters']:,}" if s["parameters"] else "-", str(s["steps"]), f"{steps_per_s:.1f}"]
         cells += [f"{s['eval'][k]:.3f}" for k in slices] + [f"{s['eval']['eval/accuracy/mean']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
-    env = timing.environment()
-    header_text = "\n".join(f"- {k}: {v}" for k, v in env.items())
     with open(args.results, "w") as f:
-        f.write(f"# MQAR: accuracy per (kv, length) slice\n\n{header_text}\n- command: `{' '.join(sys.argv)}`\n\n"
-                f"{table}\n")
+        f.write(f"# MQAR: accuracy per (kv, length) slice\n\n{timing.environment_lines()}\n{table}\n")
 
 
 if __name__ == "__main__":

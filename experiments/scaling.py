@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 
 import jax
@@ -75,10 +74,8 @@ def main() -> None:
         per_device = r["tokens_per_s"] / r["devices"]
         lines.append(f"| {r['devices']} | {r['mesh']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {per_device:,.0f} | "
                      f"{per_device / base:.0%} | {r['step_ms']:.1f} | {r['peak_gb']:.2f} |")
-    env = timing.environment()
     text = (f"# Training throughput by device count and mesh ({args.config}, {rows[0]['params']:,} parameters)\n\n" +
-            "\n".join(f"- {k}: {v}" for k, v in env.items()) + f"\n- command: `{' '.join(sys.argv)}`\n\n" +
-            "\n".join(lines) + "\n")
+            timing.environment_lines() + "\n" + "\n".join(lines) + "\n")
     print(text)
     with open(args.results, "w") as f:
         f.write(text)

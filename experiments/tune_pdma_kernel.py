@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +50,8 @@ def main() -> None:
     parser.add_argument("--interpret", action="store_true", help="interpret mode (a smoke test off the GPU)")
     parser.add_argument("--results", default="experiments/results/pdma_kernel_tuning.md")
     args = parser.parse_args()
-    lines = ["| shape | chunk | warps | d_tile | fwd ms | fwd+bwd ms | max rel RMS vs scan |", "|---|---|---|---|---|---|---|"]
+    lines = ["| shape | chunk | warps | d_tile | fwd ms | fwd+bwd ms | max rel RMS vs scan |",
+             "|---|---|---|---|---|---|---|"]
     for shape in args.shapes.split(","):
         batch, seq_len = map(int, shape.split("x"))
         (ri, rv, wi, wv, v), num_slots = inputs(batch, seq_len, args)
@@ -77,8 +77,7 @@ def main() -> None:
             lines.append(row)
     env = timing.environment()
     with open(args.results, "a") as f:
-        f.write("\n## " + env["date"] + "\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) +
-                f"\n- command: `{' '.join(sys.argv)}`\n\n" + "\n".join(lines) + "\n")
+        f.write("\n## " + env["date"] + "\n\n" + timing.environment_lines() + "\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -41,3 +42,8 @@ def environment() -> dict:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def environment_lines() -> str:
+    """The header lines of a results file: "- key: value" for the device, versions and date, then the command."""
+    return "\n".join(f"- {k}: {v}" for k, v in environment().items()) + f"\n- command: `{' '.join(sys.argv)}`\n"
