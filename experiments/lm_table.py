@@ -10,7 +10,8 @@ device of --devices, then `ramjax eval` on the validation split (loss, bits per 
 what they reached, and the table gives the steps done). Tokens/s is the median logged training throughput after
 the first log interval; when several processes share a GPU it is lower than alone, so pass the single-GPU
 measurements with --throughput VARIANT=TOKENS_PER_S to add them as a column. Writes RESULTS.md, RESULTS.json
-(everything, per-position losses included) and RESULTS_per_position.png (when matplotlib is installed).
+(everything, per-position losses included) and RESULTS_per_position.png (when matplotlib is installed); notes
+written below the marker line in RESULTS.md are kept when it is rewritten.
 """
 
 from __future__ import annotations
@@ -141,14 +142,23 @@ def plot(records: list[dict], path: str) -> str | None:
     return path
 
 
+# Below this line of a results file, written notes survive a rewrite (--table_only, --from_json).
+NOTES_MARKER = "<!-- lm_table.py writes everything above this line and keeps what follows -->"
+
+
 def write(records: list[dict], header: str, results: str) -> None:
     stem = os.path.splitext(results)[0]
     with open(stem + ".json", "w") as f:
         json.dump({"header": header, "records": records}, f)
     png = plot(records, stem + "_per_position.png")
     text = header + "\n" + table(records) + "\n" + (f"\nPer-position loss: `{os.path.basename(png)}`\n" if png else "")
+    notes = ""
+    if os.path.exists(results):
+        with open(results) as f:
+            _, marker, notes = f.read().partition(NOTES_MARKER)
+        notes = notes if marker else ""
     with open(results, "w") as f:
-        f.write(text)
+        f.write(text + "\n" + NOTES_MARKER + notes)
     print(text)
 
 

@@ -36,3 +36,6 @@ def test_table_from_run_directories_and_from_json(tmp_path):
     assert "| transformer | - | - | - |" in text
     saved = json.loads((tmp_path / "out" / "table.json").read_text())
     assert saved["header"] == "# header\n" and saved["records"][0]["per_position_loss"] == [1.0] * 8
+    results.write_text(results.read_text() + "\nOur notes.\n")  # below the marker: kept on a rewrite
+    lm_table.write(records, "# header 2\n", str(results))
+    assert results.read_text().startswith("# header 2\n") and results.read_text().endswith("\nOur notes.\n")
