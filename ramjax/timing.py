@@ -44,6 +44,8 @@ def environment() -> dict:
     }
 
 
-def environment_lines() -> str:
-    """The header lines of a results file: "- key: value" for the device, versions and date, then the command."""
-    return "\n".join(f"- {k}: {v}" for k, v in environment().items()) + f"\n- command: `{' '.join(sys.argv)}`\n"
+def environment_lines(command: str | None = None) -> str:
+    """The header lines of a results file: "- key: value" for the device, versions and date, then the command
+    (default: this process's sys.argv)."""
+    command = " ".join(sys.argv) if command is None else command
+    return "\n".join(f"- {k}: {v}" for k, v in environment().items()) + f"\n- command: `{command}`\n"

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,52 @@ def _jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh,
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
 
 
+def _initialisers(build, tx):
+    """Functions (to jit with the state's and the other variables' shardings) that make the initial train state
+    and the model's other variables from the model builder."""
+    def init_state():
+        _, params, _ = nnx.split(build(), nnx.Param, ...)
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def init_rest():
+        return nnx.split(build(), nnx.Param, ...)[2]
+
+    return init_state, init_rest
+
+
+class TrainSetup(NamedTuple):
+    """The train step `ramjax train` runs for a config, on the mesh `config.mesh` makes of some devices."""
+    mesh: jax.sharding.Mesh
+    train_step: Callable  # jitted (state, rest, batch) -> (state, metrics); the state's buffers are donated
+    init_state: Callable  # jitted () -> the initial train state, placed by its shardings
+    init_rest: Callable  # jitted () -> the model's other variables (fixed buffers), placed
+    abstract_state: Any  # ShapeDtypeStructs carrying their shardings (for train_step.lower)
+    abstract_rest: Any
+    batch_sharding: jax.sharding.Sharding  # of every batch field [batch, time]
+    num_params: int
+
+
+def train_setup(config, *, devices=None) -> TrainSetup:
+    """The model, optimizer, shardings and jitted train step exactly as `train` builds them, without a task or
+    a workdir: for measuring the step (memory, throughput) on batches made elsewhere."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = config.mesh.rules
+    build, tx, schedule, graphdef, abstract_params, abstract_rest, abstract_state = _abstract(config, mesh)
+    state_sh = sharding.tree_shardings(abstract_state, rules, mesh)
+    rest_sh = sharding.tree_shardings(abstract_rest, rules, mesh)
+    batch_sh = sharding.batch_sharding(rules, mesh)
+    init_state, init_rest = _initialisers(build, tx)
+    return TrainSetup(
+        mesh=mesh,
+        train_step=_jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh),
+        init_state=jax.jit(init_state, out_shardings=state_sh),
+        init_rest=jax.jit(init_rest, out_shardings=rest_sh),
+        abstract_state=_abstract_with_shardings(abstract_state, state_sh),
+        abstract_rest=_abstract_with_shardings(abstract_rest, rest_sh),
+        batch_sharding=batch_sh,
+        num_params=int(sum(x.size for x in jax.tree.leaves(abstract_params))))
+
+
 def restore_state(config, workdir: str, *, devices=None, step: int | None = None):
     """(state, meta) of checkpoint `step` (default: the newest) in `workdir`, placed on the mesh that
     `config.mesh` makes of `devices`: whatever mesh the checkpoint was written from. For inspecting a run or
@@ -175,20 +222,13 @@ def step_memory(config, *, devices=None) -> dict:
     memory analysis: its arguments (parameters, optimizer state, batch), outputs and temporaries, and the
     parameter + optimizer-state bytes one device holds (from the shardings: what FSDP divides)."""
     task = make_task(config)
-    mesh = sharding.make_mesh(config.mesh, devices)
-    rules = config.mesh.rules
-    _, tx, schedule, graphdef, _, abstract_rest, abstract_state = _abstract(config, mesh)
-    state_sh = sharding.tree_shardings(abstract_state, rules, mesh)
-    rest_sh = sharding.tree_shardings(abstract_rest, rules, mesh)
-    batch_sh = sharding.batch_sharding(rules, mesh)
-    step = _jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh)
-    batch = {name: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype, sharding=batch_sh)
+    setup = train_setup(config, devices=devices)
+    batch = {name: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype, sharding=setup.batch_sharding)
              for name, value in task.train_batch(0)._asdict().items()}
-    state = _abstract_with_shardings(abstract_state, state_sh)
-    rest = _abstract_with_shardings(abstract_rest, rest_sh)
-    analysis = step.lower(state, rest, batch).compile().memory_analysis()
+    state = setup.abstract_state
+    analysis = setup.train_step.lower(state, setup.abstract_rest, batch).compile().memory_analysis()
     held = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
-    return {"mesh": dict(mesh.shape), "argument_bytes": analysis.argument_size_in_bytes,
+    return {"mesh": dict(setup.mesh.shape), "argument_bytes": analysis.argument_size_in_bytes,
             "output_bytes": analysis.output_size_in_bytes, "temp_bytes": analysis.temp_size_in_bytes,
             "state_bytes_per_device": held}
 
@@ -213,13 +253,7 @@ def train(config, workdir: str, *, devices=None) -> dict:
     rest_sh = sharding.tree_shardings(abstract_rest, rules, mesh)
     replicated = sharding.replicated(mesh)
 
-    def init_state():
-        _, params, _ = nnx.split(build(), nnx.Param, ...)
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-    def init_rest():
-        return nnx.split(build(), nnx.Param, ...)[2]
-
+    init_state, init_rest = _initialisers(build, tx)
     train_step = _jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh)
     eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh["params"], rest_sh, batch_sh),
                         out_shardings=replicated)

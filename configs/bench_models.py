@@ -1,0 +1,57 @@
+"""The model scoreboard (experiments/bench_models.py): whole-model training throughput of every LM variant.
+
+  python experiments/bench_models.py --config configs/bench_models.py:gpu      # the scoreboard (one GPU)
+  python experiments/bench_models.py --config configs/bench_models.py:cpu      # tiny, seconds on a laptop
+
+Every row is the configs/lm.py model of `model_config`, with `model_overrides` and then the row's own overrides
+applied, trained on random tokens at each (seq_len, batch) of `shapes`.
+"""
+
+import ml_collections
+
+# (name, {config field: value}): one row of the table per shape. Any field of the model config (or of the whole
+# training config: optim, mesh) may be set per row, e.g. ("ramnet:pallas:xla", {..., "model.ramnet.decoder_impl":
+# "xla"}). The name is free text; --only NAME matches it exactly or up to its first ":" (--only ramnet takes both
+# PDMA implementations).
+TRANSFORMER = ("transformer", {"model.pattern": "attention"})
+RAMNET_SCAN = ("ramnet:scan", {"model.pattern": "ramnet", "model.ramnet.impl": "scan"})
+RAMNET_PALLAS = ("ramnet:pallas", {"model.pattern": "ramnet", "model.ramnet.impl": "pallas"})
+GLA = ("gla", {"model.pattern": "gla"})
+MAMBA2 = ("mamba2", {"model.pattern": "mamba2"})
+GATED_DELTANET = ("gated_deltanet", {"model.pattern": "gated_deltanet"})
+# configs/lm.py has 12 Fenwick levels (contexts up to 2048); 15 cover every shape here, up to 16384 tokens.
+LOGLINEAR_MAMBA2 = ("loglinear_mamba2", {"model.pattern": "loglinear", "model.loglinear.num_levels": 15})
+HYBRID = ("hybrid", {"model.pattern": "ramnet,ramnet,ramnet,attention", "model.ramnet.impl": "pallas"})
+
+
+def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model_config = "configs/lm.py:transformer"  # path[:variant], relative to the repository root
+    # (field, value) pairs applied to every row, before the row's own (a dict here would become a ConfigDict)
+    config.model_overrides = (("model.dtype", "bfloat16"),)
+    config.variants = (TRANSFORMER, RAMNET_SCAN, RAMNET_PALLAS, GLA, MAMBA2, GATED_DELTANET, LOGLINEAR_MAMBA2, HYBRID)
+    config.baseline = "transformer"  # the variant the "x transformer" ratios divide by (always run)
+    config.shapes = ((1024, 32), (4096, 8), (16384, 2))  # (seq_len, batch): 32768 tokens per step each
+    config.num_devices = 1  # the first N devices, data parallel (memory is per device)
+    config.warmup_steps = 3  # after compilation, not timed
+    config.steps = 10  # timed, one at a time (block_until_ready); the table gives the median
+    config.seed = 0  # of the random tokens
+    config.results_file = "experiments/results/bench_models.md"  # and .json beside it
+    # Added to XLA_FLAGS (a flag already there is left alone) before JAX starts its backend; "" for none.
+    config.xla_flags = ""
+    if variant == "cpu":
+        config.model_config = "configs/lm.py:transformer,cpu"  # d_model 64, 2 layers, 2 heads, RAM-Net impl scan
+        config.model_overrides = (("model.dtype", "float32"),)
+        hybrid_name, hybrid = HYBRID
+        config.variants = (TRANSFORMER, RAMNET_SCAN, GLA, MAMBA2, GATED_DELTANET, LOGLINEAR_MAMBA2,
+                           (hybrid_name, dict(hybrid, **{"model.ramnet.impl": "scan", "model.num_layers": 4})))
+        config.shapes = ((64, 2),)
+        config.warmup_steps = 1
+        config.steps = 2
+        config.results_file = "experiments/results/bench_models_cpu.md"
+        # tests/conftest.py's fast-compile flags: the whole run in ~30 s instead of ~85 s on 2 cores, compile time
+        # being most of it; the steps then run slower (no LLVM optimisation), so the CPU numbers are a smoke test.
+        config.xla_flags = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+    elif variant != "gpu":
+        raise ValueError(f"configs/bench_models.py: unknown variant {variant!r}; known: 'gpu', 'cpu'")
+    return config

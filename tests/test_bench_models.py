@@ -1,0 +1,69 @@
+"""experiments/bench_models.py, the model scoreboard: a tiny run on the CPU and its results file."""
+
+import importlib.util
+import json
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_models", ROOT / "experiments" / "bench_models.py")
+bench_models = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_models)
+
+
+def test_gpu_config_variants_build_and_select():
+    bench = bench_models.load_config(str(ROOT / "configs" / "bench_models.py") + ":gpu")
+    names = [name for name, _ in bench.variants]
+    assert names[0] == "transformer" and {"ramnet:scan", "ramnet:pallas", "hybrid"} <= set(names)
+    for name, overrides in bench.variants:  # every overridden field exists in the LM config
+        config = bench_models.model_config(bench, overrides, ["model.ramnet.top_k=4"], name=name)
+        assert config.model.dtype == "bfloat16" and config.model.d_model == 512 and config.model.ramnet.top_k == 4
+    assert bench_models.model_config(bench, dict(bench.variants)["ramnet:pallas"]).model.ramnet.impl == "pallas"
+    chosen = bench_models.select_variants(bench.variants, "ramnet,gla", "transformer")
+    assert [name for name, _ in chosen] == ["transformer", "ramnet:scan", "ramnet:pallas", "gla"]
+    assert bench_models.parse_shapes("1024x32, 16384x2") == ((1024, 32), (16384, 2))
+
+
+def test_cpu_run_writes_the_table_with_ratios_from_the_same_run(tmp_path):
+    results = tmp_path / "scoreboard.md"
+    argv = ["--config", f"{ROOT}/configs/bench_models.py:cpu", "--only", "transformer", "--shapes", "32x2",
+            "--steps", "2", "--warmup", "1", "--results", str(results),
+            # a row that cannot be built (3 layers of a 2-mixer pattern): recorded, and the run goes on
+            "--variant", "broken", "model.pattern=ramnet,attention", "model.num_layers=3",
+            "--variant", "ramnet_scan", "model.pattern=ramnet", "model.ramnet.impl=scan"]
+    rows = bench_models.main(argv)
+    assert [r["variant"] for r in rows] == ["transformer", "broken", "ramnet_scan"]
+    assert "num_layers" in rows[1]["error"] and "tokens_per_s" not in rows[1]
+    for r in (rows[0], rows[2]):
+        assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["peak_bytes"] > 0 and r["compile_s"] > 0
+        assert r["params"] > 0 and r["shape"] == "32x2"
+
+    text = results.read_text()
+    for key in ("device", "jax", "flax", "date"):
+        assert re.search(rf"^- {key}: \S", text, re.M), key
+    assert f"- command: `python experiments/bench_models.py --config {ROOT}/configs/bench_models.py:cpu --only" in text
+    assert "d_model 64, 2 layers, 2 heads" in text and "- ramnet_scan: model.pattern=ramnet" in text
+    table = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| 32x2 |")}
+    assert set(table) == {"transformer", "broken", "ramnet_scan"}
+    assert " | 1.00x | " in table["transformer"] and "ValueError" in table["broken"]
+    speed = rows[2]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    memory = rows[2]["peak_bytes"] / rows[0]["peak_bytes"]
+    assert f" | {speed:.2f}x | " in table["ramnet_scan"] and f" | {memory:.2f}x | " in table["ramnet_scan"]
+    assert f" | {rows[2]['params']:,} | " in table["ramnet_scan"]
+
+    saved = json.loads(results.with_suffix(".json").read_text())
+    assert [r["variant"] for r in saved["rows"]] == ["transformer", "broken", "ramnet_scan"]
+    assert saved["rows"][2]["x_baseline_tokens_per_s"] == speed and saved["rows"][1]["x_baseline_memory"] is None
+    assert saved["environment"]["jax"] and saved["bench"]["steps"] == 2
+
+    # --append: another shape (the baseline alone) joins the file; the 32x2 rows stay, named as an earlier run.
+    bench_models.main(argv[:4] + ["--shapes", "16x2", "--steps", "1", "--warmup", "0", "--results", str(results),
+                                  "--append"])
+    text = results.read_text()
+    assert [line.split(" | ")[:2] for line in text.splitlines() if line.startswith("| 16x2 |")] == [
+        ["| 16x2", "transformer"]]
+    assert len([line for line in text.splitlines() if line.startswith("| 32x2 |")]) == 3
+    assert "- 32x2: an earlier run" in text and text.index("| 16x2 |") < text.index("| 32x2 |")
+    saved = json.loads(results.with_suffix(".json").read_text())
+    assert len(saved["runs"]) == 2 and [r["run"] for r in saved["rows"]] == [1, 0, 0, 0]
+    assert saved["rows"][3]["x_baseline_tokens_per_s"] == speed
