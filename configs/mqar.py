@@ -50,7 +50,8 @@ def model_config() -> ml_collections.ConfigDict:
     # value with the key before it); Mamba-2 and Gated DeltaNet get it from their convs, and RAM-Net without one
     # plateaued at 0.12 accuracy on (kv 8, length 64) while with width 4 it reached 0.91 in 1000 steps.
     m.ramnet.short_conv = 4
-    m.ramnet.impl = "auto"  # PDMA implementation: auto, dense or scan
+    m.ramnet.impl = "auto"  # PDMA implementation: auto, dense, scan or pallas
+    m.ramnet.decoder_impl = "auto"  # address decoder (product top-K): auto, xla or pallas
 
     m.attention = ml_collections.ConfigDict()
     m.attention.head_dim = 0  # 0: d_model / num_heads

@@ -8,6 +8,7 @@ Every number (U, d_p, K, gamma, eps, d_v, heads) is an argument, and so a config
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -55,13 +56,14 @@ class RAMNetMixer(nnx.Module):
     def __init__(self, d_model: int, *, num_heads: int, num_factors: int, factor_size: int, top_k: int, d_v: int,
                  gamma: float = 1.0, eps: float = 1e-6, grad_eps: float = 1e-3, cape_heads: int | jax.Array = 0,
                  alpha_init: float = 0.0, output_norm: bool = False, output_gate: bool = False,
-                 short_conv: int = 0, impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                 short_conv: int = 0, impl: str = "auto", decoder_impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         num_slots = factor_size**num_factors
         if top_k > num_slots:
             raise ValueError(f"model.ramnet.top_k: must be <= M = factor_size ** num_factors = {num_slots}, "
                              f"got {top_k}")
         self.num_heads, self.num_factors, self.top_k, self.d_v = num_heads, num_factors, top_k, d_v
         self.num_slots, self.gamma, self.eps, self.grad_eps, self.impl = num_slots, gamma, eps, grad_eps, impl
+        self.decoder_impl = decoder_impl
         d_k = num_factors * factor_size
         self.d_k = d_k
         self.q_proj = dense(d_model, num_heads * d_k, "embed", "heads", dtype=dtype, rngs=rngs)
@@ -96,8 +98,10 @@ class RAMNetMixer(nnx.Module):
         q, k = self._project(0, self.q_proj, x), self._project(1, self.k_proj, x)
         q = q.reshape(batch, seq_len, self.num_heads, self.d_k) * scale.astype(x.dtype)
         k = k.reshape(batch, seq_len, self.num_heads, self.d_k) * scale.astype(x.dtype)
-        read_idx, read_val = ops.product_topk(q, num_factors=self.num_factors, top_k=self.top_k)
-        write_idx, write_val = ops.product_topk(k, num_factors=self.num_factors, top_k=self.top_k)
+        decode = functools.partial(ops.product_topk, num_factors=self.num_factors, top_k=self.top_k,
+                                   impl=self.decoder_impl, sharding=self.kernel_sharding)
+        read_idx, read_val = decode(q)
+        write_idx, write_val = decode(k)
         shifted = self.cape_heads[...][None, None, :, None]
         position = positions.astype(jnp.int32)[:, :, None, None]
         read_idx = jnp.where(shifted, ops.cape_shift(read_idx, position, self.num_slots), read_idx)

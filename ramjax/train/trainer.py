@@ -65,10 +65,16 @@ def _abstract_with_shardings(abstract_tree, shardings):
         shardings, abstract_tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
 
 
+# Model fields that choose how a function is computed, not which function: a run may resume with another.
+_IMPLEMENTATION_FIELDS = ("impl", "decoder_impl", "remat")
+
+
 def _model_differences(saved: dict, current: dict, prefix: str = "model") -> list[str]:
     keys = sorted(set(saved) | set(current))
     diffs = []
     for key in keys:
+        if key in _IMPLEMENTATION_FIELDS:
+            continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += _model_differences(a, b, f"{prefix}.{key}")
