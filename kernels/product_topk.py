@@ -198,7 +198,7 @@ def _product_topk_bwd(launch: _Launch, saved, cotangents):
 _product_topk.defvjp(_product_topk_fwd, _product_topk_bwd)
 
 
-def product_topk(x, *, num_factors: int, top_k: int, temperature: float = 1.0, block_rows: int = 64,
+def product_topk(x, *, num_factors: int, top_k: int, temperature: float = 1.0, block_rows: int = 128,
                  num_warps: int = 4, interpret: bool = False, poison_output: bool = False):
     """Exact top-K of the product-softmax address of each row of `x`, differentiable in x through the values.
 

@@ -25,7 +25,7 @@ IMPLS = ("auto", "xla", "pallas")
 
 # Launch shape of the decoder kernel on GPUs (keys per program, warps), chosen by measurement on an H200
 # (kernels/README.md).
-PALLAS_GPU_OPTIONS = {"block_rows": 64, "num_warps": 4}
+PALLAS_GPU_OPTIONS = {"block_rows": 128, "num_warps": 4}
 
 
 def factor_size(key_size: int, num_factors: int) -> int:
