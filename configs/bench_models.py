@@ -27,7 +27,7 @@ MAMBA2 = ("mamba2", {"model.pattern": "mamba2"})
 GATED_DELTANET = ("gated_deltanet", {"model.pattern": "gated_deltanet"})
 # configs/lm.py has 12 Fenwick levels (contexts up to 2048); 15 cover every shape here, up to 16384 tokens.
 LOGLINEAR_MAMBA2 = ("loglinear_mamba2", {"model.pattern": "loglinear", "model.loglinear.num_levels": 15})
-HYBRID = ("hybrid", {"model.pattern": "ramnet,ramnet,ramnet,attention", "model.ramnet.impl": "pallas"})
+HYBRID = ("hybrid", {"model.pattern": "ramnet,ramnet,ramnet,attention"})
 
 
 def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:

@@ -1,6 +1,6 @@
 """Chooses the PDMA Pallas kernel's tiling on a GPU: checks and times kernels.pdma over (chunk, warps, d_tile).
 
-  python experiments/tune_pdma_kernel.py --shapes 8x4096,2x16384 --chunks 8,16 --warps 4,8 --tiles 32,64
+  python experiments/tune_pdma_kernel.py --shapes 8x4096,2x16384 --backends token --chunks 16,32 --warps 4,8 --tiles 32,64
 
 Every setting is checked against impl="scan" (relative RMS of o and the three gradients) before it is timed.
 Inputs are the benchmark's: random q, k decoded by product top-K with CAPE, 16 heads, U 5, d_p 4, K 8, d_v 64,
@@ -44,23 +44,25 @@ def main() -> None:
     parser.add_argument("--chunks", default="8,16")
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--tiles", default="32,64")
+    parser.add_argument("--backends", default="token", help="kernels.pdma backends: token, triton")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--factor_size", type=int, default=4)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--interpret", action="store_true", help="interpret mode (a smoke test off the GPU)")
     parser.add_argument("--results", default="experiments/results/pdma_kernel_tuning.md")
     args = parser.parse_args()
-    lines = ["| shape | chunk | warps | d_tile | fwd ms | fwd+bwd ms | max rel RMS vs scan |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| shape | backend | chunk | warps | d_tile | fwd ms | fwd+bwd ms | max rel RMS vs scan |",
+             "|---|---|---|---|---|---|---|---|"]
     for shape in args.shapes.split(","):
         batch, seq_len = map(int, shape.split("x"))
         (ri, rv, wi, wv, v), num_slots = inputs(batch, seq_len, args)
         ct = jax.random.normal(jax.random.key(1), v.shape)
         ref_fwd, ref_bwd = functions(functools.partial(pdma, num_slots=num_slots, impl="scan"))
         ref = (ref_fwd(ri, rv, wi, wv, v), ref_bwd(rv, wv, v, ri, wi, ct))
-        for chunk, warps, tile in itertools.product(*(map(int, a.split(",")) for a in (args.chunks, args.warps,
-                                                                                       args.tiles))):
-            run = functools.partial(kernel_pdma, num_slots=num_slots, backend="triton", chunk=chunk,
+        settings = itertools.product(args.backends.split(","), *(map(int, a.split(",")) for a in (
+            args.chunks, args.warps, args.tiles)))
+        for backend, chunk, warps, tile in settings:
+            run = functools.partial(kernel_pdma, num_slots=num_slots, backend=backend, chunk=chunk,
                                     num_warps=warps, d_tile=tile, interpret=args.interpret)
             fwd, bwd = functions(run)
             try:
@@ -68,10 +70,11 @@ def main() -> None:
                 error = max([rel_rms(o, ref[0])] + [rel_rms(a, b) for a, b in zip(grads, ref[1])])
                 t_fwd = timing.time_call(fwd, ri, rv, wi, wv, v, iters=args.iters)
                 t_bwd = timing.time_call(bwd, rv, wv, v, ri, wi, ct, iters=args.iters)
-                row = f"| B={batch} T={seq_len} M={num_slots} | {chunk} | {warps} | {tile} | {1e3 * t_fwd:.2f} | " \
+                row = f"| B={batch} T={seq_len} M={num_slots} | {backend} | {chunk} | {warps} | {tile} | " \
+                      f"{1e3 * t_fwd:.2f} | " \
                       f"{1e3 * t_bwd:.2f} | {error:.1e} |"
             except Exception as exc:  # a tiling that does not compile is a row, not the end of the sweep
-                row = f"| B={batch} T={seq_len} M={num_slots} | {chunk} | {warps} | {tile} | failed: " \
+                row = f"| B={batch} T={seq_len} M={num_slots} | {backend} | {chunk} | {warps} | {tile} | failed: " \
                       f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]} | | |"
             print(row, flush=True)
             lines.append(row)

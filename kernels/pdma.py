@@ -24,7 +24,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels.sparse_scan import BACKENDS, sparse_gated_scan
+from kernels.sparse_scan import BACKENDS as SCAN_BACKENDS
+from kernels.sparse_scan import sparse_gated_scan
+from kernels.token_scan import token_scan
+
+# "token": the token scan (kernels/token_scan.py, GPUs); the others run the sparse gated scan of that name.
+BACKENDS = SCAN_BACKENDS + ("token",)
 
 # A full reset (w = 1) leaves exp(-60) ~ 1e-26 of the old value instead of 0: the chunk maths subtracts
 # log-decays, and -inf - -inf has no value.
@@ -148,13 +153,76 @@ def _backward(opts: PDMAOptions, batch, dtypes, residuals, g_o):
             _from_sequences(d_write_val, batch).astype(write_dtype), _from_sequences(d_v_rows, batch).astype(v_dtype))
 
 
+def _columns(x):
+    """[G, T, K] -> [G, K, T]: the token scan's event layout."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _token_scan(opts: PDMAOptions, *args, **kwargs):
+    return token_scan(*args, num_slots=opts.num_slots, chunk=opts.chunk, d_tile=opts.d_tile,
+                      num_warps=opts.num_warps, interpret=opts.interpret, poison_output=opts.poison_output, **kwargs)
+
+
+def _forward_token(opts: PDMAOptions, read_idx, read_val, write_idx, write_val, v):
+    """The forward pass on the token scan: the writes are both its decay and its add events (rows v, scalars
+    w for the normaliser); it reads the K read slots after each step and the K slots the next step writes."""
+    batch, k = read_idx.shape[0], read_idx.shape[-1]
+    ri, rv, wi, wv = (_to_sequences(x) for x in (read_idx, read_val, write_idx, write_val))
+    rv, wv = rv.astype(jnp.float32), wv.astype(jnp.float32)
+    vs = _to_sequences(v)
+    slot, w, _ = _merged_writes(wi, wv)
+    log_decay = _log_decay(w, opts.gamma)
+    next_slot = jnp.concatenate([slot[:, 1:], jnp.full_like(slot[:, :1], -1)], axis=1)
+    out, out_z = _token_scan(opts, _columns(slot), _columns(log_decay), _columns(slot), _columns(w), _columns(w), vs,
+                             _columns(jnp.concatenate([ri, next_slot], axis=-1)),
+                             jnp.zeros((vs.shape[-1],), jnp.float32), 1.0 / opts.num_slots, adds_are_decays=True)
+    after, after_z = out[:, :k], out_z[:, :k]  # [G, K, T, d_v], [G, K, T]: the read slots after the write
+    before_next, before_next_z = out[:, k:], out_z[:, k:]  # the slots step t + 1 writes, before it writes
+    inv_den = 1.0 / (after_z + opts.eps)
+    o = jnp.einsum("gkt,gktd->gtd", _columns(rv) * inv_den, after)
+    residuals = (ri, rv, wi, wv, vs, slot, w, log_decay, after, after_z, before_next, before_next_z)
+    return _from_sequences(o, batch).astype(v.dtype), residuals
+
+
+def _backward_token(opts: PDMAOptions, batch, dtypes, residuals, g_o):
+    """The backward pass: one token scan over reversed time on the adjoint of (S, z). Its decay events are the
+    next step's writes, its add events the reads (row g_t, coefficient r / (z + eps), scalar
+    -r (g_t . S) / (z + eps)^2), and it reads the adjoint at the slots written at t."""
+    ri, rv, wi, wv, vs, slot, w, log_decay, after, after_z, before_next, before_next_z = residuals
+    g = _to_sequences(g_o).astype(jnp.float32)
+    inv_den = 1.0 / (after_z + opts.eps)  # [G, K, T]
+    g_dot_s = jnp.einsum("gtd,gktd->gkt", g, after)
+    rv_c = _columns(rv)
+    d_read_val = jnp.swapaxes(g_dot_s * inv_den, 1, 2)
+    next_slot = jnp.concatenate([slot[:, 1:], jnp.full_like(slot[:, :1], -1)], axis=1)
+    next_decay = jnp.concatenate([log_decay[:, 1:], jnp.zeros_like(log_decay[:, :1])], axis=1)
+    q_s, q_z = _token_scan(opts, _columns(next_slot), _columns(next_decay), _columns(ri), rv_c * inv_den,
+                           -rv_c * g_dot_s * inv_den**2, g, _columns(slot), jnp.zeros((g.shape[-1],), jnp.float32),
+                           0.0, reverse=True)  # adjoint of (S_t, z_t) at the slots written at t: [G, K, T, ...]
+    w_c = _columns(w)
+    d_v_rows = jnp.einsum("gkt,gktd->gtd", w_c, q_s)
+    # (S, z) before the write at t is what the forward pass read at t - 1 for step t; before t = 0: (0, 1 / M).
+    d_decay_later = (jnp.einsum("gktd,gktd->gkt", q_s[:, :, 1:], before_next[:, :, :-1])
+                     + q_z[:, :, 1:] * before_next_z[:, :, :-1])
+    d_decay = jnp.concatenate([q_z[:, :, :1] / opts.num_slots, d_decay_later], axis=2)
+    d_w = (jnp.einsum("gktd,gtd->gkt", q_s, vs.astype(jnp.float32)) + q_z
+           + d_decay * _proxy_derivative(w_c, opts.gamma, opts.grad_eps))
+    d_w = jnp.swapaxes(jnp.where(_columns(slot) >= 0, d_w, 0.0), 1, 2)
+    _, _, same = _merged_writes(wi, wv)
+    d_write_val = jnp.einsum("gtij,gtj->gti", same.astype(d_w.dtype), d_w)
+    read_dtype, write_dtype, v_dtype = dtypes
+    return (None, _from_sequences(d_read_val, batch).astype(read_dtype), None,
+            _from_sequences(d_write_val, batch).astype(write_dtype), _from_sequences(d_v_rows, batch).astype(v_dtype))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _pdma(opts, read_idx, read_val, write_idx, write_val, v):
-    return _forward(opts, read_idx, read_val, write_idx, write_val, v)[0]
+    return _pdma_fwd(opts, read_idx, read_val, write_idx, write_val, v)[0]
 
 
 def _pdma_fwd(opts, read_idx, read_val, write_idx, write_val, v):
-    o, residuals = _forward(opts, read_idx, read_val, write_idx, write_val, v)
+    forward = _forward_token if opts.backend == "token" else _forward
+    o, residuals = forward(opts, read_idx, read_val, write_idx, write_val, v)
     # Residuals must be arrays: empty ones carry the input dtypes for the gradients.
     dtype_tags = tuple(jnp.zeros((0,), x.dtype) for x in (read_val, write_val, v))
     return o, (residuals, dtype_tags)
@@ -162,7 +230,8 @@ def _pdma_fwd(opts, read_idx, read_val, write_idx, write_val, v):
 
 def _pdma_bwd(opts, saved, g_o):
     residuals, dtype_tags = saved
-    return _backward(opts, g_o.shape[0], tuple(x.dtype for x in dtype_tags), residuals, g_o)
+    backward = _backward_token if opts.backend == "token" else _backward
+    return backward(opts, g_o.shape[0], tuple(x.dtype for x in dtype_tags), residuals, g_o)
 
 
 _pdma.defvjp(_pdma_fwd, _pdma_bwd)
@@ -177,8 +246,10 @@ def pdma(read_idx, read_val, write_idx, write_val, v, *, num_slots: int, gamma: 
       read_idx, read_val, write_idx, write_val: `[batch, time, heads, K]` sparse addresses (slot, weight).
       v: `[batch, time, heads, d_v]` values written (any float dtype; the state is fp32).
       num_slots: M; gamma: decay power >= 0; eps: added to the normaliser; grad_eps: the backward proxy's.
-      backend: "triton" (GPU), "tpu" or "xla" (the chunked maths in jax.numpy).
-      xla_backward: run the backward scan with backend "xla" whatever `backend` is (for debugging a kernel).
+      backend: "token" (the token scan, GPU), "triton" (the sparse gated scan's GPU kernel), "tpu" or "xla"
+        (the sparse gated scan's chunked maths in jax.numpy).
+      xla_backward: run the backward scan with backend "xla" whatever `backend` is (for debugging a kernel;
+        not for backend "token").
       chunk, num_warps, d_tile: kernel tiling (see sparse_scan.sparse_gated_scan).
       interpret: run the Pallas kernels in interpret mode (on any device, the CPU included).
       poison_output: NaN-fill the kernels' output buffers first (tests: an unwritten element shows).
@@ -187,6 +258,8 @@ def pdma(read_idx, read_val, write_idx, write_val, v, *, num_slots: int, gamma: 
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
+    if backend == "token" and xla_backward:
+        raise ValueError("xla_backward: the token scan has its own backward pass; use it with another backend")
     opts = PDMAOptions(int(num_slots), float(gamma), float(eps), float(grad_eps), backend,
                        "xla" if xla_backward else backend, int(chunk), bool(interpret), int(num_warps), int(d_tile),
                        bool(poison_output))

@@ -218,19 +218,21 @@ def _pdma_scan(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, ep
 # ----------------------------------------------------------------------------------------------------------
 # impl="pallas": the kernels package.
 
-# Kernel tiling for impl="pallas" on GPUs (tokens per chunk, warps per program, state columns per program),
-# chosen by measurement on an H200: see kernels/README.md.
+# Kernel and tiling for impl="pallas" on GPUs (the sparse gated scan's Triton kernel; tokens per chunk, warps
+# per program, state columns per program), chosen by measurement on an H200: see kernels/README.md. The token
+# scan (backend "token") was measured slower as compiled so far (27 ms forward at B=8 T=4096 against 6.6 ms).
 PALLAS_GPU_OPTIONS = {"chunk": 2, "num_warps": 4, "d_tile": 32}
+PALLAS_GPU_BACKEND = "triton"
 
 
 def pallas_backend() -> tuple[str, bool]:
     """(kernel backend, interpret) for the current default device."""
     platform = jax.default_backend()
     if platform == "gpu":
-        return "triton", False
+        return PALLAS_GPU_BACKEND, False
     if platform == "tpu":
         return "tpu", False
-    return "triton", True  # interpret mode: the same kernel, run by the CPU
+    return PALLAS_GPU_BACKEND, True  # interpret mode: the GPU's kernel, run by the CPU
 
 
 @_jit_with_static_hyper
@@ -238,7 +240,7 @@ def _pdma_pallas(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, 
     from kernels import pdma as kernel_pdma
 
     backend, interpret = pallas_backend()
-    options = PALLAS_GPU_OPTIONS if backend == "triton" else {}
+    options = PALLAS_GPU_OPTIONS if backend == PALLAS_GPU_BACKEND else {}
     return kernel_pdma.pdma(read_idx, read_val, write_idx, write_val, v, num_slots=num_slots, gamma=gamma, eps=eps,
                             grad_eps=grad_eps, backend=backend, interpret=interpret, **options)
 
@@ -250,17 +252,24 @@ _IMPL_FUNCTIONS = {"dense": _pdma_dense, "scan": _pdma_scan, "pallas": _pdma_pal
 # is a sort plus an associative scan over 2 T K events. Measured (experiments/results/ram_memory_cpu.md, d_v 64,
 # K 8): dense is faster forward and backward at M = 32, the scan from M = 243 up (4x at 243, 20x at 1024, fwd+bwd).
 _CPU_DENSE_MAX_STATE = 32 * 64
+# On GPUs the Pallas kernel walks each (batch, head) sequence with one program per column tile, so it wins only
+# when there are enough sequences to fill the GPU. Measured in the LM (8 heads, d_v 64, H200,
+# experiments/results/bench_models.md): 64 sequences (batch 8 x 8 heads, T 4096) pallas 1.3x faster than the
+# scan; 16 sequences (batch 2, T 16384) the scan 1.5x faster.
+_GPU_PALLAS_MIN_SEQUENCES = 64
 
 
-def resolve_impl(impl: str, num_slots: int, d_v: int) -> str:
-    """The implementation `impl="auto"` stands for at this size on the current default backend."""
+def resolve_impl(impl: str, num_slots: int, d_v: int, sequences: int = _GPU_PALLAS_MIN_SEQUENCES) -> str:
+    """The implementation `impl="auto"` stands for at this size on the current default backend; `sequences` is
+    batch x heads (the independent recurrences)."""
     if impl != "auto":
         return impl
-    if jax.default_backend() == "cpu" and num_slots * d_v <= _CPU_DENSE_MAX_STATE:
+    backend = jax.default_backend()
+    if backend == "cpu" and num_slots * d_v <= _CPU_DENSE_MAX_STATE:
         return "dense"
-    # The scan's memory does not grow with M, and it is parallel over time where dense is sequential. The
-    # Pallas kernel is slower than the scan on an H200 at the anchor shapes (kernels/README.md), so "auto" does
-    # not pick it yet; ask for impl="pallas" explicitly.
+    if backend == "gpu" and sequences >= _GPU_PALLAS_MIN_SEQUENCES:
+        return "pallas"
+    # The scan's memory does not grow with M, and it is parallel over time where dense is sequential.
     return "scan"
 
 
@@ -299,7 +308,7 @@ def pdma(
     read_idx, read_val, write_idx, write_val, v = map(jnp.asarray, (read_idx, read_val, write_idx, write_val, v))
     _check_pdma_args(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps, impl)
     dtype = _compute_dtype(read_val, write_val, v)
-    chosen = resolve_impl(impl, num_slots, v.shape[-1])
+    chosen = resolve_impl(impl, num_slots, v.shape[-1], sequences=v.shape[0] * v.shape[2])
     run = functools.partial(_IMPL_FUNCTIONS[chosen], num_slots=num_slots, gamma=gamma, eps=eps, grad_eps=grad_eps)
     if chosen == "pallas" and sharding is not None and sharding.mesh.size > 1:
         if len(sharding.spec) > 1 and sharding.spec[1] is not None:
