@@ -4,6 +4,8 @@ A package of its own: it imports nothing from ramjax, so the kernels can be read
 ramjax.ops dispatches to them (`ramjax.ops.ram_memory.pdma(..., impl="pallas")`). See README.md for the design
 and the measurements.
 
-  sparse_scan  the sparse gated scan (xla / Pallas Triton / Pallas Mosaic TPU)
-  pdma         RAM-Net's PDMA forward and backward on it, with a custom VJP
+  product_topk  RAM-Net's address decoder (factor softmaxes, exact beam search, values) and its backward
+  sparse_scan   the sparse gated scan (xla / Pallas Triton / Pallas Mosaic TPU)
+  token_scan    PDMA's recurrence in chunks of tokens with one row per token (Pallas Triton; a second design)
+  pdma          RAM-Net's PDMA forward and backward on a scan, with a custom VJP
 """

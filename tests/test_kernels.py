@@ -7,11 +7,13 @@ import pytest
 
 from kernels.pdma import pdma as kernel_pdma
 from kernels.sparse_scan import sparse_gated_scan, sparse_gated_scan_loop
+from kernels.token_scan import token_scan, token_scan_loop
 from ramjax.numerics import rel_rms
 from ramjax.ops.ram_memory import pdma
 
-PALLAS = [("triton", True), ("tpu", True)]
+PALLAS = [("triton", True), ("tpu", True), ("token", True)]
 ALL = [("xla", False)] + PALLAS
+SCAN_BACKENDS = [b for b in ALL if b[0] != "token"]  # the sparse gated scan's backends
 
 
 def scan_inputs(rng, g, t, ku, kr, ru, d, m):
@@ -26,7 +28,7 @@ def scan_inputs(rng, g, t, ku, kr, ru, d, m):
     )
 
 
-@pytest.mark.parametrize("backend,interpret", ALL)
+@pytest.mark.parametrize("backend,interpret", SCAN_BACKENDS)
 @pytest.mark.parametrize("shape", [(2, 37, 3, 5, 2, 20, 7), (1, 63, 8, 16, 1, 65, 16), (3, 1, 1, 2, 1, 3, 4)])
 def test_sparse_gated_scan_matches_the_token_loop(backend, interpret, shape):
     """Random slots (with -1 = none, and repeats inside a step), decays, scales and rows; odd sizes."""
@@ -51,6 +53,40 @@ def test_sparse_gated_scan_rejects_bad_arguments():
     bad[1] = bad[1][:, :, :1]
     with pytest.raises(ValueError, match="upd_log_decay"):
         sparse_gated_scan(*bad, num_slots=5)
+
+
+def token_scan_inputs(rng, g, t, kd, ka, kr, d, m):
+    """Random decay, add and read events (slot -1 = none; repeats inside a step), rows and initial state."""
+    return (rng.integers(-1, m, (g, kd, t)).astype(np.int32), -rng.exponential(0.5, (g, kd, t)).astype(np.float32),
+            rng.integers(-1, m, (g, ka, t)).astype(np.int32), rng.normal(size=(g, ka, t)).astype(np.float32),
+            rng.normal(size=(g, ka, t)).astype(np.float32), rng.normal(size=(g, t, d)).astype(np.float32),
+            rng.integers(-1, m, (g, kr, t)).astype(np.int32), rng.normal(size=(d,)).astype(np.float32), 0.3)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shape", [(2, 37, 3, 5, 2, 20, 7), (3, 5, 1, 2, 3, 3, 4)])
+def test_token_scan_matches_the_step_loop(shape, reverse):
+    """Decay and add events on separate slots, forwards and backwards in time, chunks that do and do not
+    divide T, more columns than one tile; NaN-poisoned outputs."""
+    g, t, kd, ka, kr, d, m = shape
+    args = token_scan_inputs(np.random.default_rng(sum(shape)), g, t, kd, ka, kr, d, m)
+    want, want_scalar = token_scan_loop(*args, m, reverse=reverse)
+    for chunk in (1, 16):
+        out, out_scalar = token_scan(*map(jnp.asarray, args[:8]), args[8], num_slots=m, chunk=chunk, d_tile=16,
+                                     reverse=reverse, interpret=True, poison_output=True)
+        assert out.shape == want.shape and out_scalar.shape == want_scalar.shape
+        assert rel_rms(out, want) < 1e-6 and rel_rms(out_scalar, want_scalar) < 1e-6, chunk
+
+
+def test_token_scan_adds_are_decays():
+    """PDMA's forward pass: the same events decay and add (the kernel then skips the add group's stores)."""
+    dslot, dld, _, acoef, ascalar, rows, rslot, init_row, init_scalar = token_scan_inputs(
+        np.random.default_rng(1), 1, 40, 8, 8, 16, 65, 16)
+    args = (dslot, dld, dslot, acoef, ascalar, rows, rslot, init_row, init_scalar)
+    want, want_scalar = token_scan_loop(*args, 16)
+    out, out_scalar = token_scan(*map(jnp.asarray, args[:8]), init_scalar, num_slots=16, chunk=16,
+                                 adds_are_decays=True, interpret=True, poison_output=True)
+    assert rel_rms(out, want) < 1e-6 and rel_rms(out_scalar, want_scalar) < 1e-6
 
 
 def pdma_codes(rng, batch, t, heads, k, m, d_v, repeats=False):
@@ -105,8 +141,19 @@ PDMA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend,interpret", ALL)
-@pytest.mark.parametrize("case", PDMA_CASES, ids=lambda c: "B{}_T{}_H{}_K{}_M{}_dv{}_g{}_rep{}_C{}".format(*c))
+def _pdma_params():
+    """Every backend at every case; the token scan's interpret mode is slow, so two of its cases run by default
+    (M 1024 with repeats, and gamma 2 at M 16) and the rest with -m slow."""
+    params = []
+    for case in PDMA_CASES:
+        for backend, interpret in ALL:
+            slow = backend == "token" and case not in (PDMA_CASES[1], PDMA_CASES[3])
+            params.append(pytest.param(backend, interpret, case, marks=[pytest.mark.slow] if slow else [],
+                                       id="{}-B{}_T{}_H{}_K{}_M{}_dv{}_g{}_rep{}_C{}".format(backend, *case)))
+    return params
+
+
+@pytest.mark.parametrize("backend,interpret,case", _pdma_params())
 def test_pdma_kernel_matches_dense_float64(backend, interpret, case):
     batch, t, heads, k, m, d_v, gamma, repeats, chunk = case
     if backend == "tpu" and t == 257 and m == 1024:
