@@ -96,34 +96,56 @@ def _scan(opts: PDMAOptions, backend: str, *args):
     return sparse_gated_scan(*args, **kwargs)
 
 
+def _saved_dtype(v_dtype):
+    """The dtype the backward pass's memory rows are kept in: v's when v is 16-bit (bf16 training: the rows are
+    then as precise as the values they sum), else float32. The normalisers always stay float32."""
+    return v_dtype if jnp.dtype(v_dtype).itemsize < 4 else jnp.float32
+
+
 def _forward(opts: PDMAOptions, read_idx, read_val, write_idx, write_val, v):
     batch, _, _, k = read_idx.shape
     d_v = v.shape[-1]
     ri, rv, wi, wv, vs = (_to_sequences(x) for x in (read_idx, read_val, write_idx, write_val, v))
-    rv, wv, vs = rv.astype(jnp.float32), wv.astype(jnp.float32), vs.astype(jnp.float32)
+    rv, wv = rv.astype(jnp.float32), wv.astype(jnp.float32)
     slot, w, _ = _merged_writes(wi, wv)
     log_decay = _log_decay(w, opts.gamma)
-    rows = jnp.concatenate([vs, jnp.ones_like(vs[..., :1])], axis=-1)[:, :, None, :]
+    rows = jnp.concatenate([vs.astype(jnp.float32), jnp.ones_like(vs[..., :1], jnp.float32)], axis=-1)[:, :, None]
     next_slot = jnp.concatenate([slot[:, 1:], jnp.full_like(slot[:, :1], -1)], axis=1)
     init = jnp.zeros((d_v + 1,), jnp.float32).at[d_v].set(1.0 / opts.num_slots)
     y = _scan(opts, opts.backend, slot, log_decay, w, jnp.zeros_like(slot), rows,
               jnp.concatenate([ri, next_slot], axis=-1), init)
     after = y[:, :, :k]  # [G, T, K, d_v + 1]: the read slots after the write
-    before_next = y[:, :, k:]  # the slots token t + 1 writes, before it writes
-    before = jnp.concatenate([jnp.broadcast_to(init, before_next[:, :1].shape), before_next[:, :-1]], axis=1)
     inv_den = 1.0 / (after[..., d_v] + opts.eps)
     o = jnp.einsum("gtk,gtkd->gtd", rv * inv_den, after[..., :d_v])
-    residuals = (ri, rv, wi, wv, vs, slot, w, log_decay, after, before)
+    # Saved for the backward pass: the read rows after the write and the rows token t + 1 writes, before it
+    # writes (so "before the write at t" is the saved row of t - 1: no shifted copy is made here).
+    saved = _saved_dtype(v.dtype)
+    states = (after[..., :d_v].astype(saved), after[..., d_v], y[:, :, k:, :d_v].astype(saved), y[:, :, k:, d_v])
+    residuals = (ri, rv, wi, wv, vs, slot, w, log_decay) + states
     return _from_sequences(o, batch).astype(v.dtype), residuals
 
 
+def _decay_gradient(q_s, q_z, before_next, before_next_z, num_slots, time_axis):
+    """d loss / d decay at each write: q . (S, z) before the write. Before step t that is what the forward pass
+    read at t - 1 for step t; before step 0, (0, 1 / M)."""
+    later = [slice(None)] * q_s.ndim
+    earlier = list(later)
+    later[time_axis], earlier[time_axis] = slice(1, None), slice(None, -1)
+    first = list(later)
+    first[time_axis] = slice(0, 1)
+    later_z, earlier_z, first_z = (tuple(x[:-1]) for x in (later, earlier, first))
+    d_later = (jnp.sum(q_s[tuple(later)] * before_next[tuple(earlier)].astype(jnp.float32), axis=-1)
+               + q_z[later_z] * before_next_z[earlier_z])
+    return jnp.concatenate([q_z[first_z] / num_slots, d_later], axis=time_axis)
+
+
 def _backward(opts: PDMAOptions, batch, dtypes, residuals, g_o):
-    ri, rv, wi, wv, vs, slot, w, log_decay, after, before = residuals
+    ri, rv, wi, wv, vs, slot, w, log_decay, after, after_z, before_next, before_next_z = residuals
     d_v = vs.shape[-1]
     k = ri.shape[-1]
     g = _to_sequences(g_o).astype(jnp.float32)
-    inv_den = 1.0 / (after[..., d_v] + opts.eps)
-    g_dot_s = jnp.einsum("gtd,gtkd->gtk", g, after[..., :d_v])
+    inv_den = 1.0 / (after_z + opts.eps)
+    g_dot_s = jnp.einsum("gtd,gtkd->gtk", g, after.astype(jnp.float32))
     d_read_val = g_dot_s * inv_den
     # Each read's cotangent on its slot's (S, z) after the write.
     add_rows = jnp.concatenate([(rv * inv_den)[..., None] * g[:, :, None, :],
@@ -141,8 +163,8 @@ def _backward(opts: PDMAOptions, batch, dtypes, residuals, g_o):
                             jnp.zeros((d_v + 1,), jnp.float32)))
     q_s, q_z = adjoint[..., :d_v], adjoint[..., d_v]  # adjoint of (S_t, z_t) at the slots written at t
     d_v_rows = jnp.einsum("gti,gtid->gtd", w, q_s)
-    d_decay = jnp.einsum("gtid,gtid->gti", q_s, before[..., :d_v]) + q_z * before[..., d_v]
-    d_w = (jnp.einsum("gtid,gtd->gti", q_s, vs) + q_z
+    d_decay = _decay_gradient(q_s, q_z, before_next, before_next_z, opts.num_slots, time_axis=1)
+    d_w = (jnp.einsum("gtid,gtd->gti", q_s, vs.astype(jnp.float32)) + q_z
            + d_decay * _proxy_derivative(w, opts.gamma, opts.grad_eps))
     d_w = jnp.where(slot >= 0, d_w, 0.0)
     # Repeated indices: every original event of a slot gets the merged event's gradient.
@@ -177,10 +199,11 @@ def _forward_token(opts: PDMAOptions, read_idx, read_val, write_idx, write_val, 
                              _columns(jnp.concatenate([ri, next_slot], axis=-1)),
                              jnp.zeros((vs.shape[-1],), jnp.float32), 1.0 / opts.num_slots, adds_are_decays=True)
     after, after_z = out[:, :k], out_z[:, :k]  # [G, K, T, d_v], [G, K, T]: the read slots after the write
-    before_next, before_next_z = out[:, k:], out_z[:, k:]  # the slots step t + 1 writes, before it writes
     inv_den = 1.0 / (after_z + opts.eps)
     o = jnp.einsum("gkt,gktd->gtd", _columns(rv) * inv_den, after)
-    residuals = (ri, rv, wi, wv, vs, slot, w, log_decay, after, after_z, before_next, before_next_z)
+    saved = _saved_dtype(v.dtype)  # the slots step t + 1 writes, before it writes: out[:, k:]
+    residuals = (ri, rv, wi, wv, vs, slot, w, log_decay, after.astype(saved), after_z, out[:, k:].astype(saved),
+                 out_z[:, k:])
     return _from_sequences(o, batch).astype(v.dtype), residuals
 
 
@@ -191,7 +214,7 @@ def _backward_token(opts: PDMAOptions, batch, dtypes, residuals, g_o):
     ri, rv, wi, wv, vs, slot, w, log_decay, after, after_z, before_next, before_next_z = residuals
     g = _to_sequences(g_o).astype(jnp.float32)
     inv_den = 1.0 / (after_z + opts.eps)  # [G, K, T]
-    g_dot_s = jnp.einsum("gtd,gktd->gkt", g, after)
+    g_dot_s = jnp.einsum("gtd,gktd->gkt", g, after.astype(jnp.float32))
     rv_c = _columns(rv)
     d_read_val = jnp.swapaxes(g_dot_s * inv_den, 1, 2)
     next_slot = jnp.concatenate([slot[:, 1:], jnp.full_like(slot[:, :1], -1)], axis=1)
@@ -201,10 +224,7 @@ def _backward_token(opts: PDMAOptions, batch, dtypes, residuals, g_o):
                            0.0, reverse=True)  # adjoint of (S_t, z_t) at the slots written at t: [G, K, T, ...]
     w_c = _columns(w)
     d_v_rows = jnp.einsum("gkt,gktd->gtd", w_c, q_s)
-    # (S, z) before the write at t is what the forward pass read at t - 1 for step t; before t = 0: (0, 1 / M).
-    d_decay_later = (jnp.einsum("gktd,gktd->gkt", q_s[:, :, 1:], before_next[:, :, :-1])
-                     + q_z[:, :, 1:] * before_next_z[:, :, :-1])
-    d_decay = jnp.concatenate([q_z[:, :, :1] / opts.num_slots, d_decay_later], axis=2)
+    d_decay = _decay_gradient(q_s, q_z, before_next, before_next_z, opts.num_slots, time_axis=2)
     d_w = (jnp.einsum("gktd,gtd->gkt", q_s, vs.astype(jnp.float32)) + q_z
            + d_decay * _proxy_derivative(w_c, opts.gamma, opts.grad_eps))
     d_w = jnp.swapaxes(jnp.where(_columns(slot) >= 0, d_w, 0.0), 1, 2)
