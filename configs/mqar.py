@@ -135,6 +135,9 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
     # next batch, "stop" ends the run (exit code 3). Either way the step and its batch are logged.
     config.train.on_nonfinite = "skip"
     config.train.inject_nan_at_step = -1  # >= 0: make that step's loss NaN (a drill for the guard above)
+    # With each evaluation, RAM-Net's read/write overlap and top-K mass per layer on the step's MQAR batch
+    # (ramjax/train/address_metrics.py): whether queries read the slots their value was written to.
+    config.train.address_metrics = True
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: the devices the other axes leave

@@ -8,4 +8,5 @@ and the measurements.
   sparse_scan   the sparse gated scan (xla / Pallas Triton / Pallas Mosaic TPU)
   token_scan    PDMA's recurrence in chunks of tokens with one row per token (Pallas Triton; a second design)
   pdma          RAM-Net's PDMA forward and backward on a scan, with a custom VJP
+  shapes        padding helpers (Triton arrays have power-of-2 sizes)
 """

@@ -37,12 +37,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels.shapes import next_pow2
+
 # An int32 larger than any slot index: M < 2 ** 31 (ramjax.ops checks it).
 _NO_SLOT = 2**31 - 1
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _softmax_rows(x_ref, cols, u, d_p, temperature):
@@ -72,7 +71,7 @@ def _decoder_kernel(x_ref, *refs, num_factors, d_p, top_k, temperature, num_slot
     thread owns whole columns and the reductions over candidates stay inside it."""
     idx_ref, val_ref = refs[-2:]
     cols = pl.ds(pl.multiple_of(pl.program_id(0) * rows, rows), rows)
-    d_pad, k_pad = _next_pow2(d_p), _next_pow2(top_k)
+    d_pad, k_pad = next_pow2(d_p), next_pow2(top_k)
     width = k_pad * d_pad
     digit = jax.lax.broadcasted_iota(jnp.int32, (k_pad, d_pad, rows), 1)
     beam_pos3 = jax.lax.broadcasted_iota(jnp.int32, (k_pad, d_pad, rows), 0)
@@ -157,7 +156,7 @@ def _columns(x2, rows):
 
 
 def _block_rows(launch: _Launch, n: int) -> int:
-    return min(launch.block_rows, _next_pow2(max(n, 1)))
+    return min(launch.block_rows, next_pow2(max(n, 1)))
 
 
 def _decode(x2, launch: _Launch):

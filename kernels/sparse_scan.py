@@ -41,11 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from kernels.shapes import next_pow2, pad_axis
+
 BACKENDS = ("xla", "triton", "tpu")
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _check(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init_row, num_slots, chunk):
@@ -64,13 +63,6 @@ def _check(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init_ro
     if not isinstance(chunk, int) or chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"chunk: must be a power of 2 >= 1, got {chunk!r}")
 
-
-def _pad_axis(x, axis: int, size: int, value):
-    if x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,7 +94,7 @@ def _scan_xla(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init
     kr, ru, d = read_slot.shape[-1], rows.shape[2], rows.shape[-1]
     t_pad = -(-t // chunk) * chunk
     pads = [(upd_slot, -1), (upd_log_decay, 0.0), (upd_scale, 0.0), (upd_row, 0), (rows, 0.0), (read_slot, -1)]
-    upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot = (_pad_axis(x, 1, t_pad, v) for x, v in pads)
+    upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot = (pad_axis(x, 1, t_pad, v) for x, v in pads)
     n_chunks = t_pad // chunk
     upd_step = jnp.repeat(jnp.arange(chunk), ku)
     read_step = jnp.repeat(jnp.arange(chunk), kr)
@@ -194,19 +186,19 @@ def _scan_triton(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, i
     kr, ru, d = read_slot.shape[-1], rows.shape[2], rows.shape[-1]
     # Triton arrays have power-of-2 sizes and matrix products need >= 16 rows: pad the events per step and
     # the chunk, and the columns to whole tiles.
-    ku_p, kr_p = _next_pow2(ku), _next_pow2(kr)
+    ku_p, kr_p = next_pow2(ku), next_pow2(kr)
     chunk = max(chunk, 16 // min(ku_p, kr_p), 1)
-    d_tile = min(d_tile, _next_pow2(max(d, 16)))
+    d_tile = min(d_tile, next_pow2(max(d, 16)))
     d_pad = -(-d // d_tile) * d_tile
     t_pad = -(-t // chunk) * chunk
-    upd_slot = _pad_axis(_pad_axis(upd_slot, 2, ku_p, -1), 1, t_pad, -1)
-    upd_log_decay = _pad_axis(_pad_axis(upd_log_decay, 2, ku_p, 0.0), 1, t_pad, 0.0)
-    upd_scale = _pad_axis(_pad_axis(upd_scale, 2, ku_p, 0.0), 1, t_pad, 0.0)
-    upd_row = _pad_axis(_pad_axis(upd_row, 2, ku_p, 0), 1, t_pad, 0)
-    read_slot = _pad_axis(_pad_axis(read_slot, 2, kr_p, -1), 1, t_pad, -1)
-    rows = _pad_axis(_pad_axis(rows, 1, t_pad, 0.0), 3, d_pad, 0.0).astype(jnp.float32)
+    upd_slot = pad_axis(pad_axis(upd_slot, 2, ku_p, -1), 1, t_pad, -1)
+    upd_log_decay = pad_axis(pad_axis(upd_log_decay, 2, ku_p, 0.0), 1, t_pad, 0.0)
+    upd_scale = pad_axis(pad_axis(upd_scale, 2, ku_p, 0.0), 1, t_pad, 0.0)
+    upd_row = pad_axis(pad_axis(upd_row, 2, ku_p, 0), 1, t_pad, 0)
+    read_slot = pad_axis(pad_axis(read_slot, 2, kr_p, -1), 1, t_pad, -1)
+    rows = pad_axis(pad_axis(rows, 1, t_pad, 0.0), 3, d_pad, 0.0).astype(jnp.float32)
     slots_stride = num_slots + 1  # one discard row per sequence takes the stores of non-last updates
-    state = jnp.broadcast_to(_pad_axis(init_row.astype(jnp.float32), 0, d_pad, 0.0), (g * slots_stride, d_pad))
+    state = jnp.broadcast_to(pad_axis(init_row.astype(jnp.float32), 0, d_pad, 0.0), (g * slots_stride, d_pad))
     kernel = functools.partial(_triton_kernel, chunk=chunk, ku=ku_p, kr=kr_p, ru=ru, d_tile=d_tile,
                                n_chunks=t_pad // chunk, slots_stride=slots_stride, t_pad=t_pad,
                                interpret=interpret)
@@ -278,10 +270,10 @@ def _scan_tpu(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init
     kr, ru, d = read_slot.shape[-1], rows.shape[2], rows.shape[-1]
     t_pad = -(-t // chunk) * chunk
     pads = [(upd_slot, -1), (upd_log_decay, 0.0), (upd_scale, 0.0), (upd_row, 0), (read_slot, -1)]
-    us, uld, usc, urow, rs = (_pad_axis(x, 1, t_pad, v) for x, v in pads)
+    us, uld, usc, urow, rs = (pad_axis(x, 1, t_pad, v) for x, v in pads)
     us, uld, usc, urow = (x.reshape(g, t_pad * ku) for x in (us, uld, usc, urow))
     rs = rs.reshape(g, t_pad * kr)
-    rows = _pad_axis(rows, 1, t_pad, 0.0).astype(jnp.float32)
+    rows = pad_axis(rows, 1, t_pad, 0.0).astype(jnp.float32)
     smem = functools.partial(pl.BlockSpec, memory_space=pltpu.SMEM)
     kernel = functools.partial(_tpu_kernel, chunk=chunk, ku=ku, kr=kr, num_slots=num_slots)
     out_spec = pl.BlockSpec((1, chunk, kr, d), lambda s, c: (s, c, 0, 0))

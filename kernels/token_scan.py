@@ -37,17 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+from kernels.shapes import next_pow2, pad_axis
 
 
-def _pad_to(x, axis: int, size: int, value):
-    if x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=value)
 
 
 def _kernel(dslot_ref, dld_ref, aslot_ref, acoef_ref, asc_ref, rslot_ref, rows_ref, state_in, scalar_in, out_in,
@@ -181,22 +173,22 @@ def token_scan(dslot, dld, aslot, acoef, ascalar, rows, rslot, init_row, init_sc
     ka, kr, d = aslot.shape[1], rslot.shape[1], rows.shape[-1]
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"chunk: must be a power of 2, got {chunk}")
-    kd_p, ka_p, kr_p = _next_pow2(kd), _next_pow2(ka), _next_pow2(kr)
-    d_tile = min(d_tile, _next_pow2(max(d, 16)))
+    kd_p, ka_p, kr_p = next_pow2(kd), next_pow2(ka), next_pow2(kr)
+    d_tile = min(d_tile, next_pow2(max(d, 16)))
     d_pad = -(-d // d_tile) * d_tile
     t_pad = -(-t // chunk) * chunk
     n_tiles = d_pad // d_tile
 
     def events(x, k_p, value, dtype):
-        return _pad_to(_pad_to(x.astype(dtype), 1, k_p, value), 2, t_pad, value)
+        return pad_axis(pad_axis(x.astype(dtype), 1, k_p, value), 2, t_pad, value)
 
     dslot, dld = events(dslot, kd_p, -1, jnp.int32), events(dld, kd_p, 0.0, jnp.float32)
     aslot, acoef = events(aslot, ka_p, -1, jnp.int32), events(acoef, ka_p, 0.0, jnp.float32)
     ascalar = events(ascalar, ka_p, 0.0, jnp.float32)
     rslot = events(rslot, kr_p, -1, jnp.int32)
-    rows = _pad_to(_pad_to(rows.astype(jnp.float32), 1, t_pad, 0.0), 2, d_pad, 0.0)
+    rows = pad_axis(pad_axis(rows.astype(jnp.float32), 1, t_pad, 0.0), 2, d_pad, 0.0)
     stride = num_slots + 1
-    state = jnp.broadcast_to(_pad_to(init_row.astype(jnp.float32), 0, d_pad, 0.0), (g * stride, d_pad))
+    state = jnp.broadcast_to(pad_axis(init_row.astype(jnp.float32), 0, d_pad, 0.0), (g * stride, d_pad))
     scalars = jnp.full((g * n_tiles * stride,), init_scalar, jnp.float32)
     fill = jnp.nan if poison_output else 0.0
     out = jnp.full((g, kr_p, t_pad, d_pad), fill, jnp.float32)

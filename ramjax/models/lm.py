@@ -50,6 +50,11 @@ class Block(nnx.Module):
         x = x + self.mixer(self.mixer_norm(x), positions)
         return x + self.mlp(self.mlp_norm(x))
 
+    def with_addresses(self, x: jax.Array, positions: jax.Array):
+        """(this block's output, the RAM-Net mixer's read and write codes, or None for other mixers)."""
+        codes = self.mixer.addresses(self.mixer_norm(x), positions) if isinstance(self.mixer, RAMNetMixer) else None
+        return self(x, positions), codes
+
 
 class BlockGroup(nnx.Module):
     """One period of the layer pattern. `group_index` may be traced (when the groups are created stacked)."""
@@ -65,6 +70,15 @@ class BlockGroup(nnx.Module):
         for block in self.blocks:
             x = block(x, positions)
         return x
+
+    def with_addresses(self, x: jax.Array, positions: jax.Array):
+        """(the group's output, a list of the RAM-Net blocks' ((read_idx, read_val), (write_idx, write_val)))."""
+        found = []
+        for block in self.blocks:
+            x, codes = block.with_addresses(x, positions)
+            if codes is not None:
+                found.append(codes)
+        return x, found
 
 
 class LanguageModel(nnx.Module):
@@ -133,3 +147,24 @@ class LanguageModel(nnx.Module):
             for group in self.groups:
                 x = run_group(group, x)
         return self.lm_head(self.final_norm(x)).astype(jnp.float32)
+
+    def ramnet_addresses(self, tokens: jax.Array, positions: jax.Array | None = None) -> list:
+        """The read and write codes of every RAM-Net layer, in layer order: a list of
+        ((read_idx, read_val), (write_idx, write_val)), each `[batch, time, heads, K]` (CAPE applied). For
+        diagnostics (the address metrics); the forward pass is the model's own."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        x = self._constrain(self.embed(tokens))
+        if self.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
+            def run_all(group, x):
+                return group.with_addresses(x, positions)
+
+            _, stacked = run_all(self.groups, x)  # each leaf [groups, ...]; layer = group * period + offset
+            num_groups = jax.tree.leaves(stacked)[0].shape[0] if stacked else 0
+            return [jax.tree.map(lambda a, g=g: a[g], codes) for g in range(num_groups) for codes in stacked]
+        found = []
+        for group in self.groups:
+            x, codes = group.with_addresses(x, positions)
+            found += codes
+        return found

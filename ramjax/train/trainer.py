@@ -26,6 +26,7 @@ from ramjax.data.tasks import SyntheticTask
 from ramjax.errors import ConfigError
 from ramjax.models import LanguageModel
 from ramjax.models.state_size import recurrent_state_size
+from ramjax.train.address_metrics import address_metrics
 from ramjax.timing import environment
 from ramjax.train import sharding
 from ramjax.train.checkpoint import Checkpoints
@@ -264,6 +265,11 @@ def train(config, workdir: str, *, devices=None) -> dict:
     eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh["params"], rest_sh, batch_sh),
                         out_shardings=replicated)
     rest = jax.jit(init_rest, out_shardings=rest_sh)()
+    # RAM-Net's read/write overlap on recall (ramjax/train/address_metrics.py), logged with each evaluation.
+    address_step = None
+    if config.train.get("address_metrics", False) and config.task == "mqar" and "ramnet" in config.model.pattern:
+        address_step = jax.jit(lambda params, rest, inputs: nnx.merge(graphdef, params, rest).ramnet_addresses(inputs),
+                               in_shardings=(state_sh["params"], rest_sh, batch_sh), out_shardings=replicated)
 
     # --- state: resume from the newest checkpoint, or initialise -------------------------------------------
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
@@ -363,6 +369,10 @@ def train(config, workdir: str, *, devices=None) -> dict:
                                      tok_s=f"{last_metrics['tokens_per_s']:.0f}")
             if done % t.eval_every == 0 or done == num_steps:
                 last_eval = evaluate(eval_step, state["params"], rest, task, batches)
+                if address_step is not None:  # on the batch this step trained on
+                    batch = task.train_batch(step)
+                    codes = jax.device_get(address_step(state["params"], rest, batches.put(batch)["inputs"]))
+                    last_eval.update(address_metrics(codes, batch.inputs, batch.loss_mask))
                 metrics_log.write(done, last_eval)
                 if is_main:
                     progress.write(f"step {done}: eval accuracy mean {last_eval['eval/accuracy/mean']:.3f} " +
