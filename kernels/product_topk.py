@@ -43,7 +43,6 @@ from kernels.shapes import next_pow2
 _NO_SLOT = 2**31 - 1
 
 
-
 def _softmax_rows(x_ref, cols, u, d_p, temperature):
     """Factor u's probabilities: d_p vectors [rows]."""
     logits = [x_ref[u * d_p + j, cols].astype(jnp.float32) / temperature for j in range(d_p)]

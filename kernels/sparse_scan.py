@@ -46,7 +46,6 @@ from kernels.shapes import next_pow2, pad_axis
 BACKENDS = ("xla", "triton", "tpu")
 
 
-
 def _check(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init_row, num_slots, chunk):
     g, t, ku = upd_slot.shape
     for name, x in (("upd_log_decay", upd_log_decay), ("upd_scale", upd_scale), ("upd_row", upd_row)):
@@ -62,7 +61,6 @@ def _check(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init_ro
         raise ValueError(f"num_slots: must be a positive int, got {num_slots!r}")
     if not isinstance(chunk, int) or chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"chunk: must be a power of 2 >= 1, got {chunk!r}")
-
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -40,8 +40,6 @@ from jax.experimental import pallas as pl
 from kernels.shapes import next_pow2, pad_axis
 
 
-
-
 def _kernel(dslot_ref, dld_ref, aslot_ref, acoef_ref, asc_ref, rslot_ref, rows_ref, state_in, scalar_in, out_in,
             out_scalar_in, out_ref, out_scalar_ref, state_ref, scalar_ref, *, chunk, kd, ka, kr, d_tile, n_chunks,
             stride, n_tiles, adds_are_decays, reverse, interpret):
