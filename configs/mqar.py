@@ -138,6 +138,10 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
     # With each evaluation, RAM-Net's read/write overlap and top-K mass per layer on the step's MQAR batch
     # (ramjax/train/address_metrics.py): whether queries read the slots their value was written to.
     config.train.address_metrics = True
+    # RAM-Net trained with a larger top-K that halves down to model.ramnet.top_k over the given steps
+    # (ramjax/train/top_k_schedule.py); 0 = train with the model's K. Evaluation always uses the model's K.
+    config.train.ramnet_top_k_start = 0
+    config.train.ramnet_top_k_anneal_steps = 0
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: the devices the other axes leave

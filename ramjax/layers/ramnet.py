@@ -64,6 +64,9 @@ class RAMNetMixer(nnx.Module):
         self.num_heads, self.num_factors, self.top_k, self.d_v = num_heads, num_factors, top_k, d_v
         self.num_slots, self.gamma, self.eps, self.grad_eps, self.impl = num_slots, gamma, eps, grad_eps, impl
         self.decoder_impl = decoder_impl
+        # The K the addresses keep: the model's K, except while a training schedule asks for a larger one
+        # (ramjax/train/top_k_schedule.py). Static: a train step compiled for another K has another graph.
+        self.active_top_k = top_k
         d_k = num_factors * factor_size
         self.d_k = d_k
         self.q_proj = dense(d_model, num_heads * d_k, "embed", "heads", dtype=dtype, rngs=rngs)
@@ -98,7 +101,7 @@ class RAMNetMixer(nnx.Module):
         q, k = self._project(0, self.q_proj, x), self._project(1, self.k_proj, x)
         q = q.reshape(batch, seq_len, self.num_heads, self.d_k) * scale.astype(x.dtype)
         k = k.reshape(batch, seq_len, self.num_heads, self.d_k) * scale.astype(x.dtype)
-        decode = functools.partial(ops.product_topk, num_factors=self.num_factors, top_k=self.top_k,
+        decode = functools.partial(ops.product_topk, num_factors=self.num_factors, top_k=self.active_top_k,
                                    impl=self.decoder_impl, sharding=self.kernel_sharding)
         read_idx, read_val = decode(q)
         write_idx, write_val = decode(k)

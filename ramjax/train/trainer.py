@@ -28,7 +28,7 @@ from ramjax.models import LanguageModel
 from ramjax.models.state_size import recurrent_state_size
 from ramjax.train.address_metrics import address_metrics
 from ramjax.timing import environment
-from ramjax.train import sharding
+from ramjax.train import sharding, top_k_schedule
 from ramjax.train.checkpoint import Checkpoints
 from ramjax.train.metrics import MetricsLog
 from ramjax.train.optim import learning_rate_schedule, make_optimizer
@@ -251,6 +251,7 @@ def train(config, workdir: str, *, devices=None) -> dict:
         rules = config.mesh.rules
         batch_sh = sharding.batch_sharding(rules, mesh)
         check_config(config, task, sharding.num_shards(batch_sh))
+        top_k_schedule.check(config)
         num_steps = config.train.num_steps
         build, tx, schedule, graphdef, abstract_params, abstract_rest, abstract_state = _abstract(config, mesh)
     except ValueError as error:
@@ -261,7 +262,22 @@ def train(config, workdir: str, *, devices=None) -> dict:
     replicated = sharding.replicated(mesh)
 
     init_state, init_rest = _initialisers(build, tx)
-    train_step = _jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh)
+    # One compiled train step per K the RAM-Net top-K schedule uses (one, without a schedule); evaluation always
+    # runs the model's own K.
+    model_k = config.model.ramnet.top_k
+    train_steps = {}
+
+    def train_step_for(step: int):
+        k = top_k_schedule.top_k_at(step, config.train.get("ramnet_top_k_start", 0), model_k,
+                                    config.train.get("ramnet_top_k_anneal_steps", 0))
+        if k not in train_steps:
+            step_graphdef = graphdef
+            if k != model_k:
+                model = top_k_schedule.with_top_k(nnx.merge(graphdef, abstract_params, abstract_rest), k)
+                step_graphdef = nnx.split(model, nnx.Param, ...)[0]
+            train_steps[k] = _jit_train_step(config, step_graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh)
+        return train_steps[k]
+
     eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh["params"], rest_sh, batch_sh),
                         out_shardings=replicated)
     rest = jax.jit(init_rest, out_shardings=rest_sh)()
@@ -345,7 +361,7 @@ def train(config, workdir: str, *, devices=None) -> dict:
     previous_handler = _install_sigterm(preempted)
     try:
         for step in range(start, num_steps):
-            state, metrics = train_step(state, rest, batches.put(task.train_batch(step)))
+            state, metrics = train_step_for(step)(state, rest, batches.put(task.train_batch(step)))
             interval_steps += 1
             done = step + 1
             unchecked.append((step, {k: metrics[k] for k in ("finite", "loss", "grad_norm")}))
@@ -369,11 +385,11 @@ def train(config, workdir: str, *, devices=None) -> dict:
                                      tok_s=f"{last_metrics['tokens_per_s']:.0f}")
             if done % t.eval_every == 0 or done == num_steps:
                 last_eval = evaluate(eval_step, state["params"], rest, task, batches)
-                if address_step is not None:  # on the batch this step trained on
+                metrics_log.write(done, last_eval)
+                if address_step is not None:  # on the batch this step trained on; diagnostics, not in the summary
                     batch = task.train_batch(step)
                     codes = jax.device_get(address_step(state["params"], rest, batches.put(batch)["inputs"]))
-                    last_eval.update(address_metrics(codes, batch.inputs, batch.loss_mask))
-                metrics_log.write(done, last_eval)
+                    metrics_log.write(done, address_metrics(codes, batch.inputs, batch.loss_mask))
                 if is_main:
                     progress.write(f"step {done}: eval accuracy mean {last_eval['eval/accuracy/mean']:.3f} " +
                                    " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in last_eval.items()

@@ -1,0 +1,87 @@
+"""The RAM-Net top-K training schedule: the K of each step, evaluation at the model's K, exact resumption."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from ramjax.data.tasks import SyntheticTask
+from ramjax.errors import ConfigError
+from ramjax.models import LanguageModel
+from ramjax.train import top_k_schedule
+from ramjax.train.step import make_eval_step
+from ramjax.train.trainer import evaluate, make_task, restore_state, train
+from test_train import assert_trees_equal, restore_final
+from tiny import tiny_config
+
+
+def test_k_halves_in_equal_phases_down_to_the_models_k():
+    assert top_k_schedule.phases(32, 8) == [32, 16, 8]
+    assert top_k_schedule.phases(12, 2) == [12, 6, 3, 2]
+    ks = [top_k_schedule.top_k_at(step, 32, 8, 90) for step in range(100)]
+    assert ks[:45] == [32] * 45 and ks[45:90] == [16] * 45 and ks[90:] == [8] * 10
+    assert [top_k_schedule.top_k_at(s, 0, 8, 90) for s in (0, 50)] == [8, 8]  # no schedule
+    assert top_k_schedule.top_k_at(0, 8, 8, 90) == 8 and top_k_schedule.top_k_at(0, 4, 8, 90) == 8
+
+
+def schedule_config(steps=8):
+    config = tiny_config("ramnet", steps=steps)  # model K 2, M 16
+    config.data.eval_settings = "2:32,4:32"
+    config.train.checkpoint_every, config.train.log_every, config.train.eval_every = min(4, steps), 4, steps
+    config.train.ramnet_top_k_start, config.train.ramnet_top_k_anneal_steps = 8, 6  # K 8, 4, then 2 from step 6
+    return config
+
+
+class _Put:
+    @staticmethod
+    def put(batch):
+        return {name: np.asarray(value) for name, value in batch._asdict().items()}
+
+
+def test_schedule_trains_with_larger_k_and_evaluates_with_the_models(tmp_path):
+    config = schedule_config(steps=2)  # ends inside the K = 8 phase
+    summary = train(config, str(tmp_path / "scheduled"))
+    plain = train(_without_schedule(), str(tmp_path / "plain"))
+    assert summary["train"]["loss"] != plain["train"]["loss"], "K changes training"
+    # The logged evaluation is the model's own (K 2) on the trained parameters.
+    state, _ = restore_state(config, str(tmp_path / "scheduled"))
+    graphdef, _, rest = nnx.split(LanguageModel(config.model, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    again = evaluate(make_eval_step(graphdef), state["params"], rest, make_task(config), _Put())
+    for name, value in again.items():
+        assert value == pytest.approx(summary["eval"][name], rel=1e-5), name
+
+
+def _without_schedule():
+    config = schedule_config(steps=2)
+    config.train.ramnet_top_k_start = 0
+    return config
+
+
+def test_interrupted_scheduled_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
+    """Interrupted at step 4 (inside the K = 4 phase), resumed across the change to K = 2 at step 6."""
+    train(schedule_config(), str(tmp_path / "a"))
+    make_batch = SyntheticTask.train_batch
+
+    def interrupt_at_step_4(self, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return make_batch(self, step)
+
+    monkeypatch.setattr(SyntheticTask, "train_batch", interrupt_at_step_4)
+    with pytest.raises(SystemExit):
+        train(schedule_config(), str(tmp_path / "b"))
+    monkeypatch.undo()
+    train(schedule_config(), str(tmp_path / "b"))
+    state_a, meta_a = restore_final(str(tmp_path / "a"))
+    state_b, meta_b = restore_final(str(tmp_path / "b"))
+    assert meta_a == meta_b and meta_a["step"] == 8
+    assert_trees_equal(state_a, state_b)
+
+
+def test_schedule_fields_are_checked(tmp_path):
+    config = schedule_config(steps=2)
+    config.train.ramnet_top_k_start = 17  # M = 4 ** 2 = 16
+    with pytest.raises(ConfigError, match="ramnet_top_k_start: must be <= M"):
+        train(config, str(tmp_path))
+    config.train.ramnet_top_k_start, config.train.ramnet_top_k_anneal_steps = 4, -1
+    with pytest.raises(ConfigError, match="ramnet_top_k_anneal_steps: must be an integer >= 0"):
+        train(config, str(tmp_path))
