@@ -35,7 +35,8 @@ def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:
     config.model_config = "configs/lm.py:transformer"  # path[:variant], relative to the repository root
     # (field, value) pairs applied to every row, before the row's own (a dict here would become a ConfigDict)
     config.model_overrides = (("model.dtype", "bfloat16"),)
-    config.variants = (TRANSFORMER, RAMNET_SCAN_XLA_DECODER, RAMNET_PALLAS_XLA_DECODER, RAMNET_SCAN, RAMNET_PALLAS, GLA, MAMBA2, GATED_DELTANET, LOGLINEAR_MAMBA2, HYBRID)
+    config.variants = (TRANSFORMER, RAMNET_SCAN_XLA_DECODER, RAMNET_PALLAS_XLA_DECODER, RAMNET_SCAN, RAMNET_PALLAS,
+                       GLA, MAMBA2, GATED_DELTANET, LOGLINEAR_MAMBA2, HYBRID)
     config.baseline = "transformer"  # the variant the "x transformer" ratios divide by (always run)
     config.shapes = ((1024, 32), (4096, 8), (16384, 2))  # (seq_len, batch): 32768 tokens per step each
     config.num_devices = 1  # the first N devices, data parallel (memory is per device)

@@ -186,8 +186,9 @@ def _product_topk_bwd(launch: _Launch, saved, cotangents):
     n, width = math.prod(x.shape[:-1]), x.shape[-1]
     rows = _block_rows(launch, n)
     g_t = _columns(g_val.reshape(n, launch.top_k).astype(jnp.float32), rows)
-    kernel = functools.partial(_decoder_backward_kernel, num_factors=launch.num_factors, d_p=width // launch.num_factors,
-                               top_k=launch.top_k, temperature=launch.temperature, rows=rows)
+    kernel = functools.partial(_decoder_backward_kernel, num_factors=launch.num_factors,
+                               d_p=width // launch.num_factors, top_k=launch.top_k,
+                               temperature=launch.temperature, rows=rows)
     (dx_t,) = _call(kernel, launch, idx_t.shape[1], rows, (width,), (jnp.float32,),
                     _columns(x.reshape(n, width), rows), idx_t, val_t, g_t)
     return (dx_t[:, :n].T.reshape(x.shape).astype(x.dtype),)

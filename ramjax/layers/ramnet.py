@@ -56,7 +56,8 @@ class RAMNetMixer(nnx.Module):
     def __init__(self, d_model: int, *, num_heads: int, num_factors: int, factor_size: int, top_k: int, d_v: int,
                  gamma: float = 1.0, eps: float = 1e-6, grad_eps: float = 1e-3, cape_heads: int | jax.Array = 0,
                  alpha_init: float = 0.0, output_norm: bool = False, output_gate: bool = False,
-                 short_conv: int = 0, impl: str = "auto", decoder_impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                 short_conv: int = 0, impl: str = "auto", decoder_impl: str = "auto", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         num_slots = factor_size**num_factors
         if top_k > num_slots:
             raise ValueError(f"model.ramnet.top_k: must be <= M = factor_size ** num_factors = {num_slots}, "
