@@ -1,6 +1,6 @@
 """Chooses the PDMA Pallas kernel's tiling on a GPU: checks and times kernels.pdma over (chunk, warps, d_tile).
 
-  python experiments/tune_pdma_kernel.py --shapes 8x4096,2x16384 --backends token --chunks 16,32 --warps 4,8 --tiles 32,64
+  python experiments/tune_pdma_kernel.py --shapes 8x4096 --backends token,triton --chunks 2,16 --warps 4,8 --tiles 32,64
 
 Every setting is checked against impl="scan" (relative RMS of o and the three gradients) before it is timed.
 Inputs are the benchmark's: random q, k decoded by product top-K with CAPE, 16 heads, U 5, d_p 4, K 8, d_v 64,
