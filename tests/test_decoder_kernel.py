@@ -11,7 +11,7 @@ import pytest
 from kernels.product_topk import product_topk as kernel_topk
 from numerics import rel_rms
 from ramjax.ops import product_topk
-from test_addressing import brute_force_topk
+from test_addressing import brute_force_topk, brute_force_values
 
 
 def kernel(x, num_factors, top_k, temperature=1.0, **options):
@@ -21,18 +21,10 @@ def kernel(x, num_factors, top_k, temperature=1.0, **options):
 
 def brute_force_gradient(x, num_factors, top_k, cotangent, temperature=1.0):
     """d/dx of sum(cotangent * top-K values) in float64, the top-K slots taken from the materialised product."""
-    d_p = x.shape[-1] // num_factors
     want_idx, _ = brute_force_topk(x, num_factors, top_k, temperature)
-
-    def values(x):
-        probs = jax.nn.softmax(x.reshape(*x.shape[:-1], num_factors, d_p) / temperature, axis=-1)
-        full = probs[..., 0, :]
-        for u in range(1, num_factors):
-            full = (full[..., :, None] * probs[..., u, None, :]).reshape(*x.shape[:-1], -1)
-        return jnp.take_along_axis(full, jnp.asarray(want_idx), axis=-1)
-
     with jax.enable_x64(True):
-        grad = jax.grad(lambda x: jnp.sum(values(x) * cotangent))(jnp.asarray(x, jnp.float64))
+        grad = jax.grad(lambda x: jnp.sum(brute_force_values(x, num_factors, want_idx, temperature) * cotangent))(
+            jnp.asarray(x, jnp.float64))
         return np.asarray(grad)
 
 
