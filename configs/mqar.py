@@ -50,6 +50,7 @@ def model_config() -> ml_collections.ConfigDict:
     # value with the key before it); Mamba-2 and Gated DeltaNet get it from their convs, and RAM-Net without one
     # plateaued at 0.12 accuracy on (kv 8, length 64) while with width 4 it reached 0.91 in 1000 steps.
     m.ramnet.short_conv = 4
+    m.ramnet.qk_bias = False  # ours: a bias on W_q and W_k (position-only addresses with CAPE); the paper has none
     m.ramnet.impl = "auto"  # PDMA implementation: auto, dense, scan or pallas
     m.ramnet.decoder_impl = "auto"  # address decoder (product top-K): auto, xla or pallas
 

@@ -253,3 +253,26 @@ def test_ramnet_alpha_scales_the_address_projections():
     np.testing.assert_array_equal(read_idx, ref_read_idx)
     np.testing.assert_array_equal(write_idx, ref_write_idx)
     assert rel_rms(read, ref_read) < 1e-5 and rel_rms(write, ref_write) < 1e-5
+
+
+def test_ramnet_qk_bias_forms_a_position_only_address():
+    """With model.ramnet.qk_bias the addresses of an all-zero input are the bias's: every token writes the slot
+    the bias peaks at, shifted by CAPE to (slot - position) mod M. Off (the default), there is no bias at all."""
+    cfg = model_config()
+    cfg.ramnet.short_conv, cfg.ramnet.qk_bias = 0, True
+    mixer = make_mixer("ramnet", cfg, cfg.num_heads, rngs=nnx.Rngs(4))  # CAPE on every head
+    r = cfg.ramnet
+    d_p, num_slots = r.factor_size, r.factor_size**r.num_factors
+    digits = [1 % d_p] * r.num_factors  # slot 1 1 ... 1 in mixed radix
+    peak = np.full((cfg.num_heads, r.num_factors, d_p), -8.0, np.float32)
+    for u, digit in enumerate(digits):
+        peak[:, u, digit] = 8.0
+    mixer.k_proj.bias.set_value(jnp.asarray(peak.reshape(-1)))
+    x = jnp.zeros((1, 6, cfg.d_model), jnp.float32)
+    _, (write_idx, write_val) = mixer.addresses(x, positions_for(x))
+    slot = sum(d * d_p ** (r.num_factors - 1 - u) for u, d in enumerate(digits))
+    np.testing.assert_array_equal(np.asarray(write_idx[0, :, :, 0]),
+                                  np.broadcast_to(((slot - np.arange(6)) % num_slots)[:, None], (6, cfg.num_heads)))
+    assert float(write_val[..., 0].min()) > 0.99
+    cfg.ramnet.qk_bias = False
+    assert make_mixer("ramnet", cfg, 0, rngs=nnx.Rngs(4)).k_proj.bias is None

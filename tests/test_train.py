@@ -232,3 +232,20 @@ def test_eight_device_mesh_step_equals_one_device_step():
             assert rel_rms(b, a) < 1e-5, variant
         for name, value in one["eval"].items():
             assert eight["eval"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (variant, name)
+
+
+def test_checkpoints_from_before_a_new_off_by_default_field_still_resume(tmp_path):
+    """A run written before model.ramnet.qk_bias and decoder_impl existed resumes: a field missing from the
+    checkpoint's config at its "off" default (and any implementation choice) is the same model."""
+    config = config_for("ramnet", steps=2)
+    train(config, str(tmp_path))
+    with open(tmp_path / "config.json") as f:
+        saved = json.load(f)
+    del saved["model"]["ramnet"]["qk_bias"], saved["model"]["ramnet"]["decoder_impl"]
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(saved, f)
+    assert train(config_for("ramnet", steps=2), str(tmp_path))["resumed_from"] == 2
+    config = config_for("ramnet", steps=2)
+    config.model.ramnet.qk_bias = True  # on, it is another model
+    with pytest.raises(ConfigError, match="model.ramnet.qk_bias: checkpoint False, now True"):
+        train(config, str(tmp_path))

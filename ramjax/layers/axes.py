@@ -23,8 +23,10 @@ def logical_param(value: jax.Array, *names: str | None) -> nnx.Param:
 
 
 def dense(in_features: int, out_features: int, in_axis: str | None, out_axis: str | None, *, dtype, rngs: nnx.Rngs,
-          init=None) -> nnx.Linear:
-    """A bias-free Linear whose kernel carries the logical axes (in_axis, out_axis)."""
+          init=None, bias: bool = False) -> nnx.Linear:
+    """A Linear whose kernel carries the logical axes (in_axis, out_axis); bias-free unless `bias` (then a zero-
+    initialised bias on out_axis)."""
     init = nnx.initializers.lecun_normal() if init is None else init
-    return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-                      kernel_init=logical_init(init, in_axis, out_axis))
+    return nnx.Linear(in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+                      kernel_init=logical_init(init, in_axis, out_axis),
+                      bias_init=logical_init(nnx.initializers.zeros_init(), out_axis))

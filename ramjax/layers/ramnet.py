@@ -56,8 +56,8 @@ class RAMNetMixer(nnx.Module):
     def __init__(self, d_model: int, *, num_heads: int, num_factors: int, factor_size: int, top_k: int, d_v: int,
                  gamma: float = 1.0, eps: float = 1e-6, grad_eps: float = 1e-3, cape_heads: int | jax.Array = 0,
                  alpha_init: float = 0.0, output_norm: bool = False, output_gate: bool = False,
-                 short_conv: int = 0, impl: str = "auto", decoder_impl: str = "auto", dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 short_conv: int = 0, qk_bias: bool = False, impl: str = "auto", decoder_impl: str = "auto",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         num_slots = factor_size**num_factors
         if top_k > num_slots:
             raise ValueError(f"model.ramnet.top_k: must be <= M = factor_size ** num_factors = {num_slots}, "
@@ -70,8 +70,10 @@ class RAMNetMixer(nnx.Module):
         self.active_top_k = top_k
         d_k = num_factors * factor_size
         self.d_k = d_k
-        self.q_proj = dense(d_model, num_heads * d_k, "embed", "heads", dtype=dtype, rngs=rngs)
-        self.k_proj = dense(d_model, num_heads * d_k, "embed", "heads", dtype=dtype, rngs=rngs)
+        # Ours, off by default (the paper's W_q, W_k have none): a bias lets an address depend on position alone
+        # (with CAPE: "the slot the previous token wrote"), which a bias-free projection of x cannot form.
+        self.q_proj = dense(d_model, num_heads * d_k, "embed", "heads", dtype=dtype, rngs=rngs, bias=qk_bias)
+        self.k_proj = dense(d_model, num_heads * d_k, "embed", "heads", dtype=dtype, rngs=rngs, bias=qk_bias)
         self.v_proj = dense(d_model, num_heads * d_v, "embed", "heads", dtype=dtype, rngs=rngs)
         self.o_proj = dense(num_heads * d_v, d_model, "heads", "embed", dtype=dtype, rngs=rngs)
         # log temperature per head, shared by W_q and W_k (w_ij = exp(alpha_h) w'_ij).

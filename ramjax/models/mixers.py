@@ -44,8 +44,9 @@ def make_mixer(kind: str, cfg, cape_heads: int | jax.Array, *, rngs: nnx.Rngs) -
         return RAMNetMixer(cfg.d_model, num_heads=cfg.num_heads, num_factors=r.num_factors,
                            factor_size=r.factor_size, top_k=r.top_k, d_v=r.d_v, gamma=r.gamma, eps=r.eps,
                            grad_eps=r.grad_eps, cape_heads=cape_heads, alpha_init=r.alpha_init,
-                           output_norm=r.output_norm, output_gate=r.output_gate, short_conv=r.short_conv, impl=r.impl,
-                           decoder_impl=r.decoder_impl,
+                           output_norm=r.output_norm, output_gate=r.output_gate, short_conv=r.short_conv,
+                           qk_bias=r.get("qk_bias", False), impl=r.impl,
+                           decoder_impl=r.get("decoder_impl", "auto"),
                            dtype=dtype, rngs=rngs)
     if kind == "attention":
         a = cfg.attention

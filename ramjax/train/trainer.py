@@ -76,6 +76,8 @@ def _model_differences(saved: dict, current: dict, prefix: str = "model") -> lis
     for key in keys:
         if key in _IMPLEMENTATION_FIELDS:
             continue
+        if key not in saved and not current[key]:
+            continue  # a field added since the checkpoint was written, at its "off" default: the same model
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += _model_differences(a, b, f"{prefix}.{key}")
