@@ -117,10 +117,13 @@ class LanguageModel(nnx.Module):
         kernels how their per-head tensors are laid out (batch over `batch_axes`, heads over `heads_axes`)."""
         self.activation_sharding = NamedSharding(mesh, PartitionSpec(batch_axes, None, None))
         per_head = NamedSharding(mesh, PartitionSpec(batch_axes, None, heads_axes, None))
+        for mixer in self.ramnet_mixers():
+            mixer.kernel_sharding = per_head
+
+    def ramnet_mixers(self) -> list[RAMNetMixer]:
+        """Every RAM-Net mixer in the model (one module per pattern position when the layers are scanned)."""
         modules = nnx.iter_modules(self) if hasattr(nnx, "iter_modules") else self.iter_modules()
-        for _, module in modules:
-            if isinstance(module, RAMNetMixer):
-                module.kernel_sharding = per_head
+        return [module for _, module in modules if isinstance(module, RAMNetMixer)]
 
     def _constrain(self, x: jax.Array) -> jax.Array:
         if self.activation_sharding is None:

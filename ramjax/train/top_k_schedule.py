@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import math
 
-from flax import nnx
-
 from ramjax.errors import ConfigError
-from ramjax.layers.ramnet import RAMNetMixer
+from ramjax.models import LanguageModel
 
 
 def phases(start: int, model_k: int) -> list[int]:
@@ -53,9 +51,8 @@ def check(config) -> None:
                           f"{num_slots}, got {start}")
 
 
-def with_top_k(model: nnx.Module, k: int) -> nnx.Module:
+def with_top_k(model: LanguageModel, k: int) -> LanguageModel:
     """Sets every RAM-Net layer of `model` to keep `k` slots per token (in place); returns the model."""
-    for _, module in (nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules()):
-        if isinstance(module, RAMNetMixer):
-            module.active_top_k = k
+    for mixer in model.ramnet_mixers():
+        mixer.active_top_k = k
     return model
