@@ -44,10 +44,12 @@ def main() -> None:
     parser.add_argument("--chunks", default="8,16")
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--tiles", default="32,64")
-    parser.add_argument("--backends", default="token", help="kernels.pdma backends: token, triton")
+    parser.add_argument("--backends", default="token", help="kernels.pdma backends: token, triton, sorted")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--factor_size", type=int, default=4)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--time_reference", action="store_true",
+                        help="also time the reference (ramjax impl=scan, autodiff through an associative scan)")
     parser.add_argument("--interpret", action="store_true", help="interpret mode (a smoke test off the GPU)")
     parser.add_argument("--results", default="experiments/results/pdma_kernel_tuning.md")
     args = parser.parse_args()
@@ -59,6 +61,13 @@ def main() -> None:
         ct = jax.random.normal(jax.random.key(1), v.shape)
         ref_fwd, ref_bwd = functions(functools.partial(pdma, num_slots=num_slots, impl="scan"))
         ref = (ref_fwd(ri, rv, wi, wv, v), ref_bwd(rv, wv, v, ri, wi, ct))
+        if args.time_reference:
+            t_fwd = timing.time_call(ref_fwd, ri, rv, wi, wv, v, iters=args.iters)
+            t_bwd = timing.time_call(ref_bwd, rv, wv, v, ri, wi, ct, iters=args.iters)
+            row = f"| B={batch} T={seq_len} M={num_slots} | ramjax impl=scan | | | | {1e3 * t_fwd:.2f} | " \
+                  f"{1e3 * t_bwd:.2f} | reference |"
+            print(row, flush=True)
+            lines.append(row)
         settings = itertools.product(args.backends.split(","), *(map(int, a.split(",")) for a in (
             args.chunks, args.warps, args.tiles)))
         for backend, chunk, warps, tile in settings:

@@ -13,7 +13,7 @@ rows [v, 1] (the value and the normaliser side by side); its backward pass is th
 time over the adjoint state (see pdma.py). Only the slots a step touches are read or written, so the work per
 token is O(K * D) whatever M is.
 
-Three implementations with one contract:
+Four implementations with one contract:
   xla     chunked, written in jax.numpy (`lax.scan` over chunks): the readable form of the kernels' maths, and
           differentiable, so it is the debugging fallback.
   triton  a Pallas kernel for GPUs (Triton lowering): one program per (sequence, column tile) streams chunks of
@@ -21,6 +21,8 @@ Three implementations with one contract:
           the touched state rows go through global memory.
   tpu     a Pallas Mosaic TPU kernel: the state of one sequence in VMEM, tokens streamed in order, scalar slot
           indices from SMEM, K row updates per token.
+  sorted  jax.numpy on events sorted by slot (sorted_scan.py): a blocked segmented recurrence, parallel over
+          time and without an M-sized state.
 
 Chunk maths (one sequence, events of the chunk's C tokens; lam is the log-decay a slot accumulates since the
 chunk start, inclusive of the event's own step):
@@ -42,8 +44,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from kernels.shapes import next_pow2, pad_axis
+from kernels.sorted_scan import sorted_gated_scan
 
-BACKENDS = ("xla", "triton", "tpu")
+BACKENDS = ("xla", "triton", "tpu", "sorted")
 
 
 def _check(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_slot, init_row, num_slots, chunk):
@@ -310,8 +313,9 @@ def sparse_gated_scan(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_sl
       read_slot: `[G, T, K_read]` slots read after each step's updates.
       init_row: `[D]` every slot's initial row.
       num_slots: M.
-      backend: "xla", "triton" or "tpu".
-      chunk: tokens per chunk (a power of 2): the unit of the xla/triton chunk maths and of the TPU time grid.
+      backend: "xla", "triton", "tpu" or "sorted".
+      chunk: tokens per chunk (a power of 2): the unit of the xla/triton chunk maths and of the TPU time grid;
+        for "sorted", sorted update events per block.
       interpret: run a Pallas backend in interpret mode (any device, the CPU included).
       num_warps, d_tile: Triton launch shape: warps per program and columns per program.
       poison_output: fill the kernel's output buffer with NaN before it runs (tests: an element the kernel
@@ -325,6 +329,8 @@ def sparse_gated_scan(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_sl
             init_row.astype(jnp.float32))
     if backend == "xla":
         return _scan_xla(*args, num_slots, chunk)
+    if backend == "sorted":
+        return sorted_gated_scan(*args, num_slots=num_slots, block=chunk)
     if backend == "triton":
         return _scan_triton(*args, num_slots, chunk, interpret, num_warps, d_tile, poison_output)
     return _scan_tpu(*args, num_slots, chunk, interpret, poison_output)

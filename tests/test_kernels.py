@@ -12,7 +12,7 @@ from ramjax.numerics import rel_rms
 from ramjax.ops.ram_memory import pdma
 
 PALLAS = [("triton", True), ("tpu", True), ("token", True)]
-ALL = [("xla", False)] + PALLAS
+ALL = [("xla", False), ("sorted", False)] + PALLAS
 SCAN_BACKENDS = [b for b in ALL if b[0] != "token"]  # the sparse gated scan's backends
 
 
@@ -40,6 +40,21 @@ def test_sparse_gated_scan_matches_the_token_loop(backend, interpret, shape):
                                 interpret=interpret, **({"poison_output": True} if backend != "xla" else {}))
         assert out.shape == expected.shape
         assert rel_rms(out, expected) < 1e-6, (backend, chunk)
+
+
+@pytest.mark.parametrize("num_slots", [2**20, 2**30])
+def test_sorted_scan_with_a_huge_memory(num_slots):
+    """The sorted backend holds no M-sized array; 2^30 slots take its batched-sort path (row * (M + 1) + slot
+    no longer fits in int32). Slots drawn from a few values so that they repeat."""
+    rng = np.random.default_rng(num_slots % 97)
+    args = list(scan_inputs(rng, 3, 29, 4, 3, 2, 5, 6))
+    lookup = np.array([0, 7, num_slots - 1, 12345, 99, num_slots // 2])
+    for i in (0, 5):
+        args[i] = np.where(args[i] >= 0, lookup[np.maximum(args[i], 0)], -1).astype(np.int32)
+    expected = sparse_gated_scan_loop(*(np.where(a >= 0, np.searchsorted(np.sort(lookup), a), -1)
+                                        if i in (0, 5) else a for i, a in enumerate(args)), 6)
+    out = sparse_gated_scan(*map(jnp.asarray, args), num_slots=num_slots, backend="sorted", chunk=8)
+    assert rel_rms(out, expected) < 1e-6
 
 
 def test_sparse_gated_scan_rejects_bad_arguments():

@@ -11,8 +11,11 @@ The addresses arrive sparse, as K (index, value) pairs per token. Repeated indic
 
 Implementations (`impl=`):
   dense  the reference: materialises the M slots and runs the recurrence with `jax.lax.scan`.
-  scan   never materialises M: sorts the write and read events by slot and time and runs a segmented
-         associative scan of the per-slot affine maps. Memory O(T * K * d_v), independent of M.
+  scan   never materialises M: sorts the write and read events by slot (stably, so time order holds within a
+         slot) and runs each slot's recurrence as one segmented recurrence over the sorted events, in blocks
+         (one small matrix product per block, then a scan over blocks: `kernels.sorted_scan`). The backward
+         pass is the same scan backwards in time (`kernels.pdma`, backend "sorted"). Parallel over time, plain
+         XLA, memory O(T * K * d_v) independent of M.
   pallas the Pallas kernels of `kernels.pdma` (a chunked Triton kernel on GPUs, a Mosaic kernel on TPUs, the
          Triton kernel in interpret mode elsewhere), forward and backward. Memory O(T * K * d_v) plus the
          M x d_v state per (batch, head), which the kernel touches only at the K slots of each token.
@@ -156,66 +159,6 @@ def _pdma_dense(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, e
 
 
 # ----------------------------------------------------------------------------------------------------------
-# impl="scan": sorted events and a segmented associative scan, one (batch, head) at a time.
-
-
-def _compose_segmented_affine(earlier, later):
-    """Composes per-slot affine maps x -> a x + b, restarting where `later` begins a new slot's segment."""
-    starts_e, a_e, b_e = earlier
-    starts_l, a_l, b_l = later
-    a = jnp.where(starts_l, a_l, a_e * a_l)
-    b = jnp.where(starts_l[..., None], b_l, a_l[..., None] * b_e + b_l)
-    return starts_e | starts_l, a, b
-
-
-def _pdma_scan_one(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps):
-    """PDMA of one (batch, head): read_idx/val [T, Kr], write_idx/val [T, Kw], v [T, d_v] -> o [T, d_v]."""
-    seq_len, k_write = write_idx.shape
-    k_read = read_idx.shape[1]
-    d_v = v.shape[1]
-    per_step = k_write + k_read
-    num_events = seq_len * per_step
-
-    # Events in time order, each step's writes before its reads. A stable sort by slot keeps that order
-    # within every slot, so a read lands right after the writes of its own step.
-    slots = jnp.concatenate([write_idx, read_idx], axis=1).reshape(num_events).astype(jnp.int32)
-    slot, event = jax.lax.sort((slots, jnp.arange(num_events, dtype=jnp.int32)), num_keys=1, is_stable=True)
-    step = event // per_step
-    is_write = event % per_step < k_write
-    zeros_w = jnp.zeros((seq_len, k_write), v.dtype)
-    zeros_r = jnp.zeros((seq_len, k_read), v.dtype)
-    w = jnp.concatenate([write_val, zeros_r], axis=1).reshape(num_events)[event]
-    r = jnp.concatenate([zeros_w, read_val], axis=1).reshape(num_events)[event]
-
-    # Writes to the same slot in the same step act as one write of their summed weight: the decay uses the
-    # sum and sits on the first of them; each adds its own w * v.
-    new_slot = jnp.concatenate([jnp.ones((1,), bool), slot[1:] != slot[:-1]])
-    new_step = new_slot | jnp.concatenate([jnp.ones((1,), bool), step[1:] != step[:-1]])
-    step_group = jnp.cumsum(new_step) - 1
-    w_step = jax.ops.segment_sum(w, step_group, num_segments=num_events, indices_are_sorted=True)[step_group]
-    a = jnp.where(new_step & is_write, decay_factor(w_step, gamma, grad_eps), 1.0).astype(v.dtype)
-    # Column d_v carries the normaliser z, whose update adds w where the memory adds w * v.
-    b = w[:, None] * jnp.concatenate([v[step], jnp.ones((num_events, 1), v.dtype)], axis=1)
-
-    _, a_prefix, b_prefix = jax.lax.associative_scan(_compose_segmented_affine, (new_slot, a, b))
-    memory = b_prefix[:, :d_v]  # S_0 = 0
-    normaliser = a_prefix / num_slots + b_prefix[:, d_v]  # z_0 = 1 / M
-    read_out = (r / (normaliser + eps))[:, None] * memory  # zero at write events, where r = 0
-
-    in_time_order = jnp.zeros_like(read_out).at[event].set(read_out, unique_indices=True)
-    return in_time_order.reshape(seq_len, per_step, d_v)[:, k_write:].sum(axis=1)
-
-
-@_jit_with_static_hyper
-def _pdma_scan(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps):
-    one = functools.partial(
-        _pdma_scan_one, num_slots=num_slots, gamma=gamma, eps=eps, grad_eps=grad_eps
-    )
-    over_heads = jax.vmap(one, in_axes=1, out_axes=1)  # [time, heads, ...] per batch element
-    return jax.vmap(over_heads, in_axes=0, out_axes=0)(read_idx, read_val, write_idx, write_val, v)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # impl="pallas": the kernels package.
 
 # Kernel and tiling for impl="pallas" on GPUs (the sparse gated scan's Triton kernel; tokens per chunk, warps
@@ -245,21 +188,37 @@ def _pdma_pallas(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, 
                             grad_eps=grad_eps, backend=backend, interpret=interpret, **options)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# impl="scan": the sorted-event scan of the kernels package (plain jax.numpy, any backend).
+
+# Sorted update events per block (one [block, block] matrix product per block). Measured on an H200 at B=8 T=4096
+# H=16 (experiments/results/pdma_kernel_tuning.md): 16 / 32 / 64 / 128 -> 16.0 / 15.8 / 17.3 / 23.5 ms fwd+bwd.
+SCAN_BLOCK = 32
+
+
+@_jit_with_static_hyper
+def _pdma_scan(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps):
+    from kernels import pdma as kernel_pdma
+
+    return kernel_pdma.pdma(read_idx, read_val, write_idx, write_val, v, num_slots=num_slots, gamma=gamma, eps=eps,
+                            grad_eps=grad_eps, backend="sorted", chunk=SCAN_BLOCK)
+
+
 _IMPL_FUNCTIONS = {"dense": _pdma_dense, "scan": _pdma_scan, "pallas": _pdma_pallas}
 
 
 # On the CPU the dense reference wins while the whole memory is small: its per-step work is M * d_v, the scan's
-# is a sort plus an associative scan over 2 T K events. Measured (experiments/results/ram_memory_cpu.md, d_v 64,
+# is two sorts and a blocked recurrence over 3 T K events. Measured (experiments/results/ram_memory_cpu.md, d_v 64,
 # K 8): dense is faster forward and backward at M = 32, the scan from M = 243 up (4x at 243, 20x at 1024, fwd+bwd).
 _CPU_DENSE_MAX_STATE = 32 * 64
-# On GPUs the Pallas kernel walks each (batch, head) sequence with one program per column tile, so it wins only
-# when there are enough sequences to fill the GPU. Measured in the LM (8 heads, d_v 64, H200,
-# experiments/results/bench_models.md): 64 sequences (batch 8 x 8 heads, T 4096) pallas 1.3x faster than the
-# scan; 16 sequences (batch 2, T 16384) the scan 1.5x faster.
-_GPU_PALLAS_MIN_SEQUENCES = 64
+# On GPUs the Pallas kernel walks each (batch, head) sequence with one program per column tile (a chain of T / 2
+# dependent steps); the scan is parallel over time. Measured on an H200 (experiments/results/pdma_kernel_tuning.md,
+# 16 heads, fwd+bwd): B=8 T=4096 scan 15.8 ms / pallas 16.8 ms; B=2 T=16384 scan 19.8 / pallas 33.9 (2026-11-22);
+# B=1 T=65536 scan 52 / pallas 113. So the scan is the GPU's default at every size measured.
+_GPU_PALLAS_MIN_SEQUENCES = None  # batch x heads from which pallas would win; None: at no size measured
 
 
-def resolve_impl(impl: str, num_slots: int, d_v: int, sequences: int = _GPU_PALLAS_MIN_SEQUENCES) -> str:
+def resolve_impl(impl: str, num_slots: int, d_v: int, sequences: int = 1) -> str:
     """The implementation `impl="auto"` stands for at this size on the current default backend; `sequences` is
     batch x heads (the independent recurrences)."""
     if impl != "auto":
@@ -267,7 +226,7 @@ def resolve_impl(impl: str, num_slots: int, d_v: int, sequences: int = _GPU_PALL
     backend = jax.default_backend()
     if backend == "cpu" and num_slots * d_v <= _CPU_DENSE_MAX_STATE:
         return "dense"
-    if backend == "gpu" and sequences >= _GPU_PALLAS_MIN_SEQUENCES:
+    if backend == "gpu" and _GPU_PALLAS_MIN_SEQUENCES is not None and sequences >= _GPU_PALLAS_MIN_SEQUENCES:
         return "pallas"
     # The scan's memory does not grow with M, and it is parallel over time where dense is sequential.
     return "scan"
@@ -299,8 +258,8 @@ def pdma(
       grad_eps: smoothing of the backward proxy for (1 - w)^gamma; the forward pass is exact.
       impl: "auto", "dense", "scan" or "pallas" (see the module docstring).
       sharding: how the `[batch, time, heads, ...]` arguments are laid out on a device mesh (time unsplit).
-        With impl "pallas" the kernel then runs on each device's shard under `shard_map` (every (batch, head)
-        is independent), instead of on arrays XLA would first gather; the XLA implementations ignore it.
+        With impl "pallas" or "scan" the op then runs on each device's shard under `shard_map` (every
+        (batch, head) is independent), instead of on arrays XLA would first gather; "dense" ignores it.
 
     Returns:
       o: `[batch, time, heads, d_v]` in v's dtype (computed in fp32 or wider).
@@ -310,7 +269,9 @@ def pdma(
     dtype = _compute_dtype(read_val, write_val, v)
     chosen = resolve_impl(impl, num_slots, v.shape[-1], sequences=v.shape[0] * v.shape[2])
     run = functools.partial(_IMPL_FUNCTIONS[chosen], num_slots=num_slots, gamma=gamma, eps=eps, grad_eps=grad_eps)
-    if chosen == "pallas" and sharding is not None and sharding.mesh.size > 1:
+    # Every (batch, head) is independent: under a mesh both kernels run per device shard. (The scan's flat sort
+    # mixes rows, so left to GSPMD it would gather the batch first.)
+    if chosen in ("pallas", "scan") and sharding is not None and sharding.mesh.size > 1:
         if len(sharding.spec) > 1 and sharding.spec[1] is not None:
             raise ValueError(f"sharding: the time axis must not be split, got {sharding.spec}")
         run = jax.shard_map(run, mesh=sharding.mesh, in_specs=(sharding.spec,) * 5, out_specs=sharding.spec,
