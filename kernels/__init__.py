@@ -1,11 +1,12 @@
 """Pallas kernels for ramjax's hot loops.
 
 A package of its own: it imports nothing from ramjax, so the kernels can be read, tested and reused alone.
-ramjax.ops dispatches to them (`ramjax.ops.ram_memory.pdma(..., impl="pallas")`). See README.md for the design
+ramjax.ops dispatches to them (`ramjax.ops.ram_memory.pdma(..., impl="scan" or "pallas")`). See README.md for the design
 and the measurements.
 
   product_topk  RAM-Net's address decoder (factor softmaxes, exact beam search, values) and its backward
-  sparse_scan   the sparse gated scan (xla / Pallas Triton / Pallas Mosaic TPU)
+  sparse_scan   the sparse gated scan (xla / Pallas Triton / Pallas Mosaic TPU / sorted)
+  sorted_scan   the sparse gated scan on events sorted by slot: parallel over time, no M-sized state
   token_scan    PDMA's recurrence in chunks of tokens with one row per token (Pallas Triton; a second design)
   pdma          RAM-Net's PDMA forward and backward on a scan, with a custom VJP
   shapes        padding helpers (Triton arrays have power-of-2 sizes)

@@ -10,6 +10,9 @@ sequence is one long *segmented* recurrence, one segment per slot:
 
 and a read of slot m after step t is h at the last update of m at a step <= t (init_row if there is none).
 
+Stages (public so that experiments/profile_sorted_scan.py can time them): `sorted_updates`, `blocked_recurrence`
+(with `block_weights`), `last_updates`; `sorted_gated_scan` runs them and gathers the reads.
+
 The segmented recurrence runs in blocks of C sorted events, the way chunked linear attention runs:
   - inside a block, a [C, C] matrix L[i, j] = [j <= i, same segment] exp(c[i] - c[j]) (c: the segment's running
     sum of ld within the block) times the block's [C, D] rows gives every event's value from a zero carry-in;
@@ -83,7 +86,7 @@ def _sort_by_slot(slots, num_slots: int):
     return key.reshape(g, n) - row_offset, event.reshape(g, n)
 
 
-def _sorted_updates(upd_slot, upd_log_decay, upd_scale, upd_row, rows, init_row, num_slots):
+def sorted_updates(upd_slot, upd_log_decay, upd_scale, upd_row, rows, init_row, num_slots):
     """The update events sorted by slot: (slot, starts, log-decay, x) per sorted event, [G, T K_upd, ...]."""
     g, t, ku = upd_slot.shape
     ru, d = rows.shape[2], rows.shape[-1]
@@ -107,7 +110,18 @@ def _sorted_updates(upd_slot, upd_log_decay, upd_scale, upd_row, rows, init_row,
     return slot_q, starts, ld_q, x_q
 
 
-def _blocked_recurrence(starts, ld_q, x_q, block: int):
+def block_weights(starts_b, ld_b):
+    """Per block ([..., C] segment starts and log-decays): the [C, C] weights (event j's contribution to event
+    i's value) and each event's decay from the block start (0 once a new segment has begun)."""
+    block = starts_b.shape[-1]
+    c = _segmented_cumsum(starts_b, ld_b, axis=-1)
+    segment = jnp.cumsum(starts_b.astype(jnp.int32), axis=-1)  # 0 while the block continues the carried segment
+    linked = jnp.tril(jnp.ones((block, block), bool)) & (segment[..., :, None] == segment[..., None, :])
+    weights = jnp.exp(jnp.where(linked, c[..., :, None] - c[..., None, :], -jnp.inf))
+    return weights, jnp.where(segment == 0, jnp.exp(c), 0.0)
+
+
+def blocked_recurrence(starts, ld_q, x_q, block: int):
     """The segmented recurrence in blocks: (h_local [G, nb, C, D], decay from the block start [G, nb, C],
     carried-in value [G, nb, D]); h = h_local + decay * carried-in."""
     g, n_upd, d = x_q.shape
@@ -117,22 +131,15 @@ def _blocked_recurrence(starts, ld_q, x_q, block: int):
         starts = jnp.pad(starts, ((0, 0), (0, pad)), constant_values=True)
         ld_q = jnp.pad(ld_q, ((0, 0), (0, pad)))
         x_q = jnp.pad(x_q, ((0, 0), (0, pad), (0, 0)))
-    starts_b = starts.reshape(g, n_blocks, block)
-    ld_b = ld_q.reshape(g, n_blocks, block)
+    weights, carry_decay = block_weights(starts.reshape(g, n_blocks, block), ld_q.reshape(g, n_blocks, block))
     x_b = x_q.reshape(g, n_blocks, block, d)
-    c = _segmented_cumsum(starts_b, ld_b, axis=2)
-    segment = jnp.cumsum(starts_b.astype(jnp.int32), axis=2)  # 0 while the block continues the carried segment
-    causal = jnp.tril(jnp.ones((block, block), bool))
-    linked = causal & (segment[..., :, None] == segment[..., None, :])
-    weights = jnp.exp(jnp.where(linked, c[..., :, None] - c[..., None, :], -jnp.inf))
     h_local = jnp.einsum("gbij,gbjd->gbid", weights, x_b, precision=jax.lax.Precision.HIGHEST)
-    carry_decay = jnp.where(segment == 0, jnp.exp(c), 0.0)  # decay from the block start, 0 after a new segment
     carried = _carry_scan(carry_decay[..., -1], h_local[:, :, -1])  # value at each block's last event
     carried_in = jnp.concatenate([jnp.zeros_like(carried[:, :1]), carried[:, :-1]], axis=1)
     return h_local, carry_decay, carried_in
 
 
-def _last_updates(upd_slot, read_slot, num_slots):
+def last_updates(upd_slot, read_slot, num_slots):
     """For each read [G, T K_read]: the index among the slot-sorted updates of the last update at or before it
     (any slot: the caller checks the slot). Stably sorting updates and reads together, updates first within a
     step, puts that update right before the read among its slot's events."""
@@ -155,10 +162,10 @@ def sorted_gated_scan(upd_slot, upd_log_decay, upd_scale, upd_row, rows, read_sl
     `block` sorted update events per block (any positive int). Returns out `[G, T, K_read, D]` in fp32."""
     g, t, _ = upd_slot.shape
     kr, d = read_slot.shape[-1], rows.shape[-1]
-    slot_q, starts, ld_q, x_q = _sorted_updates(upd_slot, upd_log_decay, upd_scale, upd_row, rows, init_row,
+    slot_q, starts, ld_q, x_q = sorted_updates(upd_slot, upd_log_decay, upd_scale, upd_row, rows, init_row,
                                                 num_slots)
-    h_local, carry_decay, carried_in = _blocked_recurrence(starts, ld_q, x_q, block)
-    q = _last_updates(upd_slot, read_slot, num_slots)
+    h_local, carry_decay, carried_in = blocked_recurrence(starts, ld_q, x_q, block)
+    q = last_updates(upd_slot, read_slot, num_slots)
     q_safe = jnp.maximum(q, 0)
     read_flat = read_slot.reshape(g, t * kr)
     found = (q >= 0) & (jnp.take_along_axis(slot_q, q_safe, axis=1) == read_flat)
