@@ -68,6 +68,7 @@ def get_config(variant: str = "ramnet"):
     if "cpu" in parts:
         d.seq_len, d.batch_size, d.eval_examples, d.eval_batch_size = 128, 8, 32, 8
         m.d_model, m.num_layers, m.num_heads = 64, 4 if models[0] == "hybrid" else 2, 2
+        m.dtype = "float32"  # faster than bfloat16 on CPUs
         m.ramnet.num_factors, m.ramnet.factor_size, m.ramnet.top_k, m.ramnet.d_v = 2, 8, 4, 32
         m.ramnet.impl = "scan"
         m.mamba2.head_dim, m.mamba2.d_state = 32, 16

@@ -1,5 +1,6 @@
 """Helpers the tests share: error measures and random inputs."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,3 +17,21 @@ def random_codes(rng, shape, num_slots, *, distinct=True):
         idx = rng.integers(0, num_slots, size=shape)
     val = rng.dirichlet(np.ones(top_k + 1), size=tuple(lead))[..., :top_k]
     return jnp.asarray(idx, jnp.int32), jnp.asarray(val, jnp.float32)
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr, nested ones (jit, scan, custom_vjp) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (tuple, list)) else [param]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+def matmul_dtypes(fn, *args):
+    """[(operand dtypes, result dtype)] of every matrix product (dot_general) in fn's traced program."""
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    return [(tuple(str(v.aval.dtype) for v in e.invars), str(e.outvars[0].aval.dtype))
+            for e in _equations(jaxpr) if e.primitive.name == "dot_general"]

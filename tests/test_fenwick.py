@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from numerics import rel_rms
+from numerics import matmul_dtypes, rel_rms
 from ramjax.ops.fenwick import (
     FenwickState,
     level_index,
@@ -203,6 +203,16 @@ def test_init_and_dtypes():
     want = loglinear_attention(q, k, v, g, level_weights, impl="dense")
     got = loglinear_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), g, level_weights, impl="chunked")
     assert got.dtype == jnp.bfloat16 and rel_rms(got, want) < 2e-2
+
+
+def test_chunked_multiplies_bf16_operands_with_float32_accumulation():
+    q, k, v, g, level_weights = random_inputs(12, 1, 40, 2, 8, 8)
+    low = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    dots = matmul_dtypes(lambda q, k, v: loglinear_attention(q, k, v, g, level_weights, impl="chunked",
+                                                             chunk_size=8), *low)
+    bf16 = [d for d in dots if d[0] == ("bfloat16", "bfloat16")]
+    # q k^T, scores x v, each chunk's k^T v, and one read of the level states per level above the chunk
+    assert len(bf16) >= 4 and all(out == "float32" for _, out in bf16)
 
 
 def _args(seq_len=8, num_level=None):

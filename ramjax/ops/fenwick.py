@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ramjax.ops import _checks
+from ramjax.ops import _checks, precision
 
 IMPLS = ("auto", "dense", "recurrent", "chunked")
 
@@ -250,10 +250,11 @@ def _chunk_levels(chunk_size: int) -> np.ndarray:
     return np.where(x == 0, 0, np.floor(np.log2(np.maximum(x, 1))).astype(np.int64) + 1)
 
 
-def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chunk):
+def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chunk, operand_dtype=None):
     """The sequence's own pairs (no earlier state). Token 0 sits at absolute position first_chunk * C.
 
-    Shapes: q, k [B, N*C, H, dk], v [B, N*C, H, dv], g [B, N*C, H], level_weights [B, N*C, H, L].
+    Shapes: q, k [B, N*C, H, dk], v [B, N*C, H, dv], g [B, N*C, H], level_weights [B, N*C, H, L]. With
+    `operand_dtype` (16-bit q, k, v) the matrix products take operands of that dtype and accumulate in float32.
     """
     batch, seq_len, heads, d_k = q.shape
     d_v = v.shape[-1]
@@ -279,13 +280,13 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
     diagonal = np.eye(chunk_size, dtype=bool)[None, None, :, :, None]
     log_decay = jnp.where(strict, log_decay, jnp.where(diagonal, 0.0, -jnp.inf))
     weights = lam * jnp.exp(jnp.moveaxis(log_decay, 4, 3))  # [B, N, C(t), H, C(s)]
-    scores = jnp.einsum("bnthk,bnshk->bnths", qc, kc)
-    o = jnp.einsum("bnths,bnshv->bnthv", weights * scores, vc)
+    scores = precision.matmul("bnthk,bnshk->bnths", qc, kc, operand_dtype)
+    o = precision.matmul("bnths,bnshv->bnthv", weights * scores, vc, operand_dtype)
 
     # Each chunk's keys summed into one state, decayed to the chunk's end.
     chunk_log_decay = g_in[:, :, -1]  # [B, N, H]
     to_end = jnp.exp(_exclusive_cumsum(gc, axis=2, reverse=True))  # [B, N, C, H]
-    chunk_states = jnp.einsum("bnch,bnchk,bnchv->bnhkv", to_end, kc, vc)
+    chunk_states = precision.matmul("bnchk,bnchv->bnhkv", to_end[..., None] * kc, vc, operand_dtype)
 
     # Above the chunk: level chunk_bits + m reads, for the chunks of an odd block of 2^(m-1) chunks, the
     # summed state of the even block just before it (blocks aligned to absolute chunk indices).
@@ -306,7 +307,7 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
         before = _exclusive_cumsum(decays[:, :, 1], axis=2)  # [B, G, half, H]
         reader_decay = jnp.exp(before[:, :, :, None] + grouped(g_in)[:, :, 1])  # [B, G, half, C, H]
         reader_q = grouped(qc)[:, :, 1] * (reader_decay * grouped(lc[..., level])[:, :, 1])[..., None]
-        read = jnp.einsum("bgichk,bghkv->bgichv", reader_q, block_state)  # [B, G, half, C, H, dv]
+        read = precision.matmul("bgichk,bghkv->bgichv", reader_q, block_state, operand_dtype)  # [B, G, half, C, H, dv]
         read = jnp.concatenate([jnp.zeros_like(read), read], axis=2).reshape(batch, groups * 2 * half, *read.shape[3:])
         o = o + read[:, lead : lead + num_chunks]
     return o.reshape(batch, seq_len, heads, d_v)
@@ -353,11 +354,11 @@ def _levels_above_chunk(first_chunk: int, num_chunks: int) -> range:
     return range(1, (first_chunk ^ last_chunk).bit_length() + 1)
 
 
-def _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size):
+def _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size, operand_dtype=None):
     seq_len = q.shape[1]
     start, lead, _ = grid = _chunk_grid(initial_state, seq_len, chunk_size)
     padded = [grid.pad(a) for a in (q, k, v, g, level_weights)]
-    o = _attention_chunked_aligned(*padded, chunk_size, start // chunk_size)[:, lead : lead + seq_len]
+    o = _attention_chunked_aligned(*padded, chunk_size, start // chunk_size, operand_dtype)[:, lead : lead + seq_len]
     positions = start + jnp.arange(seq_len, dtype=jnp.int32)
     if initial_state is not None:
         o = o + _prefix_read(q * jnp.exp(jnp.cumsum(g, axis=1))[..., None], level_weights, positions, initial_state)
@@ -419,18 +420,23 @@ def loglinear_attention(
     _check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state)
     out_dtype = v.dtype
     dtype = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
-    q, k, v, g, level_weights = (a.astype(dtype) for a in (q, k, v, g, level_weights))
+    impl = _resolve_impl(impl, q.shape[1])
+    # bf16 training: the chunked form keeps 16-bit q, k, v as matrix-product operands (float32 accumulation);
+    # everything else (decays, level weights, states) is in the compute dtype.
+    operand_dtype = precision.operand_dtype(q, k, v)
+    if impl != "chunked" or operand_dtype is None:
+        q, k, v = (a.astype(dtype) for a in (q, k, v))
+    g, level_weights = g.astype(dtype), level_weights.astype(dtype)
     g = jnp.maximum(g, LOG_DECAY_FLOOR)
     if initial_state is not None:
         initial_state = FenwickState(initial_state.levels.astype(dtype), jnp.asarray(initial_state.position, jnp.int32))
-    impl = _resolve_impl(impl, q.shape[1])
     if impl == "recurrent":
         o, final = _attention_recurrent(q, k, v, g, level_weights, initial_state)
     else:
         if impl == "dense":
             o, positions = _attention_dense(q, k, v, g, level_weights, initial_state)
         else:
-            o, positions = _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size)
+            o, positions = _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size, operand_dtype)
         final = _final_state(k, v, g, positions, initial_state, level_weights.shape[-1]) if return_final_state else None
     o = o.astype(out_dtype)
     return (o, final) if return_final_state else o

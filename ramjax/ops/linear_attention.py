@@ -27,8 +27,11 @@ Implementations (`impl=`):
              decayed to the chunk's end, queries from the chunk's start).
   auto       recurrent for a single token, chunked otherwise.
 
-Everything is computed in at least float32; o comes back in v's dtype and the final state
-`[batch, heads, d_k, d_v]` in the compute dtype (float32, or float64 for float64 inputs).
+Sums, decays and states are computed in at least float32; o comes back in v's dtype and the final state
+`[batch, heads, d_k, d_v]` in the compute dtype (float32, or float64 for float64 inputs). With 16-bit q, k, v
+(bf16 training) the chunked GLA form hands its matrix products 16-bit operands with float32 accumulation
+(`preferred_element_type`), as fla's kernels do; within a chunk the scores are rounded to 16 bits before they
+multiply v, so its error is that of bf16 (tests/test_linear_attention.py states the tolerance).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ramjax.ops import _checks
+from ramjax.ops import _checks, precision
 from ramjax.ops.fenwick import LOG_DECAY_FLOOR, _resolve_impl
 from ramjax.ops.fenwick_delta import _apply_transition, _delta_chunk_pieces
 
@@ -165,15 +168,15 @@ def _log_decay_to_end(a: jax.Array) -> jax.Array:
     return jnp.concatenate([after[..., 1:, :], jnp.zeros_like(after[..., :1, :])], axis=-2)
 
 
-def _causal_scores(q, k, a, *, exact: bool):
+def _causal_scores(q, k, a, *, exact: bool, operand_dtype=None):
     """Within a block of tokens: sum_d q_td k_sd exp(sum_{s < u <= t} a_ud) for s <= t, else 0.
 
     q, k [..., T, dk], a [..., T, D] (D = 1 or dk) -> [..., T(t), T(s)]. For D = dk this materialises the
-    [T, T, dk] decay tensor.
+    [T, T, dk] decay tensor (in the compute dtype: there is no matrix product to hand the tensor cores).
     """
     decay = jnp.exp(_pair_log_decays(a, exact=exact))  # [..., T, T, D], in [0, 1]
     if a.shape[-1] == 1:
-        return decay[..., 0] * jnp.einsum("...tk,...sk->...ts", q, k)
+        return decay[..., 0] * precision.matmul("...tk,...sk->...ts", q, k, operand_dtype)
     return jnp.einsum("...tk,...sk,...tsk->...ts", q, k, decay)
 
 
@@ -209,7 +212,9 @@ def _scan_chunk_states(step, state, xs):
     return jnp.moveaxis(starts, 0, 2), final
 
 
-def _gla_chunked(q, k, v, a, state, chunk_size):
+def _gla_chunked(q, k, v, a, state, chunk_size, operand_dtype=None):
+    """Chunked GLA; q, k, v may be 16-bit (then `operand_dtype`: the matrix products take 16-bit operands and
+    accumulate in float32), a and the state are in the compute dtype; o and the final state come back in it."""
     batch, heads, seq_len, d_k = q.shape
     d_v = v.shape[-1]
     total = -(-seq_len // chunk_size) * chunk_size
@@ -218,18 +223,19 @@ def _gla_chunked(q, k, v, a, state, chunk_size):
     # Inside each chunk.
     # Exact segment sums cost a pass over [C, C, D]: next to nothing for the scalar gate (Mamba-2's decays can
     # be strong), about the time of the rest of the chunk for the per-dimension one (GLA's are mild), on CPU.
-    o = _causal_scores(qc, kc, ac, exact=a.shape[-1] == 1) @ vc
+    scores = _causal_scores(qc, kc, ac, exact=a.shape[-1] == 1, operand_dtype=operand_dtype)
+    o = precision.matmul("bhnts,bhnsv->bhntv", scores, vc, operand_dtype)
 
     # Between chunks: keys decayed to the chunk's end, queries from its start; both factors <= 1.
     cum = jnp.cumsum(ac, axis=3)  # log decay from the chunk's start, inclusive [B, H, N, C, D]
     chunk_decay = jnp.exp(cum[..., -1, :])  # [B, H, N, D]
-    chunk_kv = jnp.einsum("bhnck,bhncv->bhnkv", jnp.exp(_log_decay_to_end(ac)) * kc, vc)
+    chunk_kv = precision.matmul("bhnck,bhncv->bhnkv", jnp.exp(_log_decay_to_end(ac)) * kc, vc, operand_dtype)
     if state is None:
-        state = jnp.zeros((batch, heads, d_k, d_v), q.dtype)
+        state = jnp.zeros((batch, heads, d_k, d_v), a.dtype)
     starts, final = _scan_chunk_states(
         lambda s, decay_n, kv_n: decay_n[..., None] * s + kv_n, state, (chunk_decay, chunk_kv)
     )
-    o = o + (jnp.exp(cum) * qc) @ starts
+    o = o + precision.matmul("bhnck,bhnkv->bhncv", jnp.exp(cum) * qc, starts, operand_dtype)
     return o.reshape(batch, heads, total, d_v)[:, :, :seq_len], final
 
 
@@ -289,13 +295,15 @@ def gated_linear_attention(
     _check_sequence(q, k, v, log_decay, None, impl, GLA_IMPLS, chunk_size, initial_state)
     out_dtype = v.dtype
     dtype = _compute_dtype(q, k, v, log_decay)
-    q, k, v, log_decay = (x.astype(dtype) for x in (q, k, v, log_decay))
-    log_decay = jnp.maximum(log_decay, LOG_DECAY_FLOOR)
+    operand_dtype = precision.operand_dtype(q, k, v)
+    impl = _resolve_impl(impl, q.shape[1])
+    if impl != "chunked" or operand_dtype is None:  # only the chunked form keeps 16-bit operands
+        q, k, v = (x.astype(dtype) for x in (q, k, v))
+    log_decay = jnp.maximum(log_decay.astype(dtype), LOG_DECAY_FLOOR)
     if log_decay.ndim == 3:
         log_decay = log_decay[..., None]
     q, k, v, a = map(_heads_first, (q, k, v, log_decay))
     state = None if initial_state is None else initial_state.astype(dtype)
-    impl = _resolve_impl(impl, q.shape[2])
     if impl == "recurrent":
         if state is None:
             state = jnp.zeros((*q.shape[:2], q.shape[-1], v.shape[-1]), dtype)
@@ -303,7 +311,7 @@ def gated_linear_attention(
     elif impl == "dense":
         o, final = _gla_dense(q, k, v, a, state)
     else:
-        o, final = _gla_chunked(q, k, v, a, state, chunk_size)
+        o, final = _gla_chunked(q, k, v, a, state, chunk_size, operand_dtype)
     o = jnp.moveaxis(o, 1, 2).astype(out_dtype)
     return (o, final) if return_final_state else o
 
