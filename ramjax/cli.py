@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> None:
                                  "RAMJAX_NUM_PROCESSES).")
             flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index (or "
                                  "RAMJAX_PROCESS_ID).")
+            flags.DEFINE_bool("amend", False, "Resume even though result-changing config fields differ from the "
+                              "workdir's record; the changes are recorded in amendments.jsonl with their step.")
+            flags.DEFINE_bool("restart", False, "When the workdir has checkpoints but none restores, train from "
+                              "step 0 instead of refusing (the old metrics.jsonl is kept beside the new one).")
         rest = flags.FLAGS([prog] + argv[2:])
         config = config_flag.value
         config.to_dict()  # a config file that failed to load only raises when first used
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
 
             f = flags.FLAGS
             distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
-            module.main(config, workdir=flags.FLAGS.workdir)
+            module.main(config, workdir=f.workdir, amend=f.amend, restart=f.restart)
         else:
             module.main(config)
     except ConfigError as error:

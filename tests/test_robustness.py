@@ -18,6 +18,7 @@ from test_train import assert_trees_equal, resume_config, restore_final
 from tiny import tiny_config
 
 from ramjax.data.tasks import SyntheticTask
+from ramjax.errors import ConfigError
 from ramjax.train.metrics import read_metrics
 from ramjax.train.trainer import train
 
@@ -103,6 +104,24 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
     assert "checkpoint step 12" in out and "does not restore" in out and "trying the previous one" in out
     assert summary["resumed_from"] == 8
     assert any(p.name.startswith("corrupt-12-") for p in (workdir / "checkpoints").iterdir())
+    assert_trees_equal(restore_final(uninterrupted[0])[0], restore_final(str(workdir))[0])
+
+
+def test_when_no_checkpoint_restores_the_run_is_refused_unless_restart(tmp_path, capsys, uninterrupted):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], workdir)
+    (workdir / "summary.json").unlink()
+    for step in ("8", "12"):
+        for path in (workdir / "checkpoints" / step / "state").rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"")
+    with pytest.raises(ConfigError, match="no checkpoint .* restores.*--restart"):
+        train(resume_config(), str(workdir))
+    summary = train(resume_config(), str(workdir), restart=True)
+    assert summary["resumed_from"] == 0 and "--restart" in capsys.readouterr().out
+    assert any(p.name.startswith("metrics.jsonl.before-restart-") for p in workdir.iterdir())
+    steps = [r["step"] for r in read_metrics(str(workdir)) if "train/loss" in r]
+    assert steps == sorted(set(steps))  # one history, not two
     assert_trees_equal(restore_final(uninterrupted[0])[0], restore_final(str(workdir))[0])
 
 

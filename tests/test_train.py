@@ -141,9 +141,13 @@ def test_interrupted_run_resumes_to_the_same_parameters(uninterrupted, tmp_path,
     assert meta_a == meta_b and meta_a["step"] == 12
     assert_trees_equal(state_a, state_b)  # params, Adam's moments and step, bit for bit
 
-    # A finished run rerun: nothing to train, the same evaluation.
+    # A finished run rerun: nothing to train; its summary is returned as recorded, not rewritten.
+    summary_file = os.path.join(workdir_b, "summary.json")
+    recorded = open(summary_file).read()
     again = train(resume_config(), workdir_b)
-    assert again["resumed_from"] == 12 and again["eval"] == summary_a["eval"]
+    assert "already finished" in capsys.readouterr().out
+    assert again["resumed_from"] == 8 and again["eval"] == summary_a["eval"]
+    assert open(summary_file).read() == recorded
 
 
 @pytest.mark.parametrize("field,value", [("d_model", 32), ("pattern", "ramnet"), ("num_layers", 4)])
@@ -151,7 +155,7 @@ def test_resuming_with_a_different_model_is_refused(uninterrupted, field, value)
     workdir, _ = uninterrupted
     config = resume_config()
     config.model[field] = value
-    with pytest.raises(ConfigError, match=f"model.{field}: checkpoint"):
+    with pytest.raises(ConfigError, match=f"model.{field}: recorded"):
         train(config, workdir)
 
 
@@ -244,8 +248,9 @@ def test_checkpoints_from_before_a_new_off_by_default_field_still_resume(tmp_pat
     del saved["model"]["ramnet"]["qk_bias"], saved["model"]["ramnet"]["decoder_impl"]
     with open(tmp_path / "config.json", "w") as f:
         json.dump(saved, f)
+    (tmp_path / "summary.json").unlink()  # not finished: the resume evaluates and writes its summary
     assert train(config_for("ramnet", steps=2), str(tmp_path))["resumed_from"] == 2
     config = config_for("ramnet", steps=2)
     config.model.ramnet.qk_bias = True  # on, it is another model
-    with pytest.raises(ConfigError, match="model.ramnet.qk_bias: checkpoint False, now True"):
+    with pytest.raises(ConfigError, match="model.ramnet.qk_bias: recorded .*, now True"):
         train(config, str(tmp_path))

@@ -61,6 +61,12 @@ class Checkpoints:
                         "trying the previous one")
         return None
 
+    def corrupt_dirs(self) -> list[str]:
+        """The checkpoints `restore_newest_good` moved aside, by name (corrupt-STEP-TIME)."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(n for n in os.listdir(self.directory) if n.startswith("corrupt-"))
+
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
         """Save at `step` if it is a checkpoint step (or `force`); True when a save started."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))

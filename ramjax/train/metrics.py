@@ -17,10 +17,12 @@ class MetricsLog:
         has one line per step; TensorBoard shows the rerun's points over the old ones)."""
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
-        if enabled and resumed_from is not None and os.path.exists(self.path):
+        if enabled and os.path.exists(self.path):
             with open(self.path) as f:
                 lines = f.readlines()
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resumed_from]
+            records = _parse_lines(lines, self.path)  # a torn last line (a kill mid-write) is dropped
+            kept = [line for line, record in zip(lines, records)
+                    if record is not None and (resumed_from is None or record["step"] <= resumed_from)]
             if len(kept) != len(lines):
                 with open(self.path + ".tmp", "w") as f:
                     f.writelines(kept)
@@ -43,9 +45,27 @@ class MetricsLog:
             self.tensorboard.close()
 
 
+def _parse_lines(lines: list[str], path: str) -> list[dict | None]:
+    """One record per line (None for blank lines and for a torn last line: a process killed while writing it).
+    An unreadable line before the last one is damage no kill explains: an error naming the file and line."""
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            records.append(None)
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):
+                records.append(None)
+            else:
+                raise ValueError(f"{path}, line {number}: not a JSON record; the file is damaged") from None
+    return records
+
+
 def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [record for record in _parse_lines(f.readlines(), path) if record is not None]

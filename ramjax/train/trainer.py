@@ -2,8 +2,9 @@
 
 Rerunning the same command with the same workdir resumes from the newest checkpoint: parameters, optimizer
 state, step and data position (batches are a function of (data.seed, step)), so an interrupted run ends where an
-uninterrupted one would. The workdir holds config.json, metrics.jsonl, tensorboard/, checkpoints/ and, at the
-end, summary.json.
+uninterrupted one would. The workdir holds config.json (written once; deliberate changes go to amendments.jsonl,
+see run_record.py), metrics.jsonl, tensorboard/, checkpoints/ and, at the end, summary.json (never overwritten:
+rerunning a finished run prints where it is).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ramjax.models import LanguageModel
 from ramjax.models.state_size import recurrent_state_size
 from ramjax.train.address_metrics import address_metrics
 from ramjax.timing import environment
-from ramjax.train import sharding, top_k_schedule
+from ramjax.train import run_record, sharding, top_k_schedule
 from ramjax.train.checkpoint import Checkpoints
 from ramjax.train.metrics import MetricsLog
 from ramjax.train.optim import learning_rate_schedule, make_optimizer
@@ -64,26 +65,6 @@ def _abstract_with_shardings(abstract_tree, shardings):
     return jax.tree.map(
         lambda sh, sub: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sub),
         shardings, abstract_tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-
-
-# Model fields that choose how a function is computed, not which function: a run may resume with another.
-_IMPLEMENTATION_FIELDS = ("impl", "decoder_impl", "remat")
-
-
-def _model_differences(saved: dict, current: dict, prefix: str = "model") -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    diffs = []
-    for key in keys:
-        if key in _IMPLEMENTATION_FIELDS:
-            continue
-        if key not in saved and not current[key]:
-            continue  # a field added since the checkpoint was written, at its "off" default: the same model
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _model_differences(a, b, f"{prefix}.{key}")
-        elif a != b and not (isinstance(a, list) and tuple(a) == b):
-            diffs.append(f"{prefix}.{key}: checkpoint {a!r}, now {b!r}")
-    return diffs
 
 
 def _install_sigterm(flag: list):
@@ -242,11 +223,15 @@ def step_memory(config, *, devices=None) -> dict:
             "state_bytes_per_device": held}
 
 
-def train(config, workdir: str, *, devices=None) -> dict:
-    """Train (or resume) the run in `workdir`; returns the summary written to workdir/summary.json."""
+def train(config, workdir: str, *, devices=None, amend: bool = False, restart: bool = False) -> dict:
+    """Train (or resume) the run in `workdir`; returns the summary written to workdir/summary.json.
+
+    `amend`: resume even though result-changing config fields differ from the run's record, recording the
+    changes in amendments.jsonl (ramjax/train/run_record.py). `restart`: when the workdir has checkpoints but
+    none restores, start over from step 0 instead of refusing (the old metrics.jsonl is kept beside it)."""
     wall_start = time.time()
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    _check_workdir(workdir)
     try:
         task = make_task(config)
         mesh = sharding.make_mesh(config.mesh, devices)
@@ -292,21 +277,36 @@ def train(config, workdir: str, *, devices=None) -> dict:
     # --- state: resume from the newest checkpoint, or initialise -------------------------------------------
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
                               every=config.train.checkpoint_every)
-    config_path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
     latest = checkpoints.latest_step()
+    run_record.check_and_record(workdir, current, step=latest or 0, amend=amend, write=is_main)
+    summary_path = os.path.join(workdir, "summary.json")
+    finished = _read_json(summary_path)
+    if finished is not None and latest == num_steps and finished.get("steps") == num_steps:
+        if is_main:
+            print(f"ramjax train: {workdir} already finished its {num_steps} steps; its summary is "
+                  f"{summary_path} (left as it was)")
+        checkpoints.close()
+        return finished
+    restored = None
     if latest is not None:
-        if os.path.exists(config_path):
-            with open(config_path) as f:
-                saved = json.load(f)
-            diffs = _model_differences(saved.get("model", {}), current["model"])
-            if diffs:
-                raise ConfigError(f"{workdir} holds a checkpoint of a different model ({'; '.join(diffs)}); use a "
-                                  "new --workdir, or the same model settings to resume")
         restored = checkpoints.restore_newest_good(_abstract_with_shardings(abstract_state, state_sh),
                                                    log=print if is_main else None)
-    else:
-        restored = None
+    corrupt = checkpoints.corrupt_dirs()
+    if restored is None and corrupt:  # checkpoints were written, and none restores
+        if not restart:
+            raise ConfigError(f"no checkpoint in {workdir}/checkpoints restores (moved aside: "
+                              f"{', '.join(corrupt)}); rerun with --restart to train from step 0 in this workdir, "
+                              "or use a new --workdir")
+        if is_main:
+            _move_aside(os.path.join(workdir, "metrics.jsonl"), "before-restart")
+            for name in corrupt:  # kept for inspection, out of the way of the next resume
+                os.makedirs(os.path.join(workdir, "corrupt-checkpoints"), exist_ok=True)
+                os.replace(os.path.join(workdir, "checkpoints", name),
+                           os.path.join(workdir, "corrupt-checkpoints", name))
+            print(f"ramjax train: --restart: no checkpoint restores; training {workdir} from step 0 (the "
+                  "earlier metrics.jsonl is kept as metrics.jsonl.before-restart-TIME, the checkpoints in "
+                  "corrupt-checkpoints/)")
     if restored is not None:
         state, meta = restored
         start = int(meta["step"])
@@ -316,13 +316,13 @@ def train(config, workdir: str, *, devices=None) -> dict:
         state = jax.jit(init_state, out_shardings=state_sh)()
         start = 0
     if is_main:
-        with open(config_path, "w") as f:
-            json.dump(current, f, indent=2)
+        if finished is not None:  # a finished run extended by --amend: its first summary stays on record
+            _move_aside(summary_path, f"steps{finished.get('steps')}")
         if hasattr(task, "tokenizer"):
             task.tokenizer.save(workdir)  # evaluation reads the text with the tokenizer training used
 
     # --- the loop ------------------------------------------------------------------------------------------
-    metrics_log = MetricsLog(workdir, enabled=is_main, resumed_from=start if start else None)
+    metrics_log = MetricsLog(workdir, enabled=is_main, resumed_from=start)
     batches = _Batches(batch_sh)
     t = config.train
     tokens_per_step = config.data.batch_size * (task.max_train_len if config.data.get("mixture", "pad") == "pad" else
@@ -462,8 +462,34 @@ def train(config, workdir: str, *, devices=None) -> dict:
     return summary
 
 
-def main(config, workdir: str | None = None) -> None:
+def _read_json(path: str):
+    """The JSON in `path`, or None if it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _move_aside(path: str, tag: str) -> None:
+    if os.path.exists(path):
+        os.replace(path, f"{path}.{tag}-{int(time.time())}")
+
+
+def _check_workdir(workdir: str) -> None:
+    """Creates the workdir, or says in one line why it cannot be used."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir}: exists and is not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--workdir {workdir}: cannot create it ({error.strerror})") from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {workdir}: not writable")
+
+
+def main(config, workdir: str | None = None, *, amend: bool = False, restart: bool = False) -> None:
     if not workdir:
         raise ConfigError("--workdir is required: the directory for checkpoints, metrics and the summary "
                           "(rerun with the same --workdir to resume)")
-    train(config, workdir)
+    train(config, workdir, amend=amend, restart=restart)
