@@ -16,46 +16,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sysconfig
 
 import tensorflow_datasets as tfds
 
-SUFFIXES = (".txt", ".jsonl", ".parquet", ".py")
-
-
-def default_corpus_dir() -> str:
-    """The standard library of the running Python."""
-    return sysconfig.get_paths()["stdlib"]
+from ramjax.data import corpus
+from ramjax.data.corpus import default_corpus_dir
 
 
 def list_documents(corpus_dir: str):
     """(identity, text) of every document under corpus_dir, in a fixed order."""
     corpus_dir = os.path.abspath(os.path.expanduser(corpus_dir))
-    if not os.path.isdir(corpus_dir):
-        raise ValueError(f"data.corpus_dir: {corpus_dir!r} is not a directory")
-    stdlib = corpus_dir == os.path.abspath(default_corpus_dir())
-    for root, dirs, files in os.walk(corpus_dir):
-        dirs.sort()
-        if stdlib:  # the standard library alone: not what pip installed next to it, not caches
-            dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__")]
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            relative = os.path.relpath(path, corpus_dir)
-            if name.endswith((".txt", ".py")):
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    yield relative, f.read()
-            elif name.endswith(".jsonl"):
-                with open(path, encoding="utf-8") as f:
-                    for number, line in enumerate(f):
-                        if line.strip():
-                            yield f"{relative}:{number}", json.loads(line)["text"]
-            elif name.endswith(".parquet"):
-                try:
-                    import pyarrow.parquet as pq
-                except ImportError:
-                    raise ValueError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
-                for number, text in enumerate(pq.read_table(path, columns=["text"]).column("text").to_pylist()):
-                    yield f"{relative}:{number}", text
+    for path in corpus.corpus_files(corpus_dir):
+        relative = os.path.relpath(path, corpus_dir)
+        if path.endswith((".txt", ".py")):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield relative, f.read()
+        elif path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f):
+                    if line.strip():
+                        yield f"{relative}:{number}", json.loads(line)["text"]
+        else:  # .parquet
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ValueError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
+            for number, text in enumerate(pq.read_table(path, columns=["text"]).column("text").to_pylist()):
+                yield f"{relative}:{number}", text
 
 
 def split_of(identity: str, validation_percent: float) -> str:
