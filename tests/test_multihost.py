@@ -64,7 +64,7 @@ RESTORE_SCRIPT = textwrap.dedent("""
         # Training goes on from the moved checkpoint, on this mesh.
         config.train.num_steps = 24
         config.train.checkpoint_every = 4
-        summary = train(config, sys.argv[2])
+        summary = train(config, sys.argv[2], amend=True)  # more steps: a deliberate, recorded change
         out["continued"] = dict(resumed_from=summary["resumed_from"], steps=summary["steps"])
     print("RESULTS" + json.dumps(out))
 """)
