@@ -36,6 +36,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.shapes import pad_axis
+
 # Updates whose log-decay is at or below this start a new segment (their predecessor's value is dropped).
 RESET_LOG_DECAY = -60.0
 
@@ -126,11 +128,8 @@ def blocked_recurrence(starts, ld_q, x_q, block: int):
     carried-in value [G, nb, D]); h = h_local + decay * carried-in."""
     g, n_upd, d = x_q.shape
     n_blocks = -(-n_upd // block)
-    pad = n_blocks * block - n_upd
-    if pad:  # padding events start segments of their own and add nothing
-        starts = jnp.pad(starts, ((0, 0), (0, pad)), constant_values=True)
-        ld_q = jnp.pad(ld_q, ((0, 0), (0, pad)))
-        x_q = jnp.pad(x_q, ((0, 0), (0, pad), (0, 0)))
+    total = n_blocks * block  # padding events start segments of their own and add nothing
+    starts, ld_q, x_q = pad_axis(starts, 1, total, True), pad_axis(ld_q, 1, total, 0.0), pad_axis(x_q, 1, total, 0.0)
     weights, carry_decay = block_weights(starts.reshape(g, n_blocks, block), ld_q.reshape(g, n_blocks, block))
     x_b = x_q.reshape(g, n_blocks, block, d)
     h_local = jnp.einsum("gbij,gbjd->gbid", weights, x_b, precision=jax.lax.Precision.HIGHEST)
