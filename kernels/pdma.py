@@ -14,6 +14,9 @@ written at t. The gradients of v, w and r are then local sums.
 Repeated indices in one token's write code act as one write with the summed weight (w_t is a scatter-add),
 matching ramjax's dense reference. The backward pass differentiates (grad_eps + (1 - grad_eps)(1 - w))^gamma in
 place of (1 - w)^gamma (RAM-Net's proxy); the forward pass is exact up to a floor of exp(-60) on the decay.
+
+Backend "sorted" has a forward and backward pass of its own (pdma_sorted.py: the adjoint of the slot-sorted
+recurrence, reusing the forward pass's sorts); `pdma` dispatches to it.
 """
 
 from __future__ import annotations
@@ -24,17 +27,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kernels.pdma_math import from_sequences, log_decay, merged_writes, proxy_derivative, to_sequences
+from kernels.pdma_sorted import pdma_sorted
 from kernels.sparse_scan import BACKENDS as SCAN_BACKENDS
 from kernels.sparse_scan import sparse_gated_scan
 from kernels.token_scan import token_scan
 
 # "token": the token scan (kernels/token_scan.py, GPUs); the others run the sparse gated scan of that name.
 BACKENDS = SCAN_BACKENDS + ("token",)
-
-# A full reset (w = 1) leaves exp(-60) ~ 1e-26 of the old value instead of 0: the chunk maths subtracts
-# log-decays, and -inf - -inf has no value.
-LOG_DECAY_FLOOR = -60.0
-
 
 class PDMAOptions(NamedTuple):
     num_slots: int
@@ -48,43 +48,6 @@ class PDMAOptions(NamedTuple):
     num_warps: int
     d_tile: int
     poison_output: bool
-
-
-def _to_sequences(x):
-    """[batch, time, heads, ...] -> [batch * heads, time, ...]."""
-    b, t, h = x.shape[:3]
-    return jnp.moveaxis(x, 2, 1).reshape(b * h, t, *x.shape[3:])
-
-
-def _from_sequences(x, batch: int):
-    g, t = x.shape[:2]
-    return jnp.moveaxis(x.reshape(batch, g // batch, t, *x.shape[2:]), 1, 2)
-
-
-def _merged_writes(write_idx, write_val):
-    """Per token, one event per distinct slot: (slot or -1, summed weight, same-slot matrix)."""
-    same = write_idx[..., :, None] == write_idx[..., None, :]
-    k = write_idx.shape[-1]
-    earlier = jnp.tril(jnp.ones((k, k), bool), -1)
-    first = ~jnp.any(same & earlier, axis=-1)
-    w_sum = jnp.einsum("...ij,...j->...i", same.astype(write_val.dtype), write_val)
-    return jnp.where(first, write_idx, -1), jnp.where(first, w_sum, 0.0), same
-
-
-def _log_decay(w, gamma):
-    if gamma == 0:
-        return jnp.zeros_like(w)
-    one_minus = jnp.maximum(1 - w, 0.0)
-    return jnp.maximum(gamma * jnp.log(jnp.maximum(one_minus, 1e-30)), LOG_DECAY_FLOOR)
-
-
-def _proxy_derivative(w, gamma, grad_eps):
-    """d/dw of (grad_eps + (1 - grad_eps)(1 - w))^gamma: the backward stand-in for d(1 - w)^gamma / dw."""
-    if gamma == 0:
-        return jnp.zeros_like(w)
-    base = grad_eps + (1 - grad_eps) * jnp.maximum(1 - w, 0.0)
-    power = base ** int(gamma - 1) if float(gamma - 1).is_integer() else base ** (gamma - 1)
-    return -gamma * (1 - grad_eps) * power
 
 
 def _scan(opts: PDMAOptions, backend: str, *args):
@@ -105,14 +68,14 @@ def _saved_dtype(v_dtype):
 def _forward(opts: PDMAOptions, read_idx, read_val, write_idx, write_val, v):
     batch, _, _, k = read_idx.shape
     d_v = v.shape[-1]
-    ri, rv, wi, wv, vs = (_to_sequences(x) for x in (read_idx, read_val, write_idx, write_val, v))
+    ri, rv, wi, wv, vs = (to_sequences(x) for x in (read_idx, read_val, write_idx, write_val, v))
     rv, wv = rv.astype(jnp.float32), wv.astype(jnp.float32)
-    slot, w, _ = _merged_writes(wi, wv)
-    log_decay = _log_decay(w, opts.gamma)
+    slot, w, _ = merged_writes(wi, wv)
+    ld = log_decay(w, opts.gamma)
     rows = jnp.concatenate([vs.astype(jnp.float32), jnp.ones_like(vs[..., :1], jnp.float32)], axis=-1)[:, :, None]
     next_slot = jnp.concatenate([slot[:, 1:], jnp.full_like(slot[:, :1], -1)], axis=1)
     init = jnp.zeros((d_v + 1,), jnp.float32).at[d_v].set(1.0 / opts.num_slots)
-    y = _scan(opts, opts.backend, slot, log_decay, w, jnp.zeros_like(slot), rows,
+    y = _scan(opts, opts.backend, slot, ld, w, jnp.zeros_like(slot), rows,
               jnp.concatenate([ri, next_slot], axis=-1), init)
     after = y[:, :, :k]  # [G, T, K, d_v + 1]: the read slots after the write
     inv_den = 1.0 / (after[..., d_v] + opts.eps)
@@ -121,8 +84,8 @@ def _forward(opts: PDMAOptions, read_idx, read_val, write_idx, write_val, v):
     # writes (so "before the write at t" is the saved row of t - 1: no shifted copy is made here).
     saved = _saved_dtype(v.dtype)
     states = (after[..., :d_v].astype(saved), after[..., d_v], y[:, :, k:, :d_v].astype(saved), y[:, :, k:, d_v])
-    residuals = (ri, rv, wi, wv, vs, slot, w, log_decay) + states
-    return _from_sequences(o, batch).astype(v.dtype), residuals
+    residuals = (ri, rv, wi, wv, vs, slot, w, ld) + states
+    return from_sequences(o, batch).astype(v.dtype), residuals
 
 
 def _decay_gradient(q_s, q_z, before_next, before_next_z, num_slots, time_axis):
@@ -143,7 +106,7 @@ def _backward(opts: PDMAOptions, batch, dtypes, residuals, g_o):
     ri, rv, wi, wv, vs, slot, w, log_decay, after, after_z, before_next, before_next_z = residuals
     d_v = vs.shape[-1]
     k = ri.shape[-1]
-    g = _to_sequences(g_o).astype(jnp.float32)
+    g = to_sequences(g_o).astype(jnp.float32)
     inv_den = 1.0 / (after_z + opts.eps)
     g_dot_s = jnp.einsum("gtd,gtkd->gtk", g, after.astype(jnp.float32))
     d_read_val = g_dot_s * inv_den
@@ -165,14 +128,14 @@ def _backward(opts: PDMAOptions, batch, dtypes, residuals, g_o):
     d_v_rows = jnp.einsum("gti,gtid->gtd", w, q_s)
     d_decay = _decay_gradient(q_s, q_z, before_next, before_next_z, opts.num_slots, time_axis=1)
     d_w = (jnp.einsum("gtid,gtd->gti", q_s, vs.astype(jnp.float32)) + q_z
-           + d_decay * _proxy_derivative(w, opts.gamma, opts.grad_eps))
+           + d_decay * proxy_derivative(w, opts.gamma, opts.grad_eps))
     d_w = jnp.where(slot >= 0, d_w, 0.0)
     # Repeated indices: every original event of a slot gets the merged event's gradient.
-    _, _, same = _merged_writes(wi, wv)
+    _, _, same = merged_writes(wi, wv)
     d_write_val = jnp.einsum("gtij,gtj->gti", same.astype(d_w.dtype), d_w)
     read_dtype, write_dtype, v_dtype = dtypes
-    return (None, _from_sequences(d_read_val, batch).astype(read_dtype), None,
-            _from_sequences(d_write_val, batch).astype(write_dtype), _from_sequences(d_v_rows, batch).astype(v_dtype))
+    return (None, from_sequences(d_read_val, batch).astype(read_dtype), None,
+            from_sequences(d_write_val, batch).astype(write_dtype), from_sequences(d_v_rows, batch).astype(v_dtype))
 
 
 def _columns(x):
@@ -189,13 +152,13 @@ def _forward_token(opts: PDMAOptions, read_idx, read_val, write_idx, write_val, 
     """The forward pass on the token scan: the writes are both its decay and its add events (rows v, scalars
     w for the normaliser); it reads the K read slots after each step and the K slots the next step writes."""
     batch, k = read_idx.shape[0], read_idx.shape[-1]
-    ri, rv, wi, wv = (_to_sequences(x) for x in (read_idx, read_val, write_idx, write_val))
+    ri, rv, wi, wv = (to_sequences(x) for x in (read_idx, read_val, write_idx, write_val))
     rv, wv = rv.astype(jnp.float32), wv.astype(jnp.float32)
-    vs = _to_sequences(v)
-    slot, w, _ = _merged_writes(wi, wv)
-    log_decay = _log_decay(w, opts.gamma)
+    vs = to_sequences(v)
+    slot, w, _ = merged_writes(wi, wv)
+    ld = log_decay(w, opts.gamma)
     next_slot = jnp.concatenate([slot[:, 1:], jnp.full_like(slot[:, :1], -1)], axis=1)
-    out, out_z = _token_scan(opts, _columns(slot), _columns(log_decay), _columns(slot), _columns(w), _columns(w), vs,
+    out, out_z = _token_scan(opts, _columns(slot), _columns(ld), _columns(slot), _columns(w), _columns(w), vs,
                              _columns(jnp.concatenate([ri, next_slot], axis=-1)),
                              jnp.zeros((vs.shape[-1],), jnp.float32), 1.0 / opts.num_slots, adds_are_decays=True)
     after, after_z = out[:, :k], out_z[:, :k]  # [G, K, T, d_v], [G, K, T]: the read slots after the write
@@ -204,7 +167,7 @@ def _forward_token(opts: PDMAOptions, read_idx, read_val, write_idx, write_val, 
     saved = _saved_dtype(v.dtype)  # the slots step t + 1 writes, before it writes: out[:, k:]
     residuals = (ri, rv, wi, wv, vs, slot, w, log_decay, after.astype(saved), after_z, out[:, k:].astype(saved),
                  out_z[:, k:])
-    return _from_sequences(o, batch).astype(v.dtype), residuals
+    return from_sequences(o, batch).astype(v.dtype), residuals
 
 
 def _backward_token(opts: PDMAOptions, batch, dtypes, residuals, g_o):
@@ -212,7 +175,7 @@ def _backward_token(opts: PDMAOptions, batch, dtypes, residuals, g_o):
     next step's writes, its add events the reads (row g_t, coefficient r / (z + eps), scalar
     -r (g_t . S) / (z + eps)^2), and it reads the adjoint at the slots written at t."""
     ri, rv, wi, wv, vs, slot, w, log_decay, after, after_z, before_next, before_next_z = residuals
-    g = _to_sequences(g_o).astype(jnp.float32)
+    g = to_sequences(g_o).astype(jnp.float32)
     inv_den = 1.0 / (after_z + opts.eps)  # [G, K, T]
     g_dot_s = jnp.einsum("gtd,gktd->gkt", g, after.astype(jnp.float32))
     rv_c = _columns(rv)
@@ -226,13 +189,13 @@ def _backward_token(opts: PDMAOptions, batch, dtypes, residuals, g_o):
     d_v_rows = jnp.einsum("gkt,gktd->gtd", w_c, q_s)
     d_decay = _decay_gradient(q_s, q_z, before_next, before_next_z, opts.num_slots, time_axis=2)
     d_w = (jnp.einsum("gktd,gtd->gkt", q_s, vs.astype(jnp.float32)) + q_z
-           + d_decay * _proxy_derivative(w_c, opts.gamma, opts.grad_eps))
+           + d_decay * proxy_derivative(w_c, opts.gamma, opts.grad_eps))
     d_w = jnp.swapaxes(jnp.where(_columns(slot) >= 0, d_w, 0.0), 1, 2)
-    _, _, same = _merged_writes(wi, wv)
+    _, _, same = merged_writes(wi, wv)
     d_write_val = jnp.einsum("gtij,gtj->gti", same.astype(d_w.dtype), d_w)
     read_dtype, write_dtype, v_dtype = dtypes
-    return (None, _from_sequences(d_read_val, batch).astype(read_dtype), None,
-            _from_sequences(d_write_val, batch).astype(write_dtype), _from_sequences(d_v_rows, batch).astype(v_dtype))
+    return (None, from_sequences(d_read_val, batch).astype(read_dtype), None,
+            from_sequences(d_write_val, batch).astype(write_dtype), from_sequences(d_v_rows, batch).astype(v_dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -259,7 +222,8 @@ _pdma.defvjp(_pdma_fwd, _pdma_bwd)
 
 def pdma(read_idx, read_val, write_idx, write_val, v, *, num_slots: int, gamma: float = 1.0, eps: float = 1e-6,
          grad_eps: float = 1e-3, backend: str = "triton", xla_backward: bool = False, chunk: int = 16,
-         interpret: bool = False, num_warps: int = 4, d_tile: int = 32, poison_output: bool = False) -> jax.Array:
+         interpret: bool = False, num_warps: int = 4, d_tile: int = 32, poison_output: bool = False,
+         block_kernel: bool = False) -> jax.Array:
     """PDMA read-out o `[batch, time, heads, d_v]` (v's dtype) from sparse codes, differentiable.
 
     Args:
@@ -267,12 +231,14 @@ def pdma(read_idx, read_val, write_idx, write_val, v, *, num_slots: int, gamma: 
       v: `[batch, time, heads, d_v]` values written (any float dtype; the state is fp32).
       num_slots: M; gamma: decay power >= 0; eps: added to the normaliser; grad_eps: the backward proxy's.
       backend: "token" (the token scan, GPU), "triton" (the sparse gated scan's GPU kernel), "tpu" or "xla"
-        (the sparse gated scan's chunked maths in jax.numpy).
+        (the sparse gated scan's chunked maths in jax.numpy), "sorted" (pdma_sorted.py: writes sorted by slot,
+        its own backward pass; `chunk` is its block of sorted events).
       xla_backward: run the backward scan with backend "xla" whatever `backend` is (for debugging a kernel;
         not for backend "token").
       chunk, num_warps, d_tile: kernel tiling (see sparse_scan.sparse_gated_scan).
       interpret: run the Pallas kernels in interpret mode (on any device, the CPU included).
       poison_output: NaN-fill the kernels' output buffers first (tests: an unwritten element shows).
+      block_kernel: backend "sorted" only: the in-block recurrence by its Pallas kernel (sorted_blocks.py).
 
     Indices are not checked here (ramjax.ops.ram_memory.pdma does): an index outside [0, M) is undefined.
     """
@@ -280,6 +246,11 @@ def pdma(read_idx, read_val, write_idx, write_val, v, *, num_slots: int, gamma: 
         raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
     if backend == "token" and xla_backward:
         raise ValueError("xla_backward: the token scan has its own backward pass; use it with another backend")
+    if backend == "sorted":
+        if xla_backward:
+            raise ValueError("xla_backward: the sorted backend has its own backward pass; use it with another backend")
+        return pdma_sorted(read_idx, read_val, write_idx, write_val, v, num_slots=num_slots, gamma=gamma, eps=eps,
+                           grad_eps=grad_eps, block=chunk, block_kernel=block_kernel, interpret=interpret)
     opts = PDMAOptions(int(num_slots), float(gamma), float(eps), float(grad_eps), backend,
                        "xla" if xla_backward else backend, int(chunk), bool(interpret), int(num_warps), int(d_tile),
                        bool(poison_output))

@@ -33,9 +33,12 @@ running sums c small, so exp(c[i] - c[j]) stays accurate in fp32.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from kernels import sorted_blocks
 from kernels.shapes import pad_axis
 
 # Updates whose log-decay is at or below this start a new segment (their predecessor's value is dropped).
@@ -72,7 +75,7 @@ def _carry_scan(decay, value):
     return jax.lax.associative_scan(combine, (decay, value), axis=1)[1]
 
 
-def _sort_by_slot(slots, num_slots: int):
+def sort_by_slot(slots, num_slots: int):
     """Per row of `slots` [G, N] (int32, num_slots = none): (sorted slots, event index) [G, N], stable.
 
     One flat sort of row * (M + 1) + slot where that fits in int32: XLA sorts a flat array with a radix sort on
@@ -96,7 +99,7 @@ def sorted_updates(upd_slot, upd_log_decay, upd_scale, upd_row, rows, init_row, 
     upd_valid = upd_slot >= 0
     # Invalid events (slot < 0) sort after every real slot, as slot M, and are never read.
     upd_key = jnp.where(upd_valid, upd_slot, num_slots).reshape(g, n_upd)
-    slot_q, event_q = _sort_by_slot(upd_key, num_slots)
+    slot_q, event_q = sort_by_slot(upd_key, num_slots)
     log_decay = jnp.where(upd_valid, _merge_step_decays(upd_slot, upd_log_decay), 0.0).reshape(g, n_upd)
     scale = jnp.where(upd_valid, upd_scale, 0.0).reshape(g, n_upd)
     row_index = (jnp.arange(t, dtype=jnp.int32)[:, None] * ru + upd_row).reshape(g, n_upd)
@@ -123,19 +126,41 @@ def block_weights(starts_b, ld_b):
     return weights, jnp.where(segment == 0, jnp.exp(c), 0.0)
 
 
-def blocked_recurrence(starts, ld_q, x_q, block: int):
+def blocked_recurrence(starts, ld_q, x_q, block: int, block_kernel: bool = False, interpret: bool = False):
     """The segmented recurrence in blocks: (h_local [G, nb, C, D], decay from the block start [G, nb, C],
-    carried-in value [G, nb, D]); h = h_local + decay * carried-in."""
+    carried-in value [G, nb, D]); h = h_local + decay * carried-in. `block_kernel`: the in-block part by the
+    Pallas kernel of sorted_blocks.py (GPUs; `interpret` runs it anywhere) instead of jax.numpy."""
     g, n_upd, d = x_q.shape
     n_blocks = -(-n_upd // block)
     total = n_blocks * block  # padding events start segments of their own and add nothing
     starts, ld_q, x_q = pad_axis(starts, 1, total, True), pad_axis(ld_q, 1, total, 0.0), pad_axis(x_q, 1, total, 0.0)
-    weights, carry_decay = block_weights(starts.reshape(g, n_blocks, block), ld_q.reshape(g, n_blocks, block))
-    x_b = x_q.reshape(g, n_blocks, block, d)
-    h_local = jnp.einsum("gbij,gbjd->gbid", weights, x_b, precision=jax.lax.Precision.HIGHEST)
+    if block_kernel:
+        h_local, carry_decay = sorted_blocks.block_values(starts, ld_q, x_q, block=block, interpret=interpret)
+    else:
+        weights, carry_decay = block_weights(starts.reshape(g, n_blocks, block), ld_q.reshape(g, n_blocks, block))
+        x_b = x_q.reshape(g, n_blocks, block, d)
+        h_local = jnp.einsum("gbij,gbjd->gbid", weights, x_b, precision=jax.lax.Precision.HIGHEST)
     carried = _carry_scan(carry_decay[..., -1], h_local[:, :, -1])  # value at each block's last event
     carried_in = jnp.concatenate([jnp.zeros_like(carried[:, :1]), carried[:, :-1]], axis=1)
     return h_local, carry_decay, carried_in
+
+
+def segmented_recurrence(starts, ld, x, block: int, block_kernel: bool = False, interpret: bool = False):
+    """h [G, N, D] with h[i] = exp(ld[i]) h[i - 1] + x[i], restarting from 0 where `starts` (ld must be 0 there);
+    the rest as `blocked_recurrence`."""
+    g, n, d = x.shape
+    h_local, carry_decay, carried_in = blocked_recurrence(starts, ld, x, block, block_kernel, interpret)
+    h = h_local + carry_decay[..., None] * carried_in[:, :, None, :]
+    return h.reshape(g, -1, d)[:, :n]
+
+
+def segmented_recurrence_reverse(next_starts, next_ld, x, block: int, block_kernel: bool = False,
+                                 interpret: bool = False):
+    """lam [G, N, D] with lam[i] = x[i] + exp(next_ld[i]) lam[i + 1] unless `next_starts[i]` (the segment ends
+    at i): the adjoint of `segmented_recurrence` when next_* are its starts and ld shifted by one event."""
+    flip = functools.partial(jnp.flip, axis=1)
+    return flip(segmented_recurrence(flip(next_starts), flip(jnp.where(next_starts, 0.0, next_ld)), flip(x), block,
+                                     block_kernel, interpret))
 
 
 def last_updates(upd_slot, read_slot, num_slots):
@@ -147,7 +172,7 @@ def last_updates(upd_slot, read_slot, num_slots):
     per_step = ku + kr
     keys = jnp.concatenate([jnp.where(upd_slot >= 0, upd_slot, num_slots),
                             jnp.where(read_slot >= 0, read_slot, num_slots)], axis=2)
-    _, event_all = _sort_by_slot(keys.reshape(g, t * per_step), num_slots)
+    _, event_all = sort_by_slot(keys.reshape(g, t * per_step), num_slots)
     is_update = (event_all % per_step) < ku
     last_update = jnp.cumsum(is_update.astype(jnp.int32), axis=1) - 1
     in_time_order = jnp.zeros_like(last_update).at[jnp.arange(g)[:, None], event_all].set(

@@ -185,7 +185,37 @@ def test_pdma_kernel_matches_dense_float64(backend, interpret, case):
         assert rel_rms(g, g_ref) < 1e-5, name
 
 
-@pytest.mark.parametrize("backend,interpret", PALLAS)
+@pytest.mark.parametrize("case", [PDMA_CASES[1], PDMA_CASES[3]], ids=["M16_g2", "M1024_T257"])
+def test_pdma_sorted_block_kernel_matches_dense_float64(case):
+    """Backend "sorted" with its in-block recurrence by the Pallas kernel (interpret mode, NaN-poisoned outputs)."""
+    batch, t, heads, k, m, d_v, gamma, repeats, _ = case
+    rng = np.random.default_rng(t + m)
+    codes = pdma_codes(rng, batch, t, heads, k, m, d_v, repeats)
+    cotangent = rng.normal(size=(batch, t, heads, d_v))
+    o_ref, grads_ref = reference(codes, m, gamma, cotangent)
+    o, grads = kernel_results(codes, m, gamma, cotangent, "sorted", True, chunk=16, block_kernel=True)
+    assert rel_rms(o, o_ref) < 1e-5
+    for name, g, g_ref in zip(("read_val", "write_val", "v"), grads, grads_ref):
+        assert rel_rms(g, g_ref) < 1e-5, name
+
+
+def test_sorted_block_kernel_matches_jax_numpy_blocks():
+    """kernels/sorted_blocks.py == sorted_scan.block_weights and the product; odd widths, resets, poisoned."""
+    from kernels import sorted_blocks, sorted_scan
+
+    rng = np.random.default_rng(11)
+    for g, n, d, block in ((2, 64, 5, 16), (1, 96, 65, 32), (3, 64, 1, 64)):
+        starts = jnp.asarray(rng.random((g, n)) < 0.2)
+        ld = jnp.where(starts, 0.0, -jnp.asarray(rng.exponential(0.3, (g, n)), jnp.float32))
+        x = jnp.asarray(rng.normal(size=(g, n, d)), jnp.float32)
+        h, decay = sorted_blocks.block_values(starts, ld, x, block=block, interpret=True, poison_output=True)
+        shape = (g, n // block, block)
+        weights, decay_ref = sorted_scan.block_weights(starts.reshape(shape), ld.reshape(shape))
+        h_ref = jnp.einsum("gbij,gbjd->gbid", weights, x.reshape(*shape, d), precision="highest")
+        assert rel_rms(h, h_ref) < 1e-6 and rel_rms(decay, decay_ref) < 1e-6
+
+
+@pytest.mark.parametrize("backend,interpret", PALLAS + [("sorted", False)])
 def test_pdma_kernel_bf16_values(backend, interpret):
     rng = np.random.default_rng(3)
     codes = pdma_codes(rng, 1, 63, 2, 8, 16, 64, repeats=True)
@@ -208,7 +238,8 @@ def test_pdma_kernel_xla_backward_flag_gives_the_same_gradients():
         assert rel_rms(a, b) < 1e-6
 
 
-def test_pdma_full_reset_and_saturated_repeats_stay_finite():
+@pytest.mark.parametrize("backend,interpret", [("triton", True), ("sorted", False)])
+def test_pdma_full_reset_and_saturated_repeats_stay_finite(backend, interpret):
     """w = 1 empties a slot (and repeats summing past 1 clip at 0): finite outputs and gradients."""
     t, k, m = 12, 2, 4
     read_idx = np.zeros((1, t, 1, k), np.int32)
@@ -219,7 +250,7 @@ def test_pdma_full_reset_and_saturated_repeats_stay_finite():
     codes = (read_idx, read_val, write_idx, write_val, v)
     cotangent = np.ones((1, t, 1, 8))
     o_ref, grads_ref = reference(codes, m, 1.0, cotangent)
-    o, grads = kernel_results(codes, m, 1.0, cotangent, "triton", True, chunk=4)
+    o, grads = kernel_results(codes, m, 1.0, cotangent, backend, interpret, chunk=4)
     assert rel_rms(o, o_ref) < 1e-5
     for g, g_ref in zip(grads, grads_ref):
         assert np.all(np.isfinite(g))

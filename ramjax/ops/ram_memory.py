@@ -194,6 +194,9 @@ def _pdma_pallas(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, 
 # Sorted update events per block (one [block, block] matrix product per block). Measured on an H200 at B=8 T=4096
 # H=16 (experiments/results/pdma_kernel_tuning.md): 16 / 32 / 64 / 128 -> 16.0 / 15.8 / 17.3 / 23.5 ms fwd+bwd.
 SCAN_BLOCK = 32
+# Platforms on which impl="scan" runs its in-block recurrence by the Pallas kernel (kernels/sorted_blocks.py,
+# Triton lowering) rather than jax.numpy.
+SCAN_BLOCK_KERNEL_PLATFORMS = ("gpu",)
 
 
 @_jit_with_static_hyper
@@ -201,7 +204,8 @@ def _pdma_scan(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, ep
     from kernels import pdma as kernel_pdma
 
     return kernel_pdma.pdma(read_idx, read_val, write_idx, write_val, v, num_slots=num_slots, gamma=gamma, eps=eps,
-                            grad_eps=grad_eps, backend="sorted", chunk=SCAN_BLOCK)
+                            grad_eps=grad_eps, backend="sorted", chunk=SCAN_BLOCK,
+                            block_kernel=jax.default_backend() in SCAN_BLOCK_KERNEL_PLATFORMS)
 
 
 _IMPL_FUNCTIONS = {"dense": _pdma_dense, "scan": _pdma_scan, "pallas": _pdma_pallas}
