@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--interpret", action="store_true", help="interpret mode (a smoke test off the GPU)")
     parser.add_argument("--results", default="experiments/results/pdma_kernel_tuning.md")
     args = parser.parse_args()
-    lines = ["| shape | backend | chunk | warps | d_tile | fwd ms | fwd+bwd ms | max rel RMS vs scan |",
+    lines = ["| shape | backend | chunk | warps | d_tile | fwd ms | fwd+bwd ms | max rel RMS vs reference |",
              "|---|---|---|---|---|---|---|---|"]
     for shape in args.shapes.split(","):
         batch, seq_len = map(int, shape.split("x"))

@@ -73,10 +73,8 @@ def _state_values(opts: SortedOptions, ev: _Events, vs):
     x_v = ev.w[..., None] * _take(vs, ev.token).astype(jnp.float32)
     # A slot's first write decays the initial row (0, 1 / M) before adding.
     x_z = ev.w + jnp.where(ev.follows, 0.0, a * init_z)
-    x = jnp.concatenate([x_v, x_z[..., None]], axis=-1)
-    h = sorted_scan.segmented_recurrence(ev.starts, jnp.where(ev.starts, 0.0, ev.log_decay), x, opts.block,
-                                         opts.block_kernel, opts.interpret)
-    return h[..., :-1], h[..., -1]
+    return sorted_scan.segmented_recurrence(ev.starts, jnp.where(ev.starts, 0.0, ev.log_decay), x_v, x_z,
+                                            opts.block, block_kernel=opts.block_kernel, interpret=opts.interpret)
 
 
 def _reads(opts, h_v, h_z, ev, q, read_idx):
@@ -127,15 +125,17 @@ def _backward(opts: SortedOptions, batch, residuals, g_o):
     # Each read's cotangent on the (S, z) it read, added onto the sorted write it read (none: the initial row).
     d_s = (rv32 * inv_den)[..., None] * gr[:, :, None, :]
     d_z = -rv32 * g_dot_s * inv_den**2
-    d_row = jnp.concatenate([d_s, d_z[..., None]], axis=-1).reshape(g, t * k, d_v + 1)
-    d_row = jnp.where(found[..., None], d_row, 0.0)
-    d_h = jnp.zeros((g, t * k, d_v + 1), jnp.float32).at[jnp.arange(g)[:, None], q_safe].add(d_row)
+    rows = jnp.arange(g)[:, None]
+    d_s = jnp.where(found[..., None], d_s.reshape(g, t * k, d_v), 0.0)
+    d_z = jnp.where(found, d_z.reshape(g, t * k), 0.0)
+    d_h_v = jnp.zeros((g, t * k, d_v), jnp.float32).at[rows, q_safe].add(d_s)
+    d_h_z = jnp.zeros((g, t * k), jnp.float32).at[rows, q_safe].add(d_z)
     # The adjoint runs each segment backwards: event i receives a[i + 1] lambda[i + 1] while i + 1 continues it.
-    next_starts = jnp.concatenate([ev.starts[:, 1:], jnp.ones((g, 1), bool)], axis=1)
+    ends = jnp.concatenate([ev.starts[:, 1:], jnp.ones((g, 1), bool)], axis=1)
     next_ld = jnp.concatenate([jnp.where(ev.starts, 0.0, ev.log_decay)[:, 1:], jnp.zeros((g, 1))], axis=1)
-    lam = sorted_scan.segmented_recurrence_reverse(next_starts, next_ld, d_h, opts.block, opts.block_kernel,
-                                                   opts.interpret)
-    lam_v, lam_z = lam[..., :d_v], lam[..., d_v]
+    lam_v, lam_z = sorted_scan.segmented_recurrence(ends, jnp.where(ends, 0.0, next_ld), d_h_v, d_h_z, opts.block,
+                                                    reverse=True, block_kernel=opts.block_kernel,
+                                                    interpret=opts.interpret)
     # d a: lambda . (the slot's value before the event): h[i - 1] of the same slot, else the initial row.
     before_v = jnp.concatenate([jnp.zeros_like(h_v[:, :1]), h_v[:, :-1]], axis=1)
     before_z = jnp.concatenate([jnp.zeros_like(h_z[:, :1]), h_z[:, :-1]], axis=1)
@@ -143,12 +143,12 @@ def _backward(opts: SortedOptions, batch, residuals, g_o):
     v_q = _take(vs, ev.token).astype(jnp.float32)
     d_w_sorted = (jnp.sum(lam_v * v_q, axis=-1) + lam_z
                   + d_a * proxy_derivative(ev.w, opts.gamma, opts.grad_eps))
-    # Back to token order: `order` is a permutation of the T K events.
-    rows = jnp.arange(g)[:, None]
-    d_w = jnp.zeros((g, t * k), jnp.float32).at[rows, order].set(d_w_sorted, unique_indices=True).reshape(g, t, k)
-    d_v_events = jnp.zeros((g, t * k, d_v), jnp.float32).at[rows, order].set(
-        ev.w[..., None] * lam_v, unique_indices=True)
-    d_v_rows = jnp.sum(d_v_events.reshape(g, t, k, d_v), axis=2)
+    # Back to token order: `order` is a permutation of the T K events; gathering by its inverse (int32) lets the
+    # per-token sums read the sorted rows directly.
+    position = jnp.zeros((g, t * k), jnp.int32).at[rows, order].set(
+        jnp.broadcast_to(jnp.arange(t * k, dtype=jnp.int32), (g, t * k)), unique_indices=True)
+    d_w = jnp.take_along_axis(d_w_sorted, position, axis=1).reshape(g, t, k)
+    d_v_rows = jnp.sum(_take(ev.w[..., None] * lam_v, position).reshape(g, t, k, d_v), axis=2)
     d_w = jnp.where(slot >= 0, d_w, 0.0)
     # Repeated indices: every original event of a slot gets the merged event's gradient.
     d_write_val = jnp.einsum("gtij,gtj->gti", same.astype(d_w.dtype), d_w)

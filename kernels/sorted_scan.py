@@ -126,41 +126,41 @@ def block_weights(starts_b, ld_b):
     return weights, jnp.where(segment == 0, jnp.exp(c), 0.0)
 
 
-def blocked_recurrence(starts, ld_q, x_q, block: int, block_kernel: bool = False, interpret: bool = False):
+def blocked_recurrence(starts, ld_q, x_q, block: int):
     """The segmented recurrence in blocks: (h_local [G, nb, C, D], decay from the block start [G, nb, C],
-    carried-in value [G, nb, D]); h = h_local + decay * carried-in. `block_kernel`: the in-block part by the
-    Pallas kernel of sorted_blocks.py (GPUs; `interpret` runs it anywhere) instead of jax.numpy."""
+    carried-in value [G, nb, D]); h = h_local + decay * carried-in."""
     g, n_upd, d = x_q.shape
     n_blocks = -(-n_upd // block)
     total = n_blocks * block  # padding events start segments of their own and add nothing
     starts, ld_q, x_q = pad_axis(starts, 1, total, True), pad_axis(ld_q, 1, total, 0.0), pad_axis(x_q, 1, total, 0.0)
-    if block_kernel:
-        h_local, carry_decay = sorted_blocks.block_values(starts, ld_q, x_q, block=block, interpret=interpret)
-    else:
-        weights, carry_decay = block_weights(starts.reshape(g, n_blocks, block), ld_q.reshape(g, n_blocks, block))
-        x_b = x_q.reshape(g, n_blocks, block, d)
-        h_local = jnp.einsum("gbij,gbjd->gbid", weights, x_b, precision=jax.lax.Precision.HIGHEST)
+    weights, carry_decay = block_weights(starts.reshape(g, n_blocks, block), ld_q.reshape(g, n_blocks, block))
+    x_b = x_q.reshape(g, n_blocks, block, d)
+    h_local = jnp.einsum("gbij,gbjd->gbid", weights, x_b, precision=jax.lax.Precision.HIGHEST)
     carried = _carry_scan(carry_decay[..., -1], h_local[:, :, -1])  # value at each block's last event
     carried_in = jnp.concatenate([jnp.zeros_like(carried[:, :1]), carried[:, :-1]], axis=1)
     return h_local, carry_decay, carried_in
 
 
-def segmented_recurrence(starts, ld, x, block: int, block_kernel: bool = False, interpret: bool = False):
-    """h [G, N, D] with h[i] = exp(ld[i]) h[i - 1] + x[i], restarting from 0 where `starts` (ld must be 0 there);
-    the rest as `blocked_recurrence`."""
-    g, n, d = x.shape
-    h_local, carry_decay, carried_in = blocked_recurrence(starts, ld, x, block, block_kernel, interpret)
-    h = h_local + carry_decay[..., None] * carried_in[:, :, None, :]
-    return h.reshape(g, -1, d)[:, :n]
-
-
-def segmented_recurrence_reverse(next_starts, next_ld, x, block: int, block_kernel: bool = False,
-                                 interpret: bool = False):
-    """lam [G, N, D] with lam[i] = x[i] + exp(next_ld[i]) lam[i + 1] unless `next_starts[i]` (the segment ends
-    at i): the adjoint of `segmented_recurrence` when next_* are its starts and ld shifted by one event."""
+def segmented_recurrence(starts, ld, x_v, x_z, block: int, *, reverse: bool = False, block_kernel: bool = False,
+                         interpret: bool = False):
+    """(h_v [G, N, D], h_z [G, N]) for rows x = [x_v, x_z]:
+        forward   h[i] = x[i] + exp(ld[i]) h[i - 1]      restarting from 0 where starts[i]
+        reverse   h[i] = x[i] + exp(ld[i]) h[i + 1]      unless starts[i] (the segment ends at i)
+    ld must be 0 where starts. `block_kernel`: by the Pallas kernel of sorted_blocks.py (GPUs; `interpret` runs it
+    anywhere; a power-of-2 block >= 16), else by `blocked_recurrence` in jax.numpy."""
+    if block_kernel:
+        return sorted_blocks.segmented_recurrence(starts, ld, x_v, x_z, block=block, reverse=reverse,
+                                                  interpret=interpret)
+    g, n, d = x_v.shape
     flip = functools.partial(jnp.flip, axis=1)
-    return flip(segmented_recurrence(flip(next_starts), flip(jnp.where(next_starts, 0.0, next_ld)), flip(x), block,
-                                     block_kernel, interpret))
+    x = jnp.concatenate([x_v, x_z[..., None]], axis=-1)
+    if reverse:
+        starts, ld, x = flip(starts), flip(ld), flip(x)
+    h_local, carry_decay, carried_in = blocked_recurrence(starts, ld, x, block)
+    h = (h_local + carry_decay[..., None] * carried_in[:, :, None, :]).reshape(g, -1, d + 1)[:, :n]
+    if reverse:
+        h = flip(h)
+    return h[..., :d], h[..., d]
 
 
 def last_updates(upd_slot, read_slot, num_slots):

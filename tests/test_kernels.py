@@ -199,20 +199,37 @@ def test_pdma_sorted_block_kernel_matches_dense_float64(case):
         assert rel_rms(g, g_ref) < 1e-5, name
 
 
-def test_sorted_block_kernel_matches_jax_numpy_blocks():
-    """kernels/sorted_blocks.py == sorted_scan.block_weights and the product; odd widths, resets, poisoned."""
+def _segmented_loop(starts, ld, x, reverse):
+    """The segmented recurrence one event at a time (numpy, float64)."""
+    h = np.zeros_like(x, np.float64)
+    for row in range(x.shape[0]):
+        order = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
+        prev = None
+        for i in order:
+            h[row, i] = x[row, i] + (0.0 if starts[row, i] or prev is None else np.exp(ld[row, i]) * h[row, prev])
+            prev = i
+    return h
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_sorted_block_kernel_matches_the_event_loop(reverse):
+    """kernels/sorted_blocks.py (interpret mode, NaN-poisoned outputs) and the jax.numpy blocks == an event loop;
+    odd lengths (padded), widths that are and are not powers of 2, resets."""
     from kernels import sorted_blocks, sorted_scan
 
-    rng = np.random.default_rng(11)
-    for g, n, d, block in ((2, 64, 5, 16), (1, 96, 65, 32), (3, 64, 1, 64)):
-        starts = jnp.asarray(rng.random((g, n)) < 0.2)
-        ld = jnp.where(starts, 0.0, -jnp.asarray(rng.exponential(0.3, (g, n)), jnp.float32))
-        x = jnp.asarray(rng.normal(size=(g, n, d)), jnp.float32)
-        h, decay = sorted_blocks.block_values(starts, ld, x, block=block, interpret=True, poison_output=True)
-        shape = (g, n // block, block)
-        weights, decay_ref = sorted_scan.block_weights(starts.reshape(shape), ld.reshape(shape))
-        h_ref = jnp.einsum("gbij,gbjd->gbid", weights, x.reshape(*shape, d), precision="highest")
-        assert rel_rms(h, h_ref) < 1e-6 and rel_rms(decay, decay_ref) < 1e-6
+    rng = np.random.default_rng(11 + reverse)
+    for g, n, d, block in ((2, 61, 5, 16), (1, 96, 64, 32), (3, 50, 1, 64)):
+        starts = rng.random((g, n)) < 0.2
+        ld = np.where(starts, 0.0, -rng.exponential(0.3, (g, n))).astype(np.float32)
+        x = rng.normal(size=(g, n, d + 1)).astype(np.float32)
+        # In reverse, starts[i] ends the segment at i; the loop's "starts" is the same flag.
+        expected = _segmented_loop(starts, ld, x, reverse)
+        args = (jnp.asarray(starts), jnp.asarray(ld), jnp.asarray(x[..., :d]), jnp.asarray(x[..., d]))
+        h_v, h_z = sorted_blocks.segmented_recurrence(*args, block=block, reverse=reverse, interpret=True,
+                                                      poison_output=True)
+        assert rel_rms(h_v, expected[..., :d]) < 1e-6 and rel_rms(h_z, expected[..., d]) < 1e-6
+        j_v, j_z = sorted_scan.segmented_recurrence(*args, block=block, reverse=reverse)
+        assert rel_rms(j_v, expected[..., :d]) < 1e-6 and rel_rms(j_z, expected[..., d]) < 1e-6
 
 
 @pytest.mark.parametrize("backend,interpret", PALLAS + [("sorted", False)])

@@ -191,11 +191,14 @@ def _pdma_pallas(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, 
 # ----------------------------------------------------------------------------------------------------------
 # impl="scan": the sorted-event scan of the kernels package (plain jax.numpy, any backend).
 
-# Sorted update events per block (one [block, block] matrix product per block). Measured on an H200 at B=8 T=4096
-# H=16 (experiments/results/pdma_kernel_tuning.md): 16 / 32 / 64 / 128 -> 16.0 / 15.8 / 17.3 / 23.5 ms fwd+bwd.
+# Sorted write events per block (one [block, block] matrix product per block), chosen on an H200 at B=8 T=4096
+# H=16, fwd+bwd (experiments/results/pdma_kernel_tuning.md): in jax.numpy 16 / 32 / 64 / 128 -> 16.0 / 15.8 /
+# 17.3 / 23.5 ms (2026-11-30); with the Pallas block kernel 16 / 32 / 64 -> 8.2 / 10.2 / 116 ms (2026-12-01; at 64
+# the kernel's [64, 64] weights spill).
 SCAN_BLOCK = 32
-# Platforms on which impl="scan" runs its in-block recurrence by the Pallas kernel (kernels/sorted_blocks.py,
-# Triton lowering) rather than jax.numpy.
+SCAN_KERNEL_BLOCK = 16
+# Platforms on which impl="scan" runs its blocks by the Pallas kernel (kernels/sorted_blocks.py, Triton lowering)
+# rather than jax.numpy.
 SCAN_BLOCK_KERNEL_PLATFORMS = ("gpu",)
 
 
@@ -203,9 +206,10 @@ SCAN_BLOCK_KERNEL_PLATFORMS = ("gpu",)
 def _pdma_scan(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps):
     from kernels import pdma as kernel_pdma
 
+    kernel = jax.default_backend() in SCAN_BLOCK_KERNEL_PLATFORMS
     return kernel_pdma.pdma(read_idx, read_val, write_idx, write_val, v, num_slots=num_slots, gamma=gamma, eps=eps,
-                            grad_eps=grad_eps, backend="sorted", chunk=SCAN_BLOCK,
-                            block_kernel=jax.default_backend() in SCAN_BLOCK_KERNEL_PLATFORMS)
+                            grad_eps=grad_eps, backend="sorted", chunk=SCAN_KERNEL_BLOCK if kernel else SCAN_BLOCK,
+                            block_kernel=kernel)
 
 
 _IMPL_FUNCTIONS = {"dense": _pdma_dense, "scan": _pdma_scan, "pallas": _pdma_pallas}
