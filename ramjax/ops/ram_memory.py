@@ -11,11 +11,12 @@ The addresses arrive sparse, as K (index, value) pairs per token. Repeated indic
 
 Implementations (`impl=`):
   dense  the reference: materialises the M slots and runs the recurrence with `jax.lax.scan`.
-  scan   never materialises M: sorts the write and read events by slot (stably, so time order holds within a
+  scan   never materialises M: sorts each sequence's write events by slot (stably, so time order holds within a
          slot) and runs each slot's recurrence as one segmented recurrence over the sorted events, in blocks
-         (one small matrix product per block, then a scan over blocks: `kernels.sorted_scan`). The backward
-         pass is the same scan backwards in time (`kernels.pdma`, backend "sorted"). Parallel over time, plain
-         XLA, memory O(T * K * d_v) independent of M.
+         (one small matrix product per block, then a scan over blocks; on GPUs the blocks run in a Pallas
+         kernel); a second sort finds the write each read sees. The backward pass is the adjoint of that
+         computation and reuses its sorts (`kernels.pdma_sorted`). Parallel over time, memory O(T * K * d_v)
+         independent of M.
   pallas the Pallas kernels of `kernels.pdma` (a chunked Triton kernel on GPUs, a Mosaic kernel on TPUs, the
          Triton kernel in interpret mode elsewhere), forward and backward. Memory O(T * K * d_v) plus the
          M x d_v state per (batch, head), which the kernel touches only at the K slots of each token.
