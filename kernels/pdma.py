@@ -103,7 +103,7 @@ def _decay_gradient(q_s, q_z, before_next, before_next_z, num_slots, time_axis):
 
 
 def _backward(opts: PDMAOptions, batch, dtypes, residuals, g_o):
-    ri, rv, wi, wv, vs, slot, w, log_decay, after, after_z, before_next, before_next_z = residuals
+    ri, rv, wi, wv, vs, slot, w, ld, after, after_z, before_next, before_next_z = residuals
     d_v = vs.shape[-1]
     k = ri.shape[-1]
     g = to_sequences(g_o).astype(jnp.float32)
@@ -114,7 +114,7 @@ def _backward(opts: PDMAOptions, batch, dtypes, residuals, g_o):
     add_rows = jnp.concatenate([(rv * inv_den)[..., None] * g[:, :, None, :],
                                 (-rv * g_dot_s * inv_den**2)[..., None]], axis=-1)
     next_slot = jnp.concatenate([slot[:, 1:], jnp.full_like(slot[:, :1], -1)], axis=1)
-    next_decay = jnp.concatenate([log_decay[:, 1:], jnp.zeros_like(log_decay[:, :1])], axis=1)
+    next_decay = jnp.concatenate([ld[:, 1:], jnp.zeros_like(ld[:, :1])], axis=1)
     upd_slot = jnp.concatenate([ri, next_slot], axis=-1)
     upd_log_decay = jnp.concatenate([jnp.zeros_like(rv), next_decay], axis=-1)
     upd_scale = jnp.concatenate([jnp.ones_like(rv), jnp.zeros_like(next_decay)], axis=-1)
@@ -165,7 +165,7 @@ def _forward_token(opts: PDMAOptions, read_idx, read_val, write_idx, write_val, 
     inv_den = 1.0 / (after_z + opts.eps)
     o = jnp.einsum("gkt,gktd->gtd", _columns(rv) * inv_den, after)
     saved = _saved_dtype(v.dtype)  # the slots step t + 1 writes, before it writes: out[:, k:]
-    residuals = (ri, rv, wi, wv, vs, slot, w, log_decay, after.astype(saved), after_z, out[:, k:].astype(saved),
+    residuals = (ri, rv, wi, wv, vs, slot, w, ld, after.astype(saved), after_z, out[:, k:].astype(saved),
                  out_z[:, k:])
     return from_sequences(o, batch).astype(v.dtype), residuals
 
@@ -174,14 +174,14 @@ def _backward_token(opts: PDMAOptions, batch, dtypes, residuals, g_o):
     """The backward pass: one token scan over reversed time on the adjoint of (S, z). Its decay events are the
     next step's writes, its add events the reads (row g_t, coefficient r / (z + eps), scalar
     -r (g_t . S) / (z + eps)^2), and it reads the adjoint at the slots written at t."""
-    ri, rv, wi, wv, vs, slot, w, log_decay, after, after_z, before_next, before_next_z = residuals
+    ri, rv, wi, wv, vs, slot, w, ld, after, after_z, before_next, before_next_z = residuals
     g = to_sequences(g_o).astype(jnp.float32)
     inv_den = 1.0 / (after_z + opts.eps)  # [G, K, T]
     g_dot_s = jnp.einsum("gtd,gktd->gkt", g, after.astype(jnp.float32))
     rv_c = _columns(rv)
     d_read_val = jnp.swapaxes(g_dot_s * inv_den, 1, 2)
     next_slot = jnp.concatenate([slot[:, 1:], jnp.full_like(slot[:, :1], -1)], axis=1)
-    next_decay = jnp.concatenate([log_decay[:, 1:], jnp.zeros_like(log_decay[:, :1])], axis=1)
+    next_decay = jnp.concatenate([ld[:, 1:], jnp.zeros_like(ld[:, :1])], axis=1)
     q_s, q_z = _token_scan(opts, _columns(next_slot), _columns(next_decay), _columns(ri), rv_c * inv_den,
                            -rv_c * g_dot_s * inv_den**2, g, _columns(slot), jnp.zeros((g.shape[-1],), jnp.float32),
                            0.0, reverse=True)  # adjoint of (S_t, z_t) at the slots written at t: [G, K, T, ...]
