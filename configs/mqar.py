@@ -4,16 +4,21 @@
   ramjax train --config configs/mqar.py:ramnet --workdir runs/ramnet         # d_model 128, 2 layers, the 7-setting suite
   ramjax train --config configs/mqar.py:gla,cpu --workdir runs/gla_cpu       # any model variant + the cpu sizes
   ramjax train --config configs/mqar.py:loglinear_mlp_softplus --workdir runs/ll --config.model.num_heads=4
+  ramjax train --config configs/mqar.py:ramnet,fig4 --workdir runs/fig4   # the small Figure-4 regime (GPU: minutes)
 
 Model variants: ramnet, transformer, gla, mamba2, gated_deltanet, loglinear (= loglinear_mlp_softplus),
 loglinear_fixed, loglinear_linear, loglinear_mlp_softplus, loglinear_mlp_softmax (the log-linear base is
-model.loglinear.base: mamba2 or gated_deltanet). Size modifier: cpu. Settings are "kv:length" lists.
+model.loglinear.base: mamba2 or gated_deltanet). Size modifiers: cpu; fig4 (the cpu sizes with vocabulary 512,
+training on kv 4-32 and evaluating up to kv 64 / length 256 for 1000 steps, RAM-Net at M = 1024 (U 5, d_p 4),
+K 8, d_v 64: the regime of experiments/sweeps/fig4_ramnet_ablations.py and topk_method.py). Settings are
+"kv:length" lists.
 """
 
 import ml_collections
 
 MODEL_VARIANTS = ("ramnet", "transformer", "gla", "mamba2", "gated_deltanet", "loglinear", "loglinear_fixed",
                   "loglinear_linear", "loglinear_mlp_softplus", "loglinear_mlp_softmax")
+SIZE_MODIFIERS = ("cpu", "fig4")
 # The RAM-Net paper's evaluation suite (kv pairs, length).
 SUITE = "4:64,8:64,16:64,32:128,64:256,128:512,256:1024"
 
@@ -92,10 +97,10 @@ def model_config() -> ml_collections.ConfigDict:
 
 def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
     parts = [p.strip() for p in (variant or "ramnet").split(",") if p.strip()]
-    unknown = [p for p in parts if p not in MODEL_VARIANTS + ("cpu",)]
+    unknown = [p for p in parts if p not in MODEL_VARIANTS + SIZE_MODIFIERS]
     if unknown:
         raise ValueError(f"configs/mqar.py: unknown variant {unknown[0]!r}; model variants {MODEL_VARIANTS}, "
-                         f"size modifier 'cpu' (combine with a comma, e.g. 'gla,cpu')")
+                         f"size modifiers {SIZE_MODIFIERS} (combine with a comma, e.g. 'gla,cpu')")
     models = [p for p in parts if p in MODEL_VARIANTS] or ["ramnet"]
     if len(models) > 1:
         raise ValueError(f"configs/mqar.py: one model variant at a time, got {models}")
@@ -175,7 +180,7 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
     else:
         m.pattern = model
 
-    if "cpu" in parts:
+    if "cpu" in parts or "fig4" in parts:
         # Small enough that the whole run (install included) takes minutes on 2 CPU cores.
         config.data.batch_size = 64
         config.data.vocab_size = m.vocab_size = 256
@@ -195,4 +200,13 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
         config.train.checkpoint_every = 250
         config.optim.warmup_steps = 100
         config.optim.learning_rate = 1e-2
+    if "fig4" in parts:
+        # The small Figure-4 regime (experiments/results/fig4_ramnet_ablations.md), at the memory issue 16 is about.
+        config.data.vocab_size = m.vocab_size = 512
+        config.data.train_settings = "4:64,8:64,16:64,32:128"
+        config.data.eval_settings = "4:64,8:64,16:64,32:128,64:256"
+        m.ramnet.num_factors, m.ramnet.factor_size, m.ramnet.top_k, m.ramnet.d_v = 5, 4, 8, 64
+        config.train.num_steps = 1000
+        config.train.eval_every = 500
+        config.train.checkpoint_every = 500
     return config

@@ -221,11 +221,13 @@ def test_bf16_inputs_give_bf16_outputs(op, gate):
     assert o_t.dtype == jnp.bfloat16 and state_t.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("gate", ["scalar", "vector"])
-def test_chunked_gla_multiplies_bf16_operands_with_float32_accumulation(gate):
+@pytest.mark.parametrize("gate,chunk_size", [("scalar", 16), ("vector", 16), ("vector", 32)])
+def test_chunked_gla_multiplies_bf16_operands_with_float32_accumulation(gate, chunk_size):
+    """(Chunk 32 with the vector gate takes the sub-chunk path: its products between sub-chunks too.)"""
     inputs, state = random_inputs(17, 37, op="gla", gate=gate)
     low = tuple(a.astype(jnp.bfloat16) for a in inputs)
-    dots = matmul_dtypes(lambda *a: OPS["gla"](*a, impl="chunked", chunk_size=16, initial_state=state), *low)
+    dots = matmul_dtypes(lambda *a: OPS["gla"](*a, impl="chunked", chunk_size=chunk_size, initial_state=state),
+                         *low)
     bf16 = [d for d in dots if d[0] == ("bfloat16", "bfloat16")]
     assert all(out == "float32" for _, out in bf16)
     # scores x v, each chunk's k^T v and q x state, and q k^T (for the vector gate an elementwise product)

@@ -48,6 +48,7 @@ class GLAMixer(nnx.Module):
         v = self.v_proj(x).reshape(split)
         logits = self.decay_up(self.decay_down(x)).astype(jnp.float32)
         log_decay = (jax.nn.log_sigmoid(logits) / self.gate_normaliser).reshape(split)
-        o = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size)
+        with jax.named_scope("op"):  # names the op's share in profiles (experiments/profile_train_step.py)
+            o = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size)
         o = self.norm(o, self.gate_proj(x).reshape(o.shape))
         return self.o_proj(o.reshape(batch, seq_len, -1))

@@ -106,8 +106,9 @@ class RAMNetMixer(nnx.Module):
         k = k.reshape(batch, seq_len, self.num_heads, self.d_k) * scale.astype(x.dtype)
         decode = functools.partial(ops.product_topk, num_factors=self.num_factors, top_k=self.active_top_k,
                                    impl=self.decoder_impl, sharding=self.kernel_sharding)
-        read_idx, read_val = decode(q)
-        write_idx, write_val = decode(k)
+        with jax.named_scope("decoder"):  # names its share in profiles (experiments/profile_train_step.py)
+            read_idx, read_val = decode(q)
+            write_idx, write_val = decode(k)
         shifted = self.cape_heads[...][None, None, :, None]
         position = positions.astype(jnp.int32)[:, :, None, None]
         read_idx = jnp.where(shifted, ops.cape_shift(read_idx, position, self.num_slots), read_idx)
@@ -118,8 +119,9 @@ class RAMNetMixer(nnx.Module):
         batch, seq_len, _ = x.shape
         (read_idx, read_val), (write_idx, write_val) = self.addresses(x, positions)
         v = self._project(2, self.v_proj, x).reshape(batch, seq_len, self.num_heads, self.d_v)
-        o = ops.pdma(read_idx, read_val, write_idx, write_val, v, num_slots=self.num_slots, gamma=self.gamma,
-                     eps=self.eps, grad_eps=self.grad_eps, impl=self.impl, sharding=self.kernel_sharding)
+        with jax.named_scope("op"):
+            o = ops.pdma(read_idx, read_val, write_idx, write_val, v, num_slots=self.num_slots, gamma=self.gamma,
+                         eps=self.eps, grad_eps=self.grad_eps, impl=self.impl, sharding=self.kernel_sharding)
         if self.gate_proj is not None:
             o = self.out_norm(o, self.gate_proj(x).reshape(o.shape))
         elif self.out_norm is not None:

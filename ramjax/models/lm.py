@@ -42,13 +42,17 @@ class Block(nnx.Module):
     def __init__(self, kind: str, cfg, cape_heads, *, rngs: nnx.Rngs):
         dtype = compute_dtype(cfg)
         self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.kind = kind
         self.mixer = make_mixer(kind, cfg, cape_heads, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, mlp_hidden(cfg), dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        x = x + self.mixer(self.mixer_norm(x), positions)
-        return x + self.mlp(self.mlp_norm(x))
+        # Scopes name each part's share of the step in profiles (experiments/profile_train_step.py).
+        with jax.named_scope(f"mixer_{self.kind}"):
+            x = x + self.mixer(self.mixer_norm(x), positions)
+        with jax.named_scope("mlp"):
+            return x + self.mlp(self.mlp_norm(x))
 
     def with_addresses(self, x: jax.Array, positions: jax.Array):
         """(this block's output, the RAM-Net mixer's read and write codes, or None for other mixers)."""

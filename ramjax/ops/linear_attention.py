@@ -180,6 +180,39 @@ def _causal_scores(q, k, a, *, exact: bool, operand_dtype=None):
     return jnp.einsum("...tk,...sk,...tsk->...ts", q, k, decay)
 
 
+# Per-dimension gates inside a chunk: sub-chunks of this many tokens (when the chunk splits into several), so that
+# only [SUB, SUB, d_k] decay tensors are formed (see `_subchunk_scores`).
+GLA_SUBCHUNK = 16
+
+
+def _subchunk_scores(q, k, a, sub: int, operand_dtype=None):
+    """`_causal_scores` for a per-dimension gate, without the [C, C, d_k] decay tensor (as fla's chunk_gla).
+
+    The chunk's C tokens split into n = C / sub sub-chunks. With A the in-chunk cumulative log-decay, for t in
+    sub-chunk i and s in an earlier sub-chunk j the decay exp(A_t - A_s) factors into three terms that are each
+    <= 1: exp(A_t - E_{i-1}) on the query, exp(E_{i-1} - E_j) between sub-chunks and exp(E_j - A_s) on the key
+    (E_j: A at the last token of sub-chunk j). So the off-diagonal blocks are matrix products of decayed q and
+    k, with an [n, n, d_k] decay between them; the diagonal blocks use `_causal_scores` on [sub, sub, d_k].
+    """
+    lead, size = q.shape[:-2], q.shape[-2]
+    n = size // sub
+    blocks = lambda x: x.reshape(*lead, n, sub, x.shape[-1])  # noqa: E731
+    qb, kb, ab = blocks(q), blocks(k), blocks(a)
+    cum = jnp.cumsum(a, axis=-2)  # A, inclusive, [..., C, dk]
+    ends = blocks(cum)[..., -1, :]  # E_j [..., n, dk]
+    before = jnp.concatenate([jnp.zeros_like(ends[..., :1, :]), ends[..., :-1, :]], axis=-2)  # E_{i-1}, E_{-1} = 0
+    q_decayed = qb * jnp.exp(blocks(cum) - before[..., :, None, :])
+    k_decayed = kb * jnp.exp(ends[..., :, None, :] - blocks(cum))
+    earlier = np.tril(np.ones((n, n), bool), -1)[:, :, None]  # [i, j]: j < i
+    between = jnp.exp(jnp.where(earlier, before[..., :, None, :] - ends[..., None, :, :], -jnp.inf))  # [.., i, j, dk]
+    off = precision.matmul("...ijtk,...jsk->...ijts", q_decayed[..., :, None, :, :] * between[..., :, :, None, :],
+                           k_decayed, operand_dtype)  # [..., i, j, t, s]; 0 for j >= i
+    diagonal = _causal_scores(qb, kb, ab, exact=False)  # [..., n, sub, sub]
+    same = np.eye(n, dtype=bool)[:, :, None, None]
+    scores = jnp.where(same, diagonal[..., :, None, :, :], off)
+    return jnp.swapaxes(scores, -3, -2).reshape(*lead, size, size)
+
+
 def _gla_dense(q, k, v, a, state):
     o = _causal_scores(q, k, a, exact=True) @ v
     final = jnp.einsum("bhtk,bhtv->bhkv", jnp.exp(_log_decay_to_end(a)) * k, v)
@@ -223,7 +256,10 @@ def _gla_chunked(q, k, v, a, state, chunk_size, operand_dtype=None):
     # Inside each chunk.
     # Exact segment sums cost a pass over [C, C, D]: next to nothing for the scalar gate (Mamba-2's decays can
     # be strong), about the time of the rest of the chunk for the per-dimension one (GLA's are mild), on CPU.
-    scores = _causal_scores(qc, kc, ac, exact=a.shape[-1] == 1, operand_dtype=operand_dtype)
+    if a.shape[-1] > 1 and chunk_size > GLA_SUBCHUNK and chunk_size % GLA_SUBCHUNK == 0:
+        scores = _subchunk_scores(qc, kc, ac, GLA_SUBCHUNK, operand_dtype)
+    else:
+        scores = _causal_scores(qc, kc, ac, exact=a.shape[-1] == 1, operand_dtype=operand_dtype)
     o = precision.matmul("bhnts,bhnsv->bhntv", scores, vc, operand_dtype)
 
     # Between chunks: keys decayed to the chunk's end, queries from its start; both factors <= 1.

@@ -1,0 +1,170 @@
+"""Where a model's train step spends its time: a profiler trace of the step, summed per XLA op and per source
+scope (the layer and the function each op came from).
+
+  python experiments/profile_train_step.py --only gla,mamba2 --shape 4096x8
+  python experiments/profile_train_step.py --config configs/bench_models.py:cpu --only gla --shape 64x2   # CPU
+
+The models and overrides are those of experiments/bench_models.py (same config file, same --only names and
+--set items). Per variant: compile the train step, warm it up, trace --steps steps with `jax.profiler`
+(perfetto trace), then sum the device time of every XLA op (the events carry the HLO op name) and map each op to
+the `op_name` metadata of its HLO instruction (the jax source path: module, function, primitive). Prints and
+appends to --results, with device, versions, date and command: the step time, the traced device time, the
+--top ops, and the time per scope (the op_name cut to --depth path components, transformations dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import shlex
+import sys
+import tempfile
+import time
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_models import model_config, random_batch, select_variants  # noqa: E402
+from ramjax import timing  # noqa: E402
+from ramjax.config_files import load_config  # noqa: E402
+from ramjax.train.trainer import train_setup  # noqa: E402
+
+# jax transformation wrappers in op_name paths: "jvp(LanguageModel)" -> "LanguageModel"
+_WRAPPER = re.compile(r"^(?:jit|jvp|transpose|vmap|remat|checkpoint|pjit|custom_vjp_call|custom_jvp_call|"
+                      r"shard_map|while|scan|cond|body|rematted_computation)\((.*)\)$")
+
+
+# HLO ops whose events contain other ops' events (on the CPU, where the host runs the loops).
+_CONTAINERS = ("while", "conditional", "call")
+
+
+# op_name components that only say "inside a loop" (the scan over layers, a chunk scan).
+_CONTROL = ("while", "body", "cond", "closed_call", "checkpoint", "remat")
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> its op_name metadata (the jax source path), from the compiled module's text. A
+    fusion's name maps to the op_name of its root, as XLA copies it."""
+    names = {}
+    for match in re.finditer(r"%?([\w.\-]+) = [^\n]*?metadata=\{[^}]*?op_name=\"([^\"]*)\"", hlo_text):
+        names[match.group(1)] = match.group(2)
+    return names
+
+
+def scope(op_name: str, depth: int) -> str:
+    """op_name cut to `depth` components, with jit(...)/jvp(...) wrappers unwrapped and the train step's own
+    jit dropped; the last component (the primitive) is kept only when the path is shorter."""
+    parts = []
+    for part in op_name.split("/"):
+        while (m := _WRAPPER.match(part)) is not None:
+            part = m.group(1)
+        if part and not part.startswith("train_step") and part not in _CONTROL:
+            parts.append(part)
+    return "/".join(parts[:depth]) or "(no source path)"
+
+
+def device_events(trace_dir: str) -> list[dict]:
+    """The complete ('X') events of XLA ops on the accelerator (the host's, on a CPU-only machine)."""
+    paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise SystemExit(f"profile_train_step: no perfetto trace under {trace_dir}")
+    with gzip.open(max(paths, key=os.path.getmtime)) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes = {e["pid"]: e["args"].get("name", "") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    accelerators = {pid for pid, name in processes.items() if "GPU" in name or "TPU" in name}
+    keep = accelerators or set(processes)
+    return [e for e in events if e.get("ph") == "X" and e.get("pid") in keep and "hlo_op" in e.get("args", {})]
+
+
+def profile(config, seq_len, batch, args) -> dict:
+    config.data.seq_len, config.data.batch_size = seq_len, batch
+    setup = train_setup(config, devices=jax.devices()[:1])
+    data = random_batch(seq_len, batch, config.data.vocab_size, 0, setup.batch_sharding)
+    abstract_batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for name, x in data.items()}
+    compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_rest, abstract_batch).compile()
+    names = hlo_op_names(compiled.as_text())
+    state, rest = setup.init_state(), setup.init_rest()
+    for _ in range(2):
+        state, metrics = compiled(state, rest, data)
+        jax.block_until_ready((state, metrics))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = compiled(state, rest, data)
+            jax.block_until_ready((state, metrics))
+        step_ms = 1e3 * (time.perf_counter() - start) / args.steps
+        jax.profiler.stop_trace()
+        events = device_events(trace_dir)
+    per_op, per_scope, per_part = collections.Counter(), collections.Counter(), collections.Counter()
+    for e in events:
+        op = e["args"]["hlo_op"]
+        if op.split(".")[0] in _CONTAINERS:  # (the CPU's events nest: a loop spans its body's ops)
+            continue
+        us = float(e.get("dur", 0.0)) / args.steps
+        per_op[op] += us
+        per_scope[scope(names.get(op, ""), args.depth)] += us
+        per_part[scope(names.get(op, ""), 2)] += us
+    return {"step_ms": step_ms, "device_ms": sum(per_op.values()) / 1e3, "per_op": per_op, "per_scope": per_scope,
+            "per_part": per_part, "names": names}
+
+
+def report(name, shape, result, args) -> str:
+    lines = [f"### {name} at {shape}: step {result['step_ms']:.1f} ms (traced, wall), device ops "
+             f"{result['device_ms']:.1f} ms per step", "",
+             "Per part (op_name cut to 2 components: mixer_KIND/op is the sequence op, mixer_KIND the rest of the "
+             "layer, mlp, the loss and optimiser outside):", "",
+             "| part | ms per step | share |", "|---|---|---|"]
+    total = max(result["device_ms"], 1e-9)
+    for key, us in result["per_part"].most_common(args.top):
+        lines.append(f"| {key} | {us / 1e3:.2f} | {100 * us / 1e3 / total:.1f}% |")
+    lines += ["", f"Per scope (op_name cut to {args.depth} components):", "",
+              "| scope | ms per step | share |", "|---|---|---|"]
+    for key, us in result["per_scope"].most_common(args.top):
+        lines.append(f"| {key} | {us / 1e3:.2f} | {100 * us / 1e3 / total:.1f}% |")
+    lines += ["", f"Top {args.top} XLA ops:", "", "| op | ms per step | share | source |", "|---|---|---|---|"]
+    for op, us in result["per_op"].most_common(args.top):
+        source = result["names"].get(op, "")
+        lines.append(f"| {op} | {us / 1e3:.2f} | {100 * us / 1e3 / total:.1f}% | {source[-120:]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/bench_models.py:gpu", help="bench_models config[:variant]")
+    parser.add_argument("--only", default=None, help="variant names, comma-separated (bench_models --only)")
+    parser.add_argument("--shape", default="4096x8", help="seq_len x batch")
+    parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE for every model (repeatable)")
+    parser.add_argument("--steps", type=int, default=3, help="traced steps (times are per step)")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--depth", type=int, default=3, help="op_name components per scope")
+    parser.add_argument("--results", default="experiments/results/profile_train_step.md")
+    args = parser.parse_args()
+    bench = load_config(args.config)
+    seq_len, batch = map(int, args.shape.lower().split("x"))
+    env = timing.environment()
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    out = [f"## {env['date']}", "", timing.environment_lines(command)]
+    for name, overrides in select_variants(bench.variants, args.only, bench.baseline):
+        config = model_config(bench, dict(overrides), args.set, name=name)
+        try:
+            text = report(name, args.shape, profile(config, seq_len, batch, args), args)
+        except Exception as error:  # one model's failure is a line, not the end of the run
+            text = f"### {name} at {args.shape}: failed: {type(error).__name__}: {str(error)[:300]}\n"
+        print(text, flush=True)
+        out.append(text)
+    with open(args.results, "a") as f:
+        f.write("\n".join(out) + "\n")
+    print(f"appended to {args.results}")
+
+
+if __name__ == "__main__":
+    main()
