@@ -257,7 +257,7 @@ def _gla_chunked(q, k, v, a, state, chunk_size, operand_dtype=None):
     # Exact segment sums cost a pass over [C, C, D]: next to nothing for the scalar gate (Mamba-2's decays can
     # be strong), about the time of the rest of the chunk for the per-dimension one (GLA's are mild), on CPU.
     if a.shape[-1] > 1 and chunk_size > GLA_SUBCHUNK and chunk_size % GLA_SUBCHUNK == 0:
-        scores = _subchunk_scores(qc, kc, ac, GLA_SUBCHUNK, operand_dtype)
+        scores = jax.checkpoint(_subchunk_scores, static_argnums=(3, 4))(qc, kc, ac, GLA_SUBCHUNK, operand_dtype)
     else:
         scores = _causal_scores(qc, kc, ac, exact=a.shape[-1] == 1, operand_dtype=operand_dtype)
     o = precision.matmul("bhnts,bhnsv->bhntv", scores, vc, operand_dtype)
