@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> None:
         config.to_dict()  # a config file that failed to load only raises when first used
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
         # A misspelt field, a bad value or a missing config file: say which, without a traceback.
-        raise SystemExit(f"{prog}: bad flag or config: {_message(error)}") from None
+        _usage_error(f"{prog}: bad flag or config: {_message(error)}")
     if len(rest) > 1:
-        raise SystemExit(f"{prog}: unexpected arguments {rest[1:]}; settings go through --config.FIELD=VALUE")
+        _usage_error(f"{prog}: unexpected arguments {rest[1:]}; settings go through --config.FIELD=VALUE")
     logging.set_verbosity(logging.WARNING)  # absl would otherwise echo JAX's backend probing as INFO
     try:
         module = importlib.import_module(module_name)
@@ -93,7 +93,17 @@ def main(argv: list[str] | None = None) -> None:
         else:
             module.main(config)
     except ConfigError as error:
-        raise SystemExit(f"{prog}: {error}") from None
+        _usage_error(f"{prog}: {error}")
+
+
+# Exit status of a bad flag, config field or input (as argparse's usage errors); other failures exit 1.
+USAGE_ERROR = 2
+
+
+def _usage_error(message: str):
+    """One line on stderr and exit status 2: no traceback."""
+    print(message, file=sys.stderr)
+    raise SystemExit(USAGE_ERROR)
 
 
 def _message(error: BaseException) -> str:

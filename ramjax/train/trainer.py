@@ -23,9 +23,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from ramjax.data.tasks import SyntheticTask
+from ramjax.data.tasks import SyntheticTask, parse_settings
 from ramjax.errors import ConfigError
-from ramjax.models import LanguageModel
+from ramjax.models import LanguageModel, config_check
 from ramjax.models.state_size import recurrent_state_size
 from ramjax.train.address_metrics import address_metrics
 from ramjax.timing import environment
@@ -43,6 +43,21 @@ def make_task(config, **kwargs):
 
         return LMTask(config.data, **kwargs)
     return SyntheticTask(config.task, config.data)
+
+
+def longest_sequence(config) -> int | None:
+    """The longest sequence a run of `config` trains or evaluates on (None if the task does not say)."""
+    d = config.data
+    if config.task == "lm":
+        return int(d.seq_len) if isinstance(d.get("seq_len"), int) and d.seq_len > 0 else None
+    lengths = [n for field in ("train_settings", "eval_settings") for _, n in parse_settings(f"data.{field}", d[field])]
+    return max(lengths) if lengths else None
+
+
+def check_model_config(config) -> None:
+    """`config.model` checked before anything is built (ramjax/models/config_check.py): one ConfigError naming
+    the field."""
+    config_check.check_model(config.model, longest_sequence(config))
 
 
 def check_config(config, task, batch_shards: int) -> None:
@@ -117,6 +132,8 @@ def evaluate(eval_step, params, rest, task: SyntheticTask, batches: _Batches) ->
 def _abstract(config, mesh=None):
     """The model builder, optimizer, schedule, graphdef, and the abstract params, other variables and state.
     With a mesh, the model keeps its activations sharded over the batch axes of `config.mesh.rules`."""
+    check_model_config(config)
+
     def build():
         return LanguageModel(config.model, rngs=nnx.Rngs(config.train.init_seed))
 
@@ -233,6 +250,7 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
     is_main = jax.process_index() == 0
     _check_workdir(workdir)
     try:
+        check_model_config(config)
         task = make_task(config)
         mesh = sharding.make_mesh(config.mesh, devices)
         rules = config.mesh.rules

@@ -1,0 +1,94 @@
+"""Checks of `config.model` before anything is built: each error names the config field, its value and what is
+allowed, so that a bad value is one line at start-up rather than a traceback from inside a traced op."""
+
+from __future__ import annotations
+
+import math
+
+from ramjax.errors import ConfigError
+from ramjax.layers.attention import IMPLS as ATTENTION_IMPLS
+from ramjax.models.mixers import MIXERS
+from ramjax.ops import addressing, fenwick, ram_memory
+
+DTYPES = ("bfloat16", "float32")
+LOGLINEAR_BASES = ("mamba2", "gated_deltanet")
+LOGLINEAR_MODES = ("fixed", "linear", "mlp_softplus", "mlp_softmax")
+
+
+def _int(field: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{field}: must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(field: str, value, low: float, high: float = math.inf, *, high_open: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or value > high or (high_open and value >= high):
+        upper = "" if high == math.inf else (f" and < {high}" if high_open else f" and <= {high}")
+        raise ConfigError(f"{field}: must be a finite number >= {low}{upper}, got {value!r}")
+    return float(value)
+
+
+def _choice(field: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{field}: must be one of {tuple(allowed)}, got {value!r}")
+
+
+def mixers_of(pattern: str) -> list[str]:
+    """The mixer kinds `model.pattern` names (comma-separated, repeated over the depth)."""
+    kinds = [p.strip() for p in str(pattern).split(",") if p.strip()]
+    if not kinds:
+        raise ConfigError(f"model.pattern: must name at least one mixer of {MIXERS}, got {pattern!r}")
+    for kind in kinds:
+        _choice("model.pattern", kind, MIXERS)
+    return kinds
+
+
+def _check_ramnet(r) -> None:
+    num_factors = _int("model.ramnet.num_factors", r.num_factors)
+    factor_size = r.factor_size
+    if isinstance(factor_size, int) and not isinstance(factor_size, bool) and factor_size == 1:
+        raise ConfigError("model.ramnet.factor_size: 1 gives a memory of a single slot (M = factor_size ** "
+                          "num_factors = 1); use 2 or more")
+    factor_size = _int("model.ramnet.factor_size", factor_size, 2)
+    num_slots = factor_size**num_factors
+    top_k = _int("model.ramnet.top_k", r.top_k)
+    if top_k > num_slots:
+        raise ConfigError(f"model.ramnet.top_k: must be <= M = factor_size ** num_factors = {num_slots}, got {top_k}")
+    _int("model.ramnet.d_v", r.d_v)
+    _number("model.ramnet.gamma", r.gamma, 0.0)
+    _number("model.ramnet.eps", r.eps, 0.0)
+    _number("model.ramnet.grad_eps", r.grad_eps, 0.0, 1.0, high_open=True)
+    _int("model.ramnet.short_conv", r.short_conv, 0)
+    _choice("model.ramnet.impl", r.impl, ram_memory.IMPLS)
+    _choice("model.ramnet.decoder_impl", r.get("decoder_impl", "auto"), addressing.IMPLS)
+
+
+def _check_chunked(name: str, section) -> None:
+    _int(f"model.{name}.chunk_size", section.chunk_size)
+
+
+def check_model(model, max_seq_len: int | None = None) -> None:
+    """Every field of `config.model` the model's mixers use; `max_seq_len`: the longest sequence the run
+    trains or evaluates on (for the log-linear levels), None to skip that check."""
+    kinds = set(mixers_of(model.pattern))
+    for field in ("d_model", "num_layers", "num_heads", "vocab_size"):
+        _int(f"model.{field}", model[field])
+    _choice("model.dtype", model.dtype, DTYPES)
+    if "ramnet" in kinds:
+        _check_ramnet(model.ramnet)
+    if "attention" in kinds:
+        _choice("model.attention.impl", model.attention.impl, ATTENTION_IMPLS)
+    for kind in ("gla", "mamba2", "gated_deltanet"):
+        if kind in kinds:
+            _check_chunked(kind, model[kind])
+    if "loglinear" in kinds:
+        ll = model.loglinear
+        _choice("model.loglinear.base", ll.base, LOGLINEAR_BASES)
+        _choice("model.loglinear.mode", ll.mode, LOGLINEAR_MODES)
+        _check_chunked(ll.base, model[ll.base])
+        levels = _int("model.loglinear.num_levels", ll.num_levels)
+        if max_seq_len is not None and levels < fenwick.num_levels(max_seq_len):
+            raise ConfigError(f"model.loglinear.num_levels: {levels} levels cover sequences up to "
+                              f"{2 ** (levels - 1)} tokens; this run's longest is {max_seq_len}, which needs "
+                              f"{fenwick.num_levels(max_seq_len)}")

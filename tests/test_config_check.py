@@ -1,0 +1,50 @@
+"""Config fields are checked before anything is built: one ConfigError (CLI: one line, exit 2) naming the field."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ramjax.config_files import load_config, set_field
+from ramjax.errors import ConfigError
+from ramjax.train.trainer import check_model_config
+
+
+@pytest.mark.parametrize("items,needle", [
+    (["model.ramnet.top_k=0"], "model.ramnet.top_k: must be an integer >= 1, got 0"),
+    (["model.ramnet.top_k=65"], "model.ramnet.top_k: must be <= M"),
+    (["model.ramnet.impl=fast"], "model.ramnet.impl: must be one of"),
+    (["model.ramnet.decoder_impl=fast"], "model.ramnet.decoder_impl: must be one of"),
+    (["model.ramnet.gamma=-1"], "model.ramnet.gamma: must be a finite number >= 0"),
+    (["model.ramnet.grad_eps=1.0"], "model.ramnet.grad_eps"),
+    (["model.ramnet.factor_size=1"], "model.ramnet.factor_size: 1 gives a memory of a single slot"),
+    (["model.pattern=ramnet,foo"], "model.pattern: must be one of"),
+    (["model.dtype=float16"], "model.dtype: must be one of"),
+    (["model.pattern=gla", "model.gla.chunk_size=0"], "model.gla.chunk_size: must be an integer >= 1"),
+    (["model.pattern=attention", "model.attention.impl=flash"], "model.attention.impl: must be one of"),
+    (["model.pattern=loglinear", "model.loglinear.num_levels=3"],
+     "model.loglinear.num_levels: 3 levels cover sequences up to 4 tokens; this run's longest is 64, which needs 7"),
+])
+def test_bad_model_fields_are_named(items, needle):
+    config = load_config("configs/mqar.py:cpu")
+    for item in items:
+        set_field(config, item)
+    with pytest.raises(ConfigError, match=None) as error:
+        check_model_config(config)
+    assert needle in str(error.value)
+
+
+def test_the_shipped_configs_pass():
+    for spec in ("configs/mqar.py:cpu", "configs/mqar.py:ramnet", "configs/mqar.py:loglinear,fig4",
+                 "configs/lm.py:cpu", "configs/lm.py:transformer"):
+        check_model_config(load_config(spec))
+
+
+def test_cli_bad_field_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ramjax.cli", "train", "--config", "configs/mqar.py:cpu",
+                             "--workdir", str(tmp_path / "run"), "--config.model.ramnet.impl=fast"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("ramjax train: model.ramnet.impl: must be one of")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
