@@ -7,6 +7,7 @@ field is an error that names it).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from absl import app, flags, logging  # noqa: F401  (importing app defines --help)
@@ -32,6 +33,38 @@ OWN_FLAG_COMMANDS = {
 }
 
 
+# The repository ramjax runs from (an editable install): relative config paths not found in the working
+# directory are looked up here, so `ramjax train --config configs/mqar.py:cpu` works from any directory.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_config_spec(spec: str, prog: str) -> str:
+    """FILE[:VARIANT] with FILE as given if it exists, else under REPO_ROOT; a usage error saying where it
+    looked if neither."""
+    path, sep, variant = spec.partition(":")
+    if os.path.isfile(path):
+        return spec
+    candidates = [os.path.abspath(path)]
+    if not os.path.isabs(path):
+        in_repo = os.path.join(REPO_ROOT, path)
+        if os.path.isfile(in_repo):
+            return in_repo + sep + variant
+        candidates.append(in_repo)
+    _usage_error(f"{prog}: config file {path!r} not found (looked for {' and '.join(candidates)})")
+
+
+def _with_config_resolved(args: list[str], default: str, prog: str) -> tuple[list[str], str]:
+    """(args with the --config value resolved, the resolved default config)."""
+    args = list(args)
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            args[i + 1] = resolve_config_spec(args[i + 1], prog)
+        elif arg.startswith("--config="):
+            args[i] = "--config=" + resolve_config_spec(arg[len("--config="):], prog)
+    given = any(a == "--config" or a.startswith("--config=") for a in args)
+    return args, default if given else resolve_config_spec(default, prog)
+
+
 def usage() -> str:
     lines = ["usage: ramjax COMMAND [--config FILE[:VARIANT]] [--config.FIELD=VALUE ...] [--workdir DIR]", "",
              "commands:"]
@@ -55,10 +88,11 @@ def main(argv: list[str] | None = None) -> None:
                          f"{', '.join(list(COMMANDS) + list(OWN_FLAG_COMMANDS))}\n\n{usage()}")
     module_name, default_config, _, takes_workdir = COMMANDS[command]
     prog = f"ramjax {command}"
+    args, default_config = _with_config_resolved(argv[2:], default_config, prog)
     app.define_help_flags()
     try:
         config_flag = config_flags.DEFINE_config_file(
-            "config", default_config, f"Config file for `{prog}`.", sys_argv=[prog] + argv[2:]
+            "config", default_config, f"Config file for `{prog}`.", sys_argv=[prog] + args
         )
         if takes_workdir:
             flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary; rerunning "
@@ -73,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                               "workdir's record; the changes are recorded in amendments.jsonl with their step.")
             flags.DEFINE_bool("restart", False, "When the workdir has checkpoints but none restores, train from "
                               "step 0 instead of refusing (the old metrics.jsonl is kept beside the new one).")
-        rest = flags.FLAGS([prog] + argv[2:])
+        rest = flags.FLAGS([prog] + args)
         config = config_flag.value
         config.to_dict()  # a config file that failed to load only raises when first used
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:

@@ -52,6 +52,18 @@ def make_functions(config, num_slots, impl):
 
 
 def check_config(config) -> None:
+    for field in ("batch", "seq_len", "num_heads", "num_factors", "top_k", "d_v", "timing_iters"):
+        value = config.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config.{field}: must be an integer >= 1, got {value!r}")
+    if config.factor_size < 2:
+        raise ConfigError(f"config.factor_size: must be an integer >= 2 (M = factor_size ** num_factors slots), "
+                          f"got {config.factor_size!r}")
+    if config.top_k > config.factor_size**config.num_factors:
+        raise ConfigError(f"config.top_k: must be <= M = factor_size ** num_factors = "
+                          f"{config.factor_size ** config.num_factors}, got {config.top_k}")
     for impl in config.impls:
         if impl not in IMPLS:
             raise ConfigError(f"config.impls: {impl!r} is not an implementation; allowed: {IMPLS}")
