@@ -90,10 +90,12 @@ def test_eval_batches_are_fixed_and_full_size():
     first = {s.name: list(task.eval_batches(s)) for s in task.eval_slices}
     for eval_slice in task.eval_slices:
         batches = first[eval_slice.name]
-        assert len(batches) == 3  # 20 examples rounded up to whole batches of 8
-        for batch in batches:
+        assert len(batches) == 3  # 20 examples in whole batches of 8, the last padded with 4 uncounted rows
+        for i, batch in enumerate(batches):
             assert batch.inputs.shape == (8, eval_slice.seq_len)
-            assert np.all(batch.loss_mask.sum(axis=1) == eval_slice.count)
+            counted = batch.loss_mask.sum(axis=1)
+            real = 4 if i == 2 else 8
+            assert np.all(counted[:real] == eval_slice.count) and np.all(counted[real:] == 0)
         assert not np.array_equal(batches[0].inputs, batches[1].inputs)
         # The same batches on every call, and in a task with another training seed.
         for again in (task.eval_batches(eval_slice),
@@ -145,3 +147,32 @@ def test_selective_copy_through_the_same_interface(mixture):
     assert eval_batch.inputs.shape == (8, 16) and np.all(eval_batch.loss_mask.sum(axis=1) == 4)
     with pytest.raises(ValueError, match="data.train_settings"):
         SyntheticTask("selective_copy", data_config(train_settings="9:16"))  # 2 * 9 > 16
+
+
+def test_eval_examples_do_not_depend_on_the_eval_batch_size():
+    """The same examples (and the same counted rows) whatever eval_batch_size is, so evaluation does not change
+    with the device count that batch size is rounded to."""
+    from ramjax.config_files import load_config
+    from ramjax.data.tasks import SyntheticTask
+
+    kept = []
+    for size in (250, 96, 7):
+        config = load_config("configs/mqar.py:cpu")
+        config.data.eval_examples, config.data.eval_batch_size = 100, size
+        task = SyntheticTask("mqar", config.data)
+        batches = list(task.eval_batches(task.eval_slices[1]))
+        assert all(b.inputs.shape[0] == size for b in batches)
+        rows = np.concatenate([b.inputs[b.loss_mask.any(axis=1)] for b in batches])
+        kept.append(rows)
+    assert kept[0].shape[0] == 100
+    assert all(np.array_equal(kept[0], other) for other in kept[1:])
+
+
+def test_eval_batch_size_is_rounded_up_to_the_batch_shards(capsys):
+    from ramjax.config_files import load_config
+    from ramjax.train.trainer import check_config
+
+    config = load_config("configs/mqar.py")
+    check_config(config, None, 8)
+    assert config.data.eval_batch_size == 256
+    assert "data.eval_batch_size 250 -> 256" in capsys.readouterr().out

@@ -96,10 +96,16 @@ class SyntheticTask:
                                        for p in parts]) for field in Batch._fields))
 
     def eval_batches(self, eval_slice: EvalSlice):
-        """The fixed evaluation batches of one slice (the same in every run with this eval_seed): eval_examples
-        rounded up to whole batches of eval_batch_size, so every batch has one shape (one compilation)."""
+        """The fixed evaluation batches of one slice: the slice's eval_examples (the same in every run with this
+        eval_seed, whatever eval_batch_size and the device count are) in batches of eval_batch_size rows, the
+        last one padded with rows that count nothing (loss_mask False), so every batch has one shape."""
         index = self.eval_slices.index(eval_slice)
-        size = self.config.eval_batch_size
-        for batch_index in range(-(-self.config.eval_examples // size)):
-            rng = np.random.default_rng([self.config.eval_seed, index, batch_index])
-            yield self._batch(rng, size, eval_slice.count, eval_slice.seq_len)
+        size, total = self.config.eval_batch_size, self.config.eval_examples
+        rng = np.random.default_rng([self.config.eval_seed, index])
+        examples = self._batch(rng, total, eval_slice.count, eval_slice.seq_len)
+        for start in range(0, total, size):
+            rows = [getattr(examples, field)[start:start + size] for field in Batch._fields]
+            short = size - rows[0].shape[0]
+            if short:
+                rows = [np.concatenate([x, np.zeros((short,) + x.shape[1:], x.dtype)]) for x in rows]
+            yield Batch(*rows)

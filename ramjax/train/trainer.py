@@ -69,10 +69,20 @@ def check_config(config, task, batch_shards: int) -> None:
             raise ConfigError(f"train.{field}: must be a positive integer, got {t[field]!r}")
     if t.get("on_nonfinite", "skip") not in ("skip", "stop"):
         raise ConfigError(f"train.on_nonfinite: must be 'skip' or 'stop', got {t.on_nonfinite!r}")
-    for field in ("batch_size", "eval_batch_size"):
-        if d[field] < 1 or d[field] % batch_shards or d[field] % jax.process_count():
-            raise ConfigError(f"data.{field}: must be a positive multiple of the {batch_shards} batch shards and "
-                              f"the {jax.process_count()} processes, got {d[field]}")
+    shards = math.lcm(batch_shards, jax.process_count())
+    if not isinstance(d.batch_size, int) or d.batch_size < 1 or d.batch_size % shards:
+        raise ConfigError(f"data.batch_size: must be a positive multiple of the {batch_shards} batch shards and "
+                          f"the {jax.process_count()} processes, got {d.batch_size}")
+    if not isinstance(d.eval_batch_size, int) or d.eval_batch_size < 1:
+        raise ConfigError(f"data.eval_batch_size: must be a positive integer, got {d.eval_batch_size!r}")
+    if d.eval_batch_size % shards:
+        # Evaluation pads its last batch with rows that count nothing, so any batch size gives the same numbers:
+        # round up to the shards rather than refuse (the defaults then run on 1, 2, 4 or 8 devices).
+        rounded = -(-d.eval_batch_size // shards) * shards
+        if jax.process_index() == 0:
+            print(f"ramjax train: data.eval_batch_size {d.eval_batch_size} -> {rounded} (a multiple of the "
+                  f"{shards} batch shards; evaluation results do not depend on it)")
+        d.eval_batch_size = rounded
 
 
 def _abstract_with_shardings(abstract_tree, shardings):
