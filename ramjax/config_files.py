@@ -5,6 +5,7 @@ The scripts under experiments/ take configs the way `ramjax train --config` does
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 
@@ -21,11 +22,30 @@ def load_config(spec: str):
 
 
 def set_field(config, item: str) -> None:
-    """Applies "model.d_model=128" to `config`, converting the text to the field's current type."""
+    """Applies "model.d_model=128" to `config`, converting the text to the field's current type (Python literals
+    for numbers and tuples, True/False for booleans, text as is for strings). A field that does not exist, or
+    a value of the wrong kind, raises an error naming the field."""
     field, _, value = item.partition("=")
     *parents, leaf = field.split(".")
     node = config
     for parent in parents:
         node = node[parent]
     old = node[leaf]
-    node[leaf] = (value == "True") if isinstance(old, bool) else type(old)(value)
+    if isinstance(old, bool):
+        if value not in ("True", "False"):
+            raise ValueError(f"{field}: must be True or False, got {value!r}")
+        node[leaf] = value == "True"
+    elif isinstance(old, str) or old is None:
+        node[leaf] = value
+    else:
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{field}: expected a {type(old).__name__}, got {value!r}") from None
+        if isinstance(old, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
+            parsed = float(parsed)
+        if isinstance(old, (tuple, list)) and isinstance(parsed, (tuple, list)):
+            parsed = type(old)(parsed)
+        if not isinstance(parsed, type(old)):
+            raise ValueError(f"{field}: expected a {type(old).__name__}, got {value!r}")
+        node[leaf] = parsed

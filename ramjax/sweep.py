@@ -158,7 +158,8 @@ class Launcher:
         self.slots = queue.Queue()
         for i in range(max_parallel):
             self.slots.put(devices[i % len(devices)] if devices else None)
-        per_device = -(-max_parallel // len(devices)) if devices else 1
+        # Without --devices every run shares the default device: split its memory between them too.
+        per_device = -(-max_parallel // len(devices)) if devices else max_parallel
         self.memory_fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION",
                                               f"{0.9 / per_device:.3f}" if per_device > 1 else None)
         self.stopping = False
@@ -234,6 +235,8 @@ def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: 
     sweep_dir = workdir or os.path.join("runs", "sweeps", os.path.splitext(os.path.basename(sweep_path))[0])
     commands = [train_command(config, os.path.join(sweep_dir, name), run, list(overrides))
                 for name, run in zip(names, runs)]
+    if not report_only:
+        validate_runs(config, names, runs, list(overrides))
     if dry_run:
         for command, device in zip(commands, itertools.cycle(devices or [None])):
             print((f"CUDA_VISIBLE_DEVICES={device} " if device is not None else "") + printable(command))
@@ -252,11 +255,61 @@ def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: 
     return rows
 
 
+def validate_runs(config: str, names: list[str], runs: list[dict], overrides: list[str]) -> None:
+    """Every run's config built and checked here first (a missing config file, a misspelt field, a bad value:
+    one ConfigError naming the run and the field), so that neither --dry-run nor the sweep starts on a typo."""
+    from ramjax.config_files import load_config, set_field
+    from ramjax.train.trainer import check_model_config
+
+    items = [o[len("--config."):] for o in overrides]
+    try:
+        base = load_config(config)
+        for item in items:
+            set_field(base, item)
+    except (OSError, KeyError, AttributeError, ValueError, TypeError) as error:
+        raise ConfigError(f"--config {config} {' '.join(overrides)}: {_error_text(error)}") from None
+    for name, run in zip(names, runs):
+        try:
+            run_config = load_config(config)
+            for item in items + [f"{field}={_format(value)}" for field, value in run.items()]:
+                set_field(run_config, item)
+            check_model_config(run_config)
+        except (ConfigError, KeyError, AttributeError, ValueError, TypeError) as error:
+            raise ConfigError(f"run {name}: {_error_text(error)}") from None
+
+
+def _error_text(error: BaseException) -> str:
+    text = str(error.args[0]) if len(error.args) == 1 else str(error)
+    return text.strip("'\"")
+
+
+def _check_sweep_record(sweep_dir: str, record: dict) -> None:
+    """A sweep directory keeps the config and overrides it was run with: rerunning it with others would label
+    finished runs with values they were not trained with."""
+    path = os.path.join(sweep_dir, "sweep.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    differences = [f"{key}: {old.get(key)!r} -> {record[key]!r}" for key in ("config", "overrides")
+                   if old.get(key) != record[key]]
+    if differences:
+        raise ConfigError(f"{sweep_dir} was run with other settings ({'; '.join(differences)}); rerun it with "
+                          "the same ones, or use a new --workdir")
+
+
 def run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, devices, max_parallel) -> None:
+    record = {"config": config, "sweep": os.path.abspath(sweep_path), "overrides": list(overrides),
+              "runs": [{"name": n, "fields": r} for n, r in zip(names, runs)]}
+    _check_sweep_record(sweep_dir, json.loads(json.dumps(record, default=str)))
     os.makedirs(sweep_dir, exist_ok=True)
-    with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
-        json.dump({"config": config, "sweep": os.path.abspath(sweep_path), "overrides": list(overrides),
-                   "runs": [{"name": n, "fields": r} for n, r in zip(names, runs)]}, f, indent=2, default=str)
+    path = os.path.join(sweep_dir, "sweep.json")
+    if os.path.exists(path):  # the grid may have grown: keep the runs already recorded, add the new ones
+        with open(path) as f:
+            known = {r["name"]: r for r in json.load(f).get("runs", [])}
+        record["runs"] = list(known.values()) + [r for r in record["runs"] if r["name"] not in known]
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, default=str)
     todo = [(name, command) for name, command in zip(names, commands)
             if run_status(os.path.join(sweep_dir, name)) != "finished"]
     print(f"ramjax sweep: {len(runs)} runs in {sweep_dir}; {len(runs) - len(todo)} finished already, "
@@ -303,9 +356,24 @@ def collect(sweep_dir: str, names: list[str], runs: list[dict]) -> list[dict]:
         elif status == "failed":
             with open(os.path.join(directory, "error.txt")) as f:
                 lines = [line.strip() for line in f.read().splitlines() if line.strip()]
-            row["error"] = f"{lines[-1]} ({lines[0]})" if len(lines) > 1 else lines[0] if lines else "failed"
+            row["error"] = error_summary(lines)
         rows.append(row)
     return rows
+
+
+# A line that states an error: ramjax's own one-line messages, or the last line of a Python traceback.
+_ERROR_LINE = re.compile(r"^(ramjax \w+: |[\w.]*(Error|Exception|Interrupt)\b|Killed|Segmentation fault)")
+
+
+def error_summary(lines: list[str]) -> str:
+    """The error of a failed run from the end of its log (error.txt: exit code, then the log's tail): the last
+    line that states an error (progress-bar redraws dropped), with the exit code."""
+    if not lines:
+        return "failed"
+    shown = [line.split("\r")[-1].strip() for line in lines[1:]]
+    errors = [line for line in shown if _ERROR_LINE.search(line)]
+    message = errors[-1] if errors else (shown[-1] if shown else "")
+    return f"{message} ({lines[0]})" if message else lines[0]
 
 
 def last_evaluation(directory: str) -> dict:

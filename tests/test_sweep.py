@@ -1,6 +1,7 @@
 """`ramjax sweep`: grid expansion, dry-run commands, running with skip/resume, failed runs reported, results."""
 
 import csv
+import json
 import os
 import pathlib
 import subprocess
@@ -92,7 +93,7 @@ def test_sweep_runs_skips_resumes_and_reports_failures(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["status"] for r in rows] == ["finished", "finished", "failed", "failed"]
     assert all(float(r["eval/accuracy/mean"]) >= 0 for r in rows[:2])
-    assert "setting 9:32 is invalid" in rows[2]["error"] and "exit code 1" in rows[2]["error"], rows[2]["error"]
+    assert "setting 9:32 is invalid" in rows[2]["error"] and "exit code 2" in rows[2]["error"], rows[2]["error"]
     table = (out / "results.md").read_text()
     assert "| failed |" in table and "| 000-train_settings=2_16,4_32-learning_rate=0.001 | 2:16,4:32 | 0.001 | finished |" in table
     assert (out / "plot_eval_accuracy_mean.png").stat().st_size > 1000
@@ -171,3 +172,37 @@ def test_best_rows_keeps_the_best_run_of_each_combination():
             {"model": "c", "lr": 1e-2}]
     best = sweep.best_rows(rows, "acc", ["model"])
     assert sorted((r["model"], r["lr"]) for r in best) == [("a", 3e-3), ("b", 1e-2)]
+
+
+def test_dry_run_validates_every_run_first(tmp_path, capsys):
+    grid = str(ROOT / "configs" / "sweeps" / "mqar_width.py")
+    with pytest.raises(ConfigError, match="model.no_such_field|no_such_field"):
+        sweep.sweep("configs/mqar.py:ramnet,cpu", grid, workdir=str(tmp_path / "s"), dry_run=True,
+                    overrides=["--config.model.no_such_field=3"])
+    with pytest.raises(ConfigError, match="model.ramnet.impl: must be one of"):
+        sweep.sweep("configs/mqar.py:ramnet,cpu", grid, workdir=str(tmp_path / "s"), dry_run=True,
+                    overrides=["--config.model.ramnet.impl=fast"])
+    with pytest.raises(ConfigError, match="nope.py"):
+        sweep.sweep("configs/nope.py", grid, workdir=str(tmp_path / "s"), dry_run=True)
+    assert capsys.readouterr().out == ""  # nothing printed before the error
+
+
+def test_a_sweep_directory_refuses_other_overrides(tmp_path):
+    (tmp_path / "s").mkdir()
+    record = {"config": "configs/mqar.py:cpu", "overrides": ["--config.optim.learning_rate=0.01"], "runs": []}
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"overrides: \['--config.optim.learning_rate=0.01'\] -> \[\]"):
+        sweep._check_sweep_record(str(tmp_path / "s"), dict(record, overrides=[]))
+    sweep._check_sweep_record(str(tmp_path / "s"), record)  # the same settings: fine
+
+
+def test_runs_sharing_the_default_device_share_its_memory(monkeypatch):
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert sweep.Launcher([], max_parallel=6).memory_fraction == f"{0.9 / 6:.3f}"
+    assert sweep.Launcher([], max_parallel=1).memory_fraction is None
+
+
+def test_failed_run_error_is_the_exception_not_the_progress_bar():
+    lines = ["exit code 1", "train:  40%|####  | 4/10\rtrain:  50%|#####  | 5/10", "Traceback (most recent call last):",
+             '  File "x.py", line 1', "RuntimeError: out of memory allocating 12 GB", "train:  50%|#####  | 5/10"]
+    assert sweep.error_summary(lines) == "RuntimeError: out of memory allocating 12 GB (exit code 1)"
