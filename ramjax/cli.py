@@ -65,6 +65,36 @@ def _with_config_resolved(args: list[str], default: str, prog: str) -> tuple[lis
     return args, default if given else resolve_config_spec(default, prog)
 
 
+def _command_help(prog: str, args: list[str], default_config: str, takes_workdir: bool) -> str:
+    """The command's flags, then the fields of its config (the one --config names, or the default)."""
+    from ramjax.config_files import load_config
+    from ramjax.config_help import describe_fields
+
+    spec = default_config
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            spec = args[i + 1]
+        elif arg.startswith("--config="):
+            spec = arg[len("--config="):]
+    lines = [f"usage: {prog} [--config FILE[:VARIANT]] [--config.FIELD=VALUE ...]"
+             + (" --workdir DIR [--amend] [--restart]" if takes_workdir else ""), "",
+             "flags:", f"  --config FILE[:VARIANT]  the config file (default {default_config})"]
+    if takes_workdir:
+        lines += ["  --workdir DIR            checkpoints, metrics and the summary; rerunning it resumes",
+                  "  --amend                  resume although result-changing fields differ (recorded in "
+                  "amendments.jsonl)",
+                  "  --restart                start over at step 0 when no checkpoint restores",
+                  "  --coordinator_address, --num_processes, --process_id   multi-process runs"]
+    try:
+        config = load_config(spec)
+        with open(spec.partition(":")[0]) as f:
+            source = f.read()
+    except Exception as error:  # the help must not fail on the config it describes
+        return "\n".join(lines + ["", f"(the config {spec!r} did not load: {error})"])
+    lines += ["", f"config fields of {spec} (set any with --config.FIELD=VALUE):", describe_fields(config, source)]
+    return "\n".join(lines)
+
+
 def usage() -> str:
     lines = ["usage: ramjax COMMAND [--config FILE[:VARIANT]] [--config.FIELD=VALUE ...] [--workdir DIR]", "",
              "commands:"]
@@ -89,6 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     module_name, default_config, _, takes_workdir = COMMANDS[command]
     prog = f"ramjax {command}"
     args, default_config = _with_config_resolved(argv[2:], default_config, prog)
+    if any(a in ("-h", "--help", "--helpfull") for a in args):
+        try:
+            print(_command_help(prog, [a for a in args if a not in ("-h", "--help", "--helpfull")], default_config,
+                                takes_workdir))
+        except BrokenPipeError:  # `ramjax train --help | head`
+            pass
+        return
     app.define_help_flags()
     try:
         config_flag = config_flags.DEFINE_config_file(

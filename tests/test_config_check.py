@@ -48,3 +48,27 @@ def test_cli_bad_field_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("ramjax train: model.ramnet.impl: must be one of")
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_train_help_lists_the_config_fields():
+    result = subprocess.run([sys.executable, "-m", "ramjax.cli", "train", "--config", "configs/mqar.py:cpu", "-h"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:3] == ["model.ramnet.top_k", "=", "4"] and line.rstrip().endswith("K")
+               for line in lines)
+    assert any(line.strip().startswith("--workdir DIR") for line in lines)
+
+
+def test_field_comments_take_end_of_line_comments_and_blocks_that_name_the_field():
+    from ramjax.config_help import field_comments
+
+    source = ("    m.ramnet.top_k = 8  # K\n"
+              "    # Compute dtype: bfloat16 or float32. More words.\n"
+              "    m.dtype = 'bfloat16'\n"
+              "    # The small regime, set below.\n"
+              "    config.data.vocab_size = 512\n")
+    comments = field_comments(source)
+    assert comments["ramnet.top_k"] == "K"
+    assert comments["m.dtype"] == "Compute dtype: bfloat16 or float32."
+    assert comments["data.vocab_size"] == ""
