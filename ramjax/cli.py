@@ -29,7 +29,8 @@ COMMANDS = {
 # Commands with flags of their own: command -> (module with main(argv), one line of help).
 OWN_FLAG_COMMANDS = {
     "sweep": ("ramjax.sweep", "a grid of `ramjax train` runs from --config and --sweep FILE; tables and plots"),
-    "eval": ("ramjax.evaluate", "language-model evaluation of a run: --workdir DIR [--split validation]"),
+    "eval": ("ramjax.evaluate", "evaluate a trained run: --workdir DIR [--split validation] (LM) or "
+             "[--settings kv:length,...] (MQAR, selective copying: new lengths)"),
 }
 
 

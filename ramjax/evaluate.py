@@ -1,9 +1,14 @@
-"""`ramjax eval --workdir DIR [--split validation] [--max_windows N]`: language-model evaluation of a run.
+"""`ramjax eval --workdir DIR`: evaluation of a trained run from its config and newest checkpoint.
 
-Loads the run's config (workdir/config.json) and its newest checkpoint, reads the split with the run's
-tokenizer, and reports loss (nats per token), perplexity, bits per byte (the summed loss in bits over the bytes
-of text the targets stand for, so tokenizers compare), and the loss at each position of the context window: the
-curve that shows whether a model uses long context. Writes workdir/eval_<split>.json and eval_<split>.png.
+Language models (task lm; `[--split validation] [--max_windows N]`): reads the split with the run's tokenizer
+and reports loss (nats per token), perplexity, bits per byte (the summed loss in bits over the bytes of text the
+targets stand for, so tokenizers compare), and the loss at each position of the context window: the curve that
+shows whether a model uses long context. Writes workdir/eval_<split>.json and eval_<split>.png.
+
+Synthetic tasks (mqar, selective_copy; `[--settings "kv:length,..."] [--examples N]`): accuracy on each
+setting, by default the run's own evaluation settings; give settings it was not trained on (more pairs, longer
+sequences) to measure length generalisation. The examples are the fixed evaluation draws of data.eval_seed.
+Writes workdir/eval_<task>_<settings>.json. RAM-Net evaluates with the model's K (not a training schedule's).
 """
 
 from __future__ import annotations
@@ -30,27 +35,81 @@ def per_token_nll(graphdef, params, rest, batch):
     return jnp.where(batch["loss_mask"], nll, 0.0)
 
 
-def evaluate_run(workdir: str, split: str = "validation", max_windows: int = 0) -> dict:
-    from ramjax.train import sharding
-    from ramjax.train.trainer import _abstract, make_task, restore_state
-
+def load_run_config(workdir: str):
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise ConfigError(f"--workdir {workdir}: no config.json (not a ramjax train workdir)")
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
+    config.mesh.rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in config.mesh.rules)
+    return config
+
+
+class _LocalBatches:
+    """Batches for `trainer.evaluate` in this one process."""
+
+    def __init__(self, sharding):
+        self.sharding = sharding
+
+    def put(self, batch) -> dict:
+        return {k: jax.device_put(np.asarray(v), self.sharding) for k, v in batch._asdict().items()}
+
+
+def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) -> dict:
+    """Accuracy of a trained MQAR / selective-copying run on each of `settings` (default: its own)."""
+    from ramjax.data.tasks import SyntheticTask
+    from ramjax.train import sharding
+    from ramjax.train.step import make_eval_step
+    from ramjax.train.trainer import evaluate, model_parts, restore_state
+
+    config = load_run_config(workdir)
+    if settings:
+        config.data.eval_settings = settings
+    if examples:
+        if examples < 1:
+            raise ConfigError(f"--examples: must be >= 1, got {examples}")
+        config.data.eval_examples = examples
+    try:
+        task = SyntheticTask(config.task, config.data)
+    except ValueError as error:
+        raise ConfigError(str(error).replace("data.eval_settings", "--settings")) from None
+    state, meta = restore_state(config, workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    graphdef, rest = model_parts(config, mesh)
+    eval_step = jax.jit(make_eval_step(graphdef))
+    batches = _LocalBatches(sharding.replicated(mesh))
+    results = evaluate(eval_step, state["params"], rest, task, batches)
+    result = {"workdir": os.path.abspath(workdir), "task": config.task, "step": int(meta["step"]),
+              "model": config.model.pattern, "settings": config.data.eval_settings,
+              "examples_per_setting": config.data.eval_examples, "eval_seed": config.data.eval_seed, **results}
+    name = config.data.eval_settings.replace(":", "x").replace(",", "_")
+    json_path = os.path.join(workdir, f"eval_{config.task}_{name}.json")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+    lines = [f"ramjax eval: {config.task} at step {result['step']}, {config.data.eval_examples} examples per setting:"]
+    lines += [f"  {k.split('/')[-1]:>16s}  accuracy {v:.3f}" for k, v in results.items()
+              if k.startswith("eval/accuracy/") and not k.endswith("/mean")]
+    lines.append(f"  {'mean':>16s}  accuracy {results['eval/accuracy/mean']:.3f}   ({json_path})")
+    print("\n".join(lines))
+    return result
+
+
+def evaluate_run(workdir: str, split: str = "validation", max_windows: int = 0) -> dict:
+    from ramjax.train import sharding
+    from ramjax.train.trainer import make_task, model_parts, restore_state
+
+    config = load_run_config(workdir)
     if config.task != "lm":
-        raise ConfigError(f"{workdir}: task {config.task!r}; `ramjax eval` evaluates language models (task 'lm')")
+        raise ConfigError(f"{workdir}: task {config.task!r}: use --settings/--examples (synthetic tasks), not "
+                          "--split/--max_windows")
     if split not in ("train", "validation"):
         raise ConfigError(f"--split: train or validation, got {split!r}")
-    config.mesh.rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in config.mesh.rules)
     if max_windows:
         config.data.eval_examples = max_windows
     task = make_task(config, eval_split=split)
     state, meta = restore_state(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
-    build, _, _, graphdef, *_ = _abstract(config, mesh)
-    rest = nnx.split(build(), nnx.Param, ...)[2]  # the fixed buffers (CAPE head masks) come from the config
+    graphdef, rest = model_parts(config, mesh)  # the fixed buffers (CAPE head masks) come from the config
     run = jax.jit(lambda params, rest, batch: per_token_nll(graphdef, params, rest, batch))
     seq_len = task.seq_len
     loss_sum, count, by_position, windows = 0.0, 0, np.zeros(seq_len), 0
@@ -115,8 +174,18 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--split", default="validation", choices=("validation", "train"))
     parser.add_argument("--max_windows", type=int, default=0, help="evaluate at most this many windows (0: the "
                         "config's data.eval_examples; set it larger to cover more of the split)")
+    parser.add_argument("--settings", default="", help="synthetic tasks: kv:length (or tokens:length) settings "
+                        "to evaluate, e.g. 64:256,128:512 (default: the run's data.eval_settings)")
+    parser.add_argument("--examples", type=int, default=0, help="synthetic tasks: examples per setting (default: "
+                        "the run's data.eval_examples)")
     args = parser.parse_args(argv)
     try:
-        evaluate_run(args.workdir, args.split, args.max_windows)
+        task = load_run_config(args.workdir).task
+        if task == "lm":
+            if args.settings or args.examples:
+                raise ConfigError("--settings/--examples are for synthetic tasks; this run is a language model")
+            evaluate_run(args.workdir, args.split, args.max_windows)
+        else:
+            evaluate_synthetic_run(args.workdir, args.settings, args.examples)
     except ConfigError as error:
         raise SystemExit(f"ramjax eval: {error}") from None

@@ -254,3 +254,20 @@ def test_checkpoints_from_before_a_new_off_by_default_field_still_resume(tmp_pat
     config.model.ramnet.qk_bias = True  # on, it is another model
     with pytest.raises(ConfigError, match="model.ramnet.qk_bias: recorded .*, now True"):
         train(config, str(tmp_path))
+
+
+def test_ramjax_eval_of_a_synthetic_run_on_its_own_and_on_new_settings(tmp_path):
+    """`ramjax eval` on an MQAR run: its own settings give the run's final evaluation exactly; longer unseen
+    settings are evaluated too; a bad setting is a ConfigError naming --settings."""
+    from ramjax.evaluate import evaluate_synthetic_run
+
+    config = tiny_config("ramnet", steps=3)
+    summary = train(config, str(tmp_path))
+    own = evaluate_synthetic_run(str(tmp_path))
+    assert own["eval/accuracy/mean"] == pytest.approx(summary["eval"]["eval/accuracy/mean"], abs=1e-6)
+    longer = evaluate_synthetic_run(str(tmp_path), settings="4:32,8:48", examples=10)
+    assert set(k for k in longer if k.startswith("eval/accuracy/")) == {
+        "eval/accuracy/kv4_len32", "eval/accuracy/kv8_len48", "eval/accuracy/mean"}
+    assert (tmp_path / "eval_mqar_4x32_8x48.json").exists()
+    with pytest.raises(ConfigError, match="--settings"):
+        evaluate_synthetic_run(str(tmp_path), settings="99:16")

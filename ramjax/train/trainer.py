@@ -60,6 +60,13 @@ def check_model_config(config) -> None:
     config_check.check_model(config.model, longest_sequence(config))
 
 
+def model_parts(config, mesh=None):
+    """(graphdef, fixed buffers) of the model `config` describes: with a checkpoint's params, what evaluating a
+    trained run needs (`nnx.merge(graphdef, params, rest)`)."""
+    build, _, _, graphdef, *_ = _abstract(config, mesh)
+    return graphdef, nnx.split(build(), nnx.Param, ...)[2]
+
+
 def check_config(config, task, batch_shards: int) -> None:
     d, t = config.data, config.train
     if config.model.vocab_size < d.vocab_size:
