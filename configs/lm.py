@@ -39,7 +39,7 @@ def get_config(variant: str = "ramnet"):
         del d[field]
     d.dataset = "local_text"  # local_text, or tfds:NAME for a prepared TFDS dataset in data_dir
     d.corpus_dir = ""  # local_text: a directory of .txt/.jsonl/.parquet files; "" = the Python standard library
-    d.data_dir = "~/ramjax_data/python_stdlib"  # where the prepared dataset, tokenizer and token streams live
+    d.data_dir = "~/ramjax_data"  # prepared datasets, tokenizers and token streams, one folder per source
     d.validation_percent = 1.0  # local_text: share of documents held out (split by document, deterministic)
     d.text_feature = "text"  # tfds:NAME datasets: the feature holding the text
     d.tokenizer = "byte"  # byte (vocabulary 258) or sentencepiece (trained from the train split, vocab_size)

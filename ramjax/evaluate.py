@@ -41,7 +41,8 @@ def load_run_config(workdir: str):
         raise ConfigError(f"--workdir {workdir}: no config.json (not a ramjax train workdir)")
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    config.mesh.rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in config.mesh.rules)
+    if "mesh" in config:
+        config.mesh.rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in config.mesh.rules)
     return config
 
 

@@ -149,10 +149,48 @@ def test_eval_refuses_a_non_lm_workdir(tmp_path):
     from ramjax.evaluate import evaluate_run
 
     (tmp_path / "config.json").write_text(json.dumps({"task": "mqar"}))
-    with pytest.raises(ConfigError, match="evaluates language models"):
+    with pytest.raises(ConfigError, match="use --settings/--examples"):
         evaluate_run(str(tmp_path))
     with pytest.raises(ConfigError, match="no config.json"):
         evaluate_run(str(tmp_path / "missing"))
+
+
+def test_prepared_data_is_keyed_by_its_source_and_a_changed_corpus_is_refused(corpus, tmp_path):
+    """Another corpus or validation_percent in the same data_dir is another prepared dataset (the issue's case:
+    prepare one corpus, then another, and get the first); a corpus changed since it was prepared is refused
+    with what differs; the run's record holds the provenance, so a resume on other data is refused too."""
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(corpus, mine)
+    data_dir = tmp_path / "data"
+    a = lm.LMTask(lm_config(mine, data_dir).data)
+    b = lm.LMTask(lm_config(mine, data_dir, validation_percent=40.0).data)
+    c = lm.LMTask(lm_config(corpus, data_dir).data)
+    assert len({lm.source_dir(t.config) for t in (a, b, c)}) == 3
+    assert a.stream("validation").documents != b.stream("validation").documents
+    assert a.provenance["corpus_dir"] == str(mine) and a.provenance["files"] == 41
+
+    config = lm_config(mine, data_dir)
+    workdir = tmp_path / "run"
+    train(config, str(workdir))
+    recorded = json.loads((workdir / "config.json").read_text())["data_provenance"]
+    assert recorded["fingerprint"] == a.provenance["fingerprint"] and recorded["tokenizer"] == "byte"
+
+    (mine / "a" / "new.txt").write_text("one more document\n")
+    with pytest.raises(ValueError, match=r"is not what was prepared in .*files: 41 -> 42"):
+        lm.LMTask(lm_config(mine, data_dir).data)
+
+
+def test_a_split_left_empty_is_refused_before_preparing(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    for i in range(3):
+        (small / f"d{i}.txt").write_text(f"document {i}\n")
+    config = lm_config(small, tmp_path / "data", validation_percent=0.001)
+    with pytest.raises(ValueError, match=r"data.validation_percent: 0.001% of the 3 documents .* leaves the "
+                                         r"validation split empty"):
+        lm.LMTask(config.data).stream("train")
 
 
 if __name__ == "__main__":
@@ -160,12 +198,14 @@ if __name__ == "__main__":
 
 
 def test_a_prepared_tfds_dataset_reads_by_name(corpus, tmp_path):
-    """data.dataset = "tfds:NAME" reads any prepared TFDS dataset from data_dir (here the local_text one)."""
+    """data.dataset = "tfds:NAME" reads any prepared TFDS dataset from data_dir (here the local_text one, from the
+    folder it was prepared in)."""
     missing = lm.LMTask(lm_config(corpus, tmp_path, dataset="tfds:local_text").data)
     with pytest.raises(ValueError, match="not prepared in"):
         missing.stream("validation")
     by_builder = lm.LMTask(lm_config(corpus, tmp_path).data)
-    by_builder.stream("validation")  # prepares local_text in data_dir
-    by_name = lm.LMTask(lm_config(corpus, tmp_path, dataset="tfds:local_text").data)
+    by_builder.stream("validation")  # prepares local_text in data_dir/local_text-<key>
+    prepared_in = lm.source_dir(by_builder.config)
+    by_name = lm.LMTask(lm_config(corpus, prepared_in, dataset="tfds:local_text").data)
     np.testing.assert_array_equal(by_name.stream("validation").tokens, by_builder.stream("validation").tokens)
     np.testing.assert_array_equal(by_name.train_batch(0).inputs, by_builder.train_batch(0).inputs)

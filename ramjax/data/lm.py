@@ -10,14 +10,23 @@ batches padded to full size).
 
 Sources (`data.dataset`): "local_text" (the builder in local_text.py over `data.corpus_dir`, default the Python
 standard library) or "tfds:NAME" (any prepared TFDS dataset in `data.data_dir` with a text feature
-`data.text_feature`, read through `tfds.data_source`, no TensorFlow). Tokenised streams are cached as .npy files
-next to the data, keyed by the tokeniser.
+`data.text_feature`, read through `tfds.data_source`, no TensorFlow).
+
+Provenance: everything prepared from a source lives in `data_dir/<source>-<key>/`, where the key hashes what the
+source is (local_text: the corpus directory and validation_percent; tfds:NAME: the name, data_dir and text
+feature): the local_text dataset itself, the SentencePiece model and the token streams (one folder per
+tokenizer). Its provenance.json records those facts and, for local_text, the corpus fingerprint (files, sizes,
+mtimes: ramjax/data/corpus.py); a corpus that changed since is refused with what differs. The task's
+`provenance` (facts, fingerprint, tokenizer) goes into each run's record (config.json), so a resume on other
+data is refused like any other change.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -46,15 +55,68 @@ def data_root(d) -> str:
     return os.path.abspath(os.path.expanduser(d.data_dir))
 
 
+def source_facts(d) -> dict:
+    """What the prepared dataset, the tokenizer trained on it and the token streams depend on (besides the
+    tokenizer's own settings)."""
+    if d.dataset == "local_text":
+        from ramjax.data.corpus import default_corpus_dir
+
+        corpus_dir = os.path.abspath(os.path.expanduser(d.corpus_dir or default_corpus_dir()))
+        return {"dataset": "local_text", "corpus_dir": corpus_dir, "validation_percent": float(d.validation_percent)}
+    return {"dataset": d.dataset, "data_dir": data_root(d), "text_feature": d.text_feature}
+
+
+def source_dir(d) -> str:
+    """data_dir/<source>-<key>: everything prepared from this source (see the module docstring)."""
+    facts = source_facts(d)
+    key = hashlib.sha1(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(data_root(d), f"{facts['dataset'].replace(':', '_')}-{key}")
+
+
+def source_provenance(d) -> dict:
+    """The source's facts and, for local_text, the corpus fingerprint now (a missing corpus_dir: ValueError)."""
+    facts = source_facts(d)
+    if d.dataset == "local_text":
+        from ramjax.data.corpus import fingerprint
+
+        facts.update(fingerprint(facts["corpus_dir"]))
+    return facts
+
+
+def check_provenance(d) -> dict:
+    """The source's provenance, checked against (or recorded in) source_dir/provenance.json."""
+    now = source_provenance(d)
+    directory = source_dir(d)
+    path = os.path.join(directory, "provenance.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        changed = [f"{k}: {recorded.get(k)!r} -> {now[k]!r}" for k in now if recorded.get(k) != now[k]]
+        if changed:
+            raise ValueError(f"data.corpus_dir: {now.get('corpus_dir', d.dataset)} is not what was prepared in "
+                             f"{directory} on {recorded.get('prepared', '?')} ({'; '.join(changed)}); delete that "
+                             "directory to prepare it again")
+    else:
+        os.makedirs(directory, exist_ok=True)
+        partial = path + f".{os.getpid()}.tmp"
+        with open(partial, "w") as f:
+            json.dump(dict(now, prepared=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())), f, indent=1)
+        os.replace(partial, path)
+    return now
+
+
 def _source(d, split: str):
     """A random-access sequence of examples (dicts with the text feature) of `split`, preparing it if needed."""
     if d.dataset == "local_text":
-        from ramjax.data.local_text import local_text_builder
+        from ramjax.data.local_text import check_splits, local_text_builder
 
-        builder = local_text_builder(corpus_dir=d.corpus_dir or None, data_dir=d.data_dir,
+        directory = source_dir(d)
+        builder = local_text_builder(corpus_dir=d.corpus_dir or None, data_dir=directory,
                                      validation_percent=d.validation_percent)
         if not builder.is_prepared():
-            print(f"ramjax: preparing the local_text dataset in {data_root(d)} (once)", flush=True)
+            check_splits(builder.corpus_dir, d.validation_percent)
+            print(f"ramjax: preparing the local_text dataset of {builder.corpus_dir} in {directory} (once)",
+                  flush=True)
             builder.download_and_prepare()
         return builder.as_data_source(split), "text"
     if d.dataset.startswith("tfds:"):
@@ -81,7 +143,8 @@ def make_tokenizer(d, *, train_if_missing: bool = True):
     if d.tokenizer == "byte":
         return ByteTokenizer()
     if d.tokenizer == "sentencepiece":
-        path = os.path.join(data_root(d), "tokenizers", f"spm_bpe_{d.vocab_size}.model")
+        limit = f"_docs{d.tokenizer_max_documents}" if d.tokenizer_max_documents > 0 else ""
+        path = os.path.join(source_dir(d), "tokenizers", f"spm_bpe_{d.vocab_size}{limit}.model")
         if not os.path.exists(path) and train_if_missing:
             print(f"ramjax: training a SentencePiece model ({d.vocab_size} pieces) on the train split -> {path}",
                   flush=True)
@@ -110,10 +173,11 @@ def _positions(tokens: np.ndarray, eos_id: int) -> np.ndarray:
 
 
 def load_stream(d, tokenizer, split: str) -> Stream:
-    """The packed token stream of `split`, cached under data_dir/streams/ as compressed uint16 tokens when the
-    vocabulary fits (the stdlib corpus in bytes: ~31 M tokens, ~15 MB on disk). The cache is all that reading
-    needs (numpy, no TFDS): copy data_dir/streams to a machine without TFDS to train there."""
-    directory = os.path.join(data_root(d), "streams", f"{d.dataset.replace(':', '_')}-{_tokenizer_tag(tokenizer)}")
+    """The packed token stream of `split`, cached under source_dir/streams/ as compressed uint16 tokens when the
+    vocabulary fits (the stdlib corpus in bytes: ~31 M tokens, ~15 MB on disk). The cache and provenance.json
+    are all that reading needs (numpy, no TFDS): copy the source directory to a machine without TFDS to train
+    there (the corpus itself must be there too for local_text, whose fingerprint is checked)."""
+    directory = os.path.join(source_dir(d), "streams", _tokenizer_tag(tokenizer))
     path = os.path.join(directory, f"{split}.npz")
     if not os.path.exists(path):
         tokens, documents = [], 0
@@ -150,7 +214,10 @@ class LMTask:
         self.seq_len = int(d.seq_len)
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len: must be >= 2, got {d.seq_len}")
+        source = check_provenance(d)
         self.tokenizer = make_tokenizer(d)
+        # What this task's data is: recorded with each run (config.json), so a resume on other data is refused.
+        self.provenance = dict(source, tokenizer=_tokenizer_tag(self.tokenizer))
         if d.tokenizer == "byte" and d.vocab_size != ByteTokenizer.vocab_size:
             raise ValueError(f"data.vocab_size: the byte tokenizer has {ByteTokenizer.vocab_size} ids, "
                              f"got {d.vocab_size}")
@@ -220,7 +287,7 @@ class LMTask:
 def prepare(config) -> dict:
     """Builds the dataset, trains the tokeniser if it is SentencePiece, and tokenises both splits."""
     task = LMTask(config.data)
-    out = {"data_dir": data_root(config.data), "tokenizer": task.tokenizer.name,
+    out = {"data_dir": source_dir(config.data), "provenance": task.provenance, "tokenizer": task.tokenizer.name,
            "vocab_size": int(task.tokenizer.vocab_size)}
     for split in ("train", "validation"):
         stream = task.stream(split)

@@ -1,7 +1,7 @@
 """A TensorFlow Datasets builder for local text: a directory of .txt / .jsonl / .parquet files, or by default the
 Python standard library's own source files (tens of MB of real text on every machine, no download).
 
-  builder = local_text_builder(corpus_dir=None, data_dir="~/ramjax_data/python_stdlib")
+  builder = local_text_builder(corpus_dir=None, data_dir="~/ramjax_data/local_text-KEY")   # lm.source_dir
   builder.download_and_prepare(file_format="array_record")   # needs tensorflow-datasets, not TensorFlow
   source = builder.as_data_source("train")                    # random access, no TensorFlow either
 
@@ -48,6 +48,22 @@ def list_documents(corpus_dir: str):
 def split_of(identity: str, validation_percent: float) -> str:
     bucket = int.from_bytes(hashlib.sha1(identity.encode()).digest()[:8], "big") % 1_000_000
     return "validation" if bucket < validation_percent * 10_000 else "train"
+
+
+def check_splits(corpus_dir: str, validation_percent: float) -> None:
+    """Refuses a corpus or validation_percent that would leave a split without documents (TFDS cannot write an
+    empty split), before anything is prepared."""
+    if not 0 < validation_percent < 100:
+        raise ValueError(f"data.validation_percent: must be in (0, 100), got {validation_percent}")
+    counts = {"train": 0, "validation": 0}
+    for identity, _ in list_documents(corpus_dir):
+        counts[split_of(identity, validation_percent)] += 1
+    empty = [split for split, n in counts.items() if n == 0]
+    if empty:
+        total = sum(counts.values())
+        raise ValueError(f"data.validation_percent: {validation_percent}% of the {total} documents in {corpus_dir} "
+                         f"leaves the {' and '.join(empty)} split empty; "
+                         + ("add documents (data.corpus_dir)" if total < 2 else "change data.validation_percent"))
 
 
 class LocalText(tfds.core.GeneratorBasedBuilder):

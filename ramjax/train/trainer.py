@@ -313,6 +313,8 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
                               every=config.train.checkpoint_every)
     current = json.loads(config.to_json_best_effort())
+    if getattr(task, "provenance", None) is not None:  # language models: which corpus, split and tokenizer
+        current["data_provenance"] = task.provenance
     latest = checkpoints.latest_step()
     run_record.check_and_record(workdir, current, step=latest or 0, amend=amend, write=is_main)
     summary_path = os.path.join(workdir, "summary.json")
