@@ -228,3 +228,53 @@ def test_pallas_kernel_runs_per_shard_and_matches_one_device():
     for x, y in zip(out["one"], out["eight"], strict=True):
         x, y = np.asarray(x), np.asarray(y)
         assert np.sqrt(np.mean((x - y) ** 2) / max(np.mean(x**2), 1e-30)) < 1e-5
+
+
+PREEMPT_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, "tests")
+    from ramjax.train import distributed
+    distributed.initialize(sys.argv[2], 2, int(sys.argv[3]))
+    from tiny import tiny_config
+    from ramjax.train.trainer import train
+
+    config = tiny_config("ramnet", steps=100000)
+    config.model.ramnet.impl = "dense"
+    config.train.checkpoint_every = 50000
+    config.train.log_every, config.train.eval_every = 20, 50000
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 1, 1
+    train(config, sys.argv[1])
+""")
+
+
+def test_processes_signalled_at_different_steps_stop_together(tmp_path):
+    """SIGTERM to process 0, and 1.5 s (many steps) later to process 1, as a scheduler does: both stop at the
+    same step, save it together and exit 0 (before, each stopped at its own step and both hung)."""
+    import signal
+    import time
+
+    workdir = str(tmp_path / "run")
+    address = f"localhost:{free_port()}"
+    processes = [subprocess.Popen([sys.executable, "-c", PREEMPT_SCRIPT, workdir, address, str(i)], cwd=ROOT,
+                                  env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+    try:
+        deadline = time.time() + 300  # until both train: process 0 logs metrics from step 20
+        while not os.path.exists(os.path.join(workdir, "metrics.jsonl")) and time.time() < deadline:
+            time.sleep(0.2)
+        processes[0].send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        processes[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=180) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    saved = []
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+        line = next(line for line in out.splitlines() if "SIGTERM received" in line)
+        saved.append(int(line.split("saved step ")[1].split()[0]))
+    assert saved[0] == saved[1] > 0
+    assert "by another process" not in outputs[0][0]
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(saved[0])))

@@ -180,3 +180,28 @@ def test_metrics_log_drops_the_steps_a_resumed_run_redoes(tmp_path):
     log.close()
     MetricsLog(str(tmp_path), resumed_from=8).close()  # the checkpoint was step 8: steps 9 and 10 run again
     assert [line["step"] for line in read_metrics(str(tmp_path))] == [4, 8]
+
+
+INTERRUPT_BEFORE_FIRST_STEP = """
+import sys
+sys.path.insert(0, "tests")
+from tiny import tiny_config
+from ramjax.data.tasks import SyntheticTask
+from ramjax.train.trainer import train
+
+def interrupt(self, step):
+    raise KeyboardInterrupt
+
+SyntheticTask.train_batch = interrupt
+train(tiny_config("ramnet", steps=4), sys.argv[1])
+"""
+
+
+def test_ctrl_c_before_the_first_step_exits_130_at_once(tmp_path):
+    """Ctrl-C while the first step is being built: exit 130 with one line, nothing saved, no crash."""
+    result = subprocess.run([sys.executable, "-c", INTERRUPT_BEFORE_FIRST_STEP, str(tmp_path / "run")],
+                            cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert "interrupted before step 1 finished; nothing new to save" in result.stdout
+    assert "Traceback" not in result.stderr

@@ -108,6 +108,17 @@ def _install_sigterm(flag: list):
         return None
 
 
+def _any_process(flag: bool) -> bool:
+    """Whether `flag` is set in any process. Every process must call this at the same step: with several
+    processes it is a host all-gather (a SIGTERM reaches the processes of a job at slightly different times, and
+    they must stop, save and exit at the same step, or one waits forever in a collective the others left)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+
+
 def _record_nonfinite_batch(workdir: str, task: SyntheticTask, step: int) -> str:
     """Writes the batch of a non-finite step to workdir/nonfinite/step_N.npz; returns where, for the log."""
     directory = os.path.join(workdir, "nonfinite")
@@ -398,6 +409,7 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
 
     preempted = []
     previous_handler = _install_sigterm(preempted)
+    done = start  # the steps completed so far
     try:
         for step in range(start, num_steps):
             state, metrics = train_step_for(step)(state, rest, batches.put(task.train_batch(step)))
@@ -437,16 +449,27 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
             progress.update(1)
             if done % t.log_every == 0:
                 interval_start, interval_steps = time.time(), 0
-            if preempted:
+            if _any_process(bool(preempted)):
                 progress.close()
                 check_finite()
                 if checkpoints.latest_step() != done:
                     checkpoints.save(done, state, meta_for(done), force=True)
                 checkpoints.wait()
-                print(f"ramjax train: SIGTERM received; saved step {done} in {workdir} and stopped; rerun the "
+                by = "" if preempted else " by another process of this run"
+                print(f"ramjax train: SIGTERM received{by}; saved step {done} in {workdir} and stopped; rerun the "
                       f"command to resume")
                 raise SystemExit(0)
     except KeyboardInterrupt:
+        if done == start:
+            # Ctrl-C before the first step finished (while it compiles): nothing new to save. Leave at once:
+            # an XLA compilation cut short can crash the interpreter's normal shutdown (seen: exit -11).
+            progress.close()
+            checkpoints.wait()
+            print(f"\nramjax train: interrupted before step {start + 1} finished; nothing new to save"
+                  + (f" (the newest checkpoint is step {checkpoints.latest_step()})" if checkpoints.latest_step()
+                     else ""), flush=True)
+            sys.stderr.flush()
+            os._exit(130)
         # Ctrl-C: keep what was trained. `state` is the state after the last completed step, unless the
         # interrupt came inside a train_step call after its buffers were donated: then the newest checkpoint is
         # all there is.
