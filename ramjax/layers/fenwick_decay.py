@@ -1,4 +1,4 @@
-"""FenwickDecay: per-token, per-level weights lambda for log-linear attention (spec loglinear.md section 4).
+"""FenwickDecay: per-token, per-level weights lambda for log-linear attention (docs/loglinear.md section 4).
 
 From x_t, a projection gives dl_t = W_l x_t, L numbers per head; a mode turns them into lambda_t [heads, L]:
   fixed         lambda = 1 on every level (plain Mamba-2 / Gated DeltaNet).

@@ -1,4 +1,4 @@
-"""Gated DeltaNet token mixer, and its log-linear form (spec loglinear.md section 3).
+"""Gated DeltaNet token mixer, and its log-linear form (docs/loglinear.md section 3).
 
 q, k, v by projections, each through a short causal conv + SiLU; q and k L2-normalised per head (q also scaled
 by d_k^-1/2); beta = sigmoid(W_b x); log alpha = -exp(A_log) * softplus(W_a x + dt_bias); the delta-rule state

@@ -1,5 +1,5 @@
 """The log-linear token mixer: a Mamba-2 or Gated DeltaNet base whose state is split into Fenwick levels,
-read with per-token level weights lambda from a `FenwickDecay` of the chosen mode (spec loglinear.md)."""
+read with per-token level weights lambda from a `FenwickDecay` of the chosen mode (docs/loglinear.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Mamba-2 (SSD) token mixer, and its log-linear form (spec loglinear.md section 2, "Mamba-2 mapping").
+"""Mamba-2 (SSD) token mixer, and its log-linear form (docs/loglinear.md section 2, "Mamba-2 mapping").
 
 x -> z (gate), x_in, B, C, dt by separate projections; short causal conv + SiLU on x_in, B and C; per head
 dt = softplus(dt_raw + dt_bias), A = -exp(A_log); the recurrence runs with q = C, k = B, v = x_in * dt and the

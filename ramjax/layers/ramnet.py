@@ -1,4 +1,4 @@
-"""The RAM-Net token mixer (spec ramnet.md sections 2-5).
+"""The RAM-Net token mixer (docs/ramnet.md sections 2-5).
 
 Per head: q = exp(alpha_h) W_q x and k = exp(alpha_h) W_k x (the learnable temperature of section 5),
 v = W_v x; write and read addresses are the top-K product-softmax codes of k and q, shifted by CAPE on the heads

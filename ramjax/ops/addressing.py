@@ -1,4 +1,4 @@
-"""RAM-Net address decoder: sparse product-softmax addresses and CAPE (spec ramnet.md sections 2-3).
+"""RAM-Net address decoder: sparse product-softmax addresses and CAPE (docs/ramnet.md sections 2-3).
 
 A key of size U * d_p is split into U factors; each factor goes through a softmax over d_p entries and the
 address is their Kronecker product, a distribution over M = d_p ** U slots. Only its top-K entries are kept.

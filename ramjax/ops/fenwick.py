@@ -1,4 +1,4 @@
-"""Log-linear attention over a Fenwick-tree partition of the past (spec loglinear.md sections 1-2).
+"""Log-linear attention over a Fenwick-tree partition of the past (docs/loglinear.md sections 1-2).
 
 For a query at position t and a key at s <= t (0-indexed, absolute positions):
 

@@ -1,4 +1,4 @@
-"""Log-linear attention over the Gated DeltaNet base (spec loglinear.md section 3).
+"""Log-linear attention over the Gated DeltaNet base (docs/loglinear.md section 3).
 
 Every level's state S_l [d_k, d_v] follows the same transition M_t = alpha_t (I - beta_t k_t k_t^T), and the
 new term beta_t k_t v_t^T enters level 0 (after the binary-counter merge of `fenwick.py`):

@@ -1,4 +1,4 @@
-"""Plain (not log-linear) gated recurrences, the bases of the baseline layers.
+"""Plain (not log-linear) gated recurrences, the bases of the baseline layers (docs/loglinear.md section 5).
 
 Gated linear attention (Mamba-2 / SSD with a scalar gate per head, GLA with one gate per key dimension):
 

@@ -1,4 +1,4 @@
-"""RAM-Net memory: the power-decay moving average (PDMA) over M slots per head (spec ramnet.md sections 4 and 6).
+"""RAM-Net memory: the power-decay moving average (PDMA) over M slots per head (docs/ramnet.md sections 4 and 6).
 
 For every slot m of one (batch, head), with dense write weights w_t and read weights r_t over the M slots:
 
