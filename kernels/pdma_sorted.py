@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from kernels import sorted_scan
 from kernels.pdma_math import from_sequences, log_decay, merged_writes, proxy_derivative, to_sequences
 
+
 class SortedOptions(NamedTuple):
     num_slots: int
     gamma: float
@@ -48,8 +49,9 @@ def _take(x, index):
 
 
 class _Events(NamedTuple):
-    """The merged write events in slot order, [G, N] with N = T K (the last ones, slot M, are empty)."""
-    slot: jax.Array       # slot, or num_slots for an empty event
+    """The merged write events in slot order, [G, N] with N = T K (empty events, slot -1, sorted last: they
+    write nothing and are never read)."""
+    slot: jax.Array       # slot, or -1 for an empty event (a repeat merged into an earlier one of its token)
     token: jax.Array      # the step that wrote it
     w: jax.Array          # summed write weight (0 for an empty event)
     log_decay: jax.Array  # log a, as written (before segment starts are zeroed)
