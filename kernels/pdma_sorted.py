@@ -89,20 +89,19 @@ def _reads(opts, h_v, h_z, ev, q, read_idx):
     return s, z, found, q_safe
 
 
-def _prepare(opts, ri, rv, wi, wv):
-    """Merged writes, their sorted order and each read's write: the forward and backward passes' shared part."""
-    g, t, k = wi.shape
+def _merged(opts, wi, wv):
+    """The merged writes (slot or -1, summed weight, log-decay, same-slot matrix): recomputed in the backward
+    pass, which takes their sorted order from the forward pass."""
     slot, w, same = merged_writes(wi, wv.astype(jnp.float32))
-    ld = log_decay(w, opts.gamma)
-    key = jnp.where(slot >= 0, slot, opts.num_slots).reshape(g, t * k)
-    _, order = sorted_scan.sort_by_slot(key, opts.num_slots)
-    return slot, w, ld, same, order
+    return slot, w, log_decay(w, opts.gamma), same
 
 
 def _forward(opts: SortedOptions, read_idx, read_val, write_idx, write_val, v):
     batch, k = read_idx.shape[0], read_idx.shape[-1]
     ri, rv, wi, wv, vs = (to_sequences(x) for x in (read_idx, read_val, write_idx, write_val, v))
-    slot, w, ld, _, order = _prepare(opts, ri, rv, wi, wv)
+    slot, w, ld, _ = _merged(opts, wi, wv)
+    key = jnp.where(slot >= 0, slot, opts.num_slots).reshape(slot.shape[0], -1)
+    _, order = sorted_scan.sort_by_slot(key, opts.num_slots)
     ev = _events(order, slot, w, ld, k)
     h_v, h_z = _state_values(opts, ev, vs)
     q = sorted_scan.last_updates(slot, ri, opts.num_slots)
@@ -115,7 +114,7 @@ def _backward(opts: SortedOptions, batch, residuals, g_o):
     ri, rv, wi, wv, vs, order, q = residuals
     g, t, k = wi.shape
     d_v = vs.shape[-1]
-    slot, w, ld, same, _ = _prepare(opts, ri, rv, wi, wv)
+    slot, w, ld, same = _merged(opts, wi, wv)
     ev = _events(order, slot, w, ld, k)
     h_v, h_z = _state_values(opts, ev, vs)
     s, z, found, q_safe = _reads(opts, h_v, h_z, ev, q, ri)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels.scans import carry_scan, segmented_cumsum
 from kernels.shapes import next_pow2, pad_axis
 
 
@@ -47,22 +48,13 @@ def _kernel(starts_ref, ld_ref, xv_ref, xz_ref, carry_v_ref, carry_z_ref, *refs,
     hz_ref[...] = jnp.sum(weights * xz_ref[...][None, :], axis=1) + decay * carry_z_ref[...]
 
 
-def _segmented_cumsum(starts, x, axis):
-    def combine(earlier, later):
-        s_e, x_e = earlier
-        s_l, x_l = later
-        return s_e | s_l, jnp.where(s_l, x_l, x_e + x_l)
-
-    return jax.lax.associative_scan(combine, (starts, x), axis=axis)[1]
-
-
 def _edges(starts, ld, x_v, x_z, block):
     """Per block (forward order): its value at the last event from a zero carry-in and its decay across the block,
     computed on scalars and one weighted sum over x."""
     g, n = ld.shape
     shape = (g, n // block, block)
     starts, ld = starts.reshape(shape), ld.reshape(shape)
-    c = _segmented_cumsum(starts, ld, axis=-1)
+    c = segmented_cumsum(starts, ld, axis=-1)
     segment = jnp.cumsum(starts.astype(jnp.int32), axis=-1)
     linked = segment == segment[..., -1:]
     weight = jnp.where(linked, jnp.exp(jnp.where(linked, c[..., -1:] - c, 0.0)), 0.0)
@@ -71,23 +63,13 @@ def _edges(starts, ld, x_v, x_z, block):
     return edge_v, edge_z, jnp.where(segment[..., -1] == 0, jnp.exp(c[..., -1]), 0.0)
 
 
-def _carry_scan(decay, value):
-    """H[b] = value[b] + decay[b] H[b - 1] over axis 1 (H[-1] = 0)."""
-    def combine(earlier, later):
-        a_e, h_e = earlier
-        a_l, h_l = later
-        return a_e * a_l, a_l.reshape(a_l.shape + (1,) * (h_l.ndim - a_l.ndim)) * h_e + h_l
-
-    return jax.lax.associative_scan(combine, (decay, value), axis=1)[1]
-
-
 def _carried_in(starts, ld, x_v, x_z, block, reverse):
     """Each block's carried-in value (v part [G, nb, D], z part [G, nb])."""
     flip = functools.partial(jnp.flip, axis=1)
     if reverse:  # the reverse recurrence is the forward one on the reversed sequence
         starts, ld, x_v, x_z = flip(starts), flip(ld), flip(x_v), flip(x_z)
     edge_v, edge_z, decay = _edges(starts, ld, x_v, x_z, block)
-    carried_v, carried_z = _carry_scan(decay, edge_v), _carry_scan(decay, edge_z)
+    carried_v, carried_z = carry_scan(decay, edge_v), carry_scan(decay, edge_z)
     in_v = jnp.concatenate([jnp.zeros_like(carried_v[:, :1]), carried_v[:, :-1]], axis=1)
     in_z = jnp.concatenate([jnp.zeros_like(carried_z[:, :1]), carried_z[:, :-1]], axis=1)
     return (flip(in_v), flip(in_z)) if reverse else (in_v, in_z)

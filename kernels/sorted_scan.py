@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import sorted_blocks
+from kernels.scans import carry_scan, segmented_cumsum
 from kernels.shapes import pad_axis
 
 # Updates whose log-decay is at or below this start a new segment (their predecessor's value is dropped).
@@ -53,26 +54,6 @@ def _merge_step_decays(upd_slot, upd_log_decay):
     first = ~jnp.any(same & earlier, axis=-1)
     summed = jnp.sum(jnp.where(same, upd_log_decay[..., None, :], 0.0), axis=-1)
     return jnp.where(first, summed, 0.0)
-
-
-def _segmented_cumsum(starts, x, axis):
-    """Running sums of x along `axis` that restart at every True in `starts`."""
-    def combine(earlier, later):
-        s_e, x_e = earlier
-        s_l, x_l = later
-        return s_e | s_l, jnp.where(s_l, x_l, x_e + x_l)
-
-    return jax.lax.associative_scan(combine, (starts, x), axis=axis)[1]
-
-
-def _carry_scan(decay, value):
-    """H[b] = value[b] + decay[b] H[b - 1] over axis 1 (H[-1] = 0), by an associative scan."""
-    def combine(earlier, later):
-        a_e, h_e = earlier
-        a_l, h_l = later
-        return a_e * a_l, a_l[..., None] * h_e + h_l
-
-    return jax.lax.associative_scan(combine, (decay, value), axis=1)[1]
 
 
 def sort_by_slot(slots, num_slots: int):
@@ -119,7 +100,7 @@ def block_weights(starts_b, ld_b):
     """Per block ([..., C] segment starts and log-decays): the [C, C] weights (event j's contribution to event
     i's value) and each event's decay from the block start (0 once a new segment has begun)."""
     block = starts_b.shape[-1]
-    c = _segmented_cumsum(starts_b, ld_b, axis=-1)
+    c = segmented_cumsum(starts_b, ld_b, axis=-1)
     segment = jnp.cumsum(starts_b.astype(jnp.int32), axis=-1)  # 0 while the block continues the carried segment
     linked = jnp.tril(jnp.ones((block, block), bool)) & (segment[..., :, None] == segment[..., None, :])
     weights = jnp.exp(jnp.where(linked, c[..., :, None] - c[..., None, :], -jnp.inf))
@@ -136,7 +117,7 @@ def blocked_recurrence(starts, ld_q, x_q, block: int):
     weights, carry_decay = block_weights(starts.reshape(g, n_blocks, block), ld_q.reshape(g, n_blocks, block))
     x_b = x_q.reshape(g, n_blocks, block, d)
     h_local = jnp.einsum("gbij,gbjd->gbid", weights, x_b, precision=jax.lax.Precision.HIGHEST)
-    carried = _carry_scan(carry_decay[..., -1], h_local[:, :, -1])  # value at each block's last event
+    carried = carry_scan(carry_decay[..., -1], h_local[:, :, -1])  # value at each block's last event
     carried_in = jnp.concatenate([jnp.zeros_like(carried[:, :1]), carried[:, :-1]], axis=1)
     return h_local, carry_decay, carried_in
 

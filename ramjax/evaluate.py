@@ -46,22 +46,12 @@ def load_run_config(workdir: str):
     return config
 
 
-class _LocalBatches:
-    """Batches for `trainer.evaluate` in this one process."""
-
-    def __init__(self, sharding):
-        self.sharding = sharding
-
-    def put(self, batch) -> dict:
-        return {k: jax.device_put(np.asarray(v), self.sharding) for k, v in batch._asdict().items()}
-
-
 def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) -> dict:
     """Accuracy of a trained MQAR / selective-copying run on each of `settings` (default: its own)."""
     from ramjax.data.tasks import SyntheticTask
     from ramjax.train import sharding
     from ramjax.train.step import make_eval_step
-    from ramjax.train.trainer import evaluate, model_parts, restore_state
+    from ramjax.train.trainer import Batches, check_config, evaluate, model_parts, restore_state
 
     config = load_run_config(workdir)
     if settings:
@@ -78,7 +68,9 @@ def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) 
     mesh = sharding.make_mesh(config.mesh)
     graphdef, rest = model_parts(config, mesh)
     eval_step = jax.jit(make_eval_step(graphdef))
-    batches = _LocalBatches(sharding.replicated(mesh))
+    batch_sharding = sharding.batch_sharding(config.mesh.rules, mesh)
+    check_config(config, task, sharding.num_shards(batch_sharding))  # rounds eval_batch_size to the shards
+    batches = Batches(batch_sharding)
     results = evaluate(eval_step, state["params"], rest, task, batches)
     result = {"workdir": os.path.abspath(workdir), "task": config.task, "step": int(meta["step"]),
               "model": config.model.pattern, "settings": config.data.eval_settings,

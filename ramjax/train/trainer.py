@@ -128,7 +128,7 @@ def _record_nonfinite_batch(workdir: str, task: SyntheticTask, step: int) -> str
     return f", saved to {path}"
 
 
-class _Batches:
+class Batches:
     """Global batches as sharded jax.Arrays; each process contributes its own rows."""
 
     def __init__(self, batch_sharding):
@@ -141,7 +141,7 @@ class _Batches:
                 for field, value in batch._asdict().items()}
 
 
-def evaluate(eval_step, params, rest, task: SyntheticTask, batches: _Batches) -> dict:
+def evaluate(eval_step, params, rest, task: SyntheticTask, batches: Batches) -> dict:
     """Accuracy and loss on every evaluation slice, and the mean accuracy over slices."""
     results = {}
     for eval_slice in task.eval_slices:
@@ -371,7 +371,7 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
 
     # --- the loop ------------------------------------------------------------------------------------------
     metrics_log = MetricsLog(workdir, enabled=is_main, resumed_from=start)
-    batches = _Batches(batch_sh)
+    batches = Batches(batch_sh)
     t = config.train
     tokens_per_step = config.data.batch_size * (task.max_train_len if config.data.get("mixture", "pad") == "pad" else
                                                 float(np.mean([n for _, n in task.train_settings])))
