@@ -77,11 +77,19 @@ def test_interrupted_scheduled_run_resumes_to_the_same_parameters(tmp_path, monk
     assert_trees_equal(state_a, state_b)
 
 
+def test_start_above_the_memory_size_means_every_slot():
+    config = schedule_config(steps=2)
+    config.train.ramnet_top_k_start = 32  # M = 4 ** 2 = 16
+    assert top_k_schedule.start_k(config) == 16
+    config.train.ramnet_top_k_start = 0
+    assert top_k_schedule.start_k(config) == 0
+    other = tiny_config("gla")
+    other.train.ramnet_top_k_start = 32
+    assert top_k_schedule.start_k(other) == 0, "no schedule (and one compiled step) without RAM-Net layers"
+
+
 def test_schedule_fields_are_checked(tmp_path):
     config = schedule_config(steps=2)
-    config.train.ramnet_top_k_start = 17  # M = 4 ** 2 = 16
-    with pytest.raises(ConfigError, match="ramnet_top_k_start: must be <= M"):
-        train(config, str(tmp_path))
     config.train.ramnet_top_k_start, config.train.ramnet_top_k_anneal_steps = 4, -1
     with pytest.raises(ConfigError, match="ramnet_top_k_anneal_steps: must be an integer >= 0"):
         train(config, str(tmp_path))

@@ -6,7 +6,7 @@ The length-M vector is never built: a beam search over factors finds the exact t
 
 Implementations (`impl=`): "xla" (the beam search below in jax.numpy), "pallas" (`kernels.product_topk`: the
 softmaxes, the beam search and the values fused into one kernel; interpret mode on the CPU) and "auto" (the
-kernel on GPUs, where it was measured 15x faster; XLA elsewhere). Both form every probability and product in the
+kernel on GPUs up to K = PALLAS_MAX_TOP_K, where it was measured 15x faster at K = 8; XLA elsewhere). Both form every probability and product in the
 same order, so they return the same slots (ties to the lower slot) and values equal to fp32 rounding; where two
 products differ only by an ulp, an ulp of difference in exp between XLA and Triton can order them differently.
 """
@@ -28,6 +28,11 @@ IMPLS = ("auto", "xla", "pallas")
 # Launch shape of the decoder kernel on GPUs (keys per program, warps), chosen by measurement on an H200
 # (kernels/README.md).
 PALLAS_GPU_OPTIONS = {"block_rows": 128, "num_warps": 4}
+# The kernel unrolls its beam search (about U * K selection rounds over K * d_p candidates), so its code and
+# compile time grow with K. On an H200 (2026-12-01) RAM-Net train steps at K = 8, 16 and 32 compiled in seconds
+# to a minute; one at K = 64 (M = 1024) had not finished compiling after 6 minutes, most likely in this kernel.
+# "auto" takes XLA above this K.
+PALLAS_MAX_TOP_K = 32
 
 
 def factor_size(key_size: int, num_factors: int) -> int:
@@ -93,11 +98,11 @@ def gather_product(probs: jax.Array, idx: jax.Array) -> jax.Array:
     return val
 
 
-def resolve_impl(impl: str, dtype) -> str:
+def resolve_impl(impl: str, dtype, top_k: int) -> str:
     """The implementation `impl="auto"` stands for on the current default backend."""
     if impl != "auto":
         return impl
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize <= 4:
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize <= 4 and top_k <= PALLAS_MAX_TOP_K:
         return "pallas"
     return "xla"
 
@@ -142,7 +147,7 @@ def product_topk(
         raise ValueError(f"top_k: must be <= M = d_p ** U = {num_slots}, got {top_k}")
     if impl not in IMPLS:
         raise ValueError(f"impl: must be one of {IMPLS}, got {impl!r}")
-    chosen = resolve_impl(impl, x.dtype)
+    chosen = resolve_impl(impl, x.dtype, top_k)
     if chosen == "pallas":
         if jnp.dtype(x.dtype).itemsize > 4:
             raise ValueError(f"x: impl='pallas' computes in float32 and takes float16/bfloat16/float32 keys, got "

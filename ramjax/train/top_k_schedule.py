@@ -5,7 +5,8 @@ slot that is not kept carries no gradient, so training may never start with a la
 larger K early gives the addresses a chance to meet; the schedule then halves K in equal phases until it reaches
 the model's K, which evaluation always uses. Config fields (`train`):
 
-  ramnet_top_k_start          K at step 0 (0, or any value <= the model's K: no schedule);
+  ramnet_top_k_start          K at step 0 (0, or any value <= the model's K: no schedule; a value above the
+                              memory's M slots means M, so one default serves every memory size);
   ramnet_top_k_anneal_steps   the steps over which K falls to the model's K (halving in equal phases).
 
 K is a function of the step alone, so a resumed run trains exactly as an uninterrupted one. Each distinct K is
@@ -40,15 +41,20 @@ def top_k_at(step: int, start: int, model_k: int, anneal_steps: int) -> int:
 
 def check(config) -> None:
     """Errors that name the field, the value and what is allowed."""
-    t, r = config.train, config.model.ramnet
+    t = config.train
     start, steps = t.get("ramnet_top_k_start", 0), t.get("ramnet_top_k_anneal_steps", 0)
     for name, value in (("ramnet_top_k_start", start), ("ramnet_top_k_anneal_steps", steps)):
         if not isinstance(value, int) or value < 0:
             raise ConfigError(f"train.{name}: must be an integer >= 0, got {value!r}")
-    num_slots = r.factor_size**r.num_factors
-    if start > num_slots:
-        raise ConfigError(f"train.ramnet_top_k_start: must be <= M = model.ramnet.factor_size ** num_factors = "
-                          f"{num_slots}, got {start}")
+
+
+def start_k(config) -> int:
+    """train.ramnet_top_k_start, capped at the memory's M = factor_size ** num_factors slots; 0 (no schedule)
+    for a model without RAM-Net layers, so that it compiles one train step."""
+    r = config.model.ramnet
+    if "ramnet" not in config.model.pattern:
+        return 0
+    return min(config.train.get("ramnet_top_k_start", 0), r.factor_size**r.num_factors)
 
 
 def with_top_k(model: LanguageModel, k: int) -> LanguageModel:

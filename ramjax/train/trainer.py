@@ -301,7 +301,7 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
     train_steps = {}
 
     def train_step_for(step: int):
-        k = top_k_schedule.top_k_at(step, config.train.get("ramnet_top_k_start", 0), model_k,
+        k = top_k_schedule.top_k_at(step, top_k_schedule.start_k(config), model_k,
                                     config.train.get("ramnet_top_k_anneal_steps", 0))
         if k not in train_steps:
             step_graphdef = graphdef
