@@ -46,6 +46,19 @@ def load_run_config(workdir: str):
     return config
 
 
+def load_model(workdir: str, step: int | None = None):
+    """The model of a `ramjax train` workdir with the parameters of checkpoint `step` (default: the newest), on
+    the default device (also `ramjax.models.decode.load_model`)."""
+
+    from ramjax.train import sharding
+    from ramjax.train.trainer import model_parts, restore_state
+
+    config = load_run_config(workdir)
+    state, _ = restore_state(config, workdir, step=step)
+    graphdef, rest = model_parts(config, sharding.make_mesh(config.mesh))
+    return nnx.merge(graphdef, state["params"], rest)
+
+
 def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) -> dict:
     """Accuracy of a trained MQAR / selective-copying run on each of `settings` (default: its own)."""
     from ramjax.data.tasks import SyntheticTask

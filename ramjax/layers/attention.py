@@ -60,3 +60,30 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(shape)
         o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=resolve_impl(self.impl, q.dtype))
         return self.o_proj(o.reshape(batch, seq_len, -1))
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        """The decoding state: keys and values of up to max_len tokens `[batch, max_len, heads, head_dim]` (RoPE
+        applied) and how many are filled. Unlike the recurrent mixers' states, it grows with max_len."""
+        shape = (batch, max_len, self.num_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype), "length": jnp.int32(0)}
+
+    def extend(self, x: jax.Array, positions: jax.Array, cache: dict,
+               fresh: bool = False) -> tuple[jax.Array, dict]:
+        """`__call__` over x `[batch, time, d_model]` following the cached tokens: x's keys and values go into the
+        cache after them, and each query attends to every cached token and to x's up to itself. The caller keeps
+        length + time <= max_len (then a slice would be clipped, silently, by dynamic_update_slice)."""
+        del fresh
+        batch, seq_len, _ = x.shape
+        shape = (batch, seq_len, self.num_heads, self.head_dim)
+        q = rope(self.q_proj(x).reshape(shape), positions, self.rope_theta)
+        k = rope(self.k_proj(x).reshape(shape), positions, self.rope_theta)
+        v = self.v_proj(x).reshape(shape)
+        start = cache["length"]
+        keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
+        values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+        scores = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), keys.astype(jnp.float32))
+        visible = jnp.arange(keys.shape[1])[None, :] <= start + jnp.arange(seq_len)[:, None]  # [t, s]
+        scores = jnp.where(visible, scores * self.head_dim**-0.5, -jnp.inf)
+        o = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), values.astype(jnp.float32))
+        o = o.astype(v.dtype).reshape(batch, seq_len, -1)
+        return self.o_proj(o), {"k": keys, "v": values, "length": start + seq_len}

@@ -26,9 +26,22 @@ class ShortConv(nnx.Module):
         self.bias = logical_param(jnp.zeros((channels,)), "heads")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        seq_len = x.shape[1]
-        kernel = self.kernel[...].astype(self.dtype)
         padded = jnp.pad(x.astype(self.dtype), ((0, 0), (self.width - 1, 0), (0, 0)))
+        return self._over(padded, x.shape[1])
+
+    def init_window(self, batch: int) -> jax.Array:
+        """The decoding state: the last width - 1 inputs `[batch, width - 1, channels]` (zeros: nothing before)."""
+        return jnp.zeros((batch, self.width - 1, self.kernel.shape[-1]), self.dtype)
+
+    def extend(self, x: jax.Array, window: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The convolution of x `[batch, time, channels]` continuing after the inputs kept in `window`; returns
+        (y, the window after x). Equal to running `__call__` over the whole sequence at once."""
+        padded = jnp.concatenate([window.astype(self.dtype), x.astype(self.dtype)], axis=1)
+        return self._over(padded, x.shape[1]), padded[:, padded.shape[1] - (self.width - 1):]
+
+    def _over(self, padded: jax.Array, seq_len: int) -> jax.Array:
+        """y for the last seq_len positions of `padded` (which has width - 1 earlier inputs before them)."""
+        kernel = self.kernel[...].astype(self.dtype)
         y = self.bias[...].astype(self.dtype)
         for j in range(self.width):
             start = self.width - 1 - j

@@ -53,20 +53,66 @@ class GatedDeltaNetMixer(nnx.Module):
         self.decay = (FenwickDecay(d_model, num_heads, num_levels, decay_mode, decay_hidden, rngs=rngs)
                       if decay_mode is not None else None)
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        del positions
+    def _inputs(self, x: jax.Array, windows=None):
+        """q, k, v, beta, log decay, and the convs' windows after x (decoding)."""
         batch, seq_len, _ = x.shape
         split = (batch, seq_len, self.num_heads, -1)
-        q = _l2_normalise(self.q_conv(self.q_proj(x)).reshape(split)) * (self.d_k**-0.5)
-        k = _l2_normalise(self.k_conv(self.k_proj(x)).reshape(split))
-        v = self.v_conv(self.v_proj(x)).reshape(split)
+        convs = (self.q_conv, self.k_conv, self.v_conv)
+        projected = (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        if windows is None:
+            q, k, v = (conv(y) for conv, y in zip(convs, projected))
+            new_windows = None
+        else:
+            (q, wq), (k, wk), (v, wv) = (conv.extend(y, w) for conv, y, w in zip(convs, projected, windows))
+            new_windows = [wq, wk, wv]
+        q = _l2_normalise(q.reshape(split)) * (self.d_k**-0.5)
+        k = _l2_normalise(k.reshape(split))
+        v = v.reshape(split)
         beta = jax.nn.sigmoid(self.beta_proj(x).astype(jnp.float32))
         log_decay = -jnp.exp(self.a_log[...]) * jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + self.dt_bias[...])
+        return q, k, v, beta, log_decay, new_windows
+
+    def _output(self, x: jax.Array, o: jax.Array) -> jax.Array:
+        o = self.norm(o, self.gate_proj(x).reshape(o.shape))
+        return self.o_proj(o.reshape(*x.shape[:2], -1))
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        del positions
+        q, k, v, beta, log_decay, _ = self._inputs(x)
         level_weights = None if self.decay is None else self.decay(x)
         with jax.named_scope("op"):  # names the op's share in profiles (experiments/profile_train_step.py)
             if level_weights is None:
                 o = ops.gated_delta_rule(q, k, v, log_decay, beta, chunk_size=self.chunk_size)
             else:
                 o = ops.loglinear_gated_delta(q, k, v, log_decay, beta, level_weights, chunk_size=self.chunk_size)
-        o = self.norm(o, self.gate_proj(x).reshape(o.shape))
-        return self.o_proj(o.reshape(batch, seq_len, -1))
+        return self._output(x, o)
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        """The decoding state: the convs' windows and S `[batch, heads, d_k, d_v]` (fp32), or one per Fenwick
+        level and the position with the log-linear decay (`FenwickState`)."""
+        del max_len
+        if self.decay is None:
+            state = jnp.zeros((batch, self.num_heads, self.d_k, self.d_v), jnp.float32)
+        else:
+            state = ops.loglinear_init(batch, self.num_heads, self.decay.num_levels, self.d_k, self.d_v)
+        return {"state": state, "windows": [conv.init_window(batch) for conv in (self.q_conv, self.k_conv,
+                                                                                  self.v_conv)]}
+
+    def extend(self, x: jax.Array, positions: jax.Array, cache: dict,
+               fresh: bool = False) -> tuple[jax.Array, dict]:
+        """`__call__` over x continuing from `cache`; returns (y, the cache after x). `fresh`: the cache is
+        `init_cache`'s (nothing seen yet). The log-linear chunked form aligns its chunks to the absolute position,
+        which must then be known at trace time: from a fresh cache it is 0; otherwise (a traced position) the
+        recurrent form runs, per token."""
+        del positions
+        q, k, v, beta, log_decay, windows = self._inputs(x, cache["windows"])
+        if self.decay is None:
+            o, state = ops.gated_delta_rule(q, k, v, log_decay, beta, chunk_size=self.chunk_size,
+                                            initial_state=cache["state"], return_final_state=True)
+            state = state.astype(jnp.float32)
+        else:
+            o, state = ops.loglinear_gated_delta(
+                q, k, v, log_decay, beta, self.decay(x), chunk_size=self.chunk_size,
+                impl="chunked" if fresh else "recurrent", initial_state=None if fresh else cache["state"],
+                return_final_state=True)
+        return self._output(x, o), {"state": state, "windows": windows}

@@ -39,8 +39,7 @@ class GLAMixer(nnx.Module):
         self.norm = GatedRMSNorm(value_width // num_heads, axis_name=None)
         self.o_proj = dense(value_width, d_model, "heads", "embed", dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        del positions
+    def _inputs(self, x: jax.Array):
         batch, seq_len, _ = x.shape
         split = (batch, seq_len, self.num_heads, -1)
         q = self.q_proj(x).reshape(split) * (self.d_k**-0.5)
@@ -48,7 +47,30 @@ class GLAMixer(nnx.Module):
         v = self.v_proj(x).reshape(split)
         logits = self.decay_up(self.decay_down(x)).astype(jnp.float32)
         log_decay = (jax.nn.log_sigmoid(logits) / self.gate_normaliser).reshape(split)
+        return q, k, v, log_decay
+
+    def _output(self, x: jax.Array, o: jax.Array) -> jax.Array:
+        o = self.norm(o, self.gate_proj(x).reshape(o.shape))
+        return self.o_proj(o.reshape(*x.shape[:2], -1))
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        del positions
+        q, k, v, log_decay = self._inputs(x)
         with jax.named_scope("op"):  # names the op's share in profiles (experiments/profile_train_step.py)
             o = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size)
-        o = self.norm(o, self.gate_proj(x).reshape(o.shape))
-        return self.o_proj(o.reshape(batch, seq_len, -1))
+        return self._output(x, o)
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        """The decoding state: S `[batch, heads, d_k, d_v]` in fp32 (independent of max_len)."""
+        del max_len
+        d_v = self.v_proj.kernel.shape[-1] // self.num_heads
+        return {"state": jnp.zeros((batch, self.num_heads, self.d_k, d_v), jnp.float32)}
+
+    def extend(self, x: jax.Array, positions: jax.Array, cache: dict,
+               fresh: bool = False) -> tuple[jax.Array, dict]:
+        """`__call__` over x continuing from `cache` (the chunked form for a prompt, the step for one token)."""
+        del positions, fresh
+        q, k, v, log_decay = self._inputs(x)
+        o, state = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size,
+                                              initial_state=cache["state"], return_final_state=True)
+        return self._output(x, o), {"state": state.astype(jnp.float32)}

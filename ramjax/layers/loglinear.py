@@ -30,3 +30,10 @@ class LogLinearMixer(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         return self.base(x, positions)
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        return self.base.init_cache(batch, max_len)
+
+    def extend(self, x: jax.Array, positions: jax.Array, cache: dict,
+               fresh: bool = False) -> tuple[jax.Array, dict]:
+        return self.base.extend(x, positions, cache, fresh)

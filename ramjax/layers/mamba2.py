@@ -57,24 +57,68 @@ class Mamba2Mixer(nnx.Module):
         self.decay = (FenwickDecay(d_model, self.num_heads, num_levels, decay_mode, decay_hidden, rngs=rngs)
                       if decay_mode is not None else None)
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        del positions
+    def _inputs(self, x: jax.Array, windows=None):
+        """q, k, v, log decay, x_in of the recurrence, and the convs' windows after x (decoding)."""
         batch, seq_len, _ = x.shape
         heads = (batch, seq_len, self.num_heads, self.head_dim)
-        x_in = self.x_conv(self.x_proj(x)).reshape(heads)
-        b = self.b_conv(self.b_proj(x))
-        c = self.c_conv(self.c_proj(x))
+        convs = (self.x_conv, self.b_conv, self.c_conv)
+        projected = (self.x_proj(x), self.b_proj(x), self.c_proj(x))
+        if windows is None:
+            x_in, b, c = (conv(y) for conv, y in zip(convs, projected))
+            new_windows = None
+        else:
+            (x_in, wx), (b, wb), (c, wc) = (conv.extend(y, w) for conv, y, w in zip(convs, projected, windows))
+            new_windows = [wx, wb, wc]
+        x_in = x_in.reshape(heads)
         dt = jax.nn.softplus(self.dt_proj(x).astype(jnp.float32) + self.dt_bias[...])  # [batch, time, heads]
         log_decay = -jnp.exp(self.a_log[...]) * dt
         k = jnp.broadcast_to(b[:, :, None, :], (batch, seq_len, self.num_heads, self.d_state))
         q = jnp.broadcast_to(c[:, :, None, :], (batch, seq_len, self.num_heads, self.d_state))
         v = x_in * dt[..., None].astype(x_in.dtype)
+        return q, k, v, log_decay, x_in, new_windows
+
+    def _output(self, x: jax.Array, y: jax.Array, x_in: jax.Array) -> jax.Array:
+        y = y + self.d_skip[...].astype(y.dtype)[:, None] * x_in
+        y = y.reshape(*x.shape[:2], -1) * jax.nn.silu(self.z_proj(x))
+        return self.out_proj(self.norm(y))
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        del positions
+        q, k, v, log_decay, x_in, _ = self._inputs(x)
         level_weights = None if self.decay is None else self.decay(x)
         with jax.named_scope("op"):  # names the op's share in profiles (experiments/profile_train_step.py)
             if level_weights is None:
                 y = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size)
             else:
                 y = ops.loglinear_attention(q, k, v, log_decay, level_weights, chunk_size=self.chunk_size)
-        y = y + self.d_skip[...].astype(y.dtype)[:, None] * x_in
-        y = y.reshape(batch, seq_len, -1) * jax.nn.silu(self.z_proj(x))
-        return self.out_proj(self.norm(y))
+        return self._output(x, y, x_in)
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        """The decoding state: the convs' windows and S `[batch, heads, d_state, head_dim]` (fp32), or with the
+        log-linear decay one such state per Fenwick level and the position (`FenwickState`)."""
+        del max_len
+        if self.decay is None:
+            state = jnp.zeros((batch, self.num_heads, self.d_state, self.head_dim), jnp.float32)
+        else:
+            state = ops.loglinear_init(batch, self.num_heads, self.decay.num_levels, self.d_state, self.head_dim)
+        return {"state": state, "windows": [conv.init_window(batch) for conv in (self.x_conv, self.b_conv,
+                                                                                  self.c_conv)]}
+
+    def extend(self, x: jax.Array, positions: jax.Array, cache: dict,
+               fresh: bool = False) -> tuple[jax.Array, dict]:
+        """`__call__` over x continuing from `cache`; returns (y, the cache after x). `fresh`: the cache is
+        `init_cache`'s (nothing seen yet). The log-linear chunked form aligns its chunks to the absolute position,
+        which must then be known at trace time: from a fresh cache it is 0; otherwise (a traced position) the
+        recurrent form runs, per token."""
+        del positions
+        q, k, v, log_decay, x_in, windows = self._inputs(x, cache["windows"])
+        if self.decay is None:
+            y, state = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size,
+                                                  initial_state=cache["state"], return_final_state=True)
+            state = state.astype(jnp.float32)
+        else:
+            y, state = ops.loglinear_attention(
+                q, k, v, log_decay, self.decay(x), chunk_size=self.chunk_size,
+                impl="chunked" if fresh else "recurrent", initial_state=None if fresh else cache["state"],
+                return_final_state=True)
+        return self._output(x, y, x_in), {"state": state, "windows": windows}

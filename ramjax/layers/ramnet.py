@@ -93,17 +93,27 @@ class RAMNetMixer(nnx.Module):
         # the Pallas memory kernel then runs per device shard.
         self.kernel_sharding = None
 
-    def _project(self, index: int, projection, x: jax.Array) -> jax.Array:
-        y = projection(x)
-        return self.convs[index](y) if self.convs else y
-
-    def addresses(self, x: jax.Array, positions: jax.Array):
-        """Sparse read and write codes (idx, val), each `[batch, time, heads, K]`, with CAPE applied."""
+    def _projections(self, x: jax.Array, windows=None):
+        """q, k `[batch, time, heads, d_k]` (scaled by the temperature), v `[batch, time, heads, d_v]`, and the
+        short convs' windows after x (decoding: `windows` holds those before x; None in training)."""
         batch, seq_len, _ = x.shape
-        scale = jnp.exp(self.alpha[...])[:, None]
-        q, k = self._project(0, self.q_proj, x), self._project(1, self.k_proj, x)
-        q = q.reshape(batch, seq_len, self.num_heads, self.d_k) * scale.astype(x.dtype)
-        k = k.reshape(batch, seq_len, self.num_heads, self.d_k) * scale.astype(x.dtype)
+        outputs, new_windows = [], []
+        for index, projection in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+            y = projection(x)
+            if self.convs and windows is None:
+                y = self.convs[index](y)
+            elif self.convs:
+                y, window = self.convs[index].extend(y, windows[index])
+                new_windows.append(window)
+            outputs.append(y)
+        scale = jnp.exp(self.alpha[...])[:, None].astype(x.dtype)
+        q = outputs[0].reshape(batch, seq_len, self.num_heads, self.d_k) * scale
+        k = outputs[1].reshape(batch, seq_len, self.num_heads, self.d_k) * scale
+        v = outputs[2].reshape(batch, seq_len, self.num_heads, self.d_v)
+        return q, k, v, new_windows
+
+    def _codes(self, q: jax.Array, k: jax.Array, positions: jax.Array):
+        """Read codes of q and write codes of k, (idx, val) each `[batch, time, heads, K]`, CAPE applied."""
         decode = functools.partial(ops.product_topk, num_factors=self.num_factors, top_k=self.active_top_k,
                                    impl=self.decoder_impl, sharding=self.kernel_sharding)
         with jax.named_scope("decoder"):  # names its share in profiles (experiments/profile_train_step.py)
@@ -115,15 +125,47 @@ class RAMNetMixer(nnx.Module):
         write_idx = jnp.where(shifted, ops.cape_shift(write_idx, position, self.num_slots), write_idx)
         return (read_idx, read_val), (write_idx, write_val)
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def addresses(self, x: jax.Array, positions: jax.Array):
+        """Sparse read and write codes (idx, val), each `[batch, time, heads, K]`, with CAPE applied."""
+        q, k, _, _ = self._projections(x)
+        return self._codes(q, k, positions)
+
+    def _output(self, x: jax.Array, o: jax.Array) -> jax.Array:
         batch, seq_len, _ = x.shape
-        (read_idx, read_val), (write_idx, write_val) = self.addresses(x, positions)
-        v = self._project(2, self.v_proj, x).reshape(batch, seq_len, self.num_heads, self.d_v)
-        with jax.named_scope("op"):
-            o = ops.pdma(read_idx, read_val, write_idx, write_val, v, num_slots=self.num_slots, gamma=self.gamma,
-                         eps=self.eps, grad_eps=self.grad_eps, impl=self.impl, sharding=self.kernel_sharding)
         if self.gate_proj is not None:
             o = self.out_norm(o, self.gate_proj(x).reshape(o.shape))
         elif self.out_norm is not None:
             o = self.out_norm(o)
         return self.o_proj(o.reshape(batch, seq_len, -1))
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        q, k, v, _ = self._projections(x)
+        (read_idx, read_val), (write_idx, write_val) = self._codes(q, k, positions)
+        with jax.named_scope("op"):
+            o = ops.pdma(read_idx, read_val, write_idx, write_val, v, num_slots=self.num_slots, gamma=self.gamma,
+                         eps=self.eps, grad_eps=self.grad_eps, impl=self.impl, sharding=self.kernel_sharding)
+        return self._output(x, o)
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        """The decoding state: the PDMA memory and normaliser (`[batch, heads, M, d_v]`, `[batch, heads, M]`,
+        fp32; its size does not depend on max_len) and the short convs' windows."""
+        del max_len
+        return {"memory": ops.pdma_init(batch, self.num_heads, self.num_slots, self.d_v),
+                "windows": [conv.init_window(batch) for conv in self.convs]}
+
+    def extend(self, x: jax.Array, positions: jax.Array, cache: dict,
+               fresh: bool = False) -> tuple[jax.Array, dict]:
+        """`__call__` over x `[batch, time, d_model]` continuing from `cache`; returns (y, the cache after x).
+        The memory is carried token by token with `pdma_step` (K slots touched per token, whatever M)."""
+        del fresh
+        q, k, v, windows = self._projections(x, cache["windows"])
+        (read_idx, read_val), (write_idx, write_val) = self._codes(q, k, positions)
+
+        def step(state, inputs):
+            o, state = ops.pdma_step(state, *inputs, gamma=self.gamma, eps=self.eps, grad_eps=self.grad_eps)
+            return state, o
+
+        time_major = [jnp.moveaxis(a, 1, 0) for a in (read_idx, read_val, write_idx, write_val, v)]
+        memory, o = jax.lax.scan(step, cache["memory"], time_major)
+        o = jnp.moveaxis(o, 0, 1).astype(v.dtype)
+        return self._output(x, o), {"memory": memory, "windows": windows}

@@ -54,6 +54,12 @@ class Block(nnx.Module):
         with jax.named_scope("mlp"):
             return x + self.mlp(self.mlp_norm(x))
 
+    def extend(self, x: jax.Array, positions: jax.Array, cache, fresh: bool = False):
+        """`__call__` continuing from the mixer's decoding state `cache`; returns (output, the state after x)."""
+        y, cache = self.mixer.extend(self.mixer_norm(x), positions, cache, fresh)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), cache
+
     def with_addresses(self, x: jax.Array, positions: jax.Array):
         """(this block's output, the RAM-Net mixer's read and write codes, or None for other mixers)."""
         codes = self.mixer.addresses(self.mixer_norm(x), positions) if isinstance(self.mixer, RAMNetMixer) else None
@@ -74,6 +80,16 @@ class BlockGroup(nnx.Module):
         for block in self.blocks:
             x = block(x, positions)
         return x
+
+    def init_cache(self, batch: int, max_len: int) -> list:
+        return [block.mixer.init_cache(batch, max_len) for block in self.blocks]
+
+    def extend(self, x: jax.Array, positions: jax.Array, caches: list, fresh: bool = False):
+        new = []
+        for block, cache in zip(self.blocks, caches):
+            x, cache = block.extend(x, positions, cache, fresh)
+            new.append(cache)
+        return x, new
 
     def with_addresses(self, x: jax.Array, positions: jax.Array):
         """(the group's output, a list of the RAM-Net blocks' ((read_idx, read_val), (write_idx, write_val)))."""
@@ -97,7 +113,7 @@ class LanguageModel(nnx.Module):
         layer_kinds = parse_pattern(cfg.pattern, cfg.num_layers)
         period = len(cfg.pattern.split(","))
         kinds, num_groups = layer_kinds[:period], cfg.num_layers // period
-        self.scan_layers, self.remat = cfg.scan_layers, cfg.remat
+        self.scan_layers, self.remat, self.num_groups = cfg.scan_layers, cfg.remat, num_groups
         self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs,
                                embedding_init=logical_init(nnx.initializers.normal(1.0), "vocab", "embed"))
         if cfg.scan_layers:
@@ -154,6 +170,35 @@ class LanguageModel(nnx.Module):
             for group in self.groups:
                 x = run_group(group, x)
         return self.lm_head(self.final_norm(x)).astype(jnp.float32)
+
+    # --- decoding (ramjax/models/decode.py) -------------------------------------------------------------
+
+    def init_cache(self, batch: int, max_len: int):
+        """Every layer's decoding state before the first token: a list over the pattern's positions of the
+        mixers' states, each with a leading [groups] axis when the layers are scanned, else a list per group."""
+        if self.scan_layers:
+            one = self.groups.init_cache(batch, max_len)  # shapes only: the same for every group
+            return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_groups, *jnp.shape(a))), one)
+        return [group.init_cache(batch, max_len) for group in self.groups]
+
+    def extend(self, tokens: jax.Array, positions: jax.Array, cache, fresh: bool = False):
+        """The logits of `tokens` `[batch, time]` following the tokens the decoding state `cache` has seen, and the
+        state after them. Equal to the full forward pass over the concatenated sequence. `fresh`: `cache` is
+        `init_cache`'s (lets the log-linear mixers use their chunked form)."""
+        x = self.embed(tokens)
+        if self.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+            def run_all(group, x, group_cache):
+                return group.extend(x, positions, group_cache, fresh)
+
+            x, cache = run_all(self.groups, x, cache)
+        else:
+            new = []
+            for group, group_cache in zip(self.groups, cache):
+                x, group_cache = group.extend(x, positions, group_cache, fresh)
+                new.append(group_cache)
+            cache = new
+        return self.lm_head(self.final_norm(x)).astype(jnp.float32), cache
 
     def ramnet_addresses(self, tokens: jax.Array, positions: jax.Array | None = None) -> list:
         """The read and write codes of every RAM-Net layer, in layer order: a list of
