@@ -31,6 +31,8 @@ OWN_FLAG_COMMANDS = {
     "sweep": ("ramjax.sweep", "a grid of `ramjax train` runs from --config and --sweep FILE; tables and plots"),
     "eval": ("ramjax.evaluate", "evaluate a trained run: --workdir DIR [--split validation] (LM) or "
              "[--settings kv:length,...] (MQAR, selective copying: new lengths)"),
+    "generate": ("ramjax.generate", "continue text with a trained language model: --workdir DIR --prompt TEXT "
+                 "[--max_new_tokens N --temperature T --top_p P --seed S]"),
 }
 
 

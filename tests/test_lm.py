@@ -3,7 +3,9 @@ train step per LM variant. No TensorFlow anywhere on this path."""
 
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -209,3 +211,36 @@ def test_a_prepared_tfds_dataset_reads_by_name(corpus, tmp_path):
     by_name = lm.LMTask(lm_config(corpus, prepared_in, dataset="tfds:local_text").data)
     np.testing.assert_array_equal(by_name.stream("validation").tokens, by_builder.stream("validation").tokens)
     np.testing.assert_array_equal(by_name.train_batch(0).inputs, by_builder.train_batch(0).inputs)
+
+
+def test_ramjax_generate_prints_a_continuation(corpus, tmp_path):
+    """`ramjax generate` on a tiny trained LM (SentencePiece tokenizer, a hybrid) in a subprocess: text, no
+    traceback; a batch of prompts from a file gives one continuation each."""
+    config = lm_config(corpus, tmp_path / "data", "hybrid", tokenizer="sentencepiece", vocab_size=300)
+    config.model.vocab_size = 300
+    workdir = str(tmp_path / "run")
+    train(config, workdir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("memory slot\n\nthe state decays\n", encoding="utf-8")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "ramjax.cli", "generate", "--workdir", workdir, "--prompt_file",
+                           str(prompts), "--max_new_tokens", "6", "--temperature", "0.8", "--seed", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout.count("--- ") == 2 and "memory slot" in done.stdout and "the state decays" in done.stdout
+
+
+def test_ramjax_generate_refuses_bad_input_in_one_line(tmp_path):
+    from ramjax.generate import main
+
+    (tmp_path / "mqar").mkdir()
+    (tmp_path / "mqar" / "config.json").write_text(json.dumps({"task": "mqar"}))
+    for argv, needle in ((["--workdir", str(tmp_path / "missing"), "--prompt", "x"], "no config.json"),
+                         (["--workdir", str(tmp_path / "mqar"), "--prompt", "x"], "needs a language model"),
+                         (["--workdir", str(tmp_path / "mqar"), "--prompt", ""], "a prompt is empty"),
+                         (["--workdir", str(tmp_path / "mqar")], "give a prompt")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        message = str(exit_info.value.code)
+        assert message.startswith("ramjax generate: ") and needle in message and "\n" not in message, message

@@ -77,6 +77,18 @@ class SentencePieceTokenizer:
         return path
 
 
+def load_run_tokenizer(workdir: str, tokenizer: str):
+    """The tokenizer a language-model run trained with, from the copy `ramjax train` saved in its workdir."""
+    if tokenizer == "byte":
+        return ByteTokenizer()
+    if tokenizer == "sentencepiece":
+        models = sorted(f for f in os.listdir(workdir) if f.startswith("spm_") and f.endswith(".model"))
+        if not models:
+            raise ValueError(f"{workdir}: no SentencePiece model (spm_*.model) saved by `ramjax train` in this run")
+        return SentencePieceTokenizer(os.path.join(workdir, models[-1]))
+    raise ValueError(f"data.tokenizer: unknown tokenizer {tokenizer!r} in the run's config")
+
+
 def train_sentencepiece(texts, model_path: str, vocab_size: int, *, max_sentence_length: int = 1 << 16) -> str:
     """Trains a SentencePiece BPE model (byte fallback: any text encodes) on `texts`; writes model_path."""
     import sentencepiece as spm
