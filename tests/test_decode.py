@@ -122,3 +122,20 @@ def test_generate_rejects_bad_arguments(kwargs, needle):
         generate(model, jnp.zeros((1, 3), jnp.int32), **kwargs)
     with pytest.raises(ValueError, match="prompt"):
         generate(model, jnp.zeros((3,), jnp.int32), max_new_tokens=2)
+
+
+def test_bench_decode_row_puts_the_state_at_the_context_and_times_it():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, _ = build("ramnet", pattern="ramnet,attention")
+    cache = bench.at_position(init_cache(model, 2, 40), 33)
+    assert int(cache["length"]) == 33
+    assert [int(c["length"][0]) for c in cache["layers"] if "length" in c] == [33]  # the attention layer's
+    row = bench.bench_row(model, context=30, batch=2, steps=3, iters=1, max_bytes=None)
+    assert row["status"] == "ok" and row["tokens_per_s"] > 0 and row["state_mb_per_seq"] > 0
+    assert bench.bench_row(model, context=30, batch=2, steps=3, iters=1, max_bytes=1)["status"].startswith("skipped")
