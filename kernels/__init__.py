@@ -9,5 +9,7 @@ and the measurements.
   sorted_scan   the sparse gated scan on events sorted by slot: parallel over time, no M-sized state
   token_scan    PDMA's recurrence in chunks of tokens with one row per token (Pallas Triton; a second design)
   pdma          RAM-Net's PDMA forward and backward on a scan, with a custom VJP
+  gla_chunk     chunked gated linear attention (GLA / Mamba-2 SSD): `chunk_gla`, Pallas Triton kernels forward and
+                backward, with a custom VJP
   shapes        padding helpers (Triton arrays have power-of-2 sizes)
 """

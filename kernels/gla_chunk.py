@@ -1,0 +1,532 @@
+"""Chunked gated linear attention (GLA, Mamba-2 SSD) as Pallas kernels (Triton lowering), with a custom VJP
+whose backward pass is Pallas kernels too.
+
+Per batch b and head h, with a_t <= 0 the log decay (per key dimension, GLA; or one scalar per head, Mamba-2):
+
+    S_t = diag(exp(a_t)) S_{t-1} + k_t v_t^T,    o_t = S_t^T q_t,    S_0 = initial_state (or 0)
+
+In chunks of C tokens, with A_t = a_1 + ... + a_t the log decay from the chunk's start (A <= 0, non-increasing)
+and H the state at the chunk's start:
+
+    o_t    = (q_t * exp(A_t)) H  +  sum_{s <= t in the chunk} P[t, s] v_s,   P[t, s] = sum_d q_td k_sd exp(A_td - A_sd)
+    H_next = exp(A_last) * H  +  sum_s (k_s * exp(A_last - A_s)) v_s^T
+
+Kernels (G = B * H sequences; d_k, d_v padded to powers of 2 >= 16, T to whole chunks):
+  _state_kernel    grid (G, d_k blocks, d_v blocks): walks the chunks, stores each chunk's start state and the final
+                   state;
+  _output_kernel   grid (G, chunks, d_v blocks): o per chunk (full d_k: the scores sum over it);
+  _state_grad_kernel  grid (G, d_k blocks, d_v blocks): the adjoint dH walks the chunks backwards, storing each
+                   chunk's end-state gradient and the initial state's;
+  _dv_kernel       grid (G, chunks, d_v blocks): dv;
+  _dqk_kernel      grid (G, chunks, d_k blocks): dq, dk and dA (the gradient of the cumulative log decay), summing
+                   over d_v blocks inside the program.
+
+Numerics: no positive number is ever exponentiated. Inside a chunk, the tokens go in sub-chunks of 16 rows. For a
+query sub-chunk i and an earlier key sub-chunk j, with E = A at the last row of sub-chunk i - 1,
+exp(A_t - A_s) = exp(A_t - E) exp(E - A_s), both factors <= 1, so P_ij = (q_i exp(A_i - E)) (k_j exp(E - A_j))^T
+is one matrix product. The diagonal [16, 16] blocks take exp(A_t - A_s) per (t, s) pair and dimension, one key
+row at a time (never a [16, 16, d_k] array); with a scalar gate they are a [16, 16] decay matrix times q k^T.
+
+Matrix products take operands in the inputs' dtype (bf16 or fp32) with fp32 accumulation; gates, cumulative sums
+and states are fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from kernels.shapes import next_pow2, pad_axis
+
+SUB = 16  # rows per sub-chunk: the smallest block Triton's dot takes
+MAX_BLOCK = 64  # d_k and d_v block width where a kernel tiles them
+
+
+class _Config(NamedTuple):
+    chunk_size: int
+    num_warps: int
+    interpret: bool
+    poison_output: bool
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces the kernels share
+
+
+def _dot(a, b, dtype, *, trans_a=False, trans_b=False):
+    """a @ b (a^T, b^T where told) with operands cast to `dtype` and fp32 accumulation (IEEE fp32 for fp32:
+    Triton's default for fp32 is tf32)."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=jax.lax.Precision.HIGHEST,
+                               preferred_element_type=jnp.float32)
+
+
+def _decay(log_decay):
+    """exp of a log decay that is <= 0 in exact arithmetic (the minimum guards against rounding)."""
+    return jnp.exp(jnp.minimum(log_decay, 0.0))
+
+
+def _rows(i):
+    """The rows of sub-chunk i inside a chunk's block."""
+    return pl.ds(i * SUB, SUB)
+
+
+def _row(ref, r):
+    """Row r of a [rows, width] ref as a [1, width] fp32 array."""
+    return ref[r, :].astype(jnp.float32)[None, :]
+
+
+def _iotas():
+    """[SUB, 1] row and [1, SUB] column indices of a sub-chunk block."""
+    return (jax.lax.broadcasted_iota(jnp.int32, (SUB, 1), 0), jax.lax.broadcasted_iota(jnp.int32, (1, SUB), 1))
+
+
+def _diag_scores(q_ref, k_ref, a_ref, i, per_dim, dtype):
+    """[SUB, SUB] fp32 P[t, s] = sum_d q_td k_sd exp(A_td - A_sd) for t, s in sub-chunk i, s <= t (0 above)."""
+    rows = _rows(i)
+    t, s = _iotas()
+    q, a = q_ref[rows, :].astype(jnp.float32), a_ref[rows, :]
+    if not per_dim:
+        decay = jnp.where(s <= t, _decay(a - a.reshape(1, SUB)), 0.0)  # a: [SUB, 1]
+        return _dot(q, k_ref[rows, :], dtype, trans_b=True) * decay
+    scores = jnp.zeros((SUB, SUB), jnp.float32)
+    for r in range(SUB):  # one key row at a time: a [SUB, d_k] decay, not [SUB, SUB, d_k]
+        key, key_a = _row(k_ref, i * SUB + r), _row(a_ref, i * SUB + r)
+        column = jnp.sum(q * key * _decay(a - key_a), axis=1)  # (rows t < r are masked below)
+        scores += jnp.where(s == r, column[:, None], 0.0)
+    return jnp.where(s <= t, scores, 0.0)
+
+
+def _offdiag_factors(q_ref, k_ref, a_ref, i, j):
+    """(q_i exp(A_i - E), k_j exp(E - A_j)) fp32 for sub-chunks j < i, E = A at the last row of sub-chunk i - 1:
+    their product q_e k_e^T is P between them, every factor <= 1."""
+    edge = _row(a_ref, i * SUB - 1)
+    q_e = q_ref[_rows(i), :].astype(jnp.float32) * _decay(a_ref[_rows(i), :] - edge)
+    k_e = k_ref[_rows(j), :].astype(jnp.float32) * _decay(edge - a_ref[_rows(j), :])
+    return q_e, k_e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward kernels
+
+
+def _state_kernel(k_ref, v_ref, a_ref, h0_ref, *refs, chunk, n_chunks, dtype):
+    """Chunk-start states h_ref [N, BK, BV] and the final state [BK, BV] of one (sequence, d_k block, d_v block);
+    k_ref [T_pad, BK], v_ref [T_pad, BV], a_ref [T_pad, BK or 1] (in-chunk cumulative log decay), h0 [BK, BV]."""
+    h_ref, final_ref = refs[-2:]  # (with poison_output, the aliased NaN buffers come first)
+
+    def body(n, h):
+        h_ref[n] = h
+        span = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+        a, a_last = a_ref[span, :], a_ref[n * chunk + chunk - 1, :]
+        k_e = k_ref[span, :].astype(jnp.float32) * _decay(a_last[None, :] - a)
+        return _decay(a_last)[:, None] * h + _dot(k_e, v_ref[span, :], dtype, trans_a=True)
+
+    final_ref[...] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[...])
+
+
+def _output_kernel(q_ref, k_ref, v_ref, a_ref, h_ref, *refs, n_sub, per_dim, dtype):
+    """o [C, BV] of one chunk and d_v block: q_ref, k_ref [C, DK], v_ref [C, BV], a_ref [C, DK or 1], h_ref (the
+    chunk-start state) [DK, BV]."""
+    o_ref = refs[-1]
+    h = h_ref[...]
+    for i in range(n_sub):
+        rows = _rows(i)
+        q, a = q_ref[rows, :].astype(jnp.float32), a_ref[rows, :]
+        out = _dot(q * _decay(a), h, dtype)  # from the chunk-start state
+        out += _dot(_diag_scores(q_ref, k_ref, a_ref, i, per_dim, dtype), v_ref[rows, :], dtype)
+        for j in range(i):
+            q_e, k_e = _offdiag_factors(q_ref, k_ref, a_ref, i, j)
+            out += _dot(_dot(q_e, k_e, dtype, trans_b=True), v_ref[_rows(j), :], dtype)
+        o_ref[rows, :] = out.astype(o_ref.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward kernels
+
+
+def _state_grad_kernel(q_ref, do_ref, a_ref, dfinal_ref, *refs, chunk, n_chunks, dtype):
+    """Gradients of each chunk's end state dh_ref [N, BK, BV] and of the initial state [BK, BV]:
+    dH_end(n - 1) = exp(A_last(n)) dH_end(n) + (q_n exp(A_n))^T do_n, from dH_end(N - 1) = d final state."""
+    dh_ref, dinit_ref = refs[-2:]
+
+    def body(step, dh):
+        n = n_chunks - 1 - step
+        dh_ref[n] = dh
+        span = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+        a, a_last = a_ref[span, :], a_ref[n * chunk + chunk - 1, :]
+        q_e = q_ref[span, :].astype(jnp.float32) * _decay(a)
+        return _decay(a_last)[:, None] * dh + _dot(q_e, do_ref[span, :], dtype, trans_a=True)
+
+    dinit_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dfinal_ref[...])
+
+
+def _dv_kernel(q_ref, k_ref, a_ref, do_ref, dh_ref, *refs, n_sub, per_dim, dtype):
+    """dv [C, BV] of one chunk and d_v block: dv_s = sum_{t >= s} P[t, s] do_t + (k_s exp(A_last - A_s)) dH_end;
+    q_ref, k_ref [C, DK], a_ref [C, DK or 1], do_ref [C, BV], dh_ref (chunk-end state gradient) [DK, BV]."""
+    dv_ref = refs[-1]
+    dh = dh_ref[...]
+    a_last = _row(a_ref, n_sub * SUB - 1)
+    for j in range(n_sub):
+        rows = _rows(j)
+        k_e = k_ref[rows, :].astype(jnp.float32) * _decay(a_last - a_ref[rows, :])
+        dv = _dot(k_e, dh, dtype)  # through the chunk-end state
+        dv += _dot(_diag_scores(q_ref, k_ref, a_ref, j, per_dim, dtype), do_ref[rows, :], dtype, trans_a=True)
+        for i in range(j + 1, n_sub):
+            q_e, k_e = _offdiag_factors(q_ref, k_ref, a_ref, i, j)
+            dv += _dot(_dot(q_e, k_e, dtype, trans_b=True), do_ref[_rows(i), :], dtype, trans_a=True)
+        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+
+
+def _dqk_kernel(q_ref, k_ref, v_ref, a_ref, do_ref, h_ref, dh_ref, *refs, n_sub, n_vblocks, block_v, per_dim,
+                dtype):
+    """dq, dk [C, BK] and dA [C, BK] (the gradient of the cumulative log decay A, per key dimension) of one chunk
+    and d_k block. q_ref, k_ref [C, BK]; v_ref, do_ref [C, DV]; a_ref [C, BK or 1]; h_ref (chunk-start state) and
+    dh_ref (chunk-end state gradient) [BK, DV].
+
+    With dP[t, s] = do_t . v_s:  dq_t = exp(A_t) (H do_t) + sum_{s <= t} dP[t, s] k_s exp(A_t - A_s),
+    dk_s = exp(A_last - A_s) (dH v_s) + sum_{t >= s} dP[t, s] q_t exp(A_t - A_s),
+    dA_t = q_t dq_t - k_t dk_t, plus at the chunk's last row what A_last does through the end state:
+    exp(A_last) sum_v H dH + sum_s k_s exp(A_last - A_s) (dH v_s)."""
+    dq_ref, dk_ref, da_ref = refs[-3:]
+    f32 = jnp.float32
+    # Sums over d_v, one block of columns at a time: the products with the states, and dP per sub-chunk pair.
+    dq = [jnp.zeros((SUB, q_ref.shape[1]), f32) for _ in range(n_sub)]
+    dk_state = [jnp.zeros((SUB, q_ref.shape[1]), f32) for _ in range(n_sub)]
+    dp = {(i, j): jnp.zeros((SUB, SUB), f32) for i in range(n_sub) for j in range(i + 1)}
+    state_term = jnp.zeros((q_ref.shape[1],), f32)
+    for c in range(n_vblocks):
+        cols = pl.ds(c * block_v, block_v)
+        h, dh = h_ref[:, cols], dh_ref[:, cols]
+        state_term += jnp.sum(h * dh, axis=1)
+        for i in range(n_sub):
+            do_i = do_ref[_rows(i), cols]
+            dq[i] += _dot(do_i, h, dtype, trans_b=True)
+            dk_state[i] += _dot(v_ref[_rows(i), cols], dh, dtype, trans_b=True)
+            for j in range(i + 1):
+                dp[i, j] += _dot(do_i, v_ref[_rows(j), cols], dtype, trans_b=True)
+
+    a_last = _row(a_ref, n_sub * SUB - 1)
+    q = [q_ref[_rows(i), :].astype(f32) for i in range(n_sub)]
+    k = [k_ref[_rows(i), :].astype(f32) for i in range(n_sub)]
+    a = [a_ref[_rows(i), :] for i in range(n_sub)]
+    last_term = _decay(a_last)[0] * state_term
+    dk = []
+    for i in range(n_sub):
+        dq[i] = _decay(a[i]) * dq[i]
+        dk.append(_decay(a_last - a[i]) * dk_state[i])
+        last_term += jnp.sum(k[i] * dk[i], axis=0)
+    t, s = _iotas()
+    for i in range(n_sub):
+        for j in range(i):  # query sub-chunk i, earlier key sub-chunk j
+            q_e, k_e = _offdiag_factors(q_ref, k_ref, a_ref, i, j)
+            edge = _row(a_ref, i * SUB - 1)
+            dq[i] += _decay(a[i] - edge) * _dot(dp[i, j], k_e, dtype)
+            dk[j] += _decay(edge - a[j]) * _dot(dp[i, j], q_e, dtype, trans_a=True)
+        dp_diag = jnp.where(s <= t, dp[i, i], 0.0)
+        if per_dim:
+            for r in range(SUB):  # row r as the key (for dq) and as the query (for dk)
+                q_r, k_r, a_r = (_row(ref, i * SUB + r) for ref in (q_ref, k_ref, a_ref))
+                dp_column = jnp.sum(jnp.where(s == r, dp_diag, 0.0), axis=1)[:, None]  # dP[t, r]
+                dp_row = jnp.sum(jnp.where(t == r, dp_diag, 0.0), axis=0)[:, None]  # dP[r, s], indexed by s
+                dq[i] += dp_column * k_r * _decay(a[i] - a_r)
+                dk[i] += dp_row * q_r * _decay(a_r - a[i])
+        else:
+            weights = dp_diag * _decay(a[i] - a[i].reshape(1, SUB))
+            dq[i] += _dot(weights, k[i], dtype)
+            dk[i] += _dot(weights, q[i], dtype, trans_a=True)
+    for i in range(n_sub):
+        da = q[i] * dq[i] - k[i] * dk[i]
+        if i == n_sub - 1:
+            da += jnp.where(t == SUB - 1, last_term[None, :], 0.0)
+        dq_ref[_rows(i), :] = dq[i].astype(dq_ref.dtype)
+        dk_ref[_rows(i), :] = dk[i].astype(dk_ref.dtype)
+        da_ref[_rows(i), :] = da
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launching the kernels
+
+
+class _Layout(NamedTuple):
+    """Sizes of one problem: the caller's and the padded ones the kernels see."""
+    batch: int
+    seq_len: int
+    heads: int
+    d_k: int
+    d_v: int
+    per_dim: bool  # the gate has one log decay per key dimension (GLA), not one per head (Mamba-2)
+    chunk: int
+    t_pad: int  # whole chunks
+    dk_pad: int  # powers of 2 >= 16
+    dv_pad: int
+    dtype: type  # matrix-product operands: bfloat16 where q, k and v all are, else float32
+
+    @property
+    def sequences(self):
+        return self.batch * self.heads
+
+    @property
+    def n_chunks(self):
+        return self.t_pad // self.chunk
+
+    @property
+    def gate_width(self):  # columns of the (padded) gate arrays
+        return self.dk_pad if self.per_dim else 1
+
+    @property
+    def block_k(self):
+        return min(self.dk_pad, MAX_BLOCK)
+
+    @property
+    def block_v(self):
+        return min(self.dv_pad, MAX_BLOCK)
+
+
+def _layout(q, k, v, log_decay, chunk):
+    batch, seq_len, heads, d_k = q.shape
+    d_v = v.shape[-1]
+    all_bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
+    return _Layout(batch, seq_len, heads, d_k, d_v, log_decay.shape[-1] != 1, chunk,
+                   -(-seq_len // chunk) * chunk, max(16, next_pow2(d_k)), max(16, next_pow2(d_v)),
+                   jnp.bfloat16 if all_bf16 else jnp.float32)
+
+
+def _to_rows(x, lay: _Layout, width, dtype):
+    """[B, T, H, D] -> [B * H, T_pad, width] in `dtype`, zero-padded (padding tokens write nothing)."""
+    x = jnp.transpose(x, (0, 2, 1, 3)).reshape(lay.sequences, lay.seq_len, x.shape[-1]).astype(dtype)
+    return pad_axis(pad_axis(x, 1, lay.t_pad, 0), 2, width, 0)
+
+
+def _from_rows(x, lay: _Layout, width):
+    """[B * H, T_pad, >= width] -> [B, T, H, width]."""
+    x = x[:, :lay.seq_len, :width].reshape(lay.batch, lay.heads, lay.seq_len, width)
+    return jnp.transpose(x, (0, 2, 1, 3))
+
+
+def _state_rows(state, lay: _Layout):
+    """[B, H, d_k, d_v] -> [B * H, DK, DV] fp32, zero-padded."""
+    state = state.reshape(lay.sequences, lay.d_k, lay.d_v).astype(jnp.float32)
+    return pad_axis(pad_axis(state, 1, lay.dk_pad, 0.0), 2, lay.dv_pad, 0.0)
+
+
+class _Inputs(NamedTuple):
+    q: jax.Array  # [G, T_pad, DK] in lay.dtype
+    k: jax.Array  # [G, T_pad, DK]
+    v: jax.Array  # [G, T_pad, DV]
+    a: jax.Array  # [G, T_pad, DK or 1] fp32: the log decay summed from each chunk's start (inclusive)
+
+
+def _inputs(q, k, v, log_decay, lay: _Layout) -> _Inputs:
+    a = _to_rows(log_decay, lay, lay.gate_width, jnp.float32)
+    a = jnp.cumsum(a.reshape(lay.sequences, lay.n_chunks, lay.chunk, -1), axis=2).reshape(a.shape)
+    return _Inputs(_to_rows(q, lay, lay.dk_pad, lay.dtype), _to_rows(k, lay, lay.dk_pad, lay.dtype),
+                   _to_rows(v, lay, lay.dv_pad, lay.dtype), a)
+
+
+def _call(kernel, cfg: _Config, name, grid, inputs, in_specs, out_specs, out_shape):
+    """One pallas_call (optionally with NaN-poisoned output buffers: an element the kernel fails to write shows)."""
+    extra = {}
+    if cfg.poison_output:
+        n_in = len(inputs)
+        inputs = list(inputs) + [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
+        in_specs = list(in_specs) + list(out_specs)
+        extra["input_output_aliases"] = {n_in + i: i for i in range(len(out_shape))}
+    if not cfg.interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        # Triton's params also select the Triton lowering (not Mosaic GPU).
+        extra["compiler_params"] = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          interpret=cfg.interpret, name=name, **extra)(*inputs)
+
+
+def _gate_spec(lay: _Layout, rows, dk_block, block_index):
+    """BlockSpec of the gate: [rows, d_k block] per key dimension, or the one column of a scalar gate.
+    block_index(*program ids) -> (row block, d_k block); the first program id is the sequence."""
+    if lay.per_dim:
+        return pl.BlockSpec((None, rows, dk_block), lambda s, *ids: (s, *block_index(s, *ids)))
+    return pl.BlockSpec((None, rows, 1), lambda s, *ids: (s, block_index(s, *ids)[0], 0))
+
+
+def _chunk_states(x: _Inputs, h0, lay: _Layout, cfg: _Config):
+    """Chunk-start states [G, N, DK, DV] and the final state [G, DK, DV], fp32."""
+    g, bk, bv, t_pad, n = lay.sequences, lay.block_k, lay.block_v, lay.t_pad, lay.n_chunks
+    in_specs = [pl.BlockSpec((None, t_pad, bk), lambda s, i, j: (s, 0, i)),
+                pl.BlockSpec((None, t_pad, bv), lambda s, i, j: (s, 0, j)),
+                _gate_spec(lay, t_pad, bk, lambda s, i, j: (0, i)),
+                pl.BlockSpec((None, bk, bv), lambda s, i, j: (s, i, j))]
+    out_specs = [pl.BlockSpec((None, n, bk, bv), lambda s, i, j: (s, 0, i, j)),
+                 pl.BlockSpec((None, bk, bv), lambda s, i, j: (s, i, j))]
+    out_shape = [jax.ShapeDtypeStruct((g, n, lay.dk_pad, lay.dv_pad), jnp.float32),
+                 jax.ShapeDtypeStruct((g, lay.dk_pad, lay.dv_pad), jnp.float32)]
+    kernel = functools.partial(_state_kernel, chunk=lay.chunk, n_chunks=n, dtype=lay.dtype)
+    return _call(kernel, cfg, "gla_chunk_states", (g, lay.dk_pad // bk, lay.dv_pad // bv), [x.k, x.v, x.a, h0],
+                 in_specs, out_specs, out_shape)
+
+
+def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: _Config):
+    """o [G, T_pad, DV] in out_dtype."""
+    g, c, bv, dk = lay.sequences, lay.chunk, lay.block_v, lay.dk_pad
+    in_specs = [pl.BlockSpec((None, c, dk), lambda s, n, j: (s, n, 0)),
+                pl.BlockSpec((None, c, dk), lambda s, n, j: (s, n, 0)),
+                pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j)),
+                _gate_spec(lay, c, dk, lambda s, n, j: (n, 0)),
+                pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
+    out_specs = [pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j))]
+    out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), out_dtype)]
+    kernel = functools.partial(_output_kernel, n_sub=c // SUB, per_dim=lay.per_dim, dtype=lay.dtype)
+    (o,) = _call(kernel, cfg, "gla_chunk_outputs", (g, lay.n_chunks, lay.dv_pad // bv),
+                 [x.q, x.k, x.v, x.a, h_start], in_specs, out_specs, out_shape)
+    return o
+
+
+def _state_grads(x: _Inputs, do, dfinal, lay: _Layout, cfg: _Config):
+    """Gradients of the chunk-end states [G, N, DK, DV] and of the initial state [G, DK, DV], fp32."""
+    g, bk, bv, t_pad, n = lay.sequences, lay.block_k, lay.block_v, lay.t_pad, lay.n_chunks
+    in_specs = [pl.BlockSpec((None, t_pad, bk), lambda s, i, j: (s, 0, i)),
+                pl.BlockSpec((None, t_pad, bv), lambda s, i, j: (s, 0, j)),
+                _gate_spec(lay, t_pad, bk, lambda s, i, j: (0, i)),
+                pl.BlockSpec((None, bk, bv), lambda s, i, j: (s, i, j))]
+    out_specs = [pl.BlockSpec((None, n, bk, bv), lambda s, i, j: (s, 0, i, j)),
+                 pl.BlockSpec((None, bk, bv), lambda s, i, j: (s, i, j))]
+    out_shape = [jax.ShapeDtypeStruct((g, n, lay.dk_pad, lay.dv_pad), jnp.float32),
+                 jax.ShapeDtypeStruct((g, lay.dk_pad, lay.dv_pad), jnp.float32)]
+    kernel = functools.partial(_state_grad_kernel, chunk=lay.chunk, n_chunks=n, dtype=lay.dtype)
+    return _call(kernel, cfg, "gla_chunk_state_grads", (g, lay.dk_pad // bk, lay.dv_pad // bv),
+                 [x.q, do, x.a, dfinal], in_specs, out_specs, out_shape)
+
+
+def _value_grads(x: _Inputs, do, dh_end, out_dtype, lay: _Layout, cfg: _Config):
+    """dv [G, T_pad, DV] in out_dtype."""
+    g, c, bv, dk = lay.sequences, lay.chunk, lay.block_v, lay.dk_pad
+    in_specs = [pl.BlockSpec((None, c, dk), lambda s, n, j: (s, n, 0)),
+                pl.BlockSpec((None, c, dk), lambda s, n, j: (s, n, 0)),
+                _gate_spec(lay, c, dk, lambda s, n, j: (n, 0)),
+                pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j)),
+                pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
+    out_specs = [pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j))]
+    out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), out_dtype)]
+    kernel = functools.partial(_dv_kernel, n_sub=c // SUB, per_dim=lay.per_dim, dtype=lay.dtype)
+    (dv,) = _call(kernel, cfg, "gla_chunk_dv", (g, lay.n_chunks, lay.dv_pad // bv),
+                  [x.q, x.k, x.a, do, dh_end], in_specs, out_specs, out_shape)
+    return dv
+
+
+def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _Layout, cfg: _Config):
+    """dq, dk [G, T_pad, DK] in q's and k's dtypes, and dA [G, T_pad, DK] fp32 (gradient of the cumulative gate)."""
+    g, c, bk, dv = lay.sequences, lay.chunk, lay.block_k, lay.dv_pad
+    chunk_k = pl.BlockSpec((None, c, bk), lambda s, n, i: (s, n, i))
+    chunk_v = pl.BlockSpec((None, c, dv), lambda s, n, i: (s, n, 0))
+    state = pl.BlockSpec((None, None, bk, dv), lambda s, n, i: (s, n, i, 0))
+    in_specs = [chunk_k, chunk_k, chunk_v, _gate_spec(lay, c, bk, lambda s, n, i: (n, i)), chunk_v, state, state]
+    out_specs = [chunk_k, chunk_k, chunk_k]
+    out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dk_pad), dtype) for dtype in (q_dtype, k_dtype, jnp.float32)]
+    kernel = functools.partial(_dqk_kernel, n_sub=c // SUB, n_vblocks=dv // lay.block_v, block_v=lay.block_v,
+                               per_dim=lay.per_dim, dtype=lay.dtype)
+    return _call(kernel, cfg, "gla_chunk_dqk", (g, lay.n_chunks, lay.dk_pad // bk),
+                 [x.q, x.k, x.v, x.a, do, h_start, dh_end], in_specs, out_specs, out_shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The custom VJP
+
+
+def _forward(q, k, v, log_decay, initial_state, cfg: _Config):
+    lay = _layout(q, k, v, log_decay, cfg.chunk_size)
+    x = _inputs(q, k, v, log_decay, lay)
+    h_start, final = _chunk_states(x, _state_rows(initial_state, lay), lay, cfg)
+    o = _chunk_outputs(x, h_start, v.dtype, lay, cfg)
+    return (_from_rows(o, lay, lay.d_v), final[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _chunk_gla(q, k, v, log_decay, initial_state, cfg: _Config):
+    return _forward(q, k, v, log_decay, initial_state, cfg)
+
+
+def _chunk_gla_fwd(q, k, v, log_decay, initial_state, cfg: _Config):
+    # Saved: the inputs only. The backward pass recomputes the gate sums and the chunk states (one cheap kernel)
+    # rather than keeping [G, N, DK, DV] states alive.
+    return _forward(q, k, v, log_decay, initial_state, cfg), (q, k, v, log_decay, initial_state)
+
+
+def _chunk_gla_bwd(cfg: _Config, saved, cotangents):
+    q, k, v, log_decay, initial_state = saved
+    d_out, d_final = cotangents
+    lay = _layout(q, k, v, log_decay, cfg.chunk_size)
+    x = _inputs(q, k, v, log_decay, lay)
+    h_start, _ = _chunk_states(x, _state_rows(initial_state, lay), lay, cfg)
+    do = _to_rows(d_out, lay, lay.dv_pad, lay.dtype)
+    dh_end, d_initial = _state_grads(x, do, _state_rows(d_final, lay), lay, cfg)
+    dv = _value_grads(x, do, dh_end, v.dtype, lay, cfg)
+    dq, dk, d_cum = _query_key_grads(x, do, h_start, dh_end, q.dtype, k.dtype, lay, cfg)
+    # A = in-chunk cumulative sum of a, so da_t = sum of dA over the chunk's tokens from t on.
+    d_cum = d_cum.reshape(lay.sequences, lay.n_chunks, lay.chunk, lay.dk_pad)
+    da = jax.lax.cumsum(d_cum, axis=2, reverse=True).reshape(lay.sequences, lay.t_pad, lay.dk_pad)
+    if not lay.per_dim:  # one gate for all key dimensions: the sum of their gradients
+        da = jnp.sum(da, axis=-1, keepdims=True)
+    d_initial = d_initial[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape).astype(initial_state.dtype)
+    return (_from_rows(dq, lay, lay.d_k), _from_rows(dk, lay, lay.d_k), _from_rows(dv, lay, lay.d_v),
+            _from_rows(da, lay, log_decay.shape[-1]).astype(log_decay.dtype), d_initial)
+
+
+_chunk_gla.defvjp(_chunk_gla_fwd, _chunk_gla_bwd)
+
+
+def _check_arguments(q, k, v, log_decay, initial_state, chunk_size):
+    if q.ndim != 4:
+        raise ValueError(f"q: expected [B, T, H, d_k], got shape {q.shape}")
+    batch, seq_len, heads, d_k = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k: expected the shape of q {q.shape}, got {k.shape}")
+    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v: expected [B, T, H, d_v] = [{batch}, {seq_len}, {heads}, d_v], got shape {v.shape}")
+    if log_decay.shape not in (q.shape, (batch, seq_len, heads, 1)):
+        raise ValueError(f"log_decay: expected [B, T, H, d_k] {q.shape} or [B, T, H, 1] "
+                         f"{(batch, seq_len, heads, 1)}, got shape {log_decay.shape}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in (jnp.float32, jnp.bfloat16):
+            raise ValueError(f"{name}: expected float32 or bfloat16, got {x.dtype}")
+    if not jnp.issubdtype(log_decay.dtype, jnp.floating):
+        raise ValueError(f"log_decay: expected a floating dtype, got {log_decay.dtype}")
+    want_state = (batch, heads, d_k, v.shape[-1])
+    if initial_state is not None and initial_state.shape != want_state:
+        raise ValueError(f"initial_state: expected [B, H, d_k, d_v] {want_state}, got shape {initial_state.shape}")
+    if chunk_size < SUB or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size: expected a power of 2 >= {SUB}, got {chunk_size}")
+    if seq_len == 0:
+        raise ValueError("q: the sequence (axis 1) is empty")
+    if not isinstance(log_decay, jax.core.Tracer) and np.any(np.asarray(log_decay, np.float32) > 0):
+        raise ValueError("log_decay: must be <= 0 (a decay exp(log_decay) <= 1); got positive entries")
+
+
+def chunk_gla(q, k, v, log_decay, initial_state=None, *, chunk_size: int = 64, interpret: bool = False,
+              poison_output: bool = False, num_warps: int = 4):
+    """Gated linear attention, S_t = diag(exp(a_t)) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t, in chunks.
+
+    Args:
+      q, k: `[B, T, H, d_k]`; v: `[B, T, H, d_v]`; float32 or bfloat16 (matrix products take bf16 operands with
+        fp32 accumulation where q, k and v all are bf16).
+      log_decay: a_t <= 0, `[B, T, H, d_k]` (a decay per key dimension, GLA) or `[B, T, H, 1]` (one per head,
+        Mamba-2). Computed in float32.
+      initial_state: S_0, `[B, H, d_k, d_v]`, or None for zeros.
+      chunk_size: C, tokens per chunk, a power of 2 >= 16 (T is padded to whole chunks with tokens that write
+        nothing). num_warps: Triton warps per program (GPU).
+      interpret: run the kernels in interpret mode (any device, the CPU included).
+      poison_output: start the kernels' output buffers as NaN (tests: an element a kernel fails to write shows).
+
+    Returns:
+      o `[B, T, H, d_v]` in v's dtype and the final state `[B, H, d_k, d_v]` float32. Differentiable in q, k, v,
+      log_decay and initial_state (the backward pass is Pallas kernels too).
+    """
+    _check_arguments(q, k, v, log_decay, initial_state, chunk_size)
+    if initial_state is None:
+        initial_state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
+    cfg = _Config(int(chunk_size), int(num_warps), bool(interpret), bool(poison_output))
+    return _chunk_gla(q, k, v, log_decay, initial_state, cfg)
