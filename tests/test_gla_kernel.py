@@ -168,3 +168,27 @@ def test_arguments_are_checked():
         chunk_gla(q, q, v, a, chunk_size=24)
     with pytest.raises(ValueError, match="^q: expected float32 or bfloat16"):
         chunk_gla(q.astype(jnp.float16), q, v, a)
+
+
+@pytest.mark.parametrize("per_dim", [True, False])
+def test_gradient_lowers_for_cuda_through_triton(per_dim):
+    """The forward and backward kernels lower to Triton custom calls for CUDA (jax.export; no GPU needed). This
+    checks the Pallas-to-Triton lowering only, not Triton's compilation to PTX."""
+    from jax import export
+
+    def loss(q, k, v, log_decay, state):
+        o, final = chunk_gla(q, k, v, log_decay, state, chunk_size=64)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(final**2)  # (squares: the gradient needs o)
+
+    b, t, h, d_k, d_v = 2, 100, 2, 80, 40
+    shapes = [jax.ShapeDtypeStruct((b, t, h, d_k), jnp.bfloat16)] * 2 + [
+        jax.ShapeDtypeStruct((b, t, h, d_v), jnp.bfloat16),
+        jax.ShapeDtypeStruct((b, t, h, d_k if per_dim else 1), jnp.float32),
+        jax.ShapeDtypeStruct((b, h, d_k, d_v), jnp.float32)]
+    exported = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
+    module = exported.mlir_module()
+    # states and outputs forward; states again, state gradients, dv and dq/dk/dA backward
+    assert module.count("__gpu$xla.gpu.triton") == 6
+    for name in ("gla_chunk_states", "gla_chunk_outputs", "gla_chunk_state_grads", "gla_chunk_dv", "gla_chunk_dqk"):
+        assert name in module, name
