@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from ramjax import timing
 from ramjax.numerics import rel_rms
-from ramjax.ops.fenwick import loglinear_attention, loglinear_gated_delta
+from ramjax.ops.loglinear import loglinear_attention, loglinear_gated_delta
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_loglinear.py:anchors", "Benchmark grid.")
 

@@ -1,7 +1,7 @@
 """Pallas kernels for ramjax's hot loops.
 
 A package of its own: it imports nothing from ramjax, so the kernels can be read, tested and reused alone.
-ramjax.ops dispatches to them (`ramjax.ops.ram_memory.pdma(..., impl="scan" or "pallas")`). See README.md for the design
+ramjax.ops dispatches to them (`ramjax.ops.pdma(..., impl="scan" or "pallas")`). See README.md for the design
 and the measurements.
 
   product_topk  RAM-Net's address decoder (factor softmaxes, exact beam search, values) and its backward

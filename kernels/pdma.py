@@ -240,7 +240,7 @@ def pdma(read_idx, read_val, write_idx, write_val, v, *, num_slots: int, gamma: 
       poison_output: NaN-fill the kernels' output buffers first (tests: an unwritten element shows).
       block_kernel: backend "sorted" only: the in-block recurrence by its Pallas kernel (sorted_blocks.py).
 
-    Indices are not checked here (ramjax.ops.ram_memory.pdma does): an index outside [0, M) is undefined.
+    Indices are not checked here (ramjax.ops.pdma does): an index outside [0, M) is undefined.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from numerics import rel_rms
 
-from ramjax.ops.fenwick import loglinear_attention
-from ramjax.ops.fenwick_delta import loglinear_gated_delta
-from ramjax.ops.linear_attention import gated_delta_rule, gated_linear_attention
+from ramjax.ops.gated_delta import gated_delta_rule
+from ramjax.ops.gla import gated_linear_attention
+from ramjax.ops.loglinear import loglinear_attention, loglinear_gated_delta
 
 B, T, H, D, L = 1, 70, 2, 8, 8
 

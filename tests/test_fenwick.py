@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from numerics import matmul_dtypes, rel_rms
-from ramjax.ops.fenwick import (
+from ramjax.ops.loglinear import (
     FenwickState,
     level_index,
     loglinear_attention,

@@ -8,7 +8,8 @@ import math
 from ramjax.errors import ConfigError
 from ramjax.layers.attention import IMPLS as ATTENTION_IMPLS
 from ramjax.models.mixers import MIXERS
-from ramjax.ops import addressing, fenwick, ram_memory
+from ramjax.ops import addressing, loglinear
+from ramjax.ops.pdma import IMPLS as PDMA_IMPLS
 
 DTYPES = ("bfloat16", "float32")
 LOGLINEAR_BASES = ("mamba2", "gated_deltanet")
@@ -60,7 +61,7 @@ def _check_ramnet(r) -> None:
     _number("model.ramnet.eps", r.eps, 0.0)
     _number("model.ramnet.grad_eps", r.grad_eps, 0.0, 1.0, high_open=True)
     _int("model.ramnet.short_conv", r.short_conv, 0)
-    _choice("model.ramnet.impl", r.impl, ram_memory.IMPLS)
+    _choice("model.ramnet.impl", r.impl, PDMA_IMPLS)
     _choice("model.ramnet.decoder_impl", r.get("decoder_impl", "auto"), addressing.IMPLS)
 
 
@@ -88,7 +89,7 @@ def check_model(model, max_seq_len: int | None = None) -> None:
         _choice("model.loglinear.mode", ll.mode, LOGLINEAR_MODES)
         _check_chunked(ll.base, model[ll.base])
         levels = _int("model.loglinear.num_levels", ll.num_levels)
-        if max_seq_len is not None and levels < fenwick.num_levels(max_seq_len):
+        if max_seq_len is not None and levels < loglinear.num_levels(max_seq_len):
             raise ConfigError(f"model.loglinear.num_levels: {levels} levels cover sequences up to "
                               f"{2 ** (levels - 1)} tokens; this run's longest is {max_seq_len}, which needs "
-                              f"{fenwick.num_levels(max_seq_len)}")
+                              f"{loglinear.num_levels(max_seq_len)}")

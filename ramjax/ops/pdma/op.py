@@ -33,7 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ramjax.ops import _checks
+from ramjax.ops.shared import checks, numerics
 
 IMPLS = ("auto", "dense", "scan", "pallas")
 
@@ -82,7 +82,7 @@ def _decay_factor_jvp(gamma, grad_eps, primals, tangents):
 
 
 def _check_hyper(num_slots, gamma, eps, grad_eps) -> None:
-    _checks.require_positive_int("num_slots", num_slots)
+    checks.require_positive_int("num_slots", num_slots)
     if not isinstance(gamma, numbers.Real) or not math.isfinite(gamma) or gamma < 0:
         raise ValueError(f"gamma: must be a finite number >= 0 (a Python number, not an array), got {gamma!r}")
     if not isinstance(eps, numbers.Real) or not eps >= 0:
@@ -93,31 +93,26 @@ def _check_hyper(num_slots, gamma, eps, grad_eps) -> None:
 
 def _check_codes(idx_name, idx, val_name, val, lead: tuple, lead_names: str, num_slots: int) -> None:
     """Checks one (indices, values) sparse code of shape lead + [K]."""
-    _checks.require_shape(idx_name, idx, lead + (None,), f"[{lead_names}, K]")
-    _checks.require_shape(val_name, val, tuple(idx.shape), f"[{lead_names}, K] like {idx_name}")
-    _checks.require_integer(idx_name, idx)
-    _checks.require_floating(val_name, val)
+    checks.require_shape(idx_name, idx, lead + (None,), f"[{lead_names}, K]")
+    checks.require_shape(val_name, val, tuple(idx.shape), f"[{lead_names}, K] like {idx_name}")
+    checks.require_integer(idx_name, idx)
+    checks.require_floating(val_name, val)
     top_k = idx.shape[-1]
     if top_k > num_slots:
         raise ValueError(f"{idx_name}: K = {top_k} slots per token is more than num_slots = {num_slots}")
-    _checks.require_index_range(idx_name, idx, num_slots)
+    checks.require_index_range(idx_name, idx, num_slots)
 
 
 def _check_pdma_args(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps, impl):
     if impl not in IMPLS:
         raise ValueError(f"impl: must be one of {IMPLS}, got {impl!r}")
     _check_hyper(num_slots, gamma, eps, grad_eps)
-    _checks.require_floating("v", v)
+    checks.require_floating("v", v)
     if v.ndim != 4:
         raise ValueError(f"v: expected shape [batch, time, heads, d_v], got {tuple(v.shape)}")
     lead = tuple(v.shape[:3])
     _check_codes("read_idx", read_idx, "read_val", read_val, lead, "batch, time, heads", num_slots)
     _check_codes("write_idx", write_idx, "write_val", write_val, lead, "batch, time, heads", num_slots)
-
-
-def _compute_dtype(*arrays) -> jnp.dtype:
-    """fp32 at least: the state accumulates over the whole sequence, bf16 would drift."""
-    return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,7 +270,7 @@ def pdma(
     """
     read_idx, read_val, write_idx, write_val, v = map(jnp.asarray, (read_idx, read_val, write_idx, write_val, v))
     _check_pdma_args(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps, grad_eps, impl)
-    dtype = _compute_dtype(read_val, write_val, v)
+    dtype = numerics.compute_dtype(read_val, write_val, v)  # fp32 at least: the state accumulates over the sequence
     chosen = resolve_impl(impl, num_slots, v.shape[-1], sequences=v.shape[0] * v.shape[2])
     run = functools.partial(_IMPL_FUNCTIONS[chosen], num_slots=num_slots, gamma=gamma, eps=eps, grad_eps=grad_eps)
     # Every (batch, head) is independent: under a mesh both kernels run per device shard. (The scan's flat sort
@@ -297,7 +292,7 @@ def pdma(
 def pdma_init(batch: int, heads: int, num_slots: int, d_v: int, dtype=jnp.float32) -> PDMAState:
     """The state before the first token: S_0 = 0, z_0 = 1 / M."""
     for name, value in (("batch", batch), ("heads", heads), ("num_slots", num_slots), ("d_v", d_v)):
-        _checks.require_positive_int(name, value)
+        checks.require_positive_int(name, value)
     return PDMAState(
         memory=jnp.zeros((batch, heads, num_slots, d_v), dtype),
         normaliser=jnp.full((batch, heads, num_slots), 1.0 / num_slots, dtype),
@@ -347,8 +342,8 @@ def pdma_step(
         )
     batch, heads, num_slots, d_v = memory.shape
     _check_hyper(num_slots, gamma, eps, grad_eps)
-    _checks.require_floating("v", v)
-    _checks.require_shape("v", v, (batch, heads, d_v), "[batch, heads, d_v]")
+    checks.require_floating("v", v)
+    checks.require_shape("v", v, (batch, heads, d_v), "[batch, heads, d_v]")
     _check_codes("read_idx", read_idx, "read_val", read_val, (batch, heads), "batch, heads", num_slots)
     _check_codes("write_idx", write_idx, "write_val", write_val, (batch, heads), "batch, heads", num_slots)
 

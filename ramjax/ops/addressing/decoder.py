@@ -1,4 +1,4 @@
-"""RAM-Net address decoder: sparse product-softmax addresses and CAPE (docs/ramnet.md sections 2-3).
+"""RAM-Net address decoder: sparse product-softmax addresses (docs/ramnet.md section 2).
 
 A key of size U * d_p is split into U factors; each factor goes through a softmax over d_p entries and the
 address is their Kronecker product, a distribution over M = d_p ** U slots. Only its top-K entries are kept.
@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ramjax.ops import _checks
+from ramjax.ops.shared import checks
 
 # Slot indices are int32, so M must stay below 2 ** 31.
 _MAX_SLOTS = 2**31 - 1
@@ -128,8 +128,8 @@ def product_topk(
         ordered by lower index. Gradients flow into `x` through `val`; `idx` carries none.
     """
     x = jnp.asarray(x)
-    _checks.require_positive_int("num_factors", num_factors)
-    _checks.require_positive_int("top_k", top_k)
+    checks.require_positive_int("num_factors", num_factors)
+    checks.require_positive_int("top_k", top_k)
     if x.ndim < 1:
         raise ValueError("x: expected shape [..., num_factors * d_p], got a scalar")
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -193,23 +193,3 @@ def factor_softmax(logits: jax.Array) -> jax.Array:
     for j in range(1, e.shape[-1]):
         total = total + e[..., j]
     return e / total[..., None]
-
-
-def cape_shift(idx: jax.Array, positions: jax.Array, num_slots: int) -> jax.Array:
-    """Cyclic address positional embedding on sparse codes: (idx - position) mod M.
-
-    `positions` broadcasts against `idx` (for example `[batch, time, 1, 1]` against `[batch, time, heads, K]`).
-    """
-    _checks.require_positive_int("num_slots", num_slots)
-    idx, positions = jnp.asarray(idx), jnp.asarray(positions)
-    _checks.require_integer("idx", idx)
-    _checks.require_integer("positions", positions)
-    try:
-        jnp.broadcast_shapes(idx.shape, positions.shape)
-    except ValueError:
-        raise ValueError(
-            f"positions: shape {positions.shape} does not broadcast against idx shape {idx.shape}"
-        ) from None
-    # Reduce positions first so that idx - position cannot overflow int32 for long sequences.
-    shift = jnp.mod(positions, num_slots).astype(idx.dtype)
-    return jnp.mod(idx - shift, num_slots)

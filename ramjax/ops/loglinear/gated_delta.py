@@ -9,8 +9,9 @@ so token s reaches query t through A_{t,s} = M_t ... M_{s+1}:  o_t = sum_{s<=t} 
 (q_t^T A_{t,s} k_s) beta_s v_s. Implementations mirror `loglinear_attention`:
   dense      the T x T score matrix, built by a scan that carries A_{t,s} k_s for every s.
   recurrent  a scan of `loglinear_gated_delta_step`.
-  chunked    inside a chunk the WY / UT representation: T = (I + diag(beta) L)^-1 diag(beta) with
-             L = strict_lower((Gamma_i / Gamma_j) k_i . k_j), W = T (Gamma K), U = T V. From these: the chunk's
+  chunked    inside a chunk the WY / UT representation of the plain delta rule (`ramjax.ops.gated_delta.chunked`):
+             T = (I + diag(beta) L)^-1 diag(beta) with L = strict_lower((Gamma_i / Gamma_j) k_i . k_j),
+             W = T (Gamma K), U = T V. From these: the chunk's
              score matrix tril(Gamma-ratio Q K^T) T, its transition P = Gamma_C I - (Gamma_C/Gamma K)^T W, its
              own end state (Gamma_C/Gamma K)^T U, and the effective query q~ = Gamma Q - tril(ratio Q K^T) W
              that reads a chunk-start state through the chunk's transitions. Above the chunk, each Fenwick level
@@ -24,42 +25,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ramjax.ops import _checks
-from ramjax.ops.fenwick import (
-    LOG_DECAY_FLOOR,
+from ramjax.ops.gated_delta.chunked import delta_chunk_pieces
+from ramjax.ops.gated_delta.recurrent import apply_transition
+from ramjax.ops.loglinear.fenwick import (
     FenwickState,
-    _block_grid,
-    _check_args,
-    _chunk_grid,
-    _chunk_levels,
-    _exclusive_cumsum,
-    _levels_above_chunk,
-    _level_representatives,
-    _merge_and_insert,
-    _prefix_read,
-    _read_levels,
-    _resolve_impl,
+    block_grid,
+    check_args,
+    chunk_grid,
+    chunk_levels,
     level_index,
+    level_representatives,
+    levels_above_chunk,
     loglinear_init,
+    merge_and_insert,
+    prefix_read,
+    read_levels,
 )
-
-
-def _apply_transition(levels, k_t, g_t, beta_t):
-    """S_l <- alpha_t (S_l - beta_t k_t (k_t^T S_l)) on every level [B, H, L, dk, dv]."""
-    projected = jnp.einsum("bhk,bhlkv->bhlv", k_t, levels)
-    levels = levels - (beta_t[:, :, None, None] * k_t[:, :, None, :])[..., None] * projected[:, :, :, None, :]
-    return levels * jnp.exp(g_t)[:, :, None, None, None]
+from ramjax.ops.shared import checks, numerics
 
 
 def loglinear_gated_delta_step(state: FenwickState, q, k, v, g, beta, level_weights):
     """One token: q, k `[batch, heads, d_k]`, v `[batch, heads, d_v]`, g, beta `[batch, heads]`,
     level_weights `[batch, heads, L]` -> (o `[batch, heads, d_v]`, state)."""
     # Merge with a zero insert, transition every level, then put beta k v^T into the (empty) level 0.
-    levels = _merge_and_insert(state.levels, state.position, jnp.zeros_like(k), jnp.zeros_like(v), jnp.zeros_like(g))
-    levels = _apply_transition(levels, k, g, beta)
+    levels = merge_and_insert(state.levels, state.position, jnp.zeros_like(k), jnp.zeros_like(v), jnp.zeros_like(g))
+    levels = apply_transition(levels, k, g, beta)
     new = jnp.einsum("bh,bhk,bhv->bhkv", beta, k, v)
     levels = levels.at[:, :, 0].set(new)
-    return _read_levels(levels, q, level_weights), FenwickState(levels, state.position + 1)
+    return read_levels(levels, q, level_weights), FenwickState(levels, state.position + 1)
 
 
 def _delta_recurrent(q, k, v, g, beta, level_weights, initial_state):
@@ -108,7 +101,7 @@ def _delta_dense(q, k, v, g, beta, level_weights, initial_state, return_final_st
     causal = positions[:, None] >= positions[None, :]
     o = jnp.einsum("bths,bshv->bthv", jnp.where(causal[None, :, None, :], lam * scores, 0), v)
     if initial_state is not None:
-        o = o + _prefix_read(jnp.moveaxis(q_through, 0, 1), level_weights, positions, initial_state)
+        o = o + prefix_read(jnp.moveaxis(q_through, 0, 1), level_weights, positions, initial_state)
     if not return_final_state:
         return o, None
     last = positions[-1]
@@ -121,7 +114,7 @@ def _delta_dense(q, k, v, g, beta, level_weights, initial_state, return_final_st
 
 def _carry_state(state, through, last, num_level):
     """An earlier state carried to the last token: A S_l, each level moved to the level it now belongs to."""
-    reps = _level_representatives(state.position, num_level)
+    reps = level_representatives(state.position, num_level)
     moved = jax.nn.one_hot(level_index(last, reps), num_level, dtype=through.dtype)  # [L_old, L_new]
     return jnp.einsum("ln,bhkj,bhljv->bhnkv", moved, through, state.levels)
 
@@ -137,68 +130,12 @@ def _compose_affine(earlier, later):
     return p_l @ p_e, p_l @ u_e + u_l
 
 
-def _unit_lower_inverse(strict_lower: jax.Array) -> jax.Array:
-    """(I + A)^-1 for strictly lower-triangular A [..., C, C], by block doubling (matmuls only).
-
-    X starts as the inverse of the unit diagonal (I); each round merges pairs of diagonal blocks of width w into
-    blocks of width 2w: if E holds the entries of I + A that link the two halves of each 2w block (a fixed mask),
-    the merged inverse is X - X E X (exact: E X E = 0). Every X is the inverse of a block-diagonal part of I + A,
-    so it stays moderate for the delta rule's unit-norm keys and beta in [0, 1]. (The Neumann product
-    prod_i (I + (-A)^(2^i)) has the same cost but is not stable: with aligned keys the powers of A reach ~1e17
-    and cancel, which gave wrong outputs and NaN gradients in fp32.) Full fp32 precision: TF32 would lose the
-    inverse. Matmuls also avoid jaxlib's CPU triangular solve, which deadlocked here when two batched solves ran
-    at once on a 2-core machine.
-    """
-    size = strict_lower.shape[-1]
-    index = np.arange(size)
-    inverse = jnp.broadcast_to(jnp.eye(size, dtype=strict_lower.dtype), strict_lower.shape)
-    width = 1
-    while width < size:
-        same_pair = (index[:, None] // (2 * width)) == (index[None, :] // (2 * width))
-        link = same_pair & ((index[:, None] // width) % 2 == 1) & ((index[None, :] // width) % 2 == 0)
-        step = jnp.matmul(inverse, jnp.where(link, strict_lower, 0.0), precision="highest")
-        inverse = inverse - jnp.matmul(step, inverse, precision="highest")
-        width *= 2
-    return inverse
-
-
-def _delta_chunk_pieces(qc, kc, vc, gc, bc):
-    """The WY / UT pieces of every chunk. Inputs [B, N, C, H, ...] -> per chunk and head."""
-    chunk_size = qc.shape[2]
-    g_in = jnp.cumsum(gc, axis=2)  # [B, N, C, H]
-    g_in = jnp.moveaxis(g_in, 3, 2)  # [B, N, H, C]
-    q, k, v = (jnp.moveaxis(a, 3, 2) for a in (qc, kc, vc))  # [B, N, H, C, d]
-    beta = jnp.moveaxis(bc, 3, 2)  # [B, N, H, C]
-    strict = np.tril(np.ones((chunk_size, chunk_size), bool), -1)
-    log_ratio = g_in[..., :, None] - g_in[..., None, :]
-    ratio_strict = jnp.exp(jnp.where(strict, log_ratio, -jnp.inf))
-    # The diagonal's exponent is the constant 0, not g_i - g_i: with strong decays the two opposite gradient
-    # contributions of such a difference cancel against large terms and leave a wrong gradient for g.
-    eye = np.eye(chunk_size, dtype=bool)
-    ratio_incl = jnp.exp(jnp.where(strict, log_ratio, jnp.where(eye, 0.0, -jnp.inf)))
-    lower = ratio_strict * jnp.einsum("...ik,...jk->...ij", k, k)
-    t_mat = _unit_lower_inverse(beta[..., :, None] * lower) * beta[..., None, :]  # (I + diag(beta) L)^-1 diag(beta)
-    gamma = jnp.exp(g_in)
-    w = t_mat @ (gamma[..., None] * k)
-    u = t_mat @ v
-    qk = ratio_incl * jnp.einsum("...ik,...jk->...ij", q, k)
-    scores = qk @ t_mat  # [B, N, H, C, C]: (q_t^T A_{t,s} k_s) beta_s for s <= t
-    q_eff = gamma[..., None] * q - qk @ w  # [B, N, H, C, dk]
-    # log(Gamma_C / Gamma_i) = the gates after i, summed directly (see _exclusive_cumsum).
-    after = _exclusive_cumsum(jnp.moveaxis(gc, 3, 2), axis=-1, reverse=True)  # [B, N, H, C]
-    to_end = jnp.exp(after)[..., None] * k  # (Gamma_C / Gamma) K
-    d_k = k.shape[-1]
-    transition = gamma[..., -1, None, None] * jnp.eye(d_k, dtype=q.dtype) - jnp.swapaxes(to_end, -1, -2) @ w
-    own_state = jnp.swapaxes(to_end, -1, -2) @ u  # [B, N, H, dk, dv]
-    key_paths = jnp.swapaxes(to_end, -1, -2) @ t_mat  # [B, N, H, dk, C]: A_{end,s} beta_s k_s
-    return scores, q_eff, transition, own_state, key_paths
-
 
 def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state):
     batch, seq_len, heads, d_k = q.shape
     d_v = v.shape[-1]
     num_level = level_weights.shape[-1]
-    grid = _chunk_grid(initial_state, seq_len, chunk_size)
+    grid = chunk_grid(initial_state, seq_len, chunk_size)
     start, lead, total = grid
     num_chunks = total // chunk_size
     first_chunk = start // chunk_size
@@ -207,11 +144,11 @@ def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, r
         return grid.pad(a).reshape(batch, num_chunks, chunk_size, *a.shape[2:])
 
     qc, kc, vc, gc, bc, lc = map(chunked, (q, k, v, g, beta, level_weights))
-    scores, q_eff, transition, own_state, key_paths = _delta_chunk_pieces(qc, kc, vc, gc, bc)
+    scores, q_eff, transition, own_state, key_paths = delta_chunk_pieces(qc, kc, vc, gc, bc)
 
     # Inside each chunk: lambda at the in-chunk level times the delta-rule scores.
     chunk_bits = chunk_size.bit_length() - 1
-    lvl = jnp.asarray(np.minimum(_chunk_levels(chunk_size), num_level - 1), jnp.int32)
+    lvl = jnp.asarray(np.minimum(chunk_levels(chunk_size), num_level - 1), jnp.int32)
     lam = jnp.take_along_axis(lc, jnp.broadcast_to(lvl[None, None, :, None, :], lc.shape[:4] + (chunk_size,)), -1)
     lam = jnp.moveaxis(lam, 3, 2)  # [B, N, H, C, C]
     o = jnp.einsum("bnhts,bnshv->bnthv", lam * scores, vc)
@@ -219,9 +156,9 @@ def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, r
     # Above the chunk, level chunk_bits + m.
     last_chunk = first_chunk + num_chunks - 1
     final_levels = jnp.zeros((batch, heads, num_level, d_k, d_v), q.dtype)
-    for m in _levels_above_chunk(first_chunk, num_chunks):
+    for m in levels_above_chunk(first_chunk, num_chunks):
         level = chunk_bits + m
-        half, front, groups = _block_grid(first_chunk, num_chunks, m)
+        half, front, groups = block_grid(first_chunk, num_chunks, m)
         group_pad = ((0, 0), (front, groups * 2 * half - front - num_chunks))
 
         def grouped(a, fill=None):  # [B, N, ...] -> [B, G, 2, half, ...] on the absolute chunk grid
@@ -263,7 +200,7 @@ def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, r
         eye = jnp.broadcast_to(jnp.eye(d_k, dtype=q.dtype), through_all[:, :1].shape)
         before = jnp.concatenate([eye, through_all[:, :-1]], axis=1)
         q_prefix = jnp.einsum("bnhtk,bnhkj->bnthj", q_eff, before).reshape(batch, total, heads, d_k)
-        o = o + _prefix_read(q_prefix[:, lead : lead + seq_len], level_weights, positions, initial_state)
+        o = o + prefix_read(q_prefix[:, lead : lead + seq_len], level_weights, positions, initial_state)
     if not return_final_state:
         return o, None
 
@@ -297,16 +234,16 @@ def loglinear_gated_delta(
     transition a contraction (sigmoid in the layer).
     """
     q, k, v, g, beta, level_weights = map(jnp.asarray, (q, k, v, g, beta, level_weights))
-    _check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state)
-    _checks.require_floating("beta", beta)
-    _checks.require_shape("beta", beta, tuple(g.shape), "[batch, time, heads] like g")
+    check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state)
+    checks.require_floating("beta", beta)
+    checks.require_shape("beta", beta, tuple(g.shape), "[batch, time, heads] like g")
     out_dtype = v.dtype
     dtype = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
     q, k, v, g, beta, level_weights = (a.astype(dtype) for a in (q, k, v, g, beta, level_weights))
-    g = jnp.maximum(g, LOG_DECAY_FLOOR)
+    g = jnp.maximum(g, numerics.LOG_DECAY_FLOOR)
     if initial_state is not None:
         initial_state = FenwickState(initial_state.levels.astype(dtype), jnp.asarray(initial_state.position, jnp.int32))
-    impl = _resolve_impl(impl, q.shape[1])
+    impl = numerics.resolve_sequence_impl(impl, q.shape[1])
     if impl == "recurrent":
         o, final = _delta_recurrent(q, k, v, g, beta, level_weights, initial_state)
     elif impl == "dense":

@@ -1,0 +1,99 @@
+"""Plain (not log-linear) Gated DeltaNet, the base of the Gated DeltaNet baseline layer (docs/loglinear.md
+section 5):
+
+    S_t = exp(a_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,    o_t = S_t^T q_t
+
+with a_t = log_decay_t <= 0 and S_0 = initial_state or 0.
+
+Implementations (`impl=`):
+  recurrent  `jax.lax.scan` over time of the step function (`gated_delta_rule_step`, `recurrent.py`); the
+             reference for the delta rule.
+  chunked    the training path (`chunked.py`). The sequence is padded to a whole number of chunks of C tokens
+             (padding tokens write nothing and do not decay). Inside a chunk, the WY / UT representation
+             (`delta_chunk_pieces`). Between chunks, a `jax.lax.scan` over chunks carries the d_k x d_v state;
+             every exponent it uses is <= 0 (keys decayed to the chunk's end, queries from the chunk's start).
+  auto       recurrent for a single token, chunked otherwise.
+
+Sums, decays and states are computed in at least float32; o comes back in v's dtype and the final state
+`[batch, heads, d_k, d_v]` in the compute dtype (float32, or float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ramjax.ops.gated_delta.chunked import delta_chunked
+from ramjax.ops.gated_delta.recurrent import delta_recurrent, delta_step
+from ramjax.ops.shared import checks, numerics
+
+IMPLS = ("auto", "recurrent", "chunked")
+
+
+def gated_delta_rule_step(state, q, k, v, log_decay, beta):
+    """One token of Gated DeltaNet.
+
+    Args:
+      state: `[batch, heads, d_k, d_v]`, the state after the previous token (zeros before the first).
+      q, k: `[batch, heads, d_k]` (used as given; the layer L2-normalises k).
+      v: `[batch, heads, d_v]`.
+      log_decay, beta: `[batch, heads]`; log_decay <= 0.
+
+    Returns:
+      (o `[batch, heads, d_v]` in v's dtype, the new state in the compute dtype, at least float32).
+    """
+    state, q, k, v, log_decay, beta = map(jnp.asarray, (state, q, k, v, log_decay, beta))
+    checks.check_step(state, q, k, v, log_decay, beta)
+    out_dtype = v.dtype
+    dtype = numerics.compute_dtype(state, q, k, v, log_decay, beta)
+    o, state = delta_step(*(x.astype(dtype) for x in (state, q, k, v, log_decay, beta)))
+    return o.astype(out_dtype), state
+
+
+def gated_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    log_decay: jax.Array,
+    beta: jax.Array,
+    *,
+    impl: str = "auto",
+    chunk_size: int = 64,
+    initial_state: jax.Array | None = None,
+    return_final_state: bool = False,
+):
+    """Gated DeltaNet: S_t = exp(log_decay_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = S_t^T q_t.
+
+    Args:
+      q, k: `[batch, time, heads, d_k]`, used as given (the layer L2-normalises them).
+      v: `[batch, time, heads, d_v]`.
+      log_decay: `[batch, time, heads]` log decays, <= 0.
+      beta: `[batch, time, heads]` write strengths; beta in [0, 1] with unit-norm keys keeps the transition a
+        contraction (sigmoid in the layer).
+      impl: "auto", "recurrent" or "chunked" (see the module docstring).
+      chunk_size: C for impl="chunked", any positive integer (the sequence is padded to a multiple of it).
+      initial_state: `[batch, heads, d_k, d_v]`, the state to continue from (zeros when None).
+      return_final_state: also return the state after the last token.
+
+    Returns:
+      o `[batch, time, heads, d_v]` in v's dtype, and when asked the final state `[batch, heads, d_k, d_v]` in
+      the compute dtype (at least float32).
+    """
+    q, k, v, log_decay, beta = map(jnp.asarray, (q, k, v, log_decay, beta))
+    if initial_state is not None:
+        initial_state = jnp.asarray(initial_state)
+    checks.check_sequence(q, k, v, log_decay, beta, impl, IMPLS, chunk_size, initial_state)
+    out_dtype = v.dtype
+    dtype = numerics.compute_dtype(q, k, v, log_decay, beta)
+    q, k, v, log_decay, beta = (x.astype(dtype) for x in (q, k, v, log_decay, beta))
+    log_decay = jnp.maximum(log_decay, numerics.LOG_DECAY_FLOOR)
+    state = None if initial_state is None else initial_state.astype(dtype)
+    impl = numerics.resolve_sequence_impl(impl, q.shape[1])
+    if impl == "recurrent":
+        if state is None:
+            state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[-1]), dtype)
+        o, final = delta_recurrent(q, k, v, log_decay, beta, state)
+    else:
+        o, final = delta_chunked(q, k, v, log_decay, beta, state, chunk_size)
+    o = o.astype(out_dtype)
+    return (o, final) if return_final_state else o

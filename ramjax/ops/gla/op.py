@@ -1,0 +1,125 @@
+"""Plain (not log-linear) gated linear attention, the base of the GLA and Mamba-2 baseline layers
+(docs/loglinear.md section 5).
+
+Gated linear attention (Mamba-2 / SSD with a scalar gate per head, GLA with one gate per key dimension):
+
+    S_t = diag(exp(a_t)) S_{t-1} + k_t v_t^T,    o_t = S_t^T q_t,    S_0 = initial_state or 0
+
+with a_t = log_decay_t <= 0 (a scalar gate broadcasts over d_k). Unrolled, with A = cumsum(a) over time:
+
+    o_t = sum_{s <= t} (sum_d q_td k_sd exp(A_td - A_sd)) v_s  +  (q_t * exp(A_t))^T S_0
+
+Implementations (`impl=`):
+  dense      the materialised T x T score matrix, the reference (`reference.py`). The log decay from s to t is
+             summed over the segment itself (not taken as A_t - A_s, which loses precision once A is large) and
+             masked to s <= t before the exp, so nothing overflows.
+  recurrent  `jax.lax.scan` over time of the step function (`gated_linear_attention_step`).
+  chunked    the training path (`chunked.py`). The sequence is padded to a whole number of chunks of C tokens
+             (padding tokens write nothing and do not decay). Inside a chunk, the masked C x C score matrix as in
+             dense (for the per-dimension gate the log decays are differences of in-chunk cumulative sums, and
+             the chunk splits into sub-chunks of GLA_SUBCHUNK tokens: decay tensors only of [sub, sub, d_k] on
+             the diagonal, matrix products of decayed q and k between sub-chunks, as fla's chunk_gla; those
+             scores are recomputed in the backward pass rather than saved). Between chunks, a `jax.lax.scan`
+             over chunks carries the d_k x d_v state; every exponent it uses is <= 0 (keys decayed to the
+             chunk's end, queries from the chunk's start).
+  auto       recurrent for a single token, chunked otherwise.
+
+Sums, decays and states are computed in at least float32; o comes back in v's dtype and the final state
+`[batch, heads, d_k, d_v]` in the compute dtype (float32, or float64 for float64 inputs). With 16-bit q, k, v
+(bf16 training) the chunked form hands its matrix products 16-bit operands with float32 accumulation
+(`preferred_element_type`), as fla's kernels do; within a chunk the scores are rounded to 16 bits before they
+multiply v, so its error is that of bf16 (tests/test_linear_attention.py states the tolerance).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ramjax.ops.gla.chunked import gla_chunked
+from ramjax.ops.gla.reference import gla_dense, gla_recurrent, gla_step
+from ramjax.ops.shared import checks, numerics
+
+IMPLS = ("auto", "dense", "recurrent", "chunked")
+
+
+def _heads_first(a: jax.Array) -> jax.Array:
+    """[B, T, H, ...] -> [B, H, T, ...]."""
+    return jnp.moveaxis(a, 2, 1)
+
+
+def gated_linear_attention_step(state, q, k, v, log_decay):
+    """One token of gated linear attention.
+
+    Args:
+      state: `[batch, heads, d_k, d_v]`, the state after the previous token (zeros before the first).
+      q, k: `[batch, heads, d_k]`.
+      v: `[batch, heads, d_v]`.
+      log_decay: `[batch, heads]` (scalar gate) or `[batch, heads, d_k]` (per key dimension), <= 0.
+
+    Returns:
+      (o `[batch, heads, d_v]` in v's dtype, the new state in the compute dtype, at least float32).
+    """
+    state, q, k, v, log_decay = map(jnp.asarray, (state, q, k, v, log_decay))
+    checks.check_step(state, q, k, v, log_decay, None)
+    out_dtype = v.dtype
+    dtype = numerics.compute_dtype(state, q, k, v, log_decay)
+    state, q, k, v, log_decay = (x.astype(dtype) for x in (state, q, k, v, log_decay))
+    if log_decay.ndim == 2:
+        log_decay = log_decay[..., None]
+    o, state = gla_step(state, q, k, v, log_decay)
+    return o.astype(out_dtype), state
+
+
+def gated_linear_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    log_decay: jax.Array,
+    *,
+    impl: str = "auto",
+    chunk_size: int = 64,
+    initial_state: jax.Array | None = None,
+    return_final_state: bool = False,
+):
+    """Gated linear attention: S_t = diag(exp(log_decay_t)) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t.
+
+    Args:
+      q, k: `[batch, time, heads, d_k]`.
+      v: `[batch, time, heads, d_v]`.
+      log_decay: `[batch, time, heads]` (a scalar gate per head: Mamba-2 / SSD) or `[batch, time, heads, d_k]`
+        (a gate per key dimension: GLA), <= 0.
+      impl: "auto", "dense", "recurrent" or "chunked" (see the module docstring).
+      chunk_size: C for impl="chunked", any positive integer (the sequence is padded to a multiple of it).
+      initial_state: `[batch, heads, d_k, d_v]`, the state to continue from (zeros when None).
+      return_final_state: also return the state after the last token.
+
+    Returns:
+      o `[batch, time, heads, d_v]` in v's dtype, and when asked the final state `[batch, heads, d_k, d_v]` in
+      the compute dtype (at least float32).
+    """
+    q, k, v, log_decay = map(jnp.asarray, (q, k, v, log_decay))
+    if initial_state is not None:
+        initial_state = jnp.asarray(initial_state)
+    checks.check_sequence(q, k, v, log_decay, None, impl, IMPLS, chunk_size, initial_state)
+    out_dtype = v.dtype
+    dtype = numerics.compute_dtype(q, k, v, log_decay)
+    operand_dtype = numerics.operand_dtype(q, k, v)
+    impl = numerics.resolve_sequence_impl(impl, q.shape[1])
+    if impl != "chunked" or operand_dtype is None:  # only the chunked form keeps 16-bit operands
+        q, k, v = (x.astype(dtype) for x in (q, k, v))
+    log_decay = jnp.maximum(log_decay.astype(dtype), numerics.LOG_DECAY_FLOOR)
+    if log_decay.ndim == 3:
+        log_decay = log_decay[..., None]
+    q, k, v, a = map(_heads_first, (q, k, v, log_decay))
+    state = None if initial_state is None else initial_state.astype(dtype)
+    if impl == "recurrent":
+        if state is None:
+            state = jnp.zeros((*q.shape[:2], q.shape[-1], v.shape[-1]), dtype)
+        o, final = gla_recurrent(q, k, v, a, state)
+    elif impl == "dense":
+        o, final = gla_dense(q, k, v, a, state)
+    else:
+        o, final = gla_chunked(q, k, v, a, state, chunk_size, operand_dtype)
+    o = jnp.moveaxis(o, 1, 2).astype(out_dtype)
+    return (o, final) if return_final_state else o

@@ -1,0 +1,250 @@
+"""Log-linear attention over the Mamba-2 base: a scalar decay per head and token (docs/loglinear.md section 2).
+
+For a query at position t and a key at s <= t (0-indexed, absolute positions), with level(t, s) the Fenwick
+level of `fenwick.py`:
+
+    o_t = sum_{s <= t} lambda_t[level(t, s)] * exp(G_t - G_s) * (q_t . k_s) * v_s,      G = cumsum(g)
+
+Implementations (`impl=`):
+  dense      the materialised T x T reference.
+  recurrent  `jax.lax.scan` over time with one d_k x d_v state per level and the binary-counter merge; the
+             decode form, `loglinear_step`, is its body. O(log T) state.
+  chunked    the training path: a masked matmul inside each chunk of C tokens, and for each Fenwick level above
+             the chunk one batched matmul of the queries of a block of chunks against the summed state of the
+             block of chunks that is their bucket. O(T log T) work, O(T) memory.
+  auto       chunked for sequences, recurrent for a single token.
+
+A state (`FenwickState`) holds one d_k x d_v matrix per level, relative to the last token seen, and the number of
+tokens seen. `return_final_state=True` returns it; `initial_state=` continues from it, so a chunked prefill
+can hand over to `loglinear_step` decoding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ramjax.ops.loglinear.fenwick import (
+    FenwickState,
+    block_grid,
+    check_args,
+    chunk_grid,
+    chunk_levels,
+    level_index,
+    level_representatives,
+    levels_above_chunk,
+    loglinear_init,
+    merge_and_insert,
+    prefix_read,
+    read_levels,
+)
+from ramjax.ops.shared import numerics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The final state of impl="dense" and impl="chunked".
+
+
+def _final_state(k, v, g, positions, state, num_level):
+    """The per-level states after the last of these tokens, with the earlier state (if any) folded in."""
+    last = positions[-1]
+    # Log decay from each token to the last one: the sum of g after it.
+    decay_to_end = numerics.exclusive_cumsum(g, axis=1, reverse=True)  # [B, T, H]
+    onehot = jax.nn.one_hot(level_index(last, positions), num_level, dtype=k.dtype)  # [T, L]
+    levels = jnp.einsum("tl,bth,bthk,bthv->bhlkv", onehot, jnp.exp(decay_to_end), k, v)
+    if state is not None:
+        old_levels, old_position = state
+        reps = level_representatives(old_position, num_level)
+        moved = jax.nn.one_hot(level_index(last, reps), num_level, dtype=k.dtype)  # [L_old, L_new]
+        decay_all = jnp.exp(jnp.sum(g, axis=1))  # [B, H]
+        levels = levels + jnp.einsum("ln,bh,bhlkv->bhnkv", moved, decay_all, old_levels)
+        start = old_position
+    else:
+        start = jnp.int32(0)
+    return FenwickState(levels, (start + positions.shape[0]).astype(jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# impl="dense"
+
+
+def _attention_dense(q, k, v, g, level_weights, initial_state):
+    seq_len = q.shape[1]
+    start = jnp.int32(0) if initial_state is None else initial_state.position
+    positions = start + jnp.arange(seq_len, dtype=jnp.int32)
+    g_cum = jnp.cumsum(g, axis=1)  # [B, T, H]
+    causal = positions[:, None] >= positions[None, :]
+    log_decay = jnp.where(causal[None, :, :, None], g_cum[:, :, None, :] - g_cum[:, None, :, :], -jnp.inf)
+    levels = level_index(positions[:, None], positions[None, :])  # [T, S]
+    lam = jnp.take_along_axis(
+        level_weights, jnp.broadcast_to(levels[None, :, None, :], level_weights.shape[:3] + (seq_len,)), axis=-1
+    )  # [B, T, H, S]
+    weights = lam * jnp.exp(jnp.swapaxes(log_decay, 2, 3))  # [B, T, H, S]
+    scores = jnp.einsum("bthk,bshk->bths", q, k)
+    o = jnp.einsum("bths,bshv->bthv", weights * scores, v)
+    if initial_state is not None:
+        o = o + prefix_read(q * jnp.exp(g_cum)[..., None], level_weights, positions, initial_state)
+    return o, positions
+
+
+# ----------------------------------------------------------------------------------------------------------
+# impl="recurrent" (the decode step, `loglinear_step`, is its body)
+
+
+def _attention_recurrent(q, k, v, g, level_weights, initial_state):
+    batch, seq_len, heads, d_k = q.shape
+    num_level = level_weights.shape[-1]
+    if initial_state is None:
+        initial_state = loglinear_init(batch, heads, num_level, d_k, v.shape[-1], q.dtype)
+
+    def step(state, inputs):
+        q_t, k_t, v_t, g_t, lam_t = inputs
+        levels = merge_and_insert(state.levels, state.position, k_t, v_t, g_t)
+        return FenwickState(levels, state.position + 1), read_levels(levels, q_t, lam_t)
+
+    time_major = [jnp.moveaxis(a, 1, 0) for a in (q, k, v, g, level_weights)]
+    final, o = jax.lax.scan(step, initial_state, time_major)
+    return jnp.moveaxis(o, 0, 1), final
+
+
+# ----------------------------------------------------------------------------------------------------------
+# impl="chunked"
+
+
+def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chunk, operand_dtype=None):
+    """The sequence's own pairs (no earlier state). Token 0 sits at absolute position first_chunk * C.
+
+    Shapes: q, k [B, N*C, H, dk], v [B, N*C, H, dv], g [B, N*C, H], level_weights [B, N*C, H, L]. With
+    `operand_dtype` (16-bit q, k, v) the matrix products take operands of that dtype and accumulate in float32.
+    """
+    batch, seq_len, heads, d_k = q.shape
+    d_v = v.shape[-1]
+    num_chunks = seq_len // chunk_size
+    num_level = level_weights.shape[-1]
+    chunk_bits = chunk_size.bit_length() - 1  # log2 C
+
+    def chunked(a):
+        return a.reshape(batch, num_chunks, chunk_size, *a.shape[2:])
+
+    qc, kc, vc, gc, lc = map(chunked, (q, k, v, g, level_weights))
+    g_in = jnp.cumsum(gc, axis=2)  # log decay from the chunk start, inclusive [B, N, C, H]
+
+    # Inside each chunk: a masked C x C matmul.
+    # Pairs above the diagonal (masked below) may name levels past L; clip so the gather stays in range.
+    lvl = jnp.asarray(np.minimum(chunk_levels(chunk_size), num_level - 1), jnp.int32)
+    lam = jnp.take_along_axis(
+        lc, jnp.broadcast_to(lvl[None, None, :, None, :], lc.shape[:4] + (chunk_size,)), axis=-1
+    )  # [B, N, C, H, C]
+    log_decay = g_in[:, :, :, None, :] - g_in[:, :, None, :, :]  # [B, N, C(t), C(s), H]
+    # s = t gets the constant exponent 0 rather than g_t - g_t (whose gradient terms cancel badly).
+    strict = np.tril(np.ones((chunk_size, chunk_size), bool), -1)[None, None, :, :, None]
+    diagonal = np.eye(chunk_size, dtype=bool)[None, None, :, :, None]
+    log_decay = jnp.where(strict, log_decay, jnp.where(diagonal, 0.0, -jnp.inf))
+    weights = lam * jnp.exp(jnp.moveaxis(log_decay, 4, 3))  # [B, N, C(t), H, C(s)]
+    scores = numerics.matmul("bnthk,bnshk->bnths", qc, kc, operand_dtype)
+    o = numerics.matmul("bnths,bnshv->bnthv", weights * scores, vc, operand_dtype)
+
+    # Each chunk's keys summed into one state, decayed to the chunk's end.
+    chunk_log_decay = g_in[:, :, -1]  # [B, N, H]
+    to_end = jnp.exp(numerics.exclusive_cumsum(gc, axis=2, reverse=True))  # [B, N, C, H]
+    chunk_states = numerics.matmul("bnchk,bnchv->bnhkv", to_end[..., None] * kc, vc, operand_dtype)
+
+    # Above the chunk: level chunk_bits + m reads, for the chunks of an odd block of 2^(m-1) chunks, the
+    # summed state of the even block just before it (blocks aligned to absolute chunk indices).
+    for m in levels_above_chunk(first_chunk, num_chunks):
+        level = chunk_bits + m
+        half, lead, groups = block_grid(first_chunk, num_chunks, m)
+        pad = ((0, 0), (lead, groups * 2 * half - lead - num_chunks))
+
+        def grouped(a):  # [B, N, ...] -> [B, groups, 2, half, ...] on the absolute chunk grid
+            return jnp.pad(a, pad + ((0, 0),) * (a.ndim - 2)).reshape(batch, groups, 2, half, *a.shape[2:])
+
+        decays = grouped(chunk_log_decay)  # [B, G, 2, half, H]
+        source_states = grouped(chunk_states)[:, :, 0]  # [B, G, half, H, dk, dv]
+        # Decay of each source chunk's state to the end of its block: the later chunks of the block.
+        source_decay = numerics.exclusive_cumsum(decays[:, :, 0], axis=2, reverse=True)
+        block_state = jnp.einsum("bgih,bgihkv->bghkv", jnp.exp(source_decay), source_states)
+        # Decay from the end of the source block to each reading token: earlier reading chunks, then g_in.
+        before = numerics.exclusive_cumsum(decays[:, :, 1], axis=2)  # [B, G, half, H]
+        reader_decay = jnp.exp(before[:, :, :, None] + grouped(g_in)[:, :, 1])  # [B, G, half, C, H]
+        reader_q = grouped(qc)[:, :, 1] * (reader_decay * grouped(lc[..., level])[:, :, 1])[..., None]
+        read = numerics.matmul("bgichk,bghkv->bgichv", reader_q, block_state, operand_dtype)  # [B, G, half, C, H, dv]
+        read = jnp.concatenate([jnp.zeros_like(read), read], axis=2).reshape(batch, groups * 2 * half, *read.shape[3:])
+        o = o + read[:, lead : lead + num_chunks]
+    return o.reshape(batch, seq_len, heads, d_v)
+
+
+def _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size, operand_dtype=None):
+    seq_len = q.shape[1]
+    start, lead, _ = grid = chunk_grid(initial_state, seq_len, chunk_size)
+    padded = [grid.pad(a) for a in (q, k, v, g, level_weights)]
+    o = _attention_chunked_aligned(*padded, chunk_size, start // chunk_size, operand_dtype)[:, lead : lead + seq_len]
+    positions = start + jnp.arange(seq_len, dtype=jnp.int32)
+    if initial_state is not None:
+        o = o + prefix_read(q * jnp.exp(jnp.cumsum(g, axis=1))[..., None], level_weights, positions, initial_state)
+    return o, positions
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def loglinear_step(state: FenwickState, q, k, v, g, level_weights) -> tuple[jax.Array, FenwickState]:
+    """One token: q, k `[batch, heads, d_k]`, v `[batch, heads, d_v]`, g `[batch, heads]`, level_weights
+    `[batch, heads, L]` -> (o `[batch, heads, d_v]`, state)."""
+    levels = merge_and_insert(state.levels, state.position, k, v, g)
+    return read_levels(levels, q, level_weights), FenwickState(levels, state.position + 1)
+
+
+def loglinear_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    level_weights: jax.Array,
+    *,
+    impl: str = "auto",
+    chunk_size: int = 64,
+    initial_state: FenwickState | None = None,
+    return_final_state: bool = False,
+):
+    """Log-linear attention with a scalar decay per head and token (the Mamba-2 base).
+
+    Args:
+      q, k: `[batch, time, heads, d_k]`.
+      v: `[batch, time, heads, d_v]`.
+      g: `[batch, time, heads]` log decays, <= 0.
+      level_weights: `[batch, time, heads, L]` lambda, L >= num_levels(position + time); extra levels unused.
+      impl: "auto", "dense", "recurrent" or "chunked" (see the module docstring).
+      chunk_size: C for impl="chunked", a power of two.
+      initial_state: a `FenwickState` to continue from (its position says where this sequence starts).
+      return_final_state: also return the state after the last token.
+
+    Returns:
+      o `[batch, time, heads, d_v]` in v's dtype, and the final `FenwickState` when asked.
+    """
+    q, k, v, g, level_weights = map(jnp.asarray, (q, k, v, g, level_weights))
+    check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state)
+    out_dtype = v.dtype
+    dtype = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
+    impl = numerics.resolve_sequence_impl(impl, q.shape[1])
+    # bf16 training: the chunked form keeps 16-bit q, k, v as matrix-product operands (float32 accumulation);
+    # everything else (decays, level weights, states) is in the compute dtype.
+    operand_dtype = numerics.operand_dtype(q, k, v)
+    if impl != "chunked" or operand_dtype is None:
+        q, k, v = (a.astype(dtype) for a in (q, k, v))
+    g, level_weights = g.astype(dtype), level_weights.astype(dtype)
+    g = jnp.maximum(g, numerics.LOG_DECAY_FLOOR)
+    if initial_state is not None:
+        initial_state = FenwickState(initial_state.levels.astype(dtype), jnp.asarray(initial_state.position, jnp.int32))
+    if impl == "recurrent":
+        o, final = _attention_recurrent(q, k, v, g, level_weights, initial_state)
+    else:
+        if impl == "dense":
+            o, positions = _attention_dense(q, k, v, g, level_weights, initial_state)
+        else:
+            o, positions = _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size, operand_dtype)
+        final = _final_state(k, v, g, positions, initial_state, level_weights.shape[-1]) if return_final_state else None
+    o = o.astype(out_dtype)
+    return (o, final) if return_final_state else o

@@ -1,0 +1,10 @@
+"""RAM-Net memory: the power-decay moving average (PDMA) over M slots per head, `pdma` and its decode step.
+
+Everything lives in `op.py` (see its docstring). Its tuning constants (SCAN_BLOCK, SCAN_KERNEL_BLOCK,
+PALLAS_GPU_OPTIONS, ...) are read there, so set or monkeypatch them on `ramjax.ops.pdma.op`. (`ramjax.ops.pdma`
+as an attribute of `ramjax.ops` is the function; `from ramjax.ops.pdma import ...` imports from this package.)
+"""
+
+from ramjax.ops.pdma.op import IMPLS, PDMAState, decay_factor, pallas_backend, pdma, pdma_init, pdma_step, resolve_impl
+
+__all__ = ["IMPLS", "PDMAState", "decay_factor", "pallas_backend", "pdma", "pdma_init", "pdma_step", "resolve_impl"]
