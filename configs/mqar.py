@@ -73,6 +73,9 @@ def model_config() -> ml_collections.ConfigDict:
     m.gla.gate_rank = 16
     m.gla.gate_normaliser = 16.0
     m.gla.chunk_size = 64
+    # "auto" (the XLA chunked form), "chunked", or "pallas" (kernels/gla_chunk.py; chunk_size a power of 2 >= 16;
+    # not yet timed on a GPU, so not the default).
+    m.gla.impl = "auto"
 
     m.mamba2 = ml_collections.ConfigDict()
     m.mamba2.expand = 2
@@ -80,6 +83,7 @@ def model_config() -> ml_collections.ConfigDict:
     m.mamba2.d_state = 64
     m.mamba2.conv_width = 4
     m.mamba2.chunk_size = 64
+    m.mamba2.impl = "auto"  # as model.gla.impl, for plain Mamba-2 (the log-linear op has no kernel yet)
 
     m.gated_deltanet = ml_collections.ConfigDict()
     m.gated_deltanet.head_dim = 0  # 0: d_model / num_heads

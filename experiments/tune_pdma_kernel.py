@@ -21,7 +21,7 @@ from kernels.pdma import pdma as kernel_pdma
 from ramjax import timing
 from ramjax.demo import make_inputs
 from ramjax.numerics import rel_rms
-from ramjax.ops.pdma import pdma
+from ramjax.ops.memory import pdma
 
 
 def inputs(batch, seq_len, args):

@@ -17,7 +17,7 @@ from ramjax import timing
 from ramjax.errors import ConfigError
 from ramjax.numerics import rel_rms
 from ramjax.ops import cape_shift, pdma, product_topk
-from ramjax.ops.pdma import IMPLS, resolve_impl
+from ramjax.ops.memory import IMPLS, resolve_impl
 
 def make_inputs(config):
     """Random q, k, v [batch, time, heads, ...] decoded into sparse read and write codes."""

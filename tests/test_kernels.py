@@ -9,7 +9,7 @@ from kernels.pdma import pdma as kernel_pdma
 from kernels.sparse_scan import sparse_gated_scan, sparse_gated_scan_loop
 from kernels.token_scan import token_scan, token_scan_loop
 from ramjax.numerics import rel_rms
-from ramjax.ops.pdma import pdma
+from ramjax.ops.memory import pdma
 
 PALLAS = [("triton", True), ("tpu", True), ("token", True)]
 ALL = [("xla", False), ("sorted", False)] + PALLAS

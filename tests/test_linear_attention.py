@@ -123,6 +123,28 @@ def test_impls_agree_with_float64_reference(op, gate, seq_len):
             assert rel_rms(got, want) < 1e-4, (impl, name)
 
 
+@pytest.mark.parametrize("gate", ["per_dim", pytest.param("scalar", marks=pytest.mark.slow)])
+def test_pallas_gla_agrees_with_float64_reference(gate):
+    """impl="pallas" (kernels.gla_chunk, interpret mode here): outputs, final state and all five gradients."""
+    seq_len = 37
+    inputs, state = random_inputs(7, seq_len, op="gla", gate=gate, decay=(0.0, 1.0))
+    rng = np.random.default_rng(8)
+    cotangents = (jnp.asarray(rng.normal(size=(BATCH, seq_len, HEADS, D_V)), jnp.float32),
+                  jnp.asarray(rng.normal(size=(BATCH, HEADS, D_K, D_V)), jnp.float32))
+    (want_o, want_state), want_grads = float64(run, inputs, state, cotangents, op="gla", impl="dense")
+    (o, final), grads = run(inputs, state, cotangents, op="gla", impl="pallas", chunk_size=16)
+    assert o.dtype == jnp.float32 and final.dtype == jnp.float32
+    assert rel_rms(o, want_o) < 1e-4 and rel_rms(final, want_state) < 1e-4
+    for name, got, want in zip(names("gla"), grads, want_grads, strict=True):
+        assert rel_rms(got, want) < 1e-4, name
+
+
+def test_pallas_gla_refuses_what_its_kernel_cannot_take():
+    inputs, _ = random_inputs(0, 5)
+    with pytest.raises(ValueError, match="chunk_size: impl='pallas' needs a power of 2 >= 16, got 24"):
+        gated_linear_attention(*inputs, impl="pallas", chunk_size=24)
+
+
 @pytest.mark.parametrize("op,gate", CASES, ids=CASE_IDS)
 def test_references_equal_float64_loop(op, gate):
     """The float64 references themselves (GLA dense, delta recurrent) against the recurrence in NumPy."""

@@ -9,7 +9,7 @@ import pytest
 
 from numerics import random_codes, rel_rms
 from ramjax.ops import cape_shift, pdma, pdma_init, pdma_step, product_topk
-from ramjax.ops.pdma import decay_factor
+from ramjax.ops.memory import decay_factor
 
 
 def numpy_pdma(read_idx, read_val, write_idx, write_val, v, num_slots, gamma, eps):
@@ -265,7 +265,7 @@ def test_pdma_step_rejects_bad_arguments():
 
 
 def test_auto_picks_dense_only_for_a_small_memory_on_cpu():
-    from ramjax.ops.pdma import resolve_impl
+    from ramjax.ops.memory import resolve_impl
 
     assert jax.default_backend() == "cpu"
     assert resolve_impl("auto", 32, 64) == "dense"

@@ -20,14 +20,15 @@ class GLAMixer(nnx.Module):
     """x `[batch, time, d_model]`, positions (unused) -> `[batch, time, d_model]`."""
 
     def __init__(self, d_model: int, *, num_heads: int, expand_k: float = 0.5, expand_v: float = 1.0,
-                 gate_rank: int = 16, gate_normaliser: float = 16.0, chunk_size: int = 64, dtype=jnp.float32,
+                 gate_rank: int = 16, gate_normaliser: float = 16.0, chunk_size: int = 64, impl: str = "auto",
+                 dtype=jnp.float32,
                  rngs: nnx.Rngs):
         key_width, value_width = int(d_model * expand_k), int(d_model * expand_v)
         if key_width % num_heads or value_width % num_heads:
             raise ValueError(f"model.gla: expand_k * d_model = {key_width} and expand_v * d_model = {value_width} "
                              f"must both be divisible by num_heads = {num_heads}")
         self.num_heads, self.d_k = num_heads, key_width // num_heads
-        self.gate_normaliser, self.chunk_size = gate_normaliser, chunk_size
+        self.gate_normaliser, self.chunk_size, self.impl = gate_normaliser, chunk_size, impl
         self.q_proj = dense(d_model, key_width, "embed", "heads", dtype=dtype, rngs=rngs)
         self.k_proj = dense(d_model, key_width, "embed", "heads", dtype=dtype, rngs=rngs)
         self.v_proj = dense(d_model, value_width, "embed", "heads", dtype=dtype, rngs=rngs)
@@ -57,7 +58,7 @@ class GLAMixer(nnx.Module):
         del positions
         q, k, v, log_decay = self._inputs(x)
         with jax.named_scope("op"):  # names the op's share in profiles (experiments/profile_train_step.py)
-            o = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size)
+            o = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size, impl=self.impl)
         return self._output(x, o)
 
     def init_cache(self, batch: int, max_len: int) -> dict:

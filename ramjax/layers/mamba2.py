@@ -35,11 +35,12 @@ class Mamba2Mixer(nnx.Module):
 
     def __init__(self, d_model: int, *, expand: int = 2, head_dim: int = 64, d_state: int = 64, conv_width: int = 4,
                  chunk_size: int = 64, decay_mode: str | None = None, num_levels: int = 15, decay_hidden: int = 64,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         d_inner = expand * d_model
         if d_inner % head_dim:
             raise ValueError(f"model.mamba2.head_dim: must divide expand * d_model = {d_inner}, got {head_dim}")
         self.num_heads, self.head_dim, self.d_state, self.chunk_size = d_inner // head_dim, head_dim, d_state, chunk_size
+        self.impl = impl  # of the plain recurrence (ops.gated_linear_attention)
         self.z_proj = dense(d_model, d_inner, "embed", "heads", dtype=dtype, rngs=rngs)
         self.x_proj = dense(d_model, d_inner, "embed", "heads", dtype=dtype, rngs=rngs)
         self.b_proj = dense(d_model, d_state, "embed", None, dtype=dtype, rngs=rngs)
@@ -88,7 +89,7 @@ class Mamba2Mixer(nnx.Module):
         level_weights = None if self.decay is None else self.decay(x)
         with jax.named_scope("op"):  # names the op's share in profiles (experiments/profile_train_step.py)
             if level_weights is None:
-                y = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size)
+                y = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size, impl=self.impl)
             else:
                 y = ops.loglinear_attention(q, k, v, log_decay, level_weights, chunk_size=self.chunk_size)
         return self._output(x, y, x_in)

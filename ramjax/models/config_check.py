@@ -8,8 +8,8 @@ import math
 from ramjax.errors import ConfigError
 from ramjax.layers.attention import IMPLS as ATTENTION_IMPLS
 from ramjax.models.mixers import MIXERS
-from ramjax.ops import addressing, loglinear
-from ramjax.ops.pdma import IMPLS as PDMA_IMPLS
+from ramjax.ops import addressing, gla, loglinear
+from ramjax.ops.memory import IMPLS as PDMA_IMPLS
 
 DTYPES = ("bfloat16", "float32")
 LOGLINEAR_BASES = ("mamba2", "gated_deltanet")
@@ -66,7 +66,12 @@ def _check_ramnet(r) -> None:
 
 
 def _check_chunked(name: str, section) -> None:
-    _int(f"model.{name}.chunk_size", section.chunk_size)
+    chunk_size = _int(f"model.{name}.chunk_size", section.chunk_size)
+    impl = section.get("impl", "auto")
+    if name in ("gla", "mamba2"):
+        _choice(f"model.{name}.impl", impl, gla.IMPLS)
+    if impl == "pallas" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+        raise ConfigError(f"model.{name}.chunk_size: impl 'pallas' needs a power of 2 >= 16, got {chunk_size}")
 
 
 def check_model(model, max_seq_len: int | None = None) -> None:

@@ -19,7 +19,7 @@ from ramjax.ops.loglinear import (
     loglinear_step,
     num_levels,
 )
-from ramjax.ops.pdma import PDMAState, pdma, pdma_init, pdma_step
+from ramjax.ops.memory import PDMAState, pdma, pdma_init, pdma_step
 
 __all__ = [
     "cape_shift",

@@ -22,6 +22,9 @@ Implementations (`impl=`):
              scores are recomputed in the backward pass rather than saved). Between chunks, a `jax.lax.scan`
              over chunks carries the d_k x d_v state; every exponent it uses is <= 0 (keys decayed to the
              chunk's end, queries from the chunk's start).
+  pallas     the chunked form as Pallas kernels with a Pallas backward pass (`kernels.gla_chunk`: Triton on
+             GPUs, interpret mode elsewhere); float32 or bfloat16 inputs, chunk_size a power of 2 >= 16. Tested
+             equal to the others on the CPU; not yet timed on a GPU, so "auto" does not pick it yet.
   auto       recurrent for a single token, chunked otherwise.
 
 Sums, decays and states are computed in at least float32; o comes back in v's dtype and the final state
@@ -40,7 +43,7 @@ from ramjax.ops.gla.chunked import gla_chunked
 from ramjax.ops.gla.reference import gla_dense, gla_recurrent, gla_step
 from ramjax.ops.shared import checks, numerics
 
-IMPLS = ("auto", "dense", "recurrent", "chunked")
+IMPLS = ("auto", "dense", "recurrent", "chunked", "pallas")
 
 
 def _heads_first(a: jax.Array) -> jax.Array:
@@ -89,7 +92,7 @@ def gated_linear_attention(
       v: `[batch, time, heads, d_v]`.
       log_decay: `[batch, time, heads]` (a scalar gate per head: Mamba-2 / SSD) or `[batch, time, heads, d_k]`
         (a gate per key dimension: GLA), <= 0.
-      impl: "auto", "dense", "recurrent" or "chunked" (see the module docstring).
+      impl: "auto", "dense", "recurrent", "chunked" or "pallas" (see the module docstring).
       chunk_size: C for impl="chunked", any positive integer (the sequence is padded to a multiple of it).
       initial_state: `[batch, heads, d_k, d_v]`, the state to continue from (zeros when None).
       return_final_state: also return the state after the last token.
@@ -106,6 +109,8 @@ def gated_linear_attention(
     dtype = numerics.compute_dtype(q, k, v, log_decay)
     operand_dtype = numerics.operand_dtype(q, k, v)
     impl = numerics.resolve_sequence_impl(impl, q.shape[1])
+    if impl == "pallas":
+        return _pallas(q, k, v, log_decay, initial_state, chunk_size, return_final_state)
     if impl != "chunked" or operand_dtype is None:  # only the chunked form keeps 16-bit operands
         q, k, v = (x.astype(dtype) for x in (q, k, v))
     log_decay = jnp.maximum(log_decay.astype(dtype), numerics.LOG_DECAY_FLOOR)
@@ -122,4 +127,22 @@ def gated_linear_attention(
     else:
         o, final = gla_chunked(q, k, v, a, state, chunk_size, operand_dtype)
     o = jnp.moveaxis(o, 1, 2).astype(out_dtype)
+    return (o, final) if return_final_state else o
+
+
+def _pallas(q, k, v, log_decay, initial_state, chunk_size, return_final_state):
+    """impl="pallas": `kernels.gla_chunk.chunk_gla` on [B, T, H, ...] arrays, interpret mode off GPUs."""
+    from kernels import gla_chunk
+
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in (jnp.float32, jnp.bfloat16):
+            raise ValueError(f"{name}: impl='pallas' takes float32 or bfloat16, got {x.dtype}")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size: impl='pallas' needs a power of 2 >= 16, got {chunk_size}")
+    log_decay = jnp.maximum(log_decay.astype(jnp.float32), numerics.LOG_DECAY_FLOOR)
+    if log_decay.ndim == 3:
+        log_decay = log_decay[..., None]
+    state = None if initial_state is None else initial_state.astype(jnp.float32)
+    o, final = gla_chunk.chunk_gla(q, k, v, log_decay, state, chunk_size=chunk_size,
+                                   interpret=jax.default_backend() != "gpu")
     return (o, final) if return_final_state else o
