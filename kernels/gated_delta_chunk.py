@@ -1,0 +1,527 @@
+"""The chunked gated delta rule (Gated DeltaNet) as Pallas kernels (Triton lowering), with a custom VJP whose
+backward pass is Pallas kernels too.
+
+Per batch b and head h, with a_t <= 0 a scalar log decay and beta_t in [0, 1]:
+
+    S_t = exp(a_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,    o_t = S_t^T q_t,    S_0 = initial_state (or 0)
+
+In chunks of C tokens (the design of fla's chunk_gated_delta_rule, written anew), with g_t = a_1 + ... + a_t the log
+decay from the chunk's start (g <= 0, non-increasing), Gamma = diag(exp(g)), D[i, j] = exp(g_i - g_j) for j <= i
+(0 above the diagonal) and S the state at the chunk's start, the WY / UT representation of the chunk is
+
+    L = strict_lower(D * K K^T),   T = (I + diag(beta) L)^-1 diag(beta),   W = T Gamma K,   U = T V,
+
+and then
+
+    V' = U - W S                                  (the values each token actually writes, "v_new")
+    O  = Gamma Q S + (D * Q K^T) V'
+    S_next = exp(g_C) S + (exp(g_C - g) K)^T V'
+
+Kernels (G = B * H sequences; d_k, d_v padded to powers of 2 >= 16, T to whole chunks with tokens that write
+nothing: k = v = 0, beta = 0, a = 0):
+  _wy_kernel          grid (G, chunks): T by block doubling in full fp32, then W and U;
+  _state_kernel       grid (G, d_v blocks): walks the chunks (all of d_k in one program: W S sums over it), storing
+                      each chunk's start state, V' and the final state;
+  _output_kernel      grid (G, chunks, d_v blocks): O per chunk;
+  _state_grad_kernel  grid (G, d_v blocks): the adjoint walks the chunks backwards, storing each chunk's end-state
+                      gradient dH, the gradient of V' (dV' = (D * Q K^T)^T dO + exp(g_C - g) K dH) and the initial
+                      state's gradient: dS = exp(g_C) dH + (Gamma Q)^T dO - W^T dV';
+  _grad_kernel        grid (G, chunks): dq, dk, dv, dbeta and dg (the gradient of the cumulative log decay) of one
+                      chunk, recomputing T and W; through the inverse, dM = -M^-T dM^-1 M^-T.
+
+Numerics: no positive number is ever exponentiated (every decay ratio is exp of a difference <= 0, masked; the
+minimum with 0 guards against rounding). The inverse (I + diag(beta) L)^-1 and its gradient are computed with IEEE
+fp32 products whatever the inputs' dtype (block doubling as ramjax.ops.gated_delta's chunked form does it: every
+intermediate is the inverse of a block-diagonal part, moderate for unit-norm keys and beta in [0, 1]). Other matrix
+products take operands in the inputs' dtype (bf16 or fp32) with fp32 accumulation; decays, sums and states are
+fp32. Where a decay ratio is exp(g_i - g_i) = 1 (the diagonal of D, the chunk's last key decayed to the chunk's
+end), its gradient with respect to g is left out rather than formed as two opposite terms that would cancel only up
+to rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from kernels.shapes import next_pow2, pad_axis
+
+MIN_CHUNK = 16  # the smallest block Triton's dot takes
+MAX_BLOCK = 64  # d_v block width where a kernel tiles it
+
+
+class _Config(NamedTuple):
+    chunk_size: int
+    num_warps: int
+    interpret: bool
+    poison_output: bool
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces the kernels share
+
+
+def _dot(a, b, dtype, *, trans_a=False, trans_b=False):
+    """a @ b (a^T, b^T where told) with operands cast to `dtype` and fp32 accumulation (IEEE fp32 for fp32:
+    Triton's default for fp32 is tf32)."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=jax.lax.Precision.HIGHEST,
+                               preferred_element_type=jnp.float32)
+
+
+def _decay(log_decay):
+    """exp of a log decay that is <= 0 in exact arithmetic (the minimum guards against rounding)."""
+    return jnp.exp(jnp.minimum(log_decay, 0.0))
+
+
+def _iotas(c):
+    """[c, 1] row and [1, c] column indices of a [c, c] block."""
+    return jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0), jax.lax.broadcasted_iota(jnp.int32, (1, c), 1)
+
+
+def _column_to_row(x):
+    """[c, 1] -> [1, c]."""
+    return x.reshape(1, x.shape[0])
+
+
+def _row_to_column(x):
+    """[1, c] or [c] -> [c, 1]."""
+    return x.reshape(-1)[:, None]
+
+
+def _decay_matrix(g):
+    """[c, c] D[i, j] = exp(g_i - g_j) for j <= i, 0 above the diagonal; g [c, 1] cumulative log decays."""
+    t, s = _iotas(g.shape[0])
+    return jnp.where(s <= t, _decay(g - _column_to_row(g)), 0.0)
+
+
+def _unit_lower_inverse(a):
+    """(I + a)^-1 for a strictly lower-triangular [c, c] fp32 a, by block doubling in IEEE fp32 products.
+
+    X starts as I (the inverse of the unit diagonal); each round merges pairs of diagonal blocks of width w into
+    blocks of width 2w: with E the entries of a linking the two halves of each 2w block, the merged inverse is
+    X - X E X (exact: E X E = 0)."""
+    c = a.shape[0]
+    t, s = _iotas(c)
+    x = jnp.where(t == s, 1.0, 0.0).astype(jnp.float32)
+    width = 1
+    while width < c:
+        link = ((t // (2 * width)) == (s // (2 * width))) & ((t // width) % 2 == 1) & ((s // width) % 2 == 0)
+        step = _dot(x, jnp.where(link, a, 0.0), jnp.float32)
+        x = x - _dot(step, x, jnp.float32)
+        width *= 2
+    return x
+
+
+def _wy(k, g, beta, dtype):
+    """The chunk's (I + diag(beta) L)^-1 [C, C] fp32, L = strict_lower(D * K K^T) [C, C] and D [C, C].
+    k [C, DK] fp32, g and beta [C, 1] fp32."""
+    t, s = _iotas(k.shape[0])
+    d = _decay_matrix(g)
+    lower = jnp.where(s < t, d * _dot(k, k, dtype, trans_b=True), 0.0)
+    return _unit_lower_inverse(beta * lower), lower, d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward kernels
+
+
+def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, dtype):
+    """W [C, DK] and U [C, DV] of one chunk: k_ref [C, DK], v_ref [C, DV], g_ref, beta_ref [C, 1]."""
+    w_ref, u_ref = refs[-2:]  # (with poison_output, the aliased NaN buffers come first)
+    k, g, beta = k_ref[...].astype(jnp.float32), g_ref[...], beta_ref[...]
+    inverse, _, _ = _wy(k, g, beta, dtype)
+    t_mat = inverse * _column_to_row(beta)  # T = (I + diag(beta) L)^-1 diag(beta)
+    w_ref[...] = _dot(t_mat, k * _decay(g), dtype).astype(w_ref.dtype)
+    u_ref[...] = _dot(t_mat, v_ref[...], dtype).astype(u_ref.dtype)
+
+
+def _state_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, *refs, chunk, n_chunks, dtype):
+    """Chunk-start states h_ref [N, DK, BV], V' [T_pad, BV] and the final state [DK, BV] of one (sequence, d_v
+    block): k_ref, w_ref [T_pad, DK], u_ref [T_pad, BV], g_ref [T_pad, 1], h0 [DK, BV]."""
+    h_ref, vn_ref, final_ref = refs[-3:]
+
+    def body(n, h):
+        h_ref[n] = h
+        span = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+        g, g_last = g_ref[span, :], g_ref[n * chunk + chunk - 1, :]
+        vn = u_ref[span, :].astype(jnp.float32) - _dot(w_ref[span, :], h, dtype)
+        vn_ref[span, :] = vn.astype(vn_ref.dtype)
+        k_e = k_ref[span, :].astype(jnp.float32) * _decay(g_last[None, :] - g)
+        return _decay(g_last)[:, None] * h + _dot(k_e, vn, dtype, trans_a=True)
+
+    final_ref[...] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[...])
+
+
+def _output_kernel(q_ref, k_ref, vn_ref, g_ref, h_ref, *refs, dtype):
+    """o [C, BV] of one chunk and d_v block: q_ref, k_ref [C, DK], vn_ref (V') [C, BV], g_ref [C, 1], h_ref (the
+    chunk-start state) [DK, BV]."""
+    o_ref = refs[-1]
+    q, g = q_ref[...].astype(jnp.float32), g_ref[...]
+    scores = _dot(q, k_ref[...], dtype, trans_b=True) * _decay_matrix(g)
+    out = _dot(q * _decay(g), h_ref[...], dtype) + _dot(scores, vn_ref[...], dtype)
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward kernels
+
+
+def _state_grad_kernel(q_ref, k_ref, w_ref, g_ref, do_ref, dfinal_ref, *refs, chunk, n_chunks, dtype):
+    """Chunk-end state gradients dh_ref [N, DK, BV], dV' [T_pad, BV] and the initial state's gradient [DK, BV] of
+    one (sequence, d_v block), walking the chunks backwards from dH = d final state:
+    dV' = (D * Q K^T)^T dO + exp(g_C - g) K dH,  dH <- exp(g_C) dH + (Gamma Q)^T dO - W^T dV'."""
+    dh_ref, dvn_ref, dinit_ref = refs[-3:]
+
+    def body(step, dh):
+        n = n_chunks - 1 - step
+        dh_ref[n] = dh
+        span = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+        g, g_last = g_ref[span, :], g_ref[n * chunk + chunk - 1, :]
+        q, k, do = q_ref[span, :].astype(jnp.float32), k_ref[span, :].astype(jnp.float32), do_ref[span, :]
+        scores = _dot(q, k, dtype, trans_b=True) * _decay_matrix(g)
+        k_e = k * _decay(g_last[None, :] - g)
+        dvn = _dot(scores, do, dtype, trans_a=True) + _dot(k_e, dh, dtype)
+        dvn_ref[span, :] = dvn
+        return (_decay(g_last)[:, None] * dh + _dot(q * _decay(g), do, dtype, trans_a=True)
+                - _dot(w_ref[span, :], dvn, dtype, trans_a=True))
+
+    dinit_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dfinal_ref[...])
+
+
+def _grad_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, do_ref, h_ref, dh_ref, vn_ref, dvn_ref, *refs, dtype):
+    """dq, dk [C, DK], dv [C, DV], dg and dbeta [C, 1] of one chunk (dg: the gradient of the cumulative log decay).
+    q_ref, k_ref [C, DK]; v_ref, do_ref, vn_ref (V'), dvn_ref (dV', all of V's gradient) [C, DV]; g_ref, beta_ref
+    [C, 1]; h_ref (chunk-start state), dh_ref (chunk-end state gradient) [DK, DV]."""
+    dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref = refs[-5:]
+    f32 = jnp.float32
+    c = q_ref.shape[0]
+    t, s = _iotas(c)
+    strict = s < t
+    q, k, v = (ref[...].astype(f32) for ref in (q_ref, k_ref, v_ref))
+    g, beta, do, vn, dvn = g_ref[...], beta_ref[...], do_ref[...], vn_ref[...], dvn_ref[...]
+    h, dh = h_ref[...], dh_ref[...]
+    g_last = g_ref[c - 1, :][None, :]  # [1, 1]
+    gamma = _decay(g)  # [C, 1]
+    to_end = _decay(g_last - g)  # [C, 1]: exp(g_C - g)
+    inverse, lower, d = _wy(k, g, beta, dtype)
+    beta_row = _column_to_row(beta)
+    t_mat = inverse * beta_row
+    kd = k * gamma  # Gamma K
+
+    def row_minus_column_sums(e):  # sum_j e[i, j] - sum_j e[j, i]: d g of a matrix of exp(g_i - g_j) factors
+        return jnp.sum(e, axis=1)[:, None] - _row_to_column(jnp.sum(e, axis=0))
+
+    # O = Gamma Q S + (D * Q K^T) V'
+    qk = _dot(q, k, dtype, trans_b=True)
+    dp = _dot(do, vn, dtype, trans_b=True) * d  # d(Q K^T), masked to j <= i
+    dq_state = gamma * _dot(do, h, dtype, trans_b=True)
+    dq = dq_state + _dot(dp, k, dtype)
+    dk = _dot(dp, q, dtype, trans_a=True)
+    dg = jnp.sum(q * dq_state, axis=1)[:, None] + row_minus_column_sums(jnp.where(strict, dp * qk, 0.0))
+    # S_next = exp(g_C) S + (exp(g_C - g) K)^T V' (the chunk's last key: no g-gradient, its ratio is exp(0))
+    dk_end = to_end * _dot(vn, dh, dtype, trans_b=True)
+    dk += dk_end
+    through_end = jnp.where(t < c - 1, jnp.sum(k * dk_end, axis=1)[:, None], 0.0)
+    dg -= through_end
+    last = jnp.sum(through_end) + jnp.sum(_decay(g_last)) * jnp.sum(h * dh)
+    dg += jnp.where(t == c - 1, last, 0.0)
+    # V' = U - W S;  U = T V, W = T Gamma K
+    dw = -_dot(dvn, h, dtype, trans_b=True)
+    dv = _dot(t_mat, dvn, dtype, trans_a=True)
+    dkd = _dot(t_mat, dw, dtype, trans_a=True)
+    dk += gamma * dkd
+    dg += jnp.sum(kd * dkd, axis=1)[:, None]
+    dt = _dot(dvn, v, dtype, trans_b=True) + _dot(dw, kd, dtype, trans_b=True)
+    # T = M^-1 diag(beta), M = I + diag(beta) L: d M = -M^-T d(M^-1) M^-T (IEEE fp32), strictly lower part
+    dbeta = _row_to_column(jnp.sum(dt * inverse, axis=0))
+    dm = -_dot(_dot(inverse, dt * beta_row, f32, trans_a=True), inverse, f32, trans_b=True)
+    dm = jnp.where(strict, dm, 0.0)
+    dbeta += jnp.sum(dm * lower, axis=1)[:, None]
+    dl = beta * dm
+    # L = strict_lower(D * K K^T)
+    dkk = dl * d
+    dk += _dot(dkk, k, dtype) + _dot(dkk, k, dtype, trans_a=True)
+    dg += row_minus_column_sums(dl * lower)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dg_ref[...] = dg
+    dbeta_ref[...] = dbeta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launching the kernels
+
+
+class _Layout(NamedTuple):
+    """Sizes of one problem: the caller's and the padded ones the kernels see."""
+    batch: int
+    seq_len: int
+    heads: int
+    d_k: int
+    d_v: int
+    chunk: int
+    t_pad: int  # whole chunks
+    dk_pad: int  # powers of 2 >= 16
+    dv_pad: int
+    dtype: type  # matrix-product operands (not the inverse's): bfloat16 where q, k and v all are, else float32
+
+    @property
+    def sequences(self):
+        return self.batch * self.heads
+
+    @property
+    def n_chunks(self):
+        return self.t_pad // self.chunk
+
+    @property
+    def block_v(self):
+        return min(self.dv_pad, MAX_BLOCK)
+
+
+def _layout(q, k, v, chunk):
+    batch, seq_len, heads, d_k = q.shape
+    d_v = v.shape[-1]
+    all_bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
+    return _Layout(batch, seq_len, heads, d_k, d_v, chunk, -(-seq_len // chunk) * chunk,
+                   max(16, next_pow2(d_k)), max(16, next_pow2(d_v)), jnp.bfloat16 if all_bf16 else jnp.float32)
+
+
+def _to_rows(x, lay: _Layout, width, dtype):
+    """[B, T, H, D] -> [B * H, T_pad, width] in `dtype`, zero-padded (padding tokens write nothing)."""
+    x = jnp.transpose(x, (0, 2, 1, 3)).reshape(lay.sequences, lay.seq_len, x.shape[-1]).astype(dtype)
+    return pad_axis(pad_axis(x, 1, lay.t_pad, 0), 2, width, 0)
+
+
+def _from_rows(x, lay: _Layout, width):
+    """[B * H, T_pad, >= width] -> [B, T, H, width]."""
+    x = x[:, :lay.seq_len, :width].reshape(lay.batch, lay.heads, lay.seq_len, width)
+    return jnp.transpose(x, (0, 2, 1, 3))
+
+
+def _state_rows(state, lay: _Layout):
+    """[B, H, d_k, d_v] -> [B * H, DK, DV] fp32, zero-padded."""
+    state = state.reshape(lay.sequences, lay.d_k, lay.d_v).astype(jnp.float32)
+    return pad_axis(pad_axis(state, 1, lay.dk_pad, 0.0), 2, lay.dv_pad, 0.0)
+
+
+class _Inputs(NamedTuple):
+    q: jax.Array  # [G, T_pad, DK] in lay.dtype
+    k: jax.Array  # [G, T_pad, DK]
+    v: jax.Array  # [G, T_pad, DV]
+    g: jax.Array  # [G, T_pad, 1] fp32: the log decay summed from each chunk's start (inclusive)
+    beta: jax.Array  # [G, T_pad, 1] fp32 (0 on padding tokens)
+
+
+def _inputs(q, k, v, log_decay, beta, lay: _Layout) -> _Inputs:
+    g = _to_rows(log_decay[..., None], lay, 1, jnp.float32)
+    g = jnp.cumsum(g.reshape(lay.sequences, lay.n_chunks, lay.chunk, 1), axis=2).reshape(g.shape)
+    return _Inputs(_to_rows(q, lay, lay.dk_pad, lay.dtype), _to_rows(k, lay, lay.dk_pad, lay.dtype),
+                   _to_rows(v, lay, lay.dv_pad, lay.dtype), g, _to_rows(beta[..., None], lay, 1, jnp.float32))
+
+
+def _call(kernel, cfg: _Config, name, grid, inputs, in_specs, out_specs, out_shape):
+    """One pallas_call (optionally with NaN-poisoned output buffers: an element the kernel fails to write shows)."""
+    extra = {}
+    if cfg.poison_output:
+        n_in = len(inputs)
+        inputs = list(inputs) + [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
+        in_specs = list(in_specs) + list(out_specs)
+        extra["input_output_aliases"] = {n_in + i: i for i in range(len(out_shape))}
+    if not cfg.interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        # Triton's params also select the Triton lowering (not Mosaic GPU).
+        extra["compiler_params"] = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          interpret=cfg.interpret, name=name, **extra)(*inputs)
+
+
+def _chunk_spec(c, width):
+    """[C, width] block of a [G, T_pad, width] array on a (sequence, chunk, ...) grid."""
+    return pl.BlockSpec((None, c, width), lambda s, n, *_: (s, n, 0))
+
+
+def _wy_pieces(x: _Inputs, lay: _Layout, cfg: _Config):
+    """W [G, T_pad, DK] and U [G, T_pad, DV] in lay.dtype."""
+    g, c = lay.sequences, lay.chunk
+    in_specs = [_chunk_spec(c, lay.dk_pad), _chunk_spec(c, lay.dv_pad), _chunk_spec(c, 1), _chunk_spec(c, 1)]
+    out_specs = [_chunk_spec(c, lay.dk_pad), _chunk_spec(c, lay.dv_pad)]
+    out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dk_pad), lay.dtype),
+                 jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), lay.dtype)]
+    kernel = functools.partial(_wy_kernel, dtype=lay.dtype)
+    return _call(kernel, cfg, "gated_delta_wy", (g, lay.n_chunks), [x.k, x.v, x.g, x.beta], in_specs, out_specs,
+                 out_shape)
+
+
+def _chunk_states(x: _Inputs, w, u, h0, lay: _Layout, cfg: _Config):
+    """Chunk-start states [G, N, DK, DV] fp32, V' [G, T_pad, DV] in lay.dtype and the final state [G, DK, DV]."""
+    g, bv, t_pad, n, dk = lay.sequences, lay.block_v, lay.t_pad, lay.n_chunks, lay.dk_pad
+    full_k = pl.BlockSpec((None, t_pad, dk), lambda s, j: (s, 0, 0))
+    in_specs = [full_k, full_k, pl.BlockSpec((None, t_pad, bv), lambda s, j: (s, 0, j)),
+                pl.BlockSpec((None, t_pad, 1), lambda s, j: (s, 0, 0)),
+                pl.BlockSpec((None, dk, bv), lambda s, j: (s, 0, j))]
+    out_specs = [pl.BlockSpec((None, n, dk, bv), lambda s, j: (s, 0, 0, j)),
+                 pl.BlockSpec((None, t_pad, bv), lambda s, j: (s, 0, j)),
+                 pl.BlockSpec((None, dk, bv), lambda s, j: (s, 0, j))]
+    out_shape = [jax.ShapeDtypeStruct((g, n, dk, lay.dv_pad), jnp.float32),
+                 jax.ShapeDtypeStruct((g, t_pad, lay.dv_pad), lay.dtype),
+                 jax.ShapeDtypeStruct((g, dk, lay.dv_pad), jnp.float32)]
+    kernel = functools.partial(_state_kernel, chunk=lay.chunk, n_chunks=n, dtype=lay.dtype)
+    return _call(kernel, cfg, "gated_delta_states", (g, lay.dv_pad // bv), [x.k, w, u, x.g, h0], in_specs,
+                 out_specs, out_shape)
+
+
+def _chunk_outputs(x: _Inputs, vn, h_start, out_dtype, lay: _Layout, cfg: _Config):
+    """o [G, T_pad, DV] in out_dtype."""
+    g, c, bv, dk = lay.sequences, lay.chunk, lay.block_v, lay.dk_pad
+    v_block = pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j))
+    in_specs = [_chunk_spec(c, dk), _chunk_spec(c, dk), v_block, _chunk_spec(c, 1),
+                pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
+    out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), out_dtype)]
+    kernel = functools.partial(_output_kernel, dtype=lay.dtype)
+    (o,) = _call(kernel, cfg, "gated_delta_outputs", (g, lay.n_chunks, lay.dv_pad // bv),
+                 [x.q, x.k, vn, x.g, h_start], in_specs, [v_block], out_shape)
+    return o
+
+
+def _state_grads(x: _Inputs, w, do, dfinal, lay: _Layout, cfg: _Config):
+    """Chunk-end state gradients [G, N, DK, DV], dV' [G, T_pad, DV] and the initial state's gradient [G, DK, DV],
+    all fp32."""
+    g, bv, t_pad, n, dk = lay.sequences, lay.block_v, lay.t_pad, lay.n_chunks, lay.dk_pad
+    full_k = pl.BlockSpec((None, t_pad, dk), lambda s, j: (s, 0, 0))
+    v_block = pl.BlockSpec((None, t_pad, bv), lambda s, j: (s, 0, j))
+    in_specs = [full_k, full_k, full_k, pl.BlockSpec((None, t_pad, 1), lambda s, j: (s, 0, 0)), v_block,
+                pl.BlockSpec((None, dk, bv), lambda s, j: (s, 0, j))]
+    out_specs = [pl.BlockSpec((None, n, dk, bv), lambda s, j: (s, 0, 0, j)), v_block,
+                 pl.BlockSpec((None, dk, bv), lambda s, j: (s, 0, j))]
+    out_shape = [jax.ShapeDtypeStruct((g, n, dk, lay.dv_pad), jnp.float32),
+                 jax.ShapeDtypeStruct((g, t_pad, lay.dv_pad), jnp.float32),
+                 jax.ShapeDtypeStruct((g, dk, lay.dv_pad), jnp.float32)]
+    kernel = functools.partial(_state_grad_kernel, chunk=lay.chunk, n_chunks=n, dtype=lay.dtype)
+    return _call(kernel, cfg, "gated_delta_state_grads", (g, lay.dv_pad // bv), [x.q, x.k, w, x.g, do, dfinal],
+                 in_specs, out_specs, out_shape)
+
+
+def _chunk_grads(x: _Inputs, do, h_start, dh_end, vn, dvn, dtypes, lay: _Layout, cfg: _Config):
+    """dq, dk [G, T_pad, DK], dv [G, T_pad, DV] (in dtypes), dg and dbeta [G, T_pad, 1] fp32."""
+    g, c, dk, dv = lay.sequences, lay.chunk, lay.dk_pad, lay.dv_pad
+    state = pl.BlockSpec((None, None, dk, dv), lambda s, n: (s, n, 0, 0))
+    chunk_k, chunk_v, column = _chunk_spec(c, dk), _chunk_spec(c, dv), _chunk_spec(c, 1)
+    in_specs = [chunk_k, chunk_k, chunk_v, column, column, chunk_v, state, state, chunk_v, chunk_v]
+    out_specs = [chunk_k, chunk_k, chunk_v, column, column]
+    q_dtype, k_dtype, v_dtype = dtypes
+    out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, dk), q_dtype), jax.ShapeDtypeStruct((g, lay.t_pad, dk), k_dtype),
+                 jax.ShapeDtypeStruct((g, lay.t_pad, dv), v_dtype)] + [
+                     jax.ShapeDtypeStruct((g, lay.t_pad, 1), jnp.float32)] * 2
+    kernel = functools.partial(_grad_kernel, dtype=lay.dtype)
+    return _call(kernel, cfg, "gated_delta_grads", (g, lay.n_chunks),
+                 [x.q, x.k, x.v, x.g, x.beta, do, h_start, dh_end, vn, dvn], in_specs, out_specs, out_shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The custom VJP
+
+
+def _run_forward(q, k, v, log_decay, beta, initial_state, cfg: _Config):
+    lay = _layout(q, k, v, cfg.chunk_size)
+    x = _inputs(q, k, v, log_decay, beta, lay)
+    w, u = _wy_pieces(x, lay, cfg)
+    h_start, vn, final = _chunk_states(x, w, u, _state_rows(initial_state, lay), lay, cfg)
+    return lay, x, w, h_start, vn, final
+
+
+def _forward(q, k, v, log_decay, beta, initial_state, cfg: _Config):
+    lay, x, _, h_start, vn, final = _run_forward(q, k, v, log_decay, beta, initial_state, cfg)
+    o = _chunk_outputs(x, vn, h_start, v.dtype, lay, cfg)
+    return (_from_rows(o, lay, lay.d_v), final[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _chunk_gated_delta(q, k, v, log_decay, beta, initial_state, cfg: _Config):
+    return _forward(q, k, v, log_decay, beta, initial_state, cfg)
+
+
+def _chunk_gated_delta_fwd(q, k, v, log_decay, beta, initial_state, cfg: _Config):
+    # Saved: the inputs only. The backward pass recomputes W, U, the chunk states and V' (two kernels) rather than
+    # keeping [G, N, DK, DV] states alive.
+    return _forward(q, k, v, log_decay, beta, initial_state, cfg), (q, k, v, log_decay, beta, initial_state)
+
+
+def _chunk_gated_delta_bwd(cfg: _Config, saved, cotangents):
+    q, k, v, log_decay, beta, initial_state = saved
+    d_out, d_final = cotangents
+    lay, x, w, h_start, vn, _ = _run_forward(q, k, v, log_decay, beta, initial_state, cfg)
+    do = _to_rows(d_out, lay, lay.dv_pad, lay.dtype)
+    dh_end, dvn, d_initial = _state_grads(x, w, do, _state_rows(d_final, lay), lay, cfg)
+    dq, dk, dv, d_cum, dbeta = _chunk_grads(x, do, h_start, dh_end, vn, dvn, (q.dtype, k.dtype, v.dtype), lay, cfg)
+    # g = in-chunk cumulative sum of a, so da_t = sum of dg over the chunk's tokens from t on.
+    d_cum = d_cum.reshape(lay.sequences, lay.n_chunks, lay.chunk)
+    da = jax.lax.cumsum(d_cum, axis=2, reverse=True).reshape(lay.sequences, lay.t_pad, 1)
+    d_initial = d_initial[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape).astype(initial_state.dtype)
+    return (_from_rows(dq, lay, lay.d_k), _from_rows(dk, lay, lay.d_k), _from_rows(dv, lay, lay.d_v),
+            _from_rows(da, lay, 1)[..., 0].astype(log_decay.dtype),
+            _from_rows(dbeta, lay, 1)[..., 0].astype(beta.dtype), d_initial)
+
+
+_chunk_gated_delta.defvjp(_chunk_gated_delta_fwd, _chunk_gated_delta_bwd)
+
+
+def _check_arguments(q, k, v, log_decay, beta, initial_state, chunk_size):
+    if q.ndim != 4:
+        raise ValueError(f"q: expected [B, T, H, d_k], got shape {q.shape}")
+    batch, seq_len, heads, d_k = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k: expected the shape of q {q.shape}, got {k.shape}")
+    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v: expected [B, T, H, d_v] = [{batch}, {seq_len}, {heads}, d_v], got shape {v.shape}")
+    for name, x in (("log_decay", log_decay), ("beta", beta)):
+        if x.shape != q.shape[:3]:
+            raise ValueError(f"{name}: expected shape [B, T, H] {q.shape[:3]}, got shape {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name}: expected a floating dtype, got {x.dtype}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in (jnp.float32, jnp.bfloat16):
+            raise ValueError(f"{name}: expected float32 or bfloat16, got {x.dtype}")
+    want_state = (batch, heads, d_k, v.shape[-1])
+    if initial_state is not None and initial_state.shape != want_state:
+        raise ValueError(f"initial_state: expected [B, H, d_k, d_v] {want_state}, got shape {initial_state.shape}")
+    if chunk_size < MIN_CHUNK or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size: expected a power of 2 >= {MIN_CHUNK}, got {chunk_size}")
+    if seq_len == 0:
+        raise ValueError("q: the sequence (axis 1) is empty")
+    if not isinstance(log_decay, jax.core.Tracer) and np.any(np.asarray(log_decay, np.float32) > 0):
+        raise ValueError("log_decay: must be <= 0 (a decay exp(log_decay) <= 1); got positive entries")
+
+
+def chunk_gated_delta(q, k, v, log_decay, beta, initial_state=None, *, chunk_size: int = 64,
+                      interpret: bool = False, poison_output: bool = False, num_warps: int = 4):
+    """The gated delta rule, S_t = exp(a_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = S_t^T q_t,
+    in chunks (the WY / UT representation).
+
+    Args:
+      q, k: `[B, T, H, d_k]`; v: `[B, T, H, d_v]`; float32 or bfloat16 (matrix products take bf16 operands with
+        fp32 accumulation where q, k and v all are bf16; the chunk's (I + diag(beta) L)^-1 is always IEEE fp32).
+        k is used as given (the layer L2-normalises it).
+      log_decay: a_t <= 0, `[B, T, H]`; beta: `[B, T, H]`, in [0, 1] for a contraction. Computed in float32.
+      initial_state: S_0, `[B, H, d_k, d_v]`, or None for zeros.
+      chunk_size: C, tokens per chunk, a power of 2 >= 16 (T is padded to whole chunks with tokens that write
+        nothing). num_warps: Triton warps per program (GPU).
+      interpret: run the kernels in interpret mode (any device, the CPU included).
+      poison_output: start the kernels' output buffers as NaN (tests: an element a kernel fails to write shows).
+
+    Returns:
+      o `[B, T, H, d_v]` in v's dtype and the final state `[B, H, d_k, d_v]` float32. Differentiable in q, k, v,
+      log_decay, beta and initial_state (the backward pass is Pallas kernels too).
+    """
+    _check_arguments(q, k, v, log_decay, beta, initial_state, chunk_size)
+    if initial_state is None:
+        initial_state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
+    cfg = _Config(int(chunk_size), int(num_warps), bool(interpret), bool(poison_output))
+    return _chunk_gated_delta(q, k, v, log_decay, beta, initial_state, cfg)
