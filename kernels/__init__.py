@@ -11,5 +11,7 @@ and the measurements.
   pdma          RAM-Net's PDMA forward and backward on a scan, with a custom VJP
   gla_chunk     chunked gated linear attention (GLA / Mamba-2 SSD): `chunk_gla`, Pallas Triton kernels forward and
                 backward, with a custom VJP
+  gated_delta_chunk  the chunked gated delta rule (Gated DeltaNet, WY / UT form): `chunk_gated_delta`, Pallas
+                Triton kernels forward and backward, with a custom VJP
   shapes        padding helpers (Triton arrays have power-of-2 sizes)
 """

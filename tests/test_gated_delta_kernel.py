@@ -30,12 +30,13 @@ def reference_gated_delta(q, k, v, log_decay, beta, initial_state):
     return jnp.moveaxis(o, 0, 1), final
 
 
-def random_problem(seed, *, batch=1, seq_len=37, heads=2, d_k=24, d_v=40, decay_scale=1.0):
+def random_problem(seed, *, batch=1, seq_len=37, heads=2, d_k=24, d_v=40, decay_scale=1.0, aligned=0.0):
     """float64 numpy inputs (q, k, v, log_decay, beta, initial_state) and cotangents (d o, d final state): unit-norm
-    keys, beta uniform in [0, 1], log decays -softplus(normal) * decay_scale."""
+    keys, beta uniform in [0, 1], log decays -softplus(normal - 2) * decay_scale. With aligned > 0 the keys share a
+    common direction (k = aligned * e + noise, normalised): large entries in K K^T, the hard case for the inverse."""
     rng = np.random.default_rng(seed)
     q = rng.normal(size=(batch, seq_len, heads, d_k)) / np.sqrt(d_k)
-    k = rng.normal(size=(batch, seq_len, heads, d_k))
+    k = rng.normal(size=(batch, seq_len, heads, d_k)) / np.sqrt(d_k) + aligned * rng.normal(size=d_k) / np.sqrt(d_k)
     k /= np.linalg.norm(k, axis=-1, keepdims=True)
     v = rng.normal(size=(batch, seq_len, heads, d_v))
     log_decay = -np.logaddexp(0.0, rng.normal(size=(batch, seq_len, heads)) - 2.0) * decay_scale
@@ -46,14 +47,14 @@ def random_problem(seed, *, batch=1, seq_len=37, heads=2, d_k=24, d_v=40, decay_
     return (q, k, v, log_decay, beta, initial_state), (d_out, d_final)
 
 
-def kernel_vjp(inputs, cotangents, *, chunk_size, with_initial_state, dtype=jnp.float32):
+def kernel_vjp(inputs, cotangents, *, chunk_size, with_initial_state, dtype=jnp.float32, interpret=True):
     """(o, final state) and the gradients of chunk_gated_delta in interpret mode with poisoned outputs (q, k, v in
     dtype); without an initial state the sixth gradient is not returned."""
     q, k, v, log_decay, beta, initial_state = inputs
 
     def run(q, k, v, log_decay, beta, *state):
         return chunk_gated_delta(q, k, v, log_decay, beta, *(state or (None,)), chunk_size=chunk_size,
-                                 interpret=True, poison_output=True)
+                                 interpret=interpret, poison_output=True)
 
     args = [jnp.asarray(x, dtype) for x in (q, k, v)] + [jnp.asarray(x, jnp.float32) for x in (log_decay, beta)]
     if with_initial_state:
@@ -79,9 +80,10 @@ def reference_vjp(inputs, cotangents, *, with_initial_state):
 NAMES = ("o", "final state", "dq", "dk", "dv", "d log_decay", "d beta", "d initial_state")
 
 
-def check_against_reference(seed, *, chunk_size, with_initial_state, **problem):
+def check_against_reference(seed, *, chunk_size, with_initial_state, interpret=True, **problem):
     inputs, cotangents = random_problem(seed, **problem)
-    (o, final), grads = kernel_vjp(inputs, cotangents, chunk_size=chunk_size, with_initial_state=with_initial_state)
+    (o, final), grads = kernel_vjp(inputs, cotangents, chunk_size=chunk_size, with_initial_state=with_initial_state,
+                                   interpret=interpret)
     (want_o, want_final), want_grads = reference_vjp(inputs, cotangents, with_initial_state=with_initial_state)
     got = [o, final, *grads]
     want = [want_o, want_final, *want_grads]
@@ -114,6 +116,31 @@ def test_fp32_matches_float64_recurrence_default_case():
 def test_fp32_matches_float64_recurrence(seq_len, chunk_size, with_initial_state, decay_scale, d_k, d_v, batch):
     check_against_reference(seq_len * 7 + chunk_size, chunk_size=chunk_size, with_initial_state=with_initial_state,
                             seq_len=seq_len, decay_scale=decay_scale, d_k=d_k, d_v=d_v, batch=batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk_size,decay_scale", [(64, 0.1), (32, 1.0)])
+def test_aligned_keys_match_float64_recurrence(chunk_size, decay_scale):
+    """Keys sharing one direction (pairwise cosines about 0.9) and weak decays: K K^T near all-ones, where a badly
+    conditioned form of the inverse (the Neumann product) fails in fp32."""
+    check_against_reference(11, chunk_size=chunk_size, with_initial_state=True, seq_len=100, aligned=3.0,
+                            decay_scale=decay_scale)
+
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU (compiles the Triton kernels)")
+@pytest.mark.parametrize("seq_len,chunk_size,d_k,d_v,decay_scale,aligned", [
+    (37, 16, 24, 40, 1.0, 0.0),
+    (150, 64, 40, 24, 8.0, 0.0),
+    (300, 64, 128, 128, 1.0, 0.0),
+    (200, 64, 64, 64, 0.1, 3.0),
+])
+def test_gpu_fp32_matches_float64_recurrence(seq_len, chunk_size, d_k, d_v, decay_scale, aligned):
+    """The compiled Triton kernels (not interpret mode) against the float64 recurrence."""
+    check_against_reference(seq_len + d_k, chunk_size=chunk_size, with_initial_state=True, interpret=False,
+                            seq_len=seq_len, d_k=d_k, d_v=d_v, decay_scale=decay_scale, aligned=aligned, batch=2)
 
 
 @pytest.mark.slow
