@@ -35,8 +35,9 @@ HYBRID = ("hybrid", {"model.pattern": "ramnet,ramnet,ramnet,attention"})
 def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model_config = "configs/lm.py:transformer"  # path[:variant], relative to the repository root
-    # (field, value) pairs applied to every row, before the row's own (a dict here would become a ConfigDict)
-    config.model_overrides = (("model.dtype", "bfloat16"),)
+    # FIELD=VALUE items (space-separated, parsed as --config.FIELD=VALUE) applied to every row, before the row's
+    # own, e.g. --config.model_overrides="model.dtype=bfloat16 model.d_model=1024"
+    config.model_overrides = "model.dtype=bfloat16"
     config.variants = (TRANSFORMER, RAMNET_SCAN_XLA_DECODER, RAMNET_PALLAS_XLA_DECODER, RAMNET_SCAN, RAMNET_PALLAS,
                        GLA, GLA_PALLAS, MAMBA2, MAMBA2_PALLAS, GATED_DELTANET, LOGLINEAR_MAMBA2, HYBRID)
     config.baseline = "transformer"  # the variant the "x transformer" ratios divide by (always run)
@@ -50,7 +51,7 @@ def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:
     config.xla_flags = ""
     if variant == "cpu":
         config.model_config = "configs/lm.py:transformer,cpu"  # d_model 64, 2 layers, 2 heads, RAM-Net impl scan
-        config.model_overrides = (("model.dtype", "float32"),)
+        config.model_overrides = "model.dtype=float32"
         hybrid_name, hybrid = HYBRID
         config.variants = (TRANSFORMER, RAMNET_SCAN, GLA, MAMBA2, GATED_DELTANET, LOGLINEAR_MAMBA2,
                            (hybrid_name, dict(hybrid, **{"model.ramnet.impl": "scan", "model.num_layers": 4})))

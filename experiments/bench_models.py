@@ -6,7 +6,9 @@
       --results experiments/results/bench_models_ramnet.md
   python experiments/bench_models.py --config configs/bench_models.py:cpu        # tiny models, on a laptop
   python experiments/bench_models.py --config configs/bench_models.py:gpu --only transformer \
-      --variant ramnet:pallas:xla model.pattern=ramnet model.ramnet.impl=pallas model.ramnet.decoder_impl=xla
+      --variant "ramnet:pallas:xla model.pattern=ramnet model.ramnet.impl=pallas model.ramnet.decoder_impl=xla"
+  python experiments/bench_models.py --config configs/bench_models.py:gpu --only ramnet \
+      --config.model_overrides="model.dtype=bfloat16 model.d_model=1024"
 
 Each row is one (variant, shape): the configs/lm.py model with the variant's config overrides, and the train step
 exactly as `ramjax train` builds it (ramjax.train.trainer.train_setup: AdamW, one jit with explicit shardings,
@@ -18,16 +20,17 @@ in this run at the same shape (the baseline always runs). A row that fails (out 
 recorded with its error and the run goes on. The Markdown table and a JSON file of the raw rows beside it are
 rewritten after every row, so a run cut short keeps what it measured.
 
-Options: --only NAME[,NAME] (a variant's name, or its name up to the first ":"), --shapes SEQxBATCH[,...],
---set FIELD=VALUE (every model config, e.g. model.d_model=1024), --variant NAME FIELD=VALUE ... (an extra row
-with its own overrides), --steps, --warmup, --num_devices, --results, and --append: keep the results file's rows
-at the shapes this run does not measure (the whole scoreboard one shape per command, within a time limit per
-command; every shape's rows, the baseline's included, still come from one run).
+Options: --config FILE[:VARIANT] and --config.FIELD=VALUE (the bench config: e.g. --config.model_overrides="
+FIELD=VALUE ..." for every model config), --only NAME[,NAME] (a variant's name, or its name up to the first
+":"), --shapes SEQxBATCH[,...], --variant "NAME FIELD=VALUE ..." (an extra row with its own overrides;
+repeatable), --steps, --warmup, --num_devices, --results, and --append: keep the results file's rows at the
+shapes this run does not measure (the whole scoreboard one shape per command, within a time limit per command;
+every shape's rows, the baseline's included, still come from one run). FIELD=VALUE items are parsed as
+--config.FIELD=VALUE would be (ramjax.configs.override).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -38,9 +41,11 @@ import time
 
 import jax
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
 from ramjax import timing
-from ramjax.config_files import load_config, set_field
+from ramjax.configs import load_config, override
 from ramjax.train.trainer import train_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,16 +92,24 @@ def _model_config_spec(spec: str) -> str:
     return path + sep + variant
 
 
-def model_config(bench, overrides: dict, sets=(), *, name: str = "base"):
-    """The training config of one row: bench.model_config, bench.model_overrides, the --set items, then the
-    row's own overrides (which define the row, so they win). A field that does not exist is an error."""
+def parse_items(text: str) -> list[str]:
+    """"model.dtype=bfloat16 model.d_model=1024" -> FIELD=VALUE items (shell-style words)."""
+    items = shlex.split(text)
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise SystemExit(f"bench_models: {bad[0]!r} is not FIELD=VALUE")
+    return items
+
+
+def model_config(bench, overrides: dict, *, name: str = "base"):
+    """The training config of one row: bench.model_config, bench.model_overrides, then the row's own overrides
+    (which define the row, so they win). A field that does not exist is an error."""
     config = load_config(_model_config_spec(bench.model_config))
-    items = [f"{field}={value}" for field, value in bench.model_overrides]
-    items += list(sets) + [f"{field}={value}" for field, value in overrides.items()]
+    items = parse_items(bench.model_overrides) + [f"{field}={value}" for field, value in overrides.items()]
     for item in items:
         try:
-            set_field(config, item)
-        except (KeyError, AttributeError, ValueError, TypeError) as error:
+            override(config, item)
+        except ValueError as error:
             raise SystemExit(f"bench_models: {name}: cannot set {item!r}: {error}") from None
     return config
 
@@ -223,12 +236,12 @@ def table(rows: list[dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
-def describe(bench, base, variants, sets, devices) -> str:
+def describe(bench, base, variants, devices) -> str:
     m = base.model
     r = m.ramnet
     lines = [
-        f"Models: `{bench.model_config}` with {', '.join(f'{k}={v}' for k, v in bench.model_overrides)}"
-        + (f", --set {' '.join(sets)}" if sets else "") + f": d_model {m.d_model}, {m.num_layers} layers, "
+        f"Models: `{bench.model_config}` with {', '.join(parse_items(bench.model_overrides)) or 'no overrides'}"
+        f": d_model {m.d_model}, {m.num_layers} layers, "
         f"{m.num_heads} heads, vocabulary {m.vocab_size}, compute {m.dtype} (parameters, optimizer state and loss "
         f"fp32); RAM-Net U {r.num_factors}, d_p {r.factor_size} (M = {r.factor_size ** r.num_factors} slots per "
         f"head), K {r.top_k}, d_v {r.d_v}. Optimiser AdamW as in training.",
@@ -239,7 +252,7 @@ def describe(bench, base, variants, sets, devices) -> str:
         "memory per device: XLA's memory analysis of the compiled step (arguments + outputs - donated aliases + "
         f"temporaries). x {bench.baseline}: this row / {bench.baseline} at the same shape in this run.",
         "",
-        "Variants (config overrides on top of the above; a row's own values win over --set):",
+        "Variants (config overrides on top of the above; a row's own values win over model_overrides):",
         "",
     ]
     lines += [f"- {name}: " + (", ".join(f"{k}={v}" for k, v in overrides.items()) or "(none)")
@@ -291,30 +304,36 @@ def write_results(path: str, head: str, rows: list[dict], bench, process_peak, r
 # --- main --------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/bench_models.py:gpu", help="path[:variant] of the bench config")
-    parser.add_argument("--only", default=None, metavar="NAME[,NAME]", help="run these variants (and the baseline)")
-    parser.add_argument("--shapes", default=None, metavar="SEQxBATCH[,...]", help="e.g. 1024x32,16384x2")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a field of every model's config (repeatable)")
-    parser.add_argument("--variant", action="append", nargs="+", default=[], metavar="NAME [FIELD=VALUE ...]",
-                        help="an extra row: its name, then its config overrides (repeatable)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: the config's)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: the config's)")
-    parser.add_argument("--num_devices", type=int, default=None, help="devices (default: the config's)")
-    parser.add_argument("--results", default=None, help="the Markdown file (default: the config's results_file)")
-    parser.add_argument("--append", action="store_true",
-                        help="keep the results file's rows at the shapes this run does not measure (a long "
-                             "scoreboard one shape per command); rows at this run's shapes are replaced")
-    return parser.parse_args(argv)
+def parse_flags(argv: list[str]) -> flags.FlagValues:
+    """The command line (without the program name) parsed into its own flag values, so `main` may run more
+    than once in a process (the tests)."""
+    argv = ["bench_models"] + list(argv)
+    f = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs/bench_models.py:gpu"),
+                                    "the bench config, FILE[:VARIANT]", flag_values=f, sys_argv=argv)
+    flags.DEFINE_string("only", None, "run these variants (and the baseline), NAME[,NAME]", flag_values=f)
+    flags.DEFINE_string("shapes", None, "SEQxBATCH[,...], e.g. 1024x32,16384x2", flag_values=f)
+    flags.DEFINE_multi_string("variant", [], "an extra row: \"NAME FIELD=VALUE ...\" (repeatable)", flag_values=f)
+    flags.DEFINE_integer("steps", None, "timed steps (default: the config's)", flag_values=f)
+    flags.DEFINE_integer("warmup", None, "warm-up steps (default: the config's)", flag_values=f)
+    flags.DEFINE_integer("num_devices", None, "devices (default: the config's)", flag_values=f)
+    flags.DEFINE_string("results", None, "the Markdown file (default: the config's results_file)", flag_values=f)
+    flags.DEFINE_bool("append", False, "keep the results file's rows at the shapes this run does not measure (a "
+                      "long scoreboard one shape per command); rows at this run's shapes are replaced", flag_values=f)
+    try:
+        rest = f(argv)
+    except flags.Error as error:
+        raise SystemExit(f"bench_models: {error}") from None
+    if len(rest) > 1:
+        raise SystemExit(f"bench_models: unexpected arguments {rest[1:]}")
+    return f
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Runs the scoreboard; returns the rows (also written to the results file and the JSON beside it)."""
     command = "python experiments/bench_models.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    bench = load_config(args.config)
+    args = parse_flags(sys.argv[1:] if argv is None else argv)
+    bench = args.config
     for field, value in (("steps", args.steps), ("warmup_steps", args.warmup), ("num_devices", args.num_devices),
                          ("results_file", args.results)):
         if value is not None:
@@ -322,14 +341,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.shapes:
         bench.shapes = parse_shapes(args.shapes)
     extra = []
-    for name, *items in args.variant:
-        overrides = {}
-        for item in items:
-            field, sep, value = item.partition("=")
-            if not sep:
-                raise SystemExit(f"bench_models: --variant {name}: {item!r} is not FIELD=VALUE")
-            overrides[field] = value
-        extra.append((name, overrides))
+    for text in args.variant:
+        name, _, items = text.strip().partition(" ")
+        extra.append((name, dict(item.partition("=")[::2] for item in parse_items(items))))
     variants = select_variants(bench.variants, args.only, bench.baseline) + extra
     if len({name for name, _ in variants}) < len(variants):
         raise SystemExit(f"bench_models: two variants share a name: {[name for name, _ in variants]}")
@@ -339,14 +353,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     devices = jax.devices()[:bench.num_devices]
 
     for name, overrides in variants:
-        model_config(bench, overrides, args.set, name=name)  # every field checked before the first compilation
-        clash = sorted({item.partition("=")[0] for item in args.set} & set(overrides))
+        model_config(bench, overrides, name=name)  # every field checked before the first compilation
+        clash = sorted({item.partition("=")[0] for item in parse_items(bench.model_overrides)} & set(overrides))
         if clash:
-            print(f"bench_models: {name} keeps its own {', '.join(clash)} (over --set)", flush=True)
+            print(f"bench_models: {name} keeps its own {', '.join(clash)} (over model_overrides)", flush=True)
     head = ("# Model scoreboard: whole-model training throughput and memory\n\n" +
             timing.environment_lines(command) +
             (f"- XLA_FLAGS: `{xla_flags}`\n" if xla_flags else "") + "\n" +
-            describe(bench, model_config(bench, {}, args.set), variants, args.set, devices) + "\n")
+            describe(bench, model_config(bench, {}), variants, devices) + "\n")
     print(head, flush=True)
 
     environment = timing.environment()
@@ -360,7 +374,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row = {"shape": f"{seq_len}x{batch}", "seq_len": seq_len, "batch": batch, "variant": name,
                    "run": len(runs) - 1}
             print(f"[{done + 1}/{total}] {row['shape']} {name}: compiling and timing", flush=True)
-            config = model_config(bench, dict(variants)[name], args.set, name=name)
+            config = model_config(bench, dict(variants)[name], name=name)
             start = time.perf_counter()
             try:
                 measure(config, seq_len, batch, bench, devices, row)

@@ -1,7 +1,7 @@
 """Per-device memory of the compiled train step under different meshes: FSDP divides parameters + optimizer state.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/fsdp_memory.py \\
-      --config configs/mqar.py:ramnet --meshes 8,1,1 4,2,1 2,4,1 1,8,1 2,2,2
+      --config configs/mqar.py:ramnet --meshes "8,1,1 4,2,1 2,4,1 1,8,1 2,2,2" [--config.FIELD=VALUE ...]
 
 Compiles (does not run) the train step of the config on each (data, fsdp, tensor) mesh and reads XLA's memory
 analysis; writes a Markdown table with device, versions, date and command to --results.
@@ -9,24 +9,29 @@ analysis; writes a Markdown table with device, versions, date and command to --r
 
 from __future__ import annotations
 
-import argparse
+import copy
+import os
 
 import jax
+from absl import app, flags
+from ml_collections import config_flags
 
 from ramjax import timing
-from ramjax.config_files import load_config
 from ramjax.train.trainer import step_memory
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs/mqar.py:ramnet"), "training config")
+flags.DEFINE_string("meshes", "8,1,1 4,2,1 2,4,1 1,8,1 2,2,2", "space-separated DATA,FSDP,TENSOR meshes")
+flags.DEFINE_string("results", "experiments/results/fsdp_memory.md", "the Markdown file written")
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/mqar.py:ramnet")
-    parser.add_argument("--meshes", nargs="+", default=["8,1,1", "4,2,1", "2,4,1", "1,8,1", "2,2,2"])
-    parser.add_argument("--results", default="experiments/results/fsdp_memory.md")
-    args = parser.parse_args()
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
     rows = []
-    for mesh in args.meshes:
-        config = load_config(args.config)
+    for mesh in args.meshes.split():
+        config = copy.deepcopy(_CONFIG.value)
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (int(x) for x in mesh.split(","))
         memory = step_memory(config)
         rows.append(memory)
@@ -47,4 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -1,22 +1,23 @@
 """The LM table: train the configs/lm.py variants on equal tokens, evaluate them, tabulate and plot.
 
   python experiments/lm_table.py --workdir runs/lm_table --steps 1500 --devices 0,1,2,3 \
-      --set data.data_dir=.data/python_stdlib --results experiments/results/lm_table.md
+      --config.data.data_dir=.data/python_stdlib --results experiments/results/lm_table.md
   python experiments/lm_table.py --from_json experiments/results/lm_table.json   # redraw table and plot
 
 Every variant is `ramjax train` (same steps, batch and context, so equal tokens) in its own process on the next
 device of --devices, then `ramjax eval` on the validation split (loss, bits per byte, per-position loss).
+--config FILE[:MODIFIERS] (default configs/lm.py) is the config of every variant, and its --config.FIELD=VALUE
+overrides go to every `ramjax train`.
 `--timeout SECONDS` sends the trainers SIGTERM at that time (they save and stop; the evaluation then runs on
 what they reached, and the table gives the steps done). Tokens/s is the median logged training throughput after
 the first log interval; when several processes share a GPU it is lower than alone, so pass the single-GPU
-measurements with --throughput VARIANT=TOKENS_PER_S to add them as a column. Writes RESULTS.md, RESULTS.json
+measurements with --throughput VARIANT=TOKENS_PER_S[,...] to add them as a column. Writes RESULTS.md, RESULTS.json
 (everything, per-position losses included) and RESULTS_per_position.png (when matplotlib is installed); notes
 written below the marker line in RESULTS.md are kept when it is rewritten.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,6 +27,10 @@ import threading
 import time
 
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from ramjax.configs import command_line_overrides
 
 LM_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "lm.py")
 VARIANTS = ("ramnet", "transformer", "loglinear_mamba2", "gated_deltanet", "hybrid")
@@ -37,11 +42,12 @@ def run_variant(variant: str, args, device: str | None, deadline: float | None) 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
-    config = f"{LM_CONFIG}:{variant}" + (f",{args.size}" if args.size else "")
+    path, _, modifiers = config_flags.get_config_filename(args["config"]).partition(":")
+    config = f"{path}:{variant}" + (f",{modifiers}" if modifiers else "") + (f",{args.size}" if args.size else "")
     train = [sys.executable, "-m", "ramjax.cli", "train", f"--config={config}", f"--workdir={workdir}",
              f"--config.train.num_steps={args.steps}", f"--config.train.eval_every={args.steps}",
              f"--config.train.checkpoint_every={args.checkpoint_every}", "--config.train.progress=False"]
-    train += [f"--config.{item}" for item in args.set]
+    train += [f"--config.{item}" for item in command_line_overrides(sys.argv)]
     with open(os.path.join(workdir, "lm_table.log"), "a") as log:
         log.write("$ " + " ".join(train) + "\n")
         log.flush()
@@ -162,22 +168,29 @@ def write(records: list[dict], header: str, results: str) -> None:
     print(text)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/lm_table")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--size", default="", help="size modifier of configs/lm.py ('cpu' for a smoke test)")
-    parser.add_argument("--steps", type=int, default=2000, help="training steps of every variant (equal tokens)")
-    parser.add_argument("--checkpoint_every", type=int, default=500)
-    parser.add_argument("--devices", default="", help="GPU indices, one variant per device in turn (e.g. 0,1,2,3)")
-    parser.add_argument("--timeout", type=float, default=0, help="stop the trainers after this many seconds")
-    parser.add_argument("--eval_windows", type=int, default=0, help="validation windows (0: the config's)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="for every variant")
-    parser.add_argument("--throughput", nargs="*", default=[], metavar="VARIANT=TOKENS_PER_S")
-    parser.add_argument("--results", default="experiments/results/lm_table.md")
-    parser.add_argument("--table_only", action="store_true", help="tabulate the runs in --workdir, train nothing")
-    parser.add_argument("--from_json", default=None, help="redraw the table and plot from a results JSON")
-    args = parser.parse_args()
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", LM_CONFIG, "config file[:MODIFIERS] of every variant")
+    flags.DEFINE_string("workdir", "runs/lm_table", "one run directory per variant under it")
+    flags.DEFINE_list("variants", list(VARIANTS), f"comma-separated, of {', '.join(VARIANTS)}")
+    flags.DEFINE_string("size", "", "size modifier of configs/lm.py ('cpu' for a smoke test)")
+    flags.DEFINE_integer("steps", 2000, "training steps of every variant (equal tokens)")
+    flags.DEFINE_integer("checkpoint_every", 500, "steps between checkpoints")
+    flags.DEFINE_string("devices", "", "GPU indices, one variant per device in turn (e.g. 0,1,2,3)")
+    flags.DEFINE_float("timeout", 0, "stop the trainers after this many seconds")
+    flags.DEFINE_integer("eval_windows", 0, "validation windows (0: the config's)")
+    flags.DEFINE_list("throughput", [], "VARIANT=TOKENS_PER_S,...: single-GPU throughputs, a column")
+    flags.DEFINE_string("results", "experiments/results/lm_table.md", "the Markdown file written")
+    flags.DEFINE_bool("table_only", False, "tabulate the runs in --workdir, train nothing")
+    flags.DEFINE_string("from_json", None, "redraw the table and plot from a results JSON")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise app.UsageError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
 
     if args.from_json:
         with open(args.from_json) as f:
@@ -209,4 +222,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

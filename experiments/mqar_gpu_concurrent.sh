@@ -5,14 +5,15 @@
 #
 # d_model-128 models leave most of an H200 idle (the RAM-Net scan is latency-bound), so one process per model,
 # each with a third of the GPU's memory, finishes the set in about the time of the slowest one. Steps/s in the
-# table are therefore measured while sharing the GPU. Extra config overrides for every model: MQAR_SETS, e.g.
+# table are therefore measured while sharing the GPU. Extra config overrides for every model (each passed as
+# --config.FIELD=VALUE): MQAR_SETS, e.g.
 #   MQAR_SETS="optim.learning_rate=3e-3 train.eval_every=500"
 # MQAR_TIMEOUT=SECONDS stops each training process after that long (its evaluations so far still tabulate),
 # and MQAR_FLAGS for mqar_suite.py flags (MQAR_FLAGS=--cpu: the cpu sizes, for a smoke test).
 set -euo pipefail
 workdir=$1; results=$2; steps=$3; shift 3
 sets=()
-for item in ${MQAR_SETS:-}; do sets+=(--set "$item"); done
+for item in ${MQAR_SETS:-}; do sets+=("--config.$item"); done
 for flag in ${MQAR_FLAGS:-}; do sets+=("$flag"); done
 mkdir -p "$workdir"
 pids=()

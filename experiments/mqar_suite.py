@@ -2,28 +2,38 @@
 
   python experiments/mqar_suite.py --variants ramnet,transformer,gla --num_steps 3000 --workdir runs/mqar_suite
   python experiments/mqar_suite.py --variants ramnet,transformer --cpu --num_steps 200 --workdir /tmp/mqar  # smoke
+  python experiments/mqar_suite.py --variants ramnet,gla --config.optim.learning_rate=3e-3   # for every variant
 
-Each model is a variant of configs/mqar.py (d_model 128, 2 layers, trained on the 7-setting suite by default),
-trained with `ramjax.train.trainer.train` in its own workdir under --workdir (rerunning resumes and skips
-finished runs). Writes a Markdown table with device, versions, date and command to --results.
+Each model is a variant of the --config file (default configs/mqar.py: d_model 128, 2 layers, trained on the
+7-setting suite; a variant given with it, e.g. --config configs/mqar.py:fig4, is added to every model's), with the
+--config.FIELD=VALUE overrides, trained with `ramjax.train.trainer.train` in its own workdir under --workdir
+(rerunning resumes and skips finished runs). Writes a Markdown table with device, versions, date and command to
+--results.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 
-from ramjax import config_files, timing
+from absl import app, flags
+from ml_collections import config_flags
+
+from ramjax import timing
+from ramjax.configs import command_line_overrides, load_config
 from ramjax.train.metrics import read_metrics
 from ramjax.train.trainer import train
 
-
-MQAR_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "mqar.py")
-
-
-def load_config(variant: str):
-    return config_files.load_config(f"{MQAR_CONFIG}:{variant}")
+MQAR_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mqar.py")
+_CONFIG = config_flags.DEFINE_config_file("config", MQAR_CONFIG, "config file[:MODIFIERS] of every variant")
+flags.DEFINE_string("variants", "ramnet,transformer,gla", "model variants of the config file, comma-separated")
+flags.DEFINE_integer("num_steps", 3000, "training steps of every variant")
+flags.DEFINE_string("workdir", "runs/mqar_suite", "one run directory per variant under it")
+flags.DEFINE_bool("cpu", False, "the configs' cpu sizes")
+flags.DEFINE_string("results", "experiments/results/mqar_gpu.md", "the Markdown file written")
+flags.DEFINE_bool("table_only", False, "train nothing: tabulate the runs in --workdir (an unfinished run shows its "
+                  "last eval)")
 
 
 def unfinished_summary(workdir: str) -> dict | None:
@@ -38,26 +48,16 @@ def unfinished_summary(workdir: str) -> dict | None:
             "eval": {k: v for k, v in evals[-1].items() if k.startswith("eval/")}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="ramnet,transformer,gla")
-    parser.add_argument("--num_steps", type=int, default=3000)
-    parser.add_argument("--workdir", default="runs/mqar_suite")
-    parser.add_argument("--cpu", action="store_true", help="the configs' cpu sizes")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a config field for every variant, e.g. --set optim.learning_rate=3e-3")
-    parser.add_argument("--results", default="experiments/results/mqar_gpu.md")
-    parser.add_argument("--table_only", action="store_true",
-                        help="train nothing: tabulate the runs in --workdir (an unfinished run shows its last eval)")
-    args = parser.parse_args()
-
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
+    path, _, modifiers = config_flags.get_config_filename(args["config"]).partition(":")
     rows = []
     for variant in args.variants.split(","):
-        config = load_config(variant + (",cpu" if args.cpu else ""))
-        config.train.num_steps = args.num_steps
-        config.train.eval_every = args.num_steps
-        for item in args.set:
-            config_files.set_field(config, item)
+        spec = f"{path}:{variant}" + (f",{modifiers}" if modifiers else "") + (",cpu" if args.cpu else "")
+        steps = [f"train.num_steps={args.num_steps}", f"train.eval_every={args.num_steps}"]
+        config = load_config(spec, steps + command_line_overrides(sys.argv))  # the command line's win
         workdir = os.path.join(args.workdir, variant)
         summary_path = os.path.join(workdir, "summary.json")
         if os.path.exists(summary_path):
@@ -90,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -4,8 +4,8 @@ scope (the layer and the function each op came from).
   python experiments/profile_train_step.py --only gla,mamba2 --shape 4096x8
   python experiments/profile_train_step.py --config configs/bench_models.py:cpu --only gla --shape 64x2   # CPU
 
-The models and overrides are those of experiments/bench_models.py (same config file, same --only names and
---set items). Per variant: compile the train step, warm it up, trace --steps steps with `jax.profiler`
+The models and overrides are those of experiments/bench_models.py (same config file and --config.FIELD=VALUE
+overrides, e.g. --config.model_overrides="model.dtype=bfloat16 model.d_model=1024", same --only names). Per variant: compile the train step, warm it up, trace --steps steps with `jax.profiler`
 (perfetto trace), then sum the device time of every XLA op (the events carry the HLO op name) and map each op to
 the `op_name` metadata of its HLO instruction (the jax source path: module, function, primitive). Prints and
 appends to --results, with device, versions, date and command: the step time, the traced device time, the
@@ -14,7 +14,6 @@ appends to --results, with device, versions, date and command: the step time, th
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -27,12 +26,13 @@ import tempfile
 import time
 
 import jax
+from absl import app, flags
+from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_models import model_config, random_batch, select_variants  # noqa: E402
 from ramjax import timing  # noqa: E402
-from ramjax.config_files import load_config  # noqa: E402
 from ramjax.train.trainer import train_setup  # noqa: E402
 
 # jax transformation wrappers in op_name paths: "jvp(LanguageModel)" -> "LanguageModel"
@@ -137,24 +137,28 @@ def report(name, shape, result, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/bench_models.py:gpu", help="bench_models config[:variant]")
-    parser.add_argument("--only", default=None, help="variant names, comma-separated (bench_models --only)")
-    parser.add_argument("--shape", default="4096x8", help="seq_len x batch")
-    parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE for every model (repeatable)")
-    parser.add_argument("--steps", type=int, default=3, help="traced steps (times are per step)")
-    parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--depth", type=int, default=3, help="op_name components per scope")
-    parser.add_argument("--results", default="experiments/results/profile_train_step.md")
-    args = parser.parse_args()
-    bench = load_config(args.config)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs/bench_models.py:gpu"),
+                                          "bench_models config[:variant]")
+flags.DEFINE_string("only", None, "variant names, comma-separated (bench_models --only)")
+flags.DEFINE_string("shape", "4096x8", "seq_len x batch")
+flags.DEFINE_integer("steps", 3, "traced steps (times are per step)")
+flags.DEFINE_integer("top", 25, "ops and scopes listed")
+flags.DEFINE_integer("depth", 3, "op_name components per scope")
+flags.DEFINE_string("results", "experiments/results/profile_train_step.md", "the Markdown file appended to")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
+    bench = _CONFIG.value
     seq_len, batch = map(int, args.shape.lower().split("x"))
     env = timing.environment()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     out = [f"## {env['date']}", "", timing.environment_lines(command)]
     for name, overrides in select_variants(bench.variants, args.only, bench.baseline):
-        config = model_config(bench, dict(overrides), args.set, name=name)
+        config = model_config(bench, dict(overrides), name=name)
         try:
             text = report(name, args.shape, profile(config, seq_len, batch, args), args)
         except Exception as error:  # one model's failure is a line, not the end of the run
@@ -167,4 +171,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

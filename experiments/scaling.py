@@ -1,7 +1,7 @@
 """Training throughput and memory per device over device counts and mesh shapes (weak scaling).
 
-  python experiments/scaling.py --config configs/lm.py:ramnet --runs 1:1,1,1 2:2,1,1 2:1,2,1 \
-      --per_device_batch 8 --steps 40 --set data.data_dir=.data/python_stdlib
+  python experiments/scaling.py --config configs/lm.py:ramnet --runs "1:1,1,1 2:2,1,1 2:1,2,1" \
+      --per_device_batch 8 --steps 40 --config.data.data_dir=.data/python_stdlib
 
 Each run is DEVICES:DATA,FSDP,TENSOR: the first DEVICES devices in that mesh, the global batch
 per_device_batch x DEVICES (weak scaling), `--steps` steps of `ramjax train` in a fresh workdir (no checkpoints
@@ -13,39 +13,42 @@ command to --results. On GPUs keep NCCL's NVLink multicast off: NCCL_NVLS_ENABLE
 
 from __future__ import annotations
 
-import argparse
+import copy
+import os
 import statistics
 import tempfile
 
 import jax
+from absl import app, flags
+from ml_collections import config_flags
 
 from ramjax import timing
-from ramjax.config_files import load_config, set_field
 from ramjax.train.metrics import read_metrics
 from ramjax.train.trainer import train
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/lm.py:ramnet")
-    parser.add_argument("--runs", nargs="+", default=["1:1,1,1", "2:2,1,1", "2:1,2,1"])
-    parser.add_argument("--per_device_batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--log_every", type=int, default=10)
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--results", default="experiments/results/scaling.md")
-    args = parser.parse_args()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs/lm.py:ramnet"), "training config")
+flags.DEFINE_string("runs", "1:1,1,1 2:2,1,1 2:1,2,1", "space-separated DEVICES:DATA,FSDP,TENSOR runs")
+flags.DEFINE_integer("per_device_batch", 8, "global batch = this x the run's devices")
+flags.DEFINE_integer("steps", 40, "training steps per run")
+flags.DEFINE_integer("log_every", 10, "steps per logged throughput")
+flags.DEFINE_string("results", "experiments/results/scaling.md", "the Markdown file written")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
     rows = []
-    for run in args.runs:
+    for run in args.runs.split():
         count, _, mesh = run.partition(":")
         count = int(count)
         data, fsdp, tensor = (int(x) for x in mesh.split(","))
         if count > jax.device_count():
             print(f"{run}: skipped, only {jax.device_count()} devices", flush=True)
             continue
-        config = load_config(args.config)
-        for item in args.set:
-            set_field(config, item)
+        config = copy.deepcopy(_CONFIG.value)
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
         config.data.batch_size = args.per_device_batch * count
         t = config.train
@@ -74,7 +77,8 @@ def main() -> None:
         per_device = r["tokens_per_s"] / r["devices"]
         lines.append(f"| {r['devices']} | {r['mesh']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {per_device:,.0f} | "
                      f"{per_device / base:.0%} | {r['step_ms']:.1f} | {r['peak_gb']:.2f} |")
-    text = (f"# Training throughput by device count and mesh ({args.config}, {rows[0]['params']:,} parameters)\n\n" +
+    spec = config_flags.get_config_filename(args["config"]).replace(ROOT + os.sep, "")
+    text = (f"# Training throughput by device count and mesh ({spec}, {rows[0]['params']:,} parameters)\n\n" +
             timing.environment_lines() + "\n" + "\n".join(lines) + "\n")
     print(text)
     with open(args.results, "w") as f:
@@ -82,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

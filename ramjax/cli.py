@@ -14,6 +14,7 @@ from absl import app, flags, logging  # noqa: F401  (importing app defines --hel
 
 from ml_collections import config_flags
 
+from ramjax.configs import error_message, load_config
 from ramjax.errors import ConfigError
 
 # command: (module, default config, one line of help, whether it takes --workdir)
@@ -70,7 +71,6 @@ def _with_config_resolved(args: list[str], default: str, prog: str) -> tuple[lis
 
 def _command_help(prog: str, args: list[str], default_config: str, takes_workdir: bool) -> str:
     """The command's flags, then the fields of its config (the one --config names, or the default)."""
-    from ramjax.config_files import load_config
     from ramjax.config_help import describe_fields
 
     spec = default_config
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         config.to_dict()  # a config file that failed to load only raises when first used
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
         # A misspelt field, a bad value or a missing config file: say which, without a traceback.
-        _usage_error(f"{prog}: bad flag or config: {_message(error)}")
+        _usage_error(f"{prog}: bad flag or config: {error_message(error)}")
     if len(rest) > 1:
         _usage_error(f"{prog}: unexpected arguments {rest[1:]}; settings go through --config.FIELD=VALUE")
     logging.set_verbosity(logging.WARNING)  # absl would otherwise echo JAX's backend probing as INFO
@@ -178,20 +178,6 @@ def _usage_error(message: str):
     """One line on stderr and exit status 2: no traceback."""
     print(message, file=sys.stderr)
     raise SystemExit(USAGE_ERROR)
-
-
-def _message(error: BaseException) -> str:
-    """The part of an error from absl or ml-collections that tells the user what to fix, on one line."""
-    # ml-collections wraps KeyErrors in AttributeErrors whose text is the repr of a string.
-    text = str(error.args[0]) if len(error.args) == 1 else str(error)
-    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
-        text = text[1:-1]
-    text = text.replace("\\n", "\n").replace("\\'", "'")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if any(line.startswith("Traceback") for line in lines):
-        # An error inside the config file's get_config: its own message is the last line.
-        return f"{lines[0].split(':')[0]}: {lines[-1]}"
-    return " ".join(lines)
 
 
 if __name__ == "__main__":

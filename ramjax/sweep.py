@@ -258,29 +258,20 @@ def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: 
 def validate_runs(config: str, names: list[str], runs: list[dict], overrides: list[str]) -> None:
     """Every run's config built and checked here first (a missing config file, a misspelt field, a bad value:
     one ConfigError naming the run and the field), so that neither --dry-run nor the sweep starts on a typo."""
-    from ramjax.config_files import load_config, set_field
+    from ramjax.configs import error_message, load_config, override
     from ramjax.train.trainer import check_model_config
 
     items = [o[len("--config."):] for o in overrides]
     try:
-        base = load_config(config)
-        for item in items:
-            set_field(base, item)
+        load_config(config, items)
     except (OSError, KeyError, AttributeError, ValueError, TypeError) as error:
-        raise ConfigError(f"--config {config} {' '.join(overrides)}: {_error_text(error)}") from None
+        raise ConfigError(f"--config {config} {' '.join(overrides)}: {error_message(error)}") from None
     for name, run in zip(names, runs):
         try:
-            run_config = load_config(config)
-            for item in items + [f"{field}={_format(value)}" for field, value in run.items()]:
-                set_field(run_config, item)
-            check_model_config(run_config)
+            fields = [f"{field}={_format(value)}" for field, value in run.items()]
+            check_model_config(override(load_config(config, items), fields))
         except (ConfigError, KeyError, AttributeError, ValueError, TypeError) as error:
-            raise ConfigError(f"run {name}: {_error_text(error)}") from None
-
-
-def _error_text(error: BaseException) -> str:
-    text = str(error.args[0]) if len(error.args) == 1 else str(error)
-    return text.strip("'\"")
+            raise ConfigError(f"run {name}: {error_message(error)}") from None
 
 
 def _check_sweep_record(sweep_dir: str, record: dict) -> None:

@@ -12,11 +12,12 @@ _spec.loader.exec_module(bench_models)
 
 
 def test_gpu_config_variants_build_and_select():
-    bench = bench_models.load_config(str(ROOT / "configs" / "bench_models.py") + ":gpu")
+    bench = bench_models.load_config(str(ROOT / "configs" / "bench_models.py") + ":gpu",
+                                     ["model_overrides=model.dtype=bfloat16 model.ramnet.top_k=4"])
     names = [name for name, _ in bench.variants]
     assert names[0] == "transformer" and {"ramnet:scan", "ramnet:pallas", "hybrid"} <= set(names)
     for name, overrides in bench.variants:  # every overridden field exists in the LM config
-        config = bench_models.model_config(bench, overrides, ["model.ramnet.top_k=4"], name=name)
+        config = bench_models.model_config(bench, overrides, name=name)
         assert config.model.dtype == "bfloat16" and config.model.d_model == 512 and config.model.ramnet.top_k == 4
     assert bench_models.model_config(bench, dict(bench.variants)["ramnet:pallas"]).model.ramnet.impl == "pallas"
     chosen = bench_models.select_variants(bench.variants, "ramnet,gla", "transformer")
@@ -31,8 +32,9 @@ def test_cpu_run_writes_the_table_with_ratios_from_the_same_run(tmp_path):
     argv = ["--config", f"{ROOT}/configs/bench_models.py:cpu", "--only", "transformer", "--shapes", "32x2",
             "--steps", "2", "--warmup", "1", "--results", str(results),
             # a row that cannot be built (3 layers of a 2-mixer pattern): recorded, and the run goes on
-            "--variant", "broken", "model.pattern=ramnet,attention", "model.num_layers=3",
-            "--variant", "ramnet_scan", "model.pattern=ramnet", "model.ramnet.impl=scan"]
+            "--variant", "broken model.pattern=ramnet,attention model.num_layers=3",
+            "--variant", "ramnet_scan model.pattern=ramnet model.ramnet.impl=scan",
+            "--config.model_overrides=model.dtype=float32 model.ramnet.d_v=16"]
     rows = bench_models.main(argv)
     assert [r["variant"] for r in rows] == ["transformer", "broken", "ramnet_scan"]
     assert "num_layers" in rows[1]["error"] and "tokens_per_s" not in rows[1]
@@ -45,6 +47,7 @@ def test_cpu_run_writes_the_table_with_ratios_from_the_same_run(tmp_path):
         assert re.search(rf"^- {key}: \S", text, re.M), key
     assert f"- command: `python experiments/bench_models.py --config {ROOT}/configs/bench_models.py:cpu --only" in text
     assert "d_model 64, 2 layers, 2 heads" in text and "- ramnet_scan: model.pattern=ramnet" in text
+    assert "with model.dtype=float32, model.ramnet.d_v=16: " in text and "d_v 16." in text
     table = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| 32x2 |")}
     assert set(table) == {"transformer", "broken", "ramnet_scan"}
     assert " | 1.00x | " in table["transformer"] and "ValueError" in table["broken"]

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ramjax.config_files import load_config, set_field
+from ramjax.configs import load_config, override
 from ramjax.errors import ConfigError
 from ramjax.train.trainer import check_model_config
 
@@ -27,8 +27,7 @@ from ramjax.train.trainer import check_model_config
 ])
 def test_bad_model_fields_are_named(items, needle):
     config = load_config("configs/mqar.py:cpu")
-    for item in items:
-        set_field(config, item)
+    override(config, items)
     with pytest.raises(ConfigError, match=None) as error:
         check_model_config(config)
     assert needle in str(error.value)

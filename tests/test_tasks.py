@@ -152,7 +152,7 @@ def test_selective_copy_through_the_same_interface(mixture):
 def test_eval_examples_do_not_depend_on_the_eval_batch_size():
     """The same examples (and the same counted rows) whatever eval_batch_size is, so evaluation does not change
     with the device count that batch size is rounded to."""
-    from ramjax.config_files import load_config
+    from ramjax.configs import load_config
     from ramjax.data.tasks import SyntheticTask
 
     kept = []
@@ -169,7 +169,7 @@ def test_eval_examples_do_not_depend_on_the_eval_batch_size():
 
 
 def test_eval_batch_size_is_rounded_up_to_the_batch_shards(capsys):
-    from ramjax.config_files import load_config
+    from ramjax.configs import load_config
     from ramjax.train.trainer import check_config
 
     config = load_config("configs/mqar.py")
