@@ -5,34 +5,26 @@
   ramjax eval --workdir runs/lm_ramnet                                    # loss, bits per byte, per-position loss
   ramjax train --config configs/lm.py:hybrid,cpu --workdir runs/lm_cpu    # small enough for a laptop
 
-Model variants: ramnet, transformer, loglinear_mamba2 (adaptive mlp_softplus decay), gated_deltanet, hybrid (three
+Model variants (configs/common.py, the same in every config file): ramnet, transformer, gla, mamba2,
+gated_deltanet, loglinear_mamba2 and loglinear_gated_deltanet (adaptive mlp_softplus decay), hybrid (three
 RAM-Net layers then one attention layer, repeated). Sizes: d_model 512, 8 layers, 8 heads (~25-30M parameters
 with the byte tokenizer), context 1024. Size modifier: cpu.
 """
 
-import importlib.util
 import os
+import sys
 
-_spec = importlib.util.spec_from_file_location("configs_mqar", os.path.join(os.path.dirname(__file__), "mqar.py"))
-_mqar = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_mqar)
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # configs/, for the shared helper and mqar.py
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mqar  # noqa: E402
+from common import MODELS, parse_variant, set_model  # noqa: E402
 
-MODEL_VARIANTS = ("ramnet", "transformer", "loglinear_mamba2", "gated_deltanet", "hybrid")
-PATTERNS = {"ramnet": "ramnet", "transformer": "attention", "loglinear_mamba2": "loglinear",
-            "gated_deltanet": "gated_deltanet", "hybrid": "ramnet,ramnet,ramnet,attention"}
+MODEL_VARIANTS = tuple(MODELS)
 
 
 def get_config(variant: str = "ramnet"):
-    parts = [p.strip() for p in (variant or "ramnet").split(",") if p.strip()]
-    unknown = [p for p in parts if p not in MODEL_VARIANTS + ("cpu",)]
-    if unknown:
-        raise ValueError(f"configs/lm.py: unknown variant {unknown[0]!r}; model variants {MODEL_VARIANTS}, size "
-                         "modifier 'cpu' (combine with a comma, e.g. 'hybrid,cpu')")
-    models = [p for p in parts if p in MODEL_VARIANTS] or ["ramnet"]
-    if len(models) > 1:
-        raise ValueError(f"configs/lm.py: one model variant at a time, got {models}")
-
-    config = _mqar.get_config("transformer")  # the optimiser, train, mesh sections and the model defaults
+    model, parts = parse_variant(variant, ("cpu",), "configs/lm.py")
+    config = mqar.get_config("transformer")  # the optimiser, train, mesh sections and the model defaults
     config.task = "lm"
     d = config.data
     for field in ("train_settings", "eval_settings", "power_a", "eval_seed", "mixture"):
@@ -52,7 +44,6 @@ def get_config(variant: str = "ramnet"):
 
     m = config.model
     m.vocab_size = d.vocab_size
-    m.pattern = PATTERNS[models[0]]
     m.d_model, m.num_layers, m.num_heads = 512, 8, 8
     m.ramnet.short_conv = 0  # the paper's LM has none
     m.ramnet.cape = "paper"
@@ -69,7 +60,7 @@ def get_config(variant: str = "ramnet"):
 
     if "cpu" in parts:
         d.seq_len, d.batch_size, d.eval_examples, d.eval_batch_size = 128, 8, 32, 8
-        m.d_model, m.num_layers, m.num_heads = 64, 4 if models[0] == "hybrid" else 2, 2
+        m.d_model, m.num_layers, m.num_heads = 64, 2, 2  # hybrid: 4 (set_model)
         m.dtype = "float32"  # faster than bfloat16 on CPUs
         m.ramnet.num_factors, m.ramnet.factor_size, m.ramnet.top_k, m.ramnet.d_v = 2, 8, 4, 32
         m.ramnet.impl = "scan"
@@ -79,4 +70,5 @@ def get_config(variant: str = "ramnet"):
         config.train.num_steps, config.train.eval_every, config.train.checkpoint_every = 300, 100, 100
         config.optim.warmup_steps = 50
         config.train.ramnet_top_k_start = config.train.ramnet_top_k_anneal_steps = 0  # M = 64: not needed
+    set_model(m, model, parts)
     return config

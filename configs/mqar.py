@@ -3,111 +3,36 @@
   ramjax train --config configs/mqar.py:cpu --workdir runs/mqar_cpu          # RAM-Net, small enough for 2 CPU cores
   ramjax train --config configs/mqar.py:ramnet --workdir runs/ramnet         # d_model 128, 2 layers, the 7-setting suite
   ramjax train --config configs/mqar.py:gla,cpu --workdir runs/gla_cpu       # any model variant + the cpu sizes
-  ramjax train --config configs/mqar.py:loglinear_mlp_softplus --workdir runs/ll --config.model.num_heads=4
+  ramjax train --config configs/mqar.py:loglinear_mamba2,linear --workdir runs/ll --config.model.num_heads=4
   ramjax train --config configs/mqar.py:ramnet,fig4 --workdir runs/fig4   # the small Figure-4 regime (GPU: minutes)
 
-Model variants: ramnet, transformer, gla, mamba2, gated_deltanet, loglinear (= loglinear_mlp_softplus),
-loglinear_fixed, loglinear_linear, loglinear_mlp_softplus, loglinear_mlp_softmax (the log-linear base is
-model.loglinear.base: mamba2 or gated_deltanet). Size modifiers: cpu; fig4 (the cpu sizes with vocabulary 512,
+Model variants (configs/common.py, the same in every config file): ramnet, transformer, gla, mamba2,
+gated_deltanet, loglinear_mamba2, loglinear_gated_deltanet (adaptive mlp_softplus decay; the modifiers fixed,
+linear, mlp_softplus, mlp_softmax set model.loglinear.mode), hybrid (three RAM-Net layers then attention, 4
+layers). Earlier names still accepted: loglinear = loglinear_mamba2, loglinear_MODE = loglinear_mamba2,MODE.
+Size modifiers: cpu; fig4 (the cpu sizes with vocabulary 512,
 training on kv 4-32 and evaluating up to kv 64 / length 256 for 1000 steps, RAM-Net at M = 1024 (U 5, d_p 4),
 K 8, d_v 64: the regime of experiments/sweeps/fig4_ramnet_ablations.py and topk_method.py). Settings are
 "kv:length" lists.
 """
 
+import os
+import sys
+
 import ml_collections
 
-MODEL_VARIANTS = ("ramnet", "transformer", "gla", "mamba2", "gated_deltanet", "loglinear", "loglinear_fixed",
-                  "loglinear_linear", "loglinear_mlp_softplus", "loglinear_mlp_softmax")
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # configs/, for the shared helper
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import MODELS, model_config, parse_variant, set_model  # noqa: E402
+
+MODEL_VARIANTS = tuple(MODELS)
 SIZE_MODIFIERS = ("cpu", "fig4")
 # The RAM-Net paper's evaluation suite (kv pairs, length).
 SUITE = "4:64,8:64,16:64,32:128,64:256,128:512,256:1024"
 
 
-def model_config() -> ml_collections.ConfigDict:
-    m = ml_collections.ConfigDict()
-    m.pattern = "ramnet"  # the mixer of each layer, comma-separated and repeated over the depth
-    m.vocab_size = 8192
-    m.d_model = 128
-    m.num_layers = 2
-    m.num_heads = 4
-    m.mlp_hidden = 0  # 0: 8/3 d_model rounded up to a multiple of 8
-    m.norm_eps = 1e-6
-    # Compute dtype: bfloat16 or float32 (parameters, optimiser state, the loss and every recurrent state stay
-    # fp32). bfloat16 for GPUs and TPUs, where matrix products run several times faster in it; the cpu variant
-    # sets float32, which is faster on CPUs (no bf16 matrix units) and keeps CPU results exact.
-    m.dtype = "bfloat16"
-    m.scan_layers = True  # scan over layers (compile time independent of depth)
-    m.remat = False  # recompute each layer group in the backward pass (less memory, more compute)
-
-    m.ramnet = ml_collections.ConfigDict()
-    m.ramnet.num_factors = 5  # U
-    m.ramnet.factor_size = 4  # d_p: M = d_p ** U = 1024 slots per head
-    m.ramnet.top_k = 8  # K
-    m.ramnet.d_v = 64
-    m.ramnet.gamma = 1.0  # PDMA decay power (spec: unspecified, default 1 = EMA)
-    m.ramnet.eps = 1e-6
-    m.ramnet.grad_eps = 1e-3
-    # CAPE heads per layer: "paper" (all heads in layers 1-4, half in 5-8), "half", "all", "none", or counts
-    # "2,1". On MQAR, with the short conv below doing the token shift, "none" learned fastest (measured, see
-    # experiments/results/mqar_tuning.md); without a conv no CAPE schedule learned the shift in 5000 steps.
-    m.ramnet.cape = "none"
-    m.ramnet.alpha_init = 1.0  # log temperature per head on W_q and W_k (1.0: sharper addresses at the start)
-    m.ramnet.output_norm = False  # ours, off by default: the paper has neither
-    m.ramnet.output_gate = False
-    # Ours: width of a causal conv on q, k, v (0 = none, as in the paper's LM). MQAR needs a token shift (pair a
-    # value with the key before it); Mamba-2 and Gated DeltaNet get it from their convs, and RAM-Net without one
-    # plateaued at 0.12 accuracy on (kv 8, length 64) while with width 4 it reached 0.91 in 1000 steps.
-    m.ramnet.short_conv = 4
-    m.ramnet.qk_bias = False  # ours: a bias on W_q and W_k (position-only addresses with CAPE); the paper has none
-    m.ramnet.impl = "auto"  # PDMA implementation: auto, dense, scan or pallas
-    m.ramnet.decoder_impl = "auto"  # address decoder (product top-K): auto, xla or pallas
-
-    m.attention = ml_collections.ConfigDict()
-    m.attention.head_dim = 0  # 0: d_model / num_heads
-    m.attention.rope_theta = 10000.0
-    m.attention.impl = "auto"  # auto (cuDNN on GPU with bf16, else XLA), xla or cudnn
-
-    m.gla = ml_collections.ConfigDict()
-    m.gla.expand_k = 0.5
-    m.gla.expand_v = 1.0
-    m.gla.gate_rank = 16
-    m.gla.gate_normaliser = 16.0
-    m.gla.chunk_size = 64
-    # "auto" (the XLA chunked form), "chunked", or "pallas" (kernels/gla_chunk.py; chunk_size a power of 2 >= 16;
-    # not yet timed on a GPU, so not the default).
-    m.gla.impl = "auto"
-
-    m.mamba2 = ml_collections.ConfigDict()
-    m.mamba2.expand = 2
-    m.mamba2.head_dim = 64
-    m.mamba2.d_state = 64
-    m.mamba2.conv_width = 4
-    m.mamba2.chunk_size = 64
-    m.mamba2.impl = "auto"  # as model.gla.impl, for plain Mamba-2 (the log-linear op has no kernel yet)
-
-    m.gated_deltanet = ml_collections.ConfigDict()
-    m.gated_deltanet.head_dim = 0  # 0: d_model / num_heads
-    m.gated_deltanet.expand_v = 2
-    m.gated_deltanet.conv_width = 4
-    m.gated_deltanet.chunk_size = 64
-
-    m.loglinear = ml_collections.ConfigDict()
-    m.loglinear.base = "mamba2"  # mamba2 or gated_deltanet (its options are model.<base>)
-    m.loglinear.mode = "mlp_softplus"  # fixed, linear, mlp_softplus or mlp_softmax
-    m.loglinear.num_levels = 15  # L: enough for sequences up to 2^14 = 16384 tokens
-    m.loglinear.decay_hidden = 64
-    return m
-
-
 def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
-    parts = [p.strip() for p in (variant or "ramnet").split(",") if p.strip()]
-    unknown = [p for p in parts if p not in MODEL_VARIANTS + SIZE_MODIFIERS]
-    if unknown:
-        raise ValueError(f"configs/mqar.py: unknown variant {unknown[0]!r}; model variants {MODEL_VARIANTS}, "
-                         f"size modifiers {SIZE_MODIFIERS} (combine with a comma, e.g. 'gla,cpu')")
-    models = [p for p in parts if p in MODEL_VARIANTS] or ["ramnet"]
-    if len(models) > 1:
-        raise ValueError(f"configs/mqar.py: one model variant at a time, got {models}")
+    model, parts = parse_variant(variant, SIZE_MODIFIERS, "configs/mqar.py")
 
     config = ml_collections.ConfigDict()
     config.task = "mqar"  # mqar or selective_copy
@@ -174,17 +99,8 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
         ("decay_mlp", None),
     )
 
-    model = models[0]
     m = config.model
     m.vocab_size = config.data.vocab_size
-    if model == "transformer":
-        m.pattern = "attention"
-    elif model.startswith("loglinear"):
-        m.pattern = "loglinear"
-        if model != "loglinear":
-            m.loglinear.mode = model[len("loglinear_"):]
-    else:
-        m.pattern = model
 
     if "cpu" in parts or "fig4" in parts:
         # Small enough that the whole run (install included) takes minutes on 2 CPU cores.
@@ -218,4 +134,5 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
         config.train.ramnet_top_k_start, config.train.ramnet_top_k_anneal_steps = 32, 500
         config.train.eval_every = 500
         config.train.checkpoint_every = 500
+    set_model(m, model, parts)
     return config

@@ -21,7 +21,7 @@ GRID = [
     ("gla", "gla,cpu", {}),
     ("mamba2", "mamba2,cpu", {}),
     ("gdn", "gated_deltanet,cpu", {}),
-    ("loglinear", "loglinear,cpu", {}),
+    ("loglinear", "loglinear_mamba2,cpu", {}),
     ("h4a1long", "cpu", {"model.num_heads": 4, "model.ramnet.alpha_init": 1.0, "train.num_steps": 5000}),
     ("conv", "cpu", {"model.ramnet.short_conv": 4}),
     ("h4a1conv", "cpu", {"model.num_heads": 4, "model.ramnet.alpha_init": 1.0, "model.ramnet.short_conv": 4}),

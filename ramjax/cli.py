@@ -90,12 +90,25 @@ def _command_help(prog: str, args: list[str], default_config: str, takes_workdir
                   "  --coordinator_address, --num_processes, --process_id   multi-process runs"]
     try:
         config = load_config(spec)
-        with open(spec.partition(":")[0]) as f:
-            source = f.read()
+        source = _config_source(spec.partition(":")[0])
     except Exception as error:  # the help must not fail on the config it describes
         return "\n".join(lines + ["", f"(the config {spec!r} did not load: {error})"])
     lines += ["", f"config fields of {spec} (set any with --config.FIELD=VALUE):", describe_fields(config, source)]
     return "\n".join(lines)
+
+
+def _config_source(path: str) -> str:
+    """The text of the config file, then of the modules it imported from its own directory (configs/common.py,
+    where the model fields are): the field descriptions come from their comments, the file's own first."""
+    directory = os.path.dirname(os.path.abspath(path))
+    paths = [os.path.abspath(path)] + sorted({
+        os.path.abspath(module.__file__) for module in list(sys.modules.values())
+        if getattr(module, "__file__", None) and os.path.dirname(os.path.abspath(module.__file__)) == directory})
+    texts = []
+    for p in dict.fromkeys(paths):
+        with open(p) as f:
+            texts.append(f.read())
+    return "\n".join(texts)
 
 
 def usage() -> str:

@@ -34,7 +34,7 @@ def test_bad_model_fields_are_named(items, needle):
 
 
 def test_the_shipped_configs_pass():
-    for spec in ("configs/mqar.py:cpu", "configs/mqar.py:ramnet", "configs/mqar.py:loglinear,fig4",
+    for spec in ("configs/mqar.py:cpu", "configs/mqar.py:ramnet", "configs/mqar.py:loglinear_mamba2,fig4",
                  "configs/lm.py:cpu", "configs/lm.py:transformer"):
         check_model_config(load_config(spec))
 

@@ -38,7 +38,7 @@ CASES = {
     "gla": dict(variant="gla"),
     "mamba2": dict(variant="mamba2"),
     "gated_deltanet": dict(variant="gated_deltanet"),
-    "loglinear_mamba2": dict(variant="loglinear"),
+    "loglinear_mamba2": dict(variant="loglinear_mamba2"),
     "hybrid": dict(variant="ramnet", pattern="ramnet,attention,gla"),
 }
 
@@ -66,9 +66,8 @@ def test_prefill_then_decode_equals_the_full_forward_pass(name):
 
 
 def test_loglinear_gated_deltanet_base_decodes_too():
-    model, cfg = build("loglinear")
-    config = tiny_config("loglinear")
-    config.model.loglinear.base = "gated_deltanet"
+    model, cfg = build("loglinear_gated_deltanet")
+    config = tiny_config("loglinear_gated_deltanet")
     config.model.gated_deltanet.chunk_size = 8
     model = LanguageModel(config.model, rngs=nnx.Rngs(1))
     tokens = jax.random.randint(jax.random.key(1), (2, 13), 0, config.model.vocab_size)

@@ -52,8 +52,8 @@ def assert_trees_equal(a, b):
 
 
 # The lambda modes other than the default are layer-tested (FenwickDecay); their full training runs are `slow`.
-VARIANTS_IN_CI = [v if v not in ("loglinear_fixed", "loglinear_linear", "loglinear_mlp_softmax")
-                  else pytest.param(v, marks=pytest.mark.slow) for v in MQAR.MODEL_VARIANTS]
+VARIANTS_IN_CI = list(MQAR.MODEL_VARIANTS) + [pytest.param(f"loglinear_mamba2,{mode}", marks=pytest.mark.slow)
+                                              for mode in ("fixed", "linear", "mlp_softmax")]
 
 
 @pytest.mark.parametrize("variant", VARIANTS_IN_CI)

@@ -26,7 +26,8 @@ def tiny_config(variant="ramnet", *, d_model=16, num_layers=2, steps=2):
     d.eval_settings = "2:16,4:32"
     d.eval_examples = 16
     d.eval_batch_size = 8
-    m.d_model, m.num_heads, m.num_layers = d_model, 2, num_layers
+    m.d_model, m.num_heads = d_model, 2
+    m.num_layers = max(num_layers, len(m.pattern.split(",")))  # hybrid: one whole pattern
     m.ramnet.num_factors, m.ramnet.factor_size, m.ramnet.top_k, m.ramnet.d_v = 2, 4, 2, 8
     m.mamba2.head_dim, m.mamba2.d_state = 8, 8
     m.gla.gate_rank = 4

@@ -1,6 +1,6 @@
 """Adaptive Fenwick decay on MQAR: fixed / linear / mlp_softplus / mlp_softmax lambda, kv 4-32, two seeds.
 
-  ramjax sweep --config configs/mqar.py:loglinear --sweep experiments/sweeps/adaptive_decay.py \
+  ramjax sweep --config configs/mqar.py:loglinear_mamba2 --sweep experiments/sweeps/adaptive_decay.py \
       --workdir runs/adaptive_decay --max-parallel 4 \
       --config.data.train_settings=4:128,8:128,16:128,32:128 --config.data.eval_settings=4:128,8:128,16:128,32:128,32:256
 

@@ -1,6 +1,6 @@
 """Adaptive Fenwick decay on selective copying: fixed / linear / mlp_softplus / mlp_softmax lambda.
 
-  ramjax sweep --config configs/mqar.py:loglinear --sweep experiments/sweeps/adaptive_decay_selective_copy.py \
+  ramjax sweep --config configs/mqar.py:loglinear_mamba2 --sweep experiments/sweeps/adaptive_decay_selective_copy.py \
       --workdir runs/adaptive_decay_copy --max-parallel 4 --config.task=selective_copy \
       --config.data.train_settings=16:256 --config.data.eval_settings=16:256,16:512
 
