@@ -5,11 +5,12 @@ scope (the layer and the function each op came from).
   python experiments/profile_train_step.py --config configs/bench_models.py:cpu --only gla --shape 64x2   # CPU
 
 The models and overrides are those of experiments/bench_models.py (same config file and --config.FIELD=VALUE
-overrides, e.g. --config.model_overrides="model.dtype=bfloat16 model.d_model=1024", same --only names). Per variant: compile the train step, warm it up, trace --steps steps with `jax.profiler`
-(perfetto trace), then sum the device time of every XLA op (the events carry the HLO op name) and map each op to
-the `op_name` metadata of its HLO instruction (the jax source path: module, function, primitive). Prints and
-appends to --results, with device, versions, date and command: the step time, the traced device time, the
---top ops, and the time per scope (the op_name cut to --depth path components, transformations dropped).
+overrides, e.g. --config.model_overrides="model.dtype=bfloat16 model.d_model=1024", same --only names). Per
+variant: compile the train step, warm it up, trace --steps steps with `jax.profiler` (perfetto trace), then
+sum the device time of every XLA op (the events carry the HLO op name) and map each op to the `op_name`
+metadata of its HLO instruction (the jax source path: module, function, primitive). Prints and appends to
+--results, with device, versions, date and command: the step time, the traced device time, the --top ops, and
+the time per scope (the op_name cut to --depth path components, transformations dropped).
 """
 
 from __future__ import annotations

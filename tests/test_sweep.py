@@ -192,8 +192,8 @@ def test_a_sweep_directory_refuses_other_overrides(tmp_path):
     record = {"config": "configs/mqar.py:cpu", "overrides": ["--config.optim.learning_rate=0.01"], "runs": []}
     (tmp_path / "s" / "sweep.json").write_text(json.dumps(record))
     with pytest.raises(ConfigError, match=r"overrides: \['--config.optim.learning_rate=0.01'\] -> \[\]"):
-        sweep._check_sweep_record(str(tmp_path / "s"), dict(record, overrides=[]))
-    sweep._check_sweep_record(str(tmp_path / "s"), record)  # the same settings: fine
+        sweep.check_sweep_record(str(tmp_path / "s"), dict(record, overrides=[]))
+    sweep.check_sweep_record(str(tmp_path / "s"), record)  # the same settings: fine
 
 
 def test_runs_sharing_the_default_device_share_its_memory(monkeypatch):

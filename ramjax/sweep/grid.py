@@ -1,0 +1,84 @@
+"""The grid language of sweep files and loading one: `values`, `product`, `zipped` build a grid, a list of runs,
+each a dict {field: value} (fields in the order they were declared); `load_sweep` reads a sweep file; `run_name`
+names each run's directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+
+from ramjax.errors import ConfigError
+
+
+def values(field: str, options) -> list[dict]:
+    """One field over a list of values."""
+    if not isinstance(field, str) or not field:
+        raise ConfigError(f"sweep: a field name must be a non-empty string like 'model.d_model', got {field!r}")
+    options = list(options)
+    if not options:
+        raise ConfigError(f"sweep: values({field!r}, ...) needs at least one value")
+    return [{field: value} for value in options]
+
+
+def product(*grids) -> list[dict]:
+    """Every combination of the grids' runs (the last grid varies fastest)."""
+    runs = [{}]
+    for grid in grids:
+        runs = [_merged(a, b) for a in runs for b in grid]
+    return runs
+
+
+def zipped(*grids) -> list[dict]:
+    """The grids' runs element by element; they must have the same length."""
+    lengths = [len(grid) for grid in grids]
+    if len(set(lengths)) > 1:
+        raise ConfigError(f"sweep: zipped(...) needs grids of equal length, got lengths {lengths}")
+    return [_merged_all(parts) for parts in zip(*grids)]
+
+
+def _merged(a: dict, b: dict) -> dict:
+    both = set(a) & set(b)
+    if both:
+        raise ConfigError(f"sweep: field {sorted(both)[0]!r} is swept twice in one run")
+    return {**a, **b}
+
+
+def _merged_all(parts) -> dict:
+    out = {}
+    for part in parts:
+        out = _merged(out, part)
+    return out
+
+
+def load_sweep(path: str):
+    """(runs, plot spec) from a sweep file."""
+    if not os.path.exists(path):
+        raise ConfigError(f"--sweep: no such file {path!r}")
+    spec = importlib.util.spec_from_file_location(f"sweep_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise ConfigError(f"--sweep {path}: defines no get_sweep()")
+    runs = module.get_sweep()
+    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
+        raise ConfigError(f"--sweep {path}: get_sweep() must return a non-empty list of runs (use values, product, "
+                          "zipped from ramjax.sweep)")
+    names = [run_name(i, r) for i, r in enumerate(runs)]
+    plot = getattr(module, "PLOT", None)
+    return runs, plot, names
+
+
+def format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ",".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return str(value)
+
+
+def run_name(index: int, run: dict) -> str:
+    """A directory name: the run's index and its swept values, e.g. 003-d_model=64-learning_rate=0.001."""
+    parts = [f"{field.split('.')[-1]}={format_value(value)}" for field, value in run.items()]
+    name = "-".join([f"{index:03d}"] + parts)
+    return re.sub(r"[^A-Za-z0-9_.=,()+-]", "_", name)[:180]

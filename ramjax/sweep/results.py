@@ -1,0 +1,169 @@
+"""A sweep's results: one row per run from its directory (summary, last evaluation, or error), the CSV and
+Markdown tables and the plots."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import re
+
+from ramjax.sweep.grid import format_value
+from ramjax.sweep.launcher import run_status
+
+
+def collect(sweep_dir: str, names: list[str], runs: list[dict]) -> list[dict]:
+    rows = []
+    for name, run in zip(names, runs):
+        directory = os.path.join(sweep_dir, name)
+        row = {"run": name, **{field: format_value(value) for field, value in run.items()}}
+        status = run_status(directory)
+        row["status"] = status
+        if status == "finished":
+            with open(os.path.join(directory, "summary.json")) as f:
+                summary = json.load(f)
+            row.update({"steps": summary.get("steps"), "parameters": summary.get("parameters"),
+                        "state_size": summary.get("state_size"),
+                        "wall_s": round(summary.get("wall_s", float("nan")), 1),
+                        "train/loss": summary.get("train", {}).get("loss")})
+            row.update(summary.get("eval", {}))
+        elif status == "unfinished":
+            row.update(last_evaluation(directory))
+        elif status == "failed":
+            with open(os.path.join(directory, "error.txt")) as f:
+                lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+            row["error"] = error_summary(lines)
+        rows.append(row)
+    return rows
+
+
+# A line that states an error: ramjax's own one-line messages, or the last line of a Python traceback.
+_ERROR_LINE = re.compile(r"^(ramjax \w+: |[\w.]*(Error|Exception|Interrupt)\b|Killed|Segmentation fault)")
+
+
+def error_summary(lines: list[str]) -> str:
+    """The error of a failed run from the end of its log (error.txt: exit code, then the log's tail): the last
+    line that states an error (progress-bar redraws dropped), with the exit code."""
+    if not lines:
+        return "failed"
+    shown = [line.split("\r")[-1].strip() for line in lines[1:]]
+    errors = [line for line in shown if _ERROR_LINE.search(line)]
+    message = errors[-1] if errors else (shown[-1] if shown else "")
+    return f"{message} ({lines[0]})" if message else lines[0]
+
+
+def last_evaluation(directory: str) -> dict:
+    """The newest evaluation an unfinished run logged (its step as eval_step), from metrics.jsonl."""
+    path = os.path.join(directory, "metrics.jsonl")
+    latest = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                if any(k.startswith("eval/") for k in record):
+                    latest = record
+    if not latest:
+        return {}
+    return {"eval_step": latest.get("step"), **{k: v for k, v in latest.items() if k.startswith("eval/")}}
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    return columns
+
+
+def write_results(sweep_dir: str, rows: list[dict], runs: list[dict], plot) -> None:
+    columns = _columns(rows)
+    with open(os.path.join(sweep_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def cell(value):
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value).replace("|", "/")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    with open(os.path.join(sweep_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    fields = list(dict.fromkeys(field for run in runs for field in run))
+    for path in plot_results(sweep_dir, rows, fields, plot):
+        print(f"ramjax sweep: plot {path}")
+
+
+def plot_results(sweep_dir: str, rows: list[dict], fields: list[str], plot) -> list[str]:
+    """Metric against one swept field, a line per combination of the others; PNG files in sweep_dir. Unfinished
+    runs are drawn at their last evaluation (the table says which)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("ramjax sweep: matplotlib is not installed, so no plots; `pip install matplotlib` and rerun with --report")
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finished = [r for r in rows if r["status"] in ("finished", "unfinished") and any(k.startswith("eval/") for k in r)]
+    if not finished or not fields:
+        return []
+    plot = dict(plot or {})
+    x = plot.get("x", fields[0])
+    ys = plot.get("y", "eval/accuracy/mean")
+    ys = [ys] if isinstance(ys, str) else list(ys)
+    best_over = list(plot.get("best_over", []))
+    series = plot.get("series", [f for f in fields if f != x and f not in best_over])
+    paths = []
+    for y in ys:
+        if not any(y in r for r in finished):
+            continue
+        shown = best_rows(finished, y, [f for f in fields if f not in best_over]) if best_over else finished
+        figure, axes = plt.subplots(figsize=(6, 4))
+        key = lambda r: tuple(r.get(s) for s in series)  # noqa: E731
+        for group, members in itertools.groupby(sorted(shown, key=lambda r: str(key(r))), key=key):
+            members = [m for m in members if m.get(y) is not None]
+            points = sorted(((_number(m[x]), m[y]) for m in members), key=lambda p: p[0])
+            label = ", ".join(f"{s.split('.')[-1]}={v}" for s, v in zip(series, group)) or y
+            axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        axes.set_xlabel(x)
+        axes.set_ylabel(y + (f" (best over {', '.join(f.split('.')[-1] for f in best_over)})" if best_over else ""))
+        if all(isinstance(_number(r[x]), float) and _number(r[x]) > 0 for r in finished):
+            values = sorted({_number(r[x]) for r in finished})
+            if len(values) > 2 and values[-1] / values[0] >= 16:
+                axes.set_xscale("log")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+        figure.tight_layout()
+        path = os.path.join(sweep_dir, "plot_" + re.sub(r"[^A-Za-z0-9]+", "_", y).strip("_") + ".png")
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def best_rows(rows: list[dict], metric: str, keep: list[str]) -> list[dict]:
+    """For each combination of the `keep` fields, the row with the highest `metric` (e.g. the best learning rate
+    of each model and width)."""
+    best = {}
+    for row in rows:
+        if row.get(metric) is None:
+            continue
+        key = tuple(str(row.get(f)) for f in keep)
+        if key not in best or row[metric] > best[key][metric]:
+            best[key] = row
+    return list(best.values())
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value

@@ -1,0 +1,115 @@
+"""`ramjax sweep` from Python: `sweep(config, sweep_file, ...)` checks every run's config, runs the grid (or prints
+its commands), and writes the results."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from tqdm import tqdm
+
+from ramjax.errors import ConfigError
+from ramjax.sweep.grid import format_value, load_sweep
+from ramjax.sweep.launcher import Launcher, printable, run_status, train_command
+from ramjax.sweep.results import collect, write_results
+
+
+def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: bool = False, max_parallel: int = 1,
+          overrides: list[str] = (), devices: list[str] = (), report_only: bool = False) -> list[dict]:
+    """Runs (or, with dry_run, prints) the sweep; returns its result rows."""
+    runs, plot, names = load_sweep(sweep_path)
+    if max_parallel < 1:
+        raise ConfigError(f"--max-parallel: must be >= 1, got {max_parallel}")
+    sweep_dir = workdir or os.path.join("runs", "sweeps", os.path.splitext(os.path.basename(sweep_path))[0])
+    commands = [train_command(config, os.path.join(sweep_dir, name), run, list(overrides))
+                for name, run in zip(names, runs)]
+    if not report_only:
+        validate_runs(config, names, runs, list(overrides))
+    if dry_run:
+        for command, device in zip(commands, itertools.cycle(devices or [None])):
+            print((f"CUDA_VISIBLE_DEVICES={device} " if device is not None else "") + printable(command))
+        return []
+    if report_only:
+        if not os.path.isdir(sweep_dir):
+            raise ConfigError(f"--report: no sweep directory {sweep_dir!r} (run the sweep first)")
+    else:
+        run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, list(devices), max_parallel)
+    rows = collect(sweep_dir, names, runs)
+    write_results(sweep_dir, rows, runs, plot)
+    failed = [r["run"] for r in rows if r["status"] == "failed"]
+    unfinished = [r["run"] for r in rows if r["status"] in ("unfinished", "new")]
+    print(f"ramjax sweep: results in {sweep_dir}/results.md" + (f"; {len(failed)} failed: {failed}" if failed else "")
+          + (f"; {len(unfinished)} unfinished (rerun the same command to finish them)" if unfinished else ""))
+    return rows
+
+
+def validate_runs(config: str, names: list[str], runs: list[dict], overrides: list[str]) -> None:
+    """Every run's config built and checked here first (a missing config file, a misspelt field, a bad value:
+    one ConfigError naming the run and the field), so that neither --dry-run nor the sweep starts on a typo."""
+    from ramjax.configs import error_message, load_config, override
+    from ramjax.train.trainer import check_model_config
+
+    items = [o[len("--config."):] for o in overrides]
+    try:
+        load_config(config, items)
+    except (OSError, KeyError, AttributeError, ValueError, TypeError) as error:
+        raise ConfigError(f"--config {config} {' '.join(overrides)}: {error_message(error)}") from None
+    for name, run in zip(names, runs):
+        try:
+            fields = [f"{field}={format_value(value)}" for field, value in run.items()]
+            check_model_config(override(load_config(config, items), fields))
+        except (ConfigError, KeyError, AttributeError, ValueError, TypeError) as error:
+            raise ConfigError(f"run {name}: {error_message(error)}") from None
+
+
+def check_sweep_record(sweep_dir: str, record: dict) -> None:
+    """A sweep directory keeps the config and overrides it was run with: rerunning it with others would label
+    finished runs with values they were not trained with."""
+    path = os.path.join(sweep_dir, "sweep.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    differences = [f"{key}: {old.get(key)!r} -> {record[key]!r}" for key in ("config", "overrides")
+                   if old.get(key) != record[key]]
+    if differences:
+        raise ConfigError(f"{sweep_dir} was run with other settings ({'; '.join(differences)}); rerun it with "
+                          "the same ones, or use a new --workdir")
+
+
+def run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, devices, max_parallel) -> None:
+    record = {"config": config, "sweep": os.path.abspath(sweep_path), "overrides": list(overrides),
+              "runs": [{"name": n, "fields": r} for n, r in zip(names, runs)]}
+    check_sweep_record(sweep_dir, json.loads(json.dumps(record, default=str)))
+    os.makedirs(sweep_dir, exist_ok=True)
+    path = os.path.join(sweep_dir, "sweep.json")
+    if os.path.exists(path):  # the grid may have grown: keep the runs already recorded, add the new ones
+        with open(path) as f:
+            known = {r["name"]: r for r in json.load(f).get("runs", [])}
+        record["runs"] = list(known.values()) + [r for r in record["runs"] if r["name"] not in known]
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+    todo = [(name, command) for name, command in zip(names, commands)
+            if run_status(os.path.join(sweep_dir, name)) != "finished"]
+    print(f"ramjax sweep: {len(runs)} runs in {sweep_dir}; {len(runs) - len(todo)} finished already, "
+          f"{len(todo)} to run ({max_parallel} at a time" + (f" on devices {','.join(devices)})" if devices else ")"))
+    launcher = Launcher(devices, max_parallel)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, launcher.stop) if on_main_thread else None
+    try:
+        with tqdm(total=len(todo), unit="run", desc="sweep") as progress, ThreadPoolExecutor(max_parallel) as pool:
+            futures = {pool.submit(launcher.execute, command, os.path.join(sweep_dir, name)): name
+                       for name, command in todo}
+            for future in futures:
+                status, seconds = future.result()
+                progress.update(1)
+                progress.write(f"{futures[future]}: {status} in {seconds:.0f} s")
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    if launcher.stopping:
+        print("ramjax sweep: SIGTERM received; running trainers were told to save and stop, no new runs started")
