@@ -76,6 +76,9 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
     # With each evaluation, RAM-Net's read/write overlap and top-K mass per layer on the step's MQAR batch
     # (ramjax/train/address_metrics.py): whether queries read the slots their value was written to.
     config.train.address_metrics = True
+    # Steps [start, stop) traced with jax.profiler into WORKDIR/profile (open with TensorBoard's profile plugin or
+    # XProf); (0, 0): none. Each process of a multi-process run writes its own trace.
+    config.train.profile_steps = (0, 0)
     # RAM-Net trained with a larger top-K that halves down to model.ramnet.top_k over the given steps
     # (ramjax/train/top_k_schedule.py); 0 = train with the model's K. Evaluation always uses the model's K.
     # At M = 1024, K = 8 the plain model stays at chance on MQAR; K 32 -> 16 -> 8 over the first 500 steps

@@ -20,12 +20,12 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
 from ramjax.errors import ConfigError
+from ramjax.train.setup import load_run_config
 from ramjax.train.step import token_nll
 
 
@@ -35,36 +35,13 @@ def per_token_nll(graphdef, params, rest, batch):
     return jnp.where(batch["loss_mask"], nll, 0.0)
 
 
-def load_run_config(workdir: str):
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path):
-        raise ConfigError(f"--workdir {workdir}: no config.json (not a ramjax train workdir)")
-    with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    if "mesh" in config:
-        config.mesh.rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in config.mesh.rules)
-    return config
-
-
-def load_model(workdir: str, step: int | None = None):
-    """The model of a `ramjax train` workdir with the parameters of checkpoint `step` (default: the newest), on
-    the default device (also `ramjax.models.decode.load_model`)."""
-
-    from ramjax.train import sharding
-    from ramjax.train.trainer import model_parts, restore_state
-
-    config = load_run_config(workdir)
-    state, _ = restore_state(config, workdir, step=step)
-    graphdef, rest = model_parts(config, sharding.make_mesh(config.mesh))
-    return nnx.merge(graphdef, state["params"], rest)
-
-
 def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) -> dict:
     """Accuracy of a trained MQAR / selective-copying run on each of `settings` (default: its own)."""
     from ramjax.data.tasks import SyntheticTask
     from ramjax.train import sharding
     from ramjax.train.step import make_eval_step
-    from ramjax.train.trainer import Batches, check_config, evaluate, model_parts, restore_state
+    from ramjax.train.setup import model_parts, restore_state
+    from ramjax.train.trainer import Batches, check_config, evaluate
 
     config = load_run_config(workdir)
     if settings:
@@ -102,7 +79,7 @@ def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) 
 
 def evaluate_run(workdir: str, split: str = "validation", max_windows: int = 0) -> dict:
     from ramjax.train import sharding
-    from ramjax.train.trainer import make_task, model_parts, restore_state
+    from ramjax.train.setup import make_task, model_parts, restore_state
 
     config = load_run_config(workdir)
     if config.task != "lm":

@@ -36,7 +36,7 @@ def generate_text(workdir: str, prompts: list[str], *, max_new_tokens: int = 128
     import jax.numpy as jnp
 
     from ramjax.data.tokenizers import load_run_tokenizer
-    from ramjax.evaluate import load_model, load_run_config
+    from ramjax.train.setup import load_model, load_run_config
     from ramjax.models.decode import generate
 
     config = load_run_config(workdir)

@@ -7,7 +7,7 @@ import pytest
 
 from ramjax.configs import load_config, override
 from ramjax.errors import ConfigError
-from ramjax.train.trainer import check_model_config
+from ramjax.train.setup import check_model_config
 
 
 @pytest.mark.parametrize("items,needle", [

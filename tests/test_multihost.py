@@ -47,7 +47,8 @@ RESTORE_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, "tests")
     import jax, numpy as np
     from tiny import tiny_config
-    from ramjax.train.trainer import restore_state, train
+    from ramjax.train.setup import restore_state
+    from ramjax.train.trainer import train
 
     mesh = tuple(int(x) for x in sys.argv[1].split(","))
     out = {}
@@ -164,7 +165,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, "tests")
     from tiny import MQAR
-    from ramjax.train.trainer import step_memory
+    from ramjax.train.setup import step_memory
 
     out = {}
     for mesh in ("8,1,1", "1,8,1"):
@@ -193,7 +194,8 @@ KERNEL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, "tests")
     import jax, numpy as np
     from tiny import tiny_config
-    from ramjax.train.trainer import train, restore_state
+    from ramjax.train.setup import restore_state
+    from ramjax.train.trainer import train
 
     out = {}
     for name, mesh, devices in (("one", (1, 1, 1), jax.devices()[:1]), ("eight", (2, 2, 2), None)):

@@ -12,6 +12,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from event_files import read_scalars
 from numerics import rel_rms
 from tiny import MQAR, tiny_config
 
@@ -19,7 +20,6 @@ from ramjax.data.tasks import SyntheticTask
 from ramjax.errors import ConfigError
 from ramjax.train.checkpoint import Checkpoints
 from ramjax.train.metrics import read_metrics
-from ramjax.train.tensorboard import read_scalars
 from ramjax.train.trainer import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -271,3 +271,14 @@ def test_ramjax_eval_of_a_synthetic_run_on_its_own_and_on_new_settings(tmp_path)
     assert (tmp_path / "eval_mqar_4x32_8x48.json").exists()
     with pytest.raises(ConfigError, match="--settings"):
         evaluate_synthetic_run(str(tmp_path), settings="99:16")
+
+
+def test_profile_steps_writes_a_trace_of_the_window(tmp_path):
+    config = tiny_config("gla", steps=3)
+    config.train.profile_steps = (1, 2)
+    train(config, str(tmp_path))
+    traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files if f.endswith(".xplane.pb")]
+    assert traces, "no jax.profiler trace in WORKDIR/profile"
+    config.train.profile_steps = (2, 1)
+    with pytest.raises(ConfigError, match=r"train.profile_steps: \(start, stop\) with 0 <= start <= stop"):
+        train(config, str(tmp_path / "bad"))

@@ -156,8 +156,8 @@ def _generate(graphdef, state, prompt, lengths, key, *, shortest, steps, max_new
 def load_model(workdir: str, step: int | None = None) -> LanguageModel:
     """The model of a `ramjax train` workdir with the parameters of checkpoint `step` (default: the newest).
 
-    Built on the trainer's restore machinery (ramjax.evaluate.load_model); imported here on call, so that
-    ramjax.models does not depend on ramjax.train at import time."""
-    from ramjax.evaluate import load_model as load
+    The function is ramjax.train.setup.load_model (built on the trainer's restore machinery), imported here on
+    call so that ramjax.models does not depend on ramjax.train at import time."""
+    from ramjax.train.setup import load_model as load
 
     return load(workdir, step)

@@ -7,7 +7,7 @@ import math
 import os
 import time
 
-from ramjax.train.tensorboard import SummaryWriter
+from tensorboardX import SummaryWriter
 
 
 class MetricsLog:
@@ -27,7 +27,8 @@ class MetricsLog:
                 with open(self.path + ".tmp", "w") as f:
                     f.writelines(kept)
                 os.replace(self.path + ".tmp", self.path)
-        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard")) if enabled else None
+        # tensorboardX: a new event file per session (a resumed run adds one; TensorBoard reads them all).
+        self.tensorboard = SummaryWriter(logdir=os.path.join(workdir, "tensorboard")) if enabled else None
 
     def write(self, step: int, metrics: dict) -> None:
         """One JSON line {"step", "time", **metrics} and one TensorBoard scalar per metric."""
@@ -37,7 +38,8 @@ class MetricsLog:
                  for name, value in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
-        self.tensorboard.scalars({name: float(value) for name, value in metrics.items()}, step)
+        for name, value in metrics.items():
+            self.tensorboard.add_scalar(name, float(value), step)
         self.tensorboard.flush()
 
     def close(self) -> None:

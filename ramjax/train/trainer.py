@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,48 +22,19 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from ramjax.data.tasks import SyntheticTask, parse_settings
+from ramjax.data.tasks import SyntheticTask
 from ramjax.errors import ConfigError
-from ramjax.models import LanguageModel, config_check
 from ramjax.models.state_size import recurrent_state_size
 from ramjax.train.address_metrics import address_metrics
 from ramjax.timing import environment
 from ramjax.train import run_record, sharding, top_k_schedule
 from ramjax.train.checkpoint import Checkpoints
 from ramjax.train.metrics import MetricsLog
-from ramjax.train.optim import learning_rate_schedule, make_optimizer
-from ramjax.train.step import make_eval_step, make_train_step
-
-
-def make_task(config, **kwargs):
-    """The task of `config.task`: a synthetic one (mqar, selective_copy) or language modelling (lm)."""
-    if config.task == "lm":
-        from ramjax.data.lm import LMTask
-
-        return LMTask(config.data, **kwargs)
-    return SyntheticTask(config.task, config.data)
-
-
-def longest_sequence(config) -> int | None:
-    """The longest sequence a run of `config` trains or evaluates on (None if the task does not say)."""
-    d = config.data
-    if config.task == "lm":
-        return int(d.seq_len) if isinstance(d.get("seq_len"), int) and d.seq_len > 0 else None
-    lengths = [n for field in ("train_settings", "eval_settings") for _, n in parse_settings(f"data.{field}", d[field])]
-    return max(lengths) if lengths else None
-
-
-def check_model_config(config) -> None:
-    """`config.model` checked before anything is built (ramjax/models/config_check.py): one ConfigError naming
-    the field."""
-    config_check.check_model(config.model, longest_sequence(config))
-
-
-def model_parts(config, mesh=None):
-    """(graphdef, fixed buffers) of the model `config` describes: with a checkpoint's params, what evaluating a
-    trained run needs (`nnx.merge(graphdef, params, rest)`)."""
-    build, _, _, graphdef, *_ = _abstract(config, mesh)
-    return graphdef, nnx.split(build(), nnx.Param, ...)[2]
+from ramjax.train.setup import (abstract_model, check_model_config, initialisers, jit_train_step, make_task,
+                                with_shardings)
+# TEMPORARY (until the experiments import them from ramjax.train.setup): names that moved there.
+from ramjax.train.setup import restore_state, step_memory, train_setup  # noqa: F401
+from ramjax.train.step import make_eval_step
 
 
 def check_config(config, task, batch_shards: int) -> None:
@@ -90,13 +60,6 @@ def check_config(config, task, batch_shards: int) -> None:
             print(f"ramjax train: data.eval_batch_size {d.eval_batch_size} -> {rounded} (a multiple of the "
                   f"{shards} batch shards; evaluation results do not depend on it)")
         d.eval_batch_size = rounded
-
-
-def _abstract_with_shardings(abstract_tree, shardings):
-    """ShapeDtypeStructs carrying their target sharding: what Orbax restores into."""
-    return jax.tree.map(
-        lambda sh, sub: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sub),
-        shardings, abstract_tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
 
 
 def _install_sigterm(flag: list):
@@ -157,117 +120,6 @@ def evaluate(eval_step, params, rest, task: SyntheticTask, batches: Batches) -> 
     return results
 
 
-def _abstract(config, mesh=None):
-    """The model builder, optimizer, schedule, graphdef, and the abstract params, other variables and state.
-    With a mesh, the model keeps its activations sharded over the batch axes of `config.mesh.rules`."""
-    check_model_config(config)
-
-    def build():
-        return LanguageModel(config.model, rngs=nnx.Rngs(config.train.init_seed))
-
-    tx = make_optimizer(config.optim, config.train.num_steps)
-    schedule = learning_rate_schedule(config.optim, config.train.num_steps)
-    abstract_model = nnx.eval_shape(build)
-    if mesh is not None:
-        # [batch, time, heads, ...] laid out by the same rules as everything else (heads not divisible by
-        # their mesh axes stay whole, as the parameters do).
-        per_head = sharding.logical_to_mesh(("batch", None, "heads"), (config.data.batch_size, 1,
-                                                                       config.model.num_heads),
-                                            config.mesh.rules, mesh, "per-head activations")
-        abstract_model.shard_activations(mesh, per_head[0], per_head[2])
-    graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
-    abstract_state = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
-                      "step": jax.ShapeDtypeStruct((), jnp.int32)}
-    return build, tx, schedule, graphdef, abstract_params, abstract_rest, abstract_state
-
-
-def _jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh):
-    """The train step as one jit with explicit shardings; the state's buffers are donated."""
-    step = make_train_step(graphdef, tx, schedule, inject_nan_at_step=config.train.get("inject_nan_at_step", -1))
-    return jax.jit(step, in_shardings=(state_sh, rest_sh, batch_sh),
-                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-
-
-def _initialisers(build, tx):
-    """Functions (to jit with the state's and the other variables' shardings) that make the initial train state
-    and the model's other variables from the model builder."""
-    def init_state():
-        _, params, _ = nnx.split(build(), nnx.Param, ...)
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-    def init_rest():
-        return nnx.split(build(), nnx.Param, ...)[2]
-
-    return init_state, init_rest
-
-
-class TrainSetup(NamedTuple):
-    """The train step `ramjax train` runs for a config, on the mesh `config.mesh` makes of some devices."""
-    mesh: jax.sharding.Mesh
-    train_step: Callable  # jitted (state, rest, batch) -> (state, metrics); the state's buffers are donated
-    init_state: Callable  # jitted () -> the initial train state, placed by its shardings
-    init_rest: Callable  # jitted () -> the model's other variables (fixed buffers), placed
-    abstract_state: Any  # ShapeDtypeStructs carrying their shardings (for train_step.lower)
-    abstract_rest: Any
-    batch_sharding: jax.sharding.Sharding  # of every batch field [batch, time]
-    num_params: int
-
-
-def train_setup(config, *, devices=None) -> TrainSetup:
-    """The model, optimizer, shardings and jitted train step exactly as `train` builds them, without a task or
-    a workdir: for measuring the step (memory, throughput) on batches made elsewhere."""
-    mesh = sharding.make_mesh(config.mesh, devices)
-    rules = config.mesh.rules
-    build, tx, schedule, graphdef, abstract_params, abstract_rest, abstract_state = _abstract(config, mesh)
-    state_sh = sharding.tree_shardings(abstract_state, rules, mesh)
-    rest_sh = sharding.tree_shardings(abstract_rest, rules, mesh)
-    batch_sh = sharding.batch_sharding(rules, mesh)
-    init_state, init_rest = _initialisers(build, tx)
-    return TrainSetup(
-        mesh=mesh,
-        train_step=_jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh),
-        init_state=jax.jit(init_state, out_shardings=state_sh),
-        init_rest=jax.jit(init_rest, out_shardings=rest_sh),
-        abstract_state=_abstract_with_shardings(abstract_state, state_sh),
-        abstract_rest=_abstract_with_shardings(abstract_rest, rest_sh),
-        batch_sharding=batch_sh,
-        num_params=int(sum(x.size for x in jax.tree.leaves(abstract_params))))
-
-
-def restore_state(config, workdir: str, *, devices=None, step: int | None = None):
-    """(state, meta) of checkpoint `step` (default: the newest) in `workdir`, placed on the mesh that
-    `config.mesh` makes of `devices`: whatever mesh the checkpoint was written from. For inspecting a run or
-    checking a move to another machine; `ramjax train` itself restores the same way when it resumes."""
-    mesh = sharding.make_mesh(config.mesh, devices)
-    *_, abstract_state = _abstract(config)
-    state_sh = sharding.tree_shardings(abstract_state, config.mesh.rules, mesh)
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
-                              every=config.train.checkpoint_every)
-    try:
-        step = checkpoints.latest_step() if step is None else step
-        if step is None:
-            raise ConfigError(f"{workdir}: no checkpoint to restore")
-        return checkpoints.restore(step, _abstract_with_shardings(abstract_state, state_sh))
-    finally:
-        checkpoints.close()
-
-
-def step_memory(config, *, devices=None) -> dict:
-    """Per-device bytes of the compiled train step on the mesh `config.mesh` makes of `devices`, from XLA's
-    memory analysis: its arguments (parameters, optimizer state, batch), outputs and temporaries, and the
-    parameter + optimizer-state bytes one device holds (from the shardings: what FSDP divides)."""
-    task = make_task(config)
-    setup = train_setup(config, devices=devices)
-    batch = {name: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype, sharding=setup.batch_sharding)
-             for name, value in task.train_batch(0)._asdict().items()}
-    state = setup.abstract_state
-    analysis = setup.train_step.lower(state, setup.abstract_rest, batch).compile().memory_analysis()
-    held = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
-    return {"mesh": dict(setup.mesh.shape), "argument_bytes": analysis.argument_size_in_bytes,
-            "output_bytes": analysis.output_size_in_bytes, "temp_bytes": analysis.temp_size_in_bytes,
-            "state_bytes_per_device": held}
-
-
 def train(config, workdir: str, *, devices=None, amend: bool = False, restart: bool = False) -> dict:
     """Train (or resume) the run in `workdir`; returns the summary written to workdir/summary.json.
 
@@ -285,8 +137,9 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
         batch_sh = sharding.batch_sharding(rules, mesh)
         check_config(config, task, sharding.num_shards(batch_sh))
         top_k_schedule.check(config)
+        profiler = _ProfileWindow(config.train.get("profile_steps", (0, 0)), os.path.join(workdir, "profile"))
         num_steps = config.train.num_steps
-        build, tx, schedule, graphdef, abstract_params, abstract_rest, abstract_state = _abstract(config, mesh)
+        build, tx, schedule, graphdef, abstract_params, abstract_rest, abstract_state = abstract_model(config, mesh)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
@@ -294,7 +147,7 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
     rest_sh = sharding.tree_shardings(abstract_rest, rules, mesh)
     replicated = sharding.replicated(mesh)
 
-    init_state, init_rest = _initialisers(build, tx)
+    init_state, init_rest = initialisers(build, tx)
     # One compiled train step per K the RAM-Net top-K schedule uses (one, without a schedule); evaluation always
     # runs the model's own K.
     model_k = config.model.ramnet.top_k
@@ -308,7 +161,7 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
             if k != model_k:
                 model = top_k_schedule.with_top_k(nnx.merge(graphdef, abstract_params, abstract_rest), k)
                 step_graphdef = nnx.split(model, nnx.Param, ...)[0]
-            train_steps[k] = _jit_train_step(config, step_graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh)
+            train_steps[k] = jit_train_step(config, step_graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh)
         return train_steps[k]
 
     eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh["params"], rest_sh, batch_sh),
@@ -338,7 +191,7 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
         return finished
     restored = None
     if latest is not None:
-        restored = checkpoints.restore_newest_good(_abstract_with_shardings(abstract_state, state_sh),
+        restored = checkpoints.restore_newest_good(with_shardings(abstract_state, state_sh),
                                                    log=print if is_main else None)
     corrupt = checkpoints.corrupt_dirs()
     if restored is None and corrupt:  # checkpoints were written, and none restores
@@ -412,7 +265,9 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
     done = start  # the steps completed so far
     try:
         for step in range(start, num_steps):
+            profiler.before(step)
             state, metrics = train_step_for(step)(state, rest, batches.put(task.train_batch(step)))
+            profiler.after(step + 1, metrics)
             interval_steps += 1
             done = step + 1
             unchecked.append((step, {k: metrics[k] for k in ("finite", "loss", "grad_norm")}))
@@ -456,6 +311,10 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
                     checkpoints.save(done, state, meta_for(done), force=True)
                 checkpoints.wait()
                 by = "" if preempted else " by another process of this run"
+                # From here to exit a second SIGTERM (a scheduler signalling every process, or repeating itself)
+                # must not kill the process while it shuts down: ignore it (`finally` leaves it so).
+                preempted.append("stopping")
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 print(f"ramjax train: SIGTERM received{by}; saved step {done} in {workdir} and stopped; rerun the "
                       f"command to resume")
                 raise SystemExit(0)
@@ -486,7 +345,8 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
         print(f"\nramjax train: interrupted; saved step {completed} in {workdir}; rerun the command to resume")
         raise SystemExit(130) from None
     finally:
-        if previous_handler is not None:
+        profiler.stop()
+        if previous_handler is not None and not preempted:  # after a preemption stop SIGTERM stays ignored
             signal.signal(signal.SIGTERM, previous_handler)
     progress.close()
     check_finite()
@@ -520,6 +380,34 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
         print(f"ramjax train: finished {num_steps} steps in {summary['wall_s']:.0f} s; eval accuracy mean "
               f"{last_eval.get('eval/accuracy/mean', float('nan')):.3f}; summary {workdir}/summary.json")
     return summary
+
+
+class _ProfileWindow:
+    """Traces steps [start, stop) with jax.profiler into `directory` (train.profile_steps; (0, 0): none)."""
+
+    def __init__(self, window, directory: str):
+        window = tuple(window)
+        if len(window) != 2 or not all(isinstance(w, int) and w >= 0 for w in window) or window[1] < window[0]:
+            raise ConfigError(f"train.profile_steps: (start, stop) with 0 <= start <= stop, got {window!r}")
+        self.start, self.stop_at = window
+        self.directory, self.active = directory, False
+
+    def before(self, step: int) -> None:
+        if self.start < self.stop_at and step == self.start:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, done: int, outputs) -> None:
+        if self.active and done >= self.stop_at:
+            jax.block_until_ready(outputs)  # the traced steps' device work inside the window
+            self.stop()
+            if jax.process_index() == 0:
+                print(f"ramjax train: steps {self.start}..{self.stop_at - 1} traced into {self.directory}")
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 def _read_json(path: str):

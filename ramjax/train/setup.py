@@ -1,0 +1,211 @@
+"""From a config to the model, its train state and the jitted train step, and back from a workdir to a trained
+model: what `ramjax train`, `ramjax eval`, `ramjax generate` and the benchmarks share (docs/design.md, "From a
+config to a sharded train step").
+
+  spec = abstract_model(config, mesh)          # builder, optimizer, graphdef, abstract params / state
+  setup = train_setup(config)                  # the jitted train step exactly as `ramjax train` runs it
+  state, meta = restore_state(config, workdir) # a checkpoint, placed on config.mesh
+  model = load_model(workdir)                  # the trained LanguageModel of a run
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ramjax.data.tasks import SyntheticTask, parse_settings
+from ramjax.errors import ConfigError
+from ramjax.models import LanguageModel, config_check
+from ramjax.train import sharding
+from ramjax.train.checkpoint import Checkpoints
+from ramjax.train.optim import learning_rate_schedule, make_optimizer
+from ramjax.train.step import make_train_step
+
+
+def make_task(config, **kwargs):
+    """The task of `config.task`: a synthetic one (mqar, selective_copy) or language modelling (lm)."""
+    if config.task == "lm":
+        from ramjax.data.lm import LMTask
+
+        return LMTask(config.data, **kwargs)
+    return SyntheticTask(config.task, config.data)
+
+
+def longest_sequence(config) -> int | None:
+    """The longest sequence a run of `config` trains or evaluates on (None if the task does not say)."""
+    d = config.data
+    if config.task == "lm":
+        return int(d.seq_len) if isinstance(d.get("seq_len"), int) and d.seq_len > 0 else None
+    lengths = [n for field in ("train_settings", "eval_settings") for _, n in parse_settings(f"data.{field}", d[field])]
+    return max(lengths) if lengths else None
+
+
+def check_model_config(config) -> None:
+    """`config.model` checked before anything is built (ramjax/models/config_check.py): one ConfigError naming
+    the field."""
+    config_check.check_model(config.model, longest_sequence(config))
+
+
+def model_parts(config, mesh=None):
+    """(graphdef, fixed buffers) of the model `config` describes: with a checkpoint's params, what evaluating a
+    trained run needs (`nnx.merge(graphdef, params, rest)`)."""
+    build, _, _, graphdef, *_ = abstract_model(config, mesh)
+    return graphdef, nnx.split(build(), nnx.Param, ...)[2]
+
+
+def with_shardings(abstract_tree, shardings):
+    """ShapeDtypeStructs carrying their target sharding: what Orbax restores into."""
+    return jax.tree.map(
+        lambda sh, sub: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sub),
+        shardings, abstract_tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
+class ModelSpec(NamedTuple):
+    """What a config's model and optimizer are, before any array exists."""
+    build: Callable  # () -> the LanguageModel with its initial parameters (train.init_seed)
+    tx: Any  # the optax optimizer
+    schedule: Callable  # step -> learning rate
+    graphdef: Any  # nnx graph definition of the model
+    abstract_params: Any  # ShapeDtypeStructs of the parameters
+    abstract_rest: Any  # ... of the model's other variables (fixed buffers such as CAPE head masks)
+    abstract_state: Any  # ... of the train state {"params", "opt_state", "step"}
+
+
+def abstract_model(config, mesh=None) -> ModelSpec:
+    """The model builder, optimizer, schedule, graphdef, and the abstract params, other variables and state.
+    With a mesh, the model keeps its activations sharded over the batch axes of `config.mesh.rules`."""
+    check_model_config(config)
+
+    def build():
+        return LanguageModel(config.model, rngs=nnx.Rngs(config.train.init_seed))
+
+    tx = make_optimizer(config.optim, config.train.num_steps)
+    schedule = learning_rate_schedule(config.optim, config.train.num_steps)
+    abstract_model = nnx.eval_shape(build)
+    if mesh is not None:
+        # [batch, time, heads, ...] laid out by the same rules as everything else (heads not divisible by
+        # their mesh axes stay whole, as the parameters do).
+        per_head = sharding.logical_to_mesh(("batch", None, "heads"), (config.data.batch_size, 1,
+                                                                       config.model.num_heads),
+                                            config.mesh.rules, mesh, "per-head activations")
+        abstract_model.shard_activations(mesh, per_head[0], per_head[2])
+    graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+    abstract_state = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
+                      "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    return ModelSpec(build, tx, schedule, graphdef, abstract_params, abstract_rest, abstract_state)
+
+
+def jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh):
+    """The train step as one jit with explicit shardings; the state's buffers are donated."""
+    step = make_train_step(graphdef, tx, schedule, inject_nan_at_step=config.train.get("inject_nan_at_step", -1))
+    return jax.jit(step, in_shardings=(state_sh, rest_sh, batch_sh),
+                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def initialisers(build, tx):
+    """Functions (to jit with the state's and the other variables' shardings) that make the initial train state
+    and the model's other variables from the model builder."""
+    def init_state():
+        _, params, _ = nnx.split(build(), nnx.Param, ...)
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def init_rest():
+        return nnx.split(build(), nnx.Param, ...)[2]
+
+    return init_state, init_rest
+
+
+class TrainSetup(NamedTuple):
+    """The train step `ramjax train` runs for a config, on the mesh `config.mesh` makes of some devices."""
+    mesh: jax.sharding.Mesh
+    train_step: Callable  # jitted (state, rest, batch) -> (state, metrics); the state's buffers are donated
+    init_state: Callable  # jitted () -> the initial train state, placed by its shardings
+    init_rest: Callable  # jitted () -> the model's other variables (fixed buffers), placed
+    abstract_state: Any  # ShapeDtypeStructs carrying their shardings (for train_step.lower)
+    abstract_rest: Any
+    batch_sharding: jax.sharding.Sharding  # of every batch field [batch, time]
+    num_params: int
+
+
+def train_setup(config, *, devices=None) -> TrainSetup:
+    """The model, optimizer, shardings and jitted train step exactly as `train` builds them, without a task or
+    a workdir: for measuring the step (memory, throughput) on batches made elsewhere."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = config.mesh.rules
+    build, tx, schedule, graphdef, abstract_params, abstract_rest, abstract_state = abstract_model(config, mesh)
+    state_sh = sharding.tree_shardings(abstract_state, rules, mesh)
+    rest_sh = sharding.tree_shardings(abstract_rest, rules, mesh)
+    batch_sh = sharding.batch_sharding(rules, mesh)
+    init_state, init_rest = initialisers(build, tx)
+    return TrainSetup(
+        mesh=mesh,
+        train_step=jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh),
+        init_state=jax.jit(init_state, out_shardings=state_sh),
+        init_rest=jax.jit(init_rest, out_shardings=rest_sh),
+        abstract_state=with_shardings(abstract_state, state_sh),
+        abstract_rest=with_shardings(abstract_rest, rest_sh),
+        batch_sharding=batch_sh,
+        num_params=int(sum(x.size for x in jax.tree.leaves(abstract_params))))
+
+
+def restore_state(config, workdir: str, *, devices=None, step: int | None = None):
+    """(state, meta) of checkpoint `step` (default: the newest) in `workdir`, placed on the mesh that
+    `config.mesh` makes of `devices`: whatever mesh the checkpoint was written from. For inspecting a run or
+    checking a move to another machine; `ramjax train` itself restores the same way when it resumes."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    *_, abstract_state = abstract_model(config)
+    state_sh = sharding.tree_shardings(abstract_state, config.mesh.rules, mesh)
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+                              every=config.train.checkpoint_every)
+    try:
+        step = checkpoints.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"{workdir}: no checkpoint to restore")
+        return checkpoints.restore(step, with_shardings(abstract_state, state_sh))
+    finally:
+        checkpoints.close()
+
+
+def step_memory(config, *, devices=None) -> dict:
+    """Per-device bytes of the compiled train step on the mesh `config.mesh` makes of `devices`, from XLA's
+    memory analysis: its arguments (parameters, optimizer state, batch), outputs and temporaries, and the
+    parameter + optimizer-state bytes one device holds (from the shardings: what FSDP divides)."""
+    task = make_task(config)
+    setup = train_setup(config, devices=devices)
+    batch = {name: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype, sharding=setup.batch_sharding)
+             for name, value in task.train_batch(0)._asdict().items()}
+    state = setup.abstract_state
+    analysis = setup.train_step.lower(state, setup.abstract_rest, batch).compile().memory_analysis()
+    held = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+    return {"mesh": dict(setup.mesh.shape), "argument_bytes": analysis.argument_size_in_bytes,
+            "output_bytes": analysis.output_size_in_bytes, "temp_bytes": analysis.temp_size_in_bytes,
+            "state_bytes_per_device": held}
+
+
+def load_run_config(workdir: str):
+    """The config a `ramjax train` run recorded in workdir/config.json."""
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise ConfigError(f"--workdir {workdir}: no config.json (not a ramjax train workdir)")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if "mesh" in config:
+        config.mesh.rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in config.mesh.rules)
+    return config
+
+
+def load_model(workdir: str, step: int | None = None) -> LanguageModel:
+    """The model of a `ramjax train` workdir with the parameters of checkpoint `step` (default: the newest), on
+    the default devices."""
+    config = load_run_config(workdir)
+    state, _ = restore_state(config, workdir, step=step)
+    graphdef, rest = model_parts(config, sharding.make_mesh(config.mesh))
+    return nnx.merge(graphdef, state["params"], rest)
