@@ -27,6 +27,8 @@ GLA_PALLAS = ("gla:pallas", {"model.pattern": "gla", "model.gla.impl": "pallas"}
 MAMBA2 = ("mamba2", {"model.pattern": "mamba2"})
 MAMBA2_PALLAS = ("mamba2:pallas", {"model.pattern": "mamba2", "model.mamba2.impl": "pallas"})
 GATED_DELTANET = ("gated_deltanet", {"model.pattern": "gated_deltanet"})
+GATED_DELTANET_PALLAS = ("gated_deltanet:pallas", {"model.pattern": "gated_deltanet",
+                                                   "model.gated_deltanet.impl": "pallas"})
 # configs/lm.py has 12 Fenwick levels (contexts up to 2048); 15 cover every shape here, up to 16384 tokens.
 LOGLINEAR_MAMBA2 = ("loglinear_mamba2", {"model.pattern": "loglinear", "model.loglinear.num_levels": 15})
 HYBRID = ("hybrid", {"model.pattern": "ramnet,ramnet,ramnet,attention"})
@@ -39,7 +41,8 @@ def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:
     # own, e.g. --config.model_overrides="model.dtype=bfloat16 model.d_model=1024"
     config.model_overrides = "model.dtype=bfloat16"
     config.variants = (TRANSFORMER, RAMNET_SCAN_XLA_DECODER, RAMNET_PALLAS_XLA_DECODER, RAMNET_SCAN, RAMNET_PALLAS,
-                       GLA, GLA_PALLAS, MAMBA2, MAMBA2_PALLAS, GATED_DELTANET, LOGLINEAR_MAMBA2, HYBRID)
+                       GLA, GLA_PALLAS, MAMBA2, MAMBA2_PALLAS, GATED_DELTANET, GATED_DELTANET_PALLAS,
+                       LOGLINEAR_MAMBA2, HYBRID)
     config.baseline = "transformer"  # the variant the "x transformer" ratios divide by (always run)
     config.shapes = ((1024, 32), (4096, 8), (16384, 2))  # (seq_len, batch): 32768 tokens per step each
     config.num_devices = 1  # the first N devices, data parallel (memory is per device)

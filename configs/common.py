@@ -123,6 +123,7 @@ def model_config() -> ml_collections.ConfigDict:
     m.gated_deltanet.expand_v = 2
     m.gated_deltanet.conv_width = 4
     m.gated_deltanet.chunk_size = 64
+    m.gated_deltanet.impl = "auto"  # as model.gla.impl: "pallas" is kernels/gated_delta_chunk.py (plain delta rule)
 
     m.loglinear = ml_collections.ConfigDict()
     m.loglinear.base = "mamba2"  # mamba2 or gated_deltanet (its options are model.<base>)

@@ -139,6 +139,20 @@ def test_pallas_gla_agrees_with_float64_reference(gate):
         assert rel_rms(got, want) < 1e-4, name
 
 
+def test_pallas_delta_rule_agrees_with_float64_reference():
+    """impl="pallas" (kernels.gated_delta_chunk, interpret mode here): outputs, final state, six gradients."""
+    seq_len = 37
+    inputs, state = random_inputs(9, seq_len, op="delta")
+    rng = np.random.default_rng(10)
+    cotangents = (jnp.asarray(rng.normal(size=(BATCH, seq_len, HEADS, D_V)), jnp.float32),
+                  jnp.asarray(rng.normal(size=(BATCH, HEADS, D_K, D_V)), jnp.float32))
+    (want_o, want_state), want_grads = float64(run, inputs, state, cotangents, op="delta", impl="recurrent")
+    (o, final), grads = run(inputs, state, cotangents, op="delta", impl="pallas", chunk_size=16)
+    assert rel_rms(o, want_o) < 1e-4 and rel_rms(final, want_state) < 1e-4
+    for name, got, want in zip(names("delta"), grads, want_grads, strict=True):
+        assert rel_rms(got, want) < 1e-4, name
+
+
 def test_pallas_gla_refuses_what_its_kernel_cannot_take():
     inputs, _ = random_inputs(0, 5)
     with pytest.raises(ValueError, match="chunk_size: impl='pallas' needs a power of 2 >= 16, got 24"):

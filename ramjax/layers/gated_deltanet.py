@@ -32,9 +32,10 @@ class GatedDeltaNetMixer(nnx.Module):
 
     def __init__(self, d_model: int, *, num_heads: int, head_dim: int = 0, expand_v: int = 2, conv_width: int = 4,
                  chunk_size: int = 64, decay_mode: str | None = None, num_levels: int = 15, decay_hidden: int = 64,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         head_dim = head_dim or d_model // num_heads
         self.num_heads, self.d_k, self.d_v, self.chunk_size = num_heads, head_dim, expand_v * head_dim, chunk_size
+        self.impl = impl  # of the plain delta rule (ops.gated_delta_rule)
         key_width, value_width = num_heads * self.d_k, num_heads * self.d_v
         self.q_proj = dense(d_model, key_width, "embed", "heads", dtype=dtype, rngs=rngs)
         self.k_proj = dense(d_model, key_width, "embed", "heads", dtype=dtype, rngs=rngs)
@@ -82,7 +83,7 @@ class GatedDeltaNetMixer(nnx.Module):
         level_weights = None if self.decay is None else self.decay(x)
         with jax.named_scope("op"):  # names the op's share in profiles (experiments/profile_train_step.py)
             if level_weights is None:
-                o = ops.gated_delta_rule(q, k, v, log_decay, beta, chunk_size=self.chunk_size)
+                o = ops.gated_delta_rule(q, k, v, log_decay, beta, chunk_size=self.chunk_size, impl=self.impl)
             else:
                 o = ops.loglinear_gated_delta(q, k, v, log_decay, beta, level_weights, chunk_size=self.chunk_size)
         return self._output(x, o)

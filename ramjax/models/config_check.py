@@ -8,7 +8,7 @@ import math
 from ramjax.errors import ConfigError
 from ramjax.layers.attention import IMPLS as ATTENTION_IMPLS
 from ramjax.models.mixers import MIXERS
-from ramjax.ops import addressing, gla, loglinear
+from ramjax.ops import addressing, gated_delta, gla, loglinear
 from ramjax.ops.memory import IMPLS as PDMA_IMPLS
 
 DTYPES = ("bfloat16", "float32")
@@ -68,8 +68,7 @@ def _check_ramnet(r) -> None:
 def _check_chunked(name: str, section) -> None:
     chunk_size = _int(f"model.{name}.chunk_size", section.chunk_size)
     impl = section.get("impl", "auto")
-    if name in ("gla", "mamba2"):
-        _choice(f"model.{name}.impl", impl, gla.IMPLS)
+    _choice(f"model.{name}.impl", impl, gated_delta.IMPLS if name == "gated_deltanet" else gla.IMPLS)
     if impl == "pallas" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
         raise ConfigError(f"model.{name}.chunk_size: impl 'pallas' needs a power of 2 >= 16, got {chunk_size}")
 

@@ -12,6 +12,10 @@ Implementations (`impl=`):
              (padding tokens write nothing and do not decay). Inside a chunk, the WY / UT representation
              (`delta_chunk_pieces`). Between chunks, a `jax.lax.scan` over chunks carries the d_k x d_v state;
              every exponent it uses is <= 0 (keys decayed to the chunk's end, queries from the chunk's start).
+  pallas     the chunked form as Pallas kernels with a Pallas backward pass (`kernels.gated_delta_chunk`: Triton
+             on GPUs, interpret mode elsewhere); float32 or bfloat16 inputs (kept 16-bit for the matrix products;
+             the chunk inverse in fp32), chunk_size a power of 2 >= 16. Not yet timed on a GPU, so "auto" does not
+             pick it.
   auto       recurrent for a single token, chunked otherwise.
 
 Sums, decays and states are computed in at least float32; o comes back in v's dtype and the final state
@@ -27,7 +31,7 @@ from ramjax.ops.gated_delta.chunked import delta_chunked
 from ramjax.ops.gated_delta.recurrent import delta_recurrent, delta_step
 from ramjax.ops.shared import checks, numerics
 
-IMPLS = ("auto", "recurrent", "chunked")
+IMPLS = ("auto", "recurrent", "chunked", "pallas")
 
 
 def gated_delta_rule_step(state, q, k, v, log_decay, beta):
@@ -70,7 +74,7 @@ def gated_delta_rule(
       log_decay: `[batch, time, heads]` log decays, <= 0.
       beta: `[batch, time, heads]` write strengths; beta in [0, 1] with unit-norm keys keeps the transition a
         contraction (sigmoid in the layer).
-      impl: "auto", "recurrent" or "chunked" (see the module docstring).
+      impl: "auto", "recurrent", "chunked" or "pallas" (see the module docstring).
       chunk_size: C for impl="chunked", any positive integer (the sequence is padded to a multiple of it).
       initial_state: `[batch, heads, d_k, d_v]`, the state to continue from (zeros when None).
       return_final_state: also return the state after the last token.
@@ -84,6 +88,8 @@ def gated_delta_rule(
         initial_state = jnp.asarray(initial_state)
     checks.check_sequence(q, k, v, log_decay, beta, impl, IMPLS, chunk_size, initial_state)
     out_dtype = v.dtype
+    if impl == "pallas":
+        return _pallas(q, k, v, log_decay, beta, initial_state, chunk_size, return_final_state)
     dtype = numerics.compute_dtype(q, k, v, log_decay, beta)
     q, k, v, log_decay, beta = (x.astype(dtype) for x in (q, k, v, log_decay, beta))
     log_decay = jnp.maximum(log_decay, numerics.LOG_DECAY_FLOOR)
@@ -96,4 +102,16 @@ def gated_delta_rule(
     else:
         o, final = delta_chunked(q, k, v, log_decay, beta, state, chunk_size)
     o = o.astype(out_dtype)
+    return (o, final) if return_final_state else o
+
+
+def _pallas(q, k, v, log_decay, beta, initial_state, chunk_size, return_final_state):
+    """impl="pallas": `kernels.gated_delta_chunk.chunk_gated_delta`, interpret mode off GPUs."""
+    from kernels import gated_delta_chunk
+
+    checks.check_pallas_sequence(chunk_size, q=q, k=k, v=v)
+    log_decay = jnp.maximum(log_decay.astype(jnp.float32), numerics.LOG_DECAY_FLOOR)
+    state = None if initial_state is None else initial_state.astype(jnp.float32)
+    o, final = gated_delta_chunk.chunk_gated_delta(q, k, v, log_decay, beta.astype(jnp.float32), state,
+                                                   chunk_size=chunk_size, interpret=jax.default_backend() != "gpu")
     return (o, final) if return_final_state else o

@@ -134,11 +134,7 @@ def _pallas(q, k, v, log_decay, initial_state, chunk_size, return_final_state):
     """impl="pallas": `kernels.gla_chunk.chunk_gla` on [B, T, H, ...] arrays, interpret mode off GPUs."""
     from kernels import gla_chunk
 
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dtype not in (jnp.float32, jnp.bfloat16):
-            raise ValueError(f"{name}: impl='pallas' takes float32 or bfloat16, got {x.dtype}")
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size: impl='pallas' needs a power of 2 >= 16, got {chunk_size}")
+    checks.check_pallas_sequence(chunk_size, q=q, k=k, v=v)
     log_decay = jnp.maximum(log_decay.astype(jnp.float32), numerics.LOG_DECAY_FLOOR)
     if log_decay.ndim == 3:
         log_decay = log_decay[..., None]
