@@ -11,7 +11,7 @@
       --config.model_overrides="model.dtype=bfloat16 model.d_model=1024"
 
 Each row is one (variant, shape): the configs/lm.py model with the variant's config overrides, and the train step
-exactly as `ramjax train` builds it (ramjax.train.trainer.train_setup: AdamW, one jit with explicit shardings,
+exactly as `ramjax train` builds it (ramjax.train.setup.train_setup: AdamW, one jit with explicit shardings,
 donated state), fed random tokens (no dataset). The step is lowered and compiled ahead of time (compile s), run
 `warmup_steps` times, then timed over `steps` steps one at a time (block_until_ready): the median step time and
 tokens/s = seq_len x batch / step time. Peak memory per device is XLA's memory analysis of the compiled step
@@ -46,7 +46,7 @@ from ml_collections import config_flags
 
 from ramjax import timing
 from ramjax.configs import load_config, override
-from ramjax.train.trainer import train_setup
+from ramjax.train.setup import train_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

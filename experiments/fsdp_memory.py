@@ -17,7 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ramjax import timing
-from ramjax.train.trainer import step_memory
+from ramjax.train.setup import step_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs/mqar.py:ramnet"), "training config")

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_models import model_config, random_batch, select_variants  # noqa: E402
 from ramjax import timing  # noqa: E402
-from ramjax.train.trainer import train_setup  # noqa: E402
+from ramjax.train.setup import train_setup  # noqa: E402
 
 # jax transformation wrappers in op_name paths: "jvp(LanguageModel)" -> "LanguageModel"
 _WRAPPER = re.compile(r"^(?:jit|jvp|transpose|vmap|remat|checkpoint|pjit|custom_vjp_call|custom_jvp_call|"

@@ -51,7 +51,7 @@ def validate_runs(config: str, names: list[str], runs: list[dict], overrides: li
     """Every run's config built and checked here first (a missing config file, a misspelt field, a bad value:
     one ConfigError naming the run and the field), so that neither --dry-run nor the sweep starts on a typo."""
     from ramjax.configs import error_message, load_config, override
-    from ramjax.train.trainer import check_model_config
+    from ramjax.train.setup import check_model_config
 
     items = [o[len("--config."):] for o in overrides]
     try:

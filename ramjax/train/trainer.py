@@ -32,8 +32,6 @@ from ramjax.train.checkpoint import Checkpoints
 from ramjax.train.metrics import MetricsLog
 from ramjax.train.setup import (abstract_model, check_model_config, initialisers, jit_train_step, make_task,
                                 with_shardings)
-# TEMPORARY (until the experiments import them from ramjax.train.setup): names that moved there.
-from ramjax.train.setup import restore_state, step_memory, train_setup  # noqa: F401
 from ramjax.train.step import make_eval_step
 
 
