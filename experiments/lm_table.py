@@ -5,15 +5,15 @@
   python experiments/lm_table.py --from_json experiments/results/lm_table.json   # redraw table and plot
 
 Every variant is `ramjax train` (same steps, batch and context, so equal tokens) in its own process on the next
-device of --devices, then `ramjax eval` on the validation split (loss, bits per byte, per-position loss).
---config FILE[:MODIFIERS] (default configs/lm.py) is the config of every variant, and its --config.FIELD=VALUE
-overrides go to every `ramjax train`.
-`--timeout SECONDS` sends the trainers SIGTERM at that time (they save and stop; the evaluation then runs on
-what they reached, and the table gives the steps done). Tokens/s is the median logged training throughput after
-the first log interval; when several processes share a GPU it is lower than alone, so pass the single-GPU
-measurements with --throughput VARIANT=TOKENS_PER_S[,...] to add them as a column. Writes RESULTS.md, RESULTS.json
-(everything, per-position losses included) and RESULTS_per_position.png (when matplotlib is installed); notes
-written below the marker line in RESULTS.md are kept when it is rewritten.
+device of --devices, through ramjax.sweep.Launcher (output in VARIANT/train.log), then `ramjax eval` on the
+validation split (loss, bits per byte, per-position loss; output in VARIANT/lm_table.log). --config
+FILE[:MODIFIERS] (default configs/lm.py) is the config of every variant, and its --config.FIELD=VALUE overrides
+go to every `ramjax train`. `--timeout SECONDS` sends the trainers SIGTERM at that time (they save and stop; the
+evaluation then runs on what they reached, and the table gives the steps done). Tokens/s is the median logged
+training throughput after the first log interval; when several processes share a GPU it is lower than alone,
+so pass the single-GPU measurements with --throughput VARIANT=TOKENS_PER_S[,...] to add them as a column.
+Writes RESULTS.md, RESULTS.json (everything, per-position losses included) and RESULTS_per_position.png (when
+matplotlib is installed); notes written below the marker line in RESULTS.md are kept when it is rewritten.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 from absl import app, flags
@@ -36,33 +35,29 @@ LM_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 VARIANTS = ("ramnet", "transformer", "loglinear_mamba2", "gated_deltanet", "hybrid")
 
 
-def run_variant(variant: str, args, device: str | None, deadline: float | None) -> None:
+def run_variant(variant: str, args, launcher, device: str | None) -> None:
+    """`ramjax train` of one variant through `launcher` (ramjax.sweep.Launcher: its output in train.log, SIGTERM
+    when the launcher is stopped), then `ramjax eval` of what it reached on the same device."""
     workdir = os.path.join(args.workdir, variant)
     os.makedirs(workdir, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if device is not None:
-        env["CUDA_VISIBLE_DEVICES"] = device
     path, _, modifiers = config_flags.get_config_filename(args["config"]).partition(":")
     config = f"{path}:{variant}" + (f",{modifiers}" if modifiers else "") + (f",{args.size}" if args.size else "")
     train = [sys.executable, "-m", "ramjax.cli", "train", f"--config={config}", f"--workdir={workdir}",
              f"--config.train.num_steps={args.steps}", f"--config.train.eval_every={args.steps}",
              f"--config.train.checkpoint_every={args.checkpoint_every}", "--config.train.progress=False"]
     train += [f"--config.{item}" for item in command_line_overrides(sys.argv)]
+    status, seconds = launcher.execute(train, workdir)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
     with open(os.path.join(workdir, "lm_table.log"), "a") as log:
-        log.write("$ " + " ".join(train) + "\n")
-        log.flush()
-        process = subprocess.Popen(train, stdout=log, stderr=subprocess.STDOUT, env=env)
-        while process.poll() is None:
-            if deadline is not None and time.time() > deadline:
-                process.terminate()  # SIGTERM: the trainer saves its current step and exits
-                process.wait()
-                break
-            time.sleep(1)
-        log.write(f"train exit code {process.returncode}\n")
+        log.write(f"train: {status} after {seconds:.0f} s (train.log)\n")
         log.flush()
         evaluate = [sys.executable, "-m", "ramjax.cli", "eval", f"--workdir={workdir}"]
         if args.eval_windows:
             evaluate.append(f"--max_windows={args.eval_windows}")
+        log.write("$ " + " ".join(evaluate) + "\n")
+        log.flush()
         done = subprocess.run(evaluate, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.write(f"eval exit code {done.returncode}\n")
 
@@ -208,13 +203,21 @@ def main(argv) -> None:
             print(f"lm_table: {len(args.variants)} variants on {len(devices)} device(s): some share a GPU, so "
                   "their throughput is shared too and their memory must fit together (set "
                   "XLA_PYTHON_CLIENT_MEM_FRACTION, or run the extra variants in a second invocation)")
-        deadline = time.time() + args.timeout if args.timeout else None
-        threads = [threading.Thread(target=run_variant, args=(v, args, devices[i % len(devices)], deadline))
-                   for i, v in enumerate(args.variants)]
+        from ramjax.sweep import Launcher
+
+        # One launcher per variant, on its device; --timeout stops them all (the trainers save and stop).
+        assigned = [devices[i % len(devices)] for i in range(len(args.variants))]
+        launchers = [Launcher([d] if d is not None else [], 1) for d in assigned]
+        timer = threading.Timer(args.timeout, lambda: [launcher.stop() for launcher in launchers])
+        if args.timeout:
+            timer.start()
+        threads = [threading.Thread(target=run_variant, args=(v, args, launcher, d))
+                   for v, launcher, d in zip(args.variants, launchers, assigned)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        timer.cancel()
     from ramjax import timing  # after the trainers: this process then takes no GPU memory while they run
 
     header = f"# Language models on equal tokens (configs/lm.py, {args.workdir})\n\n" + timing.environment_lines()

@@ -1,44 +1,30 @@
-"""Train several models on MQAR and tabulate accuracy per (kv, length) slice, with steps/s.
+"""The MQAR suite's table: accuracy per (kv, length) slice and steps/s of every run of a sweep directory.
 
-  python experiments/mqar_suite.py --variants ramnet,transformer,gla --num_steps 3000 --workdir runs/mqar_suite
-  python experiments/mqar_suite.py --variants ramnet,transformer --cpu --num_steps 200 --workdir /tmp/mqar  # smoke
-  python experiments/mqar_suite.py --variants ramnet,gla --config.optim.learning_rate=3e-3   # for every variant
+  ramjax sweep --config configs/mqar.py --sweep experiments/sweeps/mqar_suite.py --workdir runs/mqar_suite \
+      --config.train.num_steps=3000 --config.train.eval_every=3000                 # train (see that file)
+  python experiments/mqar_suite.py --sweep_dir runs/mqar_suite --results experiments/results/mqar_gpu.md
 
-Each model is a variant of the --config file (default configs/mqar.py: d_model 128, 2 layers, trained on the
-7-setting suite; a variant given with it, e.g. --config configs/mqar.py:fig4, is added to every model's), with the
---config.FIELD=VALUE overrides, trained with `ramjax.train.trainer.train` in its own workdir under --workdir
-(rerunning resumes and skips finished runs). Writes a Markdown table with device, versions, date and command to
---results.
+One row per run of the sweep (its model fields name it); a run that has not finished shows its last evaluation.
+Writes a Markdown table with device, versions, date and command to --results.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app, flags, logging
 
 from ramjax import timing
-from ramjax.configs import command_line_overrides, load_config
 from ramjax.train.metrics import read_metrics
-from ramjax.train.trainer import train
 
-MQAR_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mqar.py")
-_CONFIG = config_flags.DEFINE_config_file("config", MQAR_CONFIG, "config file[:MODIFIERS] of every variant")
-flags.DEFINE_string("variants", "ramnet,transformer,gla", "model variants of the config file, comma-separated")
-flags.DEFINE_integer("num_steps", 3000, "training steps of every variant")
-flags.DEFINE_string("workdir", "runs/mqar_suite", "one run directory per variant under it")
-flags.DEFINE_bool("cpu", False, "the configs' cpu sizes")
+flags.DEFINE_string("sweep_dir", "runs/mqar_suite", "the sweep directory (`ramjax sweep --workdir`)")
 flags.DEFINE_string("results", "experiments/results/mqar_gpu.md", "the Markdown file written")
-flags.DEFINE_bool("table_only", False, "train nothing: tabulate the runs in --workdir (an unfinished run shows its "
-                  "last eval)")
 
 
 def unfinished_summary(workdir: str) -> dict | None:
     """The last evaluation and train metrics of a run that did not finish, shaped like its summary.json."""
-    records = read_metrics(workdir)
+    records = read_metrics(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else []
     evals = [r for r in records if "eval/accuracy/mean" in r]
     if not evals:
         return None
@@ -48,45 +34,58 @@ def unfinished_summary(workdir: str) -> dict | None:
             "eval": {k: v for k, v in evals[-1].items() if k.startswith("eval/")}}
 
 
+def run_label(fields: dict) -> str:
+    """The model a run trained: its model.pattern (and log-linear base), else its fields."""
+    pattern = fields.get("model.pattern")
+    if pattern is None:
+        return ", ".join(f"{k}={v}" for k, v in fields.items()) or "base"
+    return pattern + (f" ({fields['model.loglinear.base']})" if "model.loglinear.base" in fields else "")
+
+
+def collect(sweep_dir: str) -> list[tuple[str, dict]]:
+    with open(os.path.join(sweep_dir, "sweep.json")) as f:
+        runs = json.load(f)["runs"]
+    rows = []
+    for run in runs:
+        workdir = os.path.join(sweep_dir, run["name"])
+        label = run_label(run["fields"])
+        if os.path.exists(os.path.join(workdir, "summary.json")):
+            with open(os.path.join(workdir, "summary.json")) as f:
+                summary = json.load(f)
+        else:
+            summary = unfinished_summary(workdir)
+            if summary is None:
+                print(f"{label}: no evaluation in {workdir}; left out of the table", flush=True)
+                continue
+        rows.append((label, summary))
+        print(f"{label}: mean accuracy {summary['eval']['eval/accuracy/mean']:.3f}", flush=True)
+    return rows
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    slices = [k for k in rows[0][1]["eval"] if k.startswith("eval/accuracy/") and not k.endswith("/mean")]
+    header = ["model", "params", "steps", "steps/s"] + [s.split("/")[-1] for s in slices] + ["mean"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, s in rows:
+        steps_per_s = s["train"].get("steps_per_s", float("nan"))
+        cells = [label, f"{s['parameters']:,}" if s["parameters"] else "-", str(s["steps"]), f"{steps_per_s:.1f}"]
+        cells += [f"{s['eval'][k]:.3f}" for k in slices] + [f"{s['eval']['eval/accuracy/mean']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     args = flags.FLAGS
-    path, _, modifiers = config_flags.get_config_filename(args["config"]).partition(":")
-    rows = []
-    for variant in args.variants.split(","):
-        spec = f"{path}:{variant}" + (f",{modifiers}" if modifiers else "") + (",cpu" if args.cpu else "")
-        steps = [f"train.num_steps={args.num_steps}", f"train.eval_every={args.num_steps}"]
-        config = load_config(spec, steps + command_line_overrides(sys.argv))  # the command line's win
-        workdir = os.path.join(args.workdir, variant)
-        summary_path = os.path.join(workdir, "summary.json")
-        if os.path.exists(summary_path):
-            with open(summary_path) as f:
-                summary = json.load(f)
-        elif args.table_only:
-            summary = unfinished_summary(workdir)
-            if summary is None:
-                print(f"{variant}: no evaluation in {workdir}; left out of the table", flush=True)
-                continue
-        else:
-            summary = train(config, workdir)
-        rows.append((variant, summary))
-        print(f"{variant}: mean accuracy {summary['eval']['eval/accuracy/mean']:.3f}", flush=True)
+    logging.set_verbosity(logging.WARNING)  # absl would otherwise echo JAX's backend probing as INFO
+    rows = collect(args.sweep_dir)
     if not rows:
-        raise SystemExit(f"mqar_suite: nothing to tabulate in {args.workdir}")
-
-    slices = [k for k in rows[0][1]["eval"] if k.startswith("eval/accuracy/") and not k.endswith("/mean")]
-    header = ["model", "params", "steps", "steps/s"] + [s.split("/")[-1] for s in slices] + ["mean"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for variant, s in rows:
-        steps_per_s = s["train"].get("steps_per_s", float("nan"))
-        cells = [variant, f"{s['parameters']:,}" if s["parameters"] else "-", str(s["steps"]), f"{steps_per_s:.1f}"]
-        cells += [f"{s['eval'][k]:.3f}" for k in slices] + [f"{s['eval']['eval/accuracy/mean']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    print(table)
+        raise SystemExit(f"mqar_suite: nothing to tabulate in {args.sweep_dir}")
+    text = table(rows)
+    print(text)
     with open(args.results, "w") as f:
-        f.write(f"# MQAR: accuracy per (kv, length) slice\n\n{timing.environment_lines()}\n{table}\n")
+        f.write(f"# MQAR: accuracy per (kv, length) slice\n\n{timing.environment_lines()}\n{text}\n")
 
 
 if __name__ == "__main__":
