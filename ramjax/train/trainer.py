@@ -260,6 +260,7 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
 
     preempted = []
     previous_handler = _install_sigterm(preempted)
+    ignore_sigterm_from_now = False
     done = start  # the steps completed so far
     try:
         for step in range(start, num_steps):
@@ -309,10 +310,13 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
                     checkpoints.save(done, state, meta_for(done), force=True)
                 checkpoints.wait()
                 by = "" if preempted else " by another process of this run"
-                # From here to exit a second SIGTERM (a scheduler signalling every process, or repeating itself)
-                # must not kill the process while it shuts down: ignore it (`finally` leaves it so).
-                preempted.append("stopping")
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                if jax.process_count() > 1:
+                    # From here to exit a second SIGTERM (a scheduler signalling every process, or repeating
+                    # itself) must not kill the process while the distributed runtime shuts down (seen: exit -15
+                    # after the save): ignore it, and leave it ignored (`finally`). Single-process runs restore
+                    # the caller's handler, so that a library caller's later children are not left ignoring it.
+                    ignore_sigterm_from_now = True
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 print(f"ramjax train: SIGTERM received{by}; saved step {done} in {workdir} and stopped; rerun the "
                       f"command to resume")
                 raise SystemExit(0)
@@ -344,7 +348,7 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
         raise SystemExit(130) from None
     finally:
         profiler.stop()
-        if previous_handler is not None and not preempted:  # after a preemption stop SIGTERM stays ignored
+        if previous_handler is not None and not ignore_sigterm_from_now:
             signal.signal(signal.SIGTERM, previous_handler)
     progress.close()
     check_finite()
