@@ -43,7 +43,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+SLOW_CASES = ("ramnet_unscanned_no_conv",)  # the scanned RAM-Net case is the fast one
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n for n in CASES])
 def test_prefill_then_decode_equals_the_full_forward_pass(name):
     model, cfg = build(**CASES[name])
     batch, split, total = 2, 11, 19  # the prompt is not a whole number of chunks
@@ -65,6 +68,7 @@ def test_prefill_then_decode_equals_the_full_forward_pass(name):
     assert relative_rms(decoded, full) < 1e-4, name
 
 
+@pytest.mark.slow  # the same fresh-cache / recurrent logic as the loglinear_mamba2 case above
 def test_loglinear_gated_deltanet_base_decodes_too():
     model, cfg = build("loglinear_gated_deltanet")
     config = tiny_config("loglinear_gated_deltanet")

@@ -119,7 +119,12 @@ def test_packing_restarts_positions_at_documents_and_is_deterministic(corpus, tm
     assert sum(int(b.loss_mask[:, 0].sum()) for b in evals) == min(6, task.num_windows("validation"))
 
 
-@pytest.mark.parametrize("variant", LM.MODEL_VARIANTS)
+# The mixers the MQAR train tests and the decode tests also build run only in the slow set here.
+ALSO_COVERED = ("gla", "mamba2", "loglinear_gated_deltanet")
+
+
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in ALSO_COVERED else v
+                                     for v in LM.MODEL_VARIANTS])
 def test_one_lm_train_step_per_variant(corpus, tmp_path, variant):
     config = lm_config(corpus, tmp_path / "data", variant)
     config.train.num_steps = 1
