@@ -160,3 +160,15 @@ def test_cape_shift_rejects_bad_arguments():
         cape_shift(jnp.zeros((2, 3)), jnp.zeros((3,), jnp.int32), 8)
     with pytest.raises(ValueError, match="num_slots"):
         cape_shift(jnp.zeros((2, 3), jnp.int32), jnp.zeros((3,), jnp.int32), 0)
+
+
+def test_auto_takes_the_kernel_on_gpus_only_where_its_unrolled_search_is_small(monkeypatch):
+    from ramjax.ops.addressing import decoder
+
+    monkeypatch.setattr(decoder.jax, "default_backend", lambda: "gpu")
+    assert decoder.resolve_impl("auto", jnp.bfloat16, 8, 4) == "pallas"  # the measured case
+    assert decoder.resolve_impl("auto", jnp.float32, 32, 4) == "pallas"  # a top-K schedule's start
+    assert decoder.resolve_impl("auto", jnp.float32, 64, 4) == "xla"  # K above PALLAS_MAX_TOP_K
+    assert decoder.resolve_impl("auto", jnp.float32, 8, 1024) == "xla"  # U = 1: 8 x 1024 candidates a stage
+    assert decoder.resolve_impl("auto", jnp.float64, 8, 4) == "xla"
+    assert decoder.resolve_impl("pallas", jnp.float32, 64, 4) == "pallas"  # asked for explicitly

@@ -6,7 +6,8 @@ The length-M vector is never built: a beam search over factors finds the exact t
 
 Implementations (`impl=`): "xla" (the beam search below in jax.numpy), "pallas" (`kernels.product_topk`: the
 softmaxes, the beam search and the values fused into one kernel; interpret mode on the CPU) and "auto" (the
-kernel on GPUs up to K = PALLAS_MAX_TOP_K, where it was measured 15x faster at K = 8; XLA elsewhere). Both form every probability and product in the
+kernel on GPUs up to K = PALLAS_MAX_TOP_K and K x d_p = PALLAS_MAX_CANDIDATES, where it was measured 15x faster at
+K = 8, d_p = 4; XLA elsewhere). Both form every probability and product in the
 same order, so they return the same slots (ties to the lower slot) and values equal to fp32 rounding; where two
 products differ only by an ulp, an ulp of difference in exp between XLA and Triton can order them differently.
 """
@@ -18,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels.shapes import next_pow2
 from ramjax.ops.shared import checks
 
 # Slot indices are int32, so M must stay below 2 ** 31.
@@ -33,6 +35,9 @@ PALLAS_GPU_OPTIONS = {"block_rows": 128, "num_warps": 4}
 # to a minute; one at K = 64 (M = 1024) had not finished compiling after 6 minutes, most likely in this kernel.
 # "auto" takes XLA above this K.
 PALLAS_MAX_TOP_K = 32
+# For the same reason, the candidates a stage compares (K x d_p, each rounded up to a power of 2): K = 32 with
+# d_p = 4 (128) is the widest measured; U = 1 with d_p = 1024 would be 8192 per stage. "auto" takes XLA above this.
+PALLAS_MAX_CANDIDATES = 256
 
 
 def factor_size(key_size: int, num_factors: int) -> int:
@@ -98,11 +103,12 @@ def gather_product(probs: jax.Array, idx: jax.Array) -> jax.Array:
     return val
 
 
-def resolve_impl(impl: str, dtype, top_k: int) -> str:
+def resolve_impl(impl: str, dtype, top_k: int, d_p: int = 1) -> str:
     """The implementation `impl="auto"` stands for on the current default backend."""
     if impl != "auto":
         return impl
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize <= 4 and top_k <= PALLAS_MAX_TOP_K:
+    small = top_k <= PALLAS_MAX_TOP_K and next_pow2(top_k) * next_pow2(d_p) <= PALLAS_MAX_CANDIDATES
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize <= 4 and small:
         return "pallas"
     return "xla"
 
@@ -147,7 +153,7 @@ def product_topk(
         raise ValueError(f"top_k: must be <= M = d_p ** U = {num_slots}, got {top_k}")
     if impl not in IMPLS:
         raise ValueError(f"impl: must be one of {IMPLS}, got {impl!r}")
-    chosen = resolve_impl(impl, x.dtype, top_k)
+    chosen = resolve_impl(impl, x.dtype, top_k, d_p)
     if chosen == "pallas":
         if jnp.dtype(x.dtype).itemsize > 4:
             raise ValueError(f"x: impl='pallas' computes in float32 and takes float16/bfloat16/float32 keys, got "
