@@ -49,34 +49,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from kernels.shapes import next_pow2, pad_axis
+from kernels.chunk_common import ChunkConfig, call, dot, exp_nonpositive, from_rows, state_rows, to_rows
+from kernels.shapes import next_pow2
 
 MIN_CHUNK = 16  # the smallest block Triton's dot takes
 MAX_BLOCK = 64  # d_v block width where a kernel tiles it
 
 
-class _Config(NamedTuple):
-    chunk_size: int
-    num_warps: int
-    interpret: bool
-    poison_output: bool
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Pieces the kernels share
-
-
-def _dot(a, b, dtype, *, trans_a=False, trans_b=False):
-    """a @ b (a^T, b^T where told) with operands cast to `dtype` and fp32 accumulation (IEEE fp32 for fp32:
-    Triton's default for fp32 is tf32)."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=jax.lax.Precision.HIGHEST,
-                               preferred_element_type=jnp.float32)
-
-
-def _decay(log_decay):
-    """exp of a log decay that is <= 0 in exact arithmetic (the minimum guards against rounding)."""
-    return jnp.exp(jnp.minimum(log_decay, 0.0))
 
 
 def _iotas(c):
@@ -97,7 +78,7 @@ def _row_to_column(x):
 def _decay_matrix(g):
     """[c, c] D[i, j] = exp(g_i - g_j) for j <= i, 0 above the diagonal; g [c, 1] cumulative log decays."""
     t, s = _iotas(g.shape[0])
-    return jnp.where(s <= t, _decay(g - _column_to_row(g)), 0.0)
+    return jnp.where(s <= t, exp_nonpositive(g - _column_to_row(g)), 0.0)
 
 
 def _unit_lower_inverse(a):
@@ -112,8 +93,8 @@ def _unit_lower_inverse(a):
     width = 1
     while width < c:
         link = ((t // (2 * width)) == (s // (2 * width))) & ((t // width) % 2 == 1) & ((s // width) % 2 == 0)
-        step = _dot(x, jnp.where(link, a, 0.0), jnp.float32)
-        x = x - _dot(step, x, jnp.float32)
+        step = dot(x, jnp.where(link, a, 0.0), jnp.float32)
+        x = x - dot(step, x, jnp.float32)
         width *= 2
     return x
 
@@ -123,7 +104,7 @@ def _wy(k, g, beta, dtype):
     k [C, DK] fp32, g and beta [C, 1] fp32."""
     t, s = _iotas(k.shape[0])
     d = _decay_matrix(g)
-    lower = jnp.where(s < t, d * _dot(k, k, dtype, trans_b=True), 0.0)
+    lower = jnp.where(s < t, d * dot(k, k, dtype, trans_b=True), 0.0)
     return _unit_lower_inverse(beta * lower), lower, d
 
 
@@ -137,8 +118,8 @@ def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, dtype):
     k, g, beta = k_ref[...].astype(jnp.float32), g_ref[...], beta_ref[...]
     inverse, _, _ = _wy(k, g, beta, dtype)
     t_mat = inverse * _column_to_row(beta)  # T = (I + diag(beta) L)^-1 diag(beta)
-    w_ref[...] = _dot(t_mat, k * _decay(g), dtype).astype(w_ref.dtype)
-    u_ref[...] = _dot(t_mat, v_ref[...], dtype).astype(u_ref.dtype)
+    w_ref[...] = dot(t_mat, k * exp_nonpositive(g), dtype).astype(w_ref.dtype)
+    u_ref[...] = dot(t_mat, v_ref[...], dtype).astype(u_ref.dtype)
 
 
 def _state_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, *refs, chunk, n_chunks, dtype):
@@ -150,10 +131,10 @@ def _state_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, *refs, chunk, n_chunks, dt
         h_ref[n] = h
         span = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
         g, g_last = g_ref[span, :], g_ref[n * chunk + chunk - 1, :]
-        vn = u_ref[span, :].astype(jnp.float32) - _dot(w_ref[span, :], h, dtype)
+        vn = u_ref[span, :].astype(jnp.float32) - dot(w_ref[span, :], h, dtype)
         vn_ref[span, :] = vn.astype(vn_ref.dtype)
-        k_e = k_ref[span, :].astype(jnp.float32) * _decay(g_last[None, :] - g)
-        return _decay(g_last)[:, None] * h + _dot(k_e, vn, dtype, trans_a=True)
+        k_e = k_ref[span, :].astype(jnp.float32) * exp_nonpositive(g_last[None, :] - g)
+        return exp_nonpositive(g_last)[:, None] * h + dot(k_e, vn, dtype, trans_a=True)
 
     final_ref[...] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[...])
 
@@ -163,8 +144,8 @@ def _output_kernel(q_ref, k_ref, vn_ref, g_ref, h_ref, *refs, dtype):
     chunk-start state) [DK, BV]."""
     o_ref = refs[-1]
     q, g = q_ref[...].astype(jnp.float32), g_ref[...]
-    scores = _dot(q, k_ref[...], dtype, trans_b=True) * _decay_matrix(g)
-    out = _dot(q * _decay(g), h_ref[...], dtype) + _dot(scores, vn_ref[...], dtype)
+    scores = dot(q, k_ref[...], dtype, trans_b=True) * _decay_matrix(g)
+    out = dot(q * exp_nonpositive(g), h_ref[...], dtype) + dot(scores, vn_ref[...], dtype)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
@@ -184,12 +165,12 @@ def _state_grad_kernel(q_ref, k_ref, w_ref, g_ref, do_ref, dfinal_ref, *refs, ch
         span = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
         g, g_last = g_ref[span, :], g_ref[n * chunk + chunk - 1, :]
         q, k, do = q_ref[span, :].astype(jnp.float32), k_ref[span, :].astype(jnp.float32), do_ref[span, :]
-        scores = _dot(q, k, dtype, trans_b=True) * _decay_matrix(g)
-        k_e = k * _decay(g_last[None, :] - g)
-        dvn = _dot(scores, do, dtype, trans_a=True) + _dot(k_e, dh, dtype)
+        scores = dot(q, k, dtype, trans_b=True) * _decay_matrix(g)
+        k_e = k * exp_nonpositive(g_last[None, :] - g)
+        dvn = dot(scores, do, dtype, trans_a=True) + dot(k_e, dh, dtype)
         dvn_ref[span, :] = dvn
-        return (_decay(g_last)[:, None] * dh + _dot(q * _decay(g), do, dtype, trans_a=True)
-                - _dot(w_ref[span, :], dvn, dtype, trans_a=True))
+        return (exp_nonpositive(g_last)[:, None] * dh + dot(q * exp_nonpositive(g), do, dtype, trans_a=True)
+                - dot(w_ref[span, :], dvn, dtype, trans_a=True))
 
     dinit_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dfinal_ref[...])
 
@@ -207,8 +188,8 @@ def _grad_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, do_ref, h_ref, dh_ref, vn
     g, beta, do, vn, dvn = g_ref[...], beta_ref[...], do_ref[...], vn_ref[...], dvn_ref[...]
     h, dh = h_ref[...], dh_ref[...]
     g_last = g_ref[c - 1, :][None, :]  # [1, 1]
-    gamma = _decay(g)  # [C, 1]
-    to_end = _decay(g_last - g)  # [C, 1]: exp(g_C - g)
+    gamma = exp_nonpositive(g)  # [C, 1]
+    to_end = exp_nonpositive(g_last - g)  # [C, 1]: exp(g_C - g)
     inverse, lower, d = _wy(k, g, beta, dtype)
     beta_row = _column_to_row(beta)
     t_mat = inverse * beta_row
@@ -218,35 +199,35 @@ def _grad_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, do_ref, h_ref, dh_ref, vn
         return jnp.sum(e, axis=1)[:, None] - _row_to_column(jnp.sum(e, axis=0))
 
     # O = Gamma Q S + (D * Q K^T) V'
-    qk = _dot(q, k, dtype, trans_b=True)
-    dp = _dot(do, vn, dtype, trans_b=True) * d  # d(Q K^T), masked to j <= i
-    dq_state = gamma * _dot(do, h, dtype, trans_b=True)
-    dq = dq_state + _dot(dp, k, dtype)
-    dk = _dot(dp, q, dtype, trans_a=True)
+    qk = dot(q, k, dtype, trans_b=True)
+    dp = dot(do, vn, dtype, trans_b=True) * d  # d(Q K^T), masked to j <= i
+    dq_state = gamma * dot(do, h, dtype, trans_b=True)
+    dq = dq_state + dot(dp, k, dtype)
+    dk = dot(dp, q, dtype, trans_a=True)
     dg = jnp.sum(q * dq_state, axis=1)[:, None] + row_minus_column_sums(jnp.where(strict, dp * qk, 0.0))
     # S_next = exp(g_C) S + (exp(g_C - g) K)^T V' (the chunk's last key: no g-gradient, its ratio is exp(0))
-    dk_end = to_end * _dot(vn, dh, dtype, trans_b=True)
+    dk_end = to_end * dot(vn, dh, dtype, trans_b=True)
     dk += dk_end
     through_end = jnp.where(t < c - 1, jnp.sum(k * dk_end, axis=1)[:, None], 0.0)
     dg -= through_end
-    last = jnp.sum(through_end) + jnp.sum(_decay(g_last)) * jnp.sum(h * dh)
+    last = jnp.sum(through_end) + jnp.sum(exp_nonpositive(g_last)) * jnp.sum(h * dh)
     dg += jnp.where(t == c - 1, last, 0.0)
     # V' = U - W S;  U = T V, W = T Gamma K
-    dw = -_dot(dvn, h, dtype, trans_b=True)
-    dv = _dot(t_mat, dvn, dtype, trans_a=True)
-    dkd = _dot(t_mat, dw, dtype, trans_a=True)
+    dw = -dot(dvn, h, dtype, trans_b=True)
+    dv = dot(t_mat, dvn, dtype, trans_a=True)
+    dkd = dot(t_mat, dw, dtype, trans_a=True)
     dk += gamma * dkd
     dg += jnp.sum(kd * dkd, axis=1)[:, None]
-    dt = _dot(dvn, v, dtype, trans_b=True) + _dot(dw, kd, dtype, trans_b=True)
+    dt = dot(dvn, v, dtype, trans_b=True) + dot(dw, kd, dtype, trans_b=True)
     # T = M^-1 diag(beta), M = I + diag(beta) L: d M = -M^-T d(M^-1) M^-T (IEEE fp32), strictly lower part
     dbeta = _row_to_column(jnp.sum(dt * inverse, axis=0))
-    dm = -_dot(_dot(inverse, dt * beta_row, f32, trans_a=True), inverse, f32, trans_b=True)
+    dm = -dot(dot(inverse, dt * beta_row, f32, trans_a=True), inverse, f32, trans_b=True)
     dm = jnp.where(strict, dm, 0.0)
     dbeta += jnp.sum(dm * lower, axis=1)[:, None]
     dl = beta * dm
     # L = strict_lower(D * K K^T)
     dkk = dl * d
-    dk += _dot(dkk, k, dtype) + _dot(dkk, k, dtype, trans_a=True)
+    dk += dot(dkk, k, dtype) + dot(dkk, k, dtype, trans_a=True)
     dg += row_minus_column_sums(dl * lower)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
@@ -293,24 +274,6 @@ def _layout(q, k, v, chunk):
                    max(16, next_pow2(d_k)), max(16, next_pow2(d_v)), jnp.bfloat16 if all_bf16 else jnp.float32)
 
 
-def _to_rows(x, lay: _Layout, width, dtype):
-    """[B, T, H, D] -> [B * H, T_pad, width] in `dtype`, zero-padded (padding tokens write nothing)."""
-    x = jnp.transpose(x, (0, 2, 1, 3)).reshape(lay.sequences, lay.seq_len, x.shape[-1]).astype(dtype)
-    return pad_axis(pad_axis(x, 1, lay.t_pad, 0), 2, width, 0)
-
-
-def _from_rows(x, lay: _Layout, width):
-    """[B * H, T_pad, >= width] -> [B, T, H, width]."""
-    x = x[:, :lay.seq_len, :width].reshape(lay.batch, lay.heads, lay.seq_len, width)
-    return jnp.transpose(x, (0, 2, 1, 3))
-
-
-def _state_rows(state, lay: _Layout):
-    """[B, H, d_k, d_v] -> [B * H, DK, DV] fp32, zero-padded."""
-    state = state.reshape(lay.sequences, lay.d_k, lay.d_v).astype(jnp.float32)
-    return pad_axis(pad_axis(state, 1, lay.dk_pad, 0.0), 2, lay.dv_pad, 0.0)
-
-
 class _Inputs(NamedTuple):
     q: jax.Array  # [G, T_pad, DK] in lay.dtype
     k: jax.Array  # [G, T_pad, DK]
@@ -320,27 +283,10 @@ class _Inputs(NamedTuple):
 
 
 def _inputs(q, k, v, log_decay, beta, lay: _Layout) -> _Inputs:
-    g = _to_rows(log_decay[..., None], lay, 1, jnp.float32)
+    g = to_rows(log_decay[..., None], lay, 1, jnp.float32)
     g = jnp.cumsum(g.reshape(lay.sequences, lay.n_chunks, lay.chunk, 1), axis=2).reshape(g.shape)
-    return _Inputs(_to_rows(q, lay, lay.dk_pad, lay.dtype), _to_rows(k, lay, lay.dk_pad, lay.dtype),
-                   _to_rows(v, lay, lay.dv_pad, lay.dtype), g, _to_rows(beta[..., None], lay, 1, jnp.float32))
-
-
-def _call(kernel, cfg: _Config, name, grid, inputs, in_specs, out_specs, out_shape):
-    """One pallas_call (optionally with NaN-poisoned output buffers: an element the kernel fails to write shows)."""
-    extra = {}
-    if cfg.poison_output:
-        n_in = len(inputs)
-        inputs = list(inputs) + [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
-        in_specs = list(in_specs) + list(out_specs)
-        extra["input_output_aliases"] = {n_in + i: i for i in range(len(out_shape))}
-    if not cfg.interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        # Triton's params also select the Triton lowering (not Mosaic GPU).
-        extra["compiler_params"] = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
-    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          interpret=cfg.interpret, name=name, **extra)(*inputs)
+    return _Inputs(to_rows(q, lay, lay.dk_pad, lay.dtype), to_rows(k, lay, lay.dk_pad, lay.dtype),
+                   to_rows(v, lay, lay.dv_pad, lay.dtype), g, to_rows(beta[..., None], lay, 1, jnp.float32))
 
 
 def _chunk_spec(c, width):
@@ -348,7 +294,7 @@ def _chunk_spec(c, width):
     return pl.BlockSpec((None, c, width), lambda s, n, *_: (s, n, 0))
 
 
-def _wy_pieces(x: _Inputs, lay: _Layout, cfg: _Config):
+def _wy_pieces(x: _Inputs, lay: _Layout, cfg: ChunkConfig):
     """W [G, T_pad, DK] and U [G, T_pad, DV] in lay.dtype."""
     g, c = lay.sequences, lay.chunk
     in_specs = [_chunk_spec(c, lay.dk_pad), _chunk_spec(c, lay.dv_pad), _chunk_spec(c, 1), _chunk_spec(c, 1)]
@@ -356,11 +302,11 @@ def _wy_pieces(x: _Inputs, lay: _Layout, cfg: _Config):
     out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dk_pad), lay.dtype),
                  jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), lay.dtype)]
     kernel = functools.partial(_wy_kernel, dtype=lay.dtype)
-    return _call(kernel, cfg, "gated_delta_wy", (g, lay.n_chunks), [x.k, x.v, x.g, x.beta], in_specs, out_specs,
+    return call(kernel, cfg, "gated_delta_wy", (g, lay.n_chunks), [x.k, x.v, x.g, x.beta], in_specs, out_specs,
                  out_shape)
 
 
-def _chunk_states(x: _Inputs, w, u, h0, lay: _Layout, cfg: _Config):
+def _chunk_states(x: _Inputs, w, u, h0, lay: _Layout, cfg: ChunkConfig):
     """Chunk-start states [G, N, DK, DV] fp32, V' [G, T_pad, DV] in lay.dtype and the final state [G, DK, DV]."""
     g, bv, t_pad, n, dk = lay.sequences, lay.block_v, lay.t_pad, lay.n_chunks, lay.dk_pad
     full_k = pl.BlockSpec((None, t_pad, dk), lambda s, j: (s, 0, 0))
@@ -374,11 +320,11 @@ def _chunk_states(x: _Inputs, w, u, h0, lay: _Layout, cfg: _Config):
                  jax.ShapeDtypeStruct((g, t_pad, lay.dv_pad), lay.dtype),
                  jax.ShapeDtypeStruct((g, dk, lay.dv_pad), jnp.float32)]
     kernel = functools.partial(_state_kernel, chunk=lay.chunk, n_chunks=n, dtype=lay.dtype)
-    return _call(kernel, cfg, "gated_delta_states", (g, lay.dv_pad // bv), [x.k, w, u, x.g, h0], in_specs,
+    return call(kernel, cfg, "gated_delta_states", (g, lay.dv_pad // bv), [x.k, w, u, x.g, h0], in_specs,
                  out_specs, out_shape)
 
 
-def _chunk_outputs(x: _Inputs, vn, h_start, out_dtype, lay: _Layout, cfg: _Config):
+def _chunk_outputs(x: _Inputs, vn, h_start, out_dtype, lay: _Layout, cfg: ChunkConfig):
     """o [G, T_pad, DV] in out_dtype."""
     g, c, bv, dk = lay.sequences, lay.chunk, lay.block_v, lay.dk_pad
     v_block = pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j))
@@ -386,12 +332,12 @@ def _chunk_outputs(x: _Inputs, vn, h_start, out_dtype, lay: _Layout, cfg: _Confi
                 pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
     out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), out_dtype)]
     kernel = functools.partial(_output_kernel, dtype=lay.dtype)
-    (o,) = _call(kernel, cfg, "gated_delta_outputs", (g, lay.n_chunks, lay.dv_pad // bv),
+    (o,) = call(kernel, cfg, "gated_delta_outputs", (g, lay.n_chunks, lay.dv_pad // bv),
                  [x.q, x.k, vn, x.g, h_start], in_specs, [v_block], out_shape)
     return o
 
 
-def _state_grads(x: _Inputs, w, do, dfinal, lay: _Layout, cfg: _Config):
+def _state_grads(x: _Inputs, w, do, dfinal, lay: _Layout, cfg: ChunkConfig):
     """Chunk-end state gradients [G, N, DK, DV], dV' [G, T_pad, DV] and the initial state's gradient [G, DK, DV],
     all fp32."""
     g, bv, t_pad, n, dk = lay.sequences, lay.block_v, lay.t_pad, lay.n_chunks, lay.dk_pad
@@ -405,11 +351,11 @@ def _state_grads(x: _Inputs, w, do, dfinal, lay: _Layout, cfg: _Config):
                  jax.ShapeDtypeStruct((g, t_pad, lay.dv_pad), jnp.float32),
                  jax.ShapeDtypeStruct((g, dk, lay.dv_pad), jnp.float32)]
     kernel = functools.partial(_state_grad_kernel, chunk=lay.chunk, n_chunks=n, dtype=lay.dtype)
-    return _call(kernel, cfg, "gated_delta_state_grads", (g, lay.dv_pad // bv), [x.q, x.k, w, x.g, do, dfinal],
+    return call(kernel, cfg, "gated_delta_state_grads", (g, lay.dv_pad // bv), [x.q, x.k, w, x.g, do, dfinal],
                  in_specs, out_specs, out_shape)
 
 
-def _chunk_grads(x: _Inputs, do, h_start, dh_end, vn, dvn, dtypes, lay: _Layout, cfg: _Config):
+def _chunk_grads(x: _Inputs, do, h_start, dh_end, vn, dvn, dtypes, lay: _Layout, cfg: ChunkConfig):
     """dq, dk [G, T_pad, DK], dv [G, T_pad, DV] (in dtypes), dg and dbeta [G, T_pad, 1] fp32."""
     g, c, dk, dv = lay.sequences, lay.chunk, lay.dk_pad, lay.dv_pad
     state = pl.BlockSpec((None, None, dk, dv), lambda s, n: (s, n, 0, 0))
@@ -421,7 +367,7 @@ def _chunk_grads(x: _Inputs, do, h_start, dh_end, vn, dvn, dtypes, lay: _Layout,
                  jax.ShapeDtypeStruct((g, lay.t_pad, dv), v_dtype)] + [
                      jax.ShapeDtypeStruct((g, lay.t_pad, 1), jnp.float32)] * 2
     kernel = functools.partial(_grad_kernel, dtype=lay.dtype)
-    return _call(kernel, cfg, "gated_delta_grads", (g, lay.n_chunks),
+    return call(kernel, cfg, "gated_delta_grads", (g, lay.n_chunks),
                  [x.q, x.k, x.v, x.g, x.beta, do, h_start, dh_end, vn, dvn], in_specs, out_specs, out_shape)
 
 
@@ -429,45 +375,45 @@ def _chunk_grads(x: _Inputs, do, h_start, dh_end, vn, dvn, dtypes, lay: _Layout,
 # The custom VJP
 
 
-def _run_forward(q, k, v, log_decay, beta, initial_state, cfg: _Config):
+def _run_forward(q, k, v, log_decay, beta, initial_state, cfg: ChunkConfig):
     lay = _layout(q, k, v, cfg.chunk_size)
     x = _inputs(q, k, v, log_decay, beta, lay)
     w, u = _wy_pieces(x, lay, cfg)
-    h_start, vn, final = _chunk_states(x, w, u, _state_rows(initial_state, lay), lay, cfg)
+    h_start, vn, final = _chunk_states(x, w, u, state_rows(initial_state, lay), lay, cfg)
     return lay, x, w, h_start, vn, final
 
 
-def _forward(q, k, v, log_decay, beta, initial_state, cfg: _Config):
+def _forward(q, k, v, log_decay, beta, initial_state, cfg: ChunkConfig):
     lay, x, _, h_start, vn, final = _run_forward(q, k, v, log_decay, beta, initial_state, cfg)
     o = _chunk_outputs(x, vn, h_start, v.dtype, lay, cfg)
-    return (_from_rows(o, lay, lay.d_v), final[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape))
+    return (from_rows(o, lay, lay.d_v), final[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _chunk_gated_delta(q, k, v, log_decay, beta, initial_state, cfg: _Config):
+def _chunk_gated_delta(q, k, v, log_decay, beta, initial_state, cfg: ChunkConfig):
     return _forward(q, k, v, log_decay, beta, initial_state, cfg)
 
 
-def _chunk_gated_delta_fwd(q, k, v, log_decay, beta, initial_state, cfg: _Config):
+def _chunk_gated_delta_fwd(q, k, v, log_decay, beta, initial_state, cfg: ChunkConfig):
     # Saved: the inputs only. The backward pass recomputes W, U, the chunk states and V' (two kernels) rather than
     # keeping [G, N, DK, DV] states alive.
     return _forward(q, k, v, log_decay, beta, initial_state, cfg), (q, k, v, log_decay, beta, initial_state)
 
 
-def _chunk_gated_delta_bwd(cfg: _Config, saved, cotangents):
+def _chunk_gated_delta_bwd(cfg: ChunkConfig, saved, cotangents):
     q, k, v, log_decay, beta, initial_state = saved
     d_out, d_final = cotangents
     lay, x, w, h_start, vn, _ = _run_forward(q, k, v, log_decay, beta, initial_state, cfg)
-    do = _to_rows(d_out, lay, lay.dv_pad, lay.dtype)
-    dh_end, dvn, d_initial = _state_grads(x, w, do, _state_rows(d_final, lay), lay, cfg)
+    do = to_rows(d_out, lay, lay.dv_pad, lay.dtype)
+    dh_end, dvn, d_initial = _state_grads(x, w, do, state_rows(d_final, lay), lay, cfg)
     dq, dk, dv, d_cum, dbeta = _chunk_grads(x, do, h_start, dh_end, vn, dvn, (q.dtype, k.dtype, v.dtype), lay, cfg)
     # g = in-chunk cumulative sum of a, so da_t = sum of dg over the chunk's tokens from t on.
     d_cum = d_cum.reshape(lay.sequences, lay.n_chunks, lay.chunk)
     da = jax.lax.cumsum(d_cum, axis=2, reverse=True).reshape(lay.sequences, lay.t_pad, 1)
     d_initial = d_initial[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape).astype(initial_state.dtype)
-    return (_from_rows(dq, lay, lay.d_k), _from_rows(dk, lay, lay.d_k), _from_rows(dv, lay, lay.d_v),
-            _from_rows(da, lay, 1)[..., 0].astype(log_decay.dtype),
-            _from_rows(dbeta, lay, 1)[..., 0].astype(beta.dtype), d_initial)
+    return (from_rows(dq, lay, lay.d_k), from_rows(dk, lay, lay.d_k), from_rows(dv, lay, lay.d_v),
+            from_rows(da, lay, 1)[..., 0].astype(log_decay.dtype),
+            from_rows(dbeta, lay, 1)[..., 0].astype(beta.dtype), d_initial)
 
 
 _chunk_gated_delta.defvjp(_chunk_gated_delta_fwd, _chunk_gated_delta_bwd)
@@ -523,5 +469,5 @@ def chunk_gated_delta(q, k, v, log_decay, beta, initial_state=None, *, chunk_siz
     _check_arguments(q, k, v, log_decay, beta, initial_state, chunk_size)
     if initial_state is None:
         initial_state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
-    cfg = _Config(int(chunk_size), int(num_warps), bool(interpret), bool(poison_output))
+    cfg = ChunkConfig(int(chunk_size), int(num_warps), bool(interpret), bool(poison_output))
     return _chunk_gated_delta(q, k, v, log_decay, beta, initial_state, cfg)

@@ -41,34 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from kernels.shapes import next_pow2, pad_axis
+from kernels.chunk_common import ChunkConfig, call, dot, exp_nonpositive, from_rows, state_rows, to_rows
+from kernels.shapes import next_pow2
 
 SUB = 16  # rows per sub-chunk: the smallest block Triton's dot takes
 MAX_BLOCK = 64  # d_k and d_v block width where a kernel tiles them
 
 
-class _Config(NamedTuple):
-    chunk_size: int
-    num_warps: int
-    interpret: bool
-    poison_output: bool
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Pieces the kernels share
-
-
-def _dot(a, b, dtype, *, trans_a=False, trans_b=False):
-    """a @ b (a^T, b^T where told) with operands cast to `dtype` and fp32 accumulation (IEEE fp32 for fp32:
-    Triton's default for fp32 is tf32)."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=jax.lax.Precision.HIGHEST,
-                               preferred_element_type=jnp.float32)
-
-
-def _decay(log_decay):
-    """exp of a log decay that is <= 0 in exact arithmetic (the minimum guards against rounding)."""
-    return jnp.exp(jnp.minimum(log_decay, 0.0))
 
 
 def _rows(i):
@@ -92,12 +73,12 @@ def _diag_scores(q_ref, k_ref, a_ref, i, per_dim, dtype):
     t, s = _iotas()
     q, a = q_ref[rows, :].astype(jnp.float32), a_ref[rows, :]
     if not per_dim:
-        decay = jnp.where(s <= t, _decay(a - a.reshape(1, SUB)), 0.0)  # a: [SUB, 1]
-        return _dot(q, k_ref[rows, :], dtype, trans_b=True) * decay
+        decay = jnp.where(s <= t, exp_nonpositive(a - a.reshape(1, SUB)), 0.0)  # a: [SUB, 1]
+        return dot(q, k_ref[rows, :], dtype, trans_b=True) * decay
     scores = jnp.zeros((SUB, SUB), jnp.float32)
     for r in range(SUB):  # one key row at a time: a [SUB, d_k] decay, not [SUB, SUB, d_k]
         key, key_a = _row(k_ref, i * SUB + r), _row(a_ref, i * SUB + r)
-        column = jnp.sum(q * key * _decay(a - key_a), axis=1)  # (rows t < r are masked below)
+        column = jnp.sum(q * key * exp_nonpositive(a - key_a), axis=1)  # (rows t < r are masked below)
         scores += jnp.where(s == r, column[:, None], 0.0)
     return jnp.where(s <= t, scores, 0.0)
 
@@ -106,8 +87,8 @@ def _offdiag_factors(q_ref, k_ref, a_ref, i, j):
     """(q_i exp(A_i - E), k_j exp(E - A_j)) fp32 for sub-chunks j < i, E = A at the last row of sub-chunk i - 1:
     their product q_e k_e^T is P between them, every factor <= 1."""
     edge = _row(a_ref, i * SUB - 1)
-    q_e = q_ref[_rows(i), :].astype(jnp.float32) * _decay(a_ref[_rows(i), :] - edge)
-    k_e = k_ref[_rows(j), :].astype(jnp.float32) * _decay(edge - a_ref[_rows(j), :])
+    q_e = q_ref[_rows(i), :].astype(jnp.float32) * exp_nonpositive(a_ref[_rows(i), :] - edge)
+    k_e = k_ref[_rows(j), :].astype(jnp.float32) * exp_nonpositive(edge - a_ref[_rows(j), :])
     return q_e, k_e
 
 
@@ -124,8 +105,8 @@ def _state_kernel(k_ref, v_ref, a_ref, h0_ref, *refs, chunk, n_chunks, dtype):
         h_ref[n] = h
         span = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
         a, a_last = a_ref[span, :], a_ref[n * chunk + chunk - 1, :]
-        k_e = k_ref[span, :].astype(jnp.float32) * _decay(a_last[None, :] - a)
-        return _decay(a_last)[:, None] * h + _dot(k_e, v_ref[span, :], dtype, trans_a=True)
+        k_e = k_ref[span, :].astype(jnp.float32) * exp_nonpositive(a_last[None, :] - a)
+        return exp_nonpositive(a_last)[:, None] * h + dot(k_e, v_ref[span, :], dtype, trans_a=True)
 
     final_ref[...] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[...])
 
@@ -138,11 +119,11 @@ def _output_kernel(q_ref, k_ref, v_ref, a_ref, h_ref, *refs, n_sub, per_dim, dty
     for i in range(n_sub):
         rows = _rows(i)
         q, a = q_ref[rows, :].astype(jnp.float32), a_ref[rows, :]
-        out = _dot(q * _decay(a), h, dtype)  # from the chunk-start state
-        out += _dot(_diag_scores(q_ref, k_ref, a_ref, i, per_dim, dtype), v_ref[rows, :], dtype)
+        out = dot(q * exp_nonpositive(a), h, dtype)  # from the chunk-start state
+        out += dot(_diag_scores(q_ref, k_ref, a_ref, i, per_dim, dtype), v_ref[rows, :], dtype)
         for j in range(i):
             q_e, k_e = _offdiag_factors(q_ref, k_ref, a_ref, i, j)
-            out += _dot(_dot(q_e, k_e, dtype, trans_b=True), v_ref[_rows(j), :], dtype)
+            out += dot(dot(q_e, k_e, dtype, trans_b=True), v_ref[_rows(j), :], dtype)
         o_ref[rows, :] = out.astype(o_ref.dtype)
 
 
@@ -160,8 +141,8 @@ def _state_grad_kernel(q_ref, do_ref, a_ref, dfinal_ref, *refs, chunk, n_chunks,
         dh_ref[n] = dh
         span = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
         a, a_last = a_ref[span, :], a_ref[n * chunk + chunk - 1, :]
-        q_e = q_ref[span, :].astype(jnp.float32) * _decay(a)
-        return _decay(a_last)[:, None] * dh + _dot(q_e, do_ref[span, :], dtype, trans_a=True)
+        q_e = q_ref[span, :].astype(jnp.float32) * exp_nonpositive(a)
+        return exp_nonpositive(a_last)[:, None] * dh + dot(q_e, do_ref[span, :], dtype, trans_a=True)
 
     dinit_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dfinal_ref[...])
 
@@ -174,12 +155,12 @@ def _dv_kernel(q_ref, k_ref, a_ref, do_ref, dh_ref, *refs, n_sub, per_dim, dtype
     a_last = _row(a_ref, n_sub * SUB - 1)
     for j in range(n_sub):
         rows = _rows(j)
-        k_e = k_ref[rows, :].astype(jnp.float32) * _decay(a_last - a_ref[rows, :])
-        dv = _dot(k_e, dh, dtype)  # through the chunk-end state
-        dv += _dot(_diag_scores(q_ref, k_ref, a_ref, j, per_dim, dtype), do_ref[rows, :], dtype, trans_a=True)
+        k_e = k_ref[rows, :].astype(jnp.float32) * exp_nonpositive(a_last - a_ref[rows, :])
+        dv = dot(k_e, dh, dtype)  # through the chunk-end state
+        dv += dot(_diag_scores(q_ref, k_ref, a_ref, j, per_dim, dtype), do_ref[rows, :], dtype, trans_a=True)
         for i in range(j + 1, n_sub):
             q_e, k_e = _offdiag_factors(q_ref, k_ref, a_ref, i, j)
-            dv += _dot(_dot(q_e, k_e, dtype, trans_b=True), do_ref[_rows(i), :], dtype, trans_a=True)
+            dv += dot(dot(q_e, k_e, dtype, trans_b=True), do_ref[_rows(i), :], dtype, trans_a=True)
         dv_ref[rows, :] = dv.astype(dv_ref.dtype)
 
 
@@ -206,40 +187,40 @@ def _dqk_kernel(q_ref, k_ref, v_ref, a_ref, do_ref, h_ref, dh_ref, *refs, n_sub,
         state_term += jnp.sum(h * dh, axis=1)
         for i in range(n_sub):
             do_i = do_ref[_rows(i), cols]
-            dq[i] += _dot(do_i, h, dtype, trans_b=True)
-            dk_state[i] += _dot(v_ref[_rows(i), cols], dh, dtype, trans_b=True)
+            dq[i] += dot(do_i, h, dtype, trans_b=True)
+            dk_state[i] += dot(v_ref[_rows(i), cols], dh, dtype, trans_b=True)
             for j in range(i + 1):
-                dp[i, j] += _dot(do_i, v_ref[_rows(j), cols], dtype, trans_b=True)
+                dp[i, j] += dot(do_i, v_ref[_rows(j), cols], dtype, trans_b=True)
 
     a_last = _row(a_ref, n_sub * SUB - 1)
     q = [q_ref[_rows(i), :].astype(f32) for i in range(n_sub)]
     k = [k_ref[_rows(i), :].astype(f32) for i in range(n_sub)]
     a = [a_ref[_rows(i), :] for i in range(n_sub)]
-    last_term = _decay(a_last)[0] * state_term
+    last_term = exp_nonpositive(a_last)[0] * state_term
     dk = []
     for i in range(n_sub):
-        dq[i] = _decay(a[i]) * dq[i]
-        dk.append(_decay(a_last - a[i]) * dk_state[i])
+        dq[i] = exp_nonpositive(a[i]) * dq[i]
+        dk.append(exp_nonpositive(a_last - a[i]) * dk_state[i])
         last_term += jnp.sum(k[i] * dk[i], axis=0)
     t, s = _iotas()
     for i in range(n_sub):
         for j in range(i):  # query sub-chunk i, earlier key sub-chunk j
             q_e, k_e = _offdiag_factors(q_ref, k_ref, a_ref, i, j)
             edge = _row(a_ref, i * SUB - 1)
-            dq[i] += _decay(a[i] - edge) * _dot(dp[i, j], k_e, dtype)
-            dk[j] += _decay(edge - a[j]) * _dot(dp[i, j], q_e, dtype, trans_a=True)
+            dq[i] += exp_nonpositive(a[i] - edge) * dot(dp[i, j], k_e, dtype)
+            dk[j] += exp_nonpositive(edge - a[j]) * dot(dp[i, j], q_e, dtype, trans_a=True)
         dp_diag = jnp.where(s <= t, dp[i, i], 0.0)
         if per_dim:
             for r in range(SUB):  # row r as the key (for dq) and as the query (for dk)
                 q_r, k_r, a_r = (_row(ref, i * SUB + r) for ref in (q_ref, k_ref, a_ref))
                 dp_column = jnp.sum(jnp.where(s == r, dp_diag, 0.0), axis=1)[:, None]  # dP[t, r]
                 dp_row = jnp.sum(jnp.where(t == r, dp_diag, 0.0), axis=0)[:, None]  # dP[r, s], indexed by s
-                dq[i] += dp_column * k_r * _decay(a[i] - a_r)
-                dk[i] += dp_row * q_r * _decay(a_r - a[i])
+                dq[i] += dp_column * k_r * exp_nonpositive(a[i] - a_r)
+                dk[i] += dp_row * q_r * exp_nonpositive(a_r - a[i])
         else:
-            weights = dp_diag * _decay(a[i] - a[i].reshape(1, SUB))
-            dq[i] += _dot(weights, k[i], dtype)
-            dk[i] += _dot(weights, q[i], dtype, trans_a=True)
+            weights = dp_diag * exp_nonpositive(a[i] - a[i].reshape(1, SUB))
+            dq[i] += dot(weights, k[i], dtype)
+            dk[i] += dot(weights, q[i], dtype, trans_a=True)
     for i in range(n_sub):
         da = q[i] * dq[i] - k[i] * dk[i]
         if i == n_sub - 1:
@@ -297,24 +278,6 @@ def _layout(q, k, v, log_decay, chunk):
                    jnp.bfloat16 if all_bf16 else jnp.float32)
 
 
-def _to_rows(x, lay: _Layout, width, dtype):
-    """[B, T, H, D] -> [B * H, T_pad, width] in `dtype`, zero-padded (padding tokens write nothing)."""
-    x = jnp.transpose(x, (0, 2, 1, 3)).reshape(lay.sequences, lay.seq_len, x.shape[-1]).astype(dtype)
-    return pad_axis(pad_axis(x, 1, lay.t_pad, 0), 2, width, 0)
-
-
-def _from_rows(x, lay: _Layout, width):
-    """[B * H, T_pad, >= width] -> [B, T, H, width]."""
-    x = x[:, :lay.seq_len, :width].reshape(lay.batch, lay.heads, lay.seq_len, width)
-    return jnp.transpose(x, (0, 2, 1, 3))
-
-
-def _state_rows(state, lay: _Layout):
-    """[B, H, d_k, d_v] -> [B * H, DK, DV] fp32, zero-padded."""
-    state = state.reshape(lay.sequences, lay.d_k, lay.d_v).astype(jnp.float32)
-    return pad_axis(pad_axis(state, 1, lay.dk_pad, 0.0), 2, lay.dv_pad, 0.0)
-
-
 class _Inputs(NamedTuple):
     q: jax.Array  # [G, T_pad, DK] in lay.dtype
     k: jax.Array  # [G, T_pad, DK]
@@ -323,27 +286,10 @@ class _Inputs(NamedTuple):
 
 
 def _inputs(q, k, v, log_decay, lay: _Layout) -> _Inputs:
-    a = _to_rows(log_decay, lay, lay.gate_width, jnp.float32)
+    a = to_rows(log_decay, lay, lay.gate_width, jnp.float32)
     a = jnp.cumsum(a.reshape(lay.sequences, lay.n_chunks, lay.chunk, -1), axis=2).reshape(a.shape)
-    return _Inputs(_to_rows(q, lay, lay.dk_pad, lay.dtype), _to_rows(k, lay, lay.dk_pad, lay.dtype),
-                   _to_rows(v, lay, lay.dv_pad, lay.dtype), a)
-
-
-def _call(kernel, cfg: _Config, name, grid, inputs, in_specs, out_specs, out_shape):
-    """One pallas_call (optionally with NaN-poisoned output buffers: an element the kernel fails to write shows)."""
-    extra = {}
-    if cfg.poison_output:
-        n_in = len(inputs)
-        inputs = list(inputs) + [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
-        in_specs = list(in_specs) + list(out_specs)
-        extra["input_output_aliases"] = {n_in + i: i for i in range(len(out_shape))}
-    if not cfg.interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        # Triton's params also select the Triton lowering (not Mosaic GPU).
-        extra["compiler_params"] = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
-    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          interpret=cfg.interpret, name=name, **extra)(*inputs)
+    return _Inputs(to_rows(q, lay, lay.dk_pad, lay.dtype), to_rows(k, lay, lay.dk_pad, lay.dtype),
+                   to_rows(v, lay, lay.dv_pad, lay.dtype), a)
 
 
 def _gate_spec(lay: _Layout, rows, dk_block, block_index):
@@ -354,7 +300,7 @@ def _gate_spec(lay: _Layout, rows, dk_block, block_index):
     return pl.BlockSpec((None, rows, 1), lambda s, *ids: (s, block_index(s, *ids)[0], 0))
 
 
-def _chunk_states(x: _Inputs, h0, lay: _Layout, cfg: _Config):
+def _chunk_states(x: _Inputs, h0, lay: _Layout, cfg: ChunkConfig):
     """Chunk-start states [G, N, DK, DV] and the final state [G, DK, DV], fp32."""
     g, bk, bv, t_pad, n = lay.sequences, lay.block_k, lay.block_v, lay.t_pad, lay.n_chunks
     in_specs = [pl.BlockSpec((None, t_pad, bk), lambda s, i, j: (s, 0, i)),
@@ -366,11 +312,11 @@ def _chunk_states(x: _Inputs, h0, lay: _Layout, cfg: _Config):
     out_shape = [jax.ShapeDtypeStruct((g, n, lay.dk_pad, lay.dv_pad), jnp.float32),
                  jax.ShapeDtypeStruct((g, lay.dk_pad, lay.dv_pad), jnp.float32)]
     kernel = functools.partial(_state_kernel, chunk=lay.chunk, n_chunks=n, dtype=lay.dtype)
-    return _call(kernel, cfg, "gla_chunk_states", (g, lay.dk_pad // bk, lay.dv_pad // bv), [x.k, x.v, x.a, h0],
+    return call(kernel, cfg, "gla_chunk_states", (g, lay.dk_pad // bk, lay.dv_pad // bv), [x.k, x.v, x.a, h0],
                  in_specs, out_specs, out_shape)
 
 
-def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: _Config):
+def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: ChunkConfig):
     """o [G, T_pad, DV] in out_dtype."""
     g, c, bv, dk = lay.sequences, lay.chunk, lay.block_v, lay.dk_pad
     in_specs = [pl.BlockSpec((None, c, dk), lambda s, n, j: (s, n, 0)),
@@ -381,12 +327,12 @@ def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: _Config):
     out_specs = [pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j))]
     out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), out_dtype)]
     kernel = functools.partial(_output_kernel, n_sub=c // SUB, per_dim=lay.per_dim, dtype=lay.dtype)
-    (o,) = _call(kernel, cfg, "gla_chunk_outputs", (g, lay.n_chunks, lay.dv_pad // bv),
+    (o,) = call(kernel, cfg, "gla_chunk_outputs", (g, lay.n_chunks, lay.dv_pad // bv),
                  [x.q, x.k, x.v, x.a, h_start], in_specs, out_specs, out_shape)
     return o
 
 
-def _state_grads(x: _Inputs, do, dfinal, lay: _Layout, cfg: _Config):
+def _state_grads(x: _Inputs, do, dfinal, lay: _Layout, cfg: ChunkConfig):
     """Gradients of the chunk-end states [G, N, DK, DV] and of the initial state [G, DK, DV], fp32."""
     g, bk, bv, t_pad, n = lay.sequences, lay.block_k, lay.block_v, lay.t_pad, lay.n_chunks
     in_specs = [pl.BlockSpec((None, t_pad, bk), lambda s, i, j: (s, 0, i)),
@@ -398,11 +344,11 @@ def _state_grads(x: _Inputs, do, dfinal, lay: _Layout, cfg: _Config):
     out_shape = [jax.ShapeDtypeStruct((g, n, lay.dk_pad, lay.dv_pad), jnp.float32),
                  jax.ShapeDtypeStruct((g, lay.dk_pad, lay.dv_pad), jnp.float32)]
     kernel = functools.partial(_state_grad_kernel, chunk=lay.chunk, n_chunks=n, dtype=lay.dtype)
-    return _call(kernel, cfg, "gla_chunk_state_grads", (g, lay.dk_pad // bk, lay.dv_pad // bv),
+    return call(kernel, cfg, "gla_chunk_state_grads", (g, lay.dk_pad // bk, lay.dv_pad // bv),
                  [x.q, do, x.a, dfinal], in_specs, out_specs, out_shape)
 
 
-def _value_grads(x: _Inputs, do, dh_end, out_dtype, lay: _Layout, cfg: _Config):
+def _value_grads(x: _Inputs, do, dh_end, out_dtype, lay: _Layout, cfg: ChunkConfig):
     """dv [G, T_pad, DV] in out_dtype."""
     g, c, bv, dk = lay.sequences, lay.chunk, lay.block_v, lay.dk_pad
     in_specs = [pl.BlockSpec((None, c, dk), lambda s, n, j: (s, n, 0)),
@@ -413,12 +359,12 @@ def _value_grads(x: _Inputs, do, dh_end, out_dtype, lay: _Layout, cfg: _Config):
     out_specs = [pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j))]
     out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), out_dtype)]
     kernel = functools.partial(_dv_kernel, n_sub=c // SUB, per_dim=lay.per_dim, dtype=lay.dtype)
-    (dv,) = _call(kernel, cfg, "gla_chunk_dv", (g, lay.n_chunks, lay.dv_pad // bv),
+    (dv,) = call(kernel, cfg, "gla_chunk_dv", (g, lay.n_chunks, lay.dv_pad // bv),
                   [x.q, x.k, x.a, do, dh_end], in_specs, out_specs, out_shape)
     return dv
 
 
-def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _Layout, cfg: _Config):
+def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _Layout, cfg: ChunkConfig):
     """dq, dk [G, T_pad, DK] in q's and k's dtypes, and dA [G, T_pad, DK] fp32 (gradient of the cumulative gate)."""
     g, c, bk, dv = lay.sequences, lay.chunk, lay.block_k, lay.dv_pad
     chunk_k = pl.BlockSpec((None, c, bk), lambda s, n, i: (s, n, i))
@@ -429,7 +375,7 @@ def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _La
     out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dk_pad), dtype) for dtype in (q_dtype, k_dtype, jnp.float32)]
     kernel = functools.partial(_dqk_kernel, n_sub=c // SUB, n_vblocks=dv // lay.block_v, block_v=lay.block_v,
                                per_dim=lay.per_dim, dtype=lay.dtype)
-    return _call(kernel, cfg, "gla_chunk_dqk", (g, lay.n_chunks, lay.dk_pad // bk),
+    return call(kernel, cfg, "gla_chunk_dqk", (g, lay.n_chunks, lay.dk_pad // bk),
                  [x.q, x.k, x.v, x.a, do, h_start, dh_end], in_specs, out_specs, out_shape)
 
 
@@ -437,33 +383,33 @@ def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _La
 # The custom VJP
 
 
-def _forward(q, k, v, log_decay, initial_state, cfg: _Config):
+def _forward(q, k, v, log_decay, initial_state, cfg: ChunkConfig):
     lay = _layout(q, k, v, log_decay, cfg.chunk_size)
     x = _inputs(q, k, v, log_decay, lay)
-    h_start, final = _chunk_states(x, _state_rows(initial_state, lay), lay, cfg)
+    h_start, final = _chunk_states(x, state_rows(initial_state, lay), lay, cfg)
     o = _chunk_outputs(x, h_start, v.dtype, lay, cfg)
-    return (_from_rows(o, lay, lay.d_v), final[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape))
+    return (from_rows(o, lay, lay.d_v), final[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _chunk_gla(q, k, v, log_decay, initial_state, cfg: _Config):
+def _chunk_gla(q, k, v, log_decay, initial_state, cfg: ChunkConfig):
     return _forward(q, k, v, log_decay, initial_state, cfg)
 
 
-def _chunk_gla_fwd(q, k, v, log_decay, initial_state, cfg: _Config):
+def _chunk_gla_fwd(q, k, v, log_decay, initial_state, cfg: ChunkConfig):
     # Saved: the inputs only. The backward pass recomputes the gate sums and the chunk states (one cheap kernel)
     # rather than keeping [G, N, DK, DV] states alive.
     return _forward(q, k, v, log_decay, initial_state, cfg), (q, k, v, log_decay, initial_state)
 
 
-def _chunk_gla_bwd(cfg: _Config, saved, cotangents):
+def _chunk_gla_bwd(cfg: ChunkConfig, saved, cotangents):
     q, k, v, log_decay, initial_state = saved
     d_out, d_final = cotangents
     lay = _layout(q, k, v, log_decay, cfg.chunk_size)
     x = _inputs(q, k, v, log_decay, lay)
-    h_start, _ = _chunk_states(x, _state_rows(initial_state, lay), lay, cfg)
-    do = _to_rows(d_out, lay, lay.dv_pad, lay.dtype)
-    dh_end, d_initial = _state_grads(x, do, _state_rows(d_final, lay), lay, cfg)
+    h_start, _ = _chunk_states(x, state_rows(initial_state, lay), lay, cfg)
+    do = to_rows(d_out, lay, lay.dv_pad, lay.dtype)
+    dh_end, d_initial = _state_grads(x, do, state_rows(d_final, lay), lay, cfg)
     dv = _value_grads(x, do, dh_end, v.dtype, lay, cfg)
     dq, dk, d_cum = _query_key_grads(x, do, h_start, dh_end, q.dtype, k.dtype, lay, cfg)
     # A = in-chunk cumulative sum of a, so da_t = sum of dA over the chunk's tokens from t on.
@@ -472,8 +418,8 @@ def _chunk_gla_bwd(cfg: _Config, saved, cotangents):
     if not lay.per_dim:  # one gate for all key dimensions: the sum of their gradients
         da = jnp.sum(da, axis=-1, keepdims=True)
     d_initial = d_initial[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape).astype(initial_state.dtype)
-    return (_from_rows(dq, lay, lay.d_k), _from_rows(dk, lay, lay.d_k), _from_rows(dv, lay, lay.d_v),
-            _from_rows(da, lay, log_decay.shape[-1]).astype(log_decay.dtype), d_initial)
+    return (from_rows(dq, lay, lay.d_k), from_rows(dk, lay, lay.d_k), from_rows(dv, lay, lay.d_v),
+            from_rows(da, lay, log_decay.shape[-1]).astype(log_decay.dtype), d_initial)
 
 
 _chunk_gla.defvjp(_chunk_gla_fwd, _chunk_gla_bwd)
@@ -528,5 +474,5 @@ def chunk_gla(q, k, v, log_decay, initial_state=None, *, chunk_size: int = 64, i
     _check_arguments(q, k, v, log_decay, initial_state, chunk_size)
     if initial_state is None:
         initial_state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
-    cfg = _Config(int(chunk_size), int(num_warps), bool(interpret), bool(poison_output))
+    cfg = ChunkConfig(int(chunk_size), int(num_warps), bool(interpret), bool(poison_output))
     return _chunk_gla(q, k, v, log_decay, initial_state, cfg)

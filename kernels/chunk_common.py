@@ -1,0 +1,73 @@
+"""Pieces the chunked linear-recurrence kernels share (gla_chunk.py, gated_delta_chunk.py): the launch options,
+fp32-accumulating matrix products, the [B, T, H, D] <-> [sequences, padded time, padded width] row layout, and
+one pallas_call with optional NaN-poisoned outputs.
+
+A `layout` argument is either kernel's `_Layout`: anything with batch, seq_len, heads, d_k, d_v, t_pad, dk_pad,
+dv_pad and sequences (= batch * heads).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels.shapes import pad_axis
+
+
+class ChunkConfig(NamedTuple):
+    """How the kernels run (static: part of the custom VJP's nondifferentiable arguments)."""
+    chunk_size: int
+    num_warps: int
+    interpret: bool
+    poison_output: bool
+
+
+def dot(a, b, dtype, *, trans_a=False, trans_b=False):
+    """a @ b (a^T, b^T where told) with operands cast to `dtype` and fp32 accumulation (IEEE fp32 for fp32:
+    Triton's default for fp32 is tf32)."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=jax.lax.Precision.HIGHEST,
+                               preferred_element_type=jnp.float32)
+
+
+def exp_nonpositive(log_decay):
+    """exp of a log decay that is <= 0 in exact arithmetic (the minimum guards against rounding)."""
+    return jnp.exp(jnp.minimum(log_decay, 0.0))
+
+
+def to_rows(x, layout, width, dtype):
+    """[B, T, H, D] -> [B * H, T_pad, width] in `dtype`, zero-padded (padding tokens write nothing)."""
+    x = jnp.transpose(x, (0, 2, 1, 3)).reshape(layout.sequences, layout.seq_len, x.shape[-1]).astype(dtype)
+    return pad_axis(pad_axis(x, 1, layout.t_pad, 0), 2, width, 0)
+
+
+def from_rows(x, layout, width):
+    """[B * H, T_pad, >= width] -> [B, T, H, width]."""
+    x = x[:, :layout.seq_len, :width].reshape(layout.batch, layout.heads, layout.seq_len, width)
+    return jnp.transpose(x, (0, 2, 1, 3))
+
+
+def state_rows(state, layout):
+    """[B, H, d_k, d_v] -> [B * H, DK, DV] fp32, zero-padded."""
+    state = state.reshape(layout.sequences, layout.d_k, layout.d_v).astype(jnp.float32)
+    return pad_axis(pad_axis(state, 1, layout.dk_pad, 0.0), 2, layout.dv_pad, 0.0)
+
+
+def call(kernel, cfg: ChunkConfig, name, grid, inputs, in_specs, out_specs, out_shape):
+    """One pallas_call (optionally with NaN-poisoned output buffers: an element the kernel fails to write shows)."""
+    extra = {}
+    if cfg.poison_output:
+        n_in = len(inputs)
+        inputs = list(inputs) + [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
+        in_specs = list(in_specs) + list(out_specs)
+        extra["input_output_aliases"] = {n_in + i: i for i in range(len(out_shape))}
+    if not cfg.interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        # Triton's params also select the Triton lowering (not Mosaic GPU).
+        extra["compiler_params"] = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          interpret=cfg.interpret, name=name, **extra)(*inputs)
