@@ -47,3 +47,12 @@ class ShortConv(nnx.Module):
             start = self.width - 1 - j
             y = y + kernel[j] * padded[:, start:start + seq_len]
         return jax.nn.silu(y) if self.activation else y
+
+
+def convolve_all(convs, inputs, windows=None):
+    """Each of `inputs` through its conv: (outputs, None) in training; with decoding `windows` (one per conv, the
+    inputs before these), (outputs, the windows after them)."""
+    if windows is None:
+        return [conv(y) for conv, y in zip(convs, inputs, strict=True)], None
+    pairs = [conv.extend(y, w) for conv, y, w in zip(convs, inputs, windows, strict=True)]
+    return [y for y, _ in pairs], [w for _, w in pairs]

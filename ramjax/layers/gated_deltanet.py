@@ -16,7 +16,7 @@ from flax import nnx
 
 from ramjax import ops
 from ramjax.layers.axes import dense, logical_param
-from ramjax.layers.conv import ShortConv
+from ramjax.layers.conv import ShortConv, convolve_all
 from ramjax.layers.fenwick_decay import FenwickDecay
 from ramjax.layers.mamba2 import _dt_bias_init
 from ramjax.layers.norm import GatedRMSNorm
@@ -58,14 +58,8 @@ class GatedDeltaNetMixer(nnx.Module):
         """q, k, v, beta, log decay, and the convs' windows after x (decoding)."""
         batch, seq_len, _ = x.shape
         split = (batch, seq_len, self.num_heads, -1)
-        convs = (self.q_conv, self.k_conv, self.v_conv)
-        projected = (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        if windows is None:
-            q, k, v = (conv(y) for conv, y in zip(convs, projected))
-            new_windows = None
-        else:
-            (q, wq), (k, wk), (v, wv) = (conv.extend(y, w) for conv, y, w in zip(convs, projected, windows))
-            new_windows = [wq, wk, wv]
+        (q, k, v), new_windows = convolve_all((self.q_conv, self.k_conv, self.v_conv),
+                                              (self.q_proj(x), self.k_proj(x), self.v_proj(x)), windows)
         q = _l2_normalise(q.reshape(split)) * (self.d_k**-0.5)
         k = _l2_normalise(k.reshape(split))
         v = v.reshape(split)

@@ -19,7 +19,7 @@ from flax import nnx
 
 from ramjax import ops
 from ramjax.layers.axes import dense, logical_param
-from ramjax.layers.conv import ShortConv
+from ramjax.layers.conv import ShortConv, convolve_all
 from ramjax.layers.fenwick_decay import FenwickDecay
 from ramjax.layers.norm import RMSNorm
 
@@ -62,14 +62,8 @@ class Mamba2Mixer(nnx.Module):
         """q, k, v, log decay, x_in of the recurrence, and the convs' windows after x (decoding)."""
         batch, seq_len, _ = x.shape
         heads = (batch, seq_len, self.num_heads, self.head_dim)
-        convs = (self.x_conv, self.b_conv, self.c_conv)
-        projected = (self.x_proj(x), self.b_proj(x), self.c_proj(x))
-        if windows is None:
-            x_in, b, c = (conv(y) for conv, y in zip(convs, projected))
-            new_windows = None
-        else:
-            (x_in, wx), (b, wb), (c, wc) = (conv.extend(y, w) for conv, y, w in zip(convs, projected, windows))
-            new_windows = [wx, wb, wc]
+        (x_in, b, c), new_windows = convolve_all((self.x_conv, self.b_conv, self.c_conv),
+                                                 (self.x_proj(x), self.b_proj(x), self.c_proj(x)), windows)
         x_in = x_in.reshape(heads)
         dt = jax.nn.softplus(self.dt_proj(x).astype(jnp.float32) + self.dt_bias[...])  # [batch, time, heads]
         log_decay = -jnp.exp(self.a_log[...]) * dt

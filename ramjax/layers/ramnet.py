@@ -17,7 +17,7 @@ from flax import nnx
 
 from ramjax import ops
 from ramjax.layers.axes import dense, logical_param
-from ramjax.layers.conv import ShortConv
+from ramjax.layers.conv import ShortConv, convolve_all
 from ramjax.layers.norm import GatedRMSNorm, RMSNorm
 
 CAPE_SCHEDULES = ("paper", "half", "all", "none")
@@ -97,15 +97,11 @@ class RAMNetMixer(nnx.Module):
         """q, k `[batch, time, heads, d_k]` (scaled by the temperature), v `[batch, time, heads, d_v]`, and the
         short convs' windows after x (decoding: `windows` holds those before x; None in training)."""
         batch, seq_len, _ = x.shape
-        outputs, new_windows = [], []
-        for index, projection in enumerate((self.q_proj, self.k_proj, self.v_proj)):
-            y = projection(x)
-            if self.convs and windows is None:
-                y = self.convs[index](y)
-            elif self.convs:
-                y, window = self.convs[index].extend(y, windows[index])
-                new_windows.append(window)
-            outputs.append(y)
+        outputs = [projection(x) for projection in (self.q_proj, self.k_proj, self.v_proj)]
+        new_windows = []
+        if self.convs:
+            outputs, new_windows = convolve_all(self.convs, outputs, windows)
+            new_windows = new_windows or []
         scale = jnp.exp(self.alpha[...])[:, None].astype(x.dtype)
         q = outputs[0].reshape(batch, seq_len, self.num_heads, self.d_k) * scale
         k = outputs[1].reshape(batch, seq_len, self.num_heads, self.d_k) * scale
