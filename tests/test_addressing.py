@@ -167,7 +167,10 @@ def test_auto_takes_the_kernel_on_gpus_only_where_its_unrolled_search_is_small(m
 
     monkeypatch.setattr(decoder.jax, "default_backend", lambda: "gpu")
     assert decoder.resolve_impl("auto", jnp.bfloat16, 8, 4) == "pallas"  # the measured case
-    assert decoder.resolve_impl("auto", jnp.float32, 32, 4) == "pallas"  # a top-K schedule's start
+    assert decoder.resolve_impl("auto", jnp.float32, 8, 4, 5) == "pallas"  # the model's K at M = 1024
+    assert decoder.resolve_impl("auto", jnp.float32, 32, 4, 2) == "pallas"  # a top-K schedule's start at M = 16
+    assert decoder.resolve_impl("auto", jnp.float32, 32, 4, 5) == "xla"  # U x K = 160: minutes of compile
+    assert decoder.resolve_impl("auto", jnp.float32, 8, 4, 10) == "xla"  # U x K = 80
     assert decoder.resolve_impl("auto", jnp.float32, 64, 4) == "xla"  # K above PALLAS_MAX_TOP_K
     assert decoder.resolve_impl("auto", jnp.float32, 8, 1024) == "xla"  # U = 1: 8 x 1024 candidates a stage
     assert decoder.resolve_impl("auto", jnp.float64, 8, 4) == "xla"

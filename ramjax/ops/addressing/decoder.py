@@ -6,8 +6,8 @@ The length-M vector is never built: a beam search over factors finds the exact t
 
 Implementations (`impl=`): "xla" (the beam search below in jax.numpy), "pallas" (`kernels.product_topk`: the
 softmaxes, the beam search and the values fused into one kernel; interpret mode on the CPU) and "auto" (the
-kernel on GPUs up to K = PALLAS_MAX_TOP_K and K x d_p = PALLAS_MAX_CANDIDATES, where it was measured 15x faster at
-K = 8, d_p = 4; XLA elsewhere). Both form every probability and product in the
+kernel on GPUs within PALLAS_MAX_TOP_K, PALLAS_MAX_CANDIDATES and PALLAS_MAX_ROUNDS, which bound its compile
+time; it was measured 15x faster than XLA at K = 8, d_p = 4; XLA elsewhere). Both form every probability and product in the
 same order, so they return the same slots (ties to the lower slot) and values equal to fp32 rounding; where two
 products differ only by an ulp, an ulp of difference in exp between XLA and Triton can order them differently.
 """
@@ -30,14 +30,15 @@ IMPLS = ("auto", "xla", "pallas")
 # Launch shape of the decoder kernel on GPUs (keys per program, warps), chosen by measurement on an H200
 # (kernels/README.md).
 PALLAS_GPU_OPTIONS = {"block_rows": 128, "num_warps": 4}
-# The kernel unrolls its beam search (about U * K selection rounds over K * d_p candidates), so its code and
-# compile time grow with K. On an H200 (2026-12-01) RAM-Net train steps at K = 8, 16 and 32 compiled in seconds
-# to a minute; one at K = 64 (M = 1024) had not finished compiling after 6 minutes, most likely in this kernel.
-# "auto" takes XLA above this K.
-PALLAS_MAX_TOP_K = 32
-# For the same reason, the candidates a stage compares (K x d_p, each rounded up to a power of 2): K = 32 with
-# d_p = 4 (128) is the widest measured; U = 1 with d_p = 1024 would be 8192 per stage. "auto" takes XLA above this.
-PALLAS_MAX_CANDIDATES = 256
+# The kernel unrolls its beam search (U stages of K selection rounds over K x d_p candidates), so its code and
+# compile time grow with U x K. Measured on an H200 (2026-12-01, experiments/results/large_memory.md): a RAM-Net
+# train step at U = 5, K = 8 compiles in about 10 s; at U = 5, K = 32 the K = 32 and K = 16 steps of a top-K
+# schedule took about 4 minutes; at U = 6, K = 32 one step had not compiled after 7 minutes, and one at U = 5,
+# K = 64 after 6. The XLA decoder compiled the same steps (U up to 10) in seconds. "auto" therefore takes the
+# kernel only while all three limits hold:
+PALLAS_MAX_TOP_K = 32  # K
+PALLAS_MAX_CANDIDATES = 256  # K x d_p, each rounded up to a power of 2 (U = 1, d_p = 1024 would be 8192)
+PALLAS_MAX_ROUNDS = 64  # U x K (K rounded up to a power of 2): U = 5, K = 8 is 40; U = 5, K = 32 is 160
 
 
 def factor_size(key_size: int, num_factors: int) -> int:
@@ -103,11 +104,12 @@ def gather_product(probs: jax.Array, idx: jax.Array) -> jax.Array:
     return val
 
 
-def resolve_impl(impl: str, dtype, top_k: int, d_p: int = 1) -> str:
+def resolve_impl(impl: str, dtype, top_k: int, d_p: int = 1, num_factors: int = 1) -> str:
     """The implementation `impl="auto"` stands for on the current default backend."""
     if impl != "auto":
         return impl
-    small = top_k <= PALLAS_MAX_TOP_K and next_pow2(top_k) * next_pow2(d_p) <= PALLAS_MAX_CANDIDATES
+    small = (top_k <= PALLAS_MAX_TOP_K and next_pow2(top_k) * next_pow2(d_p) <= PALLAS_MAX_CANDIDATES
+             and num_factors * next_pow2(top_k) <= PALLAS_MAX_ROUNDS)
     if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize <= 4 and small:
         return "pallas"
     return "xla"
@@ -153,7 +155,7 @@ def product_topk(
         raise ValueError(f"top_k: must be <= M = d_p ** U = {num_slots}, got {top_k}")
     if impl not in IMPLS:
         raise ValueError(f"impl: must be one of {IMPLS}, got {impl!r}")
-    chosen = resolve_impl(impl, x.dtype, top_k, d_p)
+    chosen = resolve_impl(impl, x.dtype, top_k, d_p, num_factors)
     if chosen == "pallas":
         if jnp.dtype(x.dtype).itemsize > 4:
             raise ValueError(f"x: impl='pallas' computes in float32 and takes float16/bfloat16/float32 keys, got "
