@@ -12,8 +12,8 @@ go to every `ramjax train`. `--timeout SECONDS` sends the trainers SIGTERM at th
 evaluation then runs on what they reached, and the table gives the steps done). Tokens/s is the median logged
 training throughput after the first log interval; when several processes share a GPU it is lower than alone,
 so pass the single-GPU measurements with --throughput VARIANT=TOKENS_PER_S[,...] to add them as a column.
-Writes RESULTS.md, RESULTS.json (everything, per-position losses included) and RESULTS_per_position.png (when
-matplotlib is installed); notes written below the marker line in RESULTS.md are kept when it is rewritten.
+Writes RESULTS.md, RESULTS.json (everything, per-position losses included) and RESULTS_per_position.png;
+notes written below the marker line in RESULTS.md are kept when it is rewritten.
 """
 
 from __future__ import annotations
@@ -113,12 +113,9 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(records: list[dict], path: str) -> str | None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("lm_table: matplotlib is not installed, so no plot; redraw with --from_json where it is")
-        return None
+def plot(records: list[dict], path: str) -> str:
+    import matplotlib  # a dependency; imported here so that commands without plots do not load it
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -40,8 +40,8 @@ def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) 
     from ramjax.data.tasks import SyntheticTask
     from ramjax.train import sharding
     from ramjax.train.step import make_eval_step
-    from ramjax.train.setup import model_parts, restore_state
-    from ramjax.train.trainer import Batches, check_config, evaluate
+    from ramjax.train.evaluation import Batches, evaluate
+    from ramjax.train.setup import check_train_config, model_parts, restore_state
 
     config = load_run_config(workdir)
     if settings:
@@ -59,7 +59,7 @@ def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) 
     graphdef, rest = model_parts(config, mesh)
     eval_step = jax.jit(make_eval_step(graphdef))
     batch_sharding = sharding.batch_sharding(config.mesh.rules, mesh)
-    check_config(config, task, sharding.num_shards(batch_sharding))  # rounds eval_batch_size to the shards
+    check_train_config(config, task, sharding.num_shards(batch_sharding))  # rounds eval_batch_size to the shards
     batches = Batches(batch_sharding)
     results = evaluate(eval_step, state["params"], rest, task, batches)
     result = {"workdir": os.path.abspath(workdir), "task": config.task, "step": int(meta["step"]),
@@ -122,12 +122,8 @@ def evaluate_run(workdir: str, split: str = "validation", max_windows: int = 0) 
     return result
 
 
-def plot_per_position(result: dict, path: str) -> str | None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("ramjax eval: matplotlib is not installed, so no plot (the JSON has the per-position loss)")
-        return None
+def plot_per_position(result: dict, path: str) -> str:
+    import matplotlib  # a dependency; imported here so that commands without plots do not load it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

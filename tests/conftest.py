@@ -18,8 +18,12 @@ FAST_COMPILE_FLAGS = {"--xla_backend_optimization_level": ("0", None),
 
 
 def _jaxlib_version() -> tuple[int, int]:
-    major, minor = metadata.version("jaxlib").split(".")[:2]
-    return int(major), int(minor)
+    """(major, minor) of the installed jaxlib; (999, 0) where it cannot be read, so no version-bound flag is set."""
+    try:
+        major, minor = metadata.version("jaxlib").split(".")[:2]
+        return int(major), int(minor)
+    except (metadata.PackageNotFoundError, ValueError):
+        return 999, 0
 
 
 _flags = os.environ.get("XLA_FLAGS", "")

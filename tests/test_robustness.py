@@ -15,7 +15,6 @@ import jax
 import numpy as np
 import pytest
 from test_train import assert_trees_equal, resume_config, restore_final
-from tiny import tiny_config
 
 from ramjax.data.tasks import SyntheticTask
 from ramjax.errors import ConfigError

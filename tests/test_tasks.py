@@ -170,9 +170,9 @@ def test_eval_examples_do_not_depend_on_the_eval_batch_size():
 
 def test_eval_batch_size_is_rounded_up_to_the_batch_shards(capsys):
     from ramjax.configs import load_config
-    from ramjax.train.trainer import check_config
+    from ramjax.train.setup import check_train_config
 
     config = load_config("configs/mqar.py")
-    check_config(config, None, 8)
+    check_train_config(config, None, 8)
     assert config.data.eval_batch_size == 256
     assert "data.eval_batch_size 250 -> 256" in capsys.readouterr().out

@@ -10,7 +10,8 @@ from ramjax.models import LanguageModel
 from ramjax.train import top_k_schedule
 from ramjax.train.step import make_eval_step
 from ramjax.train.setup import make_task, restore_state
-from ramjax.train.trainer import evaluate, train
+from ramjax.train.evaluation import evaluate
+from ramjax.train.trainer import train
 from test_train import assert_trees_equal, restore_final
 from tiny import tiny_config
 

@@ -20,7 +20,7 @@ finished runs and resumes unfinished ones. `--dry-run` prints the `ramjax train`
 cluster scheduler) and runs nothing. `--devices` spreads the runs over those GPUs (each run sees one, through
 CUDA_VISIBLE_DEVICES; with --max-parallel above the number of GPUs, runs share them, each with an equal part of
 the GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is set). At the end, results.csv, results.md and plots
-(PNG, when matplotlib is installed) are written to the sweep directory; a failed run is a row saying so, with the
+(PNG) are written to the sweep directory; a failed run is a row saying so, with the
 end of its error output, and an unfinished one (stopped, or still running elsewhere) shows its last evaluation.
 `--report` only writes those results from the runs' directories. SIGTERM (a scheduler's time limit) is passed on
 to the running trainers, which save a checkpoint and stop; no new run starts, the results are written, and the

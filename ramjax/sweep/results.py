@@ -104,11 +104,8 @@ def write_results(sweep_dir: str, rows: list[dict], runs: list[dict], plot) -> N
 def plot_results(sweep_dir: str, rows: list[dict], fields: list[str], plot) -> list[str]:
     """Metric against one swept field, a line per combination of the others; PNG files in sweep_dir. Unfinished
     runs are drawn at their last evaluation (the table says which)."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("ramjax sweep: matplotlib is not installed, so no plots; `pip install matplotlib` and rerun with --report")
-        return []
+    import matplotlib  # a dependency; imported here so that commands without plots do not load it
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -39,6 +39,33 @@ def make_task(config, **kwargs):
     return SyntheticTask(config.task, config.data)
 
 
+def check_train_config(config, task, batch_shards: int) -> None:
+    """The training and data fields a run needs, for `batch_shards` shards of the batch; rounds
+    data.eval_batch_size up to the shards (evaluation results do not depend on it)."""
+    d, t = config.data, config.train
+    if config.model.vocab_size < d.vocab_size:
+        raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) must be >= data.vocab_size ({d.vocab_size})")
+    for field in ("num_steps", "log_every", "eval_every"):
+        if not isinstance(t[field], int) or t[field] < 1:
+            raise ConfigError(f"train.{field}: must be a positive integer, got {t[field]!r}")
+    if t.get("on_nonfinite", "skip") not in ("skip", "stop"):
+        raise ConfigError(f"train.on_nonfinite: must be 'skip' or 'stop', got {t.on_nonfinite!r}")
+    shards = math.lcm(batch_shards, jax.process_count())
+    if not isinstance(d.batch_size, int) or d.batch_size < 1 or d.batch_size % shards:
+        raise ConfigError(f"data.batch_size: must be a positive multiple of the {batch_shards} batch shards and "
+                          f"the {jax.process_count()} processes, got {d.batch_size}")
+    if not isinstance(d.eval_batch_size, int) or d.eval_batch_size < 1:
+        raise ConfigError(f"data.eval_batch_size: must be a positive integer, got {d.eval_batch_size!r}")
+    if d.eval_batch_size % shards:
+        # Evaluation pads its last batch with rows that count nothing, so any batch size gives the same numbers:
+        # round up to the shards rather than refuse (the defaults then run on 1, 2, 4 or 8 devices).
+        rounded = -(-d.eval_batch_size // shards) * shards
+        if jax.process_index() == 0:
+            print(f"ramjax train: data.eval_batch_size {d.eval_batch_size} -> {rounded} (a multiple of the "
+                  f"{shards} batch shards; evaluation results do not depend on it)")
+        d.eval_batch_size = rounded
+
+
 def longest_sequence(config) -> int | None:
     """The longest sequence a run of `config` trains or evaluates on (None if the task does not say)."""
     d = config.data

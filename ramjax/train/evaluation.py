@@ -1,0 +1,36 @@
+"""Placing global batches on the mesh, and the accuracy / loss of a model on a task's evaluation slices."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Batches:
+    """Global batches as sharded jax.Arrays; each process contributes its own rows."""
+
+    def __init__(self, batch_sharding):
+        self.sharding = batch_sharding
+
+    def put(self, batch) -> dict:
+        rows = batch.inputs.shape[0] // jax.process_count()
+        start = jax.process_index() * rows
+        return {field: jax.make_array_from_process_local_data(self.sharding, np.asarray(value[start:start + rows]))
+                for field, value in batch._asdict().items()}
+
+
+def evaluate(eval_step, params, rest, task, batches: Batches) -> dict:
+    """Accuracy and loss on every evaluation slice of `task`, and the mean accuracy over slices."""
+    results = {}
+    for eval_slice in task.eval_slices:
+        totals = None
+        for batch in task.eval_batches(eval_slice):
+            out = eval_step(params, rest, batches.put(batch))
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        totals = jax.device_get(totals)
+        results[f"eval/accuracy/{eval_slice.name}"] = float(totals["correct"] / max(totals["count"], 1))
+        results[f"eval/loss/{eval_slice.name}"] = float(totals["loss_sum"] / max(totals["count"], 1))
+    accuracies = [v for k, v in results.items() if k.startswith("eval/accuracy/")]
+    results["eval/accuracy/mean"] = float(np.mean(accuracies))
+    return results
