@@ -99,11 +99,11 @@ def get_config(variant: str = "mqar"):
         m.block, m.norm, m.norm_eps, m.feed_forward = "post_norm", "layer", 1e-5, False
         m.weight_init, m.init_std = "normal", 0.02
         m.mamba2.expand = 1  # v and the output have width d_model: one head of 64
-        m.mamba2.conv_width = 0
-        m.mamba2.gate = m.mamba2.output_norm = m.mamba2.d_skip = m.mamba2.dt_scales_v = False
+        m.mamba2.conv_width = 0  # no short conv (and no SiLU) on v, k, q
+        m.mamba2.gate = m.mamba2.output_norm = m.mamba2.d_skip = m.mamba2.dt_scales_v = False  # none of them
         m.mamba2.a_init = "arange"  # A = -1 for the one head (learnable, as there)
-        m.loglinear.lambda_init = "as_run"
-        m.loglinear.exact_gelu = True
+        m.loglinear.lambda_init = "as_run"  # W_l, W1, W2 N(0, 0.02), zero biases: lambda starts near 0.69
+        m.loglinear.exact_gelu = True  # the erf GELU (PyTorch's default), as the fork
 
     o = config.optim
     o.schedule = "constant"

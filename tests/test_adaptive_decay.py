@@ -319,3 +319,21 @@ def test_every_variant_trains_two_steps(variant, tmp_path):
     assert np.isfinite(summary["train"]["loss"]) and summary["train"]["grad_norm"] > 0
     assert summary["train"]["learning_rate"] == pytest.approx(config.optim.learning_rate)
     assert all(np.isfinite(v) for v in summary["eval"].values())
+
+
+def test_fork_model_decodes_as_it_runs(fork_model):
+    """Prefill then continue from the decoding state (post-norm block, no convs) = the full forward pass."""
+    m, model = fork_model
+    tokens = jax.random.randint(jax.random.key(6), (2, 37), 0, m.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(37, dtype=jnp.int32), tokens.shape)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state):
+        model = nnx.merge(graphdef, state)
+        head, cache = model.extend(tokens[:, :20], positions[:, :20], model.init_cache(2, 37), fresh=True)
+        tail, _ = model.extend(tokens[:, 20:], positions[:, 20:], cache)
+        return model(tokens), jnp.concatenate([head, tail], axis=1)
+
+    full, pieces = run(state)
+    assert np.sqrt(np.mean((pieces - full) ** 2) / np.mean(full**2)) < 1e-5
