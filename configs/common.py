@@ -71,6 +71,12 @@ def model_config() -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"
     m.scan_layers = True  # scan over layers (compile time independent of depth)
     m.remat = False  # recompute each layer group in the backward pass (less memory, more compute)
+    # The residual block; the adaptive-decay fork's choices are in docs/loglinear.md section 6.
+    m.block = "pre_norm"  # pre_norm: x + f(norm(x)); post_norm: norm(x + f(x)) (the fork)
+    m.norm = "rms"  # norm of the residual stream: rms (RMSNorm) or layer (LayerNorm with a bias, the fork's)
+    m.feed_forward = True  # a SwiGLU block after each mixer; False: the mixer alone (the fork)
+    m.weight_init = "default"  # default: each layer's own; normal: Linears, embedding N(0, init_std), biases 0 (fork)
+    m.init_std = 0.02  # std of weight_init "normal"; residual output projections get init_std / sqrt(2 num_layers)
 
     m.ramnet = ml_collections.ConfigDict()
     m.ramnet.num_factors = 5  # U
@@ -114,8 +120,13 @@ def model_config() -> ml_collections.ConfigDict:
     m.mamba2.expand = 2
     m.mamba2.head_dim = 64
     m.mamba2.d_state = 64
-    m.mamba2.conv_width = 4
+    m.mamba2.conv_width = 4  # short causal conv (with SiLU) on x, B, C; 0: none (the fork)
     m.mamba2.chunk_size = 64
+    m.mamba2.gate = True  # the silu(z) output gate; False: none (the fork)
+    m.mamba2.output_norm = True  # RMSNorm before the output projection; False: none (the fork)
+    m.mamba2.d_skip = True  # the skip y += D x; False: none (the fork)
+    m.mamba2.dt_scales_v = True  # v = x dt as in Mamba-2; False: v = x (the fork)
+    m.mamba2.a_init = "uniform"  # uniform: A = -U[1, 16] per head (Mamba-2); arange: A_h = -(h + 1), -1 (the fork)
     m.mamba2.impl = "auto"  # as model.gla.impl, for plain Mamba-2 (the log-linear op has no kernel yet)
 
     m.gated_deltanet = ml_collections.ConfigDict()
@@ -130,4 +141,6 @@ def model_config() -> ml_collections.ConfigDict:
     m.loglinear.mode = "mlp_softplus"  # fixed, linear, mlp_softplus or mlp_softmax
     m.loglinear.num_levels = 15  # L: enough for sequences up to 2^14 = 16384 tokens
     m.loglinear.decay_hidden = 64
+    m.loglinear.lambda_init = "as_described"  # as_described: W2 0, b2 0.54 (papers' text); as_run: N(0, 0.02) (fork)
+    m.loglinear.exact_gelu = False  # the lambda MLP's GELU: tanh approximation, or True: exact erf (the fork)
     return m

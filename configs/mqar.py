@@ -48,11 +48,14 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
     config.data.eval_examples = 1000  # per setting
     config.data.eval_batch_size = 250
     config.data.eval_seed = 12345  # eval data is fixed and disjoint in stream from training data
+    config.data.layout = "standard"  # standard (Zoology MQAR, Mamba selective copying) or fork (docs/loglinear.md 6)
+    config.data.train_pool_size = 0  # 0: fresh examples every step; N: a fixed pool of N per setting (the fork: 10k)
 
     config.model = model_config()
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 1e-3
+    config.optim.schedule = "warmup_cosine"  # warmup_cosine, or constant (no warm-up, no decay: the fork's Adam)
     config.optim.warmup_steps = 200
     config.optim.final_lr_ratio = 0.1  # cosine decay to learning_rate * final_lr_ratio
     config.optim.weight_decay = 0.1  # on kernels and embeddings only

@@ -10,6 +10,10 @@ One example of length T with kv pairs, vocabulary V:
 Inputs and targets are the sequence shifted by one, as for a language model.
 
 Batches are a pure function of (seed, step, process index), so a restarted run sees the same data.
+
+`fork_mqar_batch` is the layout of the adaptive-decay fork (`data.layout = "fork"`, docs/loglinear.md section 6):
+the kv block first, then random tokens from [1, V), then all kv queries packed at the end, each key once in a
+random order, each followed by a random token (the answer is a target only).
 """
 
 from __future__ import annotations
@@ -100,3 +104,38 @@ def mqar_batch(
         inputs = np.where(is_filler, filler, inputs)
     loss_mask = targets >= 0
     return Batch(inputs.astype(np.int32), np.where(loss_mask, targets, 0).astype(np.int32), loss_mask)
+
+
+def check_fork_setting(num_kv_pairs: int, seq_len: int, vocab_size: int) -> None:
+    """The fork layout's constraints: the kv block and the packed queries (2 kv tokens each) fit in the sequence,
+    and there are enough keys."""
+    if num_kv_pairs < 1:
+        raise ValueError(f"num_kv_pairs: must be >= 1, got {num_kv_pairs}")
+    if 4 * num_kv_pairs > seq_len:
+        raise ValueError(f"num_kv_pairs: 4 * kv must be <= seq_len (kv block and queries), got kv={num_kv_pairs}, "
+                         f"seq_len={seq_len}")
+    if vocab_size // 2 - 1 < num_kv_pairs:
+        raise ValueError(f"vocab_size: {vocab_size} gives {vocab_size // 2 - 1} keys, fewer than kv={num_kv_pairs}")
+
+
+def fork_mqar_batch(rng: np.random.Generator, *, batch_size: int, seq_len: int, num_kv_pairs: int,
+                    vocab_size: int) -> Batch:
+    """MQAR as the fork lays it out: positions [0, 2 kv) hold k1 v1 ... (keys from [1, V/2), values from [V/2, V),
+    distinct within a row); positions from T - 2 kv hold the queries, every key once in a random order, at even
+    offsets; every other position is a random token from [1, V). The loss counts at the queries only."""
+    check_fork_setting(num_kv_pairs, seq_len, vocab_size)
+    kv, key_vocab = num_kv_pairs, vocab_size // 2
+    keys = 1 + _choose_without_replacement(rng, batch_size, key_vocab - 1, kv)
+    values = key_vocab + _choose_without_replacement(rng, batch_size, vocab_size - key_vocab, kv)
+    order = np.argsort(rng.random((batch_size, kv)), axis=1)  # the order in which the keys are asked
+
+    inputs = rng.integers(1, vocab_size, size=(batch_size, seq_len))
+    inputs[:, 0:2 * kv:2] = keys
+    inputs[:, 1:2 * kv:2] = values
+    query_at = seq_len - 2 * kv + 2 * np.arange(kv)
+    inputs[:, query_at] = np.take_along_axis(keys, order, axis=1)
+    targets = np.zeros((batch_size, seq_len), np.int64)
+    targets[:, query_at] = np.take_along_axis(values, order, axis=1)  # the query's value: predicted at the query
+    loss_mask = np.zeros((batch_size, seq_len), bool)
+    loss_mask[:, query_at] = True
+    return Batch(inputs.astype(np.int32), targets.astype(np.int32), loss_mask)

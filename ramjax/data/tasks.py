@@ -6,6 +6,11 @@ A task is configured by `config.task` ("mqar" or "selective_copy") and `config.d
 Every process builds the same global batch from (seed, step) and keeps its own rows, so the data a run sees does
 not depend on how many processes share it (a run on 2 hosts equals a run on 1), and a restarted run sees the
 same batches. Generating the global batch is cheap next to a train step for these tasks.
+
+`data.layout` picks the generator: "standard" (Zoology's MQAR, Mamba's selective copying) or "fork" (the
+adaptive-decay fork's, docs/loglinear.md section 6). `data.train_pool_size` = N > 0 trains on a fixed pool of N
+examples per train setting, made once from data.seed, each step's batch distinct rows of it drawn by (seed,
+step), as the fork's randperm(N)[:batch]; 0 draws fresh examples every step.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from ramjax.data.mqar import Batch, batch_rng
 
 TASKS = ("mqar", "selective_copy")
 MIXTURES = ("cycle", "pad")
+LAYOUTS = ("standard", "fork")
+# Stream tag of the training pool's generator: keeps it apart from the per-step batch generators.
+POOL_STREAM = 0x706F6F6C
 
 
 def parse_settings(field: str, text: str) -> list[tuple[int, int]]:
@@ -47,6 +55,17 @@ class SyntheticTask:
         d = data_config
         if d.mixture not in MIXTURES:
             raise ValueError(f"data.mixture: must be one of {MIXTURES}, got {d.mixture!r}")
+        self.layout = d.get("layout", "standard")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"data.layout: must be one of {LAYOUTS}, got {self.layout!r}")
+        self.pool_size = d.get("train_pool_size", 0)
+        if isinstance(self.pool_size, bool) or not isinstance(self.pool_size, int) or self.pool_size < 0:
+            raise ValueError(f"data.train_pool_size: must be an integer >= 0 (0: fresh examples every step), got "
+                             f"{self.pool_size!r}")
+        if 0 < self.pool_size < d.batch_size:
+            raise ValueError(f"data.train_pool_size: a batch takes distinct examples of the pool, so it must be 0 "
+                             f"or >= data.batch_size ({d.batch_size}), got {self.pool_size}")
+        self._pools = {}  # train setting index -> its pool (a Batch of pool_size rows), made on first use
         self.task, self.config = task, d
         self.train_settings = parse_settings("data.train_settings", d.train_settings)
         self.eval_settings = parse_settings("data.eval_settings", d.eval_settings)
@@ -64,17 +83,42 @@ class SyntheticTask:
         self.eval_slices = [EvalSlice(f"{prefix}{c}_len{n}", c, n) for c, n in self.eval_settings]
 
     def _check(self, count: int, seq_len: int) -> None:
+        fork = self.layout == "fork"
         if self.task == "mqar":
-            mqar.check_setting(count, seq_len, self.config.vocab_size)
+            check = mqar.check_fork_setting if fork else mqar.check_setting
         else:
-            selective_copy.check_setting(count, seq_len, self.config.vocab_size)
+            check = selective_copy.check_fork_setting if fork else selective_copy.check_setting
+        check(count, seq_len, self.config.vocab_size)
 
     def _batch(self, rng, batch_size: int, count: int, seq_len: int) -> Batch:
+        vocab_size = self.config.vocab_size
+        if self.task == "mqar" and self.layout == "fork":
+            return mqar.fork_mqar_batch(rng, batch_size=batch_size, seq_len=seq_len, num_kv_pairs=count,
+                                        vocab_size=vocab_size)
         if self.task == "mqar":
             return mqar.mqar_batch(rng, batch_size=batch_size, seq_len=seq_len, num_kv_pairs=count,
-                                   vocab_size=self.config.vocab_size, power_a=self.config.power_a)
+                                   vocab_size=vocab_size, power_a=self.config.power_a)
+        if self.layout == "fork":
+            return selective_copy.fork_selective_copy_batch(rng, batch_size=batch_size, seq_len=seq_len,
+                                                            num_tokens=count, vocab_size=vocab_size)
         return selective_copy.selective_copy_batch(rng, batch_size=batch_size, seq_len=seq_len, num_tokens=count,
-                                                   vocab_size=self.config.vocab_size)
+                                                   vocab_size=vocab_size)
+
+    def train_pool(self, index: int) -> Batch:
+        """The fixed training examples of train setting `index` (data.train_pool_size > 0)."""
+        if index not in self._pools:
+            count, seq_len = self.train_settings[index]
+            rng = np.random.default_rng([self.config.seed, POOL_STREAM, index])
+            self._pools[index] = self._batch(rng, self.pool_size, count, seq_len)
+        return self._pools[index]
+
+    def _train_examples(self, rng, batch_size: int, index: int) -> Batch:
+        """`batch_size` training examples of train setting `index`: fresh, or distinct rows of its pool."""
+        if not self.pool_size:
+            count, seq_len = self.train_settings[index]
+            return self._batch(rng, batch_size, count, seq_len)
+        rows = rng.choice(self.pool_size, size=batch_size, replace=False)
+        return Batch(*(field[rows] for field in self.train_pool(index)))
 
     @property
     def max_train_len(self) -> int:
@@ -85,12 +129,10 @@ class SyntheticTask:
         the longest ("pad"; padding is token 0 with no loss, harmless to a causal model)."""
         rng = batch_rng(self.config.seed, step)
         if self.config.mixture == "cycle":
-            count, seq_len = self.train_settings[step % len(self.train_settings)]
-            return self._batch(rng, self.config.batch_size, count, seq_len)
+            return self._train_examples(rng, self.config.batch_size, step % len(self.train_settings))
         sizes = np.full(len(self.train_settings), self.config.batch_size // len(self.train_settings))
         sizes[: self.config.batch_size % len(self.train_settings)] += 1
-        parts = [self._batch(rng, int(size), count, seq_len)
-                 for size, (count, seq_len) in zip(sizes, self.train_settings)]
+        parts = [self._train_examples(rng, int(size), index) for index, size in enumerate(sizes)]
         width = self.max_train_len
         return Batch(*(np.concatenate([np.pad(getattr(p, field), ((0, 0), (0, width - p.inputs.shape[1])))
                                        for p in parts]) for field in Batch._fields))

@@ -6,6 +6,10 @@ From x_t, a projection gives dl_t = W_l x_t, L numbers per head; a mode turns th
   mlp_softplus  lambda = softplus(W2 GELU(W1 dl_t + b1) + b2), W1 Xavier with b1 = 0, W2 = 0 and b2 = 0.54, so
                 lambda starts at softplus(0.54) ~= 1; the MLP is shared across heads (the adaptive decay).
   mlp_softmax   the same MLP ending in a softmax over levels (levels compete), W2 = 0, b2 = 0.
+Initialisation (`init`): "as_described" is the above (W_l lecun normal; ours, the papers do not say), the papers'
+text; "as_run" is what the public adaptive-decay fork actually trains (every Linear re-initialised N(0, 0.02) with
+zero biases, also W_l, W1, W2), so lambda starts near softplus(0) = 0.69 (softmax: 1 / L) rather than 1.
+`exact_gelu`: GELU in its exact erf form (PyTorch's default, the fork's) instead of the tanh approximation.
 Parameters carry logical axis names for sharding: embed, heads, levels, decay_mlp.
 """
 
@@ -18,6 +22,10 @@ from flax import nnx
 from ramjax.layers.axes import logical_init, logical_param
 
 MODES = ("fixed", "linear", "mlp_softplus", "mlp_softmax")
+INITS = ("as_described", "as_run")
+
+# The fork's std for every Linear (GPT-2's); "as_run" uses it for W_l, W1 and W2.
+AS_RUN_STD = 0.02
 
 # softplus(0.54) = 0.9992: the adaptive decay starts as plain (lambda = 1) log-linear attention.
 MLP_SOFTPLUS_BIAS = 0.54
@@ -27,20 +35,25 @@ class FenwickDecay(nnx.Module):
     """x `[batch, time, d_model]` -> level_weights `[batch, time, heads, L]`."""
 
     def __init__(
-        self, d_model: int, num_heads: int, num_levels: int, mode: str, hidden: int = 64, *, rngs: nnx.Rngs
+        self, d_model: int, num_heads: int, num_levels: int, mode: str, hidden: int = 64, *,
+        init: str = "as_described", exact_gelu: bool = False, rngs: nnx.Rngs
     ):
         if mode not in MODES:
             raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
+        if init not in INITS:
+            raise ValueError(f"model.loglinear.lambda_init: must be one of {INITS}, got {init!r}")
         for name, value in (("d_model", d_model), ("num_heads", num_heads), ("num_levels", num_levels),
                             ("hidden", hidden)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-        self.num_heads, self.num_levels, self.mode = num_heads, num_levels, mode
+        self.num_heads, self.num_levels, self.mode, self.exact_gelu = num_heads, num_levels, mode, exact_gelu
         if mode == "fixed":
             return
+        as_run = init == "as_run"
+        normal = nnx.initializers.normal(AS_RUN_STD)
         self.level_proj = nnx.Linear(
             d_model, num_heads * num_levels, use_bias=False, rngs=rngs,
-            kernel_init=logical_init(nnx.initializers.lecun_normal(), "embed", "heads"),
+            kernel_init=logical_init(normal if as_run else nnx.initializers.lecun_normal(), "embed", "heads"),
         )
         if mode == "linear":
             # Lscale: excluded from weight decay by the optimiser's mask (it is a scale, like a norm's).
@@ -48,13 +61,13 @@ class FenwickDecay(nnx.Module):
             return
         self.mlp_in = nnx.Linear(
             num_levels, hidden, rngs=rngs,
-            kernel_init=logical_init(nnx.initializers.xavier_uniform(), "levels", "decay_mlp"),
+            kernel_init=logical_init(normal if as_run else nnx.initializers.xavier_uniform(), "levels", "decay_mlp"),
             bias_init=logical_init(nnx.initializers.zeros, "decay_mlp"),
         )
-        out_bias = MLP_SOFTPLUS_BIAS if mode == "mlp_softplus" else 0.0
+        out_bias = MLP_SOFTPLUS_BIAS if mode == "mlp_softplus" and not as_run else 0.0
         self.mlp_out = nnx.Linear(
             hidden, num_levels, rngs=rngs,
-            kernel_init=logical_init(nnx.initializers.zeros, "decay_mlp", "levels"),
+            kernel_init=logical_init(normal if as_run else nnx.initializers.zeros, "decay_mlp", "levels"),
             bias_init=logical_init(nnx.initializers.constant(out_bias), "levels"),
         )
 
@@ -66,7 +79,7 @@ class FenwickDecay(nnx.Module):
         dl = self.level_proj(x).reshape(shape)
         if self.mode == "linear":
             return jax.nn.softplus(self.level_scale[...] * dl)
-        logits = self.mlp_out(jax.nn.gelu(self.mlp_in(dl)))
+        logits = self.mlp_out(jax.nn.gelu(self.mlp_in(dl), approximate=not self.exact_gelu))
         if self.mode == "mlp_softplus":
             return jax.nn.softplus(logits)
         return jax.nn.softmax(logits, axis=-1)

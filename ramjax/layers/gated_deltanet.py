@@ -32,7 +32,8 @@ class GatedDeltaNetMixer(nnx.Module):
 
     def __init__(self, d_model: int, *, num_heads: int, head_dim: int = 0, expand_v: int = 2, conv_width: int = 4,
                  chunk_size: int = 64, decay_mode: str | None = None, num_levels: int = 15, decay_hidden: int = 64,
-                 impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                 lambda_init: str = "as_described", exact_gelu: bool = False, impl: str = "auto", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         head_dim = head_dim or d_model // num_heads
         self.num_heads, self.d_k, self.d_v, self.chunk_size = num_heads, head_dim, expand_v * head_dim, chunk_size
         self.impl = impl  # of the plain delta rule (ops.gated_delta_rule)
@@ -51,7 +52,8 @@ class GatedDeltaNetMixer(nnx.Module):
         self.gate_proj = dense(d_model, value_width, "embed", "heads", dtype=dtype, rngs=rngs)
         self.norm = GatedRMSNorm(self.d_v, axis_name=None)
         self.o_proj = dense(value_width, d_model, "heads", "embed", dtype=dtype, rngs=rngs)
-        self.decay = (FenwickDecay(d_model, num_heads, num_levels, decay_mode, decay_hidden, rngs=rngs)
+        self.decay = (FenwickDecay(d_model, num_heads, num_levels, decay_mode, decay_hidden, init=lambda_init,
+                                   exact_gelu=exact_gelu, rngs=rngs)
                       if decay_mode is not None else None)
 
     def _inputs(self, x: jax.Array, windows=None):

@@ -7,6 +7,11 @@ heads (ngroups = 1, as in the Mamba-2 language models).
 
 With a `FenwickDecay` (`decay_mode` other than None) the recurrence is log-linear attention weighted per level
 by lambda(x): the log-linear Mamba-2. With `decay_mode=None` it is plain Mamba-2 (a chunked linear recurrence).
+
+Switches that strip the layer down to the adaptive-decay fork's synthetic-task layer (docs/loglinear.md section 6):
+`conv_width=0` (no short conv and no SiLU on x_in, B, C), `gate=False` (no silu(z)), `output_norm=False` (no
+RMSNorm before W_out), `d_skip=False`, `dt_scales_v=False` (v = x_in) and `a_init="arange"` (A_h = -(h + 1):
+-1 with one head). With one head, the shared B and C are the fork's per-head k and q.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from ramjax.layers.conv import ShortConv, convolve_all
 from ramjax.layers.fenwick_decay import FenwickDecay
 from ramjax.layers.norm import RMSNorm
 
+A_INITS = ("uniform", "arange")
+
 
 def _dt_bias_init(key, num_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> jax.Array:
     """softplus^-1 of dt drawn log-uniformly in [dt_min, dt_max] (Mamba's initialisation)."""
@@ -34,48 +41,71 @@ class Mamba2Mixer(nnx.Module):
     """x `[batch, time, d_model]`, positions (unused: the recurrence is position-free) -> `[batch, time, d_model]`."""
 
     def __init__(self, d_model: int, *, expand: int = 2, head_dim: int = 64, d_state: int = 64, conv_width: int = 4,
-                 chunk_size: int = 64, decay_mode: str | None = None, num_levels: int = 15, decay_hidden: int = 64,
-                 impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                 chunk_size: int = 64, gate: bool = True, output_norm: bool = True, d_skip: bool = True,
+                 dt_scales_v: bool = True, a_init: str = "uniform", decay_mode: str | None = None,
+                 num_levels: int = 15, decay_hidden: int = 64, lambda_init: str = "as_described",
+                 exact_gelu: bool = False, impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         d_inner = expand * d_model
         if d_inner % head_dim:
             raise ValueError(f"model.mamba2.head_dim: must divide expand * d_model = {d_inner}, got {head_dim}")
+        if not isinstance(conv_width, int) or conv_width < 0:
+            raise ValueError(f"model.mamba2.conv_width: must be an integer >= 0 (0: no conv), got {conv_width!r}")
+        if a_init not in A_INITS:
+            raise ValueError(f"model.mamba2.a_init: must be one of {A_INITS}, got {a_init!r}")
         self.num_heads, self.head_dim, self.d_state, self.chunk_size = d_inner // head_dim, head_dim, d_state, chunk_size
         self.impl = impl  # of the plain recurrence (ops.gated_linear_attention)
-        self.z_proj = dense(d_model, d_inner, "embed", "heads", dtype=dtype, rngs=rngs)
+        self.dt_scales_v = dt_scales_v
+        self.z_proj = dense(d_model, d_inner, "embed", "heads", dtype=dtype, rngs=rngs) if gate else None
         self.x_proj = dense(d_model, d_inner, "embed", "heads", dtype=dtype, rngs=rngs)
         self.b_proj = dense(d_model, d_state, "embed", None, dtype=dtype, rngs=rngs)
         self.c_proj = dense(d_model, d_state, "embed", None, dtype=dtype, rngs=rngs)
         self.dt_proj = dense(d_model, self.num_heads, "embed", "heads", dtype=dtype, rngs=rngs)
-        self.x_conv = ShortConv(d_inner, conv_width, dtype=dtype, rngs=rngs)
-        self.b_conv = ShortConv(d_state, conv_width, dtype=dtype, rngs=rngs)
-        self.c_conv = ShortConv(d_state, conv_width, dtype=dtype, rngs=rngs)
+        convs = [ShortConv(width, conv_width, dtype=dtype, rngs=rngs) if conv_width else None
+                 for width in (d_inner, d_state, d_state)]
+        self.x_conv, self.b_conv, self.c_conv = convs
         self.dt_bias = logical_param(_dt_bias_init(rngs.params(), self.num_heads), "heads")
-        a_init = jax.random.uniform(rngs.params(), (self.num_heads,), minval=1.0, maxval=16.0)
-        self.a_log = logical_param(jnp.log(a_init), "heads")
-        self.d_skip = logical_param(jnp.ones((self.num_heads,)), "heads")
-        self.norm = RMSNorm(d_inner, axis_name="heads")
+        if a_init == "uniform":
+            a = jax.random.uniform(rngs.params(), (self.num_heads,), minval=1.0, maxval=16.0)
+        else:
+            a = jnp.arange(1, self.num_heads + 1, dtype=jnp.float32)
+        self.a_log = logical_param(jnp.log(a), "heads")
+        self.d_skip = logical_param(jnp.ones((self.num_heads,)), "heads") if d_skip else None
+        self.norm = RMSNorm(d_inner, axis_name="heads") if output_norm else None
         self.out_proj = dense(d_inner, d_model, "heads", "embed", dtype=dtype, rngs=rngs)
-        self.decay = (FenwickDecay(d_model, self.num_heads, num_levels, decay_mode, decay_hidden, rngs=rngs)
+        self.decay = (FenwickDecay(d_model, self.num_heads, num_levels, decay_mode, decay_hidden, init=lambda_init,
+                                   exact_gelu=exact_gelu, rngs=rngs)
                       if decay_mode is not None else None)
+
+    def _convs(self) -> tuple:
+        """The short convs of x_in, B, C; empty with conv_width 0."""
+        return () if self.x_conv is None else (self.x_conv, self.b_conv, self.c_conv)
 
     def _inputs(self, x: jax.Array, windows=None):
         """q, k, v, log decay, x_in of the recurrence, and the convs' windows after x (decoding)."""
         batch, seq_len, _ = x.shape
         heads = (batch, seq_len, self.num_heads, self.head_dim)
-        (x_in, b, c), new_windows = convolve_all((self.x_conv, self.b_conv, self.c_conv),
-                                                 (self.x_proj(x), self.b_proj(x), self.c_proj(x)), windows)
+        projected = (self.x_proj(x), self.b_proj(x), self.c_proj(x))
+        if self._convs():
+            (x_in, b, c), new_windows = convolve_all(self._convs(), projected, windows)
+        else:
+            (x_in, b, c), new_windows = projected, windows
         x_in = x_in.reshape(heads)
         dt = jax.nn.softplus(self.dt_proj(x).astype(jnp.float32) + self.dt_bias[...])  # [batch, time, heads]
         log_decay = -jnp.exp(self.a_log[...]) * dt
         k = jnp.broadcast_to(b[:, :, None, :], (batch, seq_len, self.num_heads, self.d_state))
         q = jnp.broadcast_to(c[:, :, None, :], (batch, seq_len, self.num_heads, self.d_state))
-        v = x_in * dt[..., None].astype(x_in.dtype)
+        v = x_in * dt[..., None].astype(x_in.dtype) if self.dt_scales_v else x_in
         return q, k, v, log_decay, x_in, new_windows
 
     def _output(self, x: jax.Array, y: jax.Array, x_in: jax.Array) -> jax.Array:
-        y = y + self.d_skip[...].astype(y.dtype)[:, None] * x_in
-        y = y.reshape(*x.shape[:2], -1) * jax.nn.silu(self.z_proj(x))
-        return self.out_proj(self.norm(y))
+        if self.d_skip is not None:
+            y = y + self.d_skip[...].astype(y.dtype)[:, None] * x_in
+        y = y.reshape(*x.shape[:2], -1)
+        if self.z_proj is not None:
+            y = y * jax.nn.silu(self.z_proj(x))
+        if self.norm is not None:
+            y = self.norm(y)
+        return self.out_proj(y)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         del positions
@@ -96,8 +126,7 @@ class Mamba2Mixer(nnx.Module):
             state = jnp.zeros((batch, self.num_heads, self.d_state, self.head_dim), jnp.float32)
         else:
             state = ops.loglinear_init(batch, self.num_heads, self.decay.num_levels, self.d_state, self.head_dim)
-        return {"state": state, "windows": [conv.init_window(batch) for conv in (self.x_conv, self.b_conv,
-                                                                                  self.c_conv)]}
+        return {"state": state, "windows": [conv.init_window(batch) for conv in self._convs()]}
 
     def extend(self, x: jax.Array, positions: jax.Array, cache: dict,
                fresh: bool = False) -> tuple[jax.Array, dict]:

@@ -1,4 +1,5 @@
-"""RMSNorm, and the gated RMSNorm that Mamba-2, Gated DeltaNet and GLA put before their output projections."""
+"""RMSNorm, the gated RMSNorm that Mamba-2, Gated DeltaNet and GLA put before their output projections, and
+LayerNorm (the residual norm of the adaptive-decay fork's model, `model.norm = "layer"`)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,19 @@ class GatedRMSNorm(RMSNorm):
 
     def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
         return super().__call__(x) * jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """(x - mean(x)) / sqrt(var(x) + eps) * scale + bias over the last axis, as PyTorch's nn.LayerNorm; computed in
+    fp32 and returned in x's dtype. Scale and bias are excluded from weight decay."""
+
+    def __init__(self, size: int, *, eps: float = 1e-5, axis_name: str | None = "embed"):
+        self.eps = eps
+        self.scale = logical_param(jnp.ones((size,)), axis_name)
+        self.bias = logical_param(jnp.zeros((size,)), axis_name)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        normed = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...] + self.bias[...]).astype(x.dtype)

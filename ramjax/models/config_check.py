@@ -7,6 +7,9 @@ import math
 
 from ramjax.errors import ConfigError
 from ramjax.layers.attention import IMPLS as ATTENTION_IMPLS
+from ramjax.layers.fenwick_decay import INITS as LAMBDA_INITS
+from ramjax.layers.mamba2 import A_INITS
+from ramjax.models.lm import BLOCKS, NORMS, WEIGHT_INITS
 from ramjax.models.mixers import MIXERS
 from ramjax.ops import addressing, gated_delta, gla, loglinear
 from ramjax.ops.memory import IMPLS as PDMA_IMPLS
@@ -28,6 +31,11 @@ def _number(field: str, value, low: float, high: float = math.inf, *, high_open:
         upper = "" if high == math.inf else (f" and < {high}" if high_open else f" and <= {high}")
         raise ConfigError(f"{field}: must be a finite number >= {low}{upper}, got {value!r}")
     return float(value)
+
+
+def _bool(field: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{field}: must be True or False, got {value!r}")
 
 
 def _choice(field: str, value, allowed) -> None:
@@ -73,6 +81,14 @@ def _check_chunked(name: str, section) -> None:
         raise ConfigError(f"model.{name}.chunk_size: impl 'pallas' needs a power of 2 >= 16, got {chunk_size}")
 
 
+def _check_mamba2(m) -> None:
+    """The switches of the Mamba-2 layer (all on, and A uniform, in Mamba-2; off and arange in the fork)."""
+    _int("model.mamba2.conv_width", m.conv_width, 0)
+    for name in ("gate", "output_norm", "d_skip", "dt_scales_v"):
+        _bool(f"model.mamba2.{name}", m.get(name, True))
+    _choice("model.mamba2.a_init", m.get("a_init", "uniform"), A_INITS)
+
+
 def check_model(model, max_seq_len: int | None = None) -> None:
     """Every field of `config.model` the model's mixers use; `max_seq_len`: the longest sequence the run
     trains or evaluates on (for the log-linear levels), None to skip that check."""
@@ -80,6 +96,13 @@ def check_model(model, max_seq_len: int | None = None) -> None:
     for field in ("d_model", "num_layers", "num_heads", "vocab_size"):
         _int(f"model.{field}", model[field])
     _choice("model.dtype", model.dtype, DTYPES)
+    _choice("model.block", model.get("block", "pre_norm"), BLOCKS)
+    _choice("model.norm", model.get("norm", "rms"), NORMS)
+    _bool("model.feed_forward", model.get("feed_forward", True))
+    _choice("model.weight_init", model.get("weight_init", "default"), WEIGHT_INITS)
+    _number("model.init_std", model.get("init_std", 0.02), 0.0)
+    if model.get("init_std", 0.02) == 0:
+        raise ConfigError("model.init_std: must be > 0, got 0")
     if "ramnet" in kinds:
         _check_ramnet(model.ramnet)
     if "attention" in kinds:
@@ -87,11 +110,15 @@ def check_model(model, max_seq_len: int | None = None) -> None:
     for kind in ("gla", "mamba2", "gated_deltanet"):
         if kind in kinds:
             _check_chunked(kind, model[kind])
+    if "mamba2" in kinds or ("loglinear" in kinds and model.loglinear.base == "mamba2"):
+        _check_mamba2(model.mamba2)
     if "loglinear" in kinds:
         ll = model.loglinear
         _choice("model.loglinear.base", ll.base, LOGLINEAR_BASES)
         _choice("model.loglinear.mode", ll.mode, LOGLINEAR_MODES)
         _check_chunked(ll.base, model[ll.base])
+        _choice("model.loglinear.lambda_init", ll.get("lambda_init", "as_described"), LAMBDA_INITS)
+        _bool("model.loglinear.exact_gelu", ll.get("exact_gelu", False))
         levels = _int("model.loglinear.num_levels", ll.num_levels)
         if max_seq_len is not None and levels < loglinear.num_levels(max_seq_len):
             raise ConfigError(f"model.loglinear.num_levels: {levels} levels cover sequences up to "

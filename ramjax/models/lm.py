@@ -1,5 +1,9 @@
 """The language model: embeddings, pre-norm residual blocks (token mixer + SwiGLU MLP, RMSNorm), LM head.
 
+Options that rebuild the adaptive-decay fork's synthetic-task model (docs/loglinear.md section 6), each off by
+default: `model.block = "post_norm"` (x = norm(x + f(x))), `model.norm = "layer"` (LayerNorm), `model.feed_forward =
+False` (the mixer alone), `model.weight_init = "normal"` (every Linear and the embedding N(0, init_std)).
+
 The mixer of each layer comes from `model.pattern`, repeated over the depth (a hybrid such as
 "ramnet,ramnet,ramnet,attention" gives three RAM-Net layers then one attention layer, and again). One period of
 the pattern is a `BlockGroup`; with `model.scan_layers` the groups are created stacked (nnx.vmap, a leading
@@ -8,6 +12,8 @@ the pattern is a `BlockGroup`; with `model.scan_layers` the groups are created s
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,10 +21,18 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ramjax.layers.axes import dense, logical_init
+from ramjax.layers.fenwick_decay import FenwickDecay
 from ramjax.layers.mlp import SwiGLU
-from ramjax.layers.norm import RMSNorm
+from ramjax.layers.norm import LayerNorm, RMSNorm
 from ramjax.layers.ramnet import RAMNetMixer, cape_heads_per_layer
 from ramjax.models.mixers import compute_dtype, make_mixer, parse_pattern
+
+BLOCKS = ("pre_norm", "post_norm")  # model.block
+NORMS = ("rms", "layer")  # model.norm
+WEIGHT_INITS = ("default", "normal")  # model.weight_init
+# The projections that write into the residual stream: "normal" scales their std by 1 / sqrt(2 num_layers), as
+# GPT-2 and the fork do (0.02 / sqrt(4) = 0.01 at 2 layers).
+RESIDUAL_OUTPUTS = ("out_proj", "o_proj", "down")
 
 
 def mlp_hidden(cfg) -> int:
@@ -36,33 +50,70 @@ def cape_schedule(cfg) -> np.ndarray:
     return np.asarray(cape_heads_per_layer(schedule, cfg.num_layers, cfg.num_heads), np.int32)
 
 
+def check_model_options(cfg) -> None:
+    """model.block, model.norm, model.feed_forward, model.weight_init and model.init_std, each error naming the
+    field, its value and what is allowed (configs recorded before these fields existed read as the defaults)."""
+    for field, allowed in (("block", BLOCKS), ("norm", NORMS), ("weight_init", WEIGHT_INITS)):
+        value = cfg.get(field, allowed[0])
+        if value not in allowed:
+            raise ValueError(f"model.{field}: must be one of {allowed}, got {value!r}")
+    if not isinstance(cfg.get("feed_forward", True), bool):
+        raise ValueError(f"model.feed_forward: must be True or False, got {cfg.feed_forward!r}")
+    std = cfg.get("init_std", 0.02)
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf:
+        raise ValueError(f"model.init_std: must be a finite number > 0, got {std!r}")
+
+
+def residual_norm(cfg) -> nnx.Module:
+    """The norm of the residual stream: model.norm's RMSNorm or LayerNorm."""
+    if cfg.get("norm", "rms") == "layer":
+        return LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
 class Block(nnx.Module):
-    """x + mixer(norm(x)), then x + mlp(norm(x))."""
+    """pre_norm: x + mixer(norm(x)), then x + mlp(norm(x)). post_norm: norm(x + mixer(x)), then norm(x + mlp(x)).
+    Without a feed-forward block (model.feed_forward False), the mixer half alone."""
 
     def __init__(self, kind: str, cfg, cape_heads, *, rngs: nnx.Rngs):
         dtype = compute_dtype(cfg)
-        self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.post_norm = cfg.get("block", "pre_norm") == "post_norm"
+        self.mixer_norm = residual_norm(cfg)
         self.kind = kind
         self.mixer = make_mixer(kind, cfg, cape_heads, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, mlp_hidden(cfg), dtype=dtype, rngs=rngs)
+        if cfg.get("feed_forward", True):
+            self.mlp_norm = residual_norm(cfg)
+            self.mlp = SwiGLU(cfg.d_model, mlp_hidden(cfg), dtype=dtype, rngs=rngs)
+        else:
+            self.mlp_norm = self.mlp = None
+
+    def _mixer_input(self, x: jax.Array) -> jax.Array:
+        return x if self.post_norm else self.mixer_norm(x)
+
+    def _add(self, x: jax.Array, y: jax.Array, norm: nnx.Module) -> jax.Array:
+        return norm(x + y) if self.post_norm else x + y
+
+    def _feed_forward(self, x: jax.Array) -> jax.Array:
+        if self.mlp is None:
+            return x
+        return self._add(x, self.mlp(x if self.post_norm else self.mlp_norm(x)), self.mlp_norm)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         # Scopes name each part's share of the step in profiles (experiments/profile_train_step.py).
         with jax.named_scope(f"mixer_{self.kind}"):
-            x = x + self.mixer(self.mixer_norm(x), positions)
+            x = self._add(x, self.mixer(self._mixer_input(x), positions), self.mixer_norm)
         with jax.named_scope("mlp"):
-            return x + self.mlp(self.mlp_norm(x))
+            return self._feed_forward(x)
 
     def extend(self, x: jax.Array, positions: jax.Array, cache, fresh: bool = False):
         """`__call__` continuing from the mixer's decoding state `cache`; returns (output, the state after x)."""
-        y, cache = self.mixer.extend(self.mixer_norm(x), positions, cache, fresh)
-        x = x + y
-        return x + self.mlp(self.mlp_norm(x)), cache
+        y, cache = self.mixer.extend(self._mixer_input(x), positions, cache, fresh)
+        return self._feed_forward(self._add(x, y, self.mixer_norm)), cache
 
     def with_addresses(self, x: jax.Array, positions: jax.Array):
         """(this block's output, the RAM-Net mixer's read and write codes, or None for other mixers)."""
-        codes = self.mixer.addresses(self.mixer_norm(x), positions) if isinstance(self.mixer, RAMNetMixer) else None
+        codes = (self.mixer.addresses(self._mixer_input(x), positions) if isinstance(self.mixer, RAMNetMixer)
+                 else None)
         return self(x, positions), codes
 
 
@@ -101,6 +152,25 @@ class BlockGroup(nnx.Module):
         return x, found
 
 
+def init_normal(model: nnx.Module, std: float, num_layers: int, key: jax.Array) -> None:
+    """Re-initialise, in place, every Linear's kernel N(0, std) (the residual outputs N(0, std / sqrt(2
+    num_layers))) and bias 0, and the embedding N(0, std): the fork's `_init_weights`, for any mixer. The
+    log-linear decay's Linears keep their own initialisation (model.loglinear.lambda_init says which)."""
+    modules = list(nnx.iter_modules(model))
+    decay_paths = [path for path, module in modules if isinstance(module, FenwickDecay)]
+    targets = [(path, module) for path, module in modules
+               if isinstance(module, (nnx.Linear, nnx.Embed))
+               and not any(path[:len(d)] == d for d in decay_paths)]
+    for (path, module), k in zip(targets, jax.random.split(key, len(targets))):
+        if isinstance(module, nnx.Embed):
+            module.embedding.set_value(std * jax.random.normal(k, jnp.shape(module.embedding[...]), jnp.float32))
+            continue
+        scale = std / math.sqrt(2 * num_layers) if path[-1] in RESIDUAL_OUTPUTS else std
+        module.kernel.set_value(scale * jax.random.normal(k, jnp.shape(module.kernel[...]), jnp.float32))
+        if module.bias is not None:
+            module.bias.set_value(jnp.zeros(jnp.shape(module.bias[...]), jnp.float32))
+
+
 class LanguageModel(nnx.Module):
     """tokens int `[batch, time]` (and optional positions `[batch, time]`) -> fp32 logits `[batch, time, vocab]`."""
 
@@ -110,6 +180,7 @@ class LanguageModel(nnx.Module):
             value = cfg[name]
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name}: must be a positive integer, got {value!r}")
+        check_model_options(cfg)
         layer_kinds = parse_pattern(cfg.pattern, cfg.num_layers)
         period = len(cfg.pattern.split(","))
         kinds, num_groups = layer_kinds[:period], cfg.num_layers // period
@@ -125,8 +196,10 @@ class LanguageModel(nnx.Module):
             self.groups = create_groups(rngs, jnp.arange(num_groups))
         else:
             self.groups = nnx.List([BlockGroup(kinds, cfg, g, rngs=rngs) for g in range(num_groups)])
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.final_norm = residual_norm(cfg)
         self.lm_head = dense(cfg.d_model, cfg.vocab_size, "embed", "vocab", dtype=self.dtype, rngs=rngs)
+        if cfg.get("weight_init", "default") == "normal":
+            init_normal(self, cfg.get("init_std", 0.02), cfg.num_layers, rngs.params())
         # Where the residual stream [batch, time, d_model] lives on a device mesh (set by the trainer). Without
         # it, XLA may follow the FSDP sharding of the weights into the activations and give every device the
         # whole batch (measured: 8x the temporaries on a (1, 8, 1) mesh).

@@ -65,5 +65,6 @@ def make_mixer(kind: str, cfg, cape_heads: int | jax.Array, *, rngs: nnx.Rngs) -
         if ll.base == "gated_deltanet":
             options["num_heads"] = cfg.num_heads
         return LogLinearMixer(cfg.d_model, base=ll.base, mode=ll.mode, num_levels=ll.num_levels,
-                              decay_hidden=ll.decay_hidden, base_options=options, rngs=rngs)
+                              decay_hidden=ll.decay_hidden, lambda_init=ll.get("lambda_init", "as_described"),
+                              exact_gelu=ll.get("exact_gelu", False), base_options=options, rngs=rngs)
     raise ValueError(f"model.pattern: unknown mixer {kind!r}; known: {MIXERS}")

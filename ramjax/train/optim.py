@@ -1,4 +1,7 @@
-"""AdamW with linear warm-up and cosine decay, gradient clipping by global norm, weight decay on matrices only."""
+"""AdamW with linear warm-up and cosine decay, gradient clipping by global norm, weight decay on matrices only.
+
+`optim.schedule = "constant"` holds the learning rate at optim.learning_rate from step 0 (no warm-up, no decay):
+with optim.weight_decay = 0 it is the constant-rate Adam the adaptive-decay fork trains with."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from flax import nnx
 # Parameters whose name is one of these get weight decay; scales, biases, temperatures (alpha), decay rates
 # (A_log, dt_bias) and FenwickDecay's Lscale do not.
 DECAYED = ("kernel", "embedding")
+SCHEDULES = ("warmup_cosine", "constant")
 
 
 def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
@@ -19,6 +23,15 @@ def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
         raise ValueError(f"optim.final_lr_ratio: must be in [0, 1], got {o.final_lr_ratio}")
     if not 0 <= o.warmup_steps:
         raise ValueError(f"optim.warmup_steps: must be >= 0, got {o.warmup_steps}")
+    schedule = o.get("schedule", "warmup_cosine")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule: must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "constant":
+        # A warm-up the constant schedule would silently ignore is refused rather than dropped.
+        if o.warmup_steps:
+            raise ValueError(f"optim.warmup_steps: schedule 'constant' has no warm-up, so it must be 0, got "
+                             f"{o.warmup_steps}")
+        return optax.constant_schedule(o.learning_rate)
     warmup = min(o.warmup_steps, num_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=o.learning_rate, warmup_steps=warmup, decay_steps=max(num_steps, warmup + 1),

@@ -28,6 +28,14 @@ RESULT_NEUTRAL = (
     "train.address_metrics", "train.on_nonfinite",
     "data.eval_settings", "data.eval_examples", "data.eval_batch_size", "data.eval_seed", "data.data_dir",
 )
+# Fields added after runs were recorded, with the value that computes what those runs computed (the ones whose
+# "off" value is not False, 0 or ""): a record that lacks one of them and a config at this value are the same run.
+ADDED_DEFAULTS = {
+    "model.block": "pre_norm", "model.norm": "rms", "model.feed_forward": True, "model.weight_init": "default",
+    "model.init_std": 0.02, "model.mamba2.gate": True, "model.mamba2.output_norm": True, "model.mamba2.d_skip": True,
+    "model.mamba2.dt_scales_v": True, "model.mamba2.a_init": "uniform", "model.loglinear.lambda_init": "as_described",
+    "data.layout": "standard", "optim.schedule": "warmup_cosine",
+}
 # Leaf names that choose an implementation of the same function, wherever they sit in the model config.
 IMPLEMENTATION_LEAVES = ("impl", "decoder_impl", "remat", "scan_layers")
 
@@ -51,13 +59,14 @@ def _is_neutral(field: str) -> bool:
 
 def differences(recorded: dict, current: dict) -> dict:
     """{field: (recorded value, current value)} for every result-changing field that differs. A field the
-    record lacks is a field added to ramjax since; at an "off" value (False, 0, "", None) it changes nothing."""
+    record lacks is a field added to ramjax since; at an "off" value (False, 0, "", None, or its ADDED_DEFAULTS
+    value) it changes nothing."""
     old, new = _flatten(recorded), _flatten(current)
     diffs = {}
     for field in sorted(set(old) | set(new)):
         if _is_neutral(field):
             continue
-        if field not in old and not new[field]:
+        if field not in old and (not new[field] or (field in ADDED_DEFAULTS and new[field] == ADDED_DEFAULTS[field])):
             continue
         if field not in new:
             continue  # a field ramjax no longer has: nothing can set it
