@@ -27,6 +27,7 @@ RESULT_NEUTRAL = (
     "train.progress", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.address_metrics", "train.on_nonfinite",
     "data.eval_settings", "data.eval_examples", "data.eval_batch_size", "data.eval_seed", "data.data_dir",
+    "data.num_workers",  # the LM pipeline's order does not depend on it (tests/test_lm_pipeline.py)
 )
 # Leaf names that choose an implementation of the same function, wherever they sit in the model config.
 IMPLEMENTATION_LEAVES = ("impl", "decoder_impl", "remat", "scan_layers")
