@@ -250,6 +250,7 @@ class LMTask:
             count += 1
             tokens += int(window["loss_mask"].sum()) + 1  # the window's first token is no target
             nbytes += int(window["nbytes"][window["loss_mask"]].sum())
+            nbytes += int(self.tokenizer.token_bytes(window["inputs"][:1]).sum())
         return {"documents": len(self.source(split)), "tokens": tokens, "bytes": nbytes, "windows": count}
 
 
