@@ -41,6 +41,7 @@ def get_config(variant: str = "ramnet"):
     d.batch_size = 32
     d.eval_examples = 256  # validation windows evaluated (0 = the whole split)
     d.eval_batch_size = 16
+    d.num_workers = 0  # grain worker processes that read and tokenise (0: threads in the training process)
 
     m = config.model
     m.vocab_size = d.vocab_size

@@ -96,9 +96,10 @@ def evaluate_run(workdir: str, split: str = "validation", max_windows: int = 0) 
     run = jax.jit(lambda params, rest, batch: per_token_nll(graphdef, params, rest, batch))
     seq_len = task.seq_len
     loss_sum, count, by_position, windows = 0.0, 0, np.zeros(seq_len), 0
+    # The number of windows is known only once the split is read (eval_examples caps it).
+    limit = config.data.eval_examples
     for batch in tqdm(task.eval_batches(), desc=f"eval {split}", unit="batch",
-                      total=-(-min(task.num_windows(split), config.data.eval_examples or 10**12) //
-                              config.data.eval_batch_size)):
+                      total=-(-limit // config.data.eval_batch_size) if limit > 0 else None):
         nll = np.asarray(run(state["params"], rest, {k: jnp.asarray(v) for k, v in batch._asdict().items()}))
         rows = batch.loss_mask[:, 0]
         loss_sum += float(nll.sum())

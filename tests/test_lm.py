@@ -95,28 +95,41 @@ def test_sentencepiece_trains_and_round_trips(corpus, tmp_path):
     assert len(tokenizer.encode(texts[0])) < len(texts[0].encode("utf-8"))  # it does compress
 
 
-def test_packing_restarts_positions_at_documents_and_is_deterministic(corpus, tmp_path):
+def test_the_task_streams_the_prepared_split_per_process_and_resumes(corpus, tmp_path):
+    """LMTask on the local_text builder's ArrayRecord files: per-process rows, positions restarting after EOS,
+    train_batch(step) (the trainer's current interface) equal to the iterator's batches, a resumable state, and
+    padded evaluation batches covering the split's windows (the pipeline itself: tests/test_lm_pipeline.py)."""
     task = lm.LMTask(lm_config(corpus, tmp_path).data)
-    stream = task.stream("train")
-    eos = np.flatnonzero(stream.tokens == task.tokenizer.eos_id)
-    assert len(eos) == stream.documents
-    starts = np.concatenate([[0], eos[:-1] + 1])
-    assert np.all(stream.positions[starts] == 0)
-    assert np.all(np.diff(stream.positions)[np.diff(stream.positions) != 1] < 0)  # +1 inside, reset between
-    batch = task.train_batch(3)
-    assert batch.inputs.shape == batch.positions.shape == (4, 32) and batch.loss_mask.all()
-    np.testing.assert_array_equal(batch.targets[:, :-1], batch.inputs[:, 1:])
-    again = lm.LMTask(lm_config(corpus, tmp_path).data).train_batch(3)
-    for a, b in zip(batch, again):
-        np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(task.train_batch(4).inputs, batch.inputs)
-    # Within an epoch no window repeats, and every row is one of the stream's windows.
-    n = task.num_windows("train")
-    windows = {tuple(stream.tokens[i * 32:(i + 1) * 32]) for i in range(n)}
-    seen = [tuple(row) for s in range(n // 4) for row in task.train_batch(s).inputs]
-    assert len(set(seen)) == len(seen) == (n // 4) * 4 and set(seen) <= windows
+    eos = task.tokenizer.eos_id
+    batches = [task.train_batch(step) for step in range(6)]
+    for batch in batches:
+        assert batch.inputs.shape == batch.positions.shape == (4, 32) and batch.loss_mask.all()
+        np.testing.assert_array_equal(batch.targets[:, :-1], batch.inputs[:, 1:])
+        after_eos = np.zeros_like(batch.inputs, bool)
+        after_eos[:, 1:] = batch.inputs[:, :-1] == eos
+        assert np.all(batch.positions[after_eos] == 0)
+        inside = ~after_eos[:, 1:]
+        assert np.all(np.diff(batch.positions, axis=1)[inside] == 1)
+    again = lm.LMTask(lm_config(corpus, tmp_path).data)
+    for step in (4, 2, 2):  # out of order: replays from the start
+        for a, b in zip(batches[step], again.train_batch(step)):
+            np.testing.assert_array_equal(a, b)
+    halves = [task.train_iterator(process, 2) for process in range(2)]
+    first = [next(iterator) for iterator in halves]
+    assert first[0].inputs.shape == (2, 32)
+    assert not np.array_equal(first[0].inputs, first[1].inputs)
+    state = json.loads(json.dumps(halves[1].get_state()))
+    expected = next(halves[1])
+    resumed = task.train_iterator(1, 2)
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed).inputs, expected.inputs)
+    for iterator in halves + [resumed]:
+        iterator.close()
     evals = list(task.eval_batches())
-    assert sum(int(b.loss_mask[:, 0].sum()) for b in evals) == min(6, task.num_windows("validation"))
+    counts = task.split_counts("validation")
+    assert sum(int(b.loss_mask[:, 0].sum()) for b in evals) == min(6, counts["windows"])
+    assert all(b.inputs.shape == (4, 32) for b in evals)
+    assert counts["documents"] == len(task.source("validation"))
 
 
 # The mixers the MQAR train tests and the decode tests also build run only in the slow set here.
@@ -142,7 +155,7 @@ def test_ramjax_eval_reports_bits_per_byte_and_per_position_loss(corpus, tmp_pat
     workdir = str(tmp_path / "run")
     train(config, workdir)
     result = evaluate_run(workdir)
-    assert result["windows"] == min(6, lm.LMTask(config.data).num_windows("validation"))
+    assert result["windows"] == min(6, lm.LMTask(config.data).split_counts("validation")["windows"])
     assert result["tokens"] == result["windows"] * 32
     assert 0 < result["bits_per_byte"] < 20 and len(result["per_position_loss"]) == 32
     assert result["perplexity"] == pytest.approx(np.exp(result["loss"]))
@@ -175,7 +188,7 @@ def test_prepared_data_is_keyed_by_its_source_and_a_changed_corpus_is_refused(co
     b = lm.LMTask(lm_config(mine, data_dir, validation_percent=40.0).data)
     c = lm.LMTask(lm_config(corpus, data_dir).data)
     assert len({lm.source_dir(t.config) for t in (a, b, c)}) == 3
-    assert a.stream("validation").documents != b.stream("validation").documents
+    assert len(a.source("validation")) != len(b.source("validation"))
     assert a.provenance["corpus_dir"] == str(mine) and a.provenance["files"] == 41
 
     config = lm_config(mine, data_dir)
@@ -197,7 +210,7 @@ def test_a_split_left_empty_is_refused_before_preparing(tmp_path):
     config = lm_config(small, tmp_path / "data", validation_percent=0.001)
     with pytest.raises(ValueError, match=r"data.validation_percent: 0.001% of the 3 documents .* leaves the "
                                          r"validation split empty"):
-        lm.LMTask(config.data).stream("train")
+        lm.LMTask(config.data).source("train")
 
 
 if __name__ == "__main__":
@@ -209,12 +222,13 @@ def test_a_prepared_tfds_dataset_reads_by_name(corpus, tmp_path):
     folder it was prepared in)."""
     missing = lm.LMTask(lm_config(corpus, tmp_path, dataset="tfds:local_text").data)
     with pytest.raises(ValueError, match="not prepared in"):
-        missing.stream("validation")
+        missing.source("validation")
     by_builder = lm.LMTask(lm_config(corpus, tmp_path).data)
-    by_builder.stream("validation")  # prepares local_text in data_dir/local_text-<key>
+    by_builder.source("validation")  # prepares local_text in data_dir/local_text-<key>
     prepared_in = lm.source_dir(by_builder.config)
     by_name = lm.LMTask(lm_config(corpus, prepared_in, dataset="tfds:local_text").data)
-    np.testing.assert_array_equal(by_name.stream("validation").tokens, by_builder.stream("validation").tokens)
+    for a, b in zip(by_name.eval_batches(), by_builder.eval_batches()):
+        np.testing.assert_array_equal(a.inputs, b.inputs)
     np.testing.assert_array_equal(by_name.train_batch(0).inputs, by_builder.train_batch(0).inputs)
 
 

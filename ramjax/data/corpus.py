@@ -1,7 +1,7 @@
 """A local text corpus on disk: which files it holds, and a fingerprint of them (no TFDS needed).
 
 The fingerprint hashes every document file's relative path, size and modification time, so a prepared dataset
-and its token streams can be checked against the corpus they came from in milliseconds (the standard library:
+and its tokenizer can be checked against the corpus they came from in milliseconds (the standard library:
 ~2000 files) without reading the text.
 """
 

@@ -1,24 +1,31 @@
-"""Language-model data: documents from TFDS, tokenised, packed into fixed-length windows.
+"""Language-model data: documents from TFDS, tokenised and packed into fixed-length windows by a grain pipeline.
 
-Packing: every document is tokenised and followed by EOS, and the documents of a split are concatenated into one
-token stream, with each token's position inside its document (positions, and so RAM-Net's CAPE shifts, restart
-at every document). Training windows are T + 1 consecutive tokens of that stream (inputs the first T, targets the
-last T); the window order is a permutation of all windows per epoch, drawn from (data.seed, epoch), so the
-batch of a step is a function of (seed, step): a resumed run sees the batches an uninterrupted one would, and
-every process builds the same global batch and keeps its rows. The loss mask is 0 only on padding (evaluation
-batches padded to full size).
+The pipeline (ramjax/data/lm_pipeline.py) reads the prepared split through a random-access TFDS data source,
+shuffles documents (seeded, a new permutation each epoch), gives each process only its own documents (process p
+of P reads every P-th of the shuffled order) and tokenises them (in `data.num_workers` grain worker processes,
+0: in this process); each document is followed by EOS and the documents are packed into windows of
+`data.seq_len` + 1 tokens (inputs the first T, targets the last T), with each token's position inside its
+document (positions, and so RAM-Net's CAPE shifts, restart at every document). Host memory is bounded (a few
+documents and batches in flight), whatever the size of the dataset. The loss mask is 0 only on padding (the end
+of an evaluation split, and the masked rows padding its last batch).
+
+`LMTask.train_iterator(process_index, process_count)` yields that process's rows of each global batch
+(data.batch_size // process_count); it is a grain DatasetIterator whose get_state()/set_state() go into the
+checkpoint with the model, so a resumed run reads on exactly where it stopped. On another number of processes
+(or workers) it restarts at `lm_pipeline.restart_document(old states)`: the first document some old process had
+not finished, read in the new sharding (a few batches' documents are read twice, none skipped). The data order
+does not depend on data.num_workers. Evaluation reads its split in stored order, unshuffled.
 
 Sources (`data.dataset`): "local_text" (the builder in local_text.py over `data.corpus_dir`, default the Python
 standard library) or "tfds:NAME" (any prepared TFDS dataset in `data.data_dir` with a text feature
-`data.text_feature`, read through `tfds.data_source`, no TensorFlow).
+`data.text_feature`, read through `tfds.data_source`, no TensorFlow; prepare it as ArrayRecord).
 
 Provenance: everything prepared from a source lives in `data_dir/<source>-<key>/`, where the key hashes what the
 source is (local_text: the corpus directory and validation_percent; tfds:NAME: the name, data_dir and text
-feature): the local_text dataset itself, the SentencePiece model and the token streams (one folder per
-tokenizer). Its provenance.json records those facts and, for local_text, the corpus fingerprint (files, sizes,
-mtimes: ramjax/data/corpus.py); a corpus that changed since is refused with what differs. The task's
-`provenance` (facts, fingerprint, tokenizer) goes into each run's record (config.json), so a resume on other
-data is refused like any other change.
+feature): the local_text dataset itself and the SentencePiece model. Its provenance.json records those facts
+and, for local_text, the corpus fingerprint (files, sizes, mtimes: ramjax/data/corpus.py); a corpus that changed
+since is refused with what differs. The task's `provenance` (facts, fingerprint, tokenizer) goes into each run's
+record (config.json), so a resume on other data is refused like any other change.
 """
 
 from __future__ import annotations
@@ -27,28 +34,14 @@ import hashlib
 import json
 import os
 import time
-from typing import NamedTuple
-
 import numpy as np
 
+from ramjax.data import lm_pipeline
+from ramjax.data.lm_pipeline import LMBatch
 from ramjax.data.tasks import EvalSlice
 from ramjax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
 
 TOKENIZERS = ("byte", "sentencepiece")
-
-
-class LMBatch(NamedTuple):
-    inputs: np.ndarray  # int32 [batch, time]
-    targets: np.ndarray  # int32 [batch, time]
-    loss_mask: np.ndarray  # bool [batch, time]
-    positions: np.ndarray  # int32 [batch, time]: position inside the document
-
-
-class Stream(NamedTuple):
-    tokens: np.ndarray  # int32 [n]
-    positions: np.ndarray  # int32 [n]
-    nbytes: np.ndarray  # int32 [n]: bytes of text each token stands for (EOS: 0)
-    documents: int
 
 
 def data_root(d) -> str:
@@ -56,8 +49,8 @@ def data_root(d) -> str:
 
 
 def source_facts(d) -> dict:
-    """What the prepared dataset, the tokenizer trained on it and the token streams depend on (besides the
-    tokenizer's own settings)."""
+    """What the prepared dataset and the tokenizer trained on it depend on (besides the tokenizer's own
+    settings)."""
     if d.dataset == "local_text":
         from ramjax.data.corpus import default_corpus_dir
 
@@ -105,7 +98,7 @@ def check_provenance(d) -> dict:
     return now
 
 
-def _source(d, split: str):
+def split_source(d, split: str):
     """A random-access sequence of examples (dicts with the text feature) of `split`, preparing it if needed."""
     if d.dataset == "local_text":
         from ramjax.data.local_text import check_splits, local_text_builder
@@ -133,7 +126,7 @@ def _source(d, split: str):
 
 
 def _texts(d, split: str):
-    source, feature = _source(d, split)
+    source, feature = split_source(d, split)
     for i in range(len(source)):
         text = source[i][feature]
         yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
@@ -163,49 +156,9 @@ def _tokenizer_tag(tokenizer) -> str:
         return "spm-" + hashlib.sha1(f.read()).hexdigest()[:12]
 
 
-def _positions(tokens: np.ndarray, eos_id: int) -> np.ndarray:
-    """Each token's position inside its document (documents end with EOS)."""
-    index = np.arange(len(tokens), dtype=np.int64)
-    starts = np.zeros(len(tokens), dtype=np.int64)
-    after_eos = np.flatnonzero(tokens[:-1] == eos_id) + 1
-    starts[after_eos] = after_eos
-    return (index - np.maximum.accumulate(starts)).astype(np.int32)
-
-
-def load_stream(d, tokenizer, split: str) -> Stream:
-    """The packed token stream of `split`, cached under source_dir/streams/ as compressed uint16 tokens when the
-    vocabulary fits (the stdlib corpus in bytes: ~31 M tokens, ~15 MB on disk). The cache and provenance.json
-    are all that reading needs (numpy, no TFDS): copy the source directory to a machine without TFDS to train
-    there (the corpus itself must be there too for local_text, whose fingerprint is checked)."""
-    directory = os.path.join(source_dir(d), "streams", _tokenizer_tag(tokenizer))
-    path = os.path.join(directory, f"{split}.npz")
-    if not os.path.exists(path):
-        tokens, documents = [], 0
-        for text in _texts(d, split):
-            tokens.append(np.append(tokenizer.encode(text), tokenizer.eos_id).astype(np.int32))
-            documents += 1
-        if not tokens:
-            raise ValueError(f"data: the {split!r} split of {d.dataset} has no documents")
-        tokens = np.concatenate(tokens)
-        stored = tokens.astype(np.uint16) if tokenizer.vocab_size <= 65536 else tokens
-        os.makedirs(directory, exist_ok=True)
-        partial = path + f".{os.getpid()}.tmp.npz"
-        np.savez_compressed(partial, tokens=stored, documents=documents)
-        os.replace(partial, path)  # atomic: processes sharing the data dir never read half a file
-    with np.load(path) as f:
-        tokens, documents = f["tokens"].astype(np.int32), int(f["documents"])
-    return Stream(tokens, _positions(tokens, tokenizer.eos_id), tokenizer.token_bytes(tokens).astype(np.int32),
-                  documents)
-
-
-def _window(stream: Stream, index: int, seq_len: int):
-    start = index * seq_len
-    return (stream.tokens[start:start + seq_len], stream.tokens[start + 1:start + seq_len + 1],
-            stream.positions[start:start + seq_len])
-
-
 class LMTask:
-    """The trainer's task interface (train_batch, eval_slices, eval_batches) over packed text."""
+    """The trainer's task interface over packed text (ramjax/data/lm_pipeline.py): train_iterator (this
+    process's rows, resumable), eval_slices, eval_batches, eval_bytes."""
 
     def __init__(self, data_config, *, eval_split: str = "validation"):
         d = self.config = data_config
@@ -214,6 +167,9 @@ class LMTask:
         self.seq_len = int(d.seq_len)
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len: must be >= 2, got {d.seq_len}")
+        self.num_workers = d.get("num_workers", 0)
+        lm_pipeline.check_layout(batch_size=d.batch_size, process_index=0, process_count=1,
+                                 num_workers=self.num_workers)
         source = check_provenance(d)
         self.tokenizer = make_tokenizer(d)
         # What this task's data is: recorded with each run (config.json), so a resume on other data is refused.
@@ -224,75 +180,89 @@ class LMTask:
         self.train_settings = self.eval_settings = [(0, self.seq_len)]
         self.eval_split = eval_split
         self.eval_slices = [EvalSlice(f"{eval_split}_len{self.seq_len}", 0, self.seq_len)]
-        self._streams = {}
-        self._orders = {}
-
-    def stream(self, split: str) -> Stream:
-        if split not in self._streams:
-            self._streams[split] = load_stream(self.config, self.tokenizer, split)
-            if len(self._streams[split].tokens) < self.seq_len + 1:
-                raise ValueError(f"data.seq_len: the {split!r} split has {len(self._streams[split].tokens)} "
-                                 f"tokens, fewer than one window of {self.seq_len + 1}")
-        return self._streams[split]
+        self._sources = {}
+        self._replay = None  # train_batch's iterator: (step of its last batch, that batch, the iterator)
 
     @property
     def max_train_len(self) -> int:
         return self.seq_len
 
-    def num_windows(self, split: str) -> int:
-        return (len(self.stream(split).tokens) - 1) // self.seq_len
+    @property
+    def feature(self) -> str:
+        """The examples' text feature."""
+        return "text" if self.config.dataset == "local_text" else self.config.text_feature
+
+    def source(self, split: str):
+        """The split's random-access examples (prepared on first use)."""
+        if split not in self._sources:
+            self._sources[split], _ = split_source(self.config, split)
+        return self._sources[split]
+
+    def train_iterator(self, process_index: int = 0, process_count: int = 1, *, start: int = 0):
+        """This process's training batches (LMBatch of data.batch_size // process_count rows), endless; a grain
+        DatasetIterator with get_state()/set_state(). `start`: the global document position to begin at
+        (lm_pipeline.restart_document, when resuming onto another layout)."""
+        d = self.config
+        dataset = lm_pipeline.train_dataset(
+            self.source("train"), self.feature, self.tokenizer, seq_len=self.seq_len,
+            batch_size=d.batch_size, seed=d.seed, process_index=process_index, process_count=process_count,
+            num_workers=self.num_workers, start=start)
+        layout = {"process_index": process_index, "process_count": process_count, "num_workers": self.num_workers,
+                  "seed": int(d.seed), "seq_len": self.seq_len, "batch_size": int(d.batch_size), "start": start}
+        return lm_pipeline.TrainIterator(dataset, layout)
 
     def train_batch(self, step: int) -> LMBatch:
-        stream, n = self.stream("train"), self.num_windows("train")
-        flat = step * self.config.batch_size + np.arange(self.config.batch_size)
-        epochs, offsets = flat // n, flat % n
-        rows = [_window(stream, int(self._epoch_order(int(e), n)[o]), self.seq_len) for e, o in zip(epochs, offsets)]
-        inputs, targets, positions = (np.stack(x) for x in zip(*rows))
-        return LMBatch(inputs, targets, np.ones_like(inputs, bool), positions)
+        """The global batch of `step` (one process's view of all rows), for a trainer that asks by step: reads
+        on from the last step asked for, and from the start when asked for an earlier one (a resume replays
+        the pipeline up to its step; train_iterator's set_state is the way that does not)."""
+        if self._replay is None or step < self._replay[0]:
+            self._replay = (-1, None, self.train_iterator())
+        last, batch, iterator = self._replay
+        for _ in range(step - last):
+            batch = next(iterator)
+        self._replay = (step, batch, iterator)
+        return batch
 
-    def _epoch_order(self, epoch: int, n: int) -> np.ndarray:
-        """The window order of `epoch`, drawn from (data.seed, epoch); the last two are kept, so the permutation
-        is drawn once per epoch rather than once per step."""
-        if epoch not in self._orders:
-            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
-            self._orders[epoch] = np.random.default_rng([self.config.seed, epoch]).permutation(n)
-        return self._orders[epoch]
+    def eval_windows(self, limit: int | None = None):
+        """The evaluation split's windows in order: at most `limit` (default data.eval_examples; 0: all)."""
+        limit = self.config.eval_examples if limit is None else limit
+        return lm_pipeline.eval_windows(self.source(self.eval_split), self.feature, self.tokenizer,
+                                        seq_len=self.seq_len, limit=limit)
 
     def eval_batches(self, eval_slice: EvalSlice | None = None):
         """The evaluation split's windows in order, up to data.eval_examples of them (0: all), in batches of
         data.eval_batch_size; the last batch is padded with masked rows."""
         del eval_slice
-        stream, n = self.stream(self.eval_split), self.num_windows(self.eval_split)
-        limit = n if self.config.eval_examples <= 0 else min(n, self.config.eval_examples)
-        size = self.config.eval_batch_size
-        for first in range(0, limit, size):
-            indices = list(range(first, min(first + size, limit)))
-            rows = [_window(stream, i, self.seq_len) for i in indices]
-            inputs, targets, positions = (np.stack(x) for x in zip(*rows))
-            mask = np.ones_like(inputs, bool)
-            pad = size - len(indices)
-            if pad:
-                inputs, targets, positions, mask = (np.pad(x, ((0, pad), (0, 0))) for x in
-                                                    (inputs, targets, positions, mask))
-            yield LMBatch(inputs, targets, mask, positions)
+        return lm_pipeline.padded_batches(iter(self.eval_windows()), self.config.eval_batch_size)
 
     def eval_bytes(self, limit_windows: int | None = None) -> np.ndarray:
-        """Bytes of text behind each target of the evaluation windows, [windows, T] (for bits per byte)."""
-        stream, n = self.stream(self.eval_split), self.num_windows(self.eval_split)
-        limit = n if not limit_windows else min(n, limit_windows)
-        return np.stack([stream.nbytes[i * self.seq_len + 1:i * self.seq_len + self.seq_len + 1]
-                         for i in range(limit)])
+        """Bytes of text behind each target of the evaluation windows, [windows, T] (for bits per byte; 0 on
+        padding)."""
+        windows = self.eval_windows(limit_windows or 0)
+        return np.stack([np.where(w["loss_mask"], w["nbytes"], 0) for w in windows])
+
+    def split_counts(self, split: str) -> dict:
+        """Documents, tokens, bytes and windows of `split` (one pass over it)."""
+        windows = lm_pipeline.eval_windows(self.source(split), self.feature, self.tokenizer,
+                                           seq_len=self.seq_len)
+        tokens = nbytes = count = 0
+        for window in windows:
+            count += 1
+            tokens += int(window["loss_mask"].sum()) + 1  # the window's first token is no target
+            nbytes += int(window["nbytes"][window["loss_mask"]].sum())
+            nbytes += int(self.tokenizer.token_bytes(window["inputs"][:1]).sum())
+        return {"documents": len(self.source(split)), "tokens": tokens, "bytes": nbytes, "windows": count}
 
 
-def prepare(config) -> dict:
-    """Builds the dataset, trains the tokeniser if it is SentencePiece, and tokenises both splits."""
+def prepare(config, *, count_train: bool = False) -> dict:
+    """Builds the dataset and trains the tokeniser if it is SentencePiece; counts the validation split's tokens
+    (and the train split's with count_train: a pass over all of it)."""
     task = LMTask(config.data)
     out = {"data_dir": source_dir(config.data), "provenance": task.provenance, "tokenizer": task.tokenizer.name,
            "vocab_size": int(task.tokenizer.vocab_size)}
     for split in ("train", "validation"):
-        stream = task.stream(split)
-        out[split] = {"documents": stream.documents, "tokens": int(len(stream.tokens)),
-                      "bytes": int(stream.nbytes.sum()), "windows": task.num_windows(split)}
+        out[split] = (task.split_counts(split) if split == "validation" or count_train
+                      else {"documents": len(task.source(split))})
     return out
 
 

@@ -61,6 +61,13 @@ class SentencePieceTokenizer:
                 sizes.append(len(piece.replace("\u2581", " ").encode("utf-8")))
         self.sizes = np.asarray(sizes, np.int32)
 
+    def __getstate__(self) -> dict:
+        # grain worker processes receive the tokenizer pickled: send the model's path, load it there.
+        return {"model_path": self.model_path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_path"])
+
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.processor.encode(text), np.int32)
 

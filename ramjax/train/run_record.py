@@ -27,6 +27,7 @@ RESULT_NEUTRAL = (
     "train.progress", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.address_metrics", "train.on_nonfinite",
     "data.eval_settings", "data.eval_examples", "data.eval_batch_size", "data.eval_seed", "data.data_dir",
+    "data.num_workers",  # the LM pipeline's order does not depend on it (tests/test_lm_pipeline.py)
 )
 # Fields added after runs were recorded, with the value that computes what those runs computed (the ones whose
 # "off" value is not False, 0 or ""): a record that lacks one of them and a config at this value are the same run.
