@@ -79,6 +79,9 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
     # With each evaluation, RAM-Net's read/write overlap and top-K mass per layer on the step's MQAR batch
     # (ramjax/train/address_metrics.py): whether queries read the slots their value was written to.
     config.train.address_metrics = True
+    # > 0: end the run (as finished, its summary saying so) at the first evaluation whose mean accuracy reaches
+    # this; 0: run all num_steps. The summary always records the best evaluation and its step ("best_eval").
+    config.train.early_stop_accuracy = 0.0
     # Steps [start, stop) traced with jax.profiler into WORKDIR/profile (open with TensorBoard's profile plugin or
     # XProf); (0, 0): none. Each process of a multi-process run writes its own trace.
     config.train.profile_steps = (0, 0)

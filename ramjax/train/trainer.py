@@ -62,7 +62,9 @@ class _Outcome(NamedTuple):
     """What the loop leaves for `_finish`."""
     state: Any
     start: int
+    end: int  # the last step trained: num_steps, or the step an early stop ended at
     last_metrics: dict
+    best_eval: dict  # the evaluation with the highest mean accuracy, with its step
     last_eval: dict
     nonfinite_steps: list
     train_seconds: float
@@ -97,6 +99,7 @@ def _prepare(config, workdir: str, devices) -> _Run:
         batch_sh = sharding.batch_sharding(config.mesh.rules, mesh)
         check_train_config(config, task, sharding.num_shards(batch_sh))
         top_k_schedule.check(config)
+        _early_stop_accuracy(config)
         profiler = ProfileWindow(config.train.get("profile_steps", (0, 0)), os.path.join(workdir, "profile"))
         spec = abstract_model(config, mesh)
     except ValueError as error:
@@ -154,9 +157,10 @@ def _resume(run: _Run, checkpoints: Checkpoints, *, amend: bool, restart: bool):
     summary_path = os.path.join(workdir, "summary.json")
     finished = _read_json(summary_path)
     num_steps = config.train.num_steps
-    if finished is not None and latest == num_steps and finished.get("steps") == num_steps:
+    if finished is not None and latest == finished.get("steps") and (
+            latest == num_steps or (finished.get("stopped_early") and _early_stop_accuracy(config) > 0)):
         if is_main:
-            print(f"ramjax train: {workdir} already finished its {num_steps} steps; its summary is "
+            print(f"ramjax train: {workdir} already finished ({latest} steps); its summary is "
                   f"{summary_path} (left as it was)")
         return finished, None, None
     restored = None
@@ -214,7 +218,9 @@ def _loop(run: _Run, checkpoints: Checkpoints, state, start: int) -> _Outcome:
                     dynamic_ncols=True, desc="train")
     nonfinite = _NonfiniteSteps(run, metrics_log, progress)
     throughput = _Throughput(tokens_per_step)
-    last_metrics, last_eval = {}, {}
+    last_metrics, last_eval, best_eval = {}, {}, {}
+    early_stop = _early_stop_accuracy(config)
+    end = num_steps
     preempted = []
     previous_handler = preemption.install_sigterm_flag(preempted)
     keep_ignoring_sigterm = False
@@ -236,10 +242,20 @@ def _loop(run: _Run, checkpoints: Checkpoints, state, start: int) -> _Outcome:
                 metrics_log.write(done, {f"train/{k}": v for k, v in last_metrics.items()})
                 progress.set_postfix(loss=f"{last_metrics['loss']:.3f}", acc=f"{last_metrics['accuracy']:.3f}",
                                      tok_s=f"{last_metrics['tokens_per_s']:.0f}")
+            stop_early = False
             if done % t.eval_every == 0 or done == num_steps:
                 last_eval = _evaluate_and_log(run, state, rest, step, metrics_log, progress)
+                if last_eval["eval/accuracy/mean"] > best_eval.get("eval/accuracy/mean", -1.0):
+                    best_eval = {"step": done, **last_eval}
+                stop_early = 0 < early_stop <= last_eval["eval/accuracy/mean"] and done < num_steps
             checkpoints.save(done, state, _meta(config, done))
             progress.update(1)
+            if stop_early:
+                end = done
+                if run.is_main:
+                    progress.write(f"ramjax train: eval accuracy mean {last_eval['eval/accuracy/mean']:.4f} >= "
+                                   f"train.early_stop_accuracy {early_stop} at step {done}: stopping early")
+                break
             if done % t.log_every == 0:
                 throughput.restart_interval()
             if preemption.any_process(bool(preempted)):
@@ -253,14 +269,39 @@ def _loop(run: _Run, checkpoints: Checkpoints, state, start: int) -> _Outcome:
             signal.signal(signal.SIGTERM, previous_handler)
     progress.close()
     nonfinite.check()
-    if checkpoints.latest_step() != num_steps:
-        checkpoints.save(num_steps, state, _meta(config, num_steps), force=True)
+    if checkpoints.latest_step() != end:
+        checkpoints.save(end, state, _meta(config, end), force=True)
     checkpoints.wait()
     metrics_log.close()
     if not last_eval and start >= num_steps:
         last_eval = evaluate(run.eval_step, state["params"], rest, task, run.batches)
-    return _Outcome(state=state, start=start, last_metrics=last_metrics, last_eval=last_eval,
-                    nonfinite_steps=nonfinite.steps, train_seconds=throughput.train_seconds)
+    best_eval = _best_eval(run.workdir, best_eval or ({"step": end, **last_eval} if last_eval else {}))
+    return _Outcome(state=state, start=start, end=end, last_metrics=last_metrics, best_eval=best_eval,
+                    last_eval=last_eval, nonfinite_steps=nonfinite.steps, train_seconds=throughput.train_seconds)
+
+
+def _early_stop_accuracy(config) -> float:
+    value = config.train.get("early_stop_accuracy", 0.0)
+    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ConfigError(f"train.early_stop_accuracy: must be in [0, 1] (0: no early stop), got {value!r}")
+    return float(value)
+
+
+def _best_eval(workdir: str, this_session: dict) -> dict:
+    """The best evaluation of the whole run: this session's, or one logged before a resume (metrics.jsonl)."""
+    best = this_session
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a torn last line after a crash
+                    continue
+                if row.get("eval/accuracy/mean", -1.0) > best.get("eval/accuracy/mean", -1.0):
+                    best = {"step": row["step"], **{k: v for k, v in row.items() if k.startswith("eval/")}}
+    except OSError:
+        pass
+    return best
 
 
 def _meta(config, step: int) -> dict:
@@ -408,7 +449,7 @@ def _stop_on_interrupt(run: _Run, progress, checkpoints: Checkpoints, state, don
 
 def _finish(run: _Run, checkpoints: Checkpoints, outcome: _Outcome, wall_start: float) -> dict:
     checkpoints.close()
-    config, num_steps = run.config, run.config.train.num_steps
+    config, num_steps = run.config, outcome.end
     summary = {
         "status": "finished",
         "workdir": os.path.abspath(run.workdir),
@@ -420,6 +461,8 @@ def _finish(run: _Run, checkpoints: Checkpoints, outcome: _Outcome, wall_start: 
         "train": outcome.last_metrics,
         "nonfinite_steps": outcome.nonfinite_steps,
         "eval": outcome.last_eval,
+        "best_eval": outcome.best_eval,
+        "stopped_early": outcome.end < config.train.num_steps,
         "wall_s": time.time() - wall_start,
         "train_s_this_session": outcome.train_seconds,
         "environment": environment(),
