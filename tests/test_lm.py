@@ -97,11 +97,13 @@ def test_sentencepiece_trains_and_round_trips(corpus, tmp_path):
 
 def test_the_task_streams_the_prepared_split_per_process_and_resumes(corpus, tmp_path):
     """LMTask on the local_text builder's ArrayRecord files: per-process rows, positions restarting after EOS,
-    train_batch(step) (the trainer's current interface) equal to the iterator's batches, a resumable state, and
-    padded evaluation batches covering the split's windows (the pipeline itself: tests/test_lm_pipeline.py)."""
+    the same batches from a second task, a resumable state, and padded evaluation batches covering the split's
+    windows (the pipeline itself: tests/test_lm_pipeline.py; in the trainer: tests/test_lm_resume.py)."""
     task = lm.LMTask(lm_config(corpus, tmp_path).data)
     eos = task.tokenizer.eos_id
-    batches = [task.train_batch(step) for step in range(6)]
+    whole = task.train_iterator()
+    batches = [next(whole) for step in range(6)]
+    whole.close()
     for batch in batches:
         assert batch.inputs.shape == batch.positions.shape == (4, 32) and batch.loss_mask.all()
         np.testing.assert_array_equal(batch.targets[:, :-1], batch.inputs[:, 1:])
@@ -110,10 +112,11 @@ def test_the_task_streams_the_prepared_split_per_process_and_resumes(corpus, tmp
         assert np.all(batch.positions[after_eos] == 0)
         inside = ~after_eos[:, 1:]
         assert np.all(np.diff(batch.positions, axis=1)[inside] == 1)
-    again = lm.LMTask(lm_config(corpus, tmp_path).data)
-    for step in (4, 2, 2):  # out of order: replays from the start
-        for a, b in zip(batches[step], again.train_batch(step)):
+    again = lm.LMTask(lm_config(corpus, tmp_path).data).train_iterator()
+    for batch in batches:
+        for a, b in zip(batch, next(again)):
             np.testing.assert_array_equal(a, b)
+    again.close()
     halves = [task.train_iterator(process, 2) for process in range(2)]
     first = [next(iterator) for iterator in halves]
     assert first[0].inputs.shape == (2, 32)
@@ -229,7 +232,10 @@ def test_a_prepared_tfds_dataset_reads_by_name(corpus, tmp_path):
     by_name = lm.LMTask(lm_config(corpus, prepared_in, dataset="tfds:local_text").data)
     for a, b in zip(by_name.eval_batches(), by_builder.eval_batches()):
         np.testing.assert_array_equal(a.inputs, b.inputs)
-    np.testing.assert_array_equal(by_name.train_batch(0).inputs, by_builder.train_batch(0).inputs)
+    first = [task.train_iterator() for task in (by_name, by_builder)]
+    np.testing.assert_array_equal(next(first[0]).inputs, next(first[1]).inputs)
+    for iterator in first:
+        iterator.close()
 
 
 def test_ramjax_generate_prints_a_continuation(corpus, tmp_path):

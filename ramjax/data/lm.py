@@ -11,10 +11,15 @@ of an evaluation split, and the masked rows padding its last batch).
 
 `LMTask.train_iterator(process_index, process_count)` yields that process's rows of each global batch
 (data.batch_size // process_count); it is a grain DatasetIterator whose get_state()/set_state() go into the
-checkpoint with the model, so a resumed run reads on exactly where it stopped. On another number of processes
-(or workers) it restarts at `lm_pipeline.restart_document(old states)`: the first document some old process had
-not finished, read in the new sharding (a few batches' documents are read twice, none skipped). The data order
-does not depend on data.num_workers. Evaluation reads its split in stored order, unshuffled.
+checkpoint with the model, so a resumed run reads on exactly where it stopped. The trainer (_TrainData in
+ramjax/train/trainer.py) reads each process's rows from it and puts them on the mesh with
+jax.make_array_from_process_local_data (evaluation.Batches.put_local); every checkpoint holds each process's
+iterator state (checkpoints/<step>/data/process_<i>-of-<n>.json, grain's Orbax item). On another number of
+processes (or workers) a resume restarts at `lm_pipeline.restart_document(old states)`: the first document some
+old process had not finished, read in the new sharding (a few batches' documents are read twice, none skipped),
+and says so. A checkpoint saved before the trainer kept the state is caught up by replaying the stream to its
+step. The data order does not depend on data.num_workers. Evaluation reads its split in stored order,
+unshuffled.
 
 Sources (`data.dataset`): "local_text" (the builder in local_text.py over `data.corpus_dir`, default the Python
 standard library) or "tfds:NAME" (any prepared TFDS dataset in `data.data_dir` with a text feature
@@ -181,7 +186,6 @@ class LMTask:
         self.eval_split = eval_split
         self.eval_slices = [EvalSlice(f"{eval_split}_len{self.seq_len}", 0, self.seq_len)]
         self._sources = {}
-        self._replay = None  # train_batch's iterator: (step of its last batch, that batch, the iterator)
 
     @property
     def max_train_len(self) -> int:
@@ -210,18 +214,6 @@ class LMTask:
         layout = {"process_index": process_index, "process_count": process_count, "num_workers": self.num_workers,
                   "seed": int(d.seed), "seq_len": self.seq_len, "batch_size": int(d.batch_size), "start": start}
         return lm_pipeline.TrainIterator(dataset, layout)
-
-    def train_batch(self, step: int) -> LMBatch:
-        """The global batch of `step` (one process's view of all rows), for a trainer that asks by step: reads
-        on from the last step asked for, and from the start when asked for an earlier one (a resume replays
-        the pipeline up to its step; train_iterator's set_state is the way that does not)."""
-        if self._replay is None or step < self._replay[0]:
-            self._replay = (-1, None, self.train_iterator())
-        last, batch, iterator = self._replay
-        for _ in range(step - last):
-            batch = next(iterator)
-        self._replay = (step, batch, iterator)
-        return batch
 
     def eval_windows(self, limit: int | None = None):
         """The evaluation split's windows in order: at most `limit` (default data.eval_examples; 0: all)."""

@@ -1,8 +1,13 @@
-"""Orbax checkpoints of the train state plus a JSON of run metadata (step, data position, seeds).
+"""Orbax checkpoints of the train state plus a JSON of run metadata (step, data position, seeds) and, for
+streamed data (language models), the data iterator's state of every process.
 
 Saves are asynchronous (training continues while the previous step's arrays are written) and keep the newest
 `keep` checkpoints. Restoring takes the abstract state with the current run's shardings, so a checkpoint is
 read straight into the layout this run uses.
+
+The data item (`track_data`) is grain's Orbax item (grain.checkpoint.CheckpointHandler): each process writes
+its own iterator state, `<step>/data/process_<i>-of-<n>.json`, so a resume on n processes reads its own and a
+resume on another number reads all n (`data_states`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,11 @@ import os
 import shutil
 import time
 
+import json
+import re
+from typing import Callable
+
+import grain
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -26,10 +36,16 @@ class Checkpoints:
         self.options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
                                                     enable_async_checkpointing=True)
         self.directory = os.path.abspath(directory)
+        self.data_state: Callable[[int], dict | None] | None = None
         self.manager = self._open()
 
     def _open(self):
-        return ocp.CheckpointManager(self.directory, options=self.options, item_names=("state", "meta"))
+        return ocp.CheckpointManager(self.directory, options=self.options, item_names=("state", "meta", "data"))
+
+    def track_data(self, state_at: Callable[[int], dict | None]) -> None:
+        """Every later save of step s also saves `state_at(s)`, this process's data-iterator state before the
+        batch of step s (a JSON-able dict; None: none to save)."""
+        self.data_state = state_at
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -69,8 +85,12 @@ class Checkpoints:
 
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
         """Save at `step` if it is a checkpoint step (or `force`); True when a save started."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        return self.manager.save(step, args=args, force=force)
+        items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        data = self.data_state(step) if self.data_state is not None else None
+        if data is not None:
+            # grain's handler asks the item for its state as it saves: hand it the state of `step`, frozen now.
+            items["data"] = grain.checkpoint.CheckpointSave(_SavedState(data))
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state):
         """(state, meta) of checkpoint `step`, placed as `abstract_state` (ShapeDtypeStructs with shardings) says."""
@@ -78,8 +98,39 @@ class Checkpoints:
         restored = self.manager.restore(step, args=args)
         return restored.state, restored.meta
 
+    def data_states(self, step: int) -> list[dict] | None:
+        """The data-iterator state of every process that saved checkpoint `step`, by process index; None if the
+        checkpoint has none (synthetic data, or saved before the trainer kept one)."""
+        directory = os.path.join(self.directory, str(step), "data")
+        if not os.path.isdir(directory):
+            return None
+        files = {}
+        for name in os.listdir(directory):
+            match = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", name)
+            if match:
+                files[int(match[1])] = (int(match[2]), os.path.join(directory, name))
+        counts = {count for count, _ in files.values()}
+        if len(counts) != 1 or sorted(files) != list(range(counts.pop())):
+            raise ValueError(f"{directory}: the data-iterator states of some processes are missing "
+                             f"({sorted(os.listdir(directory))})")
+        states = []
+        for index in sorted(files):
+            with open(files[index][1]) as f:
+                states.append(json.load(f))
+        return states
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+class _SavedState:
+    """A data-iterator state, as grain's CheckpointHandler asks an iterator for it (get_state() -> JSON bytes)."""
+
+    def __init__(self, state: dict):
+        self.state = json.dumps(state, indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self.state

@@ -8,7 +8,9 @@ import numpy as np
 
 
 class Batches:
-    """Global batches as sharded jax.Arrays; each process contributes its own rows."""
+    """Batches as sharded jax.Arrays of the global batch: `put` takes the global batch (every process makes all
+    of it, from (seed, step), and contributes its own rows), `put_local` only this process's rows (a streamed
+    dataset, each process reading its own)."""
 
     def __init__(self, batch_sharding):
         self.sharding = batch_sharding
@@ -18,6 +20,13 @@ class Batches:
         start = jax.process_index() * rows
         return {field: jax.make_array_from_process_local_data(self.sharding, np.asarray(value[start:start + rows]))
                 for field, value in batch._asdict().items()}
+
+    def put_local(self, rows) -> dict:
+        """This process's rows (a batch of global rows // process count) as the global batch's arrays."""
+        count = jax.process_count()
+        return {field: jax.make_array_from_process_local_data(
+                    self.sharding, np.asarray(value), (value.shape[0] * count, *value.shape[1:]))
+                for field, value in rows._asdict().items()}
 
 
 def evaluate(eval_step, params, rest, task, batches: Batches) -> dict:

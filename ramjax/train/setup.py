@@ -207,8 +207,13 @@ def step_memory(config, *, devices=None) -> dict:
     parameter + optimizer-state bytes one device holds (from the shardings: what FSDP divides)."""
     task = make_task(config)
     setup = train_setup(config, devices=devices)
+    if hasattr(task, "train_iterator"):  # a streamed dataset: its first batch, all rows in one process
+        iterator = task.train_iterator()
+        example, _ = next(iterator), iterator.close()
+    else:
+        example = task.train_batch(0)
     batch = {name: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype, sharding=setup.batch_sharding)
-             for name, value in task.train_batch(0)._asdict().items()}
+             for name, value in example._asdict().items()}
     state = setup.abstract_state
     analysis = setup.train_step.lower(state, setup.abstract_rest, batch).compile().memory_analysis()
     held = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))

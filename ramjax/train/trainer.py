@@ -6,7 +6,8 @@
              -> _finish  (the last checkpoint, summary.json)
 
 Rerunning the same command with the same workdir resumes from the newest checkpoint: parameters, optimizer
-state, step and data position (batches are a function of (data.seed, step)), so an interrupted run ends where an
+state, step and data position (synthetic tasks: batches are a function of (data.seed, step); language models:
+each process's data-iterator state is in the checkpoint, see _TrainData), so an interrupted run ends where an
 uninterrupted one would. The workdir holds config.json (written once; deliberate changes go to amendments.jsonl,
 see run_record.py), metrics.jsonl, tensorboard/, checkpoints/ and, at the end, summary.json (never overwritten:
 rerunning a finished run prints where it is).
@@ -26,6 +27,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from ramjax.data import lm_pipeline
 from ramjax.errors import ConfigError
 from ramjax.models.state_size import recurrent_state_size
 from ramjax.timing import environment
@@ -216,7 +218,8 @@ def _loop(run: _Run, checkpoints: Checkpoints, state, start: int) -> _Outcome:
               f"{dict(run.mesh.shape)}, steps {start}..{num_steps}, workdir {run.workdir}")
     progress = tqdm(total=num_steps, initial=start, disable=not (t.progress and run.is_main), unit="step",
                     dynamic_ncols=True, desc="train")
-    nonfinite = _NonfiniteSteps(run, metrics_log, progress)
+    data = _TrainData(run, checkpoints, start)
+    nonfinite = _NonfiniteSteps(run, metrics_log, progress, data)
     throughput = _Throughput(tokens_per_step)
     last_metrics, last_eval, best_eval = {}, {}, {}
     early_stop = _early_stop_accuracy(config)
@@ -228,7 +231,7 @@ def _loop(run: _Run, checkpoints: Checkpoints, state, start: int) -> _Outcome:
     try:
         for step in range(start, num_steps):
             run.profiler.before(step)
-            state, metrics = run.train_steps(step)(state, rest, run.batches.put(task.train_batch(step)))
+            state, metrics = run.train_steps(step)(state, rest, data.put(step))
             run.profiler.after(step + 1, metrics)
             done = step + 1
             throughput.count_step()
@@ -272,6 +275,7 @@ def _loop(run: _Run, checkpoints: Checkpoints, state, start: int) -> _Outcome:
     if checkpoints.latest_step() != end:
         checkpoints.save(end, state, _meta(config, end), force=True)
     checkpoints.wait()
+    data.close()
     metrics_log.close()
     if not last_eval and start >= num_steps:
         last_eval = evaluate(run.eval_step, state["params"], rest, task, run.batches)
@@ -306,7 +310,7 @@ def _best_eval(workdir: str, this_session: dict) -> dict:
 
 def _meta(config, step: int) -> dict:
     """What a checkpoint records beside the state: the step and where the data stands (batches are a function of
-    (data.seed, step))."""
+    (data.seed, step); a language model's data position is the data item's iterator states, see _TrainData)."""
     return {"step": step, "data_step": step, "data_seed": config.data.seed, "init_seed": config.train.init_seed}
 
 
@@ -341,8 +345,8 @@ class _NonfiniteSteps:
     report the loss), and it wraps the optimizer state, which would change every checkpoint's layout; the step
     keeps the old state with one jnp.where per leaf (ramjax/train/step.py)."""
 
-    def __init__(self, run: _Run, metrics_log: MetricsLog, progress):
-        self.run, self.metrics_log, self.progress = run, metrics_log, progress
+    def __init__(self, run: _Run, metrics_log: MetricsLog, progress, data: "_TrainData"):
+        self.run, self.metrics_log, self.progress, self.data = run, metrics_log, progress, data
         self.unchecked = []  # (step, metrics) not yet checked
         self.steps = []
 
@@ -356,7 +360,7 @@ class _NonfiniteSteps:
         run, seed = self.run, self.run.config.data.seed
         for step, m in bad:
             self.steps.append(step)
-            saved = _save_batch(run.workdir, run.task, step) if run.is_main else ""
+            saved = _save_batch(run.workdir, self.data, step) if run.is_main else ""
             self.metrics_log.write(step + 1, {"train/nonfinite_step": step, "train/nonfinite_loss": m["loss"],
                                               "train/nonfinite_grad_norm": m["grad_norm"]})
             if run.is_main:
@@ -366,13 +370,94 @@ class _NonfiniteSteps:
         return bool(bad)
 
 
-def _save_batch(workdir: str, task, step: int) -> str:
-    """Writes the batch of a non-finite step to workdir/nonfinite/step_N.npz; returns where, for the log."""
+def _save_batch(workdir: str, data: "_TrainData", step: int) -> str:
+    """Writes the batch of a non-finite step to workdir/nonfinite/step_N.npz (a streamed dataset on several
+    processes: process 0's rows); returns where, for the log."""
     directory = os.path.join(workdir, "nonfinite")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"step_{step}.npz")
-    np.savez(path, **task.train_batch(step)._asdict())
+    np.savez(path, **data.host_batch(step)._asdict())
     return f", saved to {path}"
+
+
+class _TrainData:
+    """The loop's training batches, on the mesh.
+
+    Synthetic tasks: the global batch is a function of (data.seed, step); each process makes it and puts its
+    rows (Batches.put). Streamed tasks (language models: the task has train_iterator): each process reads only
+    its own rows from `task.train_iterator(process_index, process_count)` (Batches.put_local). The iterator's
+    state before each recent step is kept: every checkpoint saves it (Checkpoints.track_data, one state per
+    process), and a non-finite step's batch is read again from it. A resume sets the state saved with its
+    checkpoint; onto another number of processes (or data.num_workers) it restarts at
+    lm_pipeline.restart_document(every old process's state); a checkpoint without one (saved before the trainer
+    kept it) is caught up by replaying the stream up to its step."""
+
+    def __init__(self, run: _Run, checkpoints: Checkpoints, start: int):
+        self.run, self.task = run, run.task
+        self.iterator = None
+        self.states = {}  # step -> the iterator's state before that step's batch, for the last `keep` steps
+        if not hasattr(self.task, "train_iterator"):
+            return
+        t = run.config.train
+        # A non-finite step is checked by the next log or checkpoint step at the latest; saves are of the
+        # step just done (or, on SIGTERM or Ctrl-C, the last one completed).
+        self.keep = max(t.log_every, t.checkpoint_every) + 2
+        self.iterator = self._open(start, checkpoints.data_states(start) if start else None)
+        self.states[start] = self.iterator.get_state()
+        checkpoints.track_data(self.states.get)
+
+    def _open(self, start: int, states: list | None):
+        task, index, count = self.task, jax.process_index(), jax.process_count()
+        log = print if self.run.is_main else (lambda *_: None)
+        if not start:
+            return task.train_iterator(index, count)
+        if states is None:
+            log(f"ramjax train: checkpoint step {start} holds no data-iterator state (saved before the trainer "
+                f"kept one); replaying each process's data stream up to step {start} to resume (slow for many "
+                "steps)")
+            iterator = task.train_iterator(index, count)
+            for _ in range(start):
+                next(iterator)
+            return iterator
+        if len(states) == count:
+            iterator = task.train_iterator(index, count, start=states[index]["layout"]["start"])
+            if states[index]["layout"] == iterator.layout:
+                iterator.set_state(states[index])
+                return iterator
+            iterator.close()
+        document = lm_pipeline.restart_document(states)
+        old = states[0]["layout"]
+        log(f"ramjax train: the data iterator of checkpoint step {start} was saved by {len(states)} processes "
+            f"(data.num_workers {old['num_workers']}, seed {old['seed']}, seq_len {old['seq_len']}); this run has "
+            f"{count} (data.num_workers {self.task.num_workers}): reading on from global document {document}, the "
+            "first one some old process had not finished (the few documents after it that some had read are read "
+            "again; none is skipped)")
+        return task.train_iterator(index, count, start=document)
+
+    def put(self, step: int) -> dict:
+        """The batch of `step` on the mesh (steps are asked for in order)."""
+        if self.iterator is None:
+            return self.run.batches.put(self.task.train_batch(step))
+        rows = next(self.iterator)
+        self.states[step + 1] = self.iterator.get_state()
+        self.states.pop(step + 1 - self.keep, None)
+        return self.run.batches.put_local(rows)
+
+    def host_batch(self, step: int):
+        """The batch of a recent `step` as numpy arrays (a streamed dataset: this process's rows)."""
+        if self.iterator is None:
+            return self.task.train_batch(step)
+        layout = self.iterator.layout
+        again = self.task.train_iterator(layout["process_index"], layout["process_count"], start=layout["start"])
+        try:
+            again.set_state(self.states[step])
+            return next(again)
+        finally:
+            again.close()
+
+    def close(self) -> None:
+        if self.iterator is not None:
+            self.iterator.close()
 
 
 def _evaluate_and_log(run: _Run, state, rest, step: int, metrics_log: MetricsLog, progress) -> dict:
