@@ -142,3 +142,74 @@ def test_sigkill_mid_lm_run_then_rerun_is_bit_identical(corpus, tmp_path):  # no
     state, meta = restore_final(workdir)
     assert meta == meta_ref and meta["step"] == 12
     assert_trees_equal(state_ref, state)
+
+
+TWO_PROCESS_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, "tests")
+    from ramjax.train import distributed
+    if len(sys.argv) > 4:
+        distributed.initialize(sys.argv[4], 2, int(sys.argv[5]))
+    import jax
+    import numpy as np
+    from test_lm import lm_config
+    from ramjax.train import evaluation
+    from ramjax.train.trainer import train
+
+    rows = []
+    put_local = evaluation.Batches.put_local
+    def recording(self, batch):
+        rows.append(batch.inputs)
+        return put_local(self, batch)
+    evaluation.Batches.put_local = recording
+
+    config = lm_config(sys.argv[2], sys.argv[3])
+    config.train.num_steps, config.train.checkpoint_every, config.train.eval_every = 4, 2, 4
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = jax.process_count(), 1, 1
+    if jax.process_count() == 1:
+        config.train.num_steps = 6  # goes on from the two processes' checkpoint
+    train(config, sys.argv[1], amend=jax.process_count() == 1)
+    np.save(f"{sys.argv[1]}/rows_{jax.process_index()}_of_{jax.process_count()}.npy", np.stack(rows))
+""")
+
+
+def test_two_processes_read_disjoint_rows_and_resume_on_one(corpus, tmp_path):  # noqa: F811
+    """2 processes x 1 CPU device (jax.distributed on localhost): each feeds the rows of its own stream
+    (train_iterator(p, 2)), none shared; the checkpoint holds both states, and one process resumes from them at
+    restart_document."""
+    from test_multihost import cpu_env, free_port
+
+    data_dir, workdir = str(tmp_path / "data"), tmp_path / "run"
+    task = lm.LMTask(lm_config(corpus, data_dir).data)
+    task.source("train"), task.source("validation")  # prepared once, before the processes start
+    address = f"localhost:{free_port()}"
+    script = [sys.executable, "-c", TWO_PROCESS_SCRIPT, str(workdir), str(corpus), data_dir, address]
+    processes = [subprocess.Popen(script + [str(i)], cwd=ROOT, env=cpu_env(1), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+    fed = [np.load(workdir / f"rows_{p}_of_2.npy") for p in range(2)]
+    for p in range(2):
+        stream = task.train_iterator(p, 2)
+        np.testing.assert_array_equal(fed[p], np.stack([next(stream).inputs for _ in range(4)]))
+        stream.close()
+    assert fed[0].shape == (4, 2, 32)
+    assert not {r.tobytes() for r in fed[0].reshape(-1, 32)} & {r.tobytes() for r in fed[1].reshape(-1, 32)}
+    states = [json.loads((workdir / "checkpoints" / "4" / "data" / f"process_{p}-of-2.json").read_text())
+              for p in range(2)]
+    assert [s["layout"]["process_index"] for s in states] == [0, 1]
+
+    one = subprocess.run(script[:-1], cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "saved by 2 processes" in one.stdout and "resuming" in one.stdout
+    document = lm_pipeline.restart_document(states)
+    stream = task.train_iterator(0, 1, start=document)
+    np.testing.assert_array_equal(np.load(workdir / "rows_0_of_1.npy"),
+                                  np.stack([next(stream).inputs for _ in range(2)]))
+    stream.close()
