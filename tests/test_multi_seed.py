@@ -120,3 +120,18 @@ def test_language_modelling_with_many_seeds_is_refused(tmp_path):
     config.task = "lm"
     with pytest.raises(ConfigError, match="train.num_seeds = 2.*synthetic task"):
         train(config, str(tmp_path))
+
+
+def test_ramjax_eval_of_a_vmapped_run_and_load_model_of_one_seed(tmp_path):
+    from ramjax.evaluate import evaluate_synthetic_run
+    from ramjax.train.setup import load_model
+
+    workdir = str(tmp_path)
+    summary = train(config_for(steps=2, num_seeds=2), workdir)
+    result = evaluate_synthetic_run(workdir)
+    for i in range(2):
+        expected = summary["eval"][f"eval/accuracy/mean/seed_{i}"]
+        assert result[f"eval/accuracy/mean/seed_{i}"] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ConfigError, match="num_seeds"):
+        load_model(workdir)
+    assert load_model(workdir, seed=1) is not None
