@@ -135,3 +135,9 @@ def test_ramjax_eval_of_a_vmapped_run_and_load_model_of_one_seed(tmp_path):
     with pytest.raises(ConfigError, match="num_seeds"):
         load_model(workdir)
     assert load_model(workdir, seed=1) is not None
+
+
+def test_ramnet_top_k_schedule_with_many_seeds_runs(tmp_path):
+    config = config_for("ramnet", steps=2, num_seeds=2, ramnet_top_k_start=4, ramnet_top_k_anneal_steps=2)
+    summary = train(config, str(tmp_path))
+    assert summary["steps"] == 2 and np.isfinite(summary["train"]["loss/seed_1"])
