@@ -67,6 +67,12 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 6000
     config.train.init_seed = 0
+    # N > 1: N independent copies of the model trained in one jitted step (a vmap over parameters, optimizer state
+    # and batch; ramjax/train/multi_seed.py). Seed i initialises with init_seed + i and draws its batches from
+    # data.seed + i: seed i is the single run with those seeds. Metrics are logged per seed (NAME/seed_i) and as
+    # mean and std over seeds; summary.json adds each seed's best evaluation and their mean +- std; checkpoints
+    # hold the stacked state and resume as usual. Synthetic tasks only. 1: one model, exactly as before.
+    config.train.num_seeds = 1
     config.train.log_every = 50
     config.train.eval_every = 1000
     config.train.checkpoint_every = 500

@@ -41,6 +41,7 @@ def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) 
     from ramjax.train import sharding
     from ramjax.train.step import make_eval_step
     from ramjax.train.evaluation import Batches, evaluate
+    from ramjax.train import multi_seed
     from ramjax.train.setup import check_train_config, model_parts, restore_state
 
     config = load_run_config(workdir)
@@ -57,11 +58,16 @@ def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) 
     state, meta = restore_state(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
     graphdef, rest = model_parts(config, mesh)
-    eval_step = jax.jit(make_eval_step(graphdef))
+    num_seeds = multi_seed.num_seeds(config)
+    eval_fn = make_eval_step(graphdef)
+    eval_step = jax.jit(eval_fn if num_seeds == 1 else multi_seed.vmap_eval_step(eval_fn))
     batch_sharding = sharding.batch_sharding(config.mesh.rules, mesh)
     check_train_config(config, task, sharding.num_shards(batch_sharding))  # rounds eval_batch_size to the shards
     batches = Batches(batch_sharding)
-    results = evaluate(eval_step, state["params"], rest, task, batches)
+    if num_seeds > 1:  # every seed of a train.num_seeds run; the lines below print the means over seeds
+        results = multi_seed.evaluate(eval_step, state["params"], rest, task, batches, num_seeds)
+    else:
+        results = evaluate(eval_step, state["params"], rest, task, batches)
     result = {"workdir": os.path.abspath(workdir), "task": config.task, "step": int(meta["step"]),
               "model": config.model.pattern, "settings": config.data.eval_settings,
               "examples_per_setting": config.data.eval_examples, "eval_seed": config.data.eval_seed, **results}
@@ -71,8 +77,11 @@ def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) 
         json.dump(result, f, indent=1)
     lines = [f"ramjax eval: {config.task} at step {result['step']}, {config.data.eval_examples} examples per setting:"]
     lines += [f"  {k.split('/')[-1]:>16s}  accuracy {v:.3f}" for k, v in results.items()
-              if k.startswith("eval/accuracy/") and not k.endswith("/mean")]
+              if k.startswith("eval/accuracy/") and not k.endswith("/mean") and k.count("/") == 2]
     lines.append(f"  {'mean':>16s}  accuracy {results['eval/accuracy/mean']:.3f}   ({json_path})")
+    if num_seeds > 1:
+        lines.append(f"  (means over {num_seeds} seeds; std {results['eval/accuracy/mean/std']:.3f}; per seed "
+                     + " ".join(f"{results[f'eval/accuracy/mean/seed_{i}']:.3f}" for i in range(num_seeds)) + ")")
     print("\n".join(lines))
     return result
 

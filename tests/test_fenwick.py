@@ -255,7 +255,7 @@ def test_rejects_a_state_with_too_few_levels_for_what_follows():
         loglinear_attention(**{**args, "level_weights": jnp.ones((1, 8, 2, 5))}, initial_state=state)
 
 
-@pytest.mark.parametrize("base", ["mamba2", "gated_delta"])
+@pytest.mark.parametrize("base", ["mamba2", pytest.param("gated_delta", marks=pytest.mark.slow)])
 def test_chunked_gradients_hold_under_strong_decays(base):
     """Log decays of -15 to -25 per token: the chunked path's gradient for g (tiny next to the others) must
     still match the float64 reference, which needs in-chunk decays summed directly, not differenced."""

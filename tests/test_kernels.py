@@ -28,8 +28,18 @@ def scan_inputs(rng, g, t, ku, kr, ru, d, m):
     )
 
 
-@pytest.mark.parametrize("backend,interpret", SCAN_BACKENDS)
-@pytest.mark.parametrize("shape", [(2, 37, 3, 5, 2, 20, 7), (1, 63, 8, 16, 1, 65, 16), (3, 1, 1, 2, 1, 3, 4)])
+SCAN_SHAPES = [(2, 37, 3, 5, 2, 20, 7), (1, 63, 8, 16, 1, 65, 16), (3, 1, 1, 2, 1, 3, 4)]
+# One shape per backend in the default run (each case compiles three chunk sizes); the rest are `slow`.
+FAST_SCAN_SHAPE = {"xla": SCAN_SHAPES[0], "sorted": SCAN_SHAPES[2]}
+
+
+def _scan_params():
+    return [pytest.param(backend, interpret, shape, id=f"shape{i}-{backend}-{interpret}",
+                         marks=[pytest.mark.slow] if FAST_SCAN_SHAPE.get(backend, shape) != shape else [])
+            for backend, interpret in SCAN_BACKENDS for i, shape in enumerate(SCAN_SHAPES)]
+
+
+@pytest.mark.parametrize("backend,interpret,shape", _scan_params())
 def test_sparse_gated_scan_matches_the_token_loop(backend, interpret, shape):
     """Random slots (with -1 = none, and repeats inside a step), decays, scales and rows; odd sizes."""
     g, t, ku, kr, ru, d, m = shape
@@ -42,7 +52,7 @@ def test_sparse_gated_scan_matches_the_token_loop(backend, interpret, shape):
         assert rel_rms(out, expected) < 1e-6, (backend, chunk)
 
 
-@pytest.mark.parametrize("num_slots", [2**20, 2**30])
+@pytest.mark.parametrize("num_slots", [pytest.param(2**20, marks=pytest.mark.slow), 2**30])
 def test_sorted_scan_with_a_huge_memory(num_slots):
     """The sorted backend holds no M-sized array; 2^30 slots take its batched-sort path (row * (M + 1) + slot
     no longer fits in int32). Slots drawn from a few values so that they repeat."""
@@ -162,7 +172,7 @@ def _pdma_params():
     params = []
     for case in PDMA_CASES:
         for backend, interpret in ALL:
-            slow = backend == "token" and case not in (PDMA_CASES[1], PDMA_CASES[3])
+            slow = backend == "token" and case != PDMA_CASES[1]
             params.append(pytest.param(backend, interpret, case, marks=[pytest.mark.slow] if slow else [],
                                        id="{}-B{}_T{}_H{}_K{}_M{}_dv{}_g{}_rep{}_C{}".format(backend, *case)))
     return params
@@ -211,7 +221,7 @@ def _segmented_loop(starts, ld, x, reverse):
     return h
 
 
-@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("reverse", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_sorted_block_kernel_matches_the_event_loop(reverse):
     """kernels/sorted_blocks.py (interpret mode, NaN-poisoned outputs) and the jax.numpy blocks == an event loop;
     odd lengths (padded), widths that are and are not powers of 2, resets."""

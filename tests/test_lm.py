@@ -136,7 +136,7 @@ def test_the_task_streams_the_prepared_split_per_process_and_resumes(corpus, tmp
 
 
 # The mixers the MQAR train tests and the decode tests also build run only in the slow set here.
-ALSO_COVERED = ("gla", "mamba2", "loglinear_gated_deltanet")
+ALSO_COVERED = ("gla", "mamba2", "gated_deltanet", "loglinear_mamba2", "loglinear_gated_deltanet", "hybrid")
 
 
 @pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in ALSO_COVERED else v

@@ -104,6 +104,7 @@ def eight_device_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow  # about a minute on 2 cores; the checkpoint-across-meshes and per-shard kernel cases stay fast
 def test_two_processes_of_four_devices_equal_one_process_of_eight(eight_device_run, tmp_path):
     workdir = str(tmp_path / "two_processes")
     address = f"localhost:{free_port()}"
@@ -249,6 +250,7 @@ PREEMPT_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two processes plus their compiles: ~40 s on 2 cores, and timing-sensitive on a loaded machine
 def test_processes_signalled_at_different_steps_stop_together(tmp_path):
     """SIGTERM to process 0, and 1.5 s (many steps) later to process 1, as a scheduler does: both stop at the
     same step, save it together and exit 0 (before, each stopped at its own step and both hung)."""

@@ -18,7 +18,7 @@ from ramjax import ops
 from ramjax.layers.axes import dense, logical_param
 from ramjax.layers.conv import ShortConv, convolve_all
 from ramjax.layers.fenwick_decay import FenwickDecay
-from ramjax.layers.mamba2 import _dt_bias_init
+from ramjax.layers.mamba2 import dt_bias_init
 from ramjax.layers.norm import GatedRMSNorm
 
 
@@ -46,7 +46,7 @@ class GatedDeltaNetMixer(nnx.Module):
         self.v_conv = ShortConv(value_width, conv_width, dtype=dtype, rngs=rngs)
         self.beta_proj = dense(d_model, num_heads, "embed", "heads", dtype=dtype, rngs=rngs)
         self.a_proj = dense(d_model, num_heads, "embed", "heads", dtype=dtype, rngs=rngs)
-        self.dt_bias = logical_param(_dt_bias_init(rngs.params(), num_heads), "heads")
+        self.dt_bias = logical_param(dt_bias_init(rngs.params(), num_heads), "heads")
         a_init = jax.random.uniform(rngs.params(), (num_heads,), minval=1.0, maxval=16.0)
         self.a_log = logical_param(jnp.log(a_init), "heads")
         self.gate_proj = dense(d_model, value_width, "embed", "heads", dtype=dtype, rngs=rngs)

@@ -31,7 +31,7 @@ from ramjax.layers.norm import RMSNorm
 A_INITS = ("uniform", "arange")
 
 
-def _dt_bias_init(key, num_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> jax.Array:
+def dt_bias_init(key, num_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> jax.Array:
     """softplus^-1 of dt drawn log-uniformly in [dt_min, dt_max] (Mamba's initialisation)."""
     dt = jnp.exp(jax.random.uniform(key, (num_heads,), minval=math.log(dt_min), maxval=math.log(dt_max)))
     return dt + jnp.log(-jnp.expm1(-dt))
@@ -63,7 +63,7 @@ class Mamba2Mixer(nnx.Module):
         convs = [ShortConv(width, conv_width, dtype=dtype, rngs=rngs) if conv_width else None
                  for width in (d_inner, d_state, d_state)]
         self.x_conv, self.b_conv, self.c_conv = convs
-        self.dt_bias = logical_param(_dt_bias_init(rngs.params(), self.num_heads), "heads")
+        self.dt_bias = logical_param(dt_bias_init(rngs.params(), self.num_heads), "heads")
         if a_init == "uniform":
             a = jax.random.uniform(rngs.params(), (self.num_heads,), minval=1.0, maxval=16.0)
         else:

@@ -35,7 +35,7 @@ ADDED_DEFAULTS = {
     "model.block": "pre_norm", "model.norm": "rms", "model.feed_forward": True, "model.weight_init": "default",
     "model.init_std": 0.02, "model.mamba2.gate": True, "model.mamba2.output_norm": True, "model.mamba2.d_skip": True,
     "model.mamba2.dt_scales_v": True, "model.mamba2.a_init": "uniform", "model.loglinear.lambda_init": "as_described",
-    "data.layout": "standard", "optim.schedule": "warmup_cosine",
+    "data.layout": "standard", "optim.schedule": "warmup_cosine", "train.num_seeds": 1,
 }
 # Leaf names that choose an implementation of the same function, wherever they sit in the model config.
 IMPLEMENTATION_LEAVES = ("impl", "decoder_impl", "remat", "scan_layers")

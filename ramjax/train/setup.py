@@ -24,7 +24,7 @@ from flax import nnx
 from ramjax.data.tasks import SyntheticTask, parse_settings
 from ramjax.errors import ConfigError
 from ramjax.models import LanguageModel, config_check
-from ramjax.train import sharding
+from ramjax.train import multi_seed, sharding
 from ramjax.train.checkpoint import Checkpoints
 from ramjax.train.optim import learning_rate_schedule, make_optimizer
 from ramjax.train.step import make_train_step
@@ -97,7 +97,7 @@ def with_shardings(abstract_tree, shardings):
 
 class ModelSpec(NamedTuple):
     """What a config's model and optimizer are, before any array exists."""
-    build: Callable  # () -> the LanguageModel with its initial parameters (train.init_seed)
+    build: Callable  # (seed=None) -> the LanguageModel with its initial parameters (train.init_seed, or `seed`)
     tx: Any  # the optax optimizer
     schedule: Callable  # step -> learning rate
     graphdef: Any  # nnx graph definition of the model
@@ -111,8 +111,10 @@ def abstract_model(config, mesh=None) -> ModelSpec:
     With a mesh, the model keeps its activations sharded over the batch axes of `config.mesh.rules`."""
     check_model_config(config)
 
-    def build():
-        return LanguageModel(config.model, rngs=nnx.Rngs(config.train.init_seed))
+    def build(seed=None):
+        # `seed`: an int32 array (traced under vmap: train.num_seeds); the same parameters as nnx.Rngs(int(seed)).
+        rngs = nnx.Rngs(config.train.init_seed if seed is None else jax.random.key(seed))
+        return LanguageModel(config.model, rngs=rngs)
 
     tx = make_optimizer(config.optim, config.train.num_steps)
     schedule = learning_rate_schedule(config.optim, config.train.num_steps)
@@ -130,17 +132,29 @@ def abstract_model(config, mesh=None) -> ModelSpec:
     return ModelSpec(build, tx, schedule, graphdef, abstract_params, abstract_rest, abstract_state)
 
 
-def jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh):
-    """The train step as one jit with explicit shardings; the state's buffers are donated."""
+def jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh, mesh, *, num_seeds: int = 1):
+    """The train step as one jit with explicit shardings; the state's buffers are donated. `num_seeds` > 1: the
+    step vmapped over seeds (ramjax/train/multi_seed.py; the shardings are then those of the stacked state and
+    batch)."""
     step = make_train_step(graphdef, tx, schedule, inject_nan_at_step=config.train.get("inject_nan_at_step", -1))
+    if num_seeds > 1:
+        step = multi_seed.vmap_train_step(step, num_seeds)
     return jax.jit(step, in_shardings=(state_sh, rest_sh, batch_sh),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def initialisers(build, tx):
+def initialisers(build, tx, init_seeds=None):
     """Functions (to jit with the state's and the other variables' shardings) that make the initial train state
-    and the model's other variables from the model builder."""
+    and the model's other variables from the model builder. `init_seeds` (a tuple, train.num_seeds > 1): the
+    state of one model per seed, stacked on a leading axis (the step counter shared)."""
     def init_state():
+        if init_seeds is not None:
+            def one(seed):
+                _, params, _ = nnx.split(build(seed), nnx.Param, ...)
+                return {"params": params, "opt_state": tx.init(params)}
+
+            stacked = jax.vmap(one)(jnp.asarray(init_seeds, jnp.int32))
+            return {**stacked, "step": jnp.zeros((), jnp.int32)}
         _, params, _ = nnx.split(build(), nnx.Param, ...)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
@@ -190,6 +204,10 @@ def restore_state(config, workdir: str, *, devices=None, step: int | None = None
     mesh = sharding.make_mesh(config.mesh, devices)
     *_, abstract_state = abstract_model(config)
     state_sh = sharding.tree_shardings(abstract_state, config.mesh.rules, mesh)
+    n = multi_seed.num_seeds(config)
+    if n > 1:  # params and opt_state [seed, ...]
+        abstract_state = multi_seed.stack_abstract_state(abstract_state, n)
+        state_sh = multi_seed.stack_state_shardings(state_sh)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
                               every=config.train.checkpoint_every)
     try:
@@ -234,10 +252,15 @@ def load_run_config(workdir: str):
     return config
 
 
-def load_model(workdir: str, step: int | None = None) -> LanguageModel:
+def load_model(workdir: str, step: int | None = None, seed: int | None = None) -> LanguageModel:
     """The model of a `ramjax train` workdir with the parameters of checkpoint `step` (default: the newest), on
-    the default devices."""
+    the default devices; of a train.num_seeds run, the model of seed index `seed`."""
     config = load_run_config(workdir)
     state, _ = restore_state(config, workdir, step=step)
     graphdef, rest = model_parts(config, sharding.make_mesh(config.mesh))
+    if multi_seed.num_seeds(config) > 1:
+        if seed is None:
+            raise ConfigError(f"{workdir}: a run of train.num_seeds = {config.train.num_seeds}; say which seed "
+                              "(0-based index) to load")
+        return nnx.merge(graphdef, jax.tree.map(lambda x: x[seed], state["params"]), rest)
     return nnx.merge(graphdef, state["params"], rest)

@@ -31,7 +31,7 @@ from ramjax.data import lm_pipeline
 from ramjax.errors import ConfigError
 from ramjax.models.state_size import recurrent_state_size
 from ramjax.timing import environment
-from ramjax.train import preemption, run_record, sharding, top_k_schedule
+from ramjax.train import multi_seed, preemption, run_record, sharding, top_k_schedule
 from ramjax.train.address_metrics import address_metrics
 from ramjax.train.checkpoint import Checkpoints
 from ramjax.train.evaluation import Batches, evaluate
@@ -95,6 +95,7 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
 
 def _prepare(config, workdir: str, devices) -> _Run:
     try:
+        num_seeds = multi_seed.num_seeds(config)
         check_model_config(config)
         task = make_task(config)
         mesh = sharding.make_mesh(config.mesh, devices)
@@ -109,17 +110,25 @@ def _prepare(config, workdir: str, devices) -> _Run:
     state_sh = sharding.tree_shardings(spec.abstract_state, config.mesh.rules, mesh)
     rest_sh = sharding.tree_shardings(spec.abstract_rest, config.mesh.rules, mesh)
     replicated = sharding.replicated(mesh)
-    eval_step = jax.jit(make_eval_step(spec.graphdef), in_shardings=(state_sh["params"], rest_sh, batch_sh),
-                        out_shardings=replicated)
+    eval_fn = make_eval_step(spec.graphdef)
+    address_fn = lambda params, rest, inputs: nnx.merge(spec.graphdef, params, rest).ramnet_addresses(inputs)  # noqa: E731
+    batches, train_batch_sh = Batches(batch_sh), batch_sh
+    if num_seeds > 1:  # params and opt_state [seed, ...], train batches [seed, batch, time]
+        task = multi_seed.SeedTask(config, num_seeds)
+        spec = spec._replace(abstract_state=multi_seed.stack_abstract_state(spec.abstract_state, num_seeds))
+        state_sh = multi_seed.stack_state_shardings(state_sh)
+        batches = multi_seed.SeedBatches(batches)
+        train_batch_sh = batches.sharding
+        eval_fn, address_fn = multi_seed.vmap_eval_step(eval_fn), multi_seed.vmap_address_step(address_fn)
+    eval_step = jax.jit(eval_fn, in_shardings=(state_sh["params"], rest_sh, batch_sh), out_shardings=replicated)
     address_step = None
     if config.train.get("address_metrics", False) and config.task == "mqar" and "ramnet" in config.model.pattern:
-        address_step = jax.jit(
-            lambda params, rest, inputs: nnx.merge(spec.graphdef, params, rest).ramnet_addresses(inputs),
-            in_shardings=(state_sh["params"], rest_sh, batch_sh), out_shardings=replicated)
+        address_step = jax.jit(address_fn, in_shardings=(state_sh["params"], rest_sh, train_batch_sh),
+                               out_shardings=replicated)
     return _Run(config=config, workdir=workdir, is_main=jax.process_index() == 0, task=task, mesh=mesh, spec=spec,
-                state_sharding=state_sh, rest_sharding=rest_sh, batches=Batches(batch_sh),
-                train_steps=_TrainSteps(config, spec, state_sh, rest_sh, batch_sh, mesh), eval_step=eval_step,
-                address_step=address_step, profiler=profiler,
+                state_sharding=state_sh, rest_sharding=rest_sh, batches=batches,
+                train_steps=_TrainSteps(config, spec, state_sh, rest_sh, train_batch_sh, mesh, num_seeds),
+                eval_step=eval_step, address_step=address_step, profiler=profiler,
                 num_params=int(sum(x.size for x in jax.tree.leaves(spec.abstract_params))))
 
 
@@ -127,8 +136,8 @@ class _TrainSteps:
     """One jitted train step per top-K that RAM-Net's top-K schedule uses (one step without a schedule),
     compiled when first needed; evaluation always runs the model's own K."""
 
-    def __init__(self, config, spec: ModelSpec, state_sh, rest_sh, batch_sh, mesh):
-        self.config, self.spec = config, spec
+    def __init__(self, config, spec: ModelSpec, state_sh, rest_sh, batch_sh, mesh, num_seeds: int = 1):
+        self.config, self.spec, self.num_seeds = config, spec, num_seeds
         self.shardings = (state_sh, rest_sh, batch_sh, mesh)
         self.compiled = {}
 
@@ -142,7 +151,8 @@ class _TrainSteps:
             if k != model_k:
                 model = top_k_schedule.with_top_k(nnx.merge(spec.graphdef, spec.abstract_params, spec.abstract_rest), k)
                 graphdef = nnx.split(model, nnx.Param, ...)[0]
-            self.compiled[k] = jit_train_step(config, graphdef, spec.tx, spec.schedule, *self.shardings)
+            self.compiled[k] = jit_train_step(config, graphdef, spec.tx, spec.schedule, *self.shardings,
+                                              num_seeds=self.num_seeds)
         return self.compiled[k]
 
 
@@ -183,7 +193,7 @@ def _resume(run: _Run, checkpoints: Checkpoints, *, amend: bool, restart: bool):
         if is_main:
             print(f"ramjax train: resuming {workdir} from step {start} (data position {meta['data_step']})")
     else:
-        init_state, _ = initialisers(run.spec.build, run.spec.tx)
+        init_state, _ = initialisers(run.spec.build, run.spec.tx, multi_seed.init_seeds(config))
         state = jax.jit(init_state, out_shardings=run.state_sharding)()
         start = 0
     if is_main:
@@ -250,7 +260,9 @@ def _loop(run: _Run, checkpoints: Checkpoints, state, start: int) -> _Outcome:
                 last_eval = _evaluate_and_log(run, state, rest, step, metrics_log, progress)
                 if last_eval["eval/accuracy/mean"] > best_eval.get("eval/accuracy/mean", -1.0):
                     best_eval = {"step": done, **last_eval}
-                stop_early = 0 < early_stop <= last_eval["eval/accuracy/mean"] and done < num_steps
+                # (train.num_seeds > 1: when every seed has reached it)
+                stop_early = 0 < early_stop <= last_eval.get("eval/accuracy/mean/min",
+                                                             last_eval["eval/accuracy/mean"]) and done < num_steps
             checkpoints.save(done, state, _meta(config, done))
             progress.update(1)
             if stop_early:
@@ -278,7 +290,7 @@ def _loop(run: _Run, checkpoints: Checkpoints, state, start: int) -> _Outcome:
     data.close()
     metrics_log.close()
     if not last_eval and start >= num_steps:
-        last_eval = evaluate(run.eval_step, state["params"], rest, task, run.batches)
+        last_eval = _evaluate(run, state["params"], rest)
     best_eval = _best_eval(run.workdir, best_eval or ({"step": end, **last_eval} if last_eval else {}))
     return _Outcome(state=state, start=start, end=end, last_metrics=last_metrics, best_eval=best_eval,
                     last_eval=last_eval, nonfinite_steps=nonfinite.steps, train_seconds=throughput.train_seconds)
@@ -460,15 +472,33 @@ class _TrainData:
             self.iterator.close()
 
 
+def _evaluate(run: _Run, params, rest) -> dict:
+    num_seeds = multi_seed.num_seeds(run.config)
+    if num_seeds > 1:
+        return multi_seed.evaluate(run.eval_step, params, rest, run.task, run.batches, num_seeds)
+    return evaluate(run.eval_step, params, rest, run.task, run.batches)
+
+
 def _evaluate_and_log(run: _Run, state, rest, step: int, metrics_log: MetricsLog, progress) -> dict:
-    results = evaluate(run.eval_step, state["params"], rest, run.task, run.batches)
+    results = _evaluate(run, state["params"], rest)
     done = step + 1
     metrics_log.write(done, results)
     if run.address_step is not None:  # on the batch this step trained on; diagnostics, not in the summary
         batch = run.task.train_batch(step)
         codes = jax.device_get(run.address_step(state["params"], rest, run.batches.put(batch)["inputs"]))
-        metrics_log.write(done, address_metrics(codes, batch.inputs, batch.loss_mask))
-    if run.is_main:
+        num_seeds = multi_seed.num_seeds(run.config)
+        if num_seeds == 1:
+            metrics_log.write(done, address_metrics(codes, batch.inputs, batch.loss_mask))
+        for i in range(num_seeds if num_seeds > 1 else 0):  # each seed on its own batch
+            seed_codes = jax.tree.map(lambda x: x[i], codes)  # noqa: B023
+            metrics_log.write(done, {f"{k}/seed_{i}": v for k, v in
+                                     address_metrics(seed_codes, batch.inputs[i], batch.loss_mask[i]).items()})
+    if run.is_main and multi_seed.num_seeds(run.config) > 1:
+        n = multi_seed.num_seeds(run.config)
+        progress.write(f"step {done}: eval accuracy mean over {n} seeds {results['eval/accuracy/mean']:.3f} +- "
+                       f"{results['eval/accuracy/mean/std']:.3f}; per seed " +
+                       " ".join(f"{results[f'eval/accuracy/mean/seed_{i}']:.3f}" for i in range(n)))
+    elif run.is_main:
         progress.write(f"step {done}: eval accuracy mean {results['eval/accuracy/mean']:.3f} " +
                        " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in results.items()
                                 if k.startswith("eval/accuracy/") and not k.endswith("/mean")))
@@ -553,6 +583,8 @@ def _finish(run: _Run, checkpoints: Checkpoints, outcome: _Outcome, wall_start: 
         "environment": environment(),
         "command": " ".join(sys.argv),
     }
+    if multi_seed.num_seeds(config) > 1:  # per-seed best evaluations and their mean +- std (multi_seed.py)
+        summary.update(multi_seed.summary_fields(config, run.workdir))
     if run.is_main:
         with open(os.path.join(run.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
