@@ -174,14 +174,12 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
 
 
 def test_two_processes_read_disjoint_rows_and_resume_on_one(corpus, tmp_path):  # noqa: F811
-    """2 processes x 1 CPU device (jax.distributed on localhost): each feeds the rows of its own stream
-    (train_iterator(p, 2)), none shared; the checkpoint holds both states, and one process resumes from them at
-    restart_document."""
+    """2 processes x 1 CPU device (jax.distributed on localhost), started on an unprepared data_dir (process 0
+    prepares it while the other waits): each feeds the rows of its own stream (train_iterator(p, 2)), none
+    shared; the checkpoint holds both states, and one process resumes from them at restart_document."""
     from test_multihost import cpu_env, free_port
 
     data_dir, workdir = str(tmp_path / "data"), tmp_path / "run"
-    task = lm.LMTask(lm_config(corpus, data_dir).data)
-    task.source("train"), task.source("validation")  # prepared once, before the processes start
     address = f"localhost:{free_port()}"
     script = [sys.executable, "-c", TWO_PROCESS_SCRIPT, str(workdir), str(corpus), data_dir, address]
     processes = [subprocess.Popen(script + [str(i)], cwd=ROOT, env=cpu_env(1), stdout=subprocess.PIPE,
@@ -195,6 +193,7 @@ def test_two_processes_read_disjoint_rows_and_resume_on_one(corpus, tmp_path):  
     for p, (_, err) in zip(processes, outputs):
         assert p.returncode == 0, err[-3000:]
     fed = [np.load(workdir / f"rows_{p}_of_2.npy") for p in range(2)]
+    task = lm.LMTask(lm_config(corpus, data_dir).data)
     for p in range(2):
         stream = task.train_iterator(p, 2)
         np.testing.assert_array_equal(fed[p], np.stack([next(stream).inputs for _ in range(4)]))

@@ -35,7 +35,19 @@ def make_task(config, **kwargs):
     if config.task == "lm":
         from ramjax.data.lm import LMTask
 
-        return LMTask(config.data, **kwargs)
+        if jax.process_count() == 1:
+            return LMTask(config.data, **kwargs)
+        # Several processes of one run share data_dir: process 0 prepares the dataset and tokenizer (as
+        # `ramjax prepare` would) while the others wait, so they never build the same files at once.
+        from jax.experimental import multihost_utils
+
+        task = None
+        if jax.process_index() == 0:
+            task = LMTask(config.data, **kwargs)
+            for split in ("train", "validation"):
+                task.source(split)
+        multihost_utils.sync_global_devices("ramjax: LM data prepared")
+        return task if task is not None else LMTask(config.data, **kwargs)
     return SyntheticTask(config.task, config.data)
 
 
