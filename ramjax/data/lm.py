@@ -42,7 +42,7 @@ import time
 import numpy as np
 
 from ramjax.data import lm_pipeline
-from ramjax.data.lm_pipeline import LMBatch
+from ramjax.data.lm_pipeline import LMBatch  # noqa: F401  (re-exported: the batches LMTask yields)
 from ramjax.data.tasks import EvalSlice
 from ramjax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
 
