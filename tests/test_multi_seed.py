@@ -38,7 +38,8 @@ def restore_final(workdir):
     return state, meta
 
 
-@pytest.mark.parametrize("variant", ["transformer", "ramnet"])
+# RAM-Net's case (~30 s on 2 cores) runs in the slow set; the transformer's covers the vmapped step by default.
+@pytest.mark.parametrize("variant", ["transformer", pytest.param("ramnet", marks=pytest.mark.slow)])
 def test_seed_i_of_a_vmapped_run_is_the_single_run_with_that_seed(variant, tmp_path):
     n, init_seed, data_seed = 3, 5, 7
     summary = train(config_for(variant, num_seeds=n, init_seed=init_seed, data_seed=data_seed),
@@ -137,6 +138,7 @@ def test_ramjax_eval_of_a_vmapped_run_and_load_model_of_one_seed(tmp_path):
     assert load_model(workdir, seed=1) is not None
 
 
+@pytest.mark.slow
 def test_ramnet_top_k_schedule_with_many_seeds_runs(tmp_path):
     config = config_for("ramnet", steps=2, num_seeds=2, ramnet_top_k_start=4, ramnet_top_k_anneal_steps=2)
     summary = train(config, str(tmp_path))
