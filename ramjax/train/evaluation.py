@@ -29,15 +29,21 @@ class Batches:
                 for field, value in rows._asdict().items()}
 
 
-def evaluate(eval_step, params, rest, task, batches: Batches) -> dict:
-    """Accuracy and loss on every evaluation slice of `task`, and the mean accuracy over slices."""
-    results = {}
+def slice_totals(eval_step, params, rest, task, batches):
+    """(evaluation slice, the eval step's outputs summed over the slice's batches, on the host) for every slice of
+    `task`: correct, count and loss_sum (arrays over seeds for a multi-seed step)."""
     for eval_slice in task.eval_slices:
         totals = None
         for batch in task.eval_batches(eval_slice):
             out = eval_step(params, rest, batches.put(batch))
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-        totals = jax.device_get(totals)
+        yield eval_slice, jax.device_get(totals)
+
+
+def evaluate(eval_step, params, rest, task, batches: Batches) -> dict:
+    """Accuracy and loss on every evaluation slice of `task`, and the mean accuracy over slices."""
+    results = {}
+    for eval_slice, totals in slice_totals(eval_step, params, rest, task, batches):
         results[f"eval/accuracy/{eval_slice.name}"] = float(totals["correct"] / max(totals["count"], 1))
         results[f"eval/loss/{eval_slice.name}"] = float(totals["loss_sum"] / max(totals["count"], 1))
     accuracies = [v for k, v in results.items() if k.startswith("eval/accuracy/")]

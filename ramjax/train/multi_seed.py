@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ramjax.data.tasks import Batch, SyntheticTask
 from ramjax.errors import ConfigError
+from ramjax.train.evaluation import slice_totals
 
 STACKED = ("params", "opt_state")  # the state entries with a seed axis; "step" is shared
 
@@ -166,12 +167,7 @@ class SeedBatches:
 def evaluate(eval_step, params, rest, task, batches, n: int) -> dict:
     """Every seed's accuracy and loss on every evaluation slice, and their mean / std over seeds."""
     per_seed = {}  # name -> [n]
-    for eval_slice in task.eval_slices:
-        totals = None
-        for batch in task.eval_batches(eval_slice):
-            out = eval_step(params, rest, batches.put(batch))
-            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-        totals = jax.device_get(totals)
+    for eval_slice, totals in slice_totals(eval_step, params, rest, task, batches):
         count = np.maximum(totals["count"], 1)
         per_seed[f"eval/accuracy/{eval_slice.name}"] = totals["correct"] / count
         per_seed[f"eval/loss/{eval_slice.name}"] = totals["loss_sum"] / count
