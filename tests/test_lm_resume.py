@@ -212,3 +212,19 @@ def test_two_processes_read_disjoint_rows_and_resume_on_one(corpus, tmp_path):  
     np.testing.assert_array_equal(np.load(workdir / "rows_0_of_1.npy"),
                                   np.stack([next(stream).inputs for _ in range(2)]))
     stream.close()
+
+
+def test_a_mesh_that_copies_the_batch_across_processes_is_refused_for_per_process_input(monkeypatch):
+    """With 2 processes whose devices would each hold all rows (here: one process that claims to be one of two),
+    per-process LM input cannot be placed: a ConfigError names the mesh and what to change."""
+    import jax
+
+    from ramjax.errors import ConfigError
+    from ramjax.train.evaluation import Batches
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    batches = Batches(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None)))
+    batches.check_rows_split_by_process(8)  # one process: always fine
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ConfigError, match="split across the 2 processes"):
+        batches.check_rows_split_by_process(8)

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ramjax.errors import ConfigError
+
 
 class Batches:
     """Batches as sharded jax.Arrays of the global batch: `put` takes the global batch (every process makes all
@@ -20,6 +22,20 @@ class Batches:
         start = jax.process_index() * rows
         return {field: jax.make_array_from_process_local_data(self.sharding, np.asarray(value[start:start + rows]))
                 for field, value in batch._asdict().items()}
+
+    def check_rows_split_by_process(self, batch_size: int) -> None:
+        """put_local needs each process's devices to hold its own block of batch_size / process_count rows; a mesh
+        that copies the batch across processes (its batch axes span fewer shards than there are processes)
+        cannot take per-process rows."""
+        count = jax.process_count()
+        held = {i for index in self.sharding.addressable_devices_indices_map((batch_size, 1)).values()
+                for i in range(*index[0].indices(batch_size))}
+        if count > 1 and len(held) != batch_size // count:
+            mesh = dict(self.sharding.mesh.shape)
+            raise ConfigError(f"mesh {mesh}: language-model input is read per process, so the batch must be split "
+                              f"across the {count} processes (each holding {batch_size // count} of data.batch_size "
+                              f"{batch_size} rows), but this process's devices hold {len(held)}; give the batch "
+                              "axes (mesh.data x mesh.fsdp) a multiple of the process count")
 
     def put_local(self, rows) -> dict:
         """This process's rows (a batch of global rows // process count) as the global batch's arrays."""

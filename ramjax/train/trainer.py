@@ -410,6 +410,7 @@ class _TrainData:
         self.states = {}  # step -> the iterator's state before that step's batch, for the last `keep` steps
         if not hasattr(self.task, "train_iterator"):
             return
+        run.batches.check_rows_split_by_process(run.config.data.batch_size)
         t = run.config.train
         # A non-finite step is checked by the next log or checkpoint step at the latest; saves are of the
         # step just done (or, on SIGTERM or Ctrl-C, the last one completed).
