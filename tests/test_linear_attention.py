@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fast_compile import supported_options
 from numerics import matmul_dtypes, rel_rms
 
 from ramjax.ops import (
@@ -57,9 +58,7 @@ def names(op):
 
 
 # And compiled like this, XLA CPU spends about a quarter of its default compile time on them.
-quick_jit = functools.partial(
-    jax.jit, compiler_options={"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-)
+quick_jit = functools.partial(jax.jit, compiler_options=supported_options())
 
 
 @functools.partial(quick_jit, static_argnames=("op", "impl", "chunk_size"))
