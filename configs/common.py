@@ -71,6 +71,7 @@ def model_config() -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"
     m.scan_layers = True  # scan over layers (compile time independent of depth)
     m.remat = False  # recompute each layer group in the backward pass (less memory, more compute)
+    m.remat_policy = "nothing"  # what a recomputed group keeps: "nothing" or "dots" (its projections; ramjax/models/lm.py)
     # The residual block; the adaptive-decay fork's choices are in docs/loglinear.md section 6.
     m.block = "pre_norm"  # pre_norm: x + f(norm(x)); post_norm: norm(x + f(x)) (the fork)
     m.norm = "rms"  # norm of the residual stream: rms (RMSNorm) or layer (LayerNorm with a bias, the fork's)

@@ -50,6 +50,13 @@ def cape_schedule(cfg) -> np.ndarray:
     return np.asarray(cape_heads_per_layer(schedule, cfg.num_layers, cfg.num_heads), np.int32)
 
 
+# model.remat_policy: what a rematerialised layer group (model.remat) keeps from its forward pass for the
+# backward one. "nothing": only the group's input (the least memory; the whole forward runs twice); "dots": also
+# every matrix product without a batch dimension (the projections), so the backward pass recomputes only the
+# element-wise work and the ops' batched chunk products.
+REMAT_POLICIES = {"nothing": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 def check_model_options(cfg) -> None:
     """model.block, model.norm, model.feed_forward, model.weight_init and model.init_std, each error naming the
     field, its value and what is allowed (configs recorded before these fields existed read as the defaults)."""
@@ -59,6 +66,8 @@ def check_model_options(cfg) -> None:
             raise ValueError(f"model.{field}: must be one of {allowed}, got {value!r}")
     if not isinstance(cfg.get("feed_forward", True), bool):
         raise ValueError(f"model.feed_forward: must be True or False, got {cfg.feed_forward!r}")
+    if cfg.get("remat_policy", "nothing") not in REMAT_POLICIES:
+        raise ValueError(f"model.remat_policy: must be one of {tuple(REMAT_POLICIES)}, got {cfg.remat_policy!r}")
     std = cfg.get("init_std", 0.02)
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf:
         raise ValueError(f"model.init_std: must be a finite number > 0, got {std!r}")
@@ -185,6 +194,7 @@ class LanguageModel(nnx.Module):
         period = len(cfg.pattern.split(","))
         kinds, num_groups = layer_kinds[:period], cfg.num_layers // period
         self.scan_layers, self.remat, self.num_groups = cfg.scan_layers, cfg.remat, num_groups
+        self.remat_policy = cfg.get("remat_policy", "nothing")
         self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs,
                                embedding_init=logical_init(nnx.initializers.normal(1.0), "vocab", "embed"))
         if cfg.scan_layers:
@@ -232,7 +242,7 @@ class LanguageModel(nnx.Module):
             return self._constrain(group(x, positions))
 
         if self.remat:
-            run_group = nnx.remat(run_group)
+            run_group = nnx.remat(run_group, policy=REMAT_POLICIES[self.remat_policy])
         if self.scan_layers:
             @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
             def run_all(group, x):
