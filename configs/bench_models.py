@@ -7,9 +7,9 @@ Every row is the configs/lm.py model of `model_config`, with `model_overrides` a
 applied, trained on random tokens at each (seq_len, batch) of `shapes`.
 """
 
-from importlib import metadata
-
 import ml_collections
+
+from ramjax.compile_options import fast_compile_flags
 
 # (name, {config field: value}): one row of the table per shape. Any field of the model config (or of the whole
 # training config: optim, mesh) may be set per row, e.g. ("ramnet:pallas:xla", {..., "model.ramnet.decoder_impl":
@@ -34,14 +34,6 @@ GATED_DELTANET_PALLAS = ("gated_deltanet:pallas", {"model.pattern": "gated_delta
 # configs/lm.py has 12 Fenwick levels (contexts up to 2048); 15 cover every shape here, up to 16384 tokens.
 LOGLINEAR_MAMBA2 = ("loglinear_mamba2", {"model.pattern": "loglinear", "model.loglinear.num_levels": 15})
 HYBRID = ("hybrid", {"model.pattern": "ramnet,ramnet,ramnet,attention"})
-
-
-def _jaxlib_minor() -> tuple[int, int]:
-    try:
-        major, minor = metadata.version("jaxlib").split(".")[:2]
-        return int(major), int(minor)
-    except (metadata.PackageNotFoundError, ValueError):
-        return 999, 0
 
 
 def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:
@@ -72,11 +64,9 @@ def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:
         config.warmup_steps = 1
         config.steps = 2
         config.results_file = "experiments/results/bench_models_cpu.md"
-        # tests/conftest.py's fast-compile flags: the whole run in ~30 s instead of ~85 s on 2 cores, compile time
-        # being most of it; the steps then run slower (no LLVM optimisation), so the CPU numbers are a smoke test.
-        config.xla_flags = "--xla_backend_optimization_level=0"
-        if _jaxlib_minor() < (0, 11):  # jaxlib 0.11 no longer knows this flag, and XLA aborts on unknown flags
-            config.xla_flags += " --xla_cpu_use_fusion_emitters=false"
+        # The tests' fast-compile flags (ramjax/compile_options.py): the whole run in ~30 s instead of ~85 s on 2
+        # cores, compile time being most of it; the steps then run slower, so the CPU numbers are a smoke test.
+        config.xla_flags = fast_compile_flags()
     elif variant != "gpu":
         raise ValueError(f"configs/bench_models.py: unknown variant {variant!r}; known: 'gpu', 'cpu'")
     return config

@@ -6,15 +6,15 @@ wall time. Two XLA CPU flags cut it by 3-5x on the model and training tests:
   --xla_cpu_use_fusion_emitters=false   the older loop emitters, much quicker to compile than the MLIR ones.
 Neither changes what is computed (only how fast the code runs). They are XLA's own debug options, not API: if
 a jaxlib drops one, XLA aborts naming it: jaxlib 0.11 no longer knows --xla_cpu_use_fusion_emitters, so each flag
-names the jaxlib versions it is set for (tests/fast_compile.py). Any XLA_FLAGS you set yourself take precedence.
+names the jaxlib versions it is set for (ramjax/compile_options.py). Any XLA_FLAGS you set yourself take precedence.
 """
 
 import os
 
-from fast_compile import supported_options
+from ramjax.compile_options import fast_compile_options
 
 _flags = os.environ.get("XLA_FLAGS", "")
-for _name, _value in supported_options().items():
+for _name, _value in fast_compile_options().items():
     if f"--{_name}" not in _flags:
         _flags = f"{_flags} --{_name}={str(_value).lower()}".strip()
 os.environ["XLA_FLAGS"] = _flags

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fast_compile import supported_options
 from numerics import matmul_dtypes, rel_rms
 
+from ramjax.compile_options import fast_compile_options
 from ramjax.ops import (
     gated_delta_rule,
     gated_delta_rule_step,
@@ -58,7 +58,7 @@ def names(op):
 
 
 # And compiled like this, XLA CPU spends about a quarter of its default compile time on them.
-quick_jit = functools.partial(jax.jit, compiler_options=supported_options())
+quick_jit = functools.partial(jax.jit, compiler_options=fast_compile_options())
 
 
 @functools.partial(quick_jit, static_argnames=("op", "impl", "chunk_size"))
