@@ -7,15 +7,14 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 from test_lm import corpus, lm_config  # noqa: F401 (corpus: the fixture)
+from test_robustness import kill_mid_run_then_rerun
 from test_train import assert_trees_equal, restore_final
 
 from ramjax.data import lm, lm_pipeline
@@ -123,21 +122,7 @@ def test_sigkill_mid_lm_run_then_rerun_is_bit_identical(corpus, tmp_path):  # no
     subprocess.run([sys.executable, "-c", KILL_SCRIPT, reference, str(corpus), data_dir], cwd=ROOT, env=env,
                    check=True, timeout=600, capture_output=True)
     workdir = str(tmp_path / "killed")
-    kill_after = int(np.random.default_rng(int(time.time())).integers(3, 11))
-    process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, workdir, str(corpus), data_dir], cwd=ROOT,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen = ""
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        seen += process.stderr.read(1) or ""
-        if f"{kill_after}/12" in seen or process.poll() is not None:
-            break
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert process.returncode in (-signal.SIGKILL, 0), seen[-2000:]
-    result = subprocess.run([sys.executable, "-c", KILL_SCRIPT, workdir, str(corpus), data_dir], cwd=ROOT, env=env,
-                            timeout=600, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    kill_mid_run_then_rerun([sys.executable, "-c", KILL_SCRIPT, workdir, str(corpus), data_dir], env)
     state_ref, meta_ref = restore_final(reference)
     state, meta = restore_final(workdir)
     assert meta == meta_ref and meta["step"] == 12

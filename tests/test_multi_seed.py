@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 from numerics import rel_rms
+from test_train import interrupt_batch_at
 from tiny import tiny_config
 
-from ramjax.data.tasks import SyntheticTask
 from ramjax.errors import ConfigError
 from ramjax.train.checkpoint import Checkpoints
 from ramjax.train.metrics import read_metrics
@@ -82,14 +82,7 @@ def test_an_interrupted_vmapped_run_resumes_to_the_uninterrupted_one(tmp_path, m
         return config_for(steps=6, num_seeds=2, checkpoint_every=2, log_every=2, eval_every=3)
 
     summary_a = train(config(), str(tmp_path / "a"))
-    make_batch = SyntheticTask.train_batch
-
-    def interrupt_at_step_4(self, step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return make_batch(self, step)
-
-    monkeypatch.setattr(SyntheticTask, "train_batch", interrupt_at_step_4)
+    interrupt_batch_at(monkeypatch, 4)
     with pytest.raises(SystemExit) as exit_info:
         train(config(), str(tmp_path / "b"))
     assert exit_info.value.code == 130

@@ -137,6 +137,25 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+def kill_mid_run_then_rerun(command: list[str], env: dict, steps: int = 12) -> None:
+    """Runs `command` (a training run of `steps` steps with its progress bar on stderr), SIGKILLs it once the bar
+    shows a random step in 3..steps-2, then reruns it to the end; asserts both behaved."""
+    kill_after = int(np.random.default_rng(int(time.time())).integers(3, steps - 1))
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    seen = ""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        seen += process.stderr.read(1) or ""
+        if f"{kill_after}/{steps}" in seen or process.poll() is not None:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode in (-signal.SIGKILL, 0), seen[-2000:]
+    result = subprocess.run(command, cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path):
     """SIGKILL lands somewhere in steps 3-10 (wherever the run is when it comes: inside a step, between steps
     or during an asynchronous save); rerunning the same command finishes the run bit for bit as run A."""
@@ -145,22 +164,7 @@ def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path):
     subprocess.run([sys.executable, "-c", KILL_SCRIPT, reference], cwd=ROOT, env=env, check=True, timeout=600,
                    capture_output=True)
     workdir = str(tmp_path / "killed")
-    rng = np.random.default_rng(int(time.time()))
-    kill_after = int(rng.integers(3, 11))
-    process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, workdir], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen = ""
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        seen += process.stderr.read(1) or ""
-        if f"{kill_after}/12" in seen or process.poll() is not None:
-            break
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert process.returncode in (-signal.SIGKILL, 0), seen[-2000:]
-    result = subprocess.run([sys.executable, "-c", KILL_SCRIPT, workdir], cwd=ROOT, env=env, timeout=600,
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    kill_mid_run_then_rerun([sys.executable, "-c", KILL_SCRIPT, workdir], env)
     state_ref, meta_ref = restore_final(reference)
     state, meta = restore_final(workdir)
     assert meta == meta_ref and meta["step"] == 12

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ramjax.data.tasks import SyntheticTask
 from ramjax.errors import ConfigError
 from ramjax.models import LanguageModel
 from ramjax.train import top_k_schedule
@@ -12,7 +11,7 @@ from ramjax.train.step import make_eval_step
 from ramjax.train.setup import make_task, restore_state
 from ramjax.train.evaluation import evaluate
 from ramjax.train.trainer import train
-from test_train import assert_trees_equal, restore_final
+from test_train import assert_trees_equal, interrupt_batch_at, restore_final
 from tiny import tiny_config
 
 
@@ -61,14 +60,7 @@ def _without_schedule():
 def test_interrupted_scheduled_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
     """Interrupted at step 4 (inside the K = 4 phase), resumed across the change to K = 2 at step 6."""
     train(schedule_config(), str(tmp_path / "a"))
-    make_batch = SyntheticTask.train_batch
-
-    def interrupt_at_step_4(self, step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return make_batch(self, step)
-
-    monkeypatch.setattr(SyntheticTask, "train_batch", interrupt_at_step_4)
+    interrupt_batch_at(monkeypatch, 4)
     with pytest.raises(SystemExit):
         train(schedule_config(), str(tmp_path / "b"))
     monkeypatch.undo()

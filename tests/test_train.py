@@ -44,6 +44,18 @@ def restore_final(workdir):
     return state, meta
 
 
+def interrupt_batch_at(monkeypatch, step: int) -> None:
+    """Ctrl-C while the trainer makes the batch of `step` (SyntheticTask.train_batch raises KeyboardInterrupt)."""
+    make_batch = SyntheticTask.train_batch
+
+    def interrupted(self, asked):
+        if asked == step:
+            raise KeyboardInterrupt
+        return make_batch(self, asked)
+
+    monkeypatch.setattr(SyntheticTask, "train_batch", interrupted)
+
+
 def assert_trees_equal(a, b):
     leaves_a, leaves_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
     assert [path for path, _ in leaves_a] == [path for path, _ in leaves_b]
@@ -116,14 +128,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(uninterrupted, tmp_path,
     workdir_b = str(tmp_path)
     # Run B: the same run (num_steps 12: the learning-rate schedule depends on it), interrupted as by Ctrl-C
     # while the batch of step 8 is made, just after the checkpoint of step 8.
-    make_batch = SyntheticTask.train_batch
-
-    def interrupt_at_step_8(self, step):
-        if step == 8:
-            raise KeyboardInterrupt
-        return make_batch(self, step)
-
-    monkeypatch.setattr(SyntheticTask, "train_batch", interrupt_at_step_8)
+    interrupt_batch_at(monkeypatch, 8)
     with pytest.raises(SystemExit) as exit_info:
         train(resume_config(), workdir_b)
     assert exit_info.value.code == 130
