@@ -24,8 +24,6 @@ Only synthetic tasks (mqar, selective_copy): their batches are a function of (da
 from __future__ import annotations
 
 import copy
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ramjax.data.tasks import Batch, SyntheticTask
 from ramjax.errors import ConfigError
 from ramjax.train.evaluation import slice_totals
+from ramjax.train.metrics import read_metrics
 
 STACKED = ("params", "opt_state")  # the state entries with a seed axis; "step" is shared
 
@@ -186,12 +185,7 @@ def evaluate(eval_step, params, rest, task, batches, n: int) -> dict:
 def best_per_seed(workdir: str, n: int) -> list[dict]:
     """Each seed's best evaluation (highest mean accuracy over slices) in the run's metrics.jsonl, with its step."""
     best = [{"step": None, "accuracy": -1.0} for _ in range(n)]
-    try:
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError):
-        rows = []
-    for row in rows:
+    for row in read_metrics(workdir):  # a torn last line (a crash while writing it) is skipped
         for i in range(n):
             value = row.get(f"eval/accuracy/mean/seed_{i}")
             if isinstance(value, (int, float)) and value > best[i]["accuracy"]:

@@ -35,7 +35,7 @@ from ramjax.train import multi_seed, preemption, run_record, sharding, top_k_sch
 from ramjax.train.address_metrics import address_metrics
 from ramjax.train.checkpoint import Checkpoints
 from ramjax.train.evaluation import Batches, evaluate
-from ramjax.train.metrics import MetricsLog
+from ramjax.train.metrics import MetricsLog, read_metrics
 from ramjax.train.profiling import ProfileWindow
 from ramjax.train.setup import (ModelSpec, abstract_model, check_model_config, check_train_config, initialisers,
                                 jit_train_step, make_task, with_shardings)
@@ -306,17 +306,9 @@ def _early_stop_accuracy(config) -> float:
 def _best_eval(workdir: str, this_session: dict) -> dict:
     """The best evaluation of the whole run: this session's, or one logged before a resume (metrics.jsonl)."""
     best = this_session
-    try:
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:  # a torn last line after a crash
-                    continue
-                if row.get("eval/accuracy/mean", -1.0) > best.get("eval/accuracy/mean", -1.0):
-                    best = {"step": row["step"], **{k: v for k, v in row.items() if k.startswith("eval/")}}
-    except OSError:
-        pass
+    for row in read_metrics(workdir):
+        if row.get("eval/accuracy/mean", -1.0) > best.get("eval/accuracy/mean", -1.0):
+            best = {"step": row["step"], **{k: v for k, v in row.items() if k.startswith("eval/")}}
     return best
 
 
