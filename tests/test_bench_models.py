@@ -72,3 +72,18 @@ def test_cpu_run_writes_the_table_with_ratios_from_the_same_run(tmp_path):
     saved = json.loads(results.with_suffix(".json").read_text())
     assert len(saved["runs"]) == 2 and [r["run"] for r in saved["rows"]] == [1, 0, 0, 0]
     assert saved["rows"][3]["x_baseline_tokens_per_s"] == speed
+
+
+def test_linear_ops_table_divides_by_the_peer_of_the_same_op_and_case():
+    spec = importlib.util.spec_from_file_location("bench_linear_ops", ROOT / "experiments" / "bench_linear_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [{"case": "1x64", "op": "gla", "impl": "chunked", "fwd": 1.0, "fwd_bwd": 4.0},
+            {"case": "1x64", "op": "gla", "impl": "peer", "fwd": 1.0, "fwd_bwd": 2.0},
+            {"case": "1x64", "op": "loglinear_gated_delta", "impl": "chunked", "fwd": 1.0, "fwd_bwd": 3.0},
+            {"case": "1x64", "op": "simple_gla", "impl": "pallas", "error": "OOM"}]
+    lines = module.table(rows)
+    assert "| 1x64 | gla | chunked | 1 | 4 | 0.50x |" in lines[2]
+    assert "fla chunk_gla" in lines[3] and "| - |" in lines[3]
+    assert "| - |" in lines[4]  # no peer for this op
+    assert "failed: OOM" in lines[5]

@@ -256,6 +256,22 @@ def test_bf16_inputs_give_bf16_outputs(op, gate):
     assert o_t.dtype == jnp.bfloat16 and state_t.dtype == jnp.float32
 
 
+def test_chunked_gla_gradient_at_many_chunks():
+    """Sub-chunked per-dimension GLA over 5 chunks of 32 (batch 1, d_k = d_v = 5, no initial state): the shape at
+    which the gradient's program once crashed XLA CPU (a segfault; see ramjax/ops/gla/chunked.py)."""
+    rng = np.random.default_rng(23)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 130, 3, 5)), jnp.float32) for _ in range(3))
+    log_decay = -jnp.asarray(rng.uniform(0.0, 0.1, size=(1, 130, 3, 5)), jnp.float32)
+
+    def loss(impl, *inputs):
+        return jnp.sum(gated_linear_attention(*inputs, impl=impl, chunk_size=32) ** 2)
+
+    grads = quick_jit(jax.grad(functools.partial(loss, "chunked"), argnums=(0, 1, 2, 3)))(q, k, v, log_decay)
+    want = float64(jax.grad(functools.partial(loss, "dense"), argnums=(0, 1, 2, 3)), q, k, v, log_decay)
+    for got, expected in zip(grads, want, strict=True):
+        assert rel_rms(got, expected) < 1e-4
+
+
 @pytest.mark.parametrize("gate,chunk_size", [("scalar", 16), ("vector", 16), ("vector", 32)])
 def test_chunked_gla_multiplies_bf16_operands_with_float32_accumulation(gate, chunk_size):
     """(Chunk 32 with the vector gate takes the sub-chunk path: its products between sub-chunks too.)"""

@@ -37,8 +37,13 @@ def _subchunk_scores(q, k, a, sub: int, operand_dtype=None):
     k_decayed = kb * jnp.exp(ends[..., :, None, :] - blocks(cum))
     earlier = np.tril(np.ones((n, n), bool), -1)[:, :, None]  # [i, j]: j < i
     between = jnp.exp(jnp.where(earlier, before[..., :, None, :] - ends[..., None, :, :], -jnp.inf))  # [.., i, j, dk]
-    off = numerics.matmul("...ijtk,...jsk->...ijts", q_decayed[..., :, None, :, :] * between[..., :, :, None, :],
-                          k_decayed, operand_dtype)  # [..., i, j, t, s]; 0 for j >= i
+    # One three-operand einsum, not the product (q_decayed x between) fed to a two-operand one: written that way,
+    # the gradient's compiled program crashed XLA CPU (jaxlib 0.10.2, segfault) at some shapes, e.g. 5 chunks of
+    # 32 tokens (tests/test_linear_attention.py::test_chunked_gla_gradient_at_many_chunks).
+    if operand_dtype is not None:
+        q_decayed, between, k_decayed = (x.astype(operand_dtype) for x in (q_decayed, between, k_decayed))
+    off = jnp.einsum("...itk,...ijk,...jsk->...ijts", q_decayed, between, k_decayed,
+                     preferred_element_type=jnp.float32 if operand_dtype is not None else None)  # 0 for j >= i
     diagonal = causal_scores(qb, kb, ab, exact=False)  # [..., n, sub, sub]
     same = np.eye(n, dtype=bool)[:, :, None, None]
     scores = jnp.where(same, diagonal[..., :, None, :, :], off)
