@@ -252,3 +252,27 @@ def test_resident_memory_of_a_process_streaming_a_large_corpus_stays_bounded(tmp
         before, after, worker = (int(x) for x in done.stdout.split()[-3:])  # kB
         assert after - before < 16 << 10, f"{workers} workers: peak RSS {before >> 10} -> {after >> 10} MB"
         assert worker - before < 16 << 10, f"{workers} workers: a worker's peak RSS {worker >> 10} MB"
+
+
+def test_pack_cuts_the_windows_grains_concat_then_split_did_and_resumes_from_its_states():
+    """Pack replaced grain's ConcatThenSplit: the same windows (the last one padded) and, from a state grain's
+    packer saved (a checkpoint from before, JSON round trip included), the same windows onwards."""
+    tokenize = lm_pipeline.Tokenize(TOKENIZER, "text")
+    documents = grain.MapDataset.source(tagged_documents(13)).map_with_index(tokenize).to_iter_dataset()
+    grains = grain.experimental.ConcatThenSplitIterDataset(documents.map(lambda d: {"tokens": d["tokens"]}),
+                                                           length_struct={"tokens": SEQ_LEN + 1})
+    expected = list(grains)
+    windows = list(lm_pipeline.Pack(documents, (SEQ_LEN + 1,)))
+    assert len(windows) == len(expected) > 10
+    for w, e in zip(windows, expected):
+        np.testing.assert_array_equal(w["tokens"], e["tokens"])
+        np.testing.assert_array_equal(w["real"], e["tokens_segment_ids"] != 0)
+    for stop in range(len(expected)):
+        old = iter(grains)
+        take(old, stop)
+        state = json.loads(json.dumps(old.get_state()))
+        new = iter(lm_pipeline.Pack(documents, (SEQ_LEN + 1,)))
+        new.set_state(state)
+        for w, e in zip(new, windows[stop:], strict=True):
+            for k in w:
+                np.testing.assert_array_equal(w[k], e[k])
