@@ -297,6 +297,24 @@ def test_auto_picks_recurrent_for_one_token_else_chunked(seq_len, op):
     assert trace("auto") == trace("recurrent" if seq_len == 1 else "chunked")
 
 
+@pytest.mark.parametrize("chunk_size,dtype,want", [(16, jnp.float32, "pallas"), (16, jnp.bfloat16, "pallas"),
+                                                    (24, jnp.float32, "chunked")])
+def test_auto_takes_the_gla_kernel_on_a_gpu_where_it_fits(monkeypatch, chunk_size, dtype, want):
+    """On a GPU (faked: only traced here), "auto" is the Pallas kernel when it takes the inputs (float32 / bfloat16,
+    chunk size a power of 2 >= 16), else the chunked form; the delta rule stays chunked."""
+    inputs, state = random_inputs(18, 37, op="gla", gate="per_dim")
+    inputs = tuple(x.astype(dtype) for x in inputs[:3]) + inputs[3:]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+    def trace(impl, op="gla", args=inputs):
+        fn = functools.partial(OPS[op], impl=impl, chunk_size=chunk_size, initial_state=state, return_final_state=True)
+        return str(jax.make_jaxpr(fn)(*args))
+
+    assert trace("auto") == trace(want)
+    delta_inputs, _ = random_inputs(18, 37, op="delta")
+    assert trace("auto", "delta", delta_inputs) == trace("chunked", "delta", delta_inputs)
+
+
 def test_scalar_gate_is_loglinear_attention_with_unit_level_weights():
     (q, k, v, a), _ = random_inputs(17, 37)
     weights = jnp.ones((BATCH, 37, HEADS, num_levels(37)))

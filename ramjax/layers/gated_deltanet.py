@@ -37,6 +37,9 @@ class GatedDeltaNetMixer(nnx.Module):
         head_dim = head_dim or d_model // num_heads
         self.num_heads, self.d_k, self.d_v, self.chunk_size = num_heads, head_dim, expand_v * head_dim, chunk_size
         self.impl = impl  # of the plain delta rule (ops.gated_delta_rule)
+        # The layout of the per-head tensors on a device mesh, set by the model (shard_activations): a Pallas kernel
+        # then runs per device shard. None: one device, or let XLA place it.
+        self.kernel_sharding = None
         key_width, value_width = num_heads * self.d_k, num_heads * self.d_v
         self.q_proj = dense(d_model, key_width, "embed", "heads", dtype=dtype, rngs=rngs)
         self.k_proj = dense(d_model, key_width, "embed", "heads", dtype=dtype, rngs=rngs)
@@ -79,7 +82,8 @@ class GatedDeltaNetMixer(nnx.Module):
         level_weights = None if self.decay is None else self.decay(x)
         with jax.named_scope("op"):  # names the op's share in profiles (experiments/profile_train_step.py)
             if level_weights is None:
-                o = ops.gated_delta_rule(q, k, v, log_decay, beta, chunk_size=self.chunk_size, impl=self.impl)
+                o = ops.gated_delta_rule(q, k, v, log_decay, beta, chunk_size=self.chunk_size, impl=self.impl,
+                                         sharding=self.kernel_sharding)
             else:
                 o = ops.loglinear_gated_delta(q, k, v, log_decay, beta, level_weights, chunk_size=self.chunk_size)
         return self._output(x, o)

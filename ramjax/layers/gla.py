@@ -29,6 +29,9 @@ class GLAMixer(nnx.Module):
                              f"must both be divisible by num_heads = {num_heads}")
         self.num_heads, self.d_k = num_heads, key_width // num_heads
         self.gate_normaliser, self.chunk_size, self.impl = gate_normaliser, chunk_size, impl
+        # The layout of the per-head tensors on a device mesh, set by the model (shard_activations): a Pallas kernel
+        # then runs per device shard. None: one device, or let XLA place it.
+        self.kernel_sharding = None
         self.q_proj = dense(d_model, key_width, "embed", "heads", dtype=dtype, rngs=rngs)
         self.k_proj = dense(d_model, key_width, "embed", "heads", dtype=dtype, rngs=rngs)
         self.v_proj = dense(d_model, value_width, "embed", "heads", dtype=dtype, rngs=rngs)
@@ -58,7 +61,8 @@ class GLAMixer(nnx.Module):
         del positions
         q, k, v, log_decay = self._inputs(x)
         with jax.named_scope("op"):  # names the op's share in profiles (experiments/profile_train_step.py)
-            o = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size, impl=self.impl)
+            o = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size, impl=self.impl,
+                                           sharding=self.kernel_sharding)
         return self._output(x, o)
 
     def init_cache(self, batch: int, max_len: int) -> dict:

@@ -54,6 +54,9 @@ class Mamba2Mixer(nnx.Module):
             raise ValueError(f"model.mamba2.a_init: must be one of {A_INITS}, got {a_init!r}")
         self.num_heads, self.head_dim, self.d_state, self.chunk_size = d_inner // head_dim, head_dim, d_state, chunk_size
         self.impl = impl  # of the plain recurrence (ops.gated_linear_attention)
+        # The layout of the per-head tensors on a device mesh, set by the model (shard_activations): a Pallas kernel
+        # then runs per device shard. None: one device, or let XLA place it.
+        self.kernel_sharding = None
         self.dt_scales_v = dt_scales_v
         self.z_proj = dense(d_model, d_inner, "embed", "heads", dtype=dtype, rngs=rngs) if gate else None
         self.x_proj = dense(d_model, d_inner, "embed", "heads", dtype=dtype, rngs=rngs)
@@ -113,7 +116,8 @@ class Mamba2Mixer(nnx.Module):
         level_weights = None if self.decay is None else self.decay(x)
         with jax.named_scope("op"):  # names the op's share in profiles (experiments/profile_train_step.py)
             if level_weights is None:
-                y = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size, impl=self.impl)
+                y = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size, impl=self.impl,
+                                               sharding=self.kernel_sharding)
             else:
                 y = ops.loglinear_attention(q, k, v, log_decay, level_weights, chunk_size=self.chunk_size)
         return self._output(x, y, x_in)

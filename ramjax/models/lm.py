@@ -217,11 +217,14 @@ class LanguageModel(nnx.Module):
 
     def shard_activations(self, mesh, batch_axes, heads_axes) -> None:
         """Lay the residual stream out as (batch over `batch_axes`) on `mesh`, and tell the layers with custom
-        kernels how their per-head tensors are laid out (batch over `batch_axes`, heads over `heads_axes`)."""
+        kernels (RAM-Net, GLA, Mamba-2, Gated DeltaNet: those with a `kernel_sharding`) how their per-head
+        tensors are laid out (batch over `batch_axes`, heads over `heads_axes`)."""
         self.activation_sharding = NamedSharding(mesh, PartitionSpec(batch_axes, None, None))
         per_head = NamedSharding(mesh, PartitionSpec(batch_axes, None, heads_axes, None))
-        for mixer in self.ramnet_mixers():
-            mixer.kernel_sharding = per_head
+        modules = nnx.iter_modules(self) if hasattr(nnx, "iter_modules") else self.iter_modules()
+        for _, module in modules:
+            if hasattr(module, "kernel_sharding"):
+                module.kernel_sharding = per_head
 
     def ramnet_mixers(self) -> list[RAMNetMixer]:
         """Every RAM-Net mixer in the model (one module per pattern position when the layers are scanned)."""

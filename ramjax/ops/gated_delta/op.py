@@ -14,8 +14,9 @@ Implementations (`impl=`):
              every exponent it uses is <= 0 (keys decayed to the chunk's end, queries from the chunk's start).
   pallas     the chunked form as Pallas kernels with a Pallas backward pass (`kernels.gated_delta_chunk`: Triton
              on GPUs, interpret mode elsewhere); float32 or bfloat16 inputs (kept 16-bit for the matrix products;
-             the chunk inverse in fp32), chunk_size a power of 2 >= 16. Not yet timed on a GPU, so "auto" does not
-             pick it.
+             the chunk inverse in fp32), chunk_size a power of 2 >= 16. On one H200 it made the LM train step
+             slower than the chunked form (177 vs 149 ms at 4096 x 8, experiments/results/bench_models.md), so
+             "auto" does not pick it.
   auto       recurrent for a single token, chunked otherwise.
 
 Sums, decays and states are computed in at least float32; o comes back in v's dtype and the final state
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 
 from ramjax.ops.gated_delta.chunked import delta_chunked
 from ramjax.ops.gated_delta.recurrent import delta_recurrent, delta_step
-from ramjax.ops.shared import checks, numerics
+from ramjax.ops.shared import checks, numerics, per_shard
 
 IMPLS = ("auto", "recurrent", "chunked", "pallas")
 
@@ -65,6 +66,7 @@ def gated_delta_rule(
     chunk_size: int = 64,
     initial_state: jax.Array | None = None,
     return_final_state: bool = False,
+    sharding=None,
 ):
     """Gated DeltaNet: S_t = exp(log_decay_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = S_t^T q_t.
 
@@ -78,6 +80,8 @@ def gated_delta_rule(
       chunk_size: C for impl="chunked", any positive integer (the sequence is padded to a multiple of it).
       initial_state: `[batch, heads, d_k, d_v]`, the state to continue from (zeros when None).
       return_final_state: also return the state after the last token.
+      sharding: how the `[batch, time, heads, ...]` arguments are laid out on a device mesh (time unsplit): the
+        Pallas kernels then run on each device's shard (`ramjax.ops.shared.per_shard`); the XLA forms ignore it.
 
     Returns:
       o `[batch, time, heads, d_v]` in v's dtype, and when asked the final state `[batch, heads, d_k, d_v]` in
@@ -89,7 +93,7 @@ def gated_delta_rule(
     checks.check_sequence(q, k, v, log_decay, beta, impl, IMPLS, chunk_size, initial_state)
     out_dtype = v.dtype
     if impl == "pallas":
-        return _pallas(q, k, v, log_decay, beta, initial_state, chunk_size, return_final_state)
+        return _pallas(q, k, v, log_decay, beta, initial_state, chunk_size, return_final_state, sharding)
     dtype = numerics.compute_dtype(q, k, v, log_decay, beta)
     q, k, v, log_decay, beta = (x.astype(dtype) for x in (q, k, v, log_decay, beta))
     log_decay = jnp.maximum(log_decay, numerics.LOG_DECAY_FLOOR)
@@ -105,13 +109,19 @@ def gated_delta_rule(
     return (o, final) if return_final_state else o
 
 
-def _pallas(q, k, v, log_decay, beta, initial_state, chunk_size, return_final_state):
+def _pallas(q, k, v, log_decay, beta, initial_state, chunk_size, return_final_state, sharding):
     """impl="pallas": `kernels.gated_delta_chunk.chunk_gated_delta`, interpret mode off GPUs."""
     from kernels import gated_delta_chunk
 
     checks.check_pallas_sequence(chunk_size, q=q, k=k, v=v)
     log_decay = jnp.maximum(log_decay.astype(jnp.float32), numerics.LOG_DECAY_FLOOR)
-    state = None if initial_state is None else initial_state.astype(jnp.float32)
-    o, final = gated_delta_chunk.chunk_gated_delta(q, k, v, log_decay, beta.astype(jnp.float32), state,
-                                                   chunk_size=chunk_size, interpret=jax.default_backend() != "gpu")
+    if initial_state is None:
+        initial_state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
+
+    def kernel(q, k, v, log_decay, beta, state):
+        return gated_delta_chunk.chunk_gated_delta(q, k, v, log_decay, beta, state, chunk_size=chunk_size,
+                                                   interpret=jax.default_backend() != "gpu")
+
+    o, final = per_shard.run_per_shard(kernel, sharding, (q, k, v, log_decay, beta.astype(jnp.float32)),
+                                       initial_state.astype(jnp.float32))
     return (o, final) if return_final_state else o
