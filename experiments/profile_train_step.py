@@ -26,9 +26,16 @@ import sys
 import tempfile
 import time
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+# On GPUs XLA replays whole runs of ops as CUDA command buffers (graphs), and the trace then shows one event per
+# buffer with no op or source path (seen on an H200: five "command_buffer_N" rows for the whole step). Off while
+# profiling, so every op is its own event; set before JAX starts its backend. (The step time is then slightly
+# higher than the scoreboard's.)
+if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
