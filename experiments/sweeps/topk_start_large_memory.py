@@ -6,7 +6,9 @@ start K that keeps K^2 / M near 1 (K ~ sqrt(M)) carry the method to larger memor
       --workdir runs/topk_start_large_memory --max-parallel 12
 
 M 4096 (U 6): start 64 and 128 annealed over 500 steps, and 64 over 700; M 65536 (U 8): start 256 over 500.
-The decoder is XLA at these sizes (decoder_impl auto: U x K > 64), which compiles in seconds.
+The decoder is XLA at these sizes (decoder_impl auto: U x K > 64), which compiles in seconds. Results:
+experiments/results/large_memory.md (M 4096: start 128 -> mean 0.844). The M 65536 runs need about 20 GiB each
+(K 256, U 8): with 12 at once on one H200 they ran out of memory; run them at most 4 at a time.
 """
 
 from ramjax.sweep import product, values, zipped
