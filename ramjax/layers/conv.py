@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -41,12 +43,21 @@ class ShortConv(nnx.Module):
 
     def _over(self, padded: jax.Array, seq_len: int) -> jax.Array:
         """y for the last seq_len positions of `padded` (which has width - 1 earlier inputs before them)."""
-        kernel = self.kernel[...].astype(self.dtype)
-        y = self.bias[...].astype(self.dtype)
-        for j in range(self.width):
-            start = self.width - 1 - j
-            y = y + kernel[j] * padded[:, start:start + seq_len]
-        return jax.nn.silu(y) if self.activation else y
+        return causal_conv(padded, self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype), seq_len,
+                           self.activation)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 4))
+def causal_conv(padded: jax.Array, kernel: jax.Array, bias: jax.Array, seq_len: int, activation: bool) -> jax.Array:
+    """sum_j kernel[j] * (padded shifted by j), over the last seq_len positions, then SiLU. Rematerialised: the
+    backward pass keeps the input and recomputes the rest (saved, its shifted copies, partial sums and SiLU were
+    ~8 copies of the input per conv: jax.ad_checkpoint.print_saved_residuals)."""
+    width = kernel.shape[0]
+    y = bias
+    for j in range(width):
+        start = width - 1 - j
+        y = y + kernel[j] * padded[:, start:start + seq_len]
+    return jax.nn.silu(y) if activation else y
 
 
 def convolve_all(convs, inputs, windows=None):

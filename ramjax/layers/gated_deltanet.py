@@ -22,9 +22,12 @@ from ramjax.layers.mamba2 import dt_bias_init
 from ramjax.layers.norm import GatedRMSNorm
 
 
-def _l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+@jax.checkpoint
+def _l2_normalise(x: jax.Array) -> jax.Array:
+    """x / |x| over the last axis in fp32, returned in x's dtype; rematerialised (the backward pass keeps x, not
+    fp32 copies)."""
     x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + 1e-6)).astype(x.dtype)
 
 
 class GatedDeltaNetMixer(nnx.Module):

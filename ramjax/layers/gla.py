@@ -7,6 +7,8 @@ S_t = diag(alpha_t) S_{t-1} + k_t v_t^T read by q_t * d_k^-1/2; out = W_o GatedR
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,6 +16,13 @@ from flax import nnx
 from ramjax import ops
 from ramjax.layers.axes import dense, logical_init
 from ramjax.layers.norm import GatedRMSNorm
+
+
+@functools.partial(jax.checkpoint, static_argnums=(1,))
+def gate_log_decay(logits: jax.Array, normaliser: float) -> jax.Array:
+    """log_sigmoid(logits) / normaliser in fp32. Rematerialised: the backward pass keeps the (16-bit) logits and
+    recomputes the rest, instead of two fp32 copies of the [batch, time, d_k] gate per layer."""
+    return jax.nn.log_sigmoid(logits.astype(jnp.float32)) / normaliser
 
 
 class GLAMixer(nnx.Module):
@@ -49,8 +58,7 @@ class GLAMixer(nnx.Module):
         q = self.q_proj(x).reshape(split) * (self.d_k**-0.5)
         k = self.k_proj(x).reshape(split)
         v = self.v_proj(x).reshape(split)
-        logits = self.decay_up(self.decay_down(x)).astype(jnp.float32)
-        log_decay = (jax.nn.log_sigmoid(logits) / self.gate_normaliser).reshape(split)
+        log_decay = gate_log_decay(self.decay_up(self.decay_down(x)), self.gate_normaliser).reshape(split)
         return q, k, v, log_decay
 
     def _output(self, x: jax.Array, o: jax.Array) -> jax.Array:

@@ -26,6 +26,7 @@ from ramjax import ops
 from ramjax.layers.axes import dense, logical_param
 from ramjax.layers.conv import ShortConv, convolve_all
 from ramjax.layers.fenwick_decay import FenwickDecay
+from ramjax.layers.mlp import silu_gate
 from ramjax.layers.norm import RMSNorm
 
 A_INITS = ("uniform", "arange")
@@ -105,7 +106,7 @@ class Mamba2Mixer(nnx.Module):
             y = y + self.d_skip[...].astype(y.dtype)[:, None] * x_in
         y = y.reshape(*x.shape[:2], -1)
         if self.z_proj is not None:
-            y = y * jax.nn.silu(self.z_proj(x))
+            y = silu_gate(y, self.z_proj(x))
         if self.norm is not None:
             y = self.norm(y)
         return self.out_proj(y)

@@ -9,6 +9,13 @@ from flax import nnx
 from ramjax.layers.axes import dense
 
 
+@jax.checkpoint
+def silu_gate(y: jax.Array, z: jax.Array) -> jax.Array:
+    """y * silu(z). Rematerialised: the backward pass keeps y and z and recomputes silu, instead of saving its
+    intermediates too (the scan over layers stacks every saved tensor of every layer)."""
+    return y * jax.nn.silu(z)
+
+
 class SwiGLU(nnx.Module):
     """x `[batch, time, d_model]` -> `[batch, time, d_model]` through a hidden width `hidden`."""
 
@@ -18,4 +25,4 @@ class SwiGLU(nnx.Module):
         self.down = dense(hidden, d_model, "mlp", "embed", dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        return self.down(silu_gate(self.up(x), self.gate(x)))

@@ -3,11 +3,43 @@ LayerNorm (the residual norm of the adaptive-decay fork's model, `model.norm = "
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ramjax.layers.axes import logical_param
+
+
+# The norms run as rematerialised functions: the backward pass keeps only their inputs (x in the compute dtype,
+# the gate, the scale) and recomputes the fp32 intermediates, which are a few elementwise passes. Saved, those
+# intermediates were the largest residuals of a GLA layer (four fp32 copies of the [batch, time, heads, d_v]
+# output and two of the gate, ~7x the bytes of its bf16 q, k and v; jax.ad_checkpoint.print_saved_residuals),
+# and the scan over layers stacks every layer's residuals (experiments/results/profile_train_step_gpu.md).
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) * scale over the last axis, in fp32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (normed * scale).astype(x.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def gated_rms_norm(x: jax.Array, gate: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """rms_norm(x) * silu(gate), the gate in fp32."""
+    return rms_norm(x, scale, eps) * jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """(x - mean(x)) / sqrt(var(x) + eps) * scale + bias over the last axis, in fp32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    normed = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+    return (normed * scale + bias).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -21,16 +53,14 @@ class RMSNorm(nnx.Module):
         self.scale = logical_param(jnp.ones((size,)), axis_name)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale[...]).astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
 
 
 class GatedRMSNorm(RMSNorm):
     """RMSNorm(x) * silu(gate): the output gate of Mamba-2 / Gated DeltaNet / GLA, per head over the last axis."""
 
     def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
-        return super().__call__(x) * jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype)
+        return gated_rms_norm(x, gate, self.scale[...], self.eps)
 
 
 class LayerNorm(nnx.Module):
@@ -43,7 +73,4 @@ class LayerNorm(nnx.Module):
         self.bias = logical_param(jnp.zeros((size,)), axis_name)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-        normed = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale[...] + self.bias[...]).astype(x.dtype)
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps)

@@ -96,7 +96,7 @@ def gated_delta_rule(
         return _pallas(q, k, v, log_decay, beta, initial_state, chunk_size, return_final_state, sharding)
     dtype = numerics.compute_dtype(q, k, v, log_decay, beta)
     q, k, v, log_decay, beta = (x.astype(dtype) for x in (q, k, v, log_decay, beta))
-    log_decay = jnp.maximum(log_decay, numerics.LOG_DECAY_FLOOR)
+    log_decay = numerics.floor_log_decay(log_decay)
     state = None if initial_state is None else initial_state.astype(dtype)
     impl = numerics.resolve_sequence_impl(impl, q.shape[1])
     if impl == "recurrent":
@@ -114,7 +114,7 @@ def _pallas(q, k, v, log_decay, beta, initial_state, chunk_size, return_final_st
     from kernels import gated_delta_chunk
 
     checks.check_pallas_sequence(chunk_size, q=q, k=k, v=v)
-    log_decay = jnp.maximum(log_decay.astype(jnp.float32), numerics.LOG_DECAY_FLOOR)
+    log_decay = numerics.floor_log_decay(log_decay.astype(jnp.float32))
     if initial_state is None:
         initial_state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
 

@@ -119,7 +119,7 @@ def gated_linear_attention(
         return _pallas(q, k, v, log_decay, initial_state, chunk_size, return_final_state, sharding)
     if impl != "chunked" or operand_dtype is None:  # only the chunked form keeps 16-bit operands
         q, k, v = (x.astype(dtype) for x in (q, k, v))
-    log_decay = jnp.maximum(log_decay.astype(dtype), numerics.LOG_DECAY_FLOOR)
+    log_decay = numerics.floor_log_decay(log_decay.astype(dtype))
     if log_decay.ndim == 3:
         log_decay = log_decay[..., None]
     q, k, v, a = map(_heads_first, (q, k, v, log_decay))
@@ -151,7 +151,7 @@ def _pallas(q, k, v, log_decay, initial_state, chunk_size, return_final_state, s
     from kernels import gla_chunk
 
     checks.check_pallas_sequence(chunk_size, q=q, k=k, v=v)
-    log_decay = jnp.maximum(log_decay.astype(jnp.float32), numerics.LOG_DECAY_FLOOR)
+    log_decay = numerics.floor_log_decay(log_decay.astype(jnp.float32))
     if log_decay.ndim == 3:
         log_decay = log_decay[..., None]
     if initial_state is None:

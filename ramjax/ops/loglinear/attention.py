@@ -235,7 +235,7 @@ def loglinear_attention(
     if impl != "chunked" or operand_dtype is None:
         q, k, v = (a.astype(dtype) for a in (q, k, v))
     g, level_weights = g.astype(dtype), level_weights.astype(dtype)
-    g = jnp.maximum(g, numerics.LOG_DECAY_FLOOR)
+    g = numerics.floor_log_decay(g)
     if initial_state is not None:
         initial_state = FenwickState(initial_state.levels.astype(dtype), jnp.asarray(initial_state.position, jnp.int32))
     if impl == "recurrent":

@@ -240,7 +240,7 @@ def loglinear_gated_delta(
     out_dtype = v.dtype
     dtype = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
     q, k, v, g, beta, level_weights = (a.astype(dtype) for a in (q, k, v, g, beta, level_weights))
-    g = jnp.maximum(g, numerics.LOG_DECAY_FLOOR)
+    g = numerics.floor_log_decay(g)
     if initial_state is not None:
         initial_state = FenwickState(initial_state.levels.astype(dtype), jnp.asarray(initial_state.position, jnp.int32))
     impl = numerics.resolve_sequence_impl(impl, q.shape[1])

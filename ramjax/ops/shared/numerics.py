@@ -19,6 +19,25 @@ import jax.numpy as jnp
 LOG_DECAY_FLOOR = -30.0
 
 
+@jax.custom_vjp
+def floor_log_decay(log_decay: jax.Array) -> jax.Array:
+    """max(log_decay, LOG_DECAY_FLOOR), with the gradient of max (0 where the floor holds) computed from a boolean
+    mask: the backward pass keeps that mask, not a float copy of the log decays (one more residual per layer)."""
+    return jnp.maximum(log_decay, LOG_DECAY_FLOOR)
+
+
+def _floor_log_decay_forward(log_decay):
+    kept = log_decay > LOG_DECAY_FLOOR
+    return jnp.where(kept, log_decay, LOG_DECAY_FLOOR), kept
+
+
+def _floor_log_decay_backward(kept, cotangent):
+    return (jnp.where(kept, cotangent, 0.0),)
+
+
+floor_log_decay.defvjp(_floor_log_decay_forward, _floor_log_decay_backward)
+
+
 def operand_dtype(*arrays):
     """The 16-bit dtype all `arrays` share (bf16 or fp16), or None when they are wider or mixed."""
     dtypes = {jnp.dtype(a.dtype) for a in arrays}
