@@ -15,6 +15,8 @@ Parameters carry logical axis names for sharding: embed, heads, levels, decay_ml
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -29,6 +31,13 @@ AS_RUN_STD = 0.02
 
 # softplus(0.54) = 0.9992: the adaptive decay starts as plain (lambda = 1) log-linear attention.
 MLP_SOFTPLUS_BIAS = 0.54
+
+
+@functools.partial(jax.checkpoint, static_argnums=(1,))
+def gelu(x: jax.Array, approximate: bool) -> jax.Array:
+    """GELU, rematerialised: the backward pass keeps its input, not the tanh approximation's five intermediates
+    (each as large as the [batch, time, heads, hidden] input, in fp32)."""
+    return jax.nn.gelu(x, approximate=approximate)
 
 
 class FenwickDecay(nnx.Module):
@@ -79,7 +88,7 @@ class FenwickDecay(nnx.Module):
         dl = self.level_proj(x).reshape(shape)
         if self.mode == "linear":
             return jax.nn.softplus(self.level_scale[...] * dl)
-        logits = self.mlp_out(jax.nn.gelu(self.mlp_in(dl), approximate=not self.exact_gelu))
+        logits = self.mlp_out(gelu(self.mlp_in(dl), not self.exact_gelu))
         if self.mode == "mlp_softplus":
             return jax.nn.softplus(logits)
         return jax.nn.softmax(logits, axis=-1)
