@@ -130,7 +130,7 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(eight_device_r
         assert np.sqrt(np.mean((x - y) ** 2) / max(np.mean(x**2), 1e-30)) < 1e-5
 
 
-@pytest.mark.parametrize("mesh,devices", [("4,1,1", 4), ("1,1,1", 1)])
+@pytest.mark.parametrize("mesh,devices", [("4,1,1", 4), pytest.param("1,1,1", 1, marks=pytest.mark.slow)])
 def test_checkpoint_from_eight_devices_restores_on_another_mesh(eight_device_run, tmp_path, mesh, devices):
     import shutil
 
