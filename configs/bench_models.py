@@ -33,6 +33,8 @@ GATED_DELTANET_PALLAS = ("gated_deltanet:pallas", {"model.pattern": "gated_delta
                                                    "model.gated_deltanet.impl": "pallas"})
 # configs/lm.py has 12 Fenwick levels (contexts up to 2048); 15 cover every shape here, up to 16384 tokens.
 LOGLINEAR_MAMBA2 = ("loglinear_mamba2", {"model.pattern": "loglinear", "model.loglinear.num_levels": 15})
+LOGLINEAR_GATED_DELTANET = ("loglinear_gated_deltanet", {"model.pattern": "loglinear", "model.loglinear.num_levels": 15,
+                                                         "model.loglinear.base": "gated_deltanet"})
 HYBRID = ("hybrid", {"model.pattern": "ramnet,ramnet,ramnet,attention"})
 
 
@@ -44,7 +46,7 @@ def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:
     config.model_overrides = "model.dtype=bfloat16"
     config.variants = (TRANSFORMER, RAMNET_SCAN_XLA_DECODER, RAMNET_PALLAS_XLA_DECODER, RAMNET_SCAN, RAMNET_PALLAS,
                        GLA, GLA_PALLAS, MAMBA2, MAMBA2_PALLAS, GATED_DELTANET, GATED_DELTANET_PALLAS,
-                       LOGLINEAR_MAMBA2, HYBRID)
+                       LOGLINEAR_MAMBA2, LOGLINEAR_GATED_DELTANET, HYBRID)
     config.baseline = "transformer"  # the variant the "x transformer" ratios divide by (always run)
     config.shapes = ((1024, 32), (4096, 8), (16384, 2))  # (seq_len, batch): 32768 tokens per step each
     config.num_devices = 1  # the first N devices, data parallel (memory is per device)
