@@ -34,7 +34,7 @@ from ml_collections import config_flags
 from ramjax import ops, timing
 from ramjax.numerics import rel_rms
 
-# op -> (the peer's name in the table, the names of its inputs in make_inputs' order)
+# op -> the name its peer has in the table (fla's kernel, or PyTorch's attention)
 PEERS = {
     "gla": "fla chunk_gla",
     "simple_gla": "fla chunk_simple_gla",

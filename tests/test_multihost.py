@@ -268,6 +268,7 @@ LINEAR_KERNEL_SCRIPT = textwrap.dedent("""
     from flax import nnx
     from tiny import tiny_config
     from ramjax.models import LanguageModel
+    models = {}
     for pattern in ("gla", "mamba2", "gated_deltanet"):
         config = tiny_config(pattern)
         config.model.gla.chunk_size = config.model.mamba2.chunk_size = config.model.gated_deltanet.chunk_size = 16
@@ -276,8 +277,8 @@ LINEAR_KERNEL_SCRIPT = textwrap.dedent("""
         model.shard_activations(mesh, ("data", "fsdp"), "tensor")
         graphdef, variables = nnx.split(model)
         text = str(jax.make_jaxpr(lambda v, t: nnx.merge(graphdef, v)(t))(variables, jnp.zeros((8, 32), jnp.int32)))
-        out["model_" + pattern] = {"o": 0.0, "grads": [0.0], "shard_map": "shard_map" in text}
-    print("RESULTS" + json.dumps(out))
+        models[pattern] = "shard_map" in text
+    print("RESULTS" + json.dumps({"ops": out, "models": models}))
 """)
 
 
@@ -288,9 +289,10 @@ def test_linear_attention_kernels_run_per_shard_and_match_one_device():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("RESULTS"))[7:])
-    for name, case in out.items():
+    for name, case in out["ops"].items():
         assert case["shard_map"], name
         assert case["o"] < 1e-6 and max(case["grads"]) < 1e-6, (name, case)
+    assert all(out["models"].values()), out["models"]  # each mixer's kernel under shard_map in the model
 
 
 PREEMPT_SCRIPT = textwrap.dedent("""

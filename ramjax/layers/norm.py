@@ -14,8 +14,8 @@ from ramjax.layers.axes import logical_param
 
 # The norms run as rematerialised functions: the backward pass keeps only their inputs (x in the compute dtype,
 # the gate, the scale) and recomputes the fp32 intermediates, which are a few elementwise passes. Saved, those
-# intermediates were the largest residuals of a GLA layer (four fp32 copies of the [batch, time, heads, d_v]
-# output and two of the gate, ~7x the bytes of its bf16 q, k and v; jax.ad_checkpoint.print_saved_residuals),
+# intermediates were the largest residuals of a GLA layer (six fp32 tensors the size of its [batch, time, heads,
+# d_v] output, ~6x the bytes of its bf16 q, k and v; jax.ad_checkpoint.print_saved_residuals),
 # and the scan over layers stacks every layer's residuals (experiments/results/profile_train_step_gpu.md).
 
 

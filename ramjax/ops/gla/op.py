@@ -25,10 +25,11 @@ Implementations (`impl=`):
   pallas     the chunked form as Pallas kernels with a Pallas backward pass (`kernels.gla_chunk`: Triton on
              GPUs, interpret mode elsewhere); float32 or bfloat16 inputs, chunk_size a power of 2 >= 16.
   auto       recurrent for a single token; on a GPU, pallas where the kernels take the inputs; chunked otherwise.
-             On one H200 the Pallas kernels made the whole LM train step faster than the XLA chunked form at every
-             shape of the scoreboard (experiments/results/bench_models.md, the 2026-12-01 10:49-11:12 runs: GLA
-             71 -> 49 ms at 1024 x 32, 78 -> 51 ms at 4096 x 8; Mamba-2 92 -> 70 ms at 4096 x 8). On a CPU the
-             kernels would run in interpret mode, far slower than XLA, so auto keeps the chunked form there.
+             On one H200 the Pallas kernels made the whole LM train step faster than the XLA chunked form wherever
+             both were timed in one run (experiments/results/bench_models.md, the 2026-12-01 10:47-11:12 runs: GLA
+             71 -> 49 ms at 1024 x 32, 78 -> 51 ms at 4096 x 8; Mamba-2 92 -> 70 ms at 4096 x 8), and at 16384 x 2
+             faster than the XLA rows of an earlier run. On a CPU the kernels would run in interpret mode, far
+             slower than XLA, so auto keeps the chunked form there.
 
 Sums, decays and states are computed in at least float32; o comes back in v's dtype and the final state
 `[batch, heads, d_k, d_v]` in the compute dtype (float32, or float64 for float64 inputs). With 16-bit q, k, v
@@ -141,9 +142,7 @@ def _resolve_impl(impl: str, q, k, v, chunk_size: int) -> str:
     impl = numerics.resolve_sequence_impl(impl, q.shape[1])
     if impl != "chunked" or jax.default_backend() != "gpu":
         return impl
-    kernel_takes = (all(x.dtype in (jnp.float32, jnp.bfloat16) for x in (q, k, v))
-                    and chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0)
-    return "pallas" if kernel_takes else "chunked"
+    return "pallas" if checks.pallas_sequence_problem(chunk_size, q=q, k=k, v=v) is None else "chunked"
 
 
 def _pallas(q, k, v, log_decay, initial_state, chunk_size, return_final_state, sharding):

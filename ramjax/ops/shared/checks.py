@@ -112,11 +112,19 @@ def check_step(state, q, k, v, log_decay, beta) -> None:
         require_shape("beta", beta, (batch, heads), "[batch, heads]")
 
 
-def check_pallas_sequence(chunk_size: int, **arrays) -> None:
-    """What the chunked Pallas kernels take (kernels/gla_chunk.py, gated_delta_chunk.py): float32 or bfloat16
-    q, k, v and a chunk size that is a power of 2 >= 16."""
+def pallas_sequence_problem(chunk_size: int, **arrays) -> str | None:
+    """Why the chunked Pallas kernels (kernels/gla_chunk.py, gated_delta_chunk.py) cannot take these arguments, or
+    None: they take float32 or bfloat16 q, k, v and a chunk size that is a power of 2 >= 16."""
     for name, x in arrays.items():
         if x.dtype not in (jnp.float32, jnp.bfloat16):
-            raise ValueError(f"{name}: impl='pallas' takes float32 or bfloat16, got {x.dtype}")
+            return f"{name}: impl='pallas' takes float32 or bfloat16, got {x.dtype}"
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size: impl='pallas' needs a power of 2 >= 16, got {chunk_size}")
+        return f"chunk_size: impl='pallas' needs a power of 2 >= 16, got {chunk_size}"
+    return None
+
+
+def check_pallas_sequence(chunk_size: int, **arrays) -> None:
+    """Raises a ValueError naming what the chunked Pallas kernels cannot take (`pallas_sequence_problem`)."""
+    problem = pallas_sequence_problem(chunk_size, **arrays)
+    if problem is not None:
+        raise ValueError(problem)
