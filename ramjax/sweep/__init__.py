@@ -6,7 +6,8 @@
 A sweep file is Python, like a config file. It defines `get_sweep()`, returning the grid built from
 `values(field, [...])` with `product(...)` (every combination) and `zipped(...)` (element by element), and may
 define `PLOT = {"x": field, "y": metric, "series": [fields], "best_over": [fields]}` (best_over: plot only the
-best run over those fields, e.g. the learning rate, for each combination of the others):
+best run over those fields, e.g. the learning rate, for each combination of the others). `--sweep FILE.py:ARG`
+calls `get_sweep(ARG)` (one file, several grids; the default directory is then <file name>_<ARG>):
 
     from ramjax.sweep import product, values, zipped
 

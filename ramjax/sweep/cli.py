@@ -12,7 +12,8 @@ def main(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="ramjax sweep", description=_description())
     parser.add_argument("--config", default="configs/mqar.py:ramnet", help="config file[:variant] of every run")
-    parser.add_argument("--sweep", required=True, help="sweep file (Python, defines get_sweep())")
+    parser.add_argument("--sweep", required=True,
+                        help="sweep file (Python, defines get_sweep()); FILE.py:ARG calls get_sweep(ARG)")
     parser.add_argument("--workdir", default=None, help="sweep directory (default runs/sweeps/<sweep file name>)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs' `ramjax train` commands, run nothing")
     parser.add_argument("--max-parallel", type=int, default=1, help="runs at the same time (default 1)")

@@ -51,8 +51,25 @@ def _merged_all(parts) -> dict:
     return out
 
 
+def split_sweep_path(path: str) -> tuple[str, str | None]:
+    """"sweeps/a.py:65536" -> ("sweeps/a.py", "65536"); "sweeps/a.py" -> ("sweeps/a.py", None). The part after
+    the file's ":" is passed to its get_sweep(), as a config file's variant is passed to its get_config()."""
+    file, sep, argument = path.rpartition(":")
+    if sep and file.endswith(".py"):
+        return file, argument
+    return path, None
+
+
+def sweep_name(path: str) -> str:
+    """The sweep's default directory name: the file's name, with its argument if it has one."""
+    file, argument = split_sweep_path(path)
+    name = os.path.splitext(os.path.basename(file))[0]
+    return name if argument is None else f"{name}_{argument}"
+
+
 def load_sweep(path: str):
-    """(runs, plot spec) from a sweep file."""
+    """(runs, plot spec, run names) from a sweep file, "FILE.py" or "FILE.py:ARGUMENT" (get_sweep(ARGUMENT))."""
+    path, argument = split_sweep_path(path)
     if not os.path.exists(path):
         raise ConfigError(f"--sweep: no such file {path!r}")
     spec = importlib.util.spec_from_file_location(f"sweep_{os.path.basename(path)[:-3]}", path)
@@ -60,7 +77,12 @@ def load_sweep(path: str):
     spec.loader.exec_module(module)
     if not hasattr(module, "get_sweep"):
         raise ConfigError(f"--sweep {path}: defines no get_sweep()")
-    runs = module.get_sweep()
+    try:
+        runs = module.get_sweep() if argument is None else module.get_sweep(argument)
+    except TypeError as error:
+        if argument is not None and "positional argument" in str(error):
+            raise ConfigError(f"--sweep {path}:{argument}: its get_sweep() takes no argument") from None
+        raise
     if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
         raise ConfigError(f"--sweep {path}: get_sweep() must return a non-empty list of runs (use values, product, "
                           "zipped from ramjax.sweep)")

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 from ramjax.errors import ConfigError
-from ramjax.sweep.grid import format_value, load_sweep
+from ramjax.sweep.grid import format_value, load_sweep, split_sweep_path, sweep_name
 from ramjax.sweep.launcher import Launcher, printable, run_status, train_command
 from ramjax.sweep.results import collect, write_results
 
@@ -24,7 +24,7 @@ def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: 
     runs, plot, names = load_sweep(sweep_path)
     if max_parallel < 1:
         raise ConfigError(f"--max-parallel: must be >= 1, got {max_parallel}")
-    sweep_dir = workdir or os.path.join("runs", "sweeps", os.path.splitext(os.path.basename(sweep_path))[0])
+    sweep_dir = workdir or os.path.join("runs", "sweeps", sweep_name(sweep_path))
     commands = [train_command(config, os.path.join(sweep_dir, name), run, list(overrides))
                 for name, run in zip(names, runs)]
     if not report_only:
@@ -82,7 +82,8 @@ def check_sweep_record(sweep_dir: str, record: dict) -> None:
 
 
 def run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, devices, max_parallel) -> None:
-    record = {"config": config, "sweep": os.path.abspath(sweep_path), "overrides": list(overrides),
+    file, argument = split_sweep_path(sweep_path)
+    record = {"config": config, "sweep": os.path.abspath(file) + ("" if argument is None else f":{argument}"), "overrides": list(overrides),
               "runs": [{"name": n, "fields": r} for n, r in zip(names, runs)]}
     check_sweep_record(sweep_dir, json.loads(json.dumps(record, default=str)))
     os.makedirs(sweep_dir, exist_ok=True)

@@ -1,0 +1,34 @@
+"""Issue 16, the step after experiments/sweeps/topk_start_large_memory.py (M 4096: start K 128 over 500 steps gave
+0.982 / 0.990 / 0.561, mean 0.844; start 64 learned only with a 700-step anneal). Here, 3 seeds each, K = 8 at
+evaluation (the fig4 regime of configs/mqar.py), one sweep per memory size because their runs need different
+shares of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION applies to every run of a sweep):
+
+  # M 4096 (U 6), start 128 over 700 steps: ~10 GiB a run
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.075 ramjax sweep --config configs/mqar.py:ramnet,fig4 \
+      --sweep experiments/sweeps/topk_start_large_memory_2.py:4096 --workdir runs/topk_start_4096 --max-parallel 3
+  # M 65536 (U 8), start 256 over 500 steps: over 20 GiB a run (one allocation of 19.5 GiB was seen)
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 ramjax sweep --config configs/mqar.py:ramnet,fig4 \
+      --sweep experiments/sweeps/topk_start_large_memory_2.py:65536 --workdir runs/topk_start_65536 --max-parallel 3
+
+Results: experiments/results/large_memory.md.
+"""
+
+from ramjax.sweep import product, values, zipped
+
+PLOT = {"x": "train.ramnet_top_k_start", "y": ["eval/accuracy/mean"], "series": ["model.ramnet.num_factors"]}
+
+
+METHODS = {  # memory size -> (U, start K, anneal steps)
+    "4096": (6, 128, 700),
+    "65536": (8, 256, 500),
+}
+
+
+def get_sweep(memory: str = "4096"):
+    if memory not in METHODS:
+        raise ValueError(f"topk_start_large_memory_2.py: unknown memory size {memory!r}; known: {sorted(METHODS)}")
+    num_factors, start, anneal = METHODS[memory]
+    methods = zipped(values("model.ramnet.num_factors", [num_factors]), values("train.ramnet_top_k_start", [start]),
+                     values("train.ramnet_top_k_anneal_steps", [anneal]))
+    seeds = zipped(values("train.init_seed", [0, 1, 2]), values("data.seed", [0, 1, 2]))
+    return product(methods, seeds)
