@@ -24,13 +24,17 @@ RAMNET_SCAN_XLA_DECODER = ("ramnet:scan:xla_decoder", {"model.pattern": "ramnet"
                                                        "model.ramnet.decoder_impl": "xla"})
 RAMNET_PALLAS_XLA_DECODER = ("ramnet:pallas:xla_decoder", {"model.pattern": "ramnet", "model.ramnet.impl": "pallas",
                                                            "model.ramnet.decoder_impl": "xla"})
+# The linear-time models as configured (impl "auto": the Pallas kernels on GPUs), and each with the XLA chunked
+# form instead: the "before" rows of the linear family's speed issue, measured in the same run.
 GLA = ("gla", {"model.pattern": "gla"})
-GLA_PALLAS = ("gla:pallas", {"model.pattern": "gla", "model.gla.impl": "pallas"})
+GLA_CHUNKED = ("gla:chunked", {"model.pattern": "gla", "model.gla.impl": "chunked"})
 MAMBA2 = ("mamba2", {"model.pattern": "mamba2"})
-MAMBA2_PALLAS = ("mamba2:pallas", {"model.pattern": "mamba2", "model.mamba2.impl": "pallas"})
+MAMBA2_CHUNKED = ("mamba2:chunked", {"model.pattern": "mamba2", "model.mamba2.impl": "chunked"})
 GATED_DELTANET = ("gated_deltanet", {"model.pattern": "gated_deltanet"})
-GATED_DELTANET_PALLAS = ("gated_deltanet:pallas", {"model.pattern": "gated_deltanet",
-                                                   "model.gated_deltanet.impl": "pallas"})
+# The chunked form at the chunk size it ran best at (64; the kernels take 32).
+GATED_DELTANET_CHUNKED = ("gated_deltanet:chunked", {"model.pattern": "gated_deltanet",
+                                                     "model.gated_deltanet.impl": "chunked",
+                                                     "model.gated_deltanet.chunk_size": 64})
 # configs/lm.py has 12 Fenwick levels (contexts up to 2048); 15 cover every shape here, up to 16384 tokens.
 LOGLINEAR_MAMBA2 = ("loglinear_mamba2", {"model.pattern": "loglinear", "model.loglinear.num_levels": 15})
 LOGLINEAR_GATED_DELTANET = ("loglinear_gated_deltanet", {"model.pattern": "loglinear", "model.loglinear.num_levels": 15,
@@ -45,7 +49,7 @@ def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:
     # own, e.g. --config.model_overrides="model.dtype=bfloat16 model.d_model=1024"
     config.model_overrides = "model.dtype=bfloat16"
     config.variants = (TRANSFORMER, RAMNET_SCAN_XLA_DECODER, RAMNET_PALLAS_XLA_DECODER, RAMNET_SCAN, RAMNET_PALLAS,
-                       GLA, GLA_PALLAS, MAMBA2, MAMBA2_PALLAS, GATED_DELTANET, GATED_DELTANET_PALLAS,
+                       GLA, GLA_CHUNKED, MAMBA2, MAMBA2_CHUNKED, GATED_DELTANET, GATED_DELTANET_CHUNKED,
                        LOGLINEAR_MAMBA2, LOGLINEAR_GATED_DELTANET, HYBRID)
     config.baseline = "transformer"  # the variant the "x transformer" ratios divide by (always run)
     config.shapes = ((1024, 32), (4096, 8), (16384, 2))  # (seq_len, batch): 32768 tokens per step each

@@ -134,9 +134,10 @@ def model_config() -> ml_collections.ConfigDict:
     m.gated_deltanet.head_dim = 0  # 0: d_model / num_heads
     m.gated_deltanet.expand_v = 2
     m.gated_deltanet.conv_width = 4
-    m.gated_deltanet.chunk_size = 64
-    # "auto" (the XLA chunked form everywhere: on one H200 the Pallas kernels, kernels/gated_delta_chunk.py, made
-    # the train step slower, 177 vs 149 ms at 4096 x 8), "chunked" or "pallas".
+    # 32: the Pallas kernels (kernels/gated_delta_chunk.py) spill registers at 64; on one H200 the LM step at
+    # 4096 x 8 took 71 ms with them at 32, 164 ms at 64, and 136 ms in the XLA chunked form at 64.
+    m.gated_deltanet.chunk_size = 32
+    # "auto" (on GPUs the Pallas kernels when chunk_size <= 32, else the XLA chunked form), "chunked" or "pallas".
     m.gated_deltanet.impl = "auto"
 
     m.loglinear = ml_collections.ConfigDict()

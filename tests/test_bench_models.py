@@ -23,7 +23,7 @@ def test_gpu_config_variants_build_and_select():
     chosen = bench_models.select_variants(bench.variants, "ramnet,gla", "transformer")
     assert [name for name, _ in chosen] == (["transformer"] + [n for n in names if n.startswith("ramnet:")]
                                             + [n for n in names if n.split(":")[0] == "gla"])
-    assert "gla:pallas" in [name for name, _ in chosen]
+    assert "gla:chunked" in [name for name, _ in chosen]
     assert bench_models.parse_shapes("1024x32, 16384x2") == ((1024, 32), (16384, 2))
 
 

@@ -14,10 +14,12 @@ Implementations (`impl=`):
              every exponent it uses is <= 0 (keys decayed to the chunk's end, queries from the chunk's start).
   pallas     the chunked form as Pallas kernels with a Pallas backward pass (`kernels.gated_delta_chunk`: Triton
              on GPUs, interpret mode elsewhere); float32 or bfloat16 inputs (kept 16-bit for the matrix products;
-             the chunk inverse in fp32), chunk_size a power of 2 >= 16. On one H200 it made the LM train step
-             slower than the chunked form (177 vs 149 ms at 4096 x 8, experiments/results/bench_models.md), so
-             "auto" does not pick it.
-  auto       recurrent for a single token, chunked otherwise.
+             the chunk inverse in fp32), chunk_size a power of 2 >= 16. On one H200, in the LM train step at
+             4096 x 8 (experiments/results/bench_models.md, 2026-12-01): 71 ms at chunk 32 against the chunked
+             form's 136 ms at chunk 64, but 164 ms at chunk 64 (its [64, 64] fp32 inverse and gradients spill
+             registers, kernels/README.md).
+  auto       recurrent for a single token; on GPUs the Pallas kernels where they take the inputs and the chunk
+             is at most PALLAS_MAX_CHUNK (32) tokens; chunked otherwise.
 
 Sums, decays and states are computed in at least float32; o comes back in v's dtype and the final state
 `[batch, heads, d_k, d_v]` in the compute dtype (float32, or float64 for float64 inputs).
@@ -33,6 +35,9 @@ from ramjax.ops.gated_delta.recurrent import delta_recurrent, delta_step
 from ramjax.ops.shared import checks, numerics, per_shard
 
 IMPLS = ("auto", "recurrent", "chunked", "pallas")
+# impl="auto" takes the kernels on GPUs up to this chunk size: above it they were measured slower than the chunked
+# XLA form (see the module docstring).
+PALLAS_MAX_CHUNK = 32
 
 
 def gated_delta_rule_step(state, q, k, v, log_decay, beta):
@@ -92,13 +97,13 @@ def gated_delta_rule(
         initial_state = jnp.asarray(initial_state)
     checks.check_sequence(q, k, v, log_decay, beta, impl, IMPLS, chunk_size, initial_state)
     out_dtype = v.dtype
+    impl = _resolve_impl(impl, q, k, v, chunk_size)
     if impl == "pallas":
         return _pallas(q, k, v, log_decay, beta, initial_state, chunk_size, return_final_state, sharding)
     dtype = numerics.compute_dtype(q, k, v, log_decay, beta)
     q, k, v, log_decay, beta = (x.astype(dtype) for x in (q, k, v, log_decay, beta))
     log_decay = numerics.floor_log_decay(log_decay)
     state = None if initial_state is None else initial_state.astype(dtype)
-    impl = numerics.resolve_sequence_impl(impl, q.shape[1])
     if impl == "recurrent":
         if state is None:
             state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[-1]), dtype)
@@ -107,6 +112,14 @@ def gated_delta_rule(
         o, final = delta_chunked(q, k, v, log_decay, beta, state, chunk_size)
     o = o.astype(out_dtype)
     return (o, final) if return_final_state else o
+
+
+def _resolve_impl(impl: str, q, k, v, chunk_size: int) -> str:
+    """What impl="auto" stands for (see the module docstring)."""
+    impl = numerics.resolve_sequence_impl(impl, q.shape[1])
+    if impl != "chunked" or jax.default_backend() != "gpu" or chunk_size > PALLAS_MAX_CHUNK:
+        return impl
+    return "pallas" if checks.pallas_sequence_problem(chunk_size, q=q, k=k, v=v) is None else "chunked"
 
 
 def _pallas(q, k, v, log_decay, beta, initial_state, chunk_size, return_final_state, sharding):
