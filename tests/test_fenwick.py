@@ -279,3 +279,21 @@ def test_chunked_gradients_hold_under_strong_decays(base):
         want = [np.asarray(w) for w in grads("dense", jnp.float64)]
     for got, expected in zip(grads("chunked", jnp.float32), want):
         assert rel_rms(got, expected) < 1e-4
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_recompute_changes_what_is_saved_not_the_gradients(base):
+    """recompute=True (the default) reruns the chunked forward in the backward pass: a remat in the program, the
+    same outputs and gradients as keeping the intermediates."""
+    inputs = random_inputs(3, 2, 100, 2, 5, 7, base=base)
+
+    def loss(recompute, *inputs):
+        o = OPS[base](*inputs, impl="chunked", chunk_size=16, recompute=recompute)
+        return jnp.sum(jnp.sin(o))
+
+    grads = {r: jax.jit(jax.grad(functools.partial(loss, r), argnums=tuple(range(len(inputs)))))(*inputs)
+             for r in (True, False)}
+    for got, want in zip(grads[True], grads[False]):
+        assert rel_rms(got, want) < 1e-6
+    assert "remat" in str(jax.make_jaxpr(functools.partial(loss, True))(*inputs))
+    assert "remat" not in str(jax.make_jaxpr(functools.partial(loss, False))(*inputs))

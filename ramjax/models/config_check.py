@@ -119,6 +119,7 @@ def check_model(model, max_seq_len: int | None = None) -> None:
         _check_chunked(ll.base, model[ll.base])
         _choice("model.loglinear.lambda_init", ll.get("lambda_init", "as_described"), LAMBDA_INITS)
         _bool("model.loglinear.exact_gelu", ll.get("exact_gelu", False))
+        _bool("model.loglinear.recompute", ll.get("recompute", True))
         levels = _int("model.loglinear.num_levels", ll.num_levels)
         if max_seq_len is not None and levels < loglinear.num_levels(max_seq_len):
             raise ConfigError(f"model.loglinear.num_levels: {levels} levels cover sequences up to "

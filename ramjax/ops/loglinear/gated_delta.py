@@ -227,6 +227,7 @@ def loglinear_gated_delta(
     chunk_size: int = 64,
     initial_state: FenwickState | None = None,
     return_final_state: bool = False,
+    recompute: bool = True,
 ):
     """Log-linear Gated DeltaNet: arguments as `loglinear_attention`, plus beta `[batch, time, heads]`.
 
@@ -249,6 +250,10 @@ def loglinear_gated_delta(
     elif impl == "dense":
         o, final = _delta_dense(q, k, v, g, beta, level_weights, initial_state, return_final_state)
     else:
-        o, final = _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state)
+        # recompute: the backward pass reruns this forward from the op's inputs instead of keeping the chunk
+        # transitions and every level's block states alive; the step's peak memory falls ~3x (docs/loglinear.md
+        # section 7).
+        chunked = jax.checkpoint(_delta_chunked, static_argnums=(7, 8)) if recompute else _delta_chunked
+        o, final = chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state)
     o = o.astype(out_dtype)
     return (o, final) if return_final_state else o
