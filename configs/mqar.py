@@ -94,7 +94,9 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
     # RAM-Net trained with a larger top-K that halves down to model.ramnet.top_k over the given steps
     # (ramjax/train/top_k_schedule.py); 0 = train with the model's K. Evaluation always uses the model's K.
     # At M = 1024, K = 8 the plain model stays at chance on MQAR; K 32 -> 16 -> 8 over the first 500 steps
-    # learned (0.997-0.999 mean accuracy, experiments/results/topk_method.md).
+    # learned (0.997-0.999 mean accuracy, experiments/results/topk_method.md). Larger memories need a larger start
+    # and a longer anneal: M = 4096 learned on 3 of 3 seeds with 128 over 700 steps (0.992-0.998; 128 over 500: 2
+    # of 3); M = 65536 stayed at chance with 256 over 500 (experiments/results/large_memory.md).
     config.train.ramnet_top_k_start = 32
     config.train.ramnet_top_k_anneal_steps = 500
 
