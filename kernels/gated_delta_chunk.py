@@ -54,6 +54,11 @@ from kernels.shapes import next_pow2
 
 MIN_CHUNK = 16  # the smallest block Triton's dot takes
 MAX_BLOCK = 64  # d_v block width where a kernel tiles it
+# The kernels that walk the chunks one after another (states, state gradients) have one program per (sequence, d_v
+# block): with few sequences most of a GPU idles while each program takes T / C steps. Their d_v blocks narrow
+# (down to 16) until there are at least this many programs, about two per SM of an H200; as in
+# kernels/gla_chunk.py. Not yet timed against the full-width blocks.
+MIN_STATE_PROGRAMS = 256
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,6 +270,19 @@ class _Layout(NamedTuple):
     def block_v(self):
         return min(self.dv_pad, MAX_BLOCK)
 
+    @property
+    def state_block_v(self):
+        return state_block_v(self.sequences, self.dv_pad)
+
+
+def state_block_v(sequences: int, dv_pad: int) -> int:
+    """The d_v block of the sequential kernels: block_v, halved until there are MIN_STATE_PROGRAMS programs or it
+    is MIN_CHUNK wide."""
+    bv = min(dv_pad, MAX_BLOCK)
+    while sequences * (dv_pad // bv) < MIN_STATE_PROGRAMS and bv > MIN_CHUNK:
+        bv //= 2
+    return bv
+
 
 def _layout(q, k, v, chunk):
     batch, seq_len, heads, d_k = q.shape
@@ -308,7 +326,7 @@ def _wy_pieces(x: _Inputs, lay: _Layout, cfg: ChunkConfig):
 
 def _chunk_states(x: _Inputs, w, u, h0, lay: _Layout, cfg: ChunkConfig):
     """Chunk-start states [G, N, DK, DV] fp32, V' [G, T_pad, DV] in lay.dtype and the final state [G, DK, DV]."""
-    g, bv, t_pad, n, dk = lay.sequences, lay.block_v, lay.t_pad, lay.n_chunks, lay.dk_pad
+    g, bv, t_pad, n, dk = lay.sequences, lay.state_block_v, lay.t_pad, lay.n_chunks, lay.dk_pad
     full_k = pl.BlockSpec((None, t_pad, dk), lambda s, j: (s, 0, 0))
     in_specs = [full_k, full_k, pl.BlockSpec((None, t_pad, bv), lambda s, j: (s, 0, j)),
                 pl.BlockSpec((None, t_pad, 1), lambda s, j: (s, 0, 0)),
@@ -340,7 +358,7 @@ def _chunk_outputs(x: _Inputs, vn, h_start, out_dtype, lay: _Layout, cfg: ChunkC
 def _state_grads(x: _Inputs, w, do, dfinal, lay: _Layout, cfg: ChunkConfig):
     """Chunk-end state gradients [G, N, DK, DV], dV' [G, T_pad, DV] and the initial state's gradient [G, DK, DV],
     all fp32."""
-    g, bv, t_pad, n, dk = lay.sequences, lay.block_v, lay.t_pad, lay.n_chunks, lay.dk_pad
+    g, bv, t_pad, n, dk = lay.sequences, lay.state_block_v, lay.t_pad, lay.n_chunks, lay.dk_pad
     full_k = pl.BlockSpec((None, t_pad, dk), lambda s, j: (s, 0, 0))
     v_block = pl.BlockSpec((None, t_pad, bv), lambda s, j: (s, 0, j))
     in_specs = [full_k, full_k, full_k, pl.BlockSpec((None, t_pad, 1), lambda s, j: (s, 0, 0)), v_block,

@@ -46,6 +46,11 @@ from kernels.shapes import next_pow2
 
 SUB = 16  # rows per sub-chunk: the smallest block Triton's dot takes
 MAX_BLOCK = 64  # d_k and d_v block width where a kernel tiles them
+# The two kernels that walk the chunks one after another (states, state gradients) have one program per (sequence,
+# d_k block, d_v block), so few sequences (batch x heads = 16 in the LM at 16384 x 2) leave most of a GPU idle
+# while each program takes T / C sequential steps. Their tiles narrow (down to 16) until there are at least this
+# many programs: about two per SM of an H200 (132 SMs). Not yet timed against the full-width tiles.
+MIN_STATE_PROGRAMS = 256
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,6 +273,23 @@ class _Layout(NamedTuple):
     def block_v(self):
         return min(self.dv_pad, MAX_BLOCK)
 
+    @property
+    def state_blocks(self):
+        return state_tiles(self.sequences, self.dk_pad, self.dv_pad)
+
+
+def state_tiles(sequences: int, dk_pad: int, dv_pad: int) -> tuple[int, int]:
+    """(d_k block, d_v block) of the sequential kernels for `sequences` sequences of padded widths dk_pad, dv_pad:
+    the other kernels' (up to MAX_BLOCK), narrowed, the wider of the two first, until they give
+    MIN_STATE_PROGRAMS programs or both are SUB wide."""
+    bk, bv = min(dk_pad, MAX_BLOCK), min(dv_pad, MAX_BLOCK)
+    while sequences * (dk_pad // bk) * (dv_pad // bv) < MIN_STATE_PROGRAMS and max(bk, bv) > SUB:
+        if bv >= bk:
+            bv //= 2
+        else:
+            bk //= 2
+    return bk, bv
+
 
 def _layout(q, k, v, log_decay, chunk):
     batch, seq_len, heads, d_k = q.shape
@@ -302,7 +324,7 @@ def _gate_spec(lay: _Layout, rows, dk_block, block_index):
 
 def _chunk_states(x: _Inputs, h0, lay: _Layout, cfg: ChunkConfig):
     """Chunk-start states [G, N, DK, DV] and the final state [G, DK, DV], fp32."""
-    g, bk, bv, t_pad, n = lay.sequences, lay.block_k, lay.block_v, lay.t_pad, lay.n_chunks
+    (bk, bv), g, t_pad, n = lay.state_blocks, lay.sequences, lay.t_pad, lay.n_chunks
     in_specs = [pl.BlockSpec((None, t_pad, bk), lambda s, i, j: (s, 0, i)),
                 pl.BlockSpec((None, t_pad, bv), lambda s, i, j: (s, 0, j)),
                 _gate_spec(lay, t_pad, bk, lambda s, i, j: (0, i)),
@@ -334,7 +356,7 @@ def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: ChunkConfi
 
 def _state_grads(x: _Inputs, do, dfinal, lay: _Layout, cfg: ChunkConfig):
     """Gradients of the chunk-end states [G, N, DK, DV] and of the initial state [G, DK, DV], fp32."""
-    g, bk, bv, t_pad, n = lay.sequences, lay.block_k, lay.block_v, lay.t_pad, lay.n_chunks
+    (bk, bv), g, t_pad, n = lay.state_blocks, lay.sequences, lay.t_pad, lay.n_chunks
     in_specs = [pl.BlockSpec((None, t_pad, bk), lambda s, i, j: (s, 0, i)),
                 pl.BlockSpec((None, t_pad, bv), lambda s, i, j: (s, 0, j)),
                 _gate_spec(lay, t_pad, bk, lambda s, i, j: (0, i)),

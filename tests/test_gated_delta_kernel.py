@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels import gated_delta_chunk
 from kernels.gated_delta_chunk import chunk_gated_delta
 from numerics import matmul_dtypes, rel_rms
 
@@ -98,9 +99,21 @@ def check_against_reference(seed, *, chunk_size, with_initial_state, interpret=T
     return errors
 
 
-def test_fp32_matches_float64_recurrence_default_case():
-    """The default-run case: odd T (3 chunks of 16, the last one padded), d_k != d_v, an initial state."""
+@pytest.mark.parametrize("min_state_programs", [gated_delta_chunk.MIN_STATE_PROGRAMS,
+                                                pytest.param(1, marks=pytest.mark.slow)])
+def test_fp32_matches_float64_recurrence_default_case(monkeypatch, min_state_programs):
+    """The default-run case: odd T (3 chunks of 16, the last one padded), d_k != d_v, an initial state. The
+    sequential kernels' d_v blocks: narrowed to 16 for this small batch by default, or as wide as the other
+    kernels' (min_state_programs 1)."""
+    monkeypatch.setattr(gated_delta_chunk, "MIN_STATE_PROGRAMS", min_state_programs)
     check_against_reference(0, chunk_size=16, with_initial_state=True)
+
+
+def test_sequential_kernels_narrow_their_blocks_for_few_sequences():
+    assert gated_delta_chunk.state_block_v(16, 128) == 16  # the LM at 16384 x 2: 16 sequences x 8 blocks
+    assert gated_delta_chunk.state_block_v(64, 128) == 32  # 4096 x 8: 64 x 4 = 256 programs
+    assert gated_delta_chunk.state_block_v(256, 128) == 64  # enough sequences: the full width
+    assert gated_delta_chunk.state_block_v(1, 16) == 16
 
 
 @pytest.mark.slow

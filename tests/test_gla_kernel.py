@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels import gla_chunk
 from kernels.gla_chunk import chunk_gla
 from numerics import matmul_dtypes, rel_rms
 
@@ -89,10 +90,22 @@ def check_against_reference(seed, *, chunk_size, with_initial_state, **problem):
     return errors
 
 
-def test_per_dim_gate_fp32_matches_float64_recurrence():
+@pytest.mark.parametrize("min_state_programs", [gla_chunk.MIN_STATE_PROGRAMS,
+                                                pytest.param(1, marks=pytest.mark.slow)])
+def test_per_dim_gate_fp32_matches_float64_recurrence(monkeypatch, min_state_programs):
     """The default-run case: per-dimension gate, odd T (3 chunks of 16, the last one padded), d_k != d_v, an
-    initial state."""
+    initial state. The sequential kernels' tiles: narrowed to 16 x 16 for this small batch by default, or as
+    wide as the other kernels' (min_state_programs 1)."""
+    monkeypatch.setattr(gla_chunk, "MIN_STATE_PROGRAMS", min_state_programs)
     check_against_reference(0, chunk_size=16, with_initial_state=True)
+
+
+def test_sequential_kernels_narrow_their_tiles_for_few_sequences():
+    assert gla_chunk.state_tiles(16, 32, 64) == (16, 16)  # the LM at 16384 x 2: 16 sequences, 16 x 2 x 4 programs
+    assert gla_chunk.state_tiles(64, 32, 64) == (32, 16)  # 4096 x 8: 64 sequences x 4 d_v blocks = 256
+    assert gla_chunk.state_tiles(256, 32, 64) == (32, 64)  # enough sequences: the full width
+    assert gla_chunk.state_tiles(1, 128, 128) == (16, 16)
+    assert gla_chunk.state_tiles(8, 128, 256) == (32, 32)  # 8 x 4 x 8 = 256
 
 
 @pytest.mark.slow
