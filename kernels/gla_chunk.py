@@ -42,7 +42,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from kernels.chunk_common import ChunkConfig, call, dot, exp_nonpositive, from_rows, state_rows, to_rows
-from kernels.shapes import next_pow2
+from kernels.shapes import next_pow2, pad_axis
 
 SUB = 16  # rows per sub-chunk: the smallest block Triton's dot takes
 MAX_BLOCK = 64  # d_k and d_v block width where a kernel tiles them
@@ -247,6 +247,7 @@ class _Layout(NamedTuple):
     d_k: int
     d_v: int
     per_dim: bool  # the gate has one log decay per key dimension (GLA), not one per head (Mamba-2)
+    shared_qk: bool  # q and k have one head that every head of v reads (Mamba-2's B and C): rows [B, T_pad, DK]
     chunk: int
     t_pad: int  # whole chunks
     dk_pad: int  # powers of 2 >= 16
@@ -260,6 +261,10 @@ class _Layout(NamedTuple):
     @property
     def n_chunks(self):
         return self.t_pad // self.chunk
+
+    def qk_row(self, s):
+        """The row of the q / k arrays that sequence s (= batch * heads + head) reads."""
+        return s // self.heads if self.shared_qk else s
 
     @property
     def gate_width(self):  # columns of the (padded) gate arrays
@@ -292,17 +297,17 @@ def state_tiles(sequences: int, dk_pad: int, dv_pad: int) -> tuple[int, int]:
 
 
 def _layout(q, k, v, log_decay, chunk):
-    batch, seq_len, heads, d_k = q.shape
-    d_v = v.shape[-1]
+    batch, seq_len, heads, d_v = v.shape
+    d_k = q.shape[-1]
     all_bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
-    return _Layout(batch, seq_len, heads, d_k, d_v, log_decay.shape[-1] != 1, chunk,
+    return _Layout(batch, seq_len, heads, d_k, d_v, log_decay.shape[-1] != 1, q.shape[2] != heads, chunk,
                    -(-seq_len // chunk) * chunk, max(16, next_pow2(d_k)), max(16, next_pow2(d_v)),
                    jnp.bfloat16 if all_bf16 else jnp.float32)
 
 
 class _Inputs(NamedTuple):
-    q: jax.Array  # [G, T_pad, DK] in lay.dtype
-    k: jax.Array  # [G, T_pad, DK]
+    q: jax.Array  # [G, T_pad, DK] in lay.dtype ([B, T_pad, DK] with shared_qk)
+    k: jax.Array  # [G, T_pad, DK] ([B, T_pad, DK])
     v: jax.Array  # [G, T_pad, DV]
     a: jax.Array  # [G, T_pad, DK or 1] fp32: the log decay summed from each chunk's start (inclusive)
 
@@ -310,8 +315,15 @@ class _Inputs(NamedTuple):
 def _inputs(q, k, v, log_decay, lay: _Layout) -> _Inputs:
     a = to_rows(log_decay, lay, lay.gate_width, jnp.float32)
     a = jnp.cumsum(a.reshape(lay.sequences, lay.n_chunks, lay.chunk, -1), axis=2).reshape(a.shape)
-    return _Inputs(to_rows(q, lay, lay.dk_pad, lay.dtype), to_rows(k, lay, lay.dk_pad, lay.dtype),
-                   to_rows(v, lay, lay.dv_pad, lay.dtype), a)
+    return _Inputs(_qk_rows(q, lay), _qk_rows(k, lay), to_rows(v, lay, lay.dv_pad, lay.dtype), a)
+
+
+def _qk_rows(x, lay: _Layout):
+    """q or k as kernel rows: per sequence, or with shared_qk one row block per batch element (no copy per head)."""
+    if not lay.shared_qk:
+        return to_rows(x, lay, lay.dk_pad, lay.dtype)
+    x = x.reshape(lay.batch, lay.seq_len, lay.d_k).astype(lay.dtype)
+    return pad_axis(pad_axis(x, 1, lay.t_pad, 0), 2, lay.dk_pad, 0)
 
 
 def _gate_spec(lay: _Layout, rows, dk_block, block_index):
@@ -325,7 +337,7 @@ def _gate_spec(lay: _Layout, rows, dk_block, block_index):
 def _chunk_states(x: _Inputs, h0, lay: _Layout, cfg: ChunkConfig):
     """Chunk-start states [G, N, DK, DV] and the final state [G, DK, DV], fp32."""
     (bk, bv), g, t_pad, n = lay.state_blocks, lay.sequences, lay.t_pad, lay.n_chunks
-    in_specs = [pl.BlockSpec((None, t_pad, bk), lambda s, i, j: (s, 0, i)),
+    in_specs = [pl.BlockSpec((None, t_pad, bk), lambda s, i, j: (lay.qk_row(s), 0, i)),
                 pl.BlockSpec((None, t_pad, bv), lambda s, i, j: (s, 0, j)),
                 _gate_spec(lay, t_pad, bk, lambda s, i, j: (0, i)),
                 pl.BlockSpec((None, bk, bv), lambda s, i, j: (s, i, j))]
@@ -341,8 +353,8 @@ def _chunk_states(x: _Inputs, h0, lay: _Layout, cfg: ChunkConfig):
 def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: ChunkConfig):
     """o [G, T_pad, DV] in out_dtype."""
     g, c, bv, dk = lay.sequences, lay.chunk, lay.block_v, lay.dk_pad
-    in_specs = [pl.BlockSpec((None, c, dk), lambda s, n, j: (s, n, 0)),
-                pl.BlockSpec((None, c, dk), lambda s, n, j: (s, n, 0)),
+    in_specs = [pl.BlockSpec((None, c, dk), lambda s, n, j: (lay.qk_row(s), n, 0)),
+                pl.BlockSpec((None, c, dk), lambda s, n, j: (lay.qk_row(s), n, 0)),
                 pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j)),
                 _gate_spec(lay, c, dk, lambda s, n, j: (n, 0)),
                 pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
@@ -357,7 +369,7 @@ def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: ChunkConfi
 def _state_grads(x: _Inputs, do, dfinal, lay: _Layout, cfg: ChunkConfig):
     """Gradients of the chunk-end states [G, N, DK, DV] and of the initial state [G, DK, DV], fp32."""
     (bk, bv), g, t_pad, n = lay.state_blocks, lay.sequences, lay.t_pad, lay.n_chunks
-    in_specs = [pl.BlockSpec((None, t_pad, bk), lambda s, i, j: (s, 0, i)),
+    in_specs = [pl.BlockSpec((None, t_pad, bk), lambda s, i, j: (lay.qk_row(s), 0, i)),
                 pl.BlockSpec((None, t_pad, bv), lambda s, i, j: (s, 0, j)),
                 _gate_spec(lay, t_pad, bk, lambda s, i, j: (0, i)),
                 pl.BlockSpec((None, bk, bv), lambda s, i, j: (s, i, j))]
@@ -373,8 +385,8 @@ def _state_grads(x: _Inputs, do, dfinal, lay: _Layout, cfg: ChunkConfig):
 def _value_grads(x: _Inputs, do, dh_end, out_dtype, lay: _Layout, cfg: ChunkConfig):
     """dv [G, T_pad, DV] in out_dtype."""
     g, c, bv, dk = lay.sequences, lay.chunk, lay.block_v, lay.dk_pad
-    in_specs = [pl.BlockSpec((None, c, dk), lambda s, n, j: (s, n, 0)),
-                pl.BlockSpec((None, c, dk), lambda s, n, j: (s, n, 0)),
+    in_specs = [pl.BlockSpec((None, c, dk), lambda s, n, j: (lay.qk_row(s), n, 0)),
+                pl.BlockSpec((None, c, dk), lambda s, n, j: (lay.qk_row(s), n, 0)),
                 _gate_spec(lay, c, dk, lambda s, n, j: (n, 0)),
                 pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j)),
                 pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
@@ -390,10 +402,13 @@ def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _La
     """dq, dk [G, T_pad, DK] in q's and k's dtypes, and dA [G, T_pad, DK] fp32 (gradient of the cumulative gate)."""
     g, c, bk, dv = lay.sequences, lay.chunk, lay.block_k, lay.dv_pad
     chunk_k = pl.BlockSpec((None, c, bk), lambda s, n, i: (s, n, i))
+    chunk_qk = pl.BlockSpec((None, c, bk), lambda s, n, i: (lay.qk_row(s), n, i))
     chunk_v = pl.BlockSpec((None, c, dv), lambda s, n, i: (s, n, 0))
     state = pl.BlockSpec((None, None, bk, dv), lambda s, n, i: (s, n, i, 0))
-    in_specs = [chunk_k, chunk_k, chunk_v, _gate_spec(lay, c, bk, lambda s, n, i: (n, i)), chunk_v, state, state]
+    in_specs = [chunk_qk, chunk_qk, chunk_v, _gate_spec(lay, c, bk, lambda s, n, i: (n, i)), chunk_v, state, state]
     out_specs = [chunk_k, chunk_k, chunk_k]
+    if lay.shared_qk:  # per-head gradients in fp32: their sum over the heads rounds once, to q's / k's dtype
+        q_dtype = k_dtype = jnp.float32
     out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dk_pad), dtype) for dtype in (q_dtype, k_dtype, jnp.float32)]
     kernel = functools.partial(_dqk_kernel, n_sub=c // SUB, n_vblocks=dv // lay.block_v, block_v=lay.block_v,
                                per_dim=lay.per_dim, dtype=lay.dtype)
@@ -440,8 +455,17 @@ def _chunk_gla_bwd(cfg: ChunkConfig, saved, cotangents):
     if not lay.per_dim:  # one gate for all key dimensions: the sum of their gradients
         da = jnp.sum(da, axis=-1, keepdims=True)
     d_initial = d_initial[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape).astype(initial_state.dtype)
-    return (from_rows(dq, lay, lay.d_k), from_rows(dk, lay, lay.d_k), from_rows(dv, lay, lay.d_v),
-            from_rows(da, lay, log_decay.shape[-1]).astype(log_decay.dtype), d_initial)
+    dq, dk = (_qk_grad(x, lay, like) for x, like in ((dq, q), (dk, k)))
+    return (dq, dk, from_rows(dv, lay, lay.d_v), from_rows(da, lay, log_decay.shape[-1]).astype(log_decay.dtype),
+            d_initial)
+
+
+def _qk_grad(rows, lay: _Layout, like):
+    """A per-sequence gradient of q or k as `like`'s shape: summed over the heads that share it (shared_qk)."""
+    grad = from_rows(rows, lay, lay.d_k)
+    if lay.shared_qk:
+        grad = jnp.sum(grad.astype(jnp.float32), axis=2, keepdims=True)
+    return grad.astype(like.dtype)
 
 
 _chunk_gla.defvjp(_chunk_gla_fwd, _chunk_gla_bwd)
@@ -449,14 +473,15 @@ _chunk_gla.defvjp(_chunk_gla_fwd, _chunk_gla_bwd)
 
 def _check_arguments(q, k, v, log_decay, initial_state, chunk_size):
     if q.ndim != 4:
-        raise ValueError(f"q: expected [B, T, H, d_k], got shape {q.shape}")
-    batch, seq_len, heads, d_k = q.shape
+        raise ValueError(f"q: expected [B, T, H, d_k] or [B, T, 1, d_k], got shape {q.shape}")
     if k.shape != q.shape:
         raise ValueError(f"k: expected the shape of q {q.shape}, got {k.shape}")
-    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v: expected [B, T, H, d_v] = [{batch}, {seq_len}, {heads}, d_v], got shape {v.shape}")
-    if log_decay.shape not in (q.shape, (batch, seq_len, heads, 1)):
-        raise ValueError(f"log_decay: expected [B, T, H, d_k] {q.shape} or [B, T, H, 1] "
+    if v.ndim != 4 or v.shape[:2] != q.shape[:2] or q.shape[2] not in (1, v.shape[2]):
+        raise ValueError(f"v: expected [B, T, H, d_v] with B, T = {q.shape[:2]} and H = {q.shape[2]} (q's heads) or "
+                         f"any H when q has one head, got shape {v.shape}")
+    batch, seq_len, heads, d_k = (*v.shape[:3], q.shape[3])
+    if log_decay.shape not in ((batch, seq_len, heads, d_k), (batch, seq_len, heads, 1)):
+        raise ValueError(f"log_decay: expected [B, T, H, d_k] {(batch, seq_len, heads, d_k)} or [B, T, H, 1] "
                          f"{(batch, seq_len, heads, 1)}, got shape {log_decay.shape}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in (jnp.float32, jnp.bfloat16):
@@ -479,8 +504,9 @@ def chunk_gla(q, k, v, log_decay, initial_state=None, *, chunk_size: int = 64, i
     """Gated linear attention, S_t = diag(exp(a_t)) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t, in chunks.
 
     Args:
-      q, k: `[B, T, H, d_k]`; v: `[B, T, H, d_v]`; float32 or bfloat16 (matrix products take bf16 operands with
-        fp32 accumulation where q, k and v all are bf16).
+      q, k: `[B, T, H, d_k]`, or `[B, T, 1, d_k]`: one q and k that every head reads (Mamba-2's C and B; no copy
+        per head is made, and their gradients are summed over the heads); v: `[B, T, H, d_v]`; float32 or bfloat16
+        (matrix products take bf16 operands with fp32 accumulation where q, k and v all are bf16).
       log_decay: a_t <= 0, `[B, T, H, d_k]` (a decay per key dimension, GLA) or `[B, T, H, 1]` (one per head,
         Mamba-2). Computed in float32.
       initial_state: S_0, `[B, H, d_k, d_v]`, or None for zeros.
@@ -495,6 +521,6 @@ def chunk_gla(q, k, v, log_decay, initial_state=None, *, chunk_size: int = 64, i
     """
     _check_arguments(q, k, v, log_decay, initial_state, chunk_size)
     if initial_state is None:
-        initial_state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
+        initial_state = jnp.zeros((v.shape[0], v.shape[2], q.shape[3], v.shape[3]), jnp.float32)
     cfg = ChunkConfig(int(chunk_size), int(num_warps), bool(interpret), bool(poison_output))
     return _chunk_gla(q, k, v, log_decay, initial_state, cfg)

@@ -17,7 +17,8 @@ BF16_TOLERANCE = 2e-2  # relative RMS error of bf16 inputs against the fp32 kern
 
 def reference_gla(q, k, v, log_decay, initial_state):
     """The recurrence token by token (lax.scan over time): S_t = exp(a_t) * S_{t-1} + k_t v_t^T, o_t = S_t^T q_t.
-    Shapes as chunk_gla's; a [B, T, H, 1] gate broadcasts over d_k."""
+    Shapes as chunk_gla's; a [B, T, H, 1] gate broadcasts over d_k, and [B, T, 1, d_k] q and k over the heads."""
+    q, k = (jnp.broadcast_to(x, v.shape[:3] + x.shape[3:]) for x in (q, k))
 
     def step(state, x):
         q_t, k_t, v_t, a_t = x  # [B, H, d]
@@ -29,11 +30,13 @@ def reference_gla(q, k, v, log_decay, initial_state):
     return jnp.moveaxis(o, 0, 1), final
 
 
-def random_problem(seed, *, batch=1, seq_len=37, heads=2, d_k=24, d_v=40, per_dim=True, decay_scale=1.0):
-    """float64 numpy inputs (q, k, v, log_decay, initial_state) and cotangents (d o, d final state)."""
+def random_problem(seed, *, batch=1, seq_len=37, heads=2, d_k=24, d_v=40, per_dim=True, decay_scale=1.0,
+                   shared_qk=False):
+    """float64 numpy inputs (q, k, v, log_decay, initial_state) and cotangents (d o, d final state); with
+    shared_qk one q and k head for all heads."""
     rng = np.random.default_rng(seed)
-    q = rng.normal(size=(batch, seq_len, heads, d_k))
-    k = rng.normal(size=(batch, seq_len, heads, d_k)) / np.sqrt(d_k)
+    q = rng.normal(size=(batch, seq_len, 1 if shared_qk else heads, d_k))
+    k = rng.normal(size=(batch, seq_len, 1 if shared_qk else heads, d_k)) / np.sqrt(d_k)
     v = rng.normal(size=(batch, seq_len, heads, d_v))
     gate = rng.normal(size=(batch, seq_len, heads, d_k if per_dim else 1))
     log_decay = -np.logaddexp(0.0, gate) * decay_scale  # -softplus: <= 0, strong where decay_scale is large
@@ -98,6 +101,13 @@ def test_per_dim_gate_fp32_matches_float64_recurrence(monkeypatch, min_state_pro
     wide as the other kernels' (min_state_programs 1)."""
     monkeypatch.setattr(gla_chunk, "MIN_STATE_PROGRAMS", min_state_programs)
     check_against_reference(0, chunk_size=16, with_initial_state=True)
+
+
+def test_shared_qk_heads_match_float64_recurrence():
+    """Mamba-2's layout: one q and k (C and B) for every head of v, read without a copy per head; their gradients
+    are the sums over the heads. Scalar gate, 3 heads, 2 batch rows (so the head -> row map is exercised)."""
+    check_against_reference(5, chunk_size=16, with_initial_state=True, batch=2, heads=3, per_dim=False,
+                            shared_qk=True)
 
 
 def test_sequential_kernels_narrow_their_tiles_for_few_sequences():
@@ -183,8 +193,8 @@ def test_arguments_are_checked():
         chunk_gla(q.astype(jnp.float16), q, v, a)
 
 
-@pytest.mark.parametrize("per_dim", [True, False])
-def test_gradient_lowers_for_cuda_through_triton(per_dim):
+@pytest.mark.parametrize("per_dim,shared_qk", [(True, False), (False, False), (False, True)])
+def test_gradient_lowers_for_cuda_through_triton(per_dim, shared_qk):
     """The forward and backward kernels lower to Triton custom calls for CUDA (jax.export; no GPU needed). This
     checks the Pallas-to-Triton lowering only, not Triton's compilation to PTX."""
     from jax import export
@@ -194,7 +204,7 @@ def test_gradient_lowers_for_cuda_through_triton(per_dim):
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(final**2)  # (squares: the gradient needs o)
 
     b, t, h, d_k, d_v = 2, 100, 2, 80, 40
-    shapes = [jax.ShapeDtypeStruct((b, t, h, d_k), jnp.bfloat16)] * 2 + [
+    shapes = [jax.ShapeDtypeStruct((b, t, 1 if shared_qk else h, d_k), jnp.bfloat16)] * 2 + [
         jax.ShapeDtypeStruct((b, t, h, d_v), jnp.bfloat16),
         jax.ShapeDtypeStruct((b, t, h, d_k if per_dim else 1), jnp.float32),
         jax.ShapeDtypeStruct((b, h, d_k, d_v), jnp.float32)]

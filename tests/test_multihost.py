@@ -248,6 +248,8 @@ LINEAR_KERNEL_SCRIPT = textwrap.dedent("""
     decay = -jnp.asarray(rng.uniform(0, 0.5, size=(4, 37, 2, 5)), jnp.float32)
     beta = jnp.asarray(rng.uniform(0, 1, size=(4, 37, 2)), jnp.float32)
     cases = {"gla": (ops.gated_linear_attention, (q, k, v, decay)),
+             # one q and k head for both heads (Mamba-2's B and C): whole on every head shard
+             "gla_shared_qk": (ops.gated_linear_attention, (q[:, :, :1], k[:, :, :1], v, decay[..., 0])),
              "delta": (ops.gated_delta_rule, (q, k_unit, v, decay[..., 0], beta))}
     out = {}
     for name, (op, inputs) in cases.items():
@@ -283,8 +285,9 @@ LINEAR_KERNEL_SCRIPT = textwrap.dedent("""
 
 
 def test_linear_attention_kernels_run_per_shard_and_match_one_device():
-    """GLA and the delta rule with impl="pallas" (interpret mode here) on a (2, 2, 2) mesh: each device's batch rows
-    and heads under shard_map, outputs and gradients equal to the unsharded call."""
+    """GLA (also with one q and k head shared by the heads) and the delta rule with impl="pallas" (interpret mode
+    here) on a (2, 2, 2) mesh: each device's batch rows and heads under shard_map, outputs and gradients equal to
+    the unsharded call."""
     result = subprocess.run([sys.executable, "-c", LINEAR_KERNEL_SCRIPT], cwd=ROOT, env=cpu_env(8),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -87,7 +87,8 @@ class Mamba2Mixer(nnx.Module):
         return () if self.x_conv is None else (self.x_conv, self.b_conv, self.c_conv)
 
     def _inputs(self, x: jax.Array, windows=None):
-        """q, k, v, log decay, x_in of the recurrence, and the convs' windows after x (decoding)."""
+        """q, k (one head, `[batch, time, 1, d_state]`: C and B are shared by the heads), v, log decay, x_in of the
+        recurrence, and the convs' windows after x (decoding)."""
         batch, seq_len, _ = x.shape
         heads = (batch, seq_len, self.num_heads, self.head_dim)
         projected = (self.x_proj(x), self.b_proj(x), self.c_proj(x))
@@ -98,10 +99,13 @@ class Mamba2Mixer(nnx.Module):
         x_in = x_in.reshape(heads)
         dt = jax.nn.softplus(self.dt_proj(x).astype(jnp.float32) + self.dt_bias[...])  # [batch, time, heads]
         log_decay = -jnp.exp(self.a_log[...]) * dt
-        k = jnp.broadcast_to(b[:, :, None, :], (batch, seq_len, self.num_heads, self.d_state))
-        q = jnp.broadcast_to(c[:, :, None, :], (batch, seq_len, self.num_heads, self.d_state))
+        k, q = b[:, :, None, :], c[:, :, None, :]
         v = x_in * dt[..., None].astype(x_in.dtype) if self.dt_scales_v else x_in
         return q, k, v, log_decay, x_in, new_windows
+
+    def _per_head(self, *arrays):
+        """One-head q, k broadcast to every head (the ops other than gated_linear_attention take them per head)."""
+        return tuple(jnp.broadcast_to(a, (*a.shape[:2], self.num_heads, a.shape[3])) for a in arrays)
 
     def _output(self, x: jax.Array, y: jax.Array, x_in: jax.Array) -> jax.Array:
         if self.d_skip is not None:
@@ -122,6 +126,7 @@ class Mamba2Mixer(nnx.Module):
                 y = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size, impl=self.impl,
                                                sharding=self.kernel_sharding)
             else:
+                q, k = self._per_head(q, k)
                 y = ops.loglinear_attention(q, k, v, log_decay, level_weights, chunk_size=self.chunk_size,
                                             recompute=self.recompute)
         return self._output(x, y, x_in)
@@ -149,6 +154,7 @@ class Mamba2Mixer(nnx.Module):
                                                   initial_state=cache["state"], return_final_state=True)
             state = state.astype(jnp.float32)
         else:
+            q, k = self._per_head(q, k)
             y, state = ops.loglinear_attention(
                 q, k, v, log_decay, self.decay(x), chunk_size=self.chunk_size,
                 impl="chunked" if fresh else "recurrent", initial_state=None if fresh else cache["state"],

@@ -93,7 +93,8 @@ def gated_linear_attention(
     """Gated linear attention: S_t = diag(exp(log_decay_t)) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t.
 
     Args:
-      q, k: `[batch, time, heads, d_k]`.
+      q, k: `[batch, time, heads, d_k]`, or `[batch, time, 1, d_k]`: one q and k that every head reads (Mamba-2's
+        C and B); the Pallas kernels then read them without a copy per head.
       v: `[batch, time, heads, d_v]`.
       log_decay: `[batch, time, heads]` (a scalar gate per head: Mamba-2 / SSD) or `[batch, time, heads, d_k]`
         (a gate per key dimension: GLA), <= 0.
@@ -111,13 +112,15 @@ def gated_linear_attention(
     q, k, v, log_decay = map(jnp.asarray, (q, k, v, log_decay))
     if initial_state is not None:
         initial_state = jnp.asarray(initial_state)
-    checks.check_sequence(q, k, v, log_decay, None, impl, IMPLS, chunk_size, initial_state)
+    checks.check_sequence(q, k, v, log_decay, None, impl, IMPLS, chunk_size, initial_state, shared_qk=True)
     out_dtype = v.dtype
     dtype = numerics.compute_dtype(q, k, v, log_decay)
     operand_dtype = numerics.operand_dtype(q, k, v)
     impl = _resolve_impl(impl, q, k, v, chunk_size)
     if impl == "pallas":
         return _pallas(q, k, v, log_decay, initial_state, chunk_size, return_final_state, sharding)
+    if q.shape[2] != v.shape[2]:  # one q and k head for all heads: the XLA forms take a copy per head
+        q, k = (jnp.broadcast_to(x, (*v.shape[:3], x.shape[3])) for x in (q, k))
     if impl != "chunked" or operand_dtype is None:  # only the chunked form keeps 16-bit operands
         q, k, v = (x.astype(dtype) for x in (q, k, v))
     log_decay = numerics.floor_log_decay(log_decay.astype(dtype))
@@ -154,7 +157,7 @@ def _pallas(q, k, v, log_decay, initial_state, chunk_size, return_final_state, s
     if log_decay.ndim == 3:
         log_decay = log_decay[..., None]
     if initial_state is None:
-        initial_state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
+        initial_state = jnp.zeros((v.shape[0], v.shape[2], q.shape[3], v.shape[3]), jnp.float32)
 
     def kernel(q, k, v, log_decay, state):
         return gla_chunk.chunk_gla(q, k, v, log_decay, state, chunk_size=chunk_size,

@@ -73,7 +73,8 @@ def check_log_decay(log_decay, lead: tuple, d_k: int, per_dim_allowed: bool, des
     raise ValueError(f"log_decay: expected shape {allowed}, got {shape}")
 
 
-def check_sequence(q, k, v, log_decay, beta, impl, impls, chunk_size, initial_state) -> None:
+def check_sequence(q, k, v, log_decay, beta, impl, impls, chunk_size, initial_state, shared_qk=False) -> None:
+    """shared_qk: q and k may also have one head that every head of v reads (`[batch, time, 1, d_k]`)."""
     if not isinstance(impl, str) or impl not in impls:
         raise ValueError(f"impl: must be one of {impls}, got {impl!r}")
     require_positive_int("chunk_size", chunk_size)
@@ -83,6 +84,8 @@ def check_sequence(q, k, v, log_decay, beta, impl, impls, chunk_size, initial_st
         raise ValueError(f"q: expected shape [batch, time, heads, d_k], got {tuple(q.shape)}")
     batch, seq_len, heads, d_k = q.shape
     require_shape("k", k, (batch, seq_len, heads, d_k), "[batch, time, heads, d_k] like q")
+    if shared_qk and heads == 1 and v.ndim == 4:
+        heads = v.shape[2]  # one q and k head for all of v's heads
     require_shape("v", v, (batch, seq_len, heads, None), "[batch, time, heads, d_v]")
     if seq_len == 0:
         raise ValueError("q: the time dimension is empty")

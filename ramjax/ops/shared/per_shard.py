@@ -21,7 +21,8 @@ def run_per_shard(fn: Callable, sharding: NamedSharding | None, sequences: tuple
       fn: the kernel call; returns o `[batch, time, heads, d_v]` and the final state `[batch, heads, d_k, d_v]`.
       sharding: the layout of the `[batch, time, heads, ...]` arguments (batch axes, None, head axes, ...); None
         or a one-device mesh: fn runs as it is.
-      sequences: the per-token arguments, each `[batch, time, heads, ...]` (any number of trailing axes).
+      sequences: the per-token arguments, each `[batch, time, heads, ...]` (any number of trailing axes); one
+        with a single head (q and k shared by every head) is given whole to each device's head shard.
       state: the initial state `[batch, heads, d_k, d_v]`.
     """
     if sharding is None or sharding.mesh.size == 1:
@@ -30,7 +31,8 @@ def run_per_shard(fn: Callable, sharding: NamedSharding | None, sequences: tuple
     if spec[1] is not None:
         raise ValueError(f"sharding: the time axis must not be split, got {sharding.spec}")
     batch_axes, head_axes = spec[0], spec[2]
-    sequence_specs = tuple(PartitionSpec(batch_axes, None, head_axes, *(None,) * (x.ndim - 3)) for x in sequences)
+    sequence_specs = tuple(PartitionSpec(batch_axes, None, None if x.shape[2] == 1 else head_axes,
+                                         *(None,) * (x.ndim - 3)) for x in sequences)
     state_spec = PartitionSpec(batch_axes, head_axes, None, None)
     run = jax.shard_map(fn, mesh=sharding.mesh, in_specs=sequence_specs + (state_spec,),
                         out_specs=(PartitionSpec(batch_axes, None, head_axes, None), state_spec), check_vma=False)
