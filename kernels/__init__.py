@@ -13,6 +13,8 @@ and the measurements.
                 backward, with a custom VJP
   gated_delta_chunk  the chunked gated delta rule (Gated DeltaNet, WY / UT form): `chunk_gated_delta`, Pallas
                 Triton kernels forward and backward, with a custom VJP
-  chunk_common  what those two share: launch options, fp32-accumulating products, the row layout, pallas_call
+  loglinear_chunk  the in-chunk part of log-linear attention over a scalar decay (the Mamba-2 base):
+                `loglinear_intra_chunk`, Pallas Triton kernels forward and backward, with a custom VJP
+  chunk_common  what the chunked kernels share: launch options, fp32-accumulating products, the row layout, pallas_call
   shapes        padding helpers (Triton arrays have power-of-2 sizes)
 """

@@ -12,6 +12,10 @@ Implementations (`impl=`):
   chunked    the training path: a masked matmul inside each chunk of C tokens, and for each Fenwick level above
              the chunk one batched matmul of the queries of a block of chunks against the summed state of the
              block of chunks that is their bucket. O(T log T) work, O(T) memory.
+  pallas     chunked with the in-chunk part as Pallas kernels, forward and backward (`kernels.loglinear_chunk`:
+             Triton on GPUs, interpret mode elsewhere); the levels above the chunk, the initial and final states
+             stay in jax.numpy. float32 or bfloat16 q, k, v; chunk_size 16, 32 or 64. Not yet timed on a GPU, so
+             auto never picks it.
   auto       chunked for sequences, recurrent for a single token.
 
 A state (`FenwickState`) holds one d_k x d_v matrix per level, relative to the last token seen, and the number of
@@ -26,9 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ramjax.ops.loglinear.fenwick import (
+    IMPLS,
     FenwickState,
     block_grid,
     check_args,
+    checkpoint_chunked,
     chunk_grid,
     chunk_levels,
     level_index,
@@ -40,6 +46,9 @@ from ramjax.ops.loglinear.fenwick import (
     read_levels,
 )
 from ramjax.ops.shared import numerics
+
+ATTENTION_IMPLS = (*IMPLS, "pallas")
+PALLAS_CHUNK_SIZES = (16, 32, 64)  # what kernels.loglinear_chunk takes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,25 +121,10 @@ def _attention_recurrent(q, k, v, g, level_weights, initial_state):
 # impl="chunked"
 
 
-def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chunk, operand_dtype=None):
-    """The sequence's own pairs (no earlier state). Token 0 sits at absolute position first_chunk * C.
-
-    Shapes: q, k [B, N*C, H, dk], v [B, N*C, H, dv], g [B, N*C, H], level_weights [B, N*C, H, L]. With
-    `operand_dtype` (16-bit q, k, v) the matrix products take operands of that dtype and accumulate in float32.
-    """
-    batch, seq_len, heads, d_k = q.shape
-    d_v = v.shape[-1]
-    num_chunks = seq_len // chunk_size
-    num_level = level_weights.shape[-1]
-    chunk_bits = chunk_size.bit_length() - 1  # log2 C
-
-    def chunked(a):
-        return a.reshape(batch, num_chunks, chunk_size, *a.shape[2:])
-
-    qc, kc, vc, gc, lc = map(chunked, (q, k, v, g, level_weights))
-    g_in = jnp.cumsum(gc, axis=2)  # log decay from the chunk start, inclusive [B, N, C, H]
-
-    # Inside each chunk: a masked C x C matmul.
+def _intra_chunk_xla(qc, kc, vc, g_in, lc, chunk_size, operand_dtype):
+    """Inside each chunk: a masked C x C matmul. qc, kc [B, N, C, H, dk], vc [B, N, C, H, dv], g_in (the log decay
+    from the chunk's start, inclusive) [B, N, C, H], lc [B, N, C, H, L] -> [B, N, C, H, dv]."""
+    num_level = lc.shape[-1]
     # Pairs above the diagonal (masked below) may name levels past L; clip so the gather stays in range.
     lvl = jnp.asarray(np.minimum(chunk_levels(chunk_size), num_level - 1), jnp.int32)
     lam = jnp.take_along_axis(
@@ -143,7 +137,41 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
     log_decay = jnp.where(strict, log_decay, jnp.where(diagonal, 0.0, -jnp.inf))
     weights = lam * jnp.exp(jnp.moveaxis(log_decay, 4, 3))  # [B, N, C(t), H, C(s)]
     scores = numerics.matmul("bnthk,bnshk->bnths", qc, kc, operand_dtype)
-    o = numerics.matmul("bnths,bnshv->bnthv", weights * scores, vc, operand_dtype)
+    return numerics.matmul("bnths,bnshv->bnthv", weights * scores, vc, operand_dtype)
+
+
+def _intra_chunk_pallas(q, k, v, g_in, level_weights, chunk_size):
+    """What `_intra_chunk_xla` computes, by `kernels.loglinear_chunk` (interpret mode off GPUs), on [B, N*C, H, ...]
+    arrays: q, k, v as given (16-bit operands stay 16-bit), g_in and level_weights in float32; float32 out."""
+    from kernels import loglinear_chunk
+
+    return loglinear_chunk.loglinear_intra_chunk(q, k, v, g_in, level_weights, chunk_size=chunk_size,
+                                                 interpret=jax.default_backend() != "gpu", out_dtype=jnp.float32)
+
+
+def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chunk, operand_dtype=None,
+                               intra_kernel=False):
+    """The sequence's own pairs (no earlier state). Token 0 sits at absolute position first_chunk * C.
+
+    Shapes: q, k [B, N*C, H, dk], v [B, N*C, H, dv], g [B, N*C, H], level_weights [B, N*C, H, L]. With
+    `operand_dtype` (16-bit q, k, v) the matrix products take operands of that dtype and accumulate in float32.
+    `intra_kernel`: the in-chunk part by the Pallas kernels (impl="pallas").
+    """
+    batch, seq_len, heads, d_k = q.shape
+    d_v = v.shape[-1]
+    num_chunks = seq_len // chunk_size
+    chunk_bits = chunk_size.bit_length() - 1  # log2 C
+
+    def chunked(a):
+        return a.reshape(batch, num_chunks, chunk_size, *a.shape[2:])
+
+    qc, kc, vc, gc, lc = map(chunked, (q, k, v, g, level_weights))
+    g_in = jnp.cumsum(gc, axis=2)  # log decay from the chunk start, inclusive [B, N, C, H]
+
+    if intra_kernel:
+        o = chunked(_intra_chunk_pallas(q, k, v, g_in.reshape(g.shape), level_weights, chunk_size))
+    else:
+        o = _intra_chunk_xla(qc, kc, vc, g_in, lc, chunk_size, operand_dtype)
 
     # Each chunk's keys summed into one state, decayed to the chunk's end.
     chunk_log_decay = g_in[:, :, -1]  # [B, N, H]
@@ -175,15 +203,25 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
     return o.reshape(batch, seq_len, heads, d_v)
 
 
-def _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size, operand_dtype=None):
+def _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size, operand_dtype=None, intra_kernel=False):
     seq_len = q.shape[1]
     start, lead, _ = grid = chunk_grid(initial_state, seq_len, chunk_size)
     padded = [grid.pad(a) for a in (q, k, v, g, level_weights)]
-    o = _attention_chunked_aligned(*padded, chunk_size, start // chunk_size, operand_dtype)[:, lead : lead + seq_len]
+    o = _attention_chunked_aligned(*padded, chunk_size, start // chunk_size, operand_dtype, intra_kernel)
+    o = o[:, lead : lead + seq_len]
     positions = start + jnp.arange(seq_len, dtype=jnp.int32)
     if initial_state is not None:
         o = o + prefix_read(q * jnp.exp(jnp.cumsum(g, axis=1))[..., None], level_weights, positions, initial_state)
     return o, positions
+
+
+def _check_pallas(q, k, v, chunk_size):
+    """impl="pallas": what `kernels.loglinear_chunk` cannot take, as a ValueError naming the argument."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in (jnp.float32, jnp.bfloat16):
+            raise ValueError(f"{name}: impl='pallas' takes float32 or bfloat16, got {x.dtype}")
+    if chunk_size not in PALLAS_CHUNK_SIZES:
+        raise ValueError(f"chunk_size: impl='pallas' needs a power of 2 from 16 to 64, got {chunk_size}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,25 +255,27 @@ def loglinear_attention(
       v: `[batch, time, heads, d_v]`.
       g: `[batch, time, heads]` log decays, <= 0.
       level_weights: `[batch, time, heads, L]` lambda, L >= num_levels(position + time); extra levels unused.
-      impl: "auto", "dense", "recurrent" or "chunked" (see the module docstring).
-      chunk_size: C for impl="chunked", a power of two.
+      impl: "auto", "dense", "recurrent", "chunked" or "pallas" (see the module docstring).
+      chunk_size: C for impl="chunked", a power of two (16, 32 or 64 for impl="pallas").
       initial_state: a `FenwickState` to continue from (its position says where this sequence starts).
       return_final_state: also return the state after the last token.
-      recompute: impl="chunked": the backward pass reruns the op's forward from its inputs instead of keeping its
-        intermediates (the in-chunk [C, C] weights, the chunk states, every level's reads) alive.
+      recompute: impl="chunked" and "pallas": the backward pass reruns the op's forward from its inputs instead of
+        keeping its intermediates (the in-chunk [C, C] weights, the chunk states, every level's reads) alive.
 
     Returns:
       o `[batch, time, heads, d_v]` in v's dtype, and the final `FenwickState` when asked.
     """
     q, k, v, g, level_weights = map(jnp.asarray, (q, k, v, g, level_weights))
-    check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state)
+    check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state, ATTENTION_IMPLS)
+    if impl == "pallas":
+        _check_pallas(q, k, v, chunk_size)
     out_dtype = v.dtype
     dtype = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
     impl = numerics.resolve_sequence_impl(impl, q.shape[1])
-    # bf16 training: the chunked form keeps 16-bit q, k, v as matrix-product operands (float32 accumulation);
+    # bf16 training: the chunked forms keep 16-bit q, k, v as matrix-product operands (float32 accumulation);
     # everything else (decays, level weights, states) is in the compute dtype.
     operand_dtype = numerics.operand_dtype(q, k, v)
-    if impl != "chunked" or operand_dtype is None:
+    if impl not in ("chunked", "pallas") or operand_dtype is None:
         q, k, v = (a.astype(dtype) for a in (q, k, v))
     g, level_weights = g.astype(dtype), level_weights.astype(dtype)
     g = numerics.floor_log_decay(g)
@@ -248,8 +288,9 @@ def loglinear_attention(
             o, positions = _attention_dense(q, k, v, g, level_weights, initial_state)
         else:
             # recompute: the step's peak memory falls by ~40% (docs/loglinear.md section 7).
-            chunked = jax.checkpoint(_attention_chunked, static_argnums=(6, 7)) if recompute else _attention_chunked
-            o, positions = chunked(q, k, v, g, level_weights, initial_state, chunk_size, operand_dtype)
+            chunked = checkpoint_chunked(_attention_chunked, 5, (6, 7, 8)) if recompute else _attention_chunked
+            o, positions = chunked(q, k, v, g, level_weights, initial_state, chunk_size, operand_dtype,
+                                   impl == "pallas")
         final = _final_state(k, v, g, positions, initial_state, level_weights.shape[-1]) if return_final_state else None
     o = o.astype(out_dtype)
     return (o, final) if return_final_state else o

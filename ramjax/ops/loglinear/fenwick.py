@@ -24,7 +24,7 @@ import numpy as np
 
 from ramjax.ops.shared import checks
 
-IMPLS = ("auto", "dense", "recurrent", "chunked")
+IMPLS = ("auto", "dense", "recurrent", "chunked")  # both bases; loglinear_attention adds "pallas" (ATTENTION_IMPLS)
 
 
 class FenwickState(NamedTuple):
@@ -80,9 +80,9 @@ def level_representatives(position: jax.Array, num_level: int) -> jax.Array:
 # Argument checks.
 
 
-def check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state):
-    if impl not in IMPLS:
-        raise ValueError(f"impl: must be one of {IMPLS}, got {impl!r}")
+def check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state, impls=IMPLS):
+    if impl not in impls:
+        raise ValueError(f"impl: must be one of {impls}, got {impl!r}")
     checks.require_positive_int("chunk_size", chunk_size)
     if chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size: must be a power of two (the Fenwick levels align with it), got {chunk_size}")
@@ -195,6 +195,28 @@ def chunk_grid(initial_state, seq_len: int, chunk_size: int) -> ChunkGrid:
         )
     lead = start % chunk_size
     return ChunkGrid(start, lead, -(-(lead + seq_len) // chunk_size) * chunk_size)
+
+
+def checkpoint_chunked(fn, state_argnum: int, static_argnums: tuple[int, ...]):
+    """jax.checkpoint(fn, static_argnums) for a chunked form whose argument `state_argnum` is a `FenwickState` or
+    None: the state's levels are traced, its position is not. The chunks align to that position (`chunk_grid`),
+    so it must stay concrete, and jax.checkpoint would trace it along with the levels."""
+
+    def run(*args):
+        state = args[state_argnum]
+        if state is None:
+            return jax.checkpoint(fn, static_argnums=static_argnums)(*args)
+
+        def with_levels(*args):  # fn with the state's levels in its place
+            args = list(args)
+            args[state_argnum] = FenwickState(args[state_argnum], state.position)
+            return fn(*args)
+
+        args = list(args)
+        args[state_argnum] = state.levels
+        return jax.checkpoint(with_levels, static_argnums=static_argnums)(*args)
+
+    return run
 
 
 def block_grid(first_chunk: int, num_chunks: int, level_above_chunk: int) -> tuple[int, int, int]:

@@ -28,9 +28,11 @@ import numpy as np
 from ramjax.ops.gated_delta.chunked import delta_chunk_pieces
 from ramjax.ops.gated_delta.recurrent import apply_transition
 from ramjax.ops.loglinear.fenwick import (
+    IMPLS,
     FenwickState,
     block_grid,
     check_args,
+    checkpoint_chunked,
     chunk_grid,
     chunk_levels,
     level_index,
@@ -229,12 +231,16 @@ def loglinear_gated_delta(
     return_final_state: bool = False,
     recompute: bool = True,
 ):
-    """Log-linear Gated DeltaNet: arguments as `loglinear_attention`, plus beta `[batch, time, heads]`.
+    """Log-linear Gated DeltaNet: arguments as `loglinear_attention` (impl without "pallas"), plus beta
+    `[batch, time, heads]`.
 
     q and k are used as given (the layer L2-normalises them); g = log alpha <= 0; beta in [0, 1] keeps the
     transition a contraction (sigmoid in the layer).
     """
     q, k, v, g, beta, level_weights = map(jnp.asarray, (q, k, v, g, beta, level_weights))
+    if impl == "pallas":  # (loglinear_attention has a kernel for its in-chunk part; this base has none yet)
+        raise ValueError(f"impl: loglinear_gated_delta takes one of {IMPLS}, got 'pallas' (a Pallas kernel exists "
+                         f"for loglinear_attention only)")
     check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state)
     checks.require_floating("beta", beta)
     checks.require_shape("beta", beta, tuple(g.shape), "[batch, time, heads] like g")
@@ -253,7 +259,7 @@ def loglinear_gated_delta(
         # recompute: the backward pass reruns this forward from the op's inputs instead of keeping the chunk
         # transitions and every level's block states alive; the step's peak memory falls ~3x (docs/loglinear.md
         # section 7).
-        chunked = jax.checkpoint(_delta_chunked, static_argnums=(7, 8)) if recompute else _delta_chunked
+        chunked = checkpoint_chunked(_delta_chunked, 6, (7, 8)) if recompute else _delta_chunked
         o, final = chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state)
     o = o.astype(out_dtype)
     return (o, final) if return_final_state else o
