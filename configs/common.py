@@ -150,5 +150,8 @@ def model_config() -> ml_collections.ConfigDict:
     # ~40% lower for the Mamba-2 base, ~3x for Gated DeltaNet (XLA's CPU buffer assignment at 16384 x 2;
     # docs/loglinear.md section 7); its GPU speed cost is not yet measured.
     m.loglinear.recompute = True
+    # The log-linear op: "auto" (the chunked form for sequences), "chunked", or with the mamba2 base "pallas" (its
+    # in-chunk part as Pallas kernels, kernels/loglinear_chunk.py; not yet timed on a GPU).
+    m.loglinear.impl = "auto"
     m.loglinear.exact_gelu = False  # the lambda MLP's GELU: tanh approximation, or True: exact erf (the fork)
     return m

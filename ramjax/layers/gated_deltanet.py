@@ -36,11 +36,11 @@ class GatedDeltaNetMixer(nnx.Module):
     def __init__(self, d_model: int, *, num_heads: int, head_dim: int = 0, expand_v: int = 2, conv_width: int = 4,
                  chunk_size: int = 64, decay_mode: str | None = None, num_levels: int = 15, decay_hidden: int = 64,
                  lambda_init: str = "as_described", exact_gelu: bool = False, recompute: bool = True,
-                 impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                 loglinear_impl: str = "auto", impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         head_dim = head_dim or d_model // num_heads
         self.num_heads, self.d_k, self.d_v, self.chunk_size = num_heads, head_dim, expand_v * head_dim, chunk_size
         self.impl = impl  # of the plain delta rule (ops.gated_delta_rule)
-        self.recompute = recompute  # of the log-linear op (ops.loglinear_gated_delta)
+        self.recompute, self.loglinear_impl = recompute, loglinear_impl  # of the log-linear op (loglinear_gated_delta)
         # The layout of the per-head tensors on a device mesh, set by the model (shard_activations): a Pallas kernel
         # then runs per device shard. None: one device, or let XLA place it.
         self.kernel_sharding = None
@@ -90,7 +90,7 @@ class GatedDeltaNetMixer(nnx.Module):
                                          sharding=self.kernel_sharding)
             else:
                 o = ops.loglinear_gated_delta(q, k, v, log_decay, beta, level_weights, chunk_size=self.chunk_size,
-                                              recompute=self.recompute)
+                                              impl=self.loglinear_impl, recompute=self.recompute)
         return self._output(x, o)
 
     def init_cache(self, batch: int, max_len: int) -> dict:

@@ -45,8 +45,8 @@ class Mamba2Mixer(nnx.Module):
                  chunk_size: int = 64, gate: bool = True, output_norm: bool = True, d_skip: bool = True,
                  dt_scales_v: bool = True, a_init: str = "uniform", decay_mode: str | None = None,
                  num_levels: int = 15, decay_hidden: int = 64, lambda_init: str = "as_described",
-                 exact_gelu: bool = False, recompute: bool = True, impl: str = "auto", dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 exact_gelu: bool = False, recompute: bool = True, loglinear_impl: str = "auto", impl: str = "auto",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         d_inner = expand * d_model
         if d_inner % head_dim:
             raise ValueError(f"model.mamba2.head_dim: must divide expand * d_model = {d_inner}, got {head_dim}")
@@ -56,7 +56,7 @@ class Mamba2Mixer(nnx.Module):
             raise ValueError(f"model.mamba2.a_init: must be one of {A_INITS}, got {a_init!r}")
         self.num_heads, self.head_dim, self.d_state, self.chunk_size = d_inner // head_dim, head_dim, d_state, chunk_size
         self.impl = impl  # of the plain recurrence (ops.gated_linear_attention)
-        self.recompute = recompute  # of the log-linear op (ops.loglinear_attention)
+        self.recompute, self.loglinear_impl = recompute, loglinear_impl  # of the log-linear op (loglinear_attention)
         # The layout of the per-head tensors on a device mesh, set by the model (shard_activations): a Pallas kernel
         # then runs per device shard. None: one device, or let XLA place it.
         self.kernel_sharding = None
@@ -128,7 +128,7 @@ class Mamba2Mixer(nnx.Module):
             else:
                 q, k = self._per_head(q, k)
                 y = ops.loglinear_attention(q, k, v, log_decay, level_weights, chunk_size=self.chunk_size,
-                                            recompute=self.recompute)
+                                            impl=self.loglinear_impl, recompute=self.recompute)
         return self._output(x, y, x_in)
 
     def init_cache(self, batch: int, max_len: int) -> dict:

@@ -120,6 +120,8 @@ def check_model(model, max_seq_len: int | None = None) -> None:
         _choice("model.loglinear.lambda_init", ll.get("lambda_init", "as_described"), LAMBDA_INITS)
         _bool("model.loglinear.exact_gelu", ll.get("exact_gelu", False))
         _bool("model.loglinear.recompute", ll.get("recompute", True))
+        _choice("model.loglinear.impl", ll.get("impl", "auto"),
+                loglinear.ATTENTION_IMPLS if ll.base == "mamba2" else loglinear.IMPLS)
         levels = _int("model.loglinear.num_levels", ll.num_levels)
         if max_seq_len is not None and levels < loglinear.num_levels(max_seq_len):
             raise ConfigError(f"model.loglinear.num_levels: {levels} levels cover sequences up to "

@@ -67,5 +67,5 @@ def make_mixer(kind: str, cfg, cape_heads: int | jax.Array, *, rngs: nnx.Rngs) -
         return LogLinearMixer(cfg.d_model, base=ll.base, mode=ll.mode, num_levels=ll.num_levels,
                               decay_hidden=ll.decay_hidden, lambda_init=ll.get("lambda_init", "as_described"),
                               exact_gelu=ll.get("exact_gelu", False), recompute=ll.get("recompute", True),
-                              base_options=options, rngs=rngs)
+                              impl=ll.get("impl", "auto"), base_options=options, rngs=rngs)
     raise ValueError(f"model.pattern: unknown mixer {kind!r}; known: {MIXERS}")
