@@ -149,19 +149,30 @@ class RAMNetMixer(nnx.Module):
         return {"memory": ops.pdma_init(batch, self.num_heads, self.num_slots, self.d_v),
                 "windows": [conv.init_window(batch) for conv in self.convs]}
 
-    def extend(self, x: jax.Array, positions: jax.Array, cache: dict,
-               fresh: bool = False) -> tuple[jax.Array, dict]:
+    def extend(self, x: jax.Array, positions: jax.Array, cache: dict, fresh: bool = False,
+               layer: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """`__call__` over x `[batch, time, d_model]` continuing from `cache`; returns (y, the cache after x).
-        The memory is carried token by token with `pdma_step` (K slots touched per token, whatever M)."""
+        The memory is carried token by token with `pdma_step` (K slots touched per token, whatever M).
+
+        `layer`: `cache` is stacked over the scanned layer groups (every leaf `[groups, ...]`, as
+        LanguageModel.extend carries it) and this layer's part is `layer`; the memory is then stepped in place
+        in the stack (slicing it out and back would copy all M slots every token)."""
         del fresh
-        q, k, v, windows = self._projections(x, cache["windows"])
+        windows = cache["windows"]
+        if layer is not None:
+            windows = [jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for w in windows]
+        q, k, v, windows = self._projections(x, windows)
         (read_idx, read_val), (write_idx, write_val) = self._codes(q, k, positions)
 
         def step(state, inputs):
-            o, state = ops.pdma_step(state, *inputs, gamma=self.gamma, eps=self.eps, grad_eps=self.grad_eps)
+            o, state = ops.pdma_step(state, *inputs, gamma=self.gamma, eps=self.eps, grad_eps=self.grad_eps,
+                                     layer=layer)
             return state, o
 
         time_major = [jnp.moveaxis(a, 1, 0) for a in (read_idx, read_val, write_idx, write_val, v)]
         memory, o = jax.lax.scan(step, cache["memory"], time_major)
         o = jnp.moveaxis(o, 0, 1).astype(v.dtype)
+        if layer is not None:
+            windows = [jax.lax.dynamic_update_index_in_dim(stack, w, layer, 0)
+                       for stack, w in zip(cache["windows"], windows, strict=True)]
         return self._output(x, o), {"memory": memory, "windows": windows}

@@ -9,6 +9,7 @@ level for the log-linear ones), and attention's is a KV cache of max_len tokens.
   cache = init_cache(model, batch_size, max_len)
   logits, cache = prefill(model, prompt, cache)          # [batch, time] -> logits of every prompt position
   logits, cache = decode_step(model, cache, next_token)  # [batch] -> [batch, vocab]
+  step = jit_decode_step(model); logits, cache = step(cache, next_token)  # the same, compiled, cache donated
   tokens = generate(model, prompt, max_new_tokens=64, temperature=0.8, top_p=0.95, seed=0)
 
 The cache also counts the tokens seen (`cache["length"]`); positions default to that count and may be given
@@ -64,6 +65,22 @@ def decode_step(model: LanguageModel, cache: dict, token: jax.Array, position: j
     positions = None if position is None else jnp.broadcast_to(jnp.asarray(position, jnp.int32), token.shape)[:, None]
     logits, cache = prefill(model, token[:, None], cache, positions)
     return logits[:, 0], cache
+
+
+def jit_decode_step(model: LanguageModel):
+    """`decode_step` compiled for `model` (its parameters as they are now), the cache donated:
+    `step(cache, token, position=None) -> (logits, cache)`.
+
+    The state is updated in place (a RAM-Net token touches K slots per head, whatever M), so the cache passed in
+    is consumed: keep only the returned one. An undonated step has to copy the whole state every token, and
+    `decode_step` outside a jit does. Inside a jitted loop (`generate`) the carried cache is updated in place."""
+    graphdef, params = nnx.split(model)
+    return functools.partial(_jitted_decode_step, graphdef, params)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _jitted_decode_step(graphdef, params, cache, token, position=None):
+    return decode_step(nnx.merge(graphdef, params), cache, token, position)
 
 
 def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 1.0, top_k: int = 0,

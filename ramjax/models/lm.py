@@ -114,9 +114,20 @@ class Block(nnx.Module):
         with jax.named_scope("mlp"):
             return self._feed_forward(x)
 
-    def extend(self, x: jax.Array, positions: jax.Array, cache, fresh: bool = False):
-        """`__call__` continuing from the mixer's decoding state `cache`; returns (output, the state after x)."""
-        y, cache = self.mixer.extend(self._mixer_input(x), positions, cache, fresh)
+    def extend(self, x: jax.Array, positions: jax.Array, cache, fresh: bool = False, layer=None):
+        """`__call__` continuing from the mixer's decoding state `cache`; returns (output, the state after x).
+        `layer`: `cache` is stacked over the scanned layer groups (leaves `[groups, ...]`) and this block's part is
+        `layer`; the returned cache is the whole stack with that part replaced."""
+        x_in = self._mixer_input(x)
+        if layer is None:
+            y, cache = self.mixer.extend(x_in, positions, cache, fresh)
+        elif isinstance(self.mixer, RAMNetMixer):  # steps its M-slot memory in place in the stack
+            y, cache = self.mixer.extend(x_in, positions, cache, fresh, layer=layer)
+        else:
+            # Slice the layer's state out and write it back into the carried stack (an in-place update).
+            part = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), cache)
+            y, part = self.mixer.extend(x_in, positions, part, fresh)
+            cache = jax.tree.map(lambda a, p: jax.lax.dynamic_update_index_in_dim(a, p, layer, 0), cache, part)
         return self._feed_forward(self._add(x, y, self.mixer_norm)), cache
 
     def with_addresses(self, x: jax.Array, positions: jax.Array):
@@ -144,10 +155,10 @@ class BlockGroup(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> list:
         return [block.mixer.init_cache(batch, max_len) for block in self.blocks]
 
-    def extend(self, x: jax.Array, positions: jax.Array, caches: list, fresh: bool = False):
+    def extend(self, x: jax.Array, positions: jax.Array, caches: list, fresh: bool = False, layer=None):
         new = []
         for block, cache in zip(self.blocks, caches):
-            x, cache = block.extend(x, positions, cache, fresh)
+            x, cache = block.extend(x, positions, cache, fresh, layer)
             new.append(cache)
         return x, new
 
@@ -273,11 +284,16 @@ class LanguageModel(nnx.Module):
         `init_cache`'s (lets the log-linear mixers use their chunked form)."""
         x = self.embed(tokens)
         if self.scan_layers:
-            @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-            def run_all(group, x, group_cache):
-                return group.extend(x, positions, group_cache, fresh)
+            # The stacked cache rides in the carry and each group updates its own part of it in place. Scanned
+            # over as xs -> ys instead, every token would slice each layer's state out (a copy), write it into
+            # a fresh stack and copy that out: several passes over all M slots of every layer per token.
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            def run_all(group, carry):
+                x, cache, layer = carry
+                x, cache = group.extend(x, positions, cache, fresh, layer)
+                return x, cache, layer + 1
 
-            x, cache = run_all(self.groups, x, cache)
+            x, cache, _ = run_all(self.groups, (x, cache, jnp.int32(0)))
         else:
             new = []
             for group, group_cache in zip(self.groups, cache):

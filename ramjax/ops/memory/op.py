@@ -299,25 +299,29 @@ def pdma_init(batch: int, heads: int, num_slots: int, d_v: int, dtype=jnp.float3
     )
 
 
-def _step_one(memory, normaliser, read_idx, read_val, write_idx, write_val, v, gamma, eps, grad_eps):
-    """One token of one (batch, head): memory [M, d_v], normaliser [M], codes [K], v [d_v]."""
+@functools.partial(jax.jit, static_argnums=(8, 9, 10))
+def _pdma_step_batched(memory, normaliser, layer, read_idx, read_val, write_idx, write_val, v, gamma, eps, grad_eps):
+    """One token for every (batch, head): memory [(layers,) batch, heads, M, d_v], codes [batch, heads, K].
+
+    One gather and one scatter by explicit ((layer,) batch, head, slot) indices, so that a state stacked over
+    layers is updated at one layer's K rows per head: XLA does it in place when the state is loop-carried or
+    donated, and nothing else in the step has a dimension M."""
+    batch, heads = write_idx.shape[:2]
+    prefix = (jnp.arange(batch)[:, None, None], jnp.arange(heads)[None, :, None])
+    if layer is not None:
+        prefix = (layer,) + prefix
     # Each write sees the total weight on its slot this step, so repeated indices act as one write.
-    same_slot = write_idx[:, None] == write_idx[None, :]
-    w_slot = same_slot.astype(write_val.dtype) @ write_val
+    same_slot = write_idx[..., :, None] == write_idx[..., None, :]
+    w_slot = jnp.einsum("...jk,...k->...j", same_slot.astype(write_val.dtype), write_val)
     a = decay_factor(w_slot, gamma, grad_eps)
-    new_rows = a[:, None] * memory[write_idx] + w_slot[:, None] * v[None, :]
-    new_norms = a * normaliser[write_idx] + w_slot
+    new_rows = a[..., None] * memory[(*prefix, write_idx)] + w_slot[..., None] * v[:, :, None, :]
+    new_norms = a * normaliser[(*prefix, write_idx)] + w_slot
     # Repeated indices store identical rows, so the order of the stores does not matter.
-    memory = memory.at[write_idx].set(new_rows)
-    normaliser = normaliser.at[write_idx].set(new_norms)
-    o = (read_val / (normaliser[read_idx] + eps)) @ memory[read_idx]
+    memory = memory.at[(*prefix, write_idx)].set(new_rows)
+    normaliser = normaliser.at[(*prefix, write_idx)].set(new_norms)
+    weights = read_val / (normaliser[(*prefix, read_idx)] + eps)
+    o = jnp.einsum("...k,...kd->...d", weights, memory[(*prefix, read_idx)])
     return o, memory, normaliser
-
-
-@functools.partial(jax.jit, static_argnums=(7, 8, 9))
-def _pdma_step_batched(memory, normaliser, read_idx, read_val, write_idx, write_val, v, gamma, eps, grad_eps):
-    step = functools.partial(_step_one, gamma=gamma, eps=eps, grad_eps=grad_eps)
-    return jax.vmap(jax.vmap(step))(memory, normaliser, read_idx, read_val, write_idx, write_val, v)
 
 
 def pdma_step(
@@ -331,16 +335,29 @@ def pdma_step(
     gamma: float = 1.0,
     eps: float = 1e-6,
     grad_eps: float = 1e-3,
+    layer: int | jax.Array | None = None,
 ) -> tuple[jax.Array, PDMAState]:
-    """One token of PDMA: codes `[batch, heads, K]`, v `[batch, heads, d_v]` -> (o `[batch, heads, d_v]`, state)."""
+    """One token of PDMA: codes `[batch, heads, K]`, v `[batch, heads, d_v]` -> (o `[batch, heads, d_v]`, state).
+
+    Touches K slots per (batch, head), in place where the state is a loop carry or a donated argument. With
+    `layer` (an int scalar in [0, layers), may be traced), the state is stacked over layers (memory `[layers,
+    batch, heads, M, d_v]`, normaliser `[layers, batch, heads, M]`, as a scan over layers carries it) and only
+    that layer steps: slicing a layer out and stacking it back would copy its whole memory every token."""
     memory, normaliser = state
     read_idx, read_val, write_idx, write_val, v = map(jnp.asarray, (read_idx, read_val, write_idx, write_val, v))
-    if memory.ndim != 4 or normaliser.shape != memory.shape[:3]:
+    lead = () if layer is None else ("layers",)
+    if memory.ndim != 4 + len(lead) or normaliser.shape != memory.shape[:-1]:
+        names = ", ".join(lead + ("batch", "heads"))
         raise ValueError(
-            f"state: expected memory [batch, heads, M, d_v] and normaliser [batch, heads, M], got "
+            f"state: expected memory [{names}, M, d_v] and normaliser [{names}, M], got "
             f"{tuple(memory.shape)} and {tuple(normaliser.shape)}"
         )
-    batch, heads, num_slots, d_v = memory.shape
+    if layer is not None:
+        layer = jnp.asarray(layer)
+        if layer.ndim or not jnp.issubdtype(layer.dtype, jnp.integer):
+            raise ValueError(f"layer: expected an int scalar, got {layer.dtype}{list(layer.shape)}")
+        layer = layer.astype(jnp.int32)
+    batch, heads, num_slots, d_v = memory.shape[len(lead):]
     _check_hyper(num_slots, gamma, eps, grad_eps)
     checks.require_floating("v", v)
     checks.require_shape("v", v, (batch, heads, d_v), "[batch, heads, d_v]")
@@ -351,6 +368,7 @@ def pdma_step(
     o, memory, normaliser = _pdma_step_batched(
         memory,
         normaliser,
+        layer,
         read_idx.astype(jnp.int32),
         read_val.astype(dtype),
         write_idx.astype(jnp.int32),
