@@ -53,6 +53,24 @@ def test_bad_sweep_files_are_clear_errors(tmp_path):
         sweep.load_sweep(str(path))
 
 
+def test_a_sweep_file_argument_goes_to_get_sweep(tmp_path):
+    """FILE.py:ARG calls get_sweep(ARG), as a config file's variant reaches get_config; the default directory
+    names the argument, and a get_sweep() without a parameter refuses one."""
+    path = tmp_path / "sizes.py"
+    path.write_text("from ramjax.sweep import values\n"
+                    "def get_sweep(size='64'):\n"
+                    "    return values('model.d_model', [int(size), 2 * int(size)])\n")
+    runs, _, _ = sweep.load_sweep(f"{path}:32")
+    assert [r["model.d_model"] for r in runs] == [32, 64]
+    assert [r["model.d_model"] for r in sweep.load_sweep(str(path))[0]] == [64, 128]
+    from ramjax.sweep.grid import sweep_name
+    assert sweep_name(f"{path}:32") == "sizes_32" and sweep_name(str(path)) == "sizes"
+    plain = tmp_path / "plain.py"
+    plain.write_text("from ramjax.sweep import values\ndef get_sweep():\n    return values('model.d_model', [8])\n")
+    with pytest.raises(ConfigError, match="takes no argument"):
+        sweep.load_sweep(f"{plain}:1")
+
+
 TINY_CONFIG = f"""
 import sys
 sys.path.insert(0, {str(ROOT / "tests")!r})
