@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.shapes import pad_axis
+from kernels.shapes import next_pow2, pad_axis
 
 
 class ChunkConfig(NamedTuple):
@@ -23,6 +23,16 @@ class ChunkConfig(NamedTuple):
     num_warps: int
     interpret: bool
     poison_output: bool
+
+
+def padded_width(d: int) -> int:
+    """A width as the kernels see it: a power of 2, at least 16 (the smallest block Triton's dot takes)."""
+    return max(16, next_pow2(d))
+
+
+def operand_dtype(q, k, v):
+    """The matrix products' operand dtype: bfloat16 where q, k and v all are, else float32."""
+    return jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in (q, k, v)) else jnp.float32
 
 
 def dot(a, b, dtype, *, trans_a=False, trans_b=False):

@@ -49,8 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from kernels.chunk_common import ChunkConfig, call, dot, exp_nonpositive, from_rows, state_rows, to_rows
-from kernels.shapes import next_pow2
+from kernels.chunk_common import (ChunkConfig, call, dot, exp_nonpositive, from_rows, operand_dtype, padded_width,
+                                  state_rows, to_rows)
 
 MIN_CHUNK = 16  # the smallest block Triton's dot takes
 MAX_BLOCK = 64  # d_v block width where a kernel tiles it
@@ -287,9 +287,8 @@ def state_block_v(sequences: int, dv_pad: int) -> int:
 def _layout(q, k, v, chunk):
     batch, seq_len, heads, d_k = q.shape
     d_v = v.shape[-1]
-    all_bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
-    return _Layout(batch, seq_len, heads, d_k, d_v, chunk, -(-seq_len // chunk) * chunk,
-                   max(16, next_pow2(d_k)), max(16, next_pow2(d_v)), jnp.bfloat16 if all_bf16 else jnp.float32)
+    return _Layout(batch, seq_len, heads, d_k, d_v, chunk, -(-seq_len // chunk) * chunk, padded_width(d_k),
+                   padded_width(d_v), operand_dtype(q, k, v))
 
 
 class _Inputs(NamedTuple):

@@ -41,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from kernels.chunk_common import ChunkConfig, call, dot, exp_nonpositive, from_rows, state_rows, to_rows
-from kernels.shapes import next_pow2, pad_axis
+from kernels.chunk_common import (ChunkConfig, call, dot, exp_nonpositive, from_rows, operand_dtype, padded_width,
+                                  state_rows, to_rows)
+from kernels.shapes import pad_axis
 
 SUB = 16  # rows per sub-chunk: the smallest block Triton's dot takes
 MAX_BLOCK = 64  # d_k and d_v block width where a kernel tiles them
@@ -299,10 +300,8 @@ def state_tiles(sequences: int, dk_pad: int, dv_pad: int) -> tuple[int, int]:
 def _layout(q, k, v, log_decay, chunk):
     batch, seq_len, heads, d_v = v.shape
     d_k = q.shape[-1]
-    all_bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
     return _Layout(batch, seq_len, heads, d_k, d_v, log_decay.shape[-1] != 1, q.shape[2] != heads, chunk,
-                   -(-seq_len // chunk) * chunk, max(16, next_pow2(d_k)), max(16, next_pow2(d_v)),
-                   jnp.bfloat16 if all_bf16 else jnp.float32)
+                   -(-seq_len // chunk) * chunk, padded_width(d_k), padded_width(d_v), operand_dtype(q, k, v))
 
 
 class _Inputs(NamedTuple):

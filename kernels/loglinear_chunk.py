@@ -40,8 +40,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.chunk_common import ChunkConfig, call, dot, exp_nonpositive, from_rows, to_rows
-from kernels.shapes import next_pow2, pad_axis
+from kernels.chunk_common import (ChunkConfig, call, dot, exp_nonpositive, from_rows, operand_dtype, padded_width,
+                                  to_rows)
+from kernels.shapes import pad_axis
 
 MIN_CHUNK = 16  # the smallest block Triton's dot takes
 MAX_CHUNK = 64  # [C, C] fp32 matrices in registers: a dozen at C = 64
@@ -182,10 +183,8 @@ class _Layout(NamedTuple):
 def _layout(q, k, v, level_weights, chunk):
     batch, seq_len, heads, d_k = q.shape
     d_v = v.shape[-1]
-    all_bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
     return _Layout(batch, seq_len, heads, d_k, d_v, level_weights.shape[-1], chunk, -(-seq_len // chunk) * chunk,
-                   max(16, next_pow2(d_k)), max(16, next_pow2(d_v)), max(16, next_pow2(chunk.bit_length())),
-                   jnp.bfloat16 if all_bf16 else jnp.float32)
+                   padded_width(d_k), padded_width(d_v), padded_width(chunk.bit_length()), operand_dtype(q, k, v))
 
 
 class _Inputs(NamedTuple):
