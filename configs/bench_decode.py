@@ -14,6 +14,9 @@ TRANSFORMER = ("transformer", {"model.pattern": "attention"})
 RAMNET = ("ramnet", {"model.pattern": "ramnet"})  # M = 4^5 = 1024 slots per head
 # M = 4^10 = 2^20 slots per head, the same parameters: the per-token cost should not change, the state does.
 RAMNET_LARGE = ("ramnet:M2^20", {"model.pattern": "ramnet", "model.ramnet.num_factors": 10})
+# M = 16^5 = 2^20 with the M = 1024 row's U = 5 factors: the address decoder does the same number of steps as at
+# M = 1024 (its work grows with U, not M), so this row separates the memory's size from the decoder's depth.
+RAMNET_LARGE_U5 = ("ramnet:M2^20,U5", {"model.pattern": "ramnet", "model.ramnet.factor_size": 16})
 GLA = ("gla", {"model.pattern": "gla"})
 GATED_DELTANET = ("gated_deltanet", {"model.pattern": "gated_deltanet"})
 LOGLINEAR_MAMBA2 = ("loglinear_mamba2", {"model.pattern": "loglinear", "model.loglinear.num_levels": 17})
@@ -25,7 +28,7 @@ def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model_config = "configs/lm.py:transformer"  # path[:variant], relative to the repository root
     config.model_overrides = (("model.dtype", "bfloat16"),)
-    config.variants = (TRANSFORMER, RAMNET, RAMNET_LARGE, GLA, GATED_DELTANET, LOGLINEAR_MAMBA2)
+    config.variants = (TRANSFORMER, RAMNET, RAMNET_LARGE, RAMNET_LARGE_U5, GLA, GATED_DELTANET, LOGLINEAR_MAMBA2)
     config.contexts = (1024, 16384, 65536)
     config.batches = (1, 64)
     config.steps = 64  # tokens decoded per timed call

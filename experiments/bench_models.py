@@ -66,7 +66,11 @@ def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def select_variants(variants, only: str | None, baseline: str) -> list[tuple[str, dict]]:
-    """The variants named in `only` (exactly, or by the name up to its first ":"), the baseline first."""
+    """The variants named in `only`, the baseline first.
+
+    A name picks the variant of that exact name; a name no variant has picks every variant whose name up to its
+    first ":" is that name ("gla" is the row "gla" alone; "ramnet" with no row "ramnet" would pick "ramnet:...").
+    """
     variants = [(name, dict(overrides)) for name, overrides in variants]
     if only is None:
         chosen = variants
@@ -74,7 +78,8 @@ def select_variants(variants, only: str | None, baseline: str) -> list[tuple[str
         wanted = [w.strip() for w in only.split(",") if w.strip()]
         chosen = []
         for want in wanted:
-            matches = [v for v in variants if want in (v[0], v[0].split(":")[0])]
+            matches = ([v for v in variants if v[0] == want]
+                       or [v for v in variants if v[0].split(":")[0] == want])
             if not matches:
                 raise SystemExit(f"bench_models: --only: no variant {want!r}; variants: "
                                  f"{', '.join(name for name, _ in variants)}")
