@@ -39,9 +39,9 @@ GATED_DELTANET_CHUNKED = ("gated_deltanet:chunked", {"model.pattern": "gated_del
 LOGLINEAR_MAMBA2 = ("loglinear_mamba2", {"model.pattern": "loglinear", "model.loglinear.num_levels": 15})
 LOGLINEAR_GATED_DELTANET = ("loglinear_gated_deltanet", {"model.pattern": "loglinear", "model.loglinear.num_levels": 15,
                                                          "model.loglinear.base": "gated_deltanet"})
-# The in-chunk part by the Pallas kernels (kernels/loglinear_chunk.py), opt-in until timed against the chunked form.
-LOGLINEAR_MAMBA2_PALLAS = ("loglinear_mamba2:pallas", {"model.pattern": "loglinear", "model.loglinear.num_levels": 15,
-                                                       "model.loglinear.impl": "pallas"})
+# The in-chunk part in XLA (impl "auto" takes the Pallas kernels of kernels/loglinear_chunk.py on GPUs): the before row.
+LOGLINEAR_MAMBA2_CHUNKED = ("loglinear_mamba2:chunked", {"model.pattern": "loglinear", "model.loglinear.num_levels": 15,
+                                                         "model.loglinear.impl": "chunked"})
 HYBRID = ("hybrid", {"model.pattern": "ramnet,ramnet,ramnet,attention"})
 
 
@@ -53,7 +53,7 @@ def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:
     config.model_overrides = "model.dtype=bfloat16"
     config.variants = (TRANSFORMER, RAMNET_SCAN_XLA_DECODER, RAMNET_PALLAS_XLA_DECODER, RAMNET_SCAN, RAMNET_PALLAS,
                        GLA, GLA_CHUNKED, MAMBA2, MAMBA2_CHUNKED, GATED_DELTANET, GATED_DELTANET_CHUNKED,
-                       LOGLINEAR_MAMBA2, LOGLINEAR_MAMBA2_PALLAS, LOGLINEAR_GATED_DELTANET, HYBRID)
+                       LOGLINEAR_MAMBA2, LOGLINEAR_MAMBA2_CHUNKED, LOGLINEAR_GATED_DELTANET, HYBRID)
     config.baseline = "transformer"  # the variant the "x transformer" ratios divide by (always run)
     config.shapes = ((1024, 32), (4096, 8), (16384, 2))  # (seq_len, batch): 32768 tokens per step each
     config.num_devices = 1  # the first N devices, data parallel (memory is per device)

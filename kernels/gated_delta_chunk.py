@@ -57,7 +57,7 @@ MAX_BLOCK = 64  # d_v block width where a kernel tiles it
 # The kernels that walk the chunks one after another (states, state gradients) have one program per (sequence, d_v
 # block): with few sequences most of a GPU idles while each program takes T / C steps. Their d_v blocks narrow
 # (down to 16) until there are at least this many programs, about two per SM of an H200; as in
-# kernels/gla_chunk.py. Not yet timed against the full-width blocks.
+# kernels/gla_chunk.py (timed there: the LM step at 16384 x 2 is 1.08x faster than with full-width blocks).
 MIN_STATE_PROGRAMS = 256
 
 
