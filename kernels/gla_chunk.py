@@ -53,6 +53,10 @@ MAX_BLOCK = 64  # d_k and d_v block width where a kernel tiles them
 # many programs: about two per SM of an H200 (132 SMs). Timed on one H200 against full-width tiles (=1), in the LM
 # train step at 16384 x 2: GLA 1.10x, Mamba-2 1.04x, Gated DeltaNet 1.08x faster (kernels/README.md).
 MIN_STATE_PROGRAMS = 256
+# With one log decay per head (Mamba-2) the chunk's decay matrix exp(A_t - A_s), s <= t, is one [C, C] array whose
+# exponents are all <= 0, so the output, dv and dq/dk kernels multiply whole chunks ([C, d_k] x [d_k, C],
+# [C, C] x [C, d_v]) instead of 16-row sub-chunk pairs. False: the sub-chunk form for scalar gates too (the A/B).
+SCALAR_GATE_FULL_WIDTH = True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,6 +251,72 @@ def _dqk_kernel(q_ref, k_ref, v_ref, a_ref, do_ref, h_ref, dh_ref, *refs, n_sub,
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Whole-chunk kernels for a scalar gate (SCALAR_GATE_FULL_WIDTH): the same quantities as the three kernels above,
+# with P = (q k^T) * D for the chunk's [C, C] decay matrix D.
+
+
+def _decay_matrix(a_ref):
+    """[C, C] fp32 D[t, s] = exp(A_t - A_s) for s <= t, 0 above; a_ref [C, 1] (a scalar gate's cumulative sums)."""
+    a = a_ref[...]
+    c = a.shape[0]
+    t, s = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0), jax.lax.broadcasted_iota(jnp.int32, (1, c), 1)
+    return jnp.where(s <= t, exp_nonpositive(a - a.reshape(1, c)), 0.0)
+
+
+def _output_kernel_scalar(q_ref, k_ref, v_ref, a_ref, h_ref, *refs, dtype, **_):
+    """_output_kernel for a scalar gate, on the whole chunk."""
+    o_ref = refs[-1]
+    q = q_ref[...]
+    scores = dot(q, k_ref[...], dtype, trans_b=True) * _decay_matrix(a_ref)
+    out = dot(q.astype(jnp.float32) * exp_nonpositive(a_ref[...]), h_ref[...], dtype)
+    o_ref[...] = (out + dot(scores, v_ref[...], dtype)).astype(o_ref.dtype)
+
+
+def _dv_kernel_scalar(q_ref, k_ref, a_ref, do_ref, dh_ref, *refs, dtype, **_):
+    """_dv_kernel for a scalar gate, on the whole chunk."""
+    dv_ref = refs[-1]
+    a = a_ref[...]
+    scores = dot(q_ref[...], k_ref[...], dtype, trans_b=True) * _decay_matrix(a_ref)
+    k_e = k_ref[...].astype(jnp.float32) * exp_nonpositive(_row(a_ref, a.shape[0] - 1) - a)
+    dv = dot(k_e, dh_ref[...], dtype) + dot(scores, do_ref[...], dtype, trans_a=True)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dqk_kernel_scalar(q_ref, k_ref, v_ref, a_ref, do_ref, h_ref, dh_ref, *refs, n_vblocks, block_v, dtype, **_):
+    """_dqk_kernel for a scalar gate, on the whole chunk: dq, dk [C, BK] and da [C, 1] (the gate's gradient summed
+    over the block's key dimensions)."""
+    dq_ref, dk_ref, da_ref = refs[-3:]
+    f32 = jnp.float32
+    c, width = q_ref.shape
+    dq = jnp.zeros((c, width), f32)  # H do_t, then the in-chunk part
+    dk_state = jnp.zeros((c, width), f32)  # dH v_s
+    dp = jnp.zeros((c, c), f32)  # dP[t, s] = do_t . v_s
+    state_term = jnp.zeros((width,), f32)
+    for b in range(n_vblocks):
+        cols = pl.ds(b * block_v, block_v)
+        h, dh, do, v = h_ref[:, cols], dh_ref[:, cols], do_ref[:, cols], v_ref[:, cols]
+        state_term += jnp.sum(h * dh, axis=1)
+        dq += dot(do, h, dtype, trans_b=True)
+        dk_state += dot(v, dh, dtype, trans_b=True)
+        dp += dot(do, v, dtype, trans_b=True)
+    a = a_ref[...]
+    a_last = _row(a_ref, c - 1)
+    q, k = q_ref[...].astype(f32), k_ref[...].astype(f32)
+    dk = exp_nonpositive(a_last - a) * dk_state
+    last_term = exp_nonpositive(a_last)[0] * state_term + jnp.sum(k * dk, axis=0)
+    weights = dp * _decay_matrix(a_ref)
+    dq = exp_nonpositive(a) * dq + dot(weights, k, dtype)
+    dk += dot(weights, q, dtype, trans_a=True)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    # dA_t = q_t dq_t - k_t dk_t summed over the block's key dimensions (plus what A_last does through the end
+    # state, at the last row); the gate's gradient is its reverse cumulative sum over the chunk.
+    t, s = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0), jax.lax.broadcasted_iota(jnp.int32, (1, c), 1)
+    d_cum = jnp.sum(q * dq - k * dk, axis=1, keepdims=True) + jnp.where(t == c - 1, jnp.sum(last_term), 0.0)
+    da_ref[...] = jnp.sum(jnp.where(s >= t, d_cum.reshape(1, c), 0.0), axis=1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Launching the kernels
 
 
@@ -359,6 +429,11 @@ def _chunk_states(x: _Inputs, h0, lay: _Layout, cfg: ChunkConfig):
                  in_specs, out_specs, out_shape)
 
 
+def _whole_chunk(lay: _Layout, sub_chunk_kernel, whole_chunk_kernel):
+    """The kernel body for this problem: the whole-chunk form for a scalar gate (SCALAR_GATE_FULL_WIDTH)."""
+    return whole_chunk_kernel if SCALAR_GATE_FULL_WIDTH and not lay.per_dim else sub_chunk_kernel
+
+
 def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: ChunkConfig):
     """o [G, T_pad, DV] in out_dtype."""
     g, c, bv, dk = lay.sequences, lay.chunk, lay.block_v, lay.dk_pad
@@ -369,7 +444,8 @@ def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: ChunkConfi
                 pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
     out_specs = [pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j))]
     out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), out_dtype)]
-    kernel = functools.partial(_output_kernel, n_sub=c // SUB, per_dim=lay.per_dim, dtype=lay.dtype)
+    kernel = functools.partial(_whole_chunk(lay, _output_kernel, _output_kernel_scalar), n_sub=c // SUB,
+                               per_dim=lay.per_dim, dtype=lay.dtype)
     (o,) = call(kernel, cfg, "gla_chunk_outputs", (g, lay.n_chunks, lay.dv_pad // bv),
                  [x.q, x.k, x.v, x.a, h_start], in_specs, out_specs, out_shape)
     return o
@@ -401,7 +477,8 @@ def _value_grads(x: _Inputs, do, dh_end, out_dtype, lay: _Layout, cfg: ChunkConf
                 pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
     out_specs = [pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j))]
     out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), out_dtype)]
-    kernel = functools.partial(_dv_kernel, n_sub=c // SUB, per_dim=lay.per_dim, dtype=lay.dtype)
+    kernel = functools.partial(_whole_chunk(lay, _dv_kernel, _dv_kernel_scalar), n_sub=c // SUB,
+                               per_dim=lay.per_dim, dtype=lay.dtype)
     (dv,) = call(kernel, cfg, "gla_chunk_dv", (g, lay.n_chunks, lay.dv_pad // bv),
                   [x.q, x.k, x.a, do, dh_end], in_specs, out_specs, out_shape)
     return dv
@@ -423,8 +500,8 @@ def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _La
         q_dtype = k_dtype = jnp.float32
     out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dk_pad), dtype) for dtype in (q_dtype, k_dtype)]
     out_shape.append(jax.ShapeDtypeStruct((g, lay.t_pad, lay.dk_pad if lay.per_dim else n_kblocks), jnp.float32))
-    kernel = functools.partial(_dqk_kernel, n_sub=c // SUB, n_vblocks=dv // lay.block_v, block_v=lay.block_v,
-                               per_dim=lay.per_dim, dtype=lay.dtype)
+    kernel = functools.partial(_whole_chunk(lay, _dqk_kernel, _dqk_kernel_scalar), n_sub=c // SUB,
+                               n_vblocks=dv // lay.block_v, block_v=lay.block_v, per_dim=lay.per_dim, dtype=lay.dtype)
     return call(kernel, cfg, "gla_chunk_dqk", (g, lay.n_chunks, n_kblocks),
                  [x.q, x.k, x.v, x.a, do, h_start, dh_end], in_specs, out_specs, out_shape)
 

@@ -110,6 +110,15 @@ def test_shared_qk_heads_match_float64_recurrence():
                             shared_qk=True)
 
 
+@pytest.mark.slow
+def test_scalar_gate_sub_chunk_form_matches_float64_recurrence(monkeypatch):
+    """A scalar gate through the 16-row sub-chunk kernels (SCALAR_GATE_FULL_WIDTH off; by default it takes the
+    whole-chunk ones): two sub-chunks per chunk, strong decays, d_k > d_v."""
+    monkeypatch.setattr(gla_chunk, "SCALAR_GATE_FULL_WIDTH", False)
+    check_against_reference(11, chunk_size=32, with_initial_state=True, seq_len=50, per_dim=False, decay_scale=4.0,
+                            d_k=40, d_v=24)
+
+
 def test_sequential_kernels_narrow_their_tiles_for_few_sequences():
     assert gla_chunk.state_tiles(16, 32, 64) == (16, 16)  # the LM at 16384 x 2: 16 sequences, 16 x 2 x 4 programs
     assert gla_chunk.state_tiles(64, 32, 64) == (32, 16)  # 4096 x 8: 64 sequences x 4 d_v blocks = 256
