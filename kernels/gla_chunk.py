@@ -18,7 +18,7 @@ Kernels (G = B * H sequences; d_k, d_v padded to powers of 2 >= 16, T to whole c
   _state_grad_kernel  grid (G, d_k blocks, d_v blocks): the adjoint dH walks the chunks backwards, storing each
                    chunk's end-state gradient and the initial state's;
   _dv_kernel       grid (G, chunks, d_v blocks): dv;
-  _dqk_kernel      grid (G, chunks, d_k blocks): dq, dk and da (the gradient of the log decay), summing
+  _dqk_kernel      grid (G, chunks, d_k blocks): dq, dk and dA (the gradient of the cumulative log decay), summing
                    over d_v blocks inside the program.
 
 Numerics: no positive number is ever exponentiated. Inside a chunk, the tokens go in sub-chunks of 16 rows. For a
@@ -177,8 +177,8 @@ def _dv_kernel(q_ref, k_ref, a_ref, do_ref, dh_ref, *refs, n_sub, per_dim, dtype
 
 def _dqk_kernel(q_ref, k_ref, v_ref, a_ref, do_ref, h_ref, dh_ref, *refs, n_sub, n_vblocks, block_v, per_dim,
                 dtype):
-    """dq, dk [C, BK] and da [C, BK] (the gradient of the log decay a, per key dimension; [C, 1] summed over the
-    block's key dimensions for a scalar gate) of one chunk and d_k block. q_ref, k_ref [C, BK]; v_ref, do_ref [C, DV]; a_ref [C, BK or 1]; h_ref (chunk-start state) and
+    """dq, dk [C, BK] and dA [C, BK] (the gradient of the cumulative log decay A, per key dimension) of one chunk
+    and d_k block. q_ref, k_ref [C, BK]; v_ref, do_ref [C, DV]; a_ref [C, BK or 1]; h_ref (chunk-start state) and
     dh_ref (chunk-end state gradient) [BK, DV].
 
     With dP[t, s] = do_t . v_s:  dq_t = exp(A_t) (H do_t) + sum_{s <= t} dP[t, s] k_s exp(A_t - A_s),
@@ -232,22 +232,13 @@ def _dqk_kernel(q_ref, k_ref, v_ref, a_ref, do_ref, h_ref, dh_ref, *refs, n_sub,
             weights = dp_diag * exp_nonpositive(a[i] - a[i].reshape(1, SUB))
             dq[i] += dot(weights, k[i], dtype)
             dk[i] += dot(weights, q[i], dtype, trans_a=True)
-    # dA is the gradient of the in-chunk cumulative sum A; the gate's own gradient is its reverse cumulative sum
-    # over the chunk (da_t = sum_{u >= t} dA_u), taken here, a running sum over the rows from the chunk's last one
-    # (in fp32, with no matrix product). Done in XLA after the kernel, the reverse cumsum of a [G, T, d_k] fp32
-    # array cost ~1 ms per layer on an H200. A scalar gate also sums over the block's key dimensions.
-    running = jnp.zeros((1, q_ref.shape[1]), f32)
-    for i in reversed(range(n_sub)):
-        d_cum = q[i] * dq[i] - k[i] * dk[i]
+    for i in range(n_sub):
+        da = q[i] * dq[i] - k[i] * dk[i]
         if i == n_sub - 1:
-            d_cum += jnp.where(t == SUB - 1, last_term[None, :], 0.0)
-        da = jnp.zeros_like(d_cum)
-        for r in reversed(range(SUB)):
-            running += jnp.sum(jnp.where(t == r, d_cum, 0.0), axis=0, keepdims=True)
-            da = jnp.where(t == r, running, da)
+            da += jnp.where(t == SUB - 1, last_term[None, :], 0.0)
         dq_ref[_rows(i), :] = dq[i].astype(dq_ref.dtype)
         dk_ref[_rows(i), :] = dk[i].astype(dk_ref.dtype)
-        da_ref[_rows(i), :] = da if per_dim else jnp.sum(da, axis=1, keepdims=True)
+        da_ref[_rows(i), :] = da
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -485,8 +476,9 @@ def _value_grads(x: _Inputs, do, dh_end, out_dtype, lay: _Layout, cfg: ChunkConf
 
 
 def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _Layout, cfg: ChunkConfig):
-    """dq, dk [G, T_pad, DK] in q's and k's dtypes, and da fp32, the gradient of the log decay: [G, T_pad, DK], or
-    for a scalar gate [G, T_pad, d_k blocks] (each block's sum over its key dimensions)."""
+    """dq, dk [G, T_pad, DK] in q's and k's dtypes, and fp32: dA [G, T_pad, DK], the gradient of the in-chunk
+    cumulative log decay (the sub-chunk kernel), or for a scalar gate through the whole-chunk kernel da
+    [G, T_pad, d_k blocks], the gradient of the log decay itself summed over each block's key dimensions."""
     g, c, bk, dv = lay.sequences, lay.chunk, lay.block_k, lay.dv_pad
     chunk_k = pl.BlockSpec((None, c, bk), lambda s, n, i: (s, n, i))
     chunk_qk = pl.BlockSpec((None, c, bk), lambda s, n, i: (lay.qk_row(s), n, i))
@@ -494,12 +486,13 @@ def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _La
     state = pl.BlockSpec((None, None, bk, dv), lambda s, n, i: (s, n, i, 0))
     in_specs = [chunk_qk, chunk_qk, chunk_v, _gate_spec(lay, c, bk, lambda s, n, i: (n, i)), chunk_v, state, state]
     n_kblocks = lay.dk_pad // bk
-    gate_grad = chunk_k if lay.per_dim else pl.BlockSpec((None, c, 1), lambda s, n, i: (s, n, i))
+    whole_chunk = _whole_chunk(lay, False, True)
+    gate_grad = pl.BlockSpec((None, c, 1), lambda s, n, i: (s, n, i)) if whole_chunk else chunk_k
     out_specs = [chunk_k, chunk_k, gate_grad]
     if lay.shared_qk:  # per-head gradients in fp32: their sum over the heads rounds once, to q's / k's dtype
         q_dtype = k_dtype = jnp.float32
     out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dk_pad), dtype) for dtype in (q_dtype, k_dtype)]
-    out_shape.append(jax.ShapeDtypeStruct((g, lay.t_pad, lay.dk_pad if lay.per_dim else n_kblocks), jnp.float32))
+    out_shape.append(jax.ShapeDtypeStruct((g, lay.t_pad, n_kblocks if whole_chunk else lay.dk_pad), jnp.float32))
     kernel = functools.partial(_whole_chunk(lay, _dqk_kernel, _dqk_kernel_scalar), n_sub=c // SUB,
                                n_vblocks=dv // lay.block_v, block_v=lay.block_v, per_dim=lay.per_dim, dtype=lay.dtype)
     return call(kernel, cfg, "gla_chunk_dqk", (g, lay.n_chunks, n_kblocks),
@@ -539,7 +532,14 @@ def _chunk_gla_bwd(cfg: ChunkConfig, saved, cotangents):
     dh_end, d_initial = _state_grads(x, do, state_rows(d_final, lay), lay, cfg)
     dv = _value_grads(x, do, dh_end, v.dtype, lay, cfg)
     dq, dk, da = _query_key_grads(x, do, h_start, dh_end, q.dtype, k.dtype, lay, cfg)
-    if not lay.per_dim:  # one gate for all key dimensions: the sum of the d_k blocks' sums
+    if not _whole_chunk(lay, False, True):
+        # The sub-chunk kernel returns dA, the gradient of the in-chunk cumulative sum A; a's is its reverse
+        # cumulative sum over the chunk. (The whole-chunk kernel takes that sum itself: in XLA, on Mamba-2's
+        # [G, T, d_k] fp32 dA, it cost 9.3 ms of a 57 ms step at 4096 x 8 on an H200. For GLA, in the kernel's
+        # 16-row form it made no difference to the step and tripled the compile time.)
+        da = da.reshape(lay.sequences, lay.n_chunks, lay.chunk, lay.dk_pad)
+        da = jax.lax.cumsum(da, axis=2, reverse=True).reshape(lay.sequences, lay.t_pad, lay.dk_pad)
+    if not lay.per_dim:  # one gate for all key dimensions: the sum of their gradients
         da = jnp.sum(da, axis=-1, keepdims=True)
     d_initial = d_initial[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape).astype(initial_state.dtype)
     dq, dk = (_qk_grad(x, lay, like) for x, like in ((dq, q), (dk, k)))
