@@ -11,7 +11,8 @@ and H the state at the chunk's start:
     o_t    = (q_t * exp(A_t)) H  +  sum_{s <= t in the chunk} P[t, s] v_s,   P[t, s] = sum_d q_td k_sd exp(A_td - A_sd)
     H_next = exp(A_last) * H  +  sum_s (k_s * exp(A_last - A_s)) v_s^T
 
-Kernels (G = B * H sequences; d_k, d_v padded to powers of 2 >= 16, T to whole chunks):
+Kernels (G = B * H sequences, each a (batch, head) of the [B, T, H, D] arrays, read in place; d_k, d_v padded to
+powers of 2 >= 16, T to whole chunks, where they are not):
   _state_kernel    grid (G, d_k blocks, d_v blocks): walks the chunks, stores each chunk's start state and the final
                    state;
   _output_kernel   grid (G, chunks, d_v blocks): o per chunk (full d_k: the scores sum over it);
@@ -41,8 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from kernels.chunk_common import (ChunkConfig, call, dot, exp_nonpositive, from_rows, operand_dtype, padded_width,
-                                  state_rows, to_rows)
+from kernels.chunk_common import ChunkConfig, call, dot, exp_nonpositive, operand_dtype, padded_width, state_rows
 from kernels.shapes import pad_axis
 
 SUB = 16  # rows per sub-chunk: the smallest block Triton's dot takes
@@ -319,7 +319,7 @@ class _Layout(NamedTuple):
     d_k: int
     d_v: int
     per_dim: bool  # the gate has one log decay per key dimension (GLA), not one per head (Mamba-2)
-    shared_qk: bool  # q and k have one head that every head of v reads (Mamba-2's B and C): rows [B, T_pad, DK]
+    shared_qk: bool  # q and k have one head that every head of v reads (Mamba-2's B and C): [B, T_pad, 1, DK]
     chunk: int
     t_pad: int  # whole chunks
     dk_pad: int  # powers of 2 >= 16
@@ -333,10 +333,6 @@ class _Layout(NamedTuple):
     @property
     def n_chunks(self):
         return self.t_pad // self.chunk
-
-    def qk_row(self, s):
-        """The row of the q / k arrays that sequence s (= batch * heads + head) reads."""
-        return s // self.heads if self.shared_qk else s
 
     @property
     def gate_width(self):  # columns of the (padded) gate arrays
@@ -375,40 +371,59 @@ def _layout(q, k, v, log_decay, chunk):
                    -(-seq_len // chunk) * chunk, padded_width(d_k), padded_width(d_v), operand_dtype(q, k, v))
 
 
+# The kernels read and write the caller's [B, T, H, D] layout directly: a program's block is [rows, width] of one
+# (batch, head) with the head a squeezed block dimension, so no transposes to and from a [B H, T, D] layout are
+# made around the kernels (eight [B, T, H, D] arrays per layer and step). Arrays are padded only where T is not
+# whole chunks or D not a power of 2 >= 16. Not yet timed against the [B H, T, D] layout.
+
+
 class _Inputs(NamedTuple):
-    q: jax.Array  # [G, T_pad, DK] in lay.dtype ([B, T_pad, DK] with shared_qk)
-    k: jax.Array  # [G, T_pad, DK] ([B, T_pad, DK])
-    v: jax.Array  # [G, T_pad, DV]
-    a: jax.Array  # [G, T_pad, DK or 1] fp32: the log decay summed from each chunk's start (inclusive)
+    q: jax.Array  # [B, T_pad, H, DK] in lay.dtype ([B, T_pad, 1, DK] with shared_qk)
+    k: jax.Array  # [B, T_pad, H, DK] ([B, T_pad, 1, DK])
+    v: jax.Array  # [B, T_pad, H, DV]
+    a: jax.Array  # [B, T_pad, H, DK or 1] fp32: the log decay summed from each chunk's start (inclusive)
+
+
+def _padded(x, lay: _Layout, width, dtype):
+    """[B, T, H', D] -> [B, T_pad, H', width] in `dtype`, zero-padded (padding tokens write nothing)."""
+    return pad_axis(pad_axis(x.astype(dtype), 1, lay.t_pad, 0), 3, width, 0)
+
+
+def _unpadded(x, lay: _Layout, width):
+    """[B, T_pad, H', >= width] -> [B, T, H', width]."""
+    return x[:, :lay.seq_len, :, :width]
 
 
 def _inputs(q, k, v, log_decay, lay: _Layout) -> _Inputs:
-    a = to_rows(log_decay, lay, lay.gate_width, jnp.float32)
-    a = jnp.cumsum(a.reshape(lay.sequences, lay.n_chunks, lay.chunk, -1), axis=2).reshape(a.shape)
-    return _Inputs(_qk_rows(q, lay), _qk_rows(k, lay), to_rows(v, lay, lay.dv_pad, lay.dtype), a)
+    a = _padded(log_decay, lay, lay.gate_width, jnp.float32)
+    chunks = (lay.batch, lay.n_chunks, lay.chunk, *a.shape[2:])
+    a = jnp.cumsum(a.reshape(chunks), axis=2).reshape(a.shape)
+    return _Inputs(_padded(q, lay, lay.dk_pad, lay.dtype), _padded(k, lay, lay.dk_pad, lay.dtype),
+                   _padded(v, lay, lay.dv_pad, lay.dtype), a)
 
 
-def _qk_rows(x, lay: _Layout):
-    """q or k as kernel rows: per sequence, or with shared_qk one row block per batch element (no copy per head)."""
-    if not lay.shared_qk:
-        return to_rows(x, lay, lay.dk_pad, lay.dtype)
-    x = x.reshape(lay.batch, lay.seq_len, lay.d_k).astype(lay.dtype)
-    return pad_axis(pad_axis(x, 1, lay.t_pad, 0), 2, lay.dk_pad, 0)
+def _seq_spec(lay: _Layout, rows, width, block_index, shared=False):
+    """BlockSpec of a [rows, width] block of sequence s = b * H + h in a [B, T_pad, H, D] array (with `shared`,
+    q or k of shared_qk: [B, T_pad, 1, D]). block_index(s, *program ids) -> (row block, column block)."""
+    def index_map(s, *ids):
+        row, col = block_index(s, *ids)
+        return s // lay.heads, row, 0 if shared and lay.shared_qk else s % lay.heads, col
+    return pl.BlockSpec((None, rows, None, width), index_map)
 
 
 def _gate_spec(lay: _Layout, rows, dk_block, block_index):
     """BlockSpec of the gate: [rows, d_k block] per key dimension, or the one column of a scalar gate.
     block_index(*program ids) -> (row block, d_k block); the first program id is the sequence."""
     if lay.per_dim:
-        return pl.BlockSpec((None, rows, dk_block), lambda s, *ids: (s, *block_index(s, *ids)))
-    return pl.BlockSpec((None, rows, 1), lambda s, *ids: (s, block_index(s, *ids)[0], 0))
+        return _seq_spec(lay, rows, dk_block, block_index)
+    return _seq_spec(lay, rows, 1, lambda s, *ids: (block_index(s, *ids)[0], 0))
 
 
 def _chunk_states(x: _Inputs, h0, lay: _Layout, cfg: ChunkConfig):
     """Chunk-start states [G, N, DK, DV] and the final state [G, DK, DV], fp32."""
     (bk, bv), g, t_pad, n = lay.state_blocks, lay.sequences, lay.t_pad, lay.n_chunks
-    in_specs = [pl.BlockSpec((None, t_pad, bk), lambda s, i, j: (lay.qk_row(s), 0, i)),
-                pl.BlockSpec((None, t_pad, bv), lambda s, i, j: (s, 0, j)),
+    in_specs = [_seq_spec(lay, t_pad, bk, lambda s, i, j: (0, i), shared=True),
+                _seq_spec(lay, t_pad, bv, lambda s, i, j: (0, j)),
                 _gate_spec(lay, t_pad, bk, lambda s, i, j: (0, i)),
                 pl.BlockSpec((None, bk, bv), lambda s, i, j: (s, i, j))]
     out_specs = [pl.BlockSpec((None, n, bk, bv), lambda s, i, j: (s, 0, i, j)),
@@ -426,15 +441,15 @@ def _whole_chunk(lay: _Layout, sub_chunk_kernel, whole_chunk_kernel):
 
 
 def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: ChunkConfig):
-    """o [G, T_pad, DV] in out_dtype."""
+    """o [B, T_pad, H, DV] in out_dtype."""
     g, c, bv, dk = lay.sequences, lay.chunk, lay.block_v, lay.dk_pad
-    in_specs = [pl.BlockSpec((None, c, dk), lambda s, n, j: (lay.qk_row(s), n, 0)),
-                pl.BlockSpec((None, c, dk), lambda s, n, j: (lay.qk_row(s), n, 0)),
-                pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j)),
+    in_specs = [_seq_spec(lay, c, dk, lambda s, n, j: (n, 0), shared=True),
+                _seq_spec(lay, c, dk, lambda s, n, j: (n, 0), shared=True),
+                _seq_spec(lay, c, bv, lambda s, n, j: (n, j)),
                 _gate_spec(lay, c, dk, lambda s, n, j: (n, 0)),
                 pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
-    out_specs = [pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j))]
-    out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), out_dtype)]
+    out_specs = [_seq_spec(lay, c, bv, lambda s, n, j: (n, j))]
+    out_shape = [jax.ShapeDtypeStruct((lay.batch, lay.t_pad, lay.heads, lay.dv_pad), out_dtype)]
     kernel = functools.partial(_whole_chunk(lay, _output_kernel, _output_kernel_scalar), n_sub=c // SUB,
                                per_dim=lay.per_dim, dtype=lay.dtype)
     (o,) = call(kernel, cfg, "gla_chunk_outputs", (g, lay.n_chunks, lay.dv_pad // bv),
@@ -445,8 +460,8 @@ def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: ChunkConfi
 def _state_grads(x: _Inputs, do, dfinal, lay: _Layout, cfg: ChunkConfig):
     """Gradients of the chunk-end states [G, N, DK, DV] and of the initial state [G, DK, DV], fp32."""
     (bk, bv), g, t_pad, n = lay.state_blocks, lay.sequences, lay.t_pad, lay.n_chunks
-    in_specs = [pl.BlockSpec((None, t_pad, bk), lambda s, i, j: (lay.qk_row(s), 0, i)),
-                pl.BlockSpec((None, t_pad, bv), lambda s, i, j: (s, 0, j)),
+    in_specs = [_seq_spec(lay, t_pad, bk, lambda s, i, j: (0, i), shared=True),
+                _seq_spec(lay, t_pad, bv, lambda s, i, j: (0, j)),
                 _gate_spec(lay, t_pad, bk, lambda s, i, j: (0, i)),
                 pl.BlockSpec((None, bk, bv), lambda s, i, j: (s, i, j))]
     out_specs = [pl.BlockSpec((None, n, bk, bv), lambda s, i, j: (s, 0, i, j)),
@@ -459,15 +474,15 @@ def _state_grads(x: _Inputs, do, dfinal, lay: _Layout, cfg: ChunkConfig):
 
 
 def _value_grads(x: _Inputs, do, dh_end, out_dtype, lay: _Layout, cfg: ChunkConfig):
-    """dv [G, T_pad, DV] in out_dtype."""
+    """dv [B, T_pad, H, DV] in out_dtype."""
     g, c, bv, dk = lay.sequences, lay.chunk, lay.block_v, lay.dk_pad
-    in_specs = [pl.BlockSpec((None, c, dk), lambda s, n, j: (lay.qk_row(s), n, 0)),
-                pl.BlockSpec((None, c, dk), lambda s, n, j: (lay.qk_row(s), n, 0)),
+    in_specs = [_seq_spec(lay, c, dk, lambda s, n, j: (n, 0), shared=True),
+                _seq_spec(lay, c, dk, lambda s, n, j: (n, 0), shared=True),
                 _gate_spec(lay, c, dk, lambda s, n, j: (n, 0)),
-                pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j)),
+                _seq_spec(lay, c, bv, lambda s, n, j: (n, j)),
                 pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
-    out_specs = [pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j))]
-    out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), out_dtype)]
+    out_specs = [_seq_spec(lay, c, bv, lambda s, n, j: (n, j))]
+    out_shape = [jax.ShapeDtypeStruct((lay.batch, lay.t_pad, lay.heads, lay.dv_pad), out_dtype)]
     kernel = functools.partial(_whole_chunk(lay, _dv_kernel, _dv_kernel_scalar), n_sub=c // SUB,
                                per_dim=lay.per_dim, dtype=lay.dtype)
     (dv,) = call(kernel, cfg, "gla_chunk_dv", (g, lay.n_chunks, lay.dv_pad // bv),
@@ -476,23 +491,25 @@ def _value_grads(x: _Inputs, do, dh_end, out_dtype, lay: _Layout, cfg: ChunkConf
 
 
 def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _Layout, cfg: ChunkConfig):
-    """dq, dk [G, T_pad, DK] in q's and k's dtypes, and fp32: dA [G, T_pad, DK], the gradient of the in-chunk
-    cumulative log decay (the sub-chunk kernel), or for a scalar gate through the whole-chunk kernel da
-    [G, T_pad, d_k blocks], the gradient of the log decay itself summed over each block's key dimensions."""
+    """dq, dk [B, T_pad, H, DK] in q's and k's dtypes (per head, fp32, with shared_qk), and fp32: dA
+    [B, T_pad, H, DK], the gradient of the in-chunk cumulative log decay (the sub-chunk kernel), or for a scalar
+    gate through the whole-chunk kernel da [B, T_pad, H, d_k blocks], the gradient of the log decay itself summed
+    over each block's key dimensions."""
     g, c, bk, dv = lay.sequences, lay.chunk, lay.block_k, lay.dv_pad
-    chunk_k = pl.BlockSpec((None, c, bk), lambda s, n, i: (s, n, i))
-    chunk_qk = pl.BlockSpec((None, c, bk), lambda s, n, i: (lay.qk_row(s), n, i))
-    chunk_v = pl.BlockSpec((None, c, dv), lambda s, n, i: (s, n, 0))
+    chunk_k = _seq_spec(lay, c, bk, lambda s, n, i: (n, i))
+    chunk_qk = _seq_spec(lay, c, bk, lambda s, n, i: (n, i), shared=True)
+    chunk_v = _seq_spec(lay, c, dv, lambda s, n, i: (n, 0))
     state = pl.BlockSpec((None, None, bk, dv), lambda s, n, i: (s, n, i, 0))
     in_specs = [chunk_qk, chunk_qk, chunk_v, _gate_spec(lay, c, bk, lambda s, n, i: (n, i)), chunk_v, state, state]
     n_kblocks = lay.dk_pad // bk
     whole_chunk = _whole_chunk(lay, False, True)
-    gate_grad = pl.BlockSpec((None, c, 1), lambda s, n, i: (s, n, i)) if whole_chunk else chunk_k
+    gate_grad = _seq_spec(lay, c, 1, lambda s, n, i: (n, i)) if whole_chunk else chunk_k
     out_specs = [chunk_k, chunk_k, gate_grad]
     if lay.shared_qk:  # per-head gradients in fp32: their sum over the heads rounds once, to q's / k's dtype
         q_dtype = k_dtype = jnp.float32
-    out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dk_pad), dtype) for dtype in (q_dtype, k_dtype)]
-    out_shape.append(jax.ShapeDtypeStruct((g, lay.t_pad, n_kblocks if whole_chunk else lay.dk_pad), jnp.float32))
+    rows = (lay.batch, lay.t_pad, lay.heads)
+    out_shape = [jax.ShapeDtypeStruct((*rows, lay.dk_pad), dtype) for dtype in (q_dtype, k_dtype)]
+    out_shape.append(jax.ShapeDtypeStruct((*rows, n_kblocks if whole_chunk else lay.dk_pad), jnp.float32))
     kernel = functools.partial(_whole_chunk(lay, _dqk_kernel, _dqk_kernel_scalar), n_sub=c // SUB,
                                n_vblocks=dv // lay.block_v, block_v=lay.block_v, per_dim=lay.per_dim, dtype=lay.dtype)
     return call(kernel, cfg, "gla_chunk_dqk", (g, lay.n_chunks, n_kblocks),
@@ -508,7 +525,7 @@ def _forward(q, k, v, log_decay, initial_state, cfg: ChunkConfig):
     x = _inputs(q, k, v, log_decay, lay)
     h_start, final = _chunk_states(x, state_rows(initial_state, lay), lay, cfg)
     o = _chunk_outputs(x, h_start, v.dtype, lay, cfg)
-    return (from_rows(o, lay, lay.d_v), final[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape))
+    return (_unpadded(o, lay, lay.d_v), final[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -528,7 +545,7 @@ def _chunk_gla_bwd(cfg: ChunkConfig, saved, cotangents):
     lay = _layout(q, k, v, log_decay, cfg.chunk_size)
     x = _inputs(q, k, v, log_decay, lay)
     h_start, _ = _chunk_states(x, state_rows(initial_state, lay), lay, cfg)
-    do = to_rows(d_out, lay, lay.dv_pad, lay.dtype)
+    do = _padded(d_out, lay, lay.dv_pad, lay.dtype)
     dh_end, d_initial = _state_grads(x, do, state_rows(d_final, lay), lay, cfg)
     dv = _value_grads(x, do, dh_end, v.dtype, lay, cfg)
     dq, dk, da = _query_key_grads(x, do, h_start, dh_end, q.dtype, k.dtype, lay, cfg)
@@ -537,19 +554,19 @@ def _chunk_gla_bwd(cfg: ChunkConfig, saved, cotangents):
         # cumulative sum over the chunk. (The whole-chunk kernel takes that sum itself: in XLA, on Mamba-2's
         # [G, T, d_k] fp32 dA, it cost 9.3 ms of a 57 ms step at 4096 x 8 on an H200. For GLA, in the kernel's
         # 16-row form it made no difference to the step and tripled the compile time.)
-        da = da.reshape(lay.sequences, lay.n_chunks, lay.chunk, lay.dk_pad)
-        da = jax.lax.cumsum(da, axis=2, reverse=True).reshape(lay.sequences, lay.t_pad, lay.dk_pad)
+        chunks = (lay.batch, lay.n_chunks, lay.chunk, lay.heads, lay.dk_pad)
+        da = jax.lax.cumsum(da.reshape(chunks), axis=2, reverse=True).reshape(da.shape)
     if not lay.per_dim:  # one gate for all key dimensions: the sum of their gradients
         da = jnp.sum(da, axis=-1, keepdims=True)
     d_initial = d_initial[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape).astype(initial_state.dtype)
     dq, dk = (_qk_grad(x, lay, like) for x, like in ((dq, q), (dk, k)))
-    return (dq, dk, from_rows(dv, lay, lay.d_v), from_rows(da, lay, log_decay.shape[-1]).astype(log_decay.dtype),
+    return (dq, dk, _unpadded(dv, lay, lay.d_v), _unpadded(da, lay, log_decay.shape[-1]).astype(log_decay.dtype),
             d_initial)
 
 
-def _qk_grad(rows, lay: _Layout, like):
-    """A per-sequence gradient of q or k as `like`'s shape: summed over the heads that share it (shared_qk)."""
-    grad = from_rows(rows, lay, lay.d_k)
+def _qk_grad(grad, lay: _Layout, like):
+    """A per-head gradient of q or k as `like`'s shape: summed over the heads that share it (shared_qk)."""
+    grad = _unpadded(grad, lay, lay.d_k)
     if lay.shared_qk:
         grad = jnp.sum(grad.astype(jnp.float32), axis=2, keepdims=True)
     return grad.astype(like.dtype)
