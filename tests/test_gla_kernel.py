@@ -119,6 +119,15 @@ def test_scalar_gate_sub_chunk_form_matches_float64_recurrence(monkeypatch):
                             d_k=40, d_v=24)
 
 
+@pytest.mark.slow
+def test_32_row_sub_chunks_match_float64_recurrence(monkeypatch):
+    """SUB = 32 (an A/B setting for GPU timing: fewer, larger products per chunk): per-dimension gate, chunk 64,
+    strong decays, several d_v blocks."""
+    monkeypatch.setattr(gla_chunk, "SUB", 32)
+    check_against_reference(13, chunk_size=64, with_initial_state=True, seq_len=150, decay_scale=4.0, d_k=24,
+                            d_v=72)
+
+
 def test_sequential_kernels_narrow_their_tiles_for_few_sequences():
     assert gla_chunk.state_tiles(16, 32, 64) == (16, 16)  # the LM at 16384 x 2: 16 sequences, 16 x 2 x 4 programs
     assert gla_chunk.state_tiles(64, 32, 64) == (32, 16)  # 4096 x 8: 64 sequences x 4 d_v blocks = 256
