@@ -1,8 +1,11 @@
 """Log-linear attention: the Fenwick partition, and dense == recurrent == chunked for outputs, states, gradients."""
 
+import contextlib
 import functools
+import io
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -299,3 +302,43 @@ def test_recompute_changes_what_is_saved_not_the_gradients(base):
         assert rel_rms(got, want) < 1e-6
     assert "remat" in str(jax.make_jaxpr(functools.partial(loss, True))(*inputs))
     assert "remat" not in str(jax.make_jaxpr(functools.partial(loss, False))(*inputs))
+
+
+@pytest.mark.parametrize("impl", ["dense", "recurrent", "chunked", "pallas"])
+def test_one_shared_qk_head_equals_per_head_copies(impl):
+    """The Mamba-2 base with one q and k head for all heads (C and B) gives the outputs, final state and gradients
+    of the same q and k copied per head (the shared head's gradient: the sum of the copies')."""
+    batch, seq_len, heads, d_k, d_v = 2, 37, 3, 5, 7
+    q, k, v, g, level_weights = random_inputs(7, batch, seq_len, heads, d_k, d_v)
+    q, k = q[:, :, :1], k[:, :, :1]
+    rng = np.random.default_rng(8)
+    cotangent = jnp.asarray(rng.normal(size=v.shape), jnp.float32)
+
+    def run(q, k, v, g, level_weights, copies):
+        if copies:
+            q, k = (jnp.broadcast_to(a, (batch, seq_len, heads, d_k)) for a in (q, k))
+        o, state = loglinear_attention(q, k, v, g, level_weights, impl=impl, chunk_size=16, return_final_state=True)
+        return jnp.sum(o * cotangent) + jnp.sum(jnp.sin(state.levels))
+
+    got, want = (jax.jit(jax.value_and_grad(functools.partial(run, copies=c), argnums=(0, 1, 2, 3, 4)))(
+        q, k, v, g, level_weights) for c in (False, True))
+    assert abs(float(got[0]) - float(want[0])) <= 1e-5 * abs(float(want[0]))
+    for name, a, b in zip("q k v g level_weights".split(), got[1], want[1]):
+        assert a.shape == b.shape and rel_rms(a, b) < 1e-5, name
+
+
+def test_one_shared_qk_head_is_what_the_backward_pass_keeps():
+    """With recompute, the chunked form keeps the one q / k head for its backward pass, not the per-head copies."""
+    batch, seq_len, heads, d_k, d_v = 1, 64, 4, 5, 6  # d_k unlike d_v and the 8 levels: no other array has that shape
+    q, k, v, g, level_weights = random_inputs(9, batch, seq_len, heads, d_k, d_v)
+    q, k = q[:, :, :1], k[:, :, :1]
+
+    def loss(q, k):
+        return jnp.sum(loglinear_attention(q, k, v, g, level_weights, impl="chunked", chunk_size=16))
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        jax.ad_checkpoint.print_saved_residuals(loss, q, k)
+    saved = printed.getvalue()
+    assert f"[{batch},{seq_len},1,{d_k}]" in saved, saved  # the one head is kept
+    assert f"[{batch},{seq_len},{heads},{d_k}]" not in saved, saved  # its copies are not

@@ -19,20 +19,25 @@ from ramjax.sweep import product, values, zipped
 PLOT = {"x": "train.ramnet_top_k_start", "y": ["eval/accuracy/mean"], "series": ["model.ramnet.num_factors"]}
 
 
-METHODS = {  # memory size -> (U, start K, anneal steps)
-    "4096": (6, 128, 700),
-    "65536": (8, 256, 500),
+METHODS = {  # memory size -> (U, start K, anneal steps, training steps)
+    "4096": (6, 128, 700, 1000),
+    "65536": (8, 256, 500, 1000),
     # M 65536 at start 256 over 500 steps stayed at chance (3 of 3); at M 4096 a longer anneal (700 against 500)
-    # took start 128 from 1 seed of 3 to 3 of 3, so the same start over 800 steps.
-    "65536_long": (8, 256, 800),
+    # took start 128 from 1 seed of 3 to 3 of 3, so the same start over 800 steps: 2 of 3 seeds learned (0.936,
+    # 0.997; the third 0.043), both leaving chance while training K was still 64 or 32.
+    "65536_long": (8, 256, 800, 1000),
+    # Next: more steps at the large K (the onset came late) and more after the anneal.
+    "65536_longer": (8, 256, 1000, 1500),
+    # M = 2^20 (U 10): start 512 (K^2 / M = 1/4) over 1000 steps.
+    "1048576": (10, 512, 1000, 1500),
 }
 
 
 def get_sweep(memory: str = "4096"):
     if memory not in METHODS:
         raise ValueError(f"topk_start_large_memory_2.py: unknown memory size {memory!r}; known: {sorted(METHODS)}")
-    num_factors, start, anneal = METHODS[memory]
+    num_factors, start, anneal, steps = METHODS[memory]
     methods = zipped(values("model.ramnet.num_factors", [num_factors]), values("train.ramnet_top_k_start", [start]),
-                     values("train.ramnet_top_k_anneal_steps", [anneal]))
+                     values("train.ramnet_top_k_anneal_steps", [anneal]), values("train.num_steps", [steps]))
     seeds = zipped(values("train.init_seed", [0, 1, 2]), values("data.seed", [0, 1, 2]))
     return product(methods, seeds)

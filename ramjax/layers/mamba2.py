@@ -103,10 +103,6 @@ class Mamba2Mixer(nnx.Module):
         v = x_in * dt[..., None].astype(x_in.dtype) if self.dt_scales_v else x_in
         return q, k, v, log_decay, x_in, new_windows
 
-    def _per_head(self, *arrays):
-        """One-head q, k broadcast to every head (the ops other than gated_linear_attention take them per head)."""
-        return tuple(jnp.broadcast_to(a, (*a.shape[:2], self.num_heads, a.shape[3])) for a in arrays)
-
     def _output(self, x: jax.Array, y: jax.Array, x_in: jax.Array) -> jax.Array:
         if self.d_skip is not None:
             y = y + self.d_skip[...].astype(y.dtype)[:, None] * x_in
@@ -125,8 +121,7 @@ class Mamba2Mixer(nnx.Module):
             if level_weights is None:
                 y = ops.gated_linear_attention(q, k, v, log_decay, chunk_size=self.chunk_size, impl=self.impl,
                                                sharding=self.kernel_sharding)
-            else:
-                q, k = self._per_head(q, k)
+            else:  # q, k: one head (C, B) for all heads, as the op takes them
                 y = ops.loglinear_attention(q, k, v, log_decay, level_weights, chunk_size=self.chunk_size,
                                             impl=self.loglinear_impl, recompute=self.recompute)
         return self._output(x, y, x_in)
@@ -154,7 +149,6 @@ class Mamba2Mixer(nnx.Module):
                                                   initial_state=cache["state"], return_final_state=True)
             state = state.astype(jnp.float32)
         else:
-            q, k = self._per_head(q, k)
             y, state = ops.loglinear_attention(
                 q, k, v, log_decay, self.decay(x), chunk_size=self.chunk_size,
                 impl="chunked" if fresh else "recurrent", initial_state=None if fresh else cache["state"],

@@ -205,6 +205,9 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
 
 
 def _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size, operand_dtype=None, intra_kernel=False):
+    # One q and k head for all heads (the Mamba-2 base's C and B): copied per head here, inside the checkpointed
+    # function with recompute=True, so the backward pass keeps the one head, not the copies.
+    q, k = _per_head(q, k, v.shape[2])
     seq_len = q.shape[1]
     start, lead, _ = grid = chunk_grid(initial_state, seq_len, chunk_size)
     padded = [grid.pad(a) for a in (q, k, v, g, level_weights)]
@@ -223,6 +226,11 @@ def _check_pallas(q, k, v, chunk_size):
             raise ValueError(f"{name}: impl='pallas' takes float32 or bfloat16, got {x.dtype}")
     if chunk_size not in PALLAS_CHUNK_SIZES:
         raise ValueError(f"chunk_size: impl='pallas' needs a power of 2 from 16 to 64, got {chunk_size}")
+
+
+def _per_head(q, k, heads):
+    """q and k with `heads` heads: a one-head q and k broadcast to them, per-head ones as they are."""
+    return tuple(jnp.broadcast_to(a, (*a.shape[:2], heads, a.shape[3])) for a in (q, k))
 
 
 def _resolve_impl(impl, q, k, v, chunk_size):
@@ -261,7 +269,8 @@ def loglinear_attention(
     """Log-linear attention with a scalar decay per head and token (the Mamba-2 base).
 
     Args:
-      q, k: `[batch, time, heads, d_k]`.
+      q, k: `[batch, time, heads, d_k]`, or `[batch, time, 1, d_k]`: one q and k that every head reads (Mamba-2's
+        C and B; with recompute the backward pass keeps the one head, not a copy per head).
       v: `[batch, time, heads, d_v]`.
       g: `[batch, time, heads]` log decays, <= 0.
       level_weights: `[batch, time, heads, L]` lambda, L >= num_levels(position + time); extra levels unused.
@@ -276,7 +285,7 @@ def loglinear_attention(
       o `[batch, time, heads, d_v]` in v's dtype, and the final `FenwickState` when asked.
     """
     q, k, v, g, level_weights = map(jnp.asarray, (q, k, v, g, level_weights))
-    check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state, ATTENTION_IMPLS)
+    check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state, ATTENTION_IMPLS, shared_qk=True)
     if impl == "pallas":
         _check_pallas(q, k, v, chunk_size)
     out_dtype = v.dtype
@@ -291,6 +300,8 @@ def loglinear_attention(
     g = numerics.floor_log_decay(g)
     if initial_state is not None:
         initial_state = FenwickState(initial_state.levels.astype(dtype), jnp.asarray(initial_state.position, jnp.int32))
+    if impl not in ("chunked", "pallas"):  # the chunked forms take a shared q, k head themselves
+        q, k = _per_head(q, k, v.shape[2])
     if impl == "recurrent":
         o, final = _attention_recurrent(q, k, v, g, level_weights, initial_state)
     else:
@@ -301,6 +312,9 @@ def loglinear_attention(
             chunked = checkpoint_chunked(_attention_chunked, 5, (6, 7, 8)) if recompute else _attention_chunked
             o, positions = chunked(q, k, v, g, level_weights, initial_state, chunk_size, operand_dtype,
                                    impl == "pallas")
-        final = _final_state(k, v, g, positions, initial_state, level_weights.shape[-1]) if return_final_state else None
+        final = None
+        if return_final_state:
+            k_per_head = _per_head(q, k, v.shape[2])[1]
+            final = _final_state(k_per_head, v, g, positions, initial_state, level_weights.shape[-1])
     o = o.astype(out_dtype)
     return (o, final) if return_final_state else o

@@ -80,7 +80,9 @@ def level_representatives(position: jax.Array, num_level: int) -> jax.Array:
 # Argument checks.
 
 
-def check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state, impls=IMPLS):
+def check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state, impls=IMPLS, shared_qk=False):
+    """Raises a ValueError naming the argument. `shared_qk`: q and k may have one head that every head of v reads
+    (the Mamba-2 base's C and B)."""
     if impl not in impls:
         raise ValueError(f"impl: must be one of {impls}, got {impl!r}")
     checks.require_positive_int("chunk_size", chunk_size)
@@ -92,6 +94,8 @@ def check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state, impls
         raise ValueError(f"q: expected shape [batch, time, heads, d_k], got {tuple(q.shape)}")
     batch, seq_len, heads, d_k = q.shape
     checks.require_shape("k", k, (batch, seq_len, heads, d_k), "[batch, time, heads, d_k] like q")
+    if shared_qk and heads == 1 and v.ndim == 4:
+        heads = v.shape[2]  # one q and k head for all of v's heads
     checks.require_shape("v", v, (batch, seq_len, heads, None), "[batch, time, heads, d_v]")
     checks.require_shape("g", g, (batch, seq_len, heads), "[batch, time, heads]")
     checks.require_shape("level_weights", level_weights, (batch, seq_len, heads, None), "[batch, time, heads, L]")
