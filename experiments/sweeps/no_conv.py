@@ -1,0 +1,25 @@
+"""Issue 16, section 3: RAM-Net on MQAR without the short convolution, in the fig4 regime (configs/mqar.py:ramnet,fig4:
+vocabulary 512, d_model 64, 2 layers, 4 heads, M = 1024 (U 5, d_p 4), K 8 at evaluation, top-K annealed 32 -> 8
+over 500 steps, 1000 steps), 2 seeds per option:
+
+  ramjax sweep --config configs/mqar.py:ramnet,fig4 --sweep experiments/sweeps/no_conv.py \
+      --workdir runs/no_conv --max-parallel 12
+
+Options (all with model.ramnet.short_conv = 0): CAPE on every head or none, with and without a bias on W_q / W_k
+(without one, a position-only address cannot form); the conv as the control. On the CPU (M = 64, no annealing,
+500-2000 steps) none learned: the best, bias + CAPE on all heads, plateaued at 0.14
+(experiments/results/ramnet_without_conv_cpu.md).
+Results: experiments/results/ramnet_without_conv.md.
+"""
+
+from ramjax.sweep import product, values, zipped
+
+PLOT = {"x": "model.ramnet.cape", "y": ["eval/accuracy/mean"], "series": ["model.ramnet.qk_bias"]}
+
+
+def get_sweep():
+    options = zipped(values("model.ramnet.short_conv", [0, 0, 0, 4]),
+                     values("model.ramnet.qk_bias", [True, True, False, False]),
+                     values("model.ramnet.cape", ["all", "none", "all", "none"]))
+    seeds = zipped(values("train.init_seed", [0, 1]), values("data.seed", [0, 1]))
+    return product(options, seeds)
