@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from ramjax.models import LanguageModel
@@ -65,6 +66,8 @@ def test_model_returns_every_ramnet_layers_codes_scanned_or_not():
     assert LanguageModel(config.model, rngs=nnx.Rngs(0)).ramnet_addresses(tokens) == []
 
 
+# slow: ~20 s on 2 cores (two training runs); the metrics themselves and the model's codes are the fast tests above.
+@pytest.mark.slow
 def test_training_logs_the_overlap_with_each_evaluation(tmp_path):
     config = tiny_config("ramnet", steps=2)
     train(config, str(tmp_path))

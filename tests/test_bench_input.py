@@ -5,6 +5,8 @@ import importlib.util
 import pathlib
 import re
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_input", ROOT / "experiments" / "bench_input.py")
 bench_input = importlib.util.module_from_spec(_spec)
@@ -23,6 +25,7 @@ def test_results_file_puts_the_newest_run_first_and_keeps_the_rest():
     assert bench_input.with_earlier_runs("no runs yet\n", new) == "no runs yet\n\n" + new
 
 
+@pytest.mark.slow  # ~8 s on 2 cores: a benchmark script, not the package; its results file is the fast test above
 def test_cpu_run_measures_each_worker_count_after_preparing_the_data(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -5,6 +5,8 @@ import json
 import pathlib
 import re
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_models", ROOT / "experiments" / "bench_models.py")
 bench_models = importlib.util.module_from_spec(_spec)
@@ -29,6 +31,7 @@ def test_gpu_config_variants_build_and_select():
     assert bench_models.parse_shapes("1024x32, 16384x2") == ((1024, 32), (16384, 2))
 
 
+@pytest.mark.slow  # ~15 s on 2 cores: a benchmark script, not the package; its config and table logic are fast here
 def test_cpu_run_writes_the_table_with_ratios_from_the_same_run(tmp_path):
     results = tmp_path / "scoreboard.md"
     argv = ["--config", f"{ROOT}/configs/bench_models.py:cpu", "--only", "transformer", "--shapes", "32x2",

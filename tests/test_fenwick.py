@@ -87,10 +87,10 @@ def outputs_state_grads(inputs, cotangent, state_cotangent, *, base, impl, chunk
     return o, levels, pullback((cotangent, state_cotangent))
 
 
-# 1000 tokens (ten Fenwick levels) for the gated-delta base is ~15 s on 2 cores: slow; its shorter lengths and the
-# Mamba-2 base at 1000 run by default.
-@pytest.mark.parametrize("seq_len,base", [(n, b) for n in (1, 2, 63, 100) for b in BASES] + [
-    (1000, "mamba2"), pytest.param(1000, "gated_delta", marks=pytest.mark.slow)])
+# 1, 2 and 100 tokens run by default (100: partial chunks of 16 and 64, and several Fenwick levels above a chunk of
+# 16); 63 tokens and 1000 (ten levels, ~10-15 s on 2 cores) are slow.
+@pytest.mark.parametrize("seq_len,base", [(n, b) for n in (1, 2, 100) for b in BASES] + [
+    pytest.param(n, b, marks=pytest.mark.slow) for n in (63, 1000) for b in BASES])
 def test_dense_recurrent_chunked_agree(seq_len, base):
     batch, heads, d_k, d_v = 2, 2, 5, 7
     inputs = random_inputs(seq_len, batch, seq_len, heads, d_k, d_v, base=base)
@@ -137,7 +137,13 @@ def _plain_ssd(q, k, v, g):
     return jnp.moveaxis(o, 0, 1)
 
 
-@pytest.mark.parametrize("impl", ["dense", "recurrent", "chunked"])
+# Dense against the independent scan by default; recurrent and chunked (~11-14 s on 2 cores) equal dense in
+# test_dense_recurrent_chunked_agree, so their cases here are slow.
+ALL_ONES_IMPLS = ["dense", pytest.param("recurrent", marks=pytest.mark.slow),
+                  pytest.param("chunked", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("impl", ALL_ONES_IMPLS)
 def test_all_ones_weights_is_plain_gated_linear_attention(impl):
     q, k, v, g, level_weights = random_inputs(5, 2, 150, 3, 6, 4)
     o = loglinear_attention(q, k, v, g, jnp.ones_like(level_weights), impl=impl, chunk_size=16)
@@ -160,7 +166,7 @@ def _plain_gated_deltanet(q, k, v, g, beta):
     return jnp.moveaxis(o, 0, 1)
 
 
-@pytest.mark.parametrize("impl", ["dense", "recurrent", "chunked"])
+@pytest.mark.parametrize("impl", ALL_ONES_IMPLS)
 def test_all_ones_weights_is_plain_gated_deltanet(impl):
     q, k, v, g, beta, level_weights = random_inputs(6, 2, 150, 3, 6, 4, base="gated_delta")
     o = loglinear_gated_delta(q, k, v, g, beta, jnp.ones_like(level_weights), impl=impl, chunk_size=16)
@@ -168,7 +174,7 @@ def test_all_ones_weights_is_plain_gated_deltanet(impl):
 
 
 @pytest.mark.parametrize("base", BASES)
-@pytest.mark.parametrize("prefill_impl", ["dense", "chunked"])
+@pytest.mark.parametrize("prefill_impl", [pytest.param("dense", marks=pytest.mark.slow), "chunked"])  # dense == chunked
 def test_prefill_then_steps_equals_one_pass(prefill_impl, base):
     inputs = random_inputs(9, 2, 90, 2, 5, 3, base=base)
     want = OPS[base](*inputs, impl="dense")
@@ -186,9 +192,11 @@ def test_prefill_then_steps_equals_one_pass(prefill_impl, base):
     assert int(state.position) == 90
 
 
+# A cut at 37 (inside a chunk of 16) by default; the cut at 16 (a chunk boundary: other shapes, so other compiles,
+# ~45 s on 2 cores for its six cases) is slow. The impls of one cut share their compiles: dropping some saves nothing.
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("impl", ["dense", "recurrent", "chunked"])
-@pytest.mark.parametrize("cut", [16, 37])
+@pytest.mark.parametrize("cut", [pytest.param(16, marks=pytest.mark.slow), 37])
 def test_continuing_from_a_state_equals_one_pass(impl, cut, base):
     inputs = random_inputs(10, 1, 100, 2, 4, 6, base=base)
     want_o, want_state = OPS[base](*inputs, impl="dense", return_final_state=True)
@@ -260,7 +268,10 @@ def test_rejects_a_state_with_too_few_levels_for_what_follows():
         loglinear_attention(**{**args, "level_weights": jnp.ones((1, 8, 2, 5))}, initial_state=state)
 
 
-@pytest.mark.parametrize("base", ["mamba2", pytest.param("gated_delta", marks=pytest.mark.slow)])
+# slow: ~19 s on 2 cores for the Mamba-2 base (a float64 reference); tests/test_decay_floor.py checks the chunked
+# gradients at log decays of -inf by default.
+@pytest.mark.slow
+@pytest.mark.parametrize("base", ["mamba2", "gated_delta"])
 def test_chunked_gradients_hold_under_strong_decays(base):
     """Log decays of -15 to -25 per token: the chunked path's gradient for g (tiny next to the others) must
     still match the float64 reference, which needs in-chunk decays summed directly, not differenced."""

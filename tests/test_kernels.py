@@ -29,13 +29,15 @@ def scan_inputs(rng, g, t, ku, kr, ru, d, m):
 
 
 SCAN_SHAPES = [(2, 37, 3, 5, 2, 20, 7), (1, 63, 8, 16, 1, 65, 16), (3, 1, 1, 2, 1, 3, 4)]
-# One shape per backend in the default run (each case compiles three chunk sizes); the rest are `slow`.
-FAST_SCAN_SHAPE = {"xla": SCAN_SHAPES[0], "sorted": SCAN_SHAPES[2]}
+# One shape per backend in the default run (each case compiles three chunk sizes); the rest are `slow`. The sorted
+# backend's scan (~15 s on 2 cores, even at the smallest shape) is all slow: PDMA does not call it (its sorted backend,
+# kernels/pdma_sorted.py, runs by default in the PDMA tests below, on the same kernels/sorted_scan.py stages).
+FAST_SCAN_SHAPE = {"xla": SCAN_SHAPES[0], "triton": SCAN_SHAPES[0], "tpu": SCAN_SHAPES[0]}
 
 
 def _scan_params():
     return [pytest.param(backend, interpret, shape, id=f"shape{i}-{backend}-{interpret}",
-                         marks=[pytest.mark.slow] if FAST_SCAN_SHAPE.get(backend, shape) != shape else [])
+                         marks=[pytest.mark.slow] if FAST_SCAN_SHAPE.get(backend) != shape else [])
             for backend, interpret in SCAN_BACKENDS for i, shape in enumerate(SCAN_SHAPES)]
 
 
@@ -52,7 +54,9 @@ def test_sparse_gated_scan_matches_the_token_loop(backend, interpret, shape):
         assert rel_rms(out, expected) < 1e-6, (backend, chunk)
 
 
-@pytest.mark.parametrize("num_slots", [pytest.param(2**20, marks=pytest.mark.slow), 2**30])
+# slow: ~12 s on 2 cores for 2^30; the sorted backend's small-memory cases above and in the PDMA tests run by default.
+@pytest.mark.slow
+@pytest.mark.parametrize("num_slots", [2**20, 2**30])
 def test_sorted_scan_with_a_huge_memory(num_slots):
     """The sorted backend holds no M-sized array; 2^30 slots take its batched-sort path (row * (M + 1) + slot
     no longer fits in int32). Slots drawn from a few values so that they repeat."""
@@ -166,13 +170,17 @@ PDMA_CASES = [
 ]
 
 
+# The cases of each backend in the default run (indices into PDMA_CASES): case 1 everywhere, and every case on some
+# backend; the rest (~40 s on 2 cores) with -m slow. The token scan's interpret mode is the slowest: case 1 alone.
+FAST_PDMA_CASES = {"xla": (1, 3), "sorted": (1, 2), "triton": (0, 1, 2, 4), "tpu": (1, 2, 4, 5), "token": (1,)}
+
+
 def _pdma_params():
-    """Every backend at every case; the token scan's interpret mode is slow, so two of its cases run by default
-    (M 1024 with repeats, and gamma 2 at M 16) and the rest with -m slow."""
+    """Every backend at every case, FAST_PDMA_CASES by default and the rest with -m slow."""
     params = []
-    for case in PDMA_CASES:
+    for i, case in enumerate(PDMA_CASES):
         for backend, interpret in ALL:
-            slow = backend == "token" and case != PDMA_CASES[1]
+            slow = i not in FAST_PDMA_CASES[backend]
             params.append(pytest.param(backend, interpret, case, marks=[pytest.mark.slow] if slow else [],
                                        id="{}-B{}_T{}_H{}_K{}_M{}_dv{}_g{}_rep{}_C{}".format(backend, *case)))
     return params
@@ -221,7 +229,10 @@ def _segmented_loop(starts, ld, x, reverse):
     return h
 
 
-@pytest.mark.parametrize("reverse", [pytest.param(False, marks=pytest.mark.slow), True])
+# slow: ~25 s on 2 cores per direction; the kernel runs by default, both directions (forward and backward pass),
+# in test_pdma_sorted_block_kernel_matches_dense_float64 above.
+@pytest.mark.slow
+@pytest.mark.parametrize("reverse", [False, True])
 def test_sorted_block_kernel_matches_the_event_loop(reverse):
     """kernels/sorted_blocks.py (interpret mode, NaN-poisoned outputs) and the jax.numpy blocks == an event loop;
     odd lengths (padded), widths that are and are not powers of 2, resets."""
@@ -242,7 +253,10 @@ def test_sorted_block_kernel_matches_the_event_loop(reverse):
         assert rel_rms(j_v, expected[..., :d]) < 1e-6 and rel_rms(j_z, expected[..., d]) < 1e-6
 
 
-@pytest.mark.parametrize("backend,interpret", PALLAS + [("sorted", False)])
+# The TPU and token kernels' bf16 cases (~16 s on 2 cores) are slow; their fp32 cases and the bf16 path of the
+# Triton kernel run by default.
+@pytest.mark.parametrize("backend,interpret", [pytest.param(b, i, marks=pytest.mark.slow) if b in ("tpu", "token")
+                                               else (b, i) for b, i in PALLAS + [("sorted", False)]])
 def test_pdma_kernel_bf16_values(backend, interpret):
     rng = np.random.default_rng(3)
     codes = pdma_codes(rng, 1, 63, 2, 8, 16, 64, repeats=True)

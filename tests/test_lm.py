@@ -135,8 +135,9 @@ def test_the_task_streams_the_prepared_split_per_process_and_resumes(corpus, tmp
     assert counts["documents"] == len(task.source("validation"))
 
 
-# The mixers the MQAR train tests and the decode tests also build run only in the slow set here.
-ALSO_COVERED = ("gla", "mamba2", "gated_deltanet", "loglinear_mamba2", "loglinear_gated_deltanet", "hybrid")
+# The mixers the MQAR train tests and the decode tests also build run only in the slow set here; RAM-Net LM
+# training runs by default in tests/test_lm_resume.py (its resume test trains a RAM-Net LM), so its step is slow too.
+ALSO_COVERED = ("gla", "mamba2", "gated_deltanet", "loglinear_mamba2", "loglinear_gated_deltanet", "hybrid", "ramnet")
 
 
 @pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in ALSO_COVERED else v
@@ -150,6 +151,8 @@ def test_one_lm_train_step_per_variant(corpus, tmp_path, variant):
     assert (tmp_path / "run" / "tokenizer_byte.txt").exists()
 
 
+# slow: ~23 s on 2 cores (trains a hybrid LM with a SentencePiece tokenizer, as the generate test below does).
+@pytest.mark.slow
 def test_ramjax_eval_reports_bits_per_byte_and_per_position_loss(corpus, tmp_path):
     from ramjax.evaluate import evaluate_run
 

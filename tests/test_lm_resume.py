@@ -87,6 +87,8 @@ def test_checkpoints_hold_the_iterator_state_and_a_resume_is_bit_identical(corpu
     assert_trees_equal(restore_final(reference)[0], restore_final(str(old))[0])
 
 
+# slow: ~7 s on 2 cores; the trainer saving a non-finite step's batch is tests/test_robustness.py's fast check.
+@pytest.mark.slow
 def test_a_nonfinite_lm_step_saves_its_batch(corpus, tmp_path):  # noqa: F811
     config = resume_config(corpus, tmp_path / "data", num_steps=4, inject_nan_at_step=2)
     summary = train(config, str(tmp_path / "run"))
@@ -158,6 +160,9 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
 """)
 
 
+# slow: ~35 s on 2 cores (three subprocesses); per-process streams and their states are tests/test_lm.py's task test,
+# restart_document tests/test_lm_pipeline.py's.
+@pytest.mark.slow
 def test_two_processes_read_disjoint_rows_and_resume_on_one(corpus, tmp_path):  # noqa: F811
     """2 processes x 1 CPU device (jax.distributed on localhost), started on an unprepared data_dir (process 0
     prepares it while the other waits): each feeds the rows of its own stream (train_iterator(p, 2)), none

@@ -38,8 +38,10 @@ def restore_final(workdir):
     return state, meta
 
 
-# RAM-Net's case (~30 s on 2 cores) runs in the slow set; the transformer's covers the vmapped step by default.
-@pytest.mark.parametrize("variant", ["transformer", pytest.param("ramnet", marks=pytest.mark.slow)])
+# slow: ~23 s on 2 cores for the transformer (four runs), ~30 s for RAM-Net. A vmapped run trains, checkpoints and
+# evaluates per seed in test_ramjax_eval_of_a_vmapped_run_... below, which runs by default.
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["transformer", "ramnet"])
 def test_seed_i_of_a_vmapped_run_is_the_single_run_with_that_seed(variant, tmp_path):
     n, init_seed, data_seed = 3, 5, 7
     summary = train(config_for(variant, num_seeds=n, init_seed=init_seed, data_seed=data_seed),
@@ -77,6 +79,8 @@ def test_seed_i_of_a_vmapped_run_is_the_single_run_with_that_seed(variant, tmp_p
         assert any(name.startswith("addressing/") and name.endswith("/seed_2") for name in names)
 
 
+# slow: ~18 s on 2 cores; resuming bit for bit is tests/test_train.py's fast check (one seed).
+@pytest.mark.slow
 def test_an_interrupted_vmapped_run_resumes_to_the_uninterrupted_one(tmp_path, monkeypatch, capsys):
     def config():
         return config_for(steps=6, num_seeds=2, checkpoint_every=2, log_every=2, eval_every=3)

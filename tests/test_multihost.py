@@ -104,7 +104,7 @@ def eight_device_run(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.slow  # about a minute on 2 cores; the checkpoint-across-meshes and per-shard kernel cases stay fast
+@pytest.mark.slow  # about a minute on 2 cores
 def test_two_processes_of_four_devices_equal_one_process_of_eight(eight_device_run, tmp_path):
     workdir = str(tmp_path / "two_processes")
     address = f"localhost:{free_port()}"
@@ -130,7 +130,10 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(eight_device_r
         assert np.sqrt(np.mean((x - y) ** 2) / max(np.mean(x**2), 1e-30)) < 1e-5
 
 
-@pytest.mark.parametrize("mesh,devices", [("4,1,1", 4), pytest.param("1,1,1", 1, marks=pytest.mark.slow)])
+# slow: ~35 s on 2 cores for the (4, 1, 1) case, with the 8-device run it restores. A run resumes on its own mesh
+# in tests/test_train.py's fast tests, and an 8-device step equals a 1-device one in its fast mesh test.
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh,devices", [("4,1,1", 4), ("1,1,1", 1)])
 def test_checkpoint_from_eight_devices_restores_on_another_mesh(eight_device_run, tmp_path, mesh, devices):
     import shutil
 
@@ -177,6 +180,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+# slow: ~16 s on 2 cores; which parameter dimensions fsdp shards is tests/test_sharding.py's fast check.
+@pytest.mark.slow
 def test_fsdp_divides_parameter_and_optimizer_memory_per_device():
     """From the compiled step's memory analysis: arguments (parameters, Adam moments, batch) fall ~8x from a
     (8, 1, 1) to a (1, 8, 1) mesh, and the activations stay batch-sharded (temporaries do not grow)."""
@@ -222,6 +227,9 @@ KERNEL_SCRIPT = textwrap.dedent("""
 """)
 
 
+# slow: ~35 s on 2 cores (two trainings); an 8-device training step equals a 1-device one (RAM-Net with its
+# XLA memory, and a transformer) in tests/test_train.py's fast mesh test.
+@pytest.mark.slow
 def test_pallas_kernel_runs_per_shard_and_matches_one_device():
     result = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT], cwd=ROOT, env=cpu_env(8), capture_output=True,
                             text=True, timeout=900)
@@ -284,6 +292,7 @@ LINEAR_KERNEL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~23 s on 2 cores; the kernels themselves are checked unsharded in their own test files
 def test_linear_attention_kernels_run_per_shard_and_match_one_device():
     """GLA (also with one q and k head shared by the heads) and the delta rule with impl="pallas" (interpret mode
     here) on a (2, 2, 2) mesh: each device's batch rows and heads under shard_map, outputs and gradients equal to

@@ -21,6 +21,9 @@ def one_step(variant, remat, policy):
     return jax.device_get(state["params"]), float(metrics["loss"])
 
 
+# slow: ~8-10 s a policy on 2 cores; a rematerialised model trains by default in tests/test_run_record.py (which
+# does not compare it with the plain step).
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["nothing", "dots"])
 def test_rematerialised_step_equals_the_plain_one(policy):
     plain, loss = one_step("gla", False, "nothing")

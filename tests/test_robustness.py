@@ -156,6 +156,7 @@ def kill_mid_run_then_rerun(command: list[str], env: dict, steps: int = 12) -> N
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+# ~32 s on 2 cores (three subprocess runs), kept in the default run: surviving kill -9 is a promise of the trainer.
 def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path):
     """SIGKILL lands somewhere in steps 3-10 (wherever the run is when it comes: inside a step, between steps
     or during an asynchronous save); rerunning the same command finishes the run bit for bit as run A."""

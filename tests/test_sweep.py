@@ -100,6 +100,9 @@ def run_cli(*args, cwd):
                           text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
+# slow: ~38 s on 2 cores (eight training subprocesses); the sweep's expansion, naming, validation, launcher and
+# report are the fast tests in this file.
+@pytest.mark.slow
 def test_sweep_runs_skips_resumes_and_reports_failures(tmp_path):
     (tmp_path / "tiny.py").write_text(TINY_CONFIG)
     (tmp_path / "grid.py").write_text(SWEEP)

@@ -38,6 +38,9 @@ class _Put:
         return {name: np.asarray(value) for name, value in batch._asdict().items()}
 
 
+# slow: ~36 s on 2 cores (a compiled step per K, and a second, plain run); the schedule itself (phases, top_k_at,
+# start_k) is checked by the fast tests here.
+@pytest.mark.slow
 def test_schedule_trains_with_larger_k_and_evaluates_with_the_models(tmp_path):
     config = schedule_config(steps=2)  # ends inside the K = 8 phase
     summary = train(config, str(tmp_path / "scheduled"))
@@ -57,6 +60,9 @@ def _without_schedule():
     return config
 
 
+# slow: ~55 s on 2 cores (three 8-step runs); K is a function of the step alone (test_k_halves... above), and
+# an interrupted run resuming bit for bit is tests/test_train.py's fast check.
+@pytest.mark.slow
 def test_interrupted_scheduled_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
     """Interrupted at step 4 (inside the K = 4 phase), resumed across the change to K = 2 at step 6."""
     train(schedule_config(), str(tmp_path / "a"))

@@ -64,8 +64,11 @@ def assert_trees_equal(a, b):
 
 
 # The lambda modes other than the default are layer-tested (FenwickDecay); their full training runs are `slow`.
-VARIANTS_IN_CI = list(MQAR.MODEL_VARIANTS) + [pytest.param(f"loglinear_mamba2,{mode}", marks=pytest.mark.slow)
-                                              for mode in ("fixed", "linear", "mlp_softmax")]
+# hybrid (~30 s on 2 cores, 4 layers) is `slow` too: each of its mixers trains here on its own, and the hybrid
+# model is checked by tests/test_layers.py (causal, scanned == unscanned) and tests/test_decode.py (generate).
+SLOW_VARIANTS = ("hybrid",)
+VARIANTS_IN_CI = [pytest.param(v, marks=pytest.mark.slow) if v in SLOW_VARIANTS else v for v in MQAR.MODEL_VARIANTS] + [
+    pytest.param(f"loglinear_mamba2,{mode}", marks=pytest.mark.slow) for mode in ("fixed", "linear", "mlp_softmax")]
 
 
 @pytest.mark.parametrize("variant", VARIANTS_IN_CI)
@@ -218,6 +221,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+# ~30 s on 2 cores (a subprocess training two models on 1 and 8 devices), kept in the default run: the one
+# multi-device training check there (tests/test_multihost.py's multi-device runs are all slow).
 def test_eight_device_mesh_step_equals_one_device_step():
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -278,6 +283,7 @@ def test_ramjax_eval_of_a_synthetic_run_on_its_own_and_on_new_settings(tmp_path)
         evaluate_synthetic_run(str(tmp_path), settings="99:16")
 
 
+@pytest.mark.slow  # ~12 s on 2 cores; the only check of train.profile_steps
 def test_profile_steps_writes_a_trace_of_the_window(tmp_path):
     config = tiny_config("gla", steps=3)
     config.train.profile_steps = (1, 2)
