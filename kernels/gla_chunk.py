@@ -73,9 +73,10 @@ def _row(ref, r):
     return ref[r, :].astype(jnp.float32)[None, :]
 
 
-def _iotas():
-    """[SUB, 1] row and [1, SUB] column indices of a sub-chunk block."""
-    return (jax.lax.broadcasted_iota(jnp.int32, (SUB, 1), 0), jax.lax.broadcasted_iota(jnp.int32, (1, SUB), 1))
+def _iotas(rows=None):
+    """[rows, 1] row and [1, rows] column indices of a [rows, rows] block (a sub-chunk's by default)."""
+    rows = SUB if rows is None else rows
+    return (jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0), jax.lax.broadcasted_iota(jnp.int32, (1, rows), 1))
 
 
 def _diag_scores(q_ref, k_ref, a_ref, i, per_dim, dtype):
@@ -250,7 +251,7 @@ def _decay_matrix(a_ref):
     """[C, C] fp32 D[t, s] = exp(A_t - A_s) for s <= t, 0 above; a_ref [C, 1] (a scalar gate's cumulative sums)."""
     a = a_ref[...]
     c = a.shape[0]
-    t, s = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0), jax.lax.broadcasted_iota(jnp.int32, (1, c), 1)
+    t, s = _iotas(c)
     return jnp.where(s <= t, exp_nonpositive(a - a.reshape(1, c)), 0.0)
 
 
@@ -302,7 +303,7 @@ def _dqk_kernel_scalar(q_ref, k_ref, v_ref, a_ref, do_ref, h_ref, dh_ref, *refs,
     dk_ref[...] = dk.astype(dk_ref.dtype)
     # dA_t = q_t dq_t - k_t dk_t summed over the block's key dimensions (plus what A_last does through the end
     # state, at the last row); the gate's gradient is its reverse cumulative sum over the chunk.
-    t, s = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0), jax.lax.broadcasted_iota(jnp.int32, (1, c), 1)
+    t, s = _iotas(c)
     d_cum = jnp.sum(q * dq - k * dk, axis=1, keepdims=True) + jnp.where(t == c - 1, jnp.sum(last_term), 0.0)
     da_ref[...] = jnp.sum(jnp.where(s >= t, d_cum.reshape(1, c), 0.0), axis=1, keepdims=True)
 
@@ -435,9 +436,9 @@ def _chunk_states(x: _Inputs, h0, lay: _Layout, cfg: ChunkConfig):
                  in_specs, out_specs, out_shape)
 
 
-def _whole_chunk(lay: _Layout, sub_chunk_kernel, whole_chunk_kernel):
-    """The kernel body for this problem: the whole-chunk form for a scalar gate (SCALAR_GATE_FULL_WIDTH)."""
-    return whole_chunk_kernel if SCALAR_GATE_FULL_WIDTH and not lay.per_dim else sub_chunk_kernel
+def _whole_chunk(lay: _Layout) -> bool:
+    """Whether the output, dv and dq/dk kernels take whole chunks: a scalar gate (SCALAR_GATE_FULL_WIDTH)."""
+    return SCALAR_GATE_FULL_WIDTH and not lay.per_dim
 
 
 def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: ChunkConfig):
@@ -450,7 +451,7 @@ def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: ChunkConfi
                 pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
     out_specs = [_seq_spec(lay, c, bv, lambda s, n, j: (n, j))]
     out_shape = [jax.ShapeDtypeStruct((lay.batch, lay.t_pad, lay.heads, lay.dv_pad), out_dtype)]
-    kernel = functools.partial(_whole_chunk(lay, _output_kernel, _output_kernel_scalar), n_sub=c // SUB,
+    kernel = functools.partial(_output_kernel_scalar if _whole_chunk(lay) else _output_kernel, n_sub=c // SUB,
                                per_dim=lay.per_dim, dtype=lay.dtype)
     (o,) = call(kernel, cfg, "gla_chunk_outputs", (g, lay.n_chunks, lay.dv_pad // bv),
                  [x.q, x.k, x.v, x.a, h_start], in_specs, out_specs, out_shape)
@@ -483,7 +484,7 @@ def _value_grads(x: _Inputs, do, dh_end, out_dtype, lay: _Layout, cfg: ChunkConf
                 pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
     out_specs = [_seq_spec(lay, c, bv, lambda s, n, j: (n, j))]
     out_shape = [jax.ShapeDtypeStruct((lay.batch, lay.t_pad, lay.heads, lay.dv_pad), out_dtype)]
-    kernel = functools.partial(_whole_chunk(lay, _dv_kernel, _dv_kernel_scalar), n_sub=c // SUB,
+    kernel = functools.partial(_dv_kernel_scalar if _whole_chunk(lay) else _dv_kernel, n_sub=c // SUB,
                                per_dim=lay.per_dim, dtype=lay.dtype)
     (dv,) = call(kernel, cfg, "gla_chunk_dv", (g, lay.n_chunks, lay.dv_pad // bv),
                   [x.q, x.k, x.a, do, dh_end], in_specs, out_specs, out_shape)
@@ -502,7 +503,7 @@ def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _La
     state = pl.BlockSpec((None, None, bk, dv), lambda s, n, i: (s, n, i, 0))
     in_specs = [chunk_qk, chunk_qk, chunk_v, _gate_spec(lay, c, bk, lambda s, n, i: (n, i)), chunk_v, state, state]
     n_kblocks = lay.dk_pad // bk
-    whole_chunk = _whole_chunk(lay, False, True)
+    whole_chunk = _whole_chunk(lay)
     gate_grad = _seq_spec(lay, c, 1, lambda s, n, i: (n, i)) if whole_chunk else chunk_k
     out_specs = [chunk_k, chunk_k, gate_grad]
     if lay.shared_qk:  # per-head gradients in fp32: their sum over the heads rounds once, to q's / k's dtype
@@ -510,7 +511,7 @@ def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _La
     rows = (lay.batch, lay.t_pad, lay.heads)
     out_shape = [jax.ShapeDtypeStruct((*rows, lay.dk_pad), dtype) for dtype in (q_dtype, k_dtype)]
     out_shape.append(jax.ShapeDtypeStruct((*rows, n_kblocks if whole_chunk else lay.dk_pad), jnp.float32))
-    kernel = functools.partial(_whole_chunk(lay, _dqk_kernel, _dqk_kernel_scalar), n_sub=c // SUB,
+    kernel = functools.partial(_dqk_kernel_scalar if whole_chunk else _dqk_kernel, n_sub=c // SUB,
                                n_vblocks=dv // lay.block_v, block_v=lay.block_v, per_dim=lay.per_dim, dtype=lay.dtype)
     return call(kernel, cfg, "gla_chunk_dqk", (g, lay.n_chunks, n_kblocks),
                  [x.q, x.k, x.v, x.a, do, h_start, dh_end], in_specs, out_specs, out_shape)
@@ -549,7 +550,7 @@ def _chunk_gla_bwd(cfg: ChunkConfig, saved, cotangents):
     dh_end, d_initial = _state_grads(x, do, state_rows(d_final, lay), lay, cfg)
     dv = _value_grads(x, do, dh_end, v.dtype, lay, cfg)
     dq, dk, da = _query_key_grads(x, do, h_start, dh_end, q.dtype, k.dtype, lay, cfg)
-    if not _whole_chunk(lay, False, True):
+    if not _whole_chunk(lay):
         # The sub-chunk kernel returns dA, the gradient of the in-chunk cumulative sum A; a's is its reverse
         # cumulative sum over the chunk. (The whole-chunk kernel takes that sum itself: in XLA, on Mamba-2's
         # [G, T, d_k] fp32 dA, it cost 9.3 ms of a 57 ms step at 4096 x 8 on an H200. For GLA, in the kernel's

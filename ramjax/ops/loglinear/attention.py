@@ -207,7 +207,7 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
 def _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size, operand_dtype=None, intra_kernel=False):
     # One q and k head for all heads (the Mamba-2 base's C and B): copied per head here, inside the checkpointed
     # function with recompute=True, so the backward pass keeps the one head, not the copies.
-    q, k = _per_head(q, k, v.shape[2])
+    q, k = (_per_head(a, v.shape[2]) for a in (q, k))
     seq_len = q.shape[1]
     start, lead, _ = grid = chunk_grid(initial_state, seq_len, chunk_size)
     padded = [grid.pad(a) for a in (q, k, v, g, level_weights)]
@@ -219,18 +219,19 @@ def _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size, ope
     return o, positions
 
 
-def _check_pallas(q, k, v, chunk_size):
-    """impl="pallas": what `kernels.loglinear_chunk` cannot take, as a ValueError naming the argument."""
+def _pallas_problem(q, k, v, chunk_size) -> str | None:
+    """What `kernels.loglinear_chunk` cannot take (a message naming the argument), or None."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in (jnp.float32, jnp.bfloat16):
-            raise ValueError(f"{name}: impl='pallas' takes float32 or bfloat16, got {x.dtype}")
+            return f"{name}: impl='pallas' takes float32 or bfloat16, got {x.dtype}"
     if chunk_size not in PALLAS_CHUNK_SIZES:
-        raise ValueError(f"chunk_size: impl='pallas' needs a power of 2 from 16 to 64, got {chunk_size}")
+        return f"chunk_size: impl='pallas' needs a power of 2 from 16 to 64, got {chunk_size}"
+    return None
 
 
-def _per_head(q, k, heads):
-    """q and k with `heads` heads: a one-head q and k broadcast to them, per-head ones as they are."""
-    return tuple(jnp.broadcast_to(a, (*a.shape[:2], heads, a.shape[3])) for a in (q, k))
+def _per_head(x, heads):
+    """q or k with `heads` heads: a one-head q or k broadcast to them, a per-head one as it is."""
+    return jnp.broadcast_to(x, (*x.shape[:2], heads, x.shape[3]))
 
 
 def _resolve_impl(impl, q, k, v, chunk_size):
@@ -238,8 +239,7 @@ def _resolve_impl(impl, q, k, v, chunk_size):
     impl = numerics.resolve_sequence_impl(impl, q.shape[1])
     if impl != "chunked" or jax.default_backend() != "gpu":
         return impl
-    takes = all(x.dtype in (jnp.float32, jnp.bfloat16) for x in (q, k, v)) and chunk_size in PALLAS_CHUNK_SIZES
-    return "pallas" if takes else "chunked"
+    return "pallas" if _pallas_problem(q, k, v, chunk_size) is None else "chunked"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -286,8 +286,8 @@ def loglinear_attention(
     """
     q, k, v, g, level_weights = map(jnp.asarray, (q, k, v, g, level_weights))
     check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state, ATTENTION_IMPLS, shared_qk=True)
-    if impl == "pallas":
-        _check_pallas(q, k, v, chunk_size)
+    if impl == "pallas" and (problem := _pallas_problem(q, k, v, chunk_size)):
+        raise ValueError(problem)
     out_dtype = v.dtype
     dtype = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
     impl = _resolve_impl(impl, q, k, v, chunk_size)
@@ -301,7 +301,7 @@ def loglinear_attention(
     if initial_state is not None:
         initial_state = FenwickState(initial_state.levels.astype(dtype), jnp.asarray(initial_state.position, jnp.int32))
     if impl not in ("chunked", "pallas"):  # the chunked forms take a shared q, k head themselves
-        q, k = _per_head(q, k, v.shape[2])
+        q, k = (_per_head(a, v.shape[2]) for a in (q, k))
     if impl == "recurrent":
         o, final = _attention_recurrent(q, k, v, g, level_weights, initial_state)
     else:
@@ -314,7 +314,6 @@ def loglinear_attention(
                                    impl == "pallas")
         final = None
         if return_final_state:
-            k_per_head = _per_head(q, k, v.shape[2])[1]
-            final = _final_state(k_per_head, v, g, positions, initial_state, level_weights.shape[-1])
+            final = _final_state(_per_head(k, v.shape[2]), v, g, positions, initial_state, level_weights.shape[-1])
     o = o.astype(out_dtype)
     return (o, final) if return_final_state else o
