@@ -45,7 +45,9 @@ from jax.experimental import pallas as pl
 from kernels.chunk_common import ChunkConfig, call, dot, exp_nonpositive, operand_dtype, padded_width, state_rows
 from kernels.shapes import pad_axis
 
-SUB = 16  # rows per sub-chunk: the smallest block Triton's dot takes (32 works too: an A/B setting, tested)
+# Rows per sub-chunk: the smallest block Triton's dot takes. 32 works too (tested) but trained the GLA LM 1.67x
+# slower on an H200 (its per-row decay loop keeps twice the tiles live; experiments/results/bench_models.md).
+SUB = 16
 MAX_BLOCK = 64  # d_k and d_v block width where a kernel tiles them
 # The two kernels that walk the chunks one after another (states, state gradients) have one program per (sequence,
 # d_k block, d_v block), so few sequences (batch x heads = 16 in the LM at 16384 x 2) leave most of a GPU idle
