@@ -73,6 +73,11 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
     # mean and std over seeds; summary.json adds each seed's best evaluation and their mean +- std; checkpoints
     # hold the stacked state and resume as usual. Synthetic tasks only. 1: one model, exactly as before.
     config.train.num_seeds = 1
+    # > 1: the batch's gradient is summed over this many slices of it, one after another in the step (one
+    # optimizer update, the same loss and gradient up to rounding), so only one slice's activations are in memory
+    # at a time: for runs whose step does not fit (RAM-Net's top-K start at a large memory). data.batch_size must
+    # split into equal slices that are multiples of the batch shards.
+    config.train.microbatches = 1
     config.train.log_every = 50
     config.train.eval_every = 1000
     config.train.checkpoint_every = 500

@@ -2,6 +2,7 @@
 falls, an interrupted run resumes to the same parameters, a changed model is refused, the CLI needs --workdir,
 and a step on an 8-device (data, fsdp, tensor) mesh equals the step on one device."""
 
+import itertools
 import json
 import os
 import pathlib
@@ -203,9 +204,11 @@ SHARDED_SCRIPT = textwrap.dedent("""
     results = {}
     for variant in sys.argv[1:]:
         runs = {}
-        for name, (data, fsdp, tensor), devices in (("one", (1, 1, 1), jax.devices()[:1]),
-                                                    ("eight", (2, 2, 2), None)):
+        for name, (data, fsdp, tensor), devices, micro in (("one", (1, 1, 1), jax.devices()[:1], 1),
+                                                           ("eight", (2, 2, 2), None, 1),
+                                                           ("eight_micro", (2, 2, 2), None, 2)):
             config = tiny_config(variant, d_model=16, steps=2)
+            config.train.microbatches = micro  # train.microbatches on a sharded batch: the same step
             config.data.eval_settings = "2:32,4:32"
             config.model.ramnet.impl = "dense"  # half the compile time of "scan" (which the variant test covers)
             config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
@@ -221,7 +224,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
-# ~30 s on 2 cores (a subprocess training two models on 1 and 8 devices), kept in the default run: the one
+# ~40 s on 2 cores (a subprocess training two models on 1 and 8 devices, and on 8 with train.microbatches 2),
+# kept in the default run: the one
 # multi-device training check there (tests/test_multihost.py's multi-device runs are all slow).
 def test_eight_device_mesh_step_equals_one_device_step():
     env = dict(os.environ)
@@ -233,8 +237,9 @@ def test_eight_device_mesh_step_equals_one_device_step():
     assert "kept replicated" not in result.stderr  # every dimension divides its mesh axes: all of it is sharded
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS"))
     results = json.loads(line[len("RESULTS"):])
-    for variant, runs in results.items():
-        one, eight = runs["one"], runs["eight"]
+    for (variant, runs), eight_name in itertools.product(results.items(), ("eight", "eight_micro")):
+        one, eight = runs["one"], runs[eight_name]
+        variant = f"{variant} {eight_name}"
         assert one["devices"] == [1] and eight["devices"] == [8], variant
         assert not one["sharded"]
         # Sharding really happened: the embedding and the projection kernels are split over fsdp and tensor.

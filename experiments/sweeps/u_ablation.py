@@ -15,8 +15,17 @@ from ramjax.sweep import product, values, zipped
 PLOT = {"x": "model.ramnet.num_factors", "y": ["eval/accuracy/mean"], "series": ["model.ramnet.top_k"]}
 
 
-def get_sweep():
-    factors = zipped(values("model.ramnet.num_factors", [1, 2, 5, 10]),
-                     values("model.ramnet.factor_size", [1024, 32, 4, 2]))
+FACTORISATIONS = {1: 1024, 2: 32, 5: 4, 10: 2}  # U -> d_p, d_p^U = 1024
+
+
+def get_sweep(num_factors: str = ""):
+    """Every U, or only the one named (`u_ablation.py:1`: the U = 1 runs, 3-4x slower per step than the others)."""
+    chosen = sorted(FACTORISATIONS)
+    if num_factors:
+        if not num_factors.isdigit() or int(num_factors) not in FACTORISATIONS:
+            raise ValueError(f"u_ablation.py: unknown U {num_factors!r}; known: {chosen}")
+        chosen = [int(num_factors)]
+    factors = zipped(values("model.ramnet.num_factors", chosen),
+                     values("model.ramnet.factor_size", [FACTORISATIONS[u] for u in chosen]))
     seeds = zipped(values("train.init_seed", [0, 1, 2]), values("data.seed", [0, 1, 2]))
     return product(factors, seeds)

@@ -66,6 +66,7 @@ def check_train_config(config, task, batch_shards: int) -> None:
     if not isinstance(d.batch_size, int) or d.batch_size < 1 or d.batch_size % shards:
         raise ConfigError(f"data.batch_size: must be a positive multiple of the {batch_shards} batch shards and "
                           f"the {jax.process_count()} processes, got {d.batch_size}")
+    microbatches(config, shards)
     if not isinstance(d.eval_batch_size, int) or d.eval_batch_size < 1:
         raise ConfigError(f"data.eval_batch_size: must be a positive integer, got {d.eval_batch_size!r}")
     if d.eval_batch_size % shards:
@@ -76,6 +77,18 @@ def check_train_config(config, task, batch_shards: int) -> None:
             print(f"ramjax train: data.eval_batch_size {d.eval_batch_size} -> {rounded} (a multiple of the "
                   f"{shards} batch shards; evaluation results do not depend on it)")
         d.eval_batch_size = rounded
+
+
+def microbatches(config, batch_shards: int) -> int:
+    """train.microbatches (1 when absent), checked against data.batch_size and the batch's shards."""
+    n, batch_size = config.train.get("microbatches", 1), config.data.batch_size
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"train.microbatches: must be a positive integer (1: the whole batch in one pass), got {n!r}")
+    if batch_size % (n * batch_shards):
+        raise ConfigError(f"train.microbatches = {n}: data.batch_size ({batch_size}) must split into {n} equal "
+                          f"slices, each a multiple of the {batch_shards} batch shards: a multiple of "
+                          f"{n * batch_shards}")
+    return n
 
 
 def longest_sequence(config) -> int | None:
@@ -148,7 +161,9 @@ def jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh, 
     """The train step as one jit with explicit shardings; the state's buffers are donated. `num_seeds` > 1: the
     step vmapped over seeds (ramjax/train/multi_seed.py; the shardings are then those of the stacked state and
     batch)."""
-    step = make_train_step(graphdef, tx, schedule, inject_nan_at_step=config.train.get("inject_nan_at_step", -1))
+    shards = math.lcm(sharding.num_shards(batch_sh), jax.process_count())
+    step = make_train_step(graphdef, tx, schedule, microbatches=microbatches(config, shards),
+                           inject_nan_at_step=config.train.get("inject_nan_at_step", -1))
     if num_seeds > 1:
         step = multi_seed.vmap_train_step(step, num_seeds)
     return jax.jit(step, in_shardings=(state_sh, rest_sh, batch_sh),

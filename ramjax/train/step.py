@@ -29,23 +29,60 @@ def masked_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
     return loss, correct, count
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, inject_nan_at_step: int = -1):
+def microbatch_split(batch: dict, microbatches: int) -> dict:
+    """Each `[batch, ...]` array as `[microbatches, batch / microbatches, ...]`, microbatch i holding rows
+    i, i + n, i + 2n, ... (strided, not contiguous: with the batch axis split over devices in contiguous blocks,
+    every microbatch then keeps an equal share of each device's rows, so none runs on a subset of the devices)."""
+    def split(x):
+        rows = x.shape[0] // microbatches
+        return jnp.swapaxes(x.reshape(rows, microbatches, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, microbatches: int = 1,
+                    inject_nan_at_step: int = -1):
     """The jitted-to-be train step. A step whose loss or gradient norm is not finite changes neither the
     parameters nor the optimizer state (only the step counter moves on, past the bad batch), and reports
     metrics["finite"] = 0; the loop decides whether to go on or stop. `inject_nan_at_step` (>= 0, tests and
-    drills only) turns that step's loss and gradients into NaN."""
+    drills only) turns that step's loss and gradients into NaN.
+
+    `microbatches` > 1 (train.microbatches): the batch's gradient is accumulated over that many slices of it in a
+    `jax.lax.scan`, so only one slice's activations are alive at a time; then one optimizer update. Every slice's
+    loss is its masked NLL sum over the whole batch's count, so the sum over slices is the same loss and gradient
+    as one pass over the batch (up to float rounding)."""
+
+    def loss_fn(params, rest, batch, count):
+        """The masked mean NLL's share of this batch (its NLL sum / count), and its correct predictions."""
+        # Rebuild rest's Variables inside this trace: nnx refuses Variables made at an outer trace level.
+        model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
+        logits = model(batch["inputs"], batch.get("positions"))
+        mask = batch["loss_mask"].astype(jnp.float32)
+        loss = jnp.sum(token_nll(logits, batch["targets"]) * mask) / jnp.maximum(count, 1.0)
+        correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * mask)
+        return loss, correct
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def loss_and_grads(params, rest, batch):
+        count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        if microbatches == 1:
+            (loss, correct), grads = grad_fn(params, rest, batch, count)
+            return loss, correct, count, grads
+
+        def accumulate(totals, microbatch):
+            (loss, correct), grads = grad_fn(params, rest, microbatch, count)
+            return jax.tree.map(jnp.add, totals, (loss, correct, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, correct, grads), _ = jax.lax.scan(accumulate, zeros, microbatch_split(batch, microbatches))
+        return loss, correct, count, grads
 
     def train_step(state, rest, batch):
-        def loss_fn(params):
-            # Rebuild rest's Variables inside this trace: nnx refuses Variables made at an outer trace level.
-            model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
-            logits = model(batch["inputs"], batch.get("positions"))
-            loss, correct, count = masked_loss(logits, batch["targets"], batch["loss_mask"])
-            if inject_nan_at_step >= 0:
-                loss = loss * jnp.where(state["step"] == inject_nan_at_step, jnp.nan, 1.0)
-            return loss, (correct, count)
-
-        (loss, (correct, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        loss, correct, count, grads = loss_and_grads(state["params"], rest, batch)
+        if inject_nan_at_step >= 0:
+            poison = jnp.where(state["step"] == inject_nan_at_step, jnp.nan, 1.0)
+            loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
