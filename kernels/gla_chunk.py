@@ -97,13 +97,17 @@ def _diag_scores(q_ref, k_ref, a_ref, i, per_dim, dtype):
     return jnp.where(s <= t, scores, 0.0)
 
 
-def _offdiag_factors(q_ref, k_ref, a_ref, i, j):
-    """(q_i exp(A_i - E), k_j exp(E - A_j)) fp32 for sub-chunks j < i, E = A at the last row of sub-chunk i - 1:
-    their product q_e k_e^T is P between them, every factor <= 1."""
+def _query_factor(a_ref, i):
+    """For query sub-chunk i > 0: (E, exp(A_i - E)) with E = A at the last row of sub-chunk i - 1, the reference
+    that splits the decay to every earlier key sub-chunk into two factors <= 1 (`_key_factor`)."""
     edge = _row(a_ref, i * SUB - 1)
-    q_e = q_ref[_rows(i), :].astype(jnp.float32) * exp_nonpositive(a_ref[_rows(i), :] - edge)
-    k_e = k_ref[_rows(j), :].astype(jnp.float32) * exp_nonpositive(edge - a_ref[_rows(j), :])
-    return q_e, k_e
+    return edge, exp_nonpositive(a_ref[_rows(i), :] - edge)
+
+
+def _key_factor(a_ref, edge, j):
+    """exp(E - A_j) for key sub-chunk j before the query sub-chunk whose reference is E: with the query's factor,
+    (q_i exp(A_i - E)) (k_j exp(E - A_j))^T is P between the two sub-chunks."""
+    return exp_nonpositive(edge - a_ref[_rows(j), :])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,8 +139,11 @@ def _output_kernel(q_ref, k_ref, v_ref, a_ref, h_ref, *refs, n_sub, per_dim, dty
         q, a = q_ref[rows, :].astype(jnp.float32), a_ref[rows, :]
         out = dot(q * exp_nonpositive(a), h, dtype)  # from the chunk-start state
         out += dot(_diag_scores(q_ref, k_ref, a_ref, i, per_dim, dtype), v_ref[rows, :], dtype)
+        if i:
+            edge, q_decay = _query_factor(a_ref, i)
+            q_e = q * q_decay
         for j in range(i):
-            q_e, k_e = _offdiag_factors(q_ref, k_ref, a_ref, i, j)
+            k_e = k_ref[_rows(j), :].astype(jnp.float32) * _key_factor(a_ref, edge, j)
             out += dot(dot(q_e, k_e, dtype, trans_b=True), v_ref[_rows(j), :], dtype)
         o_ref[rows, :] = out.astype(o_ref.dtype)
 
@@ -173,7 +180,9 @@ def _dv_kernel(q_ref, k_ref, a_ref, do_ref, dh_ref, *refs, n_sub, per_dim, dtype
         dv = dot(k_e, dh, dtype)  # through the chunk-end state
         dv += dot(_diag_scores(q_ref, k_ref, a_ref, j, per_dim, dtype), do_ref[rows, :], dtype, trans_a=True)
         for i in range(j + 1, n_sub):
-            q_e, k_e = _offdiag_factors(q_ref, k_ref, a_ref, i, j)
+            edge, q_decay = _query_factor(a_ref, i)
+            q_e = q_ref[_rows(i), :].astype(jnp.float32) * q_decay
+            k_e = k_ref[rows, :].astype(jnp.float32) * _key_factor(a_ref, edge, j)
             dv += dot(dot(q_e, k_e, dtype, trans_b=True), do_ref[_rows(i), :], dtype, trans_a=True)
         dv_ref[rows, :] = dv.astype(dv_ref.dtype)
 
@@ -218,19 +227,24 @@ def _dqk_kernel(q_ref, k_ref, v_ref, a_ref, do_ref, h_ref, dh_ref, *refs, n_sub,
         last_term += jnp.sum(k[i] * dk[i], axis=0)
     t, s = _iotas()
     for i in range(n_sub):
+        if i:
+            edge, q_decay = _query_factor(a_ref, i)
+            q_e = q[i] * q_decay
         for j in range(i):  # query sub-chunk i, earlier key sub-chunk j
-            q_e, k_e = _offdiag_factors(q_ref, k_ref, a_ref, i, j)
-            edge = _row(a_ref, i * SUB - 1)
-            dq[i] += exp_nonpositive(a[i] - edge) * dot(dp[i, j], k_e, dtype)
-            dk[j] += exp_nonpositive(edge - a[j]) * dot(dp[i, j], q_e, dtype, trans_a=True)
+            k_decay = _key_factor(a_ref, edge, j)
+            dq[i] += q_decay * dot(dp[i, j], k[j] * k_decay, dtype)
+            dk[j] += k_decay * dot(dp[i, j], q_e, dtype, trans_a=True)
         dp_diag = jnp.where(s <= t, dp[i, i], 0.0)
         if per_dim:
             for r in range(SUB):  # row r as the key (for dq) and as the query (for dk)
                 q_r, k_r, a_r = (_row(ref, i * SUB + r) for ref in (q_ref, k_ref, a_ref))
-                dp_column = jnp.sum(jnp.where(s == r, dp_diag, 0.0), axis=1)[:, None]  # dP[t, r]
-                dp_row = jnp.sum(jnp.where(t == r, dp_diag, 0.0), axis=0)[:, None]  # dP[r, s], indexed by s
-                dq[i] += dp_column * k_r * exp_nonpositive(a[i] - a_r)
-                dk[i] += dp_row * q_r * exp_nonpositive(a_r - a[i])
+                dp_column = jnp.sum(jnp.where(s == r, dp_diag, 0.0), axis=1)[:, None]  # dP[t, r], 0 for t < r
+                dp_row = jnp.sum(jnp.where(t == r, dp_diag, 0.0), axis=0)[:, None]  # dP[r, s], 0 for s > r
+                # One exp for both: A is non-increasing, so -|A_x - A_r| is A_t - A_r on the rows t >= r that dq
+                # uses and A_r - A_s on the rows s <= r that dk uses (the exps are most of this loop's work).
+                decay = jnp.exp(-jnp.abs(a[i] - a_r))
+                dq[i] += dp_column * k_r * decay
+                dk[i] += dp_row * q_r * decay
         else:
             weights = dp_diag * exp_nonpositive(a[i] - a[i].reshape(1, SUB))
             dq[i] += dot(weights, k[i], dtype)
