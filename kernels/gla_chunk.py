@@ -15,7 +15,9 @@ Kernels (G = B * H sequences, each a (batch, head) of the [B, T, H, D] arrays, r
 powers of 2 >= 16, T to whole chunks, where they are not):
   _state_kernel    grid (G, d_k blocks, d_v blocks): walks the chunks, stores each chunk's start state and the final
                    state;
-  _output_kernel   grid (G, chunks, d_v blocks): o per chunk (full d_k: the scores sum over it);
+  _output_kernel   grid (G, chunks, d_v blocks): o per chunk (full d_k: the scores sum over it), and P's diagonal
+                   [16, 16] blocks, which the backward pass keeps for _dv_kernel (their per-row exps are most of
+                   its work otherwise; a scalar gate's whole-chunk kernels recompute P instead);
   _state_grad_kernel  grid (G, d_k blocks, d_v blocks): the adjoint dH walks the chunks backwards, storing each
                    chunk's end-state gradient and the initial state's;
   _dv_kernel       grid (G, chunks, d_v blocks): dv;
@@ -130,15 +132,18 @@ def _state_kernel(k_ref, v_ref, a_ref, h0_ref, *refs, chunk, n_chunks, dtype):
 
 
 def _output_kernel(q_ref, k_ref, v_ref, a_ref, h_ref, *refs, n_sub, per_dim, dtype):
-    """o [C, BV] of one chunk and d_v block: q_ref, k_ref [C, DK], v_ref [C, BV], a_ref [C, DK or 1], h_ref (the
-    chunk-start state) [DK, BV]."""
-    o_ref = refs[-1]
+    """o [C, BV] of one chunk and d_v block, and the diagonal [SUB, SUB] blocks of P stacked as [C, SUB] (the
+    backward pass's dv kernel reads them rather than recomputing their per-row exps; every d_v block writes the same
+    values): q_ref, k_ref [C, DK], v_ref [C, BV], a_ref [C, DK or 1], h_ref (the chunk-start state) [DK, BV]."""
+    o_ref, p_diag_ref = refs[-2:]
     h = h_ref[...]
     for i in range(n_sub):
         rows = _rows(i)
         q, a = q_ref[rows, :].astype(jnp.float32), a_ref[rows, :]
         out = dot(q * exp_nonpositive(a), h, dtype)  # from the chunk-start state
-        out += dot(_diag_scores(q_ref, k_ref, a_ref, i, per_dim, dtype), v_ref[rows, :], dtype)
+        p_diag = _diag_scores(q_ref, k_ref, a_ref, i, per_dim, dtype)
+        p_diag_ref[rows, :] = p_diag
+        out += dot(p_diag, v_ref[rows, :], dtype)
         if i:
             edge, q_decay = _query_factor(a_ref, i)
             q_e = q * q_decay
@@ -168,21 +173,25 @@ def _state_grad_kernel(q_ref, do_ref, a_ref, dfinal_ref, *refs, chunk, n_chunks,
     dinit_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dfinal_ref[...])
 
 
-def _dv_kernel(q_ref, k_ref, a_ref, do_ref, dh_ref, *refs, n_sub, per_dim, dtype):
+def _dv_kernel(q_ref, k_ref, a_ref, do_ref, dh_ref, p_diag_ref, *refs, n_sub, dtype, **_):
     """dv [C, BV] of one chunk and d_v block: dv_s = sum_{t >= s} P[t, s] do_t + (k_s exp(A_last - A_s)) dH_end;
-    q_ref, k_ref [C, DK], a_ref [C, DK or 1], do_ref [C, BV], dh_ref (chunk-end state gradient) [DK, BV]."""
+    q_ref, k_ref [C, DK], a_ref [C, DK or 1], do_ref [C, BV], dh_ref (chunk-end state gradient) [DK, BV], p_diag_ref
+    (P's diagonal blocks, from the forward pass's output kernel) [C, SUB]."""
     dv_ref = refs[-1]
     dh = dh_ref[...]
     a_last = _row(a_ref, n_sub * SUB - 1)
+    queries = [None]  # q_i exp(A_i - E_i) and E_i of each query sub-chunk i > 0 (`_query_factor`)
+    for i in range(1, n_sub):
+        edge, q_decay = _query_factor(a_ref, i)
+        queries.append((q_ref[_rows(i), :].astype(jnp.float32) * q_decay, edge))
     for j in range(n_sub):
         rows = _rows(j)
-        k_e = k_ref[rows, :].astype(jnp.float32) * exp_nonpositive(a_last - a_ref[rows, :])
-        dv = dot(k_e, dh, dtype)  # through the chunk-end state
-        dv += dot(_diag_scores(q_ref, k_ref, a_ref, j, per_dim, dtype), do_ref[rows, :], dtype, trans_a=True)
+        k = k_ref[rows, :].astype(jnp.float32)
+        dv = dot(k * exp_nonpositive(a_last - a_ref[rows, :]), dh, dtype)  # through the chunk-end state
+        dv += dot(p_diag_ref[rows, :], do_ref[rows, :], dtype, trans_a=True)
         for i in range(j + 1, n_sub):
-            edge, q_decay = _query_factor(a_ref, i)
-            q_e = q_ref[_rows(i), :].astype(jnp.float32) * q_decay
-            k_e = k_ref[rows, :].astype(jnp.float32) * _key_factor(a_ref, edge, j)
+            q_e, edge = queries[i]
+            k_e = k * _key_factor(a_ref, edge, j)
             dv += dot(dot(q_e, k_e, dtype, trans_b=True), do_ref[_rows(i), :], dtype, trans_a=True)
         dv_ref[rows, :] = dv.astype(dv_ref.dtype)
 
@@ -272,7 +281,7 @@ def _decay_matrix(a_ref):
 
 
 def _output_kernel_scalar(q_ref, k_ref, v_ref, a_ref, h_ref, *refs, dtype, **_):
-    """_output_kernel for a scalar gate, on the whole chunk."""
+    """_output_kernel for a scalar gate, on the whole chunk (o only: its dv kernel recomputes P)."""
     o_ref = refs[-1]
     q = q_ref[...]
     scores = dot(q, k_ref[...], dtype, trans_b=True) * _decay_matrix(a_ref)
@@ -467,11 +476,15 @@ def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: ChunkConfi
                 pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
     out_specs = [_seq_spec(lay, c, bv, lambda s, n, j: (n, j))]
     out_shape = [jax.ShapeDtypeStruct((lay.batch, lay.t_pad, lay.heads, lay.dv_pad), out_dtype)]
-    kernel = functools.partial(_output_kernel_scalar if _whole_chunk(lay) else _output_kernel, n_sub=c // SUB,
+    whole_chunk = _whole_chunk(lay)
+    if not whole_chunk:  # P's diagonal blocks, for the dv kernel
+        out_specs.append(_seq_spec(lay, c, SUB, lambda s, n, j: (n, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((lay.batch, lay.t_pad, lay.heads, SUB), jnp.float32))
+    kernel = functools.partial(_output_kernel_scalar if whole_chunk else _output_kernel, n_sub=c // SUB,
                                per_dim=lay.per_dim, dtype=lay.dtype)
-    (o,) = call(kernel, cfg, "gla_chunk_outputs", (g, lay.n_chunks, lay.dv_pad // bv),
-                 [x.q, x.k, x.v, x.a, h_start], in_specs, out_specs, out_shape)
-    return o
+    o, *p_diag = call(kernel, cfg, "gla_chunk_outputs", (g, lay.n_chunks, lay.dv_pad // bv),
+                      [x.q, x.k, x.v, x.a, h_start], in_specs, out_specs, out_shape)
+    return o, (p_diag[0] if p_diag else None)
 
 
 def _state_grads(x: _Inputs, do, dfinal, lay: _Layout, cfg: ChunkConfig):
@@ -490,20 +503,25 @@ def _state_grads(x: _Inputs, do, dfinal, lay: _Layout, cfg: ChunkConfig):
                  [x.q, do, x.a, dfinal], in_specs, out_specs, out_shape)
 
 
-def _value_grads(x: _Inputs, do, dh_end, out_dtype, lay: _Layout, cfg: ChunkConfig):
-    """dv [B, T_pad, H, DV] in out_dtype."""
+def _value_grads(x: _Inputs, do, dh_end, p_diag, out_dtype, lay: _Layout, cfg: ChunkConfig):
+    """dv [B, T_pad, H, DV] in out_dtype. p_diag: P's diagonal blocks [B, T_pad, H, SUB] from the forward pass (the
+    sub-chunk kernels), or None (the whole-chunk kernel recomputes P)."""
     g, c, bv, dk = lay.sequences, lay.chunk, lay.block_v, lay.dk_pad
     in_specs = [_seq_spec(lay, c, dk, lambda s, n, j: (n, 0), shared=True),
                 _seq_spec(lay, c, dk, lambda s, n, j: (n, 0), shared=True),
                 _gate_spec(lay, c, dk, lambda s, n, j: (n, 0)),
                 _seq_spec(lay, c, bv, lambda s, n, j: (n, j)),
                 pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
+    inputs = [x.q, x.k, x.a, do, dh_end]
+    if p_diag is not None:
+        in_specs.append(_seq_spec(lay, c, SUB, lambda s, n, j: (n, 0)))
+        inputs.append(p_diag)
     out_specs = [_seq_spec(lay, c, bv, lambda s, n, j: (n, j))]
     out_shape = [jax.ShapeDtypeStruct((lay.batch, lay.t_pad, lay.heads, lay.dv_pad), out_dtype)]
     kernel = functools.partial(_dv_kernel_scalar if _whole_chunk(lay) else _dv_kernel, n_sub=c // SUB,
-                               per_dim=lay.per_dim, dtype=lay.dtype)
-    (dv,) = call(kernel, cfg, "gla_chunk_dv", (g, lay.n_chunks, lay.dv_pad // bv),
-                  [x.q, x.k, x.a, do, dh_end], in_specs, out_specs, out_shape)
+                               dtype=lay.dtype)
+    (dv,) = call(kernel, cfg, "gla_chunk_dv", (g, lay.n_chunks, lay.dv_pad // bv), inputs, in_specs, out_specs,
+                 out_shape)
     return dv
 
 
@@ -538,33 +556,36 @@ def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _La
 
 
 def _forward(q, k, v, log_decay, initial_state, cfg: ChunkConfig):
+    """((o, final state), P's diagonal blocks or None)."""
     lay = _layout(q, k, v, log_decay, cfg.chunk_size)
     x = _inputs(q, k, v, log_decay, lay)
     h_start, final = _chunk_states(x, state_rows(initial_state, lay), lay, cfg)
-    o = _chunk_outputs(x, h_start, v.dtype, lay, cfg)
-    return (_unpadded(o, lay, lay.d_v), final[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape))
+    o, p_diag = _chunk_outputs(x, h_start, v.dtype, lay, cfg)
+    return (_unpadded(o, lay, lay.d_v), final[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape)), p_diag
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _chunk_gla(q, k, v, log_decay, initial_state, cfg: ChunkConfig):
-    return _forward(q, k, v, log_decay, initial_state, cfg)
+    return _forward(q, k, v, log_decay, initial_state, cfg)[0]
 
 
 def _chunk_gla_fwd(q, k, v, log_decay, initial_state, cfg: ChunkConfig):
-    # Saved: the inputs only. The backward pass recomputes the gate sums and the chunk states (one cheap kernel)
-    # rather than keeping [G, N, DK, DV] states alive.
-    return _forward(q, k, v, log_decay, initial_state, cfg), (q, k, v, log_decay, initial_state)
+    # Saved: the inputs, and with the sub-chunk kernels P's diagonal blocks ([T, SUB] fp32 per sequence, whose
+    # per-row exps are most of the dv kernel's work otherwise). The backward pass recomputes the gate sums and the
+    # chunk states (one cheap kernel) rather than keeping [G, N, DK, DV] states alive.
+    out, p_diag = _forward(q, k, v, log_decay, initial_state, cfg)
+    return out, (q, k, v, log_decay, initial_state, p_diag)
 
 
 def _chunk_gla_bwd(cfg: ChunkConfig, saved, cotangents):
-    q, k, v, log_decay, initial_state = saved
+    q, k, v, log_decay, initial_state, p_diag = saved
     d_out, d_final = cotangents
     lay = _layout(q, k, v, log_decay, cfg.chunk_size)
     x = _inputs(q, k, v, log_decay, lay)
     h_start, _ = _chunk_states(x, state_rows(initial_state, lay), lay, cfg)
     do = _padded(d_out, lay, lay.dv_pad, lay.dtype)
     dh_end, d_initial = _state_grads(x, do, state_rows(d_final, lay), lay, cfg)
-    dv = _value_grads(x, do, dh_end, v.dtype, lay, cfg)
+    dv = _value_grads(x, do, dh_end, p_diag, v.dtype, lay, cfg)
     dq, dk, da = _query_key_grads(x, do, h_start, dh_end, q.dtype, k.dtype, lay, cfg)
     if not _whole_chunk(lay):
         # The sub-chunk kernel returns dA, the gradient of the in-chunk cumulative sum A; a's is its reverse
