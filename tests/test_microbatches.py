@@ -37,7 +37,7 @@ def two_steps(variant, n):
 @pytest.mark.parametrize("variant", ["transformer"])
 def test_a_microbatched_step_is_the_whole_batch_step(variant):
     whole, whole_metrics = two_steps(variant, 1)
-    for n in (2, 8):
+    for n in (4,):  # slices of 2 rows: each row's count differs, so the weighting matters
         sliced, sliced_metrics = two_steps(variant, n)
         for a, b in zip(whole_metrics, sliced_metrics):
             for name in ("loss", "accuracy", "grad_norm"):

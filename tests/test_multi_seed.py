@@ -142,7 +142,9 @@ def test_ramnet_top_k_schedule_with_many_seeds_runs(tmp_path):
     assert summary["steps"] == 2 and np.isfinite(summary["train"]["loss/seed_1"])
 
 
-# ~17 s on 2 cores: two vmapped runs of 2 seeds, whole batch against train.microbatches 2.
+# slow: ~17 s on 2 cores (two vmapped runs of 2 seeds, whole batch against train.microbatches 2); the default run
+# compares microbatches with the whole batch in tests/test_microbatches.py and on 8 devices in tests/test_train.py.
+@pytest.mark.slow
 def test_microbatches_inside_a_vmapped_step_give_the_same_run(tmp_path):
     def trained(name, microbatches):
         summary = train(config_for(steps=2, num_seeds=2, microbatches=microbatches), str(tmp_path / name))
