@@ -99,6 +99,9 @@ def model_config() -> ml_collections.ConfigDict:
     # plateaued at 0.12 accuracy on (kv 8, length 64) while with width 4 it reached 0.91 in 1000 steps.
     m.ramnet.short_conv = 4
     m.ramnet.qk_bias = False  # ours: a bias on W_q and W_k (position-only addresses with CAPE); the paper has none
+    # Ours, 0 = off: with qk_bias, CAPE head h of a layer starts reading the slot written h + 1 tokens before (its
+    # biases favour those slots' digits by this logit), a relative address to start from (docs/ramnet.md s. 7).
+    m.ramnet.cape_offset_bias = 0.0
     m.ramnet.impl = "auto"  # PDMA implementation: auto, dense, scan or pallas
     m.ramnet.decoder_impl = "auto"  # address decoder (product top-K): auto, xla or pallas
 

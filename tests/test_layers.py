@@ -276,3 +276,48 @@ def test_ramnet_qk_bias_forms_a_position_only_address():
     assert float(write_val[..., 0].min()) > 0.99
     cfg.ramnet.qk_bias = False
     assert make_mixer("ramnet", cfg, 0, rngs=nnx.Rngs(4)).k_proj.bias is None
+
+
+@pytest.mark.parametrize("num_factors, factor_size, cape_heads", [(2, 4, 3), (3, 3, 2)])
+def test_cape_offset_bias_starts_cape_head_h_reading_what_was_written_h_plus_1_tokens_before(num_factors, factor_size,
+                                                                                              cape_heads):
+    """model.ramnet.cape_offset_bias: with no content in the address (zero W_q, W_k kernels), CAPE head h reads at
+    position t exactly the slot written at t - h - 1 (offsets past M wrap), most of its weight on it; the heads
+    without CAPE get no bias; without qk_bias the field is refused, naming both."""
+    cfg = model_config()
+    cfg.num_heads = 4
+    cfg.ramnet.short_conv, cfg.ramnet.qk_bias, cfg.ramnet.cape_offset_bias = 0, True, 6.0
+    cfg.ramnet.num_factors, cfg.ramnet.factor_size, cfg.ramnet.top_k = num_factors, factor_size, 2
+    mixer = make_mixer("ramnet", cfg, cape_heads, rngs=nnx.Rngs(1))
+    for projection in (mixer.q_proj, mixer.k_proj):
+        projection.kernel.set_value(jnp.zeros_like(projection.kernel[...]))
+    seq_len = 9
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, seq_len, cfg.d_model)), jnp.float32)
+    (read_idx, read_val), (write_idx, write_val) = mixer.addresses(x, positions_for(x))
+    num_slots = factor_size**num_factors
+    for h in range(cape_heads):
+        top_read_h = np.asarray(read_idx[0, :, h])[np.arange(seq_len), np.argmax(np.asarray(read_val[0, :, h]), -1)]
+        top_write_h = np.asarray(write_idx[0, :, h])[np.arange(seq_len), np.argmax(np.asarray(write_val[0, :, h]), -1)]
+        lag = h + 1
+        np.testing.assert_array_equal(top_read_h[lag:], top_write_h[:seq_len - lag])
+        np.testing.assert_array_equal(top_write_h, (-np.arange(seq_len)) % num_slots)
+        assert float(read_val[0, :, h].max(-1).min()) > 0.9
+    q_bias = np.asarray(mixer.q_proj.bias[...]).reshape(cfg.num_heads, -1)
+    assert not q_bias[cape_heads:].any() and q_bias[:cape_heads].any()
+    cfg.ramnet.qk_bias = False
+    with pytest.raises(ValueError, match="model.ramnet.cape_offset_bias.*model.ramnet.qk_bias"):
+        make_mixer("ramnet", cfg, cape_heads, rngs=nnx.Rngs(1))
+
+
+def test_cape_offset_bias_builds_inside_the_scanned_layers():
+    """The CAPE head count is a traced value per layer in the scanned model: the biases follow it."""
+    config = tiny_config("ramnet")
+    r = config.model.ramnet
+    r.short_conv, r.qk_bias, r.cape, r.cape_offset_bias = 0, True, "2,0", 3.0
+    model = LanguageModel(config.model, rngs=nnx.Rngs(0))
+    biases = [np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+              if "q_proj" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path)]
+    assert len(biases) == 1 and biases[0].shape[0] == 2  # [layers, heads * U * d_p]
+    assert np.abs(biases[0][0]).sum() > 0 and not biases[0][1].any()  # CAPE heads in layer 0 only
+    x = jnp.zeros((1, 5), jnp.int32)
+    assert np.isfinite(np.asarray(model(x, jnp.arange(5)[None]))).all()

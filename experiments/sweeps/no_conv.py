@@ -17,9 +17,19 @@ from ramjax.sweep import product, values, zipped
 PLOT = {"x": "model.ramnet.cape", "y": ["eval/accuracy/mean"], "series": ["model.ramnet.qk_bias"]}
 
 
-def get_sweep():
-    options = zipped(values("model.ramnet.short_conv", [0, 0, 0, 4]),
-                     values("model.ramnet.qk_bias", [True, True, False, False]),
-                     values("model.ramnet.cape", ["all", "none", "all", "none"]))
+def get_sweep(which: str = ""):
+    """The options above, or `no_conv.py:offset`: CAPE heads started as relative addresses
+    (model.ramnet.cape_offset_bias; q/k bias on) on layer 0 only or on both layers, at two bias strengths."""
+    if which == "offset":
+        options = zipped(values("model.ramnet.short_conv", [0, 0, 0, 0]),
+                         values("model.ramnet.qk_bias", [True, True, True, True]),
+                         values("model.ramnet.cape", ["4,0", "4,0", "all", "all"]),
+                         values("model.ramnet.cape_offset_bias", [2.0, 4.0, 2.0, 4.0]))
+    elif which:
+        raise ValueError(f"no_conv.py: unknown option set {which!r}; known: '' (default), 'offset'")
+    else:
+        options = zipped(values("model.ramnet.short_conv", [0, 0, 0, 4]),
+                         values("model.ramnet.qk_bias", [True, True, False, False]),
+                         values("model.ramnet.cape", ["all", "none", "all", "none"]))
     seeds = zipped(values("train.init_seed", [0, 1]), values("data.seed", [0, 1]))
     return product(options, seeds)

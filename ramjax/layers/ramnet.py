@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ramjax import ops
@@ -46,6 +47,24 @@ def cape_heads_per_layer(schedule: str | Sequence[int], num_layers: int, num_hea
     return counts
 
 
+def cape_offset_biases(num_heads: int, num_factors: int, factor_size: int, cape_mask: jax.Array, scale: float):
+    """W_q and W_k biases `[num_heads * U * d_p]` under which CAPE head h (the first ones, `cape_mask`) reads at
+    initialisation the slot written h + 1 tokens before: k's bias favours slot 0 (digit 0 of every factor) and q's
+    the slot h + 1 (its mixed-radix digits, the first factor most significant), each favoured digit by a logit of
+    `scale`. With CAPE a write at position s lands in slot (0 - s) mod M and a read at t in (h + 1 - t) mod M: the
+    same slot when t = s + h + 1. Other heads get no bias."""
+    num_slots = factor_size**num_factors
+    digits = np.zeros((num_heads, num_factors), np.int64)  # q's target slot per head, one digit per factor
+    for h in range(num_heads):
+        offset = (h + 1) % num_slots
+        for u in range(num_factors - 1, -1, -1):
+            offset, digits[h, u] = divmod(offset, factor_size)
+    q_bias = scale * jax.nn.one_hot(jnp.asarray(digits), factor_size)  # [heads, U, d_p]
+    k_bias = scale * jax.nn.one_hot(jnp.zeros((num_heads, num_factors), jnp.int32), factor_size)
+    mask = jnp.asarray(cape_mask)[:, None, None]
+    return tuple(jnp.where(mask, b, 0.0).reshape(-1) for b in (q_bias, k_bias))
+
+
 class CapeHeads(nnx.Variable):
     """A fixed bool mask `[heads]`: which heads shift their addresses by position. Not trained."""
 
@@ -56,8 +75,8 @@ class RAMNetMixer(nnx.Module):
     def __init__(self, d_model: int, *, num_heads: int, num_factors: int, factor_size: int, top_k: int, d_v: int,
                  gamma: float = 1.0, eps: float = 1e-6, grad_eps: float = 1e-3, cape_heads: int | jax.Array = 0,
                  alpha_init: float = 0.0, output_norm: bool = False, output_gate: bool = False,
-                 short_conv: int = 0, qk_bias: bool = False, impl: str = "auto", decoder_impl: str = "auto",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 short_conv: int = 0, qk_bias: bool = False, cape_offset_bias: float = 0.0, impl: str = "auto",
+                 decoder_impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         num_slots = factor_size**num_factors
         if top_k > num_slots:
             raise ValueError(f"model.ramnet.top_k: must be <= M = factor_size ** num_factors = {num_slots}, "
@@ -80,6 +99,16 @@ class RAMNetMixer(nnx.Module):
         self.alpha = logical_param(jnp.full((num_heads,), alpha_init, jnp.float32), "heads")
         self.cape_heads = CapeHeads(jnp.arange(num_heads) < cape_heads, out_sharding=("heads",),
                                     eager_sharding=False)
+        if cape_offset_bias:
+            # Ours, off by default: CAPE heads that start as "read what was written h + 1 tokens ago" (a relative
+            # address the optimiser did not find from a zero bias; docs/ramnet.md section 7).
+            if not qk_bias:
+                raise ValueError(f"model.ramnet.cape_offset_bias: sets the W_q / W_k biases, so it needs "
+                                 f"model.ramnet.qk_bias = True; got cape_offset_bias {cape_offset_bias} with no bias")
+            q_bias, k_bias = cape_offset_biases(num_heads, num_factors, factor_size, self.cape_heads[...],
+                                                cape_offset_bias)
+            self.q_proj.bias.set_value(q_bias.astype(self.q_proj.bias.dtype))
+            self.k_proj.bias.set_value(k_bias.astype(self.k_proj.bias.dtype))
         self.gate_proj = (dense(d_model, num_heads * d_v, "embed", "heads", dtype=dtype, rngs=rngs)
                           if output_gate else None)
         # Ours, off by default (the paper has none): a short causal conv on the q, k and v projections, the

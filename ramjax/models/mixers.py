@@ -45,7 +45,8 @@ def make_mixer(kind: str, cfg, cape_heads: int | jax.Array, *, rngs: nnx.Rngs) -
                            factor_size=r.factor_size, top_k=r.top_k, d_v=r.d_v, gamma=r.gamma, eps=r.eps,
                            grad_eps=r.grad_eps, cape_heads=cape_heads, alpha_init=r.alpha_init,
                            output_norm=r.output_norm, output_gate=r.output_gate, short_conv=r.short_conv,
-                           qk_bias=r.get("qk_bias", False), impl=r.impl,
+                           qk_bias=r.get("qk_bias", False), cape_offset_bias=r.get("cape_offset_bias", 0.0),
+                           impl=r.impl,
                            decoder_impl=r.get("decoder_impl", "auto"),
                            dtype=dtype, rngs=rngs)
     if kind == "attention":
