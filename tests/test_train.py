@@ -207,8 +207,10 @@ SHARDED_SCRIPT = textwrap.dedent("""
         for name, (data, fsdp, tensor), devices, micro in (("one", (1, 1, 1), jax.devices()[:1], 1),
                                                            ("eight", (2, 2, 2), None, 1),
                                                            ("eight_micro", (2, 2, 2), None, 2)):
+            if micro > 1 and variant != "transformer":
+                continue  # train.microbatches on a sharded batch: one model is enough (the slicing is the model's)
             config = tiny_config(variant, d_model=16, steps=2)
-            config.train.microbatches = micro  # train.microbatches on a sharded batch: the same step
+            config.train.microbatches = micro
             config.data.eval_settings = "2:32,4:32"
             config.model.ramnet.impl = "dense"  # half the compile time of "scan" (which the variant test covers)
             config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
@@ -224,7 +226,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
-# ~40 s on 2 cores (a subprocess training two models on 1 and 8 devices, and on 8 with train.microbatches 2),
+# ~40 s on 2 cores (a subprocess training two models on 1 and 8 devices, and the transformer on 8 with
+# train.microbatches 2),
 # kept in the default run: the one
 # multi-device training check there (tests/test_multihost.py's multi-device runs are all slow).
 def test_eight_device_mesh_step_equals_one_device_step():
@@ -238,6 +241,8 @@ def test_eight_device_mesh_step_equals_one_device_step():
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS"))
     results = json.loads(line[len("RESULTS"):])
     for (variant, runs), eight_name in itertools.product(results.items(), ("eight", "eight_micro")):
+        if eight_name not in runs:
+            continue
         one, eight = runs["one"], runs[eight_name]
         variant = f"{variant} {eight_name}"
         assert one["devices"] == [1] and eight["devices"] == [8], variant
@@ -276,7 +281,7 @@ def test_ramjax_eval_of_a_synthetic_run_on_its_own_and_on_new_settings(tmp_path)
     settings are evaluated too; a bad setting is a ConfigError naming --settings."""
     from ramjax.evaluate import evaluate_synthetic_run
 
-    config = tiny_config("ramnet", steps=3)
+    config = tiny_config("transformer", steps=3)  # the evaluation is the model's business only through its call
     summary = train(config, str(tmp_path))
     own = evaluate_synthetic_run(str(tmp_path))
     assert own["eval/accuracy/mean"] == pytest.approx(summary["eval"]["eval/accuracy/mean"], abs=1e-6)
