@@ -321,3 +321,24 @@ def test_cape_offset_bias_builds_inside_the_scanned_layers():
     assert np.abs(biases[0][0]).sum() > 0 and not biases[0][1].any()  # CAPE heads in layer 0 only
     x = jnp.zeros((1, 5), jnp.int32)
     assert np.isfinite(np.asarray(model(x, jnp.arange(5)[None]))).all()
+
+
+@pytest.mark.parametrize("kind, gate", [("mamba2", "z_proj"), ("gla", "gate_proj"), ("gated_deltanet", "gate_proj")])
+def test_the_output_gate_is_recomputed_not_kept(kind, gate):
+    """The gated mixers' output piece (gate projection, gated norm, output projection) is rematerialised: the
+    backward pass does not keep the gate projection's output (nor, for Mamba-2, whose widths tell them apart, the
+    gated or normalised [batch, time, d_inner] tensors)."""
+    cfg = model_config(kind)
+    mixer = make_mixer(kind, cfg, 0, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 11, cfg.d_model)), jnp.float32)
+    graphdef, params = nnx.split(mixer)
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x, positions_for(x)) ** 2)
+
+    _, vjp = jax.vjp(loss, params, x)
+    kept = [np.asarray(leaf) for leaf in jax.tree.leaves(vjp)]
+    gate_out = np.asarray(getattr(mixer, gate)(x))
+    assert not any(a.size == gate_out.size and np.allclose(a.reshape(gate_out.shape), gate_out) for a in kept)
+    if kind == "mamba2":  # nor the gated or normalised [batch, time, d_inner] (GLA's v has the gate's shape)
+        assert not any(a.shape == gate_out.shape for a in kept), [a.shape for a in kept]

@@ -19,7 +19,7 @@ from ramjax.layers.axes import dense, logical_param
 from ramjax.layers.conv import ShortConv, convolve_all
 from ramjax.layers.fenwick_decay import FenwickDecay
 from ramjax.layers.mamba2 import dt_bias_init
-from ramjax.layers.norm import GatedRMSNorm
+from ramjax.layers.norm import GatedRMSNorm, gated_norm_projection
 
 
 @jax.checkpoint
@@ -77,8 +77,7 @@ class GatedDeltaNetMixer(nnx.Module):
         return q, k, v, beta, log_decay, new_windows
 
     def _output(self, x: jax.Array, o: jax.Array) -> jax.Array:
-        o = self.norm(o, self.gate_proj(x).reshape(o.shape))
-        return self.o_proj(o.reshape(*x.shape[:2], -1))
+        return gated_norm_projection(self.norm, self.gate_proj, self.o_proj, x, o)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         del positions

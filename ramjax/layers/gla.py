@@ -15,7 +15,7 @@ from flax import nnx
 
 from ramjax import ops
 from ramjax.layers.axes import dense, logical_init
-from ramjax.layers.norm import GatedRMSNorm
+from ramjax.layers.norm import GatedRMSNorm, gated_norm_projection
 
 
 @functools.partial(jax.checkpoint, static_argnums=(1,))
@@ -62,8 +62,7 @@ class GLAMixer(nnx.Module):
         return q, k, v, log_decay
 
     def _output(self, x: jax.Array, o: jax.Array) -> jax.Array:
-        o = self.norm(o, self.gate_proj(x).reshape(o.shape))
-        return self.o_proj(o.reshape(*x.shape[:2], -1))
+        return gated_norm_projection(self.norm, self.gate_proj, self.o_proj, x, o)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         del positions

@@ -38,6 +38,17 @@ def dt_bias_init(key, num_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1)
     return dt + jnp.log(-jnp.expm1(-dt))
 
 
+def _gated_output(mixer: "Mamba2Mixer", x: jax.Array, y: jax.Array, x_in: jax.Array) -> jax.Array:
+    if mixer.d_skip is not None:
+        y = y + mixer.d_skip[...].astype(y.dtype)[:, None] * x_in
+    y = y.reshape(*x.shape[:2], -1)
+    if mixer.z_proj is not None:
+        y = silu_gate(y, mixer.z_proj(x))
+    if mixer.norm is not None:
+        y = mixer.norm(y)
+    return mixer.out_proj(y)
+
+
 class Mamba2Mixer(nnx.Module):
     """x `[batch, time, d_model]`, positions (unused: the recurrence is position-free) -> `[batch, time, d_model]`."""
 
@@ -104,14 +115,11 @@ class Mamba2Mixer(nnx.Module):
         return q, k, v, log_decay, x_in, new_windows
 
     def _output(self, x: jax.Array, y: jax.Array, x_in: jax.Array) -> jax.Array:
-        if self.d_skip is not None:
-            y = y + self.d_skip[...].astype(y.dtype)[:, None] * x_in
-        y = y.reshape(*x.shape[:2], -1)
-        if self.z_proj is not None:
-            y = silu_gate(y, self.z_proj(x))
-        if self.norm is not None:
-            y = self.norm(y)
-        return self.out_proj(y)
+        """out_proj(RMSNorm((y + D x_in) * silu(z))), rematerialised as one piece: the backward pass keeps x, y and
+        x_in (x and x_in are kept anyway for the input projections and v) and recomputes z = z_proj(x), the gate
+        and the norm, rather than keeping z, the gated and the normalised [batch, time, d_inner] tensors of every
+        layer (about 1.6 GB of the LM's step at 32k tokens)."""
+        return nnx.remat(_gated_output)(self, x, y, x_in)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         del positions
