@@ -342,3 +342,24 @@ def test_the_output_gate_is_recomputed_not_kept(kind, gate):
     assert not any(a.size == gate_out.size and np.allclose(a.reshape(gate_out.shape), gate_out) for a in kept)
     if kind == "mamba2":  # nor the gated or normalised [batch, time, d_inner] (GLA's v has the gate's shape)
         assert not any(a.shape == gate_out.shape for a in kept), [a.shape for a in kept]
+
+
+@pytest.mark.parametrize("mode", ["mlp_softplus", "linear"])
+def test_the_level_weights_mlp_is_recomputed_not_kept(mode):
+    """The log-linear lambda MLP is rematerialised: its [batch, time, heads, hidden] activations (fp32) are not
+    among the backward pass's residuals; only the level weights the op takes are."""
+    from ramjax.layers.mamba2 import Mamba2Mixer
+
+    hidden, levels = 24, 7  # no other array has these widths
+    mixer = Mamba2Mixer(32, head_dim=16, d_state=8, chunk_size=8, decay_mode=mode, num_levels=levels,
+                        decay_hidden=hidden, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 13, 32)), jnp.float32)
+    graphdef, params = nnx.split(mixer)
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x, positions_for(x)) ** 2)
+
+    _, vjp = jax.vjp(loss, params, x)
+    shapes = [leaf.shape for leaf in jax.tree.leaves(vjp)]
+    assert not [s for s in shapes if len(s) == 4 and s[-1] == hidden], shapes
+    assert len([s for s in shapes if len(s) == 4 and s[-1] == levels]) <= 1, shapes  # the weights, or nothing

@@ -81,14 +81,20 @@ class FenwickDecay(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        batch, seq_len, _ = x.shape
-        shape = (batch, seq_len, self.num_heads, self.num_levels)
         if self.mode == "fixed":
-            return jnp.ones(shape, x.dtype)
-        dl = self.level_proj(x).reshape(shape)
-        if self.mode == "linear":
-            return jax.nn.softplus(self.level_scale[...] * dl)
-        logits = self.mlp_out(gelu(self.mlp_in(dl), not self.exact_gelu))
-        if self.mode == "mlp_softplus":
-            return jax.nn.softplus(logits)
-        return jax.nn.softmax(logits, axis=-1)
+            return jnp.ones((*x.shape[:2], self.num_heads, self.num_levels), x.dtype)
+        # Rematerialised as one piece: the backward pass keeps x (which the layer's projections keep anyway) and
+        # recomputes the level projection and the MLP, rather than keeping its fp32 [batch, time, heads, hidden]
+        # activations (two of them: 8 KB per token per layer in the LM, 16 heads x 64) and the [.., L] pieces.
+        return nnx.remat(_level_weights)(self, x)
+
+
+def _level_weights(decay: FenwickDecay, x: jax.Array) -> jax.Array:
+    """lambda `[batch, time, heads, L]` of a FenwickDecay whose mode is not "fixed"."""
+    dl = decay.level_proj(x).reshape(*x.shape[:2], decay.num_heads, decay.num_levels)
+    if decay.mode == "linear":
+        return jax.nn.softplus(decay.level_scale[...] * dl)
+    logits = decay.mlp_out(gelu(decay.mlp_in(dl), not decay.exact_gelu))
+    if decay.mode == "mlp_softplus":
+        return jax.nn.softplus(logits)
+    return jax.nn.softmax(logits, axis=-1)
