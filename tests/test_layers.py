@@ -336,7 +336,7 @@ def test_the_output_gate_is_recomputed_not_kept(kind, gate):
     def loss(params, x):
         return jnp.sum(nnx.merge(graphdef, params)(x, positions_for(x)) ** 2)
 
-    _, vjp = jax.vjp(loss, params, x)
+    _, vjp = jax.jit(lambda params, x: jax.vjp(loss, params, x))(params, x)  # one compile, not op by op
     kept = [np.asarray(leaf) for leaf in jax.tree.leaves(vjp)]
     gate_out = np.asarray(getattr(mixer, gate)(x))
     assert not any(a.size == gate_out.size and np.allclose(a.reshape(gate_out.shape), gate_out) for a in kept)
@@ -359,7 +359,7 @@ def test_the_level_weights_mlp_is_recomputed_not_kept(mode):
     def loss(params, x):
         return jnp.sum(nnx.merge(graphdef, params)(x, positions_for(x)) ** 2)
 
-    _, vjp = jax.vjp(loss, params, x)
+    _, vjp = jax.jit(lambda params, x: jax.vjp(loss, params, x))(params, x)  # one compile, not op by op
     shapes = [leaf.shape for leaf in jax.tree.leaves(vjp)]
     assert not [s for s in shapes if len(s) == 4 and s[-1] == hidden], shapes
     assert len([s for s in shapes if len(s) == 4 and s[-1] == levels]) <= 1, shapes  # the weights, or nothing
