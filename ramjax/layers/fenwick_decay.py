@@ -83,14 +83,15 @@ class FenwickDecay(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.mode == "fixed":
             return jnp.ones((*x.shape[:2], self.num_heads, self.num_levels), x.dtype)
-        # Rematerialised as one piece: the backward pass keeps x (which the layer's projections keep anyway) and
-        # recomputes the level projection and the MLP, rather than keeping its fp32 [batch, time, heads, hidden]
-        # activations (two of them: 8 KB per token per layer in the LM, 16 heads x 64) and the [.., L] pieces.
-        return nnx.remat(_level_weights)(self, x)
+        return _level_weights(self, x)
 
 
+@nnx.remat
 def _level_weights(decay: FenwickDecay, x: jax.Array) -> jax.Array:
-    """lambda `[batch, time, heads, L]` of a FenwickDecay whose mode is not "fixed"."""
+    """lambda `[batch, time, heads, L]` of a FenwickDecay whose mode is not "fixed". Rematerialised as one piece:
+    the backward pass keeps x (which the layer's projections keep anyway) and recomputes the level projection and
+    the MLP, rather than keeping its fp32 [batch, time, heads, hidden] activations (two of them: 8 KB per token per
+    layer in the LM, 16 heads x 64) and the [.., L] pieces."""
     dl = decay.level_proj(x).reshape(*x.shape[:2], decay.num_heads, decay.num_levels)
     if decay.mode == "linear":
         return jax.nn.softplus(decay.level_scale[...] * dl)

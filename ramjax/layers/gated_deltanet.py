@@ -10,6 +10,8 @@ lambda(x): the log-linear Gated DeltaNet. With `decay_mode=None` it is plain Gat
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -30,11 +32,17 @@ def _l2_normalise(x: jax.Array) -> jax.Array:
     return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + 1e-6)).astype(x.dtype)
 
 
+def _normalised(convolved: jax.Array, split: tuple, scale: float) -> jax.Array:
+    """q or k from its conv's output: L2-normalised per head, times `scale`."""
+    return _l2_normalise(convolved.reshape(split)) * scale
+
+
+@functools.partial(nnx.remat, static_argnums=(2, 3))
 def _conv_normalised(conv: ShortConv, projected: jax.Array, split: tuple, scale: float) -> jax.Array:
-    """q or k: the short conv (with SiLU) of its projection, L2-normalised per head, times `scale`. Rematerialised
-    as one piece (`nnx.remat`): the backward pass keeps the projection only, not also the conv's output (the
-    norm's input), one [batch, time, heads, d_k] tensor less per layer for each of q and k."""
-    return _l2_normalise(conv(projected).reshape(split)) * scale
+    """`_normalised` of the short conv (with SiLU) of the projection, rematerialised as one piece: the backward
+    pass keeps the projection only, not also the conv's output (the norm's input), one [batch, time, heads, d_k]
+    tensor less per layer for each of q and k."""
+    return _normalised(conv(projected), split, scale)
 
 
 class GatedDeltaNetMixer(nnx.Module):
@@ -74,17 +82,16 @@ class GatedDeltaNetMixer(nnx.Module):
         """q, k, v, beta, log decay, and the convs' windows after x (decoding)."""
         batch, seq_len, _ = x.shape
         split = (batch, seq_len, self.num_heads, -1)
+        q_scale = self.d_k**-0.5
         if windows is None:  # training: q and k through their conv and norm as one rematerialised piece each
-            conv_normalise = nnx.remat(_conv_normalised, static_argnums=(2, 3))
-            q = conv_normalise(self.q_conv, self.q_proj(x), split, self.d_k**-0.5)
-            k = conv_normalise(self.k_conv, self.k_proj(x), split, 1.0)
-            v, new_windows = self.v_conv(self.v_proj(x)).reshape(split), None
+            q = _conv_normalised(self.q_conv, self.q_proj(x), split, q_scale)
+            k = _conv_normalised(self.k_conv, self.k_proj(x), split, 1.0)
+            v, new_windows = self.v_conv(self.v_proj(x)), None
         else:
             (q, k, v), new_windows = convolve_all((self.q_conv, self.k_conv, self.v_conv),
                                                   (self.q_proj(x), self.k_proj(x), self.v_proj(x)), windows)
-            q = _l2_normalise(q.reshape(split)) * (self.d_k**-0.5)
-            k = _l2_normalise(k.reshape(split))
-            v = v.reshape(split)
+            q, k = _normalised(q, split, q_scale), _normalised(k, split, 1.0)
+        v = v.reshape(split)
         beta = jax.nn.sigmoid(self.beta_proj(x).astype(jnp.float32))
         log_decay = -jnp.exp(self.a_log[...]) * jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + self.dt_bias[...])
         return q, k, v, beta, log_decay, new_windows

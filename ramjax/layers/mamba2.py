@@ -38,7 +38,11 @@ def dt_bias_init(key, num_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1)
     return dt + jnp.log(-jnp.expm1(-dt))
 
 
+@nnx.remat
 def _gated_output(mixer: "Mamba2Mixer", x: jax.Array, y: jax.Array, x_in: jax.Array) -> jax.Array:
+    """out_proj(RMSNorm((y + D x_in) * silu(z))), rematerialised as one piece: the backward pass keeps x, y and
+    x_in (x and x_in are kept anyway for the input projections and v) and recomputes z = z_proj(x), the gate and
+    the norm, rather than keeping z and the gated and normalised [batch, time, d_inner] tensors of every layer."""
     if mixer.d_skip is not None:
         y = y + mixer.d_skip[...].astype(y.dtype)[:, None] * x_in
     y = y.reshape(*x.shape[:2], -1)
@@ -115,11 +119,7 @@ class Mamba2Mixer(nnx.Module):
         return q, k, v, log_decay, x_in, new_windows
 
     def _output(self, x: jax.Array, y: jax.Array, x_in: jax.Array) -> jax.Array:
-        """out_proj(RMSNorm((y + D x_in) * silu(z))), rematerialised as one piece: the backward pass keeps x, y and
-        x_in (x and x_in are kept anyway for the input projections and v) and recomputes z = z_proj(x), the gate
-        and the norm, rather than keeping z, the gated and the normalised [batch, time, d_inner] tensors of every
-        layer (about 1.6 GB of the LM's step at 32k tokens)."""
-        return nnx.remat(_gated_output)(self, x, y, x_in)
+        return _gated_output(self, x, y, x_in)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         del positions

@@ -63,19 +63,15 @@ class GatedRMSNorm(RMSNorm):
         return gated_rms_norm(x, gate, self.scale[...], self.eps)
 
 
-def _gated_norm_projection(norm: GatedRMSNorm, gate_proj: nnx.Linear, out_proj: nnx.Linear, x: jax.Array,
-                           o: jax.Array) -> jax.Array:
-    o = norm(o, gate_proj(x).reshape(o.shape))
-    return out_proj(o.reshape(*x.shape[:2], -1))
-
-
+@nnx.remat
 def gated_norm_projection(norm: GatedRMSNorm, gate_proj: nnx.Linear, out_proj: nnx.Linear, x: jax.Array,
                           o: jax.Array) -> jax.Array:
     """out_proj(GatedRMSNorm(o, gate_proj(x))): a gated mixer's output, x `[batch, time, d_model]`, o `[batch,
     time, heads, d_v]`. Rematerialised as one piece: the backward pass keeps x (which the mixer's input
     projections keep anyway) and o, and recomputes the gate projection and the normalised output, rather than
     keeping two more [batch, time, heads * d_v] tensors per layer (the scan over layers stacks them)."""
-    return nnx.remat(_gated_norm_projection)(norm, gate_proj, out_proj, x, o)
+    o = norm(o, gate_proj(x).reshape(o.shape))
+    return out_proj(o.reshape(*x.shape[:2], -1))
 
 
 class LayerNorm(nnx.Module):

@@ -19,14 +19,12 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
-def masked_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
-    """Mean cross-entropy over the masked positions, and the (correct, counted) totals for accuracy."""
-    nll = token_nll(logits, targets)
+def masked_totals(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
+    """Over the masked positions: the summed cross-entropy, the correct predictions and the count."""
     mask = loss_mask.astype(jnp.float32)
-    count = jnp.sum(mask)
-    loss = jnp.sum(nll * mask) / jnp.maximum(count, 1.0)
+    nll_sum = jnp.sum(token_nll(logits, targets) * mask)
     correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * mask)
-    return loss, correct, count
+    return nll_sum, correct, jnp.sum(mask)
 
 
 def microbatch_split(batch: dict, microbatches: int) -> dict:
@@ -56,11 +54,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, mic
         """The masked mean NLL's share of this batch (its NLL sum / count), and its correct predictions."""
         # Rebuild rest's Variables inside this trace: nnx refuses Variables made at an outer trace level.
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
-        logits = model(batch["inputs"], batch.get("positions"))
-        mask = batch["loss_mask"].astype(jnp.float32)
-        loss = jnp.sum(token_nll(logits, batch["targets"]) * mask) / jnp.maximum(count, 1.0)
-        correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * mask)
-        return loss, correct
+        nll_sum, correct, _ = masked_totals(model(batch["inputs"], batch.get("positions")), batch["targets"],
+                                            batch["loss_mask"])
+        return nll_sum / jnp.maximum(count, 1.0), correct
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -106,7 +102,7 @@ def make_eval_step(graphdef):
     def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
         logits = model(batch["inputs"], batch.get("positions"))
-        loss, correct, count = masked_loss(logits, batch["targets"], batch["loss_mask"])
-        return {"loss_sum": loss * count, "correct": correct, "count": count}
+        loss_sum, correct, count = masked_totals(logits, batch["targets"], batch["loss_mask"])
+        return {"loss_sum": loss_sum, "correct": correct, "count": count}
 
     return eval_step
