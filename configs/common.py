@@ -131,7 +131,7 @@ def model_config() -> ml_collections.ConfigDict:
     m.mamba2.d_skip = True  # the skip y += D x; False: none (the fork)
     m.mamba2.dt_scales_v = True  # v = x dt as in Mamba-2; False: v = x (the fork)
     m.mamba2.a_init = "uniform"  # uniform: A = -U[1, 16] per head (Mamba-2); arange: A_h = -(h + 1), -1 (the fork)
-    m.mamba2.impl = "auto"  # as model.gla.impl, for plain Mamba-2 (the log-linear op has no kernel yet)
+    m.mamba2.impl = "auto"  # as model.gla.impl, for plain Mamba-2 (the log-linear form: model.loglinear.impl)
 
     m.gated_deltanet = ml_collections.ConfigDict()
     m.gated_deltanet.head_dim = 0  # 0: d_model / num_heads

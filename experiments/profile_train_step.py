@@ -11,6 +11,13 @@ sum the device time of every XLA op (the events carry the HLO op name) and map e
 metadata of its HLO instruction (the jax source path: module, function, primitive). Prints and appends to
 --results, with device, versions, date and command: the step time, the traced device time, the --top ops, and
 the time per scope (the op_name cut to --depth path components, transformations dropped).
+
+  python experiments/profile_train_step.py --trace runs/ad_mqar/profile --steps 5
+
+--trace summarises a trace already written, e.g. by a training run's `train.profile_steps = (start, stop)`
+(then --steps is stop - start): the device's busy time against the traced wall time (a step that keeps the
+device idle is waiting on the host), the top device ops and the host's top events. There is no compiled module
+to map ops to source paths, so the op names are XLA's.
 """
 
 from __future__ import annotations
@@ -79,6 +86,14 @@ def scope(op_name: str, depth: int) -> str:
 
 def device_events(trace_dir: str) -> list[dict]:
     """The complete ('X') events of XLA ops on the accelerator (the host's, on a CPU-only machine)."""
+    events, processes = trace_events(trace_dir)
+    accelerators = {pid for pid, name in processes.items() if "GPU" in name or "TPU" in name}
+    keep = accelerators or set(processes)
+    return [e for e in events if e.get("pid") in keep and "hlo_op" in e.get("args", {})]
+
+
+def trace_events(trace_dir: str) -> tuple[list[dict], dict]:
+    """Every complete ('X') event of the newest perfetto trace under trace_dir, and pid -> process name."""
     paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not paths:
         raise SystemExit(f"profile_train_step: no perfetto trace under {trace_dir}")
@@ -87,9 +102,41 @@ def device_events(trace_dir: str) -> list[dict]:
     events = data["traceEvents"] if isinstance(data, dict) else data
     processes = {e["pid"]: e["args"].get("name", "") for e in events
                  if e.get("ph") == "M" and e.get("name") == "process_name"}
+    return [e for e in events if e.get("ph") == "X"], processes
+
+
+def summarise_trace(trace_dir: str, steps: int, top: int) -> str:
+    """A trace written elsewhere: the device's busy time per step against the traced span, its top ops, and the
+    host's top events (per step)."""
+    events, processes = trace_events(trace_dir)
     accelerators = {pid for pid, name in processes.items() if "GPU" in name or "TPU" in name}
-    keep = accelerators or set(processes)
-    return [e for e in events if e.get("ph") == "X" and e.get("pid") in keep and "hlo_op" in e.get("args", {})]
+    device = [e for e in events if e.get("pid") in accelerators and "hlo_op" in e.get("args", {})]
+    host = [e for e in events if e.get("pid") not in accelerators]
+    lines = [f"### trace {trace_dir} ({steps} steps)", ""]
+    if device:
+        start = min(float(e["ts"]) for e in device)
+        end = max(float(e["ts"]) + float(e.get("dur", 0.0)) for e in device)
+        busy = sum(float(e.get("dur", 0.0)) for e in device)
+        lines += [f"- device ops: {busy / 1e3 / steps:.2f} ms per step over a span of {(end - start) / 1e3 / steps:.2f} "
+                  f"ms per step (busy {100 * busy / max(end - start, 1e-9):.0f}%), {len(device) / steps:.0f} op "
+                  "events per step", ""]
+        per_op = collections.Counter()
+        for e in device:
+            per_op[e["args"]["hlo_op"]] += float(e.get("dur", 0.0)) / steps
+        lines += [f"Top {top} device ops:", "", "| op | ms per step | count per step |", "|---|---|---|"]
+        counts = collections.Counter(e["args"]["hlo_op"] for e in device)
+        for op, us in per_op.most_common(top):
+            lines.append(f"| {op} | {us / 1e3:.3f} | {counts[op] / steps:.1f} |")
+    else:
+        lines.append("- no device op events in the trace (a CPU-only run: the host events below are the ops)")
+    per_host = collections.Counter()
+    for e in host:
+        per_host[e.get("name", "?")[:90]] += float(e.get("dur", 0.0)) / steps
+    lines += ["", f"Top {top} host events (inclusive: nested events count in each):", "",
+              "| event | ms per step |", "|---|---|"]
+    for name, us in per_host.most_common(top):
+        lines.append(f"| {name} | {us / 1e3:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def profile(config, seq_len, batch, args) -> dict:
@@ -154,6 +201,8 @@ flags.DEFINE_integer("steps", 3, "traced steps (times are per step)")
 flags.DEFINE_integer("top", 25, "ops and scopes listed")
 flags.DEFINE_integer("depth", 3, "op_name components per scope")
 flags.DEFINE_string("results", "experiments/results/profile_train_step.md", "the Markdown file appended to")
+flags.DEFINE_string("trace", None, "summarise the trace under this directory (e.g. a run's train.profile_steps "
+                    "trace) instead of profiling bench_models variants; --steps: the traced steps")
 
 
 def main(argv) -> None:
@@ -165,6 +214,13 @@ def main(argv) -> None:
     env = timing.environment()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     out = [f"## {env['date']}", "", timing.environment_lines(command)]
+    if args.trace:
+        text = summarise_trace(args.trace, args.steps, args.top)
+        print(text, flush=True)
+        with open(args.results, "a") as f:
+            f.write("\n".join(out + [text]) + "\n")
+        print(f"appended to {args.results}")
+        return
     for name, overrides in select_variants(bench.variants, args.only, bench.baseline):
         config = model_config(bench, dict(overrides), name=name)
         try:

@@ -1,5 +1,6 @@
 """`train.profile_steps = (start, stop)`: steps [start, stop) traced with jax.profiler into workdir/profile,
-for TensorBoard's profile plugin or XProf ((0, 0): no trace)."""
+for TensorBoard's profile plugin or XProf, and as a Perfetto trace (perfetto_trace.json.gz, for
+ui.perfetto.dev or experiments/profile_train_step.py --trace) ((0, 0): no trace)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class ProfileWindow:
 
     def before(self, step: int) -> None:
         if self.start < self.stop_at and step == self.start:
-            jax.profiler.start_trace(self.directory)
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
             self.active = True
 
     def after(self, done: int, outputs) -> None:
