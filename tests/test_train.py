@@ -300,6 +300,15 @@ def test_profile_steps_writes_a_trace_of_the_window(tmp_path):
     train(config, str(tmp_path))
     traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files if f.endswith(".xplane.pb")]
     assert traces, "no jax.profiler trace in WORKDIR/profile"
+    # the Perfetto trace beside it, which experiments/profile_train_step.py --trace summarises (a subprocess: the
+    # script's absl flags would clash with bench_models' in this process)
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                          "profile_train_step.py")
+    done = subprocess.run([sys.executable, script, "--trace", str(tmp_path / "profile"), "--steps", "1", "--top", "5",
+                           "--results", str(tmp_path / "trace.md")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = (tmp_path / "trace.md").read_text()
+    assert "Top 5 host events" in summary and summary.count("\n| ") >= 3, summary
     config.train.profile_steps = (2, 1)
     with pytest.raises(ConfigError, match=r"train.profile_steps: \(start, stop\) with 0 <= start <= stop"):
         train(config, str(tmp_path / "bad"))
