@@ -104,6 +104,11 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
     # of 3); M = 65536 stayed at chance with 256 over 500 (experiments/results/large_memory.md).
     config.train.ramnet_top_k_start = 32
     config.train.ramnet_top_k_anneal_steps = 500
+    # RAM-Net trained with a memory that grows to M = d_p^U one factor at a time (ramjax/train/factor_schedule.py):
+    # the first U - A factors held at digit 0 while A are active, A growing from ramnet_factors_start to U in equal
+    # phases over ramnet_factors_grow_steps; 0 = train with all factors. Evaluation always uses all of them.
+    config.train.ramnet_factors_start = 0
+    config.train.ramnet_factors_grow_steps = 0
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: the devices the other axes leave

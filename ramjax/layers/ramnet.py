@@ -22,6 +22,10 @@ from ramjax.layers.conv import ShortConv, convolve_all
 from ramjax.layers.norm import GatedRMSNorm, RMSNorm
 
 CAPE_SCHEDULES = ("paper", "half", "all", "none")
+# The logit of digit 0 in a factor the training schedule holds (ramjax/train/factor_schedule.py): its softmax
+# puts all but ~(d_p - 1) e^-30 (about 1e-13 each) of the mass there, so a held factor multiplies every product by
+# ~1 and no slot with another digit enters the top K while K <= d_p^active.
+FIXED_LOGIT = 30.0
 
 
 def cape_heads_per_layer(schedule: str | Sequence[int], num_layers: int, num_heads: int) -> list[int]:
@@ -87,6 +91,9 @@ class RAMNetMixer(nnx.Module):
         # The K the addresses keep: the model's K, except while a training schedule asks for a larger one
         # (ramjax/train/top_k_schedule.py). Static: a train step compiled for another K has another graph.
         self.active_top_k = top_k
+        # The factors the addresses use: all U, except while a training schedule grows the memory
+        # (ramjax/train/factor_schedule.py) and holds the first U - active_factors at digit 0. Static, as K.
+        self.active_factors = num_factors
         d_k = num_factors * factor_size
         self.d_k = d_k
         # Ours, off by default (the paper's W_q, W_k have none): a bias lets an address depend on position alone
@@ -137,8 +144,20 @@ class RAMNetMixer(nnx.Module):
         v = outputs[2].reshape(batch, seq_len, self.num_heads, self.d_v)
         return q, k, v, new_windows
 
+    def _held_factors(self, x: jax.Array) -> jax.Array:
+        """q or k with the first U - active_factors factors' logits replaced by fixed ones on digit 0 (no gradient
+        reaches them): the addresses then range over the first d_p^active_factors slots."""
+        held = self.num_factors - self.active_factors
+        if held <= 0:
+            return x
+        factors = x.reshape(*x.shape[:-1], self.num_factors, -1)
+        fixed = FIXED_LOGIT * jax.nn.one_hot(0, factors.shape[-1], dtype=x.dtype)
+        is_held = (jnp.arange(self.num_factors) < held)[:, None]
+        return jnp.where(is_held, fixed, factors).reshape(x.shape)
+
     def _codes(self, q: jax.Array, k: jax.Array, positions: jax.Array):
         """Read codes of q and write codes of k, (idx, val) each `[batch, time, heads, K]`, CAPE applied."""
+        q, k = self._held_factors(q), self._held_factors(k)
         decode = functools.partial(ops.product_topk, num_factors=self.num_factors, top_k=self.active_top_k,
                                    impl=self.decoder_impl, sharding=self.kernel_sharding)
         with jax.named_scope("decoder"):  # names its share in profiles (experiments/profile_train_step.py)

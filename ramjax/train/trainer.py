@@ -31,7 +31,7 @@ from ramjax.data import lm_pipeline
 from ramjax.errors import ConfigError
 from ramjax.models.state_size import recurrent_state_size
 from ramjax.timing import environment
-from ramjax.train import multi_seed, preemption, run_record, sharding, top_k_schedule
+from ramjax.train import factor_schedule, multi_seed, preemption, run_record, sharding, top_k_schedule
 from ramjax.train.address_metrics import address_metrics
 from ramjax.train.checkpoint import Checkpoints
 from ramjax.train.evaluation import Batches, evaluate
@@ -102,6 +102,7 @@ def _prepare(config, workdir: str, devices) -> _Run:
         batch_sh = sharding.batch_sharding(config.mesh.rules, mesh)
         check_train_config(config, task, sharding.num_shards(batch_sh))
         top_k_schedule.check(config)
+        factor_schedule.check(config)
         _early_stop_accuracy(config)
         profiler = ProfileWindow(config.train.get("profile_steps", (0, 0)), os.path.join(workdir, "profile"))
         spec = abstract_model(config, mesh)
@@ -133,8 +134,8 @@ def _prepare(config, workdir: str, devices) -> _Run:
 
 
 class _TrainSteps:
-    """One jitted train step per top-K that RAM-Net's top-K schedule uses (one step without a schedule),
-    compiled when first needed; evaluation always runs the model's own K."""
+    """One jitted train step per (top-K, active factors) pair that RAM-Net's training schedules use (one step
+    without a schedule), compiled when first needed; evaluation always runs the model's own K and all factors."""
 
     def __init__(self, config, spec: ModelSpec, state_sh, rest_sh, batch_sh, mesh, num_seeds: int = 1):
         self.config, self.spec, self.num_seeds = config, spec, num_seeds
@@ -143,17 +144,20 @@ class _TrainSteps:
 
     def __call__(self, step: int):
         config, spec = self.config, self.spec
-        model_k = config.model.ramnet.top_k
+        model_k, num_factors = config.model.ramnet.top_k, config.model.ramnet.num_factors
         k = top_k_schedule.top_k_at(step, top_k_schedule.start_k(config), model_k,
                                     config.train.get("ramnet_top_k_anneal_steps", 0))
-        if k not in self.compiled:
+        active = factor_schedule.factors_at(step, factor_schedule.start_factors(config), num_factors,
+                                            config.train.get("ramnet_factors_grow_steps", 0))
+        if (k, active) not in self.compiled:
             graphdef = spec.graphdef
-            if k != model_k:
-                model = top_k_schedule.with_top_k(nnx.merge(spec.graphdef, spec.abstract_params, spec.abstract_rest), k)
+            if k != model_k or active != num_factors:
+                model = nnx.merge(spec.graphdef, spec.abstract_params, spec.abstract_rest)
+                model = factor_schedule.with_factors(top_k_schedule.with_top_k(model, k), active)
                 graphdef = nnx.split(model, nnx.Param, ...)[0]
-            self.compiled[k] = jit_train_step(config, graphdef, spec.tx, spec.schedule, *self.shardings,
-                                              num_seeds=self.num_seeds)
-        return self.compiled[k]
+            self.compiled[k, active] = jit_train_step(config, graphdef, spec.tx, spec.schedule, *self.shardings,
+                                                      num_seeds=self.num_seeds)
+        return self.compiled[k, active]
 
 
 # --- resume: the newest good checkpoint, or a fresh state ---------------------------------------------------
