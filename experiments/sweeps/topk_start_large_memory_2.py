@@ -31,9 +31,10 @@ METHODS = {  # memory size -> (U, start K, anneal steps, training steps[, train.
     # M = 2^20 (U 10): start 512 (K^2 / M = 1/4) over 1000 steps.
     "1048576": (10, 512, 1000, 1500),
     # 65536_longer gave 0.986 / 0.007 / 0.999: again 2 of 3 seeds, a different two. At M 4096, K^2 / M = 4 at the
-    # start learned on 3 of 3 seeds where 1 learned on 2 of 3: so start 512 here (K^2 / M = 4), its step's
-    # activations in 4 slices (train.microbatches) to fit beside two others on one GPU.
-    "65536_k512": (8, 512, 1000, 1500, 4),
+    # start learned on 3 of 3 seeds where 1 learned on 2 of 3: so start 512 here (K^2 / M = 4). (First run,
+    # 2026-12-01, in 4 microbatches: ~4 s a step, most of it the decoder's pairwise rank of the K = 512 beam, now
+    # a sort above K = 32: ramjax/ops/addressing/decoder.py.)
+    "65536_k512": (8, 512, 1000, 1500),
 }
 
 

@@ -51,16 +51,26 @@ def factor_size(key_size: int, num_factors: int) -> int:
     return key_size // num_factors
 
 
+# Above this K the kept positions are put in order by a sort rather than by comparing every pair: the pairwise
+# rank materialises [rows, K, K], which at K = 512 (a top-K schedule's start at M = 65536) is 2^18 entries per
+# row per factor, most of a ~4 s train step and tens of GB (experiments/results/large_memory.md). At and below it
+# the measured comparison path stays (a K of a few dozen is what the model keeps).
+RANK_BY_COMPARISON_MAX_K = 32
+
+
 def _top_k_in_index_order(values: jax.Array, indices: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """The k largest of `values` (ties to the lower position), returned in position order.
 
     Callers keep `indices` increasing along the last axis, so position order is index order and the ties go
-    to the lower index. `lax.top_k` plus a rank computed by comparisons: no sort kernel, which on GPUs costs
-    far more than these rows of a few dozen entries are worth.
+    to the lower index. `lax.top_k`, then for small k a rank computed by comparisons (no sort kernel, which on
+    GPUs costs far more than rows of a few dozen entries are worth), for larger k a sort of the k positions.
     """
     _, pos = jax.lax.top_k(values, k)
-    rank = jnp.sum(pos[..., None, :] < pos[..., :, None], axis=-1)  # where each kept position goes
-    in_order = jnp.sum(jnp.where(rank[..., :, None] == jnp.arange(k), pos[..., :, None], 0), axis=-2)
+    if k > RANK_BY_COMPARISON_MAX_K:
+        in_order = jnp.sort(pos, axis=-1)  # the positions are distinct: their order is the rank order
+    else:
+        rank = jnp.sum(pos[..., None, :] < pos[..., :, None], axis=-1)  # where each kept position goes
+        in_order = jnp.sum(jnp.where(rank[..., :, None] == jnp.arange(k), pos[..., :, None], 0), axis=-2)
     return jnp.take_along_axis(values, in_order, axis=-1), jnp.take_along_axis(indices, in_order, axis=-1)
 
 
