@@ -145,6 +145,7 @@ ECHO_ENV = ("import os, sys; open(sys.argv[1], 'w').write(os.environ.get('CUDA_V
 
 def test_launcher_gives_each_run_a_device_and_a_share_of_its_memory(tmp_path, monkeypatch):
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    monkeypatch.setattr(sweep.launcher, "gpu_memory_gb", lambda device: None)  # no nvidia-smi: an even split
     launcher = sweep.Launcher(["0", "1"], max_parallel=4)
     seen = []
     for i in range(4):
@@ -219,8 +220,22 @@ def test_a_sweep_directory_refuses_other_overrides(tmp_path):
 
 def test_runs_sharing_the_default_device_share_its_memory(monkeypatch):
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    monkeypatch.setattr(sweep.launcher, "gpu_memory_gb", lambda device: None)
     assert sweep.Launcher([], max_parallel=6).memory_fraction == f"{0.9 / 6:.3f}"
     assert sweep.Launcher([], max_parallel=1).memory_fraction is None
+
+
+def test_a_gpus_share_leaves_room_for_each_process_outside_the_pool(monkeypatch):
+    """12 runs on an H200 (~150 GB): 90% less 12 x 4 GB, split 12 ways, not 0.9 / 12 (which ran out of memory)."""
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    asked = []
+    monkeypatch.setattr(sweep.launcher, "gpu_memory_gb", lambda device: asked.append(device) or 150.0)
+    share = float(sweep.Launcher([], max_parallel=12).memory_fraction)
+    assert share == pytest.approx((0.9 * 150 - 12 * sweep.launcher.PROCESS_OVERHEAD_GB) / 12 / 150, abs=1e-3)
+    assert share * 12 * 150 + 12 * sweep.launcher.PROCESS_OVERHEAD_GB <= 0.9 * 150 + 0.1
+    assert float(sweep.Launcher(["2", "3"], max_parallel=4).memory_fraction) > share and asked[-1] == "2"
+    with pytest.raises(ConfigError, match=r"--max-parallel: 40 runs on one GPU of 150 GB"):
+        sweep.Launcher([], max_parallel=40)
 
 
 def test_failed_run_error_is_the_exception_not_the_progress_bar():

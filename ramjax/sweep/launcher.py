@@ -25,6 +25,39 @@ def printable(command: list[str]) -> str:
     return shlex.join(["ramjax"] + command[3:])
 
 
+# Device memory a training process holds outside XLA's pool (CUDA context, library workspaces, command-buffer
+# graphs): measured on one H200 with jax 0.11 (2026-12-01), 10 processes with 9.7 GB pools used 135 GB, ~3.8 GB
+# each beyond its pool; 12 runs at the old default split (0.9 / 12 of the memory each) ran out of memory
+# instantiating their command buffers.
+PROCESS_OVERHEAD_GB = 4.0
+
+
+def gpu_memory_gb(device: str | None) -> float | None:
+    """Total memory of GPU `device` (the first one for None) in GB from nvidia-smi; None without one."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits",
+                               "-i", device or "0"], capture_output=True, text=True, timeout=30)
+        return float(done.stdout.split()[0]) * 2**20 / 1e9 if done.returncode == 0 else None  # MiB -> GB
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def memory_share(runs_per_device: int, device: str | None) -> str | None:
+    """XLA_PYTHON_CLIENT_MEM_FRACTION for each of `runs_per_device` runs sharing a GPU: 90% of its memory, less
+    each process's memory outside the pool, split evenly (None for one run: XLA's own default)."""
+    if runs_per_device <= 1:
+        return None
+    total = gpu_memory_gb(device)
+    if total is None:  # no nvidia-smi (a CPU, or another accelerator): an even split of 90%
+        return f"{0.9 / runs_per_device:.3f}"
+    share = (0.9 * total - runs_per_device * PROCESS_OVERHEAD_GB) / runs_per_device / total
+    if share < 0.005:
+        raise ConfigError(f"--max-parallel: {runs_per_device} runs on one GPU of {total:.0f} GB leave each less "
+                          f"than 0.5% of it once each process's ~{PROCESS_OVERHEAD_GB:.0f} GB outside XLA's pool is "
+                          f"counted; run fewer at a time, or set XLA_PYTHON_CLIENT_MEM_FRACTION yourself")
+    return f"{share:.3f}"
+
+
 def run_status(workdir: str) -> str:
     """finished, failed, unfinished (a checkpoint or a log, no summary) or new."""
     if os.path.exists(os.path.join(workdir, "summary.json")):
@@ -43,8 +76,9 @@ class Launcher:
             self.slots.put(devices[i % len(devices)] if devices else None)
         # Without --devices every run shares the default device: split its memory between them too.
         per_device = -(-max_parallel // len(devices)) if devices else max_parallel
-        self.memory_fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION",
-                                              f"{0.9 / per_device:.3f}" if per_device > 1 else None)
+        self.memory_fraction = (os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]
+                                if "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ
+                                else memory_share(per_device, devices[0] if devices else None))
         self.stopping = False
         self.running: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
