@@ -64,9 +64,10 @@ def test_product_topk_equals_brute_force(problem):
     assert np.all(np.diff(np.asarray(val), axis=-1) <= 0), "values must be sorted descending"
 
 
-# (4, 4, 40), (2, 16, 100): K above RANK_BY_COMPARISON_MAX_K, where the beam is put in index order by a sort
+# (4, 4, 40), (2, 16, 100): K above RANK_BY_COMPARISON_MAX_K, where the beam is put in index order by a sort;
+# (1, 1024, 8): a factor wider than the kernel takes, whose softmax is summed by jnp.sum
 @pytest.mark.parametrize("num_factors,d_p,top_k", [(1, 7, 3), (2, 2, 4), (3, 4, 8), (5, 4, 8), (2, 16, 16),
-                                                   (4, 4, 40), (2, 16, 100)])
+                                                   (4, 4, 40), (2, 16, 100), (1, 1024, 8)])
 def test_product_topk_with_temperature(num_factors, d_p, top_k):
     x = np.random.default_rng(1).normal(size=(3, 5, num_factors * d_p)).astype(np.float32)
     idx, val = product_topk(x, num_factors=num_factors, top_k=top_k, temperature=0.37)
