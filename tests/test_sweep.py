@@ -188,6 +188,26 @@ def test_report_shows_unfinished_runs_at_their_last_evaluation(tmp_path):
     assert "| unfinished |" in (out / "results.md").read_text()
 
 
+def test_report_gives_a_multi_seed_runs_best_of_each_seed(tmp_path):
+    """Each seed's best evaluation so far (mean +- std over seeds, the worst seed's best), and a Markdown table
+    without the per-seed columns (they stay in the CSV)."""
+    (tmp_path / "grid.py").write_text(SWEEP)
+    runs, _, names = sweep.load_sweep(str(tmp_path / "grid.py"))
+    out = tmp_path / "out"
+    run = out / names[0]
+    run.mkdir(parents=True)
+    rows = [{"step": 100, "eval/accuracy/mean": 0.5, "eval/accuracy/mean/seed_0": 0.2, "eval/accuracy/mean/seed_1": 0.8},
+            {"step": 200, "eval/accuracy/mean": 0.45, "eval/accuracy/mean/seed_0": 0.6, "eval/accuracy/mean/seed_1": 0.3}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3')
+    row = sweep.sweep("tiny.py", str(tmp_path / "grid.py"), workdir=str(out), report_only=True)[0]
+    assert row["best/accuracy/mean"] == pytest.approx(0.7) and row["best/accuracy/std"] == pytest.approx(0.1)
+    assert row["best/accuracy/min"] == 0.6 and row["best/accuracy/per_seed"] == "0.600 0.800"
+    assert row["eval_step"] == 200 and row["eval/accuracy/mean/seed_0"] == 0.6  # the last evaluation too
+    table = (out / "results.md").read_text()
+    assert "best/accuracy/mean" in table and "seed_0" not in table
+    assert "eval/accuracy/mean/seed_0" in (out / "results.csv").read_text()
+
+
 def test_best_rows_keeps_the_best_run_of_each_combination():
     rows = [{"model": "a", "lr": 1e-2, "acc": 0.1}, {"model": "a", "lr": 3e-3, "acc": 0.7},
             {"model": "b", "lr": 1e-2, "acc": 0.5}, {"model": "b", "lr": 3e-3, "acc": None},

@@ -27,8 +27,10 @@ def collect(sweep_dir: str, names: list[str], runs: list[dict]) -> list[dict]:
                         "state_size": summary.get("state_size"),
                         "wall_s": round(summary.get("wall_s", float("nan")), 1),
                         "train/loss": summary.get("train", {}).get("loss")})
+            row.update(best_of_seeds(directory))
             row.update(summary.get("eval", {}))
         elif status == "unfinished":
+            row.update(best_of_seeds(directory))
             row.update(last_evaluation(directory))
         elif status == "failed":
             with open(os.path.join(directory, "error.txt")) as f:
@@ -55,20 +57,49 @@ def error_summary(lines: list[str]) -> str:
 
 def last_evaluation(directory: str) -> dict:
     """The newest evaluation an unfinished run logged (its step as eval_step), from metrics.jsonl."""
-    path = os.path.join(directory, "metrics.jsonl")
     latest = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a kill
-                if any(k.startswith("eval/") for k in record):
-                    latest = record
+    for record in _records(directory):
+        if any(k.startswith("eval/") for k in record):
+            latest = record
     if not latest:
         return {}
     return {"eval_step": latest.get("step"), **{k: v for k, v in latest.items() if k.startswith("eval/")}}
+
+
+_SEED_METRIC = re.compile(r"^eval/accuracy/mean/seed_(\d+)$")
+
+
+def best_of_seeds(directory: str) -> dict:
+    """A multi-seed run (train.num_seeds > 1): each seed's best evaluation so far (its highest mean accuracy
+    over slices, from metrics.jsonl) as best/accuracy/mean and /std over seeds, the worst seed's best, and the
+    seeds' bests in seed order (best/accuracy/per_seed); {} for a single-seed run. The papers we compare with
+    report these (the best evaluation of each seed, mean +- std)."""
+    best = {}
+    for record in _records(directory):
+        for key, value in record.items():
+            match = _SEED_METRIC.match(key)
+            if match and isinstance(value, (int, float)):
+                seed = int(match[1])
+                best[seed] = max(best.get(seed, value), value)
+    if not best:
+        return {}
+    values = [best[seed] for seed in sorted(best)]
+    mean = sum(values) / len(values)
+    return {"best/accuracy/mean": mean, "best/accuracy/std": (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5,
+            "best/accuracy/min": min(values), "best/accuracy/per_seed": " ".join(f"{v:.3f}" for v in values)}
+
+
+def _records(directory: str):
+    """metrics.jsonl's records; a line cut short by a kill is skipped."""
+    path = os.path.join(directory, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
 
 
 def _columns(rows: list[dict]) -> list[str]:
@@ -92,6 +123,8 @@ def write_results(sweep_dir: str, rows: list[dict], runs: list[dict], plot) -> N
             return f"{value:.4g}"
         return str(value).replace("|", "/")
 
+    # Markdown: one seed's numbers stay in the CSV; the table keeps the means, stds and best-of-seed columns.
+    columns = [c for c in columns if not re.search(r"/seed_\d+$", c)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     with open(os.path.join(sweep_dir, "results.md"), "w") as f:
