@@ -40,6 +40,10 @@ def check(config) -> None:
         value = t.get(name, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"train.{name}: must be an integer >= 0 (0: no schedule), got {value!r}")
+    if start_factors(config) and not t.get("ramnet_factors_grow_steps", 0):
+        raise ConfigError(f"train.ramnet_factors_grow_steps: must be > 0 when train.ramnet_factors_start = "
+                          f"{t.ramnet_factors_start} (< model.ramnet.num_factors = {config.model.ramnet.num_factors}) "
+                          "asks for a schedule; got 0")
 
 
 def start_factors(config) -> int:
