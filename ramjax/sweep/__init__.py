@@ -20,7 +20,8 @@ runs/sweeps/<sweep file name>), so a crash of one run does not end the sweep. Re
 finished runs and resumes unfinished ones. `--dry-run` prints the `ramjax train` command of every run (for a
 cluster scheduler) and runs nothing. `--devices` spreads the runs over those GPUs (each run sees one, through
 CUDA_VISIBLE_DEVICES; with --max-parallel above the number of GPUs, runs share them, each with an equal part of
-the GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is set). At the end, results.csv, results.md and plots
+90% of the GPU's memory less what a process holds outside XLA's pool, unless XLA_PYTHON_CLIENT_MEM_FRACTION is
+set: launcher.memory_share). At the end, results.csv, results.md and plots
 (PNG) are written to the sweep directory; a failed run is a row saying so, with the
 end of its error output, and an unfinished one (stopped, or still running elsewhere) shows its last evaluation.
 `--report` only writes those results from the runs' directories. SIGTERM (a scheduler's time limit) is passed on
