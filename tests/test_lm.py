@@ -241,6 +241,9 @@ def test_a_prepared_tfds_dataset_reads_by_name(corpus, tmp_path):
         iterator.close()
 
 
+# slow: ~26 s on 2 cores (a subprocess that trains nothing but imports, restores and decodes); decoding itself
+# (prefill + decode == the full forward pass, every mixer) is tests/test_decode.py's, in the default run.
+@pytest.mark.slow
 def test_ramjax_generate_prints_a_continuation(corpus, tmp_path):
     """`ramjax generate` on a tiny trained LM (SentencePiece tokenizer, a hybrid) in a subprocess: text, no
     traceback; a batch of prompts from a file gives one continuation each."""

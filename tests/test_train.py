@@ -67,7 +67,7 @@ def assert_trees_equal(a, b):
 # The lambda modes other than the default are layer-tested (FenwickDecay); their full training runs are `slow`.
 # hybrid (~30 s on 2 cores, 4 layers) is `slow` too: each of its mixers trains here on its own, and the hybrid
 # model is checked by tests/test_layers.py (causal, scanned == unscanned) and tests/test_decode.py (generate).
-SLOW_VARIANTS = ("hybrid",)
+SLOW_VARIANTS = ("hybrid", "loglinear_gated_deltanet")  # the latter ~14 s: its op is tests/test_fenwick.py's
 VARIANTS_IN_CI = [pytest.param(v, marks=pytest.mark.slow) if v in SLOW_VARIANTS else v for v in MQAR.MODEL_VARIANTS] + [
     pytest.param(f"loglinear_mamba2,{mode}", marks=pytest.mark.slow) for mode in ("fixed", "linear", "mlp_softmax")]
 
