@@ -17,7 +17,7 @@ from ramjax.train.setup import make_task, restore_state
 from ramjax.train.step import make_eval_step
 from ramjax.train.trainer import train
 from test_top_k_schedule import _Put
-from test_train import assert_trees_equal, interrupt_batch_at, restore_final
+from test_train import assert_interrupted_run_resumes_exactly
 from tiny import tiny_config
 
 
@@ -108,13 +108,4 @@ def test_scheduled_run_evaluates_with_every_factor_and_resumes_exactly(tmp_path,
     for name, value in again.items():  # the logged evaluation is the whole model's on the trained parameters
         assert value == pytest.approx(summary["eval"][name], rel=1e-5), name
     # interrupted at step 4 (one factor), resumed across the growth to two at step 6
-    train(schedule_config(), str(tmp_path / "a"))
-    interrupt_batch_at(monkeypatch, 4)
-    with pytest.raises(SystemExit):
-        train(schedule_config(), str(tmp_path / "b"))
-    monkeypatch.undo()
-    train(schedule_config(), str(tmp_path / "b"))
-    state_a, meta_a = restore_final(str(tmp_path / "a"))
-    state_b, meta_b = restore_final(str(tmp_path / "b"))
-    assert meta_a == meta_b and meta_a["step"] == 8
-    assert_trees_equal(state_a, state_b)
+    assert_interrupted_run_resumes_exactly(schedule_config, tmp_path / "resume", monkeypatch, at=4)

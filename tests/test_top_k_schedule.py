@@ -11,7 +11,7 @@ from ramjax.train.step import make_eval_step
 from ramjax.train.setup import make_task, restore_state
 from ramjax.train.evaluation import evaluate
 from ramjax.train.trainer import train
-from test_train import assert_trees_equal, interrupt_batch_at, restore_final
+from test_train import assert_interrupted_run_resumes_exactly
 from tiny import tiny_config
 
 
@@ -65,16 +65,7 @@ def _without_schedule():
 @pytest.mark.slow
 def test_interrupted_scheduled_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
     """Interrupted at step 4 (inside the K = 4 phase), resumed across the change to K = 2 at step 6."""
-    train(schedule_config(), str(tmp_path / "a"))
-    interrupt_batch_at(monkeypatch, 4)
-    with pytest.raises(SystemExit):
-        train(schedule_config(), str(tmp_path / "b"))
-    monkeypatch.undo()
-    train(schedule_config(), str(tmp_path / "b"))
-    state_a, meta_a = restore_final(str(tmp_path / "a"))
-    state_b, meta_b = restore_final(str(tmp_path / "b"))
-    assert meta_a == meta_b and meta_a["step"] == 8
-    assert_trees_equal(state_a, state_b)
+    assert_interrupted_run_resumes_exactly(schedule_config, tmp_path, monkeypatch, at=4)
 
 
 def test_start_above_the_memory_size_means_every_slot():

@@ -64,6 +64,21 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
+def assert_interrupted_run_resumes_exactly(make_config, tmp_path, monkeypatch, at: int) -> None:
+    """A run of make_config() interrupted while the batch of step `at` is made, then resumed, ends with the
+    uninterrupted run's final checkpoint, bit for bit."""
+    train(make_config(), str(tmp_path / "a"))
+    interrupt_batch_at(monkeypatch, at)
+    with pytest.raises(SystemExit):
+        train(make_config(), str(tmp_path / "b"))
+    monkeypatch.undo()
+    train(make_config(), str(tmp_path / "b"))
+    state_a, meta_a = restore_final(str(tmp_path / "a"))
+    state_b, meta_b = restore_final(str(tmp_path / "b"))
+    assert meta_a == meta_b and meta_a["step"] == make_config().train.num_steps
+    assert_trees_equal(state_a, state_b)
+
+
 # The lambda modes other than the default are layer-tested (FenwickDecay); their full training runs are `slow`.
 # hybrid (~30 s on 2 cores, 4 layers) is `slow` too: each of its mixers trains here on its own, and the hybrid
 # model is checked by tests/test_layers.py (causal, scanned == unscanned) and tests/test_decode.py (generate).
