@@ -8,9 +8,11 @@ import itertools
 import json
 import os
 import re
+import statistics
 
 from ramjax.sweep.grid import format_value
 from ramjax.sweep.launcher import run_status
+from ramjax.train.metrics import best_per_seed
 
 
 def collect(sweep_dir: str, names: list[str], runs: list[dict]) -> list[dict]:
@@ -66,26 +68,20 @@ def last_evaluation(directory: str) -> dict:
     return {"eval_step": latest.get("step"), **{k: v for k, v in latest.items() if k.startswith("eval/")}}
 
 
-_SEED_METRIC = re.compile(r"^eval/accuracy/mean/seed_(\d+)$")
-
-
 def best_of_seeds(directory: str) -> dict:
-    """A multi-seed run (train.num_seeds > 1): each seed's best evaluation so far (its highest mean accuracy
-    over slices, from metrics.jsonl) as best/accuracy/mean and /std over seeds, the worst seed's best, and the
-    seeds' bests in seed order (best/accuracy/per_seed); {} for a single-seed run. The papers we compare with
-    report these (the best evaluation of each seed, mean +- std)."""
-    best = {}
-    for record in _records(directory):
-        for key, value in record.items():
-            match = _SEED_METRIC.match(key)
-            if match and isinstance(value, (int, float)):
-                seed = int(match[1])
-                best[seed] = max(best.get(seed, value), value)
-    if not best:
+    """A multi-seed run (train.num_seeds > 1 in its config.json): each seed's best evaluation so far (its highest
+    mean accuracy over slices) as best/accuracy/mean and /std over seeds, the worst seed's best, and the seeds'
+    bests in seed order (best/accuracy/per_seed); {} for a single-seed run or none evaluated yet. The papers we
+    compare with report these (the best evaluation of each seed, mean +- std)."""
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            n = json.load(f).get("train", {}).get("num_seeds", 1)
+        values = [b["accuracy"] for b in best_per_seed(directory, n) if b["step"] is not None] if n > 1 else []
+    except (OSError, ValueError):  # no record yet, or a damaged metrics.jsonl: the row says what it can
         return {}
-    values = [best[seed] for seed in sorted(best)]
-    mean = sum(values) / len(values)
-    return {"best/accuracy/mean": mean, "best/accuracy/std": (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5,
+    if not values:
+        return {}
+    return {"best/accuracy/mean": statistics.fmean(values), "best/accuracy/std": statistics.pstdev(values),
             "best/accuracy/min": min(values), "best/accuracy/per_seed": " ".join(f"{v:.3f}" for v in values)}
 
 

@@ -1,7 +1,7 @@
 """Training RAM-Net with a memory that grows to the model's M = d_p^U slots, one address factor at a time.
 
-The top-K schedule (top_k_schedule.py) widens the reads and writes so that they meet at initialisation; its cost
-grows with K, and at M = 65536 a start K of 512 took seconds per step. This schedule instead narrows the memory:
+The top-K schedule (top_k_schedule.py) widens the reads and writes so that they meet at initialisation, and its
+decoder's work grows with K. This schedule instead narrows the memory at the model's own K:
 while only A of the U factors are active, the first U - A factors (the most significant digits of a slot) are
 held at digit 0 for every read and write, so the addresses range over d_p^A slots, where K slots per token meet
 as often as in a memory that small. Each phase frees the next factor until all U are, the model's own memory.

@@ -71,3 +71,15 @@ def read_metrics(workdir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [record for record in _parse_lines(f.readlines(), path) if record is not None]
+
+
+def best_per_seed(workdir: str, n: int) -> list[dict]:
+    """Each seed's best evaluation (highest mean accuracy over slices) in a train.num_seeds = n run's
+    metrics.jsonl, with its step (step None for a seed not yet evaluated)."""
+    best = [{"step": None, "accuracy": -1.0} for _ in range(n)]
+    for row in read_metrics(workdir):  # a torn last line (a crash while writing it) is skipped
+        for i in range(n):
+            value = row.get(f"eval/accuracy/mean/seed_{i}")
+            if isinstance(value, (int, float)) and value > best[i]["accuracy"]:
+                best[i] = {"step": row["step"], "accuracy": value}
+    return best

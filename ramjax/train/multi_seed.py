@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ramjax.data.tasks import Batch, SyntheticTask
 from ramjax.errors import ConfigError
 from ramjax.train.evaluation import slice_totals
-from ramjax.train.metrics import read_metrics
+from ramjax.train.metrics import best_per_seed
 
 STACKED = ("params", "opt_state")  # the state entries with a seed axis; "step" is shared
 
@@ -180,17 +180,6 @@ def evaluate(eval_step, params, rest, task, batches, n: int) -> dict:
         results.update({f"{name}/seed_{i}": float(values[i]) for i in range(n)})
     results["eval/accuracy/mean/min"] = float(np.min(per_seed["eval/accuracy/mean"]))
     return results
-
-
-def best_per_seed(workdir: str, n: int) -> list[dict]:
-    """Each seed's best evaluation (highest mean accuracy over slices) in the run's metrics.jsonl, with its step."""
-    best = [{"step": None, "accuracy": -1.0} for _ in range(n)]
-    for row in read_metrics(workdir):  # a torn last line (a crash while writing it) is skipped
-        for i in range(n):
-            value = row.get(f"eval/accuracy/mean/seed_{i}")
-            if isinstance(value, (int, float)) and value > best[i]["accuracy"]:
-                best[i] = {"step": row["step"], "accuracy": value}
-    return best
 
 
 def summary_fields(config, workdir: str) -> dict:
