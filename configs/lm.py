@@ -56,8 +56,8 @@ def get_config(variant: str = "ramnet"):
     config.train.num_steps = 10000
     config.train.eval_every = 1000
     config.train.checkpoint_every = 500
-    # train.ramnet_top_k_start / _anneal_steps (32 -> 8 over 500 steps) come from the MQAR config, where they let
-    # M = 1024 learn; on language modelling they are not yet measured against the plain model.
+    # train.ramnet_factors_start / _grow_steps (3 factors growing to U over 600 steps) come from the MQAR config,
+    # where they let M = 1024 and 4096 learn at K = 8; on language modelling not yet measured against the plain model.
 
     if "cpu" in parts:
         d.seq_len, d.batch_size, d.eval_examples, d.eval_batch_size = 128, 8, 32, 8
@@ -70,6 +70,5 @@ def get_config(variant: str = "ramnet"):
         m.loglinear.num_levels = 9
         config.train.num_steps, config.train.eval_every, config.train.checkpoint_every = 300, 100, 100
         config.optim.warmup_steps = 50
-        config.train.ramnet_top_k_start = config.train.ramnet_top_k_anneal_steps = 0  # M = 64: not needed
     set_model(m, model, parts)
     return config

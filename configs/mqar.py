@@ -102,13 +102,18 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
     # learned (0.997-0.999 mean accuracy, experiments/results/topk_method.md). Larger memories need a larger start
     # and a longer anneal: M = 4096 learned on 3 of 3 seeds with 128 over 700 steps (0.992-0.998; 128 over 500: 2
     # of 3); M = 65536 stayed at chance with 256 over 500 (experiments/results/large_memory.md).
-    config.train.ramnet_top_k_start = 32
-    config.train.ramnet_top_k_anneal_steps = 500
+    # Off by default since the factor schedule below does the same job at the model's K (cheaper steps, and it
+    # also learns at M = 65536 where this did not).
+    config.train.ramnet_top_k_start = 0
+    config.train.ramnet_top_k_anneal_steps = 0
     # RAM-Net trained with a memory that grows to M = d_p^U one factor at a time (ramjax/train/factor_schedule.py):
     # the first U - A factors held at digit 0 while A are active, A growing from ramnet_factors_start to U in equal
-    # phases over ramnet_factors_grow_steps; 0 = train with all factors. Evaluation always uses all of them.
-    config.train.ramnet_factors_start = 0
-    config.train.ramnet_factors_grow_steps = 0
+    # phases over ramnet_factors_grow_steps; 0 = train with all factors. Evaluation always uses all of them. With
+    # 3 factors (64 slots at d_p 4) growing over 600 steps, K = 8 learned MQAR at M = 1024 (0.999 mean, 3 seeds)
+    # and over 700 at M = 4096 (0.997); over 1000 at M = 65536 it needed 1500 steps (0.968). Without it, both stay
+    # at chance (experiments/results/large_memory.md). A memory of at most d_p^3 slots has no schedule.
+    config.train.ramnet_factors_start = 3
+    config.train.ramnet_factors_grow_steps = 600
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: the devices the other axes leave
@@ -149,8 +154,6 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
         config.train.checkpoint_every = 250
         config.optim.warmup_steps = 100
         config.optim.learning_rate = 1e-2
-        # M = 64, K = 4 learns without the top-K schedule, and each K of a schedule is one more compile.
-        config.train.ramnet_top_k_start = config.train.ramnet_top_k_anneal_steps = 0
     if "fig4" in parts:
         # The small Figure-4 regime (experiments/results/fig4_ramnet_ablations.md), at the memory issue 16 is about.
         config.data.vocab_size = m.vocab_size = 512
@@ -158,7 +161,6 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
         config.data.eval_settings = "4:64,8:64,16:64,32:128,64:256"
         m.ramnet.num_factors, m.ramnet.factor_size, m.ramnet.top_k, m.ramnet.d_v = 5, 4, 8, 64
         config.train.num_steps = 1000
-        config.train.ramnet_top_k_start, config.train.ramnet_top_k_anneal_steps = 32, 500
         config.train.eval_every = 500
         config.train.checkpoint_every = 500
     set_model(m, model, parts)

@@ -1,6 +1,8 @@
 """RAM-Net's factor schedule (a memory that grows one address factor at a time): the active factors of each step,
 the addresses of a layer with held factors, evaluation with every factor, exact resumption."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,6 +93,17 @@ def test_start_factors_and_the_fields_checks(tmp_path):
     config.train.ramnet_factors_grow_steps = 0  # a start with nothing to grow over: said, not ignored
     with pytest.raises(ConfigError, match=r"ramnet_factors_grow_steps: must be > 0 when train.ramnet_factors_start = 1"):
         factor_schedule.check(config)
+
+
+def test_a_growth_longer_than_the_run_is_warned_about():
+    config = schedule_config(steps=4)  # ends inside the one-factor phase (growth over 6 steps)
+    with pytest.warns(UserWarning, match=r"ramnet_factors_grow_steps = 6 >= train.num_steps = 4: training ends with 1 "
+                                         r"of model.ramnet.num_factors = 2 factors active"):
+        factor_schedule.check(config)
+    config.train.num_steps = 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        factor_schedule.check(config)  # the last step has every factor: nothing to say
 
 
 # slow: ~40 s on 2 cores (a compiled step per phase, a plain run, and an interrupted one); the schedule itself and

@@ -71,6 +71,22 @@ def test_a_sweep_file_argument_goes_to_get_sweep(tmp_path):
         sweep.load_sweep(f"{plain}:1")
 
 
+def test_fixed_fields_reach_every_run_but_not_its_name(tmp_path):
+    path = tmp_path / "pinned.py"
+    path.write_text("from ramjax.sweep import values\n"
+                    "FIXED = {'train.ramnet_top_k_start': 32}\n"
+                    "def get_sweep():\n    return values('model.d_model', [8, 16])\n")
+    runs, _, names = sweep.load_sweep(str(path))
+    assert runs == [{"train.ramnet_top_k_start": 32, "model.d_model": 8},
+                    {"train.ramnet_top_k_start": 32, "model.d_model": 16}]
+    assert names == ["000-d_model=8", "001-d_model=16"]
+    path.write_text("from ramjax.sweep import values\n"
+                    "FIXED = {'model.d_model': 4}\n"
+                    "def get_sweep():\n    return values('model.d_model', [8, 16])\n")
+    with pytest.raises(ConfigError, match="'model.d_model' is both in FIXED and swept"):
+        sweep.load_sweep(str(path))
+
+
 TINY_CONFIG = f"""
 import sys
 sys.path.insert(0, {str(ROOT / "tests")!r})

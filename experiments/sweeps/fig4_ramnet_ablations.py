@@ -12,6 +12,11 @@ from ramjax.sweep import values, zipped
 PLOT = {"x": "run", "y": ["eval/accuracy/mean"], "series": []}
 
 
+# What these runs trained with when their results were recorded: neither the top-K anneal nor the factor schedule
+# (the factor schedule is now configs/mqar.py's default).
+FIXED = {"train.ramnet_top_k_start": 0, "train.ramnet_factors_start": 0}
+
+
 def get_sweep():
     over_u = zipped(values("model.ramnet.num_factors", [1, 2, 5, 10]),
                     values("model.ramnet.factor_size", [1024, 32, 4, 2]),

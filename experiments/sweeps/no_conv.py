@@ -17,6 +17,11 @@ from ramjax.sweep import product, values, zipped
 PLOT = {"x": "model.ramnet.cape", "y": ["eval/accuracy/mean"], "series": ["model.ramnet.qk_bias"]}
 
 
+# What these runs trained with when their results were recorded: the top-K anneal 32 -> 8 over 500 steps, then
+# the fig4 default. The factor schedule has since replaced it as the default (configs/mqar.py).
+FIXED = {"train.ramnet_top_k_start": 32, "train.ramnet_top_k_anneal_steps": 500, "train.ramnet_factors_start": 0}
+
+
 def get_sweep(which: str = ""):
     """The options above, or `no_conv.py:offset`: CAPE heads started as relative addresses
     (model.ramnet.cape_offset_bias; q/k bias on) on layer 0 only or on both layers, at two bias strengths."""

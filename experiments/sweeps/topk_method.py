@@ -14,6 +14,10 @@ PLOT = {"x": "train.init_seed", "y": ["eval/accuracy/mean"],
         "series": ["train.ramnet_top_k_start", "model.ramnet.qk_bias"]}
 
 
+# The top-K anneal alone, as when these runs were recorded (the factor schedule is now configs/mqar.py's default).
+FIXED = {"train.ramnet_factors_start": 0}
+
+
 def get_sweep():
     methods = (zipped(values("train.ramnet_top_k_start", [0, 32, 64, 0, 32]),
                       values("train.ramnet_top_k_anneal_steps", [0, 500, 700, 0, 500]),

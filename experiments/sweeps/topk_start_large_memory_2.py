@@ -38,6 +38,10 @@ METHODS = {  # memory size -> (U, start K, anneal steps, training steps[, train.
 }
 
 
+# The top-K anneal alone, as when these runs were recorded (the factor schedule is now configs/mqar.py's default).
+FIXED = {"train.ramnet_factors_start": 0}
+
+
 def get_sweep(memory: str = "4096"):
     if memory not in METHODS:
         raise ValueError(f"topk_start_large_memory_2.py: unknown memory size {memory!r}; known: {sorted(METHODS)}")

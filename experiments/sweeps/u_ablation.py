@@ -18,6 +18,11 @@ PLOT = {"x": "model.ramnet.num_factors", "y": ["eval/accuracy/mean"], "series": 
 FACTORISATIONS = {1: 1024, 2: 32, 5: 4, 10: 2}  # U -> d_p, d_p^U = 1024
 
 
+# What these runs trained with when their results were recorded: the top-K anneal 32 -> 8 over 500 steps, then
+# the fig4 default. The factor schedule has since replaced it as the default (configs/mqar.py).
+FIXED = {"train.ramnet_top_k_start": 32, "train.ramnet_top_k_anneal_steps": 500, "train.ramnet_factors_start": 0}
+
+
 def get_sweep(num_factors: str = ""):
     """Every U, or only the one named (`u_ablation.py:1`: the U = 1 runs, 3-4x slower per step than the others)."""
     chosen = sorted(FACTORISATIONS)

@@ -87,6 +87,15 @@ def load_sweep(path: str):
         raise ConfigError(f"--sweep {path}: get_sweep() must return a non-empty list of runs (use values, product, "
                           "zipped from ramjax.sweep)")
     names = [run_name(i, r) for i, r in enumerate(runs)]
+    # FIXED: fields every run sets, not part of the run names (e.g. a method a later config default replaced, so
+    # the sweep keeps training what its results file records).
+    fixed = getattr(module, "FIXED", {})
+    if not isinstance(fixed, dict):
+        raise ConfigError(f"--sweep {path}: FIXED must be a dict of field -> value, got {type(fixed).__name__}")
+    both = sorted({field for run in runs for field in run if field in fixed})
+    if both:
+        raise ConfigError(f"--sweep {path}: {both[0]!r} is both in FIXED and swept by get_sweep(); keep one")
+    runs = [{**fixed, **r} for r in runs]
     plot = getattr(module, "PLOT", None)
     return runs, plot, names
 

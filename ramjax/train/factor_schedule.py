@@ -21,6 +21,8 @@ always runs the model with all U factors.
 
 from __future__ import annotations
 
+import warnings
+
 from ramjax.errors import ConfigError
 from ramjax.models import LanguageModel
 
@@ -44,6 +46,13 @@ def check(config) -> None:
         raise ConfigError(f"train.ramnet_factors_grow_steps: must be > 0 when train.ramnet_factors_start = "
                           f"{t.ramnet_factors_start} (< model.ramnet.num_factors = {config.model.ramnet.num_factors}) "
                           "asks for a schedule; got 0")
+    start, grow = start_factors(config), t.get("ramnet_factors_grow_steps", 0)
+    if start and grow > 0 and t.num_steps <= grow:
+        last = factors_at(t.num_steps - 1, start, config.model.ramnet.num_factors, grow)
+        warnings.warn(f"train.ramnet_factors_grow_steps = {grow} >= train.num_steps = {t.num_steps}: training ends "
+                      f"with {last} of model.ramnet.num_factors = {config.model.ramnet.num_factors} factors active, "
+                      "but evaluation uses all of them; shorten the growth, or set train.ramnet_factors_start = 0 "
+                      "to train with the whole memory", stacklevel=2)
 
 
 def start_factors(config) -> int:
