@@ -32,6 +32,9 @@ def get_config(variant: str = "anchors") -> ml_collections.ConfigDict:
     # (batch, seq_len): the anchor shapes of the shared peer timings (kernels/README.md).
     config.cases = ((8, 4096), (2, 16384), (1, 65536))
     config.results_file = "experiments/results/linear_ops_gpu.md"
+    # Module switches for an A/B timing, "package.module.NAME=value" each (ramjax.timing.apply_module_settings),
+    # e.g. ("kernels.gla_chunk.DQK_PER_SUB_CHUNK=True",); set before anything is traced, named in the results head.
+    config.kernel_settings = ()
     if variant == "cpu":
         config.num_heads, config.head_dim = 2, 16
         config.dtype = "float32"

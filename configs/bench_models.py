@@ -63,6 +63,9 @@ def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:
     config.results_file = "experiments/results/bench_models.md"  # and .json beside it
     # Added to XLA_FLAGS (a flag already there is left alone) before JAX starts its backend; "" for none.
     config.xla_flags = ""
+    # Module switches for an A/B timing, "package.module.NAME=value" each (ramjax.timing.apply_module_settings),
+    # e.g. ("kernels.gla_chunk.DQK_PER_SUB_CHUNK=True",); they apply to every row of the run.
+    config.kernel_settings = ()
     if variant == "cpu":
         config.model_config = "configs/lm.py:transformer,cpu"  # d_model 64, 2 layers, 2 heads, RAM-Net impl scan
         config.model_overrides = "model.dtype=float32"

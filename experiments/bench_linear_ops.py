@@ -160,6 +160,10 @@ def main(argv) -> None:
     unknown = sorted(set(config.ops) - set(config.impls))
     if unknown:
         raise SystemExit(f"bench_linear_ops: config.ops has {unknown}; known: {sorted(config.impls)}")
+    try:
+        timing.apply_module_settings(config.kernel_settings)
+    except ValueError as error:
+        raise SystemExit(f"bench_linear_ops: config.{error}") from None
     dtype = jnp.dtype(config.dtype)
     command = "python experiments/bench_linear_ops.py " + shlex.join(sys.argv[1:])
     head = ("# Linear-time ops and attention: forward and forward + backward against the peers\n\n" +

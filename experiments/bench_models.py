@@ -352,6 +352,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     variants = select_variants(bench.variants, args.only, bench.baseline) + extra
     if len({name for name, _ in variants}) < len(variants):
         raise SystemExit(f"bench_models: two variants share a name: {[name for name, _ in variants]}")
+    try:
+        timing.apply_module_settings(bench.kernel_settings)
+    except ValueError as error:
+        raise SystemExit(f"bench_models: config.{error}") from None
     xla_flags = apply_xla_flags(bench.xla_flags)  # before the first device query starts the backend
     if bench.num_devices > jax.device_count():
         raise SystemExit(f"bench_models: num_devices {bench.num_devices} but only {jax.device_count()} devices")

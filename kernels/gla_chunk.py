@@ -61,6 +61,12 @@ MIN_STATE_PROGRAMS = 256
 # exponents are all <= 0, so the output, dv and dq/dk kernels multiply whole chunks ([C, d_k] x [d_k, C],
 # [C, C] x [C, d_v]) instead of 16-row sub-chunk pairs. False: the sub-chunk form for scalar gates too (the A/B).
 SCALAR_GATE_FULL_WIDTH = True
+# With a per-dimension gate (GLA), the dq/dk/dA kernel's programs: True, one per 16-row sub-chunk
+# (_dqk_kernel_sub: a sub-chunk's arrays live, 4x the programs of chunk 64); False, one per chunk (_dqk_kernel:
+# every sub-chunk's q, k, A, dq, dk and dP blocks live at once). That kernel is the largest part of GLA's backward
+# pass (7.6 of 18.3 ms in the LM step at 4096 x 8, experiments/results/profile_train_step_gpu.md); the sub-chunk
+# form is not yet timed on a GPU, so the measured one stays the default until it is.
+DQK_PER_SUB_CHUNK = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,6 +271,75 @@ def _dqk_kernel(q_ref, k_ref, v_ref, a_ref, do_ref, h_ref, dh_ref, *refs, n_sub,
         dq_ref[_rows(i), :] = dq[i].astype(dq_ref.dtype)
         dk_ref[_rows(i), :] = dk[i].astype(dk_ref.dtype)
         da_ref[_rows(i), :] = da
+
+
+def _dqk_kernel_sub(q_ref, k_ref, v_ref, a_ref, do_ref, h_ref, dh_ref, *refs, n_sub, n_vblocks, block_v, dtype,
+                    **_):
+    """_dqk_kernel for a per-dimension gate, one 16-row sub-chunk i per program (program axis 2 is
+    key block * n_sub + i): dq, dk and dA [SUB, BK] of sub-chunk i. The same sums as _dqk_kernel, which keeps every
+    sub-chunk's q, k, A, dq, dk and dP live in one program; here a program holds one sub-chunk's, and recomputes the
+    [SUB, SUB] blocks of dP that its dq (earlier key sub-chunks) and dk (later query sub-chunks) need."""
+    dq_ref, dk_ref, da_ref = refs[-3:]
+    f32 = jnp.float32
+    i = pl.program_id(2) % n_sub
+    start = pl.multiple_of(i * SUB, SUB)
+    rows = pl.ds(start, SUB)
+    q, k, a = q_ref[rows, :].astype(f32), k_ref[rows, :].astype(f32), a_ref[rows, :]
+    a_last = _row(a_ref, n_sub * SUB - 1)
+    zeros = jnp.zeros(q.shape, f32)
+    blocks = [pl.ds(b * block_v, block_v) for b in range(n_vblocks)]
+
+    def dp(query_rows, key_rows):
+        """[SUB, SUB] dP[t, s] = do_t . v_s for t in query_rows, s in key_rows (summed over the d_v blocks)."""
+        return sum(dot(do_ref[query_rows, cols], v_ref[key_rows, cols], dtype, trans_b=True) for cols in blocks)
+
+    # Through the chunk-start state (dq) and the chunk-end state gradient (dk).
+    dq = exp_nonpositive(a) * sum(dot(do_ref[rows, cols], h_ref[:, cols], dtype, trans_b=True) for cols in blocks)
+    dk = exp_nonpositive(a_last - a) * sum(dot(v_ref[rows, cols], dh_ref[:, cols], dtype, trans_b=True)
+                                           for cols in blocks)
+
+    # Earlier key sub-chunks j < i (dq), split at E = A on the last row before sub-chunk i (`_query_factor`).
+    edge = a_ref[pl.ds(jnp.maximum(start - 1, 0), 1), :]
+
+    def earlier(j, acc):
+        key_rows = pl.ds(pl.multiple_of(j * SUB, SUB), SUB)
+        k_e = k_ref[key_rows, :].astype(f32) * exp_nonpositive(edge - a_ref[key_rows, :])
+        return acc + dot(dp(rows, key_rows), k_e, dtype)
+
+    dq += exp_nonpositive(a - edge) * jax.lax.fori_loop(0, i, earlier, zeros)
+
+    # Later query sub-chunks m > i (dk), each split at its own E.
+    def later(m, acc):
+        query_start = pl.multiple_of(m * SUB, SUB)
+        query_rows = pl.ds(query_start, SUB)
+        query_edge = a_ref[pl.ds(query_start - 1, 1), :]
+        q_e = q_ref[query_rows, :].astype(f32) * exp_nonpositive(a_ref[query_rows, :] - query_edge)
+        return acc + exp_nonpositive(query_edge - a) * dot(dp(query_rows, rows), q_e, dtype, trans_a=True)
+
+    dk += jax.lax.fori_loop(i + 1, n_sub, later, zeros)
+
+    # The diagonal block, one row at a time (as _dqk_kernel).
+    t, s = _iotas()
+    dp_diag = jnp.where(s <= t, dp(rows, rows), 0.0)
+    for r in range(SUB):
+        row = pl.ds(start + r, 1)
+        q_r, k_r, a_r = q_ref[row, :].astype(f32), k_ref[row, :].astype(f32), a_ref[row, :]
+        decay = jnp.exp(-jnp.abs(a - a_r))  # A_t - A_r for t >= r (dq), A_r - A_s for s <= r (dk)
+        dq += jnp.sum(jnp.where(s == r, dp_diag, 0.0), axis=1)[:, None] * k_r * decay
+        dk += jnp.sum(jnp.where(t == r, dp_diag, 0.0), axis=0)[:, None] * q_r * decay
+
+    def last_term():
+        """What A_last does through the end state, on the chunk's last row: exp(A_last) sum_v H dH
+        + sum_s k_s exp(A_last - A_s) (dH v_s) over every row s of the chunk."""
+        state = sum(jnp.sum(h_ref[:, cols] * dh_ref[:, cols], axis=1) for cols in blocks)
+        k_e = k_ref[...].astype(f32) * exp_nonpositive(a_last - a_ref[...])
+        dk_state = sum(dot(v_ref[:, cols], dh_ref[:, cols], dtype, trans_b=True) for cols in blocks)
+        return (exp_nonpositive(a_last)[0] * state + jnp.sum(k_e * dk_state, axis=0))[None, :]
+
+    last = jax.lax.cond(i == n_sub - 1, last_term, lambda: jnp.zeros((1, q.shape[1]), f32))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    da_ref[...] = q * dq - k * dk + jnp.where(t == SUB - 1, last, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -531,23 +606,31 @@ def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _La
     gate through the whole-chunk kernel da [B, T_pad, H, d_k blocks], the gradient of the log decay itself summed
     over each block's key dimensions."""
     g, c, bk, dv = lay.sequences, lay.chunk, lay.block_k, lay.dv_pad
-    chunk_k = _seq_spec(lay, c, bk, lambda s, n, i: (n, i))
-    chunk_qk = _seq_spec(lay, c, bk, lambda s, n, i: (n, i), shared=True)
-    chunk_v = _seq_spec(lay, c, dv, lambda s, n, i: (n, 0))
-    state = pl.BlockSpec((None, None, bk, dv), lambda s, n, i: (s, n, i, 0))
-    in_specs = [chunk_qk, chunk_qk, chunk_v, _gate_spec(lay, c, bk, lambda s, n, i: (n, i)), chunk_v, state, state]
-    n_kblocks = lay.dk_pad // bk
+    n_kblocks, n_sub = lay.dk_pad // bk, c // SUB
     whole_chunk = _whole_chunk(lay)
-    gate_grad = _seq_spec(lay, c, 1, lambda s, n, i: (n, i)) if whole_chunk else chunk_k
-    out_specs = [chunk_k, chunk_k, gate_grad]
+    per_sub_chunk = lay.per_dim and DQK_PER_SUB_CHUNK
+    # program axis 2: the key block, or with per_sub_chunk key block * n_sub + sub-chunk
+    split = n_sub if per_sub_chunk else 1
+    chunk_qk = _seq_spec(lay, c, bk, lambda s, n, p: (n, p // split), shared=True)
+    chunk_v = _seq_spec(lay, c, dv, lambda s, n, p: (n, 0))
+    state = pl.BlockSpec((None, None, bk, dv), lambda s, n, p: (s, n, p // split, 0))
+    in_specs = [chunk_qk, chunk_qk, chunk_v, _gate_spec(lay, c, bk, lambda s, n, p: (n, p // split)), chunk_v, state,
+                state]
+    if per_sub_chunk:
+        grad = _seq_spec(lay, SUB, bk, lambda s, n, p: (n * n_sub + p % n_sub, p // n_sub))
+    else:
+        grad = _seq_spec(lay, c, bk, lambda s, n, i: (n, i))
+    gate_grad = _seq_spec(lay, c, 1, lambda s, n, i: (n, i)) if whole_chunk else grad
+    out_specs = [grad, grad, gate_grad]
     if lay.shared_qk:  # per-head gradients in fp32: their sum over the heads rounds once, to q's / k's dtype
         q_dtype = k_dtype = jnp.float32
     rows = (lay.batch, lay.t_pad, lay.heads)
     out_shape = [jax.ShapeDtypeStruct((*rows, lay.dk_pad), dtype) for dtype in (q_dtype, k_dtype)]
     out_shape.append(jax.ShapeDtypeStruct((*rows, n_kblocks if whole_chunk else lay.dk_pad), jnp.float32))
-    kernel = functools.partial(_dqk_kernel_scalar if whole_chunk else _dqk_kernel, n_sub=c // SUB,
-                               n_vblocks=dv // lay.block_v, block_v=lay.block_v, per_dim=lay.per_dim, dtype=lay.dtype)
-    return call(kernel, cfg, "gla_chunk_dqk", (g, lay.n_chunks, n_kblocks),
+    kernel = _dqk_kernel_scalar if whole_chunk else _dqk_kernel_sub if per_sub_chunk else _dqk_kernel
+    kernel = functools.partial(kernel, n_sub=n_sub, n_vblocks=dv // lay.block_v, block_v=lay.block_v,
+                               per_dim=lay.per_dim, dtype=lay.dtype)
+    return call(kernel, cfg, "gla_chunk_dqk", (g, lay.n_chunks, n_kblocks * split),
                  [x.q, x.k, x.v, x.a, do, h_start, dh_end], in_specs, out_specs, out_shape)
 
 

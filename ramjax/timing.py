@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import datetime
+import importlib
 import os
 import platform
 import statistics
@@ -49,3 +51,26 @@ def environment_lines(command: str | None = None) -> str:
     (default: this process's sys.argv)."""
     command = " ".join(sys.argv) if command is None else command
     return "\n".join(f"- {k}: {v}" for k, v in environment().items()) + f"\n- command: `{command}`\n"
+
+
+def apply_module_settings(settings) -> None:
+    """Sets module-level switches for an A/B timing, each "package.module.NAME=value" (value a Python literal),
+    e.g. "kernels.gla_chunk.DQK_PER_SUB_CHUNK=True". Only names the module already defines can be set, so that a
+    typo is an error rather than a setting that silently does nothing. Call before anything is traced."""
+    for setting in settings:
+        target, sep, text = setting.partition("=")
+        module_name, _, name = target.strip().rpartition(".")
+        if not sep or not module_name or not name:
+            raise ValueError(f"kernel_settings: expected 'package.module.NAME=value', got {setting!r}")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ValueError(f"kernel_settings: {setting!r}: cannot import {module_name!r} ({error})") from None
+        if not hasattr(module, name):
+            raise ValueError(f"kernel_settings: {setting!r}: {module_name} has no {name!r}")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"kernel_settings: {setting!r}: the value must be a Python literal (True, 32, "
+                             f"'name'), got {text.strip()!r}") from None
+        setattr(module, name, value)

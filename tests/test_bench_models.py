@@ -92,3 +92,19 @@ def test_linear_ops_table_divides_by_the_peer_of_the_same_op_and_case():
     assert "fla chunk_gla" in lines[3] and "| - |" in lines[3]
     assert "| - |" in lines[4]  # no peer for this op
     assert "failed: OOM" in lines[5]
+
+
+def test_module_settings_switch_a_kernel_and_refuse_what_does_not_exist(monkeypatch):
+    from kernels import gla_chunk
+    from ramjax import timing
+
+    monkeypatch.setattr(gla_chunk, "DQK_PER_SUB_CHUNK", False)  # (monkeypatch restores both after the test)
+    monkeypatch.setattr(gla_chunk, "SUB", gla_chunk.SUB)
+    timing.apply_module_settings(("kernels.gla_chunk.DQK_PER_SUB_CHUNK=True", " kernels.gla_chunk.SUB = 32"))
+    assert gla_chunk.DQK_PER_SUB_CHUNK is True and gla_chunk.SUB == 32
+    for setting, message in (("kernels.gla_chunk.NO_SUCH=1", "has no 'NO_SUCH'"),
+                             ("kernels.no_such_module.X=1", "cannot import 'kernels.no_such_module'"),
+                             ("DQK_PER_SUB_CHUNK=True", "expected 'package.module.NAME=value'"),
+                             ("kernels.gla_chunk.SUB=thirty", "must be a Python literal")):
+        with pytest.raises(ValueError, match=message):
+            timing.apply_module_settings((setting,))
