@@ -13,6 +13,10 @@ vocabulary 512, kv 4-32 up to length 128 in training, up to kv 64 / length 256 i
       --config.train.eval_every=500 --config.data.train_settings=4:64,8:64,16:64,32:128 \
       --config.data.eval_settings=4:64,8:64,16:64,32:128,64:256
 
+The paper's regime with the factor schedule, 2 seeds (issue 16, section 4; 72 runs):
+  ramjax sweep --config configs/mqar.py:ramnet --sweep experiments/sweeps/fig3_mqar_state_size.py:paper \
+      --workdir runs/fig3_paper --max-parallel 12 --config.train.num_steps=6000
+
 The claim to test: RAM-Net is best at every state size. Width moves the baselines' state; RAM-Net's state is
 heads x M x (d_v + 1), so its points move with d_v (zipped with the width here). Attention's "state" is its KV
 cache at the longest evaluation length. Add (256, 256) to the zip for wider points.
@@ -24,7 +28,19 @@ PLOT = {"x": "state_size", "y": ["eval/accuracy/mean"], "series": ["model.patter
         "best_over": ["optim.learning_rate"]}
 
 
-def get_sweep():
-    models = values("model.pattern", ["ramnet", "gla", "mamba2", "gated_deltanet", "loglinear", "attention"])
+MODELS = ["ramnet", "gla", "mamba2", "gated_deltanet", "loglinear", "attention"]
+
+
+def get_sweep(regime: str = ""):
+    """The grid above, or `fig3_mqar_state_size.py:paper`: issue 16's rerun in the paper's regime with RAM-Net's
+    factor schedule on (configs/mqar.py's default): widths 64, 128 and 256, two learning rates, seeds 0 and 1;
+    run it with --config.train.num_steps=6000 (it resumes across device calls: rerun the same command)."""
+    if regime not in ("", "paper"):
+        raise ValueError(f"fig3_mqar_state_size.py: unknown regime {regime!r}; '' (the grid above) or 'paper'")
+    models = values("model.pattern", MODELS)
+    if regime == "paper":
+        widths = zipped(values("model.d_model", [64, 128, 256]), values("model.ramnet.d_v", [16, 64, 128]))
+        seeds = zipped(values("train.init_seed", [0, 1]), values("data.seed", [0, 1]))
+        return product(models, widths, values("optim.learning_rate", [3e-3, 1e-3]), seeds)
     widths = zipped(values("model.d_model", [64, 128]), values("model.ramnet.d_v", [16, 64]))
     return product(models, widths, values("optim.learning_rate", [1e-2, 3e-3]))
