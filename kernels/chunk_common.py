@@ -17,6 +17,25 @@ from jax.experimental import pallas as pl
 from kernels.shapes import next_pow2, pad_axis
 
 
+# Launch options per kernel, by the name each kernel passes to `call` (e.g. "gla_chunk_dqk", "gated_delta_grads"),
+# with "*" for every kernel: {"num_warps": int, "num_stages": int}. A kernel not named here launches with the op's
+# num_warps and one stage. For timings (experiments/tune_chunk_kernels.py) and for the defaults they choose.
+LAUNCH_BY_KERNEL: dict[str, dict[str, int]] = {}
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def launch_options(name: str, num_warps: int) -> dict[str, int]:
+    """The Triton launch options of kernel `name`: LAUNCH_BY_KERNEL[name], else LAUNCH_BY_KERNEL["*"], over
+    (num_warps, 1 stage)."""
+    options = {"num_warps": num_warps, "num_stages": 1}
+    chosen = LAUNCH_BY_KERNEL.get(name, LAUNCH_BY_KERNEL.get("*", {}))
+    unknown = sorted(set(chosen) - set(LAUNCH_OPTIONS))
+    if unknown:
+        raise ValueError(f"LAUNCH_BY_KERNEL[{name!r}]: unknown option {unknown[0]!r}; known: {LAUNCH_OPTIONS}")
+    options.update(chosen)
+    return options
+
+
 class ChunkConfig(NamedTuple):
     """How the kernels run (static: part of the custom VJP's nondifferentiable arguments)."""
     chunk_size: int
@@ -78,6 +97,6 @@ def call(kernel, cfg: ChunkConfig, name, grid, inputs, in_specs, out_specs, out_
         from jax.experimental.pallas import triton as plgpu
 
         # Triton's params also select the Triton lowering (not Mosaic GPU).
-        extra["compiler_params"] = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
+        extra["compiler_params"] = plgpu.CompilerParams(**launch_options(name, cfg.num_warps))
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                           interpret=cfg.interpret, name=name, **extra)(*inputs)

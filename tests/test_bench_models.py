@@ -108,3 +108,31 @@ def test_module_settings_switch_a_kernel_and_refuse_what_does_not_exist(monkeypa
                              ("kernels.gla_chunk.SUB=thirty", "must be a Python literal")):
         with pytest.raises(ValueError, match=message):
             timing.apply_module_settings((setting,))
+
+
+def test_kernel_launch_options_by_name_then_star_then_the_ops_warps(monkeypatch):
+    from kernels import chunk_common
+
+    monkeypatch.setattr(chunk_common, "LAUNCH_BY_KERNEL", {})
+    assert chunk_common.launch_options("gla_chunk_dqk", 4) == {"num_warps": 4, "num_stages": 1}
+    chunk_common.LAUNCH_BY_KERNEL.update({"*": {"num_stages": 2}, "gla_chunk_dqk": {"num_warps": 8}})
+    assert chunk_common.launch_options("gla_chunk_dqk", 4) == {"num_warps": 8, "num_stages": 1}
+    assert chunk_common.launch_options("gated_delta_grads", 4) == {"num_warps": 4, "num_stages": 2}
+    chunk_common.LAUNCH_BY_KERNEL["gla_chunk_dv"] = {"warps": 8}
+    with pytest.raises(ValueError, match=r"LAUNCH_BY_KERNEL\['gla_chunk_dv'\]: unknown option 'warps'"):
+        chunk_common.launch_options("gla_chunk_dv", 4)
+
+
+def test_kernel_tuning_table_marks_each_kernels_best_setting():
+    spec = importlib.util.spec_from_file_location("tune_chunk_kernels", ROOT / "experiments" / "tune_chunk_kernels.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    settings = [(4, 1), (8, 1)]
+    results = {(4, 1): ({"gla_chunk_dqk": 2.0, "gla_chunk_dv": 1.0}, 5.0),
+               (8, 1): ({"gla_chunk_dqk": 1.5, "gla_chunk_dv": 1.2}, 4.5)}
+    lines = tune.table("gla", settings, results)
+    assert "| gla_chunk_dqk | 2.000 | **1.500** | w8 s1 |" in lines
+    assert "| gla_chunk_dv | **1.000** | 1.200 | w4 s1 |" in lines
+    assert "| (op, wall ms per call) | 5.000 | 4.500 | w8 s1 |" in lines
+    assert tune.KERNEL_NAME.search('{"long_name": "mixer_gated_deltanet/op/gated_delta_grads/pallas_call"}'
+                                   ).group(1) == "gated_delta_grads"
