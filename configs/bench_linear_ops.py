@@ -33,7 +33,7 @@ def get_config(variant: str = "anchors") -> ml_collections.ConfigDict:
     config.cases = ((8, 4096), (2, 16384), (1, 65536))
     config.results_file = "experiments/results/linear_ops_gpu.md"
     # Module switches for an A/B timing, "package.module.NAME=value" each (ramjax.timing.apply_module_settings),
-    # e.g. ("kernels.gla_chunk.DQK_PER_SUB_CHUNK=True",); set before anything is traced, named in the results head.
+    # e.g. ("kernels.gla_chunk.SUB_CHUNK_PROGRAMS={'gla_chunk_dqk'}",); set before anything is traced.
     config.kernel_settings = ()
     if variant == "cpu":
         config.num_heads, config.head_dim = 2, 16

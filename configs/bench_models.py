@@ -64,7 +64,7 @@ def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:
     # Added to XLA_FLAGS (a flag already there is left alone) before JAX starts its backend; "" for none.
     config.xla_flags = ""
     # Module switches for an A/B timing, "package.module.NAME=value" each (ramjax.timing.apply_module_settings),
-    # e.g. ("kernels.gla_chunk.DQK_PER_SUB_CHUNK=True",); they apply to every row of the run.
+    # e.g. ("kernels.gla_chunk.SUB_CHUNK_PROGRAMS={'gla_chunk_dqk'}",); they apply to every row of the run.
     config.kernel_settings = ()
     if variant == "cpu":
         config.model_config = "configs/lm.py:transformer,cpu"  # d_model 64, 2 layers, 2 heads, RAM-Net impl scan

@@ -61,12 +61,13 @@ MIN_STATE_PROGRAMS = 256
 # exponents are all <= 0, so the output, dv and dq/dk kernels multiply whole chunks ([C, d_k] x [d_k, C],
 # [C, C] x [C, d_v]) instead of 16-row sub-chunk pairs. False: the sub-chunk form for scalar gates too (the A/B).
 SCALAR_GATE_FULL_WIDTH = True
-# With a per-dimension gate (GLA), the dq/dk/dA kernel's programs: True, one per 16-row sub-chunk
-# (_dqk_kernel_sub: a sub-chunk's arrays live, 4x the programs of chunk 64); False, one per chunk (_dqk_kernel:
-# every sub-chunk's q, k, A, dq, dk and dP blocks live at once). That kernel is the largest part of GLA's backward
-# pass (7.6 of 18.3 ms in the LM step at 4096 x 8, experiments/results/profile_train_step_gpu.md); the sub-chunk
-# form is not yet timed on a GPU, so the measured one stays the default until it is.
-DQK_PER_SUB_CHUNK = False
+# With a per-dimension gate (GLA), the kernels named here run one program per 16-row sub-chunk (the *_sub kernels:
+# a sub-chunk's arrays live, n_sub times the programs) instead of one per chunk (every sub-chunk's q, k, A and
+# partial results live at once, likely beyond the registers of 4 warps at chunk 64, d_k 64): any of
+# "gla_chunk_outputs", "gla_chunk_dv", "gla_chunk_dqk". The dq/dk/dA kernel is the largest part of GLA's backward
+# pass (7.6 of 18.3 ms in the LM step at 4096 x 8, experiments/results/profile_train_step_gpu.md). Not yet timed on
+# a GPU, so the measured per-chunk kernels stay the default until they are.
+SUB_CHUNK_PROGRAMS: frozenset = frozenset()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,9 +90,10 @@ def _iotas(rows=None):
     return (jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0), jax.lax.broadcasted_iota(jnp.int32, (1, rows), 1))
 
 
-def _diag_scores(q_ref, k_ref, a_ref, i, per_dim, dtype):
-    """[SUB, SUB] fp32 P[t, s] = sum_d q_td k_sd exp(A_td - A_sd) for t, s in sub-chunk i, s <= t (0 above)."""
-    rows = _rows(i)
+def _diag_scores(q_ref, k_ref, a_ref, start, per_dim, dtype):
+    """[SUB, SUB] fp32 P[t, s] = sum_d q_td k_sd exp(A_td - A_sd) for t, s in the sub-chunk whose first row is
+    `start` (a Python int or, in the *_sub kernels, traced), s <= t (0 above)."""
+    rows = pl.ds(start, SUB)
     t, s = _iotas()
     q, a = q_ref[rows, :].astype(jnp.float32), a_ref[rows, :]
     if not per_dim:
@@ -99,7 +101,7 @@ def _diag_scores(q_ref, k_ref, a_ref, i, per_dim, dtype):
         return dot(q, k_ref[rows, :], dtype, trans_b=True) * decay
     scores = jnp.zeros((SUB, SUB), jnp.float32)
     for r in range(SUB):  # one key row at a time: a [SUB, d_k] decay, not [SUB, SUB, d_k]
-        key, key_a = _row(k_ref, i * SUB + r), _row(a_ref, i * SUB + r)
+        key, key_a = (ref[pl.ds(start + r, 1), :].astype(jnp.float32) for ref in (k_ref, a_ref))
         column = jnp.sum(q * key * exp_nonpositive(a - key_a), axis=1)  # (rows t < r are masked below)
         scores += jnp.where(s == r, column[:, None], 0.0)
     return jnp.where(s <= t, scores, 0.0)
@@ -147,7 +149,7 @@ def _output_kernel(q_ref, k_ref, v_ref, a_ref, h_ref, *refs, n_sub, per_dim, dty
         rows = _rows(i)
         q, a = q_ref[rows, :].astype(jnp.float32), a_ref[rows, :]
         out = dot(q * exp_nonpositive(a), h, dtype)  # from the chunk-start state
-        p_diag = _diag_scores(q_ref, k_ref, a_ref, i, per_dim, dtype)
+        p_diag = _diag_scores(q_ref, k_ref, a_ref, i * SUB, per_dim, dtype)
         p_diag_ref[rows, :] = p_diag
         out += dot(p_diag, v_ref[rows, :], dtype)
         if i:
@@ -157,6 +159,30 @@ def _output_kernel(q_ref, k_ref, v_ref, a_ref, h_ref, *refs, n_sub, per_dim, dty
             k_e = k_ref[_rows(j), :].astype(jnp.float32) * _key_factor(a_ref, edge, j)
             out += dot(dot(q_e, k_e, dtype, trans_b=True), v_ref[_rows(j), :], dtype)
         o_ref[rows, :] = out.astype(o_ref.dtype)
+
+
+def _output_kernel_sub(q_ref, k_ref, v_ref, a_ref, h_ref, *refs, n_sub, per_dim, dtype):
+    """_output_kernel, one 16-row sub-chunk i per program (program axis 2 is d_v block * n_sub + i): o [SUB, BV] of
+    sub-chunk i and P's diagonal block [SUB, SUB]. Inputs as _output_kernel's (the whole chunk)."""
+    o_ref, p_diag_ref = refs[-2:]
+    f32 = jnp.float32
+    start = pl.multiple_of(pl.program_id(2) % n_sub * SUB, SUB)
+    rows = pl.ds(start, SUB)
+    q, a = q_ref[rows, :].astype(f32), a_ref[rows, :]
+    out = dot(q * exp_nonpositive(a), h_ref[...], dtype)  # from the chunk-start state
+    p_diag = _diag_scores(q_ref, k_ref, a_ref, start, per_dim, dtype)
+    p_diag_ref[...] = p_diag
+    out += dot(p_diag, v_ref[rows, :], dtype)
+    edge = a_ref[pl.ds(jnp.maximum(start - 1, 0), 1), :]  # E (`_query_factor`; unused by sub-chunk 0)
+    q_e = q * exp_nonpositive(a - edge)
+
+    def earlier(j, acc):  # key sub-chunk j < i
+        key_rows = pl.ds(pl.multiple_of(j * SUB, SUB), SUB)
+        k_e = k_ref[key_rows, :].astype(f32) * exp_nonpositive(edge - a_ref[key_rows, :])
+        return acc + dot(dot(q_e, k_e, dtype, trans_b=True), v_ref[key_rows, :], dtype)
+
+    out += jax.lax.fori_loop(0, start // SUB, earlier, jnp.zeros(out.shape, f32))
+    o_ref[...] = out.astype(o_ref.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,6 +226,31 @@ def _dv_kernel(q_ref, k_ref, a_ref, do_ref, dh_ref, p_diag_ref, *refs, n_sub, dt
             k_e = k * _key_factor(a_ref, edge, j)
             dv += dot(dot(q_e, k_e, dtype, trans_b=True), do_ref[_rows(i), :], dtype, trans_a=True)
         dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+
+
+def _dv_kernel_sub(q_ref, k_ref, a_ref, do_ref, dh_ref, p_diag_ref, *refs, n_sub, dtype, **_):
+    """_dv_kernel, one 16-row key sub-chunk j per program (program axis 2 is d_v block * n_sub + j): dv [SUB, BV];
+    p_diag_ref is sub-chunk j's diagonal block of P [SUB, SUB]; the other inputs as _dv_kernel's (the whole
+    chunk)."""
+    dv_ref = refs[-1]
+    f32 = jnp.float32
+    j = pl.program_id(2) % n_sub
+    rows = pl.ds(pl.multiple_of(j * SUB, SUB), SUB)
+    k, a = k_ref[rows, :].astype(f32), a_ref[rows, :]
+    a_last = _row(a_ref, n_sub * SUB - 1)
+    dv = dot(k * exp_nonpositive(a_last - a), dh_ref[...], dtype)  # through the chunk-end state
+    dv += dot(p_diag_ref[...], do_ref[rows, :], dtype, trans_a=True)
+
+    def later(i, acc):  # query sub-chunk i > j, split at its E (`_query_factor`)
+        query_start = pl.multiple_of(i * SUB, SUB)
+        query_rows = pl.ds(query_start, SUB)
+        edge = a_ref[pl.ds(query_start - 1, 1), :]
+        q_e = q_ref[query_rows, :].astype(f32) * exp_nonpositive(a_ref[query_rows, :] - edge)
+        k_e = k * exp_nonpositive(edge - a)
+        return acc + dot(dot(q_e, k_e, dtype, trans_b=True), do_ref[query_rows, :], dtype, trans_a=True)
+
+    dv += jax.lax.fori_loop(j + 1, n_sub, later, jnp.zeros(dv.shape, f32))
+    dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _dqk_kernel(q_ref, k_ref, v_ref, a_ref, do_ref, h_ref, dh_ref, *refs, n_sub, n_vblocks, block_v, per_dim,
@@ -541,23 +592,35 @@ def _whole_chunk(lay: _Layout) -> bool:
     return SCALAR_GATE_FULL_WIDTH and not lay.per_dim
 
 
+def _sub_chunk_split(lay: _Layout, name: str) -> int:
+    """Programs per chunk (and d_v or d_k block) of kernel `name`: its sub-chunks where SUB_CHUNK_PROGRAMS names
+    it (per-dimension gates only), else 1."""
+    unknown = sorted(set(SUB_CHUNK_PROGRAMS) - {"gla_chunk_outputs", "gla_chunk_dv", "gla_chunk_dqk"})
+    if unknown:
+        raise ValueError(f"SUB_CHUNK_PROGRAMS: unknown kernel {unknown[0]!r}; known: 'gla_chunk_outputs', "
+                         "'gla_chunk_dv', 'gla_chunk_dqk'")
+    return lay.chunk // SUB if lay.per_dim and name in SUB_CHUNK_PROGRAMS else 1
+
+
 def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: ChunkConfig):
     """o [B, T_pad, H, DV] in out_dtype."""
     g, c, bv, dk = lay.sequences, lay.chunk, lay.block_v, lay.dk_pad
-    in_specs = [_seq_spec(lay, c, dk, lambda s, n, j: (n, 0), shared=True),
-                _seq_spec(lay, c, dk, lambda s, n, j: (n, 0), shared=True),
-                _seq_spec(lay, c, bv, lambda s, n, j: (n, j)),
-                _gate_spec(lay, c, dk, lambda s, n, j: (n, 0)),
-                pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
-    out_specs = [_seq_spec(lay, c, bv, lambda s, n, j: (n, j))]
+    n_sub, split = c // SUB, _sub_chunk_split(lay, "gla_chunk_outputs")  # program axis 2: d_v block * split + i
+    in_specs = [_seq_spec(lay, c, dk, lambda s, n, p: (n, 0), shared=True),
+                _seq_spec(lay, c, dk, lambda s, n, p: (n, 0), shared=True),
+                _seq_spec(lay, c, bv, lambda s, n, p: (n, p // split)),
+                _gate_spec(lay, c, dk, lambda s, n, p: (n, 0)),
+                pl.BlockSpec((None, None, dk, bv), lambda s, n, p: (s, n, 0, p // split))]
+    rows = c // split  # of one program's outputs, at row block n * split + i
+    out_specs = [_seq_spec(lay, rows, bv, lambda s, n, p: (n * split + p % split, p // split))]
     out_shape = [jax.ShapeDtypeStruct((lay.batch, lay.t_pad, lay.heads, lay.dv_pad), out_dtype)]
     whole_chunk = _whole_chunk(lay)
     if not whole_chunk:  # P's diagonal blocks, for the dv kernel
-        out_specs.append(_seq_spec(lay, c, SUB, lambda s, n, j: (n, 0)))
+        out_specs.append(_seq_spec(lay, rows, SUB, lambda s, n, p: (n * split + p % split, 0)))
         out_shape.append(jax.ShapeDtypeStruct((lay.batch, lay.t_pad, lay.heads, SUB), jnp.float32))
-    kernel = functools.partial(_output_kernel_scalar if whole_chunk else _output_kernel, n_sub=c // SUB,
-                               per_dim=lay.per_dim, dtype=lay.dtype)
-    o, *p_diag = call(kernel, cfg, "gla_chunk_outputs", (g, lay.n_chunks, lay.dv_pad // bv),
+    kernel = (_output_kernel_scalar if whole_chunk else _output_kernel_sub if split > 1 else _output_kernel)
+    kernel = functools.partial(kernel, n_sub=n_sub, per_dim=lay.per_dim, dtype=lay.dtype)
+    o, *p_diag = call(kernel, cfg, "gla_chunk_outputs", (g, lay.n_chunks, lay.dv_pad // bv * split),
                       [x.q, x.k, x.v, x.a, h_start], in_specs, out_specs, out_shape)
     return o, (p_diag[0] if p_diag else None)
 
@@ -582,21 +645,23 @@ def _value_grads(x: _Inputs, do, dh_end, p_diag, out_dtype, lay: _Layout, cfg: C
     """dv [B, T_pad, H, DV] in out_dtype. p_diag: P's diagonal blocks [B, T_pad, H, SUB] from the forward pass (the
     sub-chunk kernels), or None (the whole-chunk kernel recomputes P)."""
     g, c, bv, dk = lay.sequences, lay.chunk, lay.block_v, lay.dk_pad
-    in_specs = [_seq_spec(lay, c, dk, lambda s, n, j: (n, 0), shared=True),
-                _seq_spec(lay, c, dk, lambda s, n, j: (n, 0), shared=True),
-                _gate_spec(lay, c, dk, lambda s, n, j: (n, 0)),
-                _seq_spec(lay, c, bv, lambda s, n, j: (n, j)),
-                pl.BlockSpec((None, None, dk, bv), lambda s, n, j: (s, n, 0, j))]
+    n_sub, split = c // SUB, _sub_chunk_split(lay, "gla_chunk_dv")  # program axis 2: d_v block * split + j
+    rows = c // split  # of one program's outputs (and P's diagonal blocks), at row block n * split + j
+    in_specs = [_seq_spec(lay, c, dk, lambda s, n, p: (n, 0), shared=True),
+                _seq_spec(lay, c, dk, lambda s, n, p: (n, 0), shared=True),
+                _gate_spec(lay, c, dk, lambda s, n, p: (n, 0)),
+                _seq_spec(lay, c, bv, lambda s, n, p: (n, p // split)),
+                pl.BlockSpec((None, None, dk, bv), lambda s, n, p: (s, n, 0, p // split))]
     inputs = [x.q, x.k, x.a, do, dh_end]
     if p_diag is not None:
-        in_specs.append(_seq_spec(lay, c, SUB, lambda s, n, j: (n, 0)))
+        in_specs.append(_seq_spec(lay, rows, SUB, lambda s, n, p: (n * split + p % split, 0)))
         inputs.append(p_diag)
-    out_specs = [_seq_spec(lay, c, bv, lambda s, n, j: (n, j))]
+    out_specs = [_seq_spec(lay, rows, bv, lambda s, n, p: (n * split + p % split, p // split))]
     out_shape = [jax.ShapeDtypeStruct((lay.batch, lay.t_pad, lay.heads, lay.dv_pad), out_dtype)]
-    kernel = functools.partial(_dv_kernel_scalar if _whole_chunk(lay) else _dv_kernel, n_sub=c // SUB,
-                               dtype=lay.dtype)
-    (dv,) = call(kernel, cfg, "gla_chunk_dv", (g, lay.n_chunks, lay.dv_pad // bv), inputs, in_specs, out_specs,
-                 out_shape)
+    kernel = _dv_kernel_scalar if _whole_chunk(lay) else _dv_kernel_sub if split > 1 else _dv_kernel
+    kernel = functools.partial(kernel, n_sub=n_sub, dtype=lay.dtype)
+    (dv,) = call(kernel, cfg, "gla_chunk_dv", (g, lay.n_chunks, lay.dv_pad // bv * split), inputs, in_specs,
+                 out_specs, out_shape)
     return dv
 
 
@@ -608,18 +673,13 @@ def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _La
     g, c, bk, dv = lay.sequences, lay.chunk, lay.block_k, lay.dv_pad
     n_kblocks, n_sub = lay.dk_pad // bk, c // SUB
     whole_chunk = _whole_chunk(lay)
-    per_sub_chunk = lay.per_dim and DQK_PER_SUB_CHUNK
-    # program axis 2: the key block, or with per_sub_chunk key block * n_sub + sub-chunk
-    split = n_sub if per_sub_chunk else 1
+    split = _sub_chunk_split(lay, "gla_chunk_dqk")  # program axis 2: key block * split + sub-chunk
     chunk_qk = _seq_spec(lay, c, bk, lambda s, n, p: (n, p // split), shared=True)
     chunk_v = _seq_spec(lay, c, dv, lambda s, n, p: (n, 0))
     state = pl.BlockSpec((None, None, bk, dv), lambda s, n, p: (s, n, p // split, 0))
     in_specs = [chunk_qk, chunk_qk, chunk_v, _gate_spec(lay, c, bk, lambda s, n, p: (n, p // split)), chunk_v, state,
                 state]
-    if per_sub_chunk:
-        grad = _seq_spec(lay, SUB, bk, lambda s, n, p: (n * n_sub + p % n_sub, p // n_sub))
-    else:
-        grad = _seq_spec(lay, c, bk, lambda s, n, i: (n, i))
+    grad = _seq_spec(lay, c // split, bk, lambda s, n, p: (n * split + p % split, p // split))
     gate_grad = _seq_spec(lay, c, 1, lambda s, n, i: (n, i)) if whole_chunk else grad
     out_specs = [grad, grad, gate_grad]
     if lay.shared_qk:  # per-head gradients in fp32: their sum over the heads rounds once, to q's / k's dtype
@@ -627,7 +687,7 @@ def _query_key_grads(x: _Inputs, do, h_start, dh_end, q_dtype, k_dtype, lay: _La
     rows = (lay.batch, lay.t_pad, lay.heads)
     out_shape = [jax.ShapeDtypeStruct((*rows, lay.dk_pad), dtype) for dtype in (q_dtype, k_dtype)]
     out_shape.append(jax.ShapeDtypeStruct((*rows, n_kblocks if whole_chunk else lay.dk_pad), jnp.float32))
-    kernel = _dqk_kernel_scalar if whole_chunk else _dqk_kernel_sub if per_sub_chunk else _dqk_kernel
+    kernel = _dqk_kernel_scalar if whole_chunk else _dqk_kernel_sub if split > 1 else _dqk_kernel
     kernel = functools.partial(kernel, n_sub=n_sub, n_vblocks=dv // lay.block_v, block_v=lay.block_v,
                                per_dim=lay.per_dim, dtype=lay.dtype)
     return call(kernel, cfg, "gla_chunk_dqk", (g, lay.n_chunks, n_kblocks * split),

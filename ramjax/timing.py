@@ -55,7 +55,7 @@ def environment_lines(command: str | None = None) -> str:
 
 def apply_module_settings(settings) -> None:
     """Sets module-level switches for an A/B timing, each "package.module.NAME=value" (value a Python literal),
-    e.g. "kernels.gla_chunk.DQK_PER_SUB_CHUNK=True". Only names the module already defines can be set, so that a
+    e.g. "kernels.gla_chunk.SUB=32". Only names the module already defines can be set, so that a
     typo is an error rather than a setting that silently does nothing. Call before anything is traced."""
     for setting in settings:
         target, sep, text = setting.partition("=")

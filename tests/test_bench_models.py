@@ -98,13 +98,13 @@ def test_module_settings_switch_a_kernel_and_refuse_what_does_not_exist(monkeypa
     from kernels import gla_chunk
     from ramjax import timing
 
-    monkeypatch.setattr(gla_chunk, "DQK_PER_SUB_CHUNK", False)  # (monkeypatch restores both after the test)
+    monkeypatch.setattr(gla_chunk, "SUB_CHUNK_PROGRAMS", frozenset())  # (monkeypatch restores both after the test)
     monkeypatch.setattr(gla_chunk, "SUB", gla_chunk.SUB)
-    timing.apply_module_settings(("kernels.gla_chunk.DQK_PER_SUB_CHUNK=True", " kernels.gla_chunk.SUB = 32"))
-    assert gla_chunk.DQK_PER_SUB_CHUNK is True and gla_chunk.SUB == 32
+    timing.apply_module_settings(("kernels.gla_chunk.SUB_CHUNK_PROGRAMS={'gla_chunk_dv'}", " kernels.gla_chunk.SUB = 32"))
+    assert gla_chunk.SUB_CHUNK_PROGRAMS == {"gla_chunk_dv"} and gla_chunk.SUB == 32
     for setting, message in (("kernels.gla_chunk.NO_SUCH=1", "has no 'NO_SUCH'"),
                              ("kernels.no_such_module.X=1", "cannot import 'kernels.no_such_module'"),
-                             ("DQK_PER_SUB_CHUNK=True", "expected 'package.module.NAME=value'"),
+                             ("SUB=32", "expected 'package.module.NAME=value'"),
                              ("kernels.gla_chunk.SUB=thirty", "must be a Python literal")):
         with pytest.raises(ValueError, match=message):
             timing.apply_module_settings((setting,))

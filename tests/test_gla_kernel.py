@@ -110,14 +110,18 @@ def test_shared_qk_heads_match_float64_recurrence():
                             shared_qk=True)
 
 
-def test_dqk_per_sub_chunk_matches_float64_recurrence(monkeypatch):
-    """The dq/dk/dA kernel with one program per 16-row sub-chunk (DQK_PER_SUB_CHUNK): four sub-chunks per chunk
-    (the first, middle ones and the last, which adds the end state's term), odd T, strong decays, d_k > d_v, and
-    16-wide blocks: two d_k blocks and two d_v blocks."""
-    monkeypatch.setattr(gla_chunk, "DQK_PER_SUB_CHUNK", True)
+def test_sub_chunk_programs_match_float64_recurrence(monkeypatch):
+    """The output, dv and dq/dk/dA kernels with one program per 16-row sub-chunk (SUB_CHUNK_PROGRAMS): four
+    sub-chunks per chunk (the first, middle ones and the last, which adds the end state's term to dA), odd T, strong
+    decays, d_k > d_v, and 16-wide blocks: two d_k blocks and two d_v blocks."""
+    monkeypatch.setattr(gla_chunk, "SUB_CHUNK_PROGRAMS", frozenset({"gla_chunk_outputs", "gla_chunk_dv",
+                                                                    "gla_chunk_dqk"}))
     monkeypatch.setattr(gla_chunk, "MAX_BLOCK", 16)
     check_against_reference(17, chunk_size=64, with_initial_state=True, seq_len=90, decay_scale=3.0, d_k=32,
                             d_v=24)
+    monkeypatch.setattr(gla_chunk, "SUB_CHUNK_PROGRAMS", frozenset({"gla_chunk_dq"}))
+    with pytest.raises(ValueError, match="SUB_CHUNK_PROGRAMS: unknown kernel 'gla_chunk_dq'"):
+        check_against_reference(17, chunk_size=64, with_initial_state=True)
 
 
 @pytest.mark.slow
@@ -221,13 +225,15 @@ def test_arguments_are_checked():
         chunk_gla(q.astype(jnp.float16), q, v, a)
 
 
-@pytest.mark.parametrize("per_dim,shared_qk,per_sub_chunk", [(True, False, False), (False, False, False),
+@pytest.mark.parametrize("per_dim,shared_qk,sub_chunk_programs", [(True, False, False), (False, False, False),
                                                             (False, True, False), (True, False, True)])
-def test_gradient_lowers_for_cuda_through_triton(monkeypatch, per_dim, shared_qk, per_sub_chunk):
+def test_gradient_lowers_for_cuda_through_triton(monkeypatch, per_dim, shared_qk, sub_chunk_programs):
     """The forward and backward kernels lower to Triton custom calls for CUDA (jax.export; no GPU needed). This
     checks the Pallas-to-Triton lowering only, not Triton's compilation to PTX."""
     from jax import export
-    monkeypatch.setattr(gla_chunk, "DQK_PER_SUB_CHUNK", per_sub_chunk)
+    if sub_chunk_programs:
+        monkeypatch.setattr(gla_chunk, "SUB_CHUNK_PROGRAMS", frozenset({"gla_chunk_outputs", "gla_chunk_dv",
+                                                                        "gla_chunk_dqk"}))
 
     def loss(q, k, v, log_decay, state):
         o, final = chunk_gla(q, k, v, log_decay, state, chunk_size=64)
