@@ -71,19 +71,19 @@ def test_a_sweep_file_argument_goes_to_get_sweep(tmp_path):
         sweep.load_sweep(f"{plain}:1")
 
 
-def test_fixed_fields_reach_every_run_but_not_its_name(tmp_path):
+def test_base_fields_reach_every_run_but_not_its_name(tmp_path):
     path = tmp_path / "pinned.py"
-    path.write_text("from ramjax.sweep import values\n"
-                    "FIXED = {'train.ramnet_top_k_start': 32}\n"
-                    "def get_sweep():\n    return values('model.d_model', [8, 16])\n")
+    path.write_text("from ramjax.sweep import values, zipped\n"
+                    "BASE = {'train.ramnet_top_k_start': 32, 'train.num_steps': 10}\n"
+                    "def get_sweep():\n"
+                    "    return zipped(values('model.d_model', [8, 16]), values('train.num_steps', [10, 20]))\n")
     runs, _, names = sweep.load_sweep(str(path))
-    assert runs == [{"train.ramnet_top_k_start": 32, "model.d_model": 8},
-                    {"train.ramnet_top_k_start": 32, "model.d_model": 16}]
-    assert names == ["000-d_model=8", "001-d_model=16"]
-    path.write_text("from ramjax.sweep import values\n"
-                    "FIXED = {'model.d_model': 4}\n"
-                    "def get_sweep():\n    return values('model.d_model', [8, 16])\n")
-    with pytest.raises(ConfigError, match="'model.d_model' is both in FIXED and swept"):
+    assert runs == [{"train.ramnet_top_k_start": 32, "train.num_steps": 10, "model.d_model": 8},
+                    {"train.ramnet_top_k_start": 32, "train.num_steps": 20, "model.d_model": 16}]  # its own wins
+    assert names == ["000-d_model=8-num_steps=10", "001-d_model=16-num_steps=20"]
+    path.write_text("from ramjax.sweep import values\nBASE = [1]\n"
+                    "def get_sweep():\n    return values('model.d_model', [8])\n")
+    with pytest.raises(ConfigError, match="BASE must be a dict"):
         sweep.load_sweep(str(path))
 
 

@@ -14,7 +14,7 @@ PLOT = {"x": "run", "y": ["eval/accuracy/mean"], "series": []}
 
 # What these runs trained with when their results were recorded: neither the top-K anneal nor the factor schedule
 # (the factor schedule is now configs/mqar.py's default).
-FIXED = {"train.ramnet_top_k_start": 0, "train.ramnet_factors_start": 0}
+BASE = {"train.ramnet_top_k_start": 0, "train.ramnet_factors_start": 0}
 
 
 def get_sweep():

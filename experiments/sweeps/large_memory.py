@@ -16,7 +16,7 @@ PLOT = {"x": "model.ramnet.num_factors", "y": ["eval/accuracy/mean"], "series": 
 
 # What these runs trained with when their results were recorded: the top-K anneal 32 -> 8 over 500 steps, then
 # the fig4 default. The factor schedule has since replaced it as the default (configs/mqar.py).
-FIXED = {"train.ramnet_top_k_start": 32, "train.ramnet_top_k_anneal_steps": 500, "train.ramnet_factors_start": 0}
+BASE = {"train.ramnet_top_k_start": 32, "train.ramnet_top_k_anneal_steps": 500, "train.ramnet_factors_start": 0}
 
 
 def get_sweep():

@@ -15,7 +15,7 @@ PLOT = {"x": "train.init_seed", "y": ["eval/accuracy/mean"],
 
 
 # The top-K anneal alone, as when these runs were recorded (the factor schedule is now configs/mqar.py's default).
-FIXED = {"train.ramnet_factors_start": 0}
+BASE = {"train.ramnet_factors_start": 0}
 
 
 def get_sweep():

@@ -17,7 +17,7 @@ PLOT = {"x": "train.ramnet_top_k_start", "y": ["eval/accuracy/mean"], "series": 
 
 
 # The top-K anneal alone, as when these runs were recorded (the factor schedule is now configs/mqar.py's default).
-FIXED = {"train.ramnet_factors_start": 0}
+BASE = {"train.ramnet_factors_start": 0}
 
 
 def get_sweep():

@@ -39,7 +39,7 @@ METHODS = {  # memory size -> (U, start K, anneal steps, training steps[, train.
 
 
 # The top-K anneal alone, as when these runs were recorded (the factor schedule is now configs/mqar.py's default).
-FIXED = {"train.ramnet_factors_start": 0}
+BASE = {"train.ramnet_factors_start": 0}
 
 
 def get_sweep(memory: str = "4096"):

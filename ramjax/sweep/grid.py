@@ -87,15 +87,12 @@ def load_sweep(path: str):
         raise ConfigError(f"--sweep {path}: get_sweep() must return a non-empty list of runs (use values, product, "
                           "zipped from ramjax.sweep)")
     names = [run_name(i, r) for i, r in enumerate(runs)]
-    # FIXED: fields every run sets, not part of the run names (e.g. a method a later config default replaced, so
-    # the sweep keeps training what its results file records).
-    fixed = getattr(module, "FIXED", {})
-    if not isinstance(fixed, dict):
-        raise ConfigError(f"--sweep {path}: FIXED must be a dict of field -> value, got {type(fixed).__name__}")
-    both = sorted({field for run in runs for field in run if field in fixed})
-    if both:
-        raise ConfigError(f"--sweep {path}: {both[0]!r} is both in FIXED and swept by get_sweep(); keep one")
-    runs = [{**fixed, **r} for r in runs]
+    # BASE: fields every run starts from, unless it sets them itself; not part of the run names (e.g. the method a
+    # sweep's results were recorded with, after the config's default changed).
+    base = getattr(module, "BASE", {})
+    if not isinstance(base, dict):
+        raise ConfigError(f"--sweep {path}: BASE must be a dict of field -> value, got {type(base).__name__}")
+    runs = [{**base, **r} for r in runs]
     plot = getattr(module, "PLOT", None)
     return runs, plot, names
 
