@@ -59,6 +59,12 @@ MAX_BLOCK = 64  # d_v block width where a kernel tiles it
 # (down to 16) until there are at least this many programs, about two per SM of an H200; as in
 # kernels/gla_chunk.py (timed there: the LM step at 16384 x 2 is 1.08x faster than with full-width blocks).
 MIN_STATE_PROGRAMS = 256
+# The backward pass's per-chunk gradients in two kernels (True: _grad_kernel_outputs for the O = Gamma Q S +
+# (D * Q K^T) V' and S_next side, _grad_kernel_wy for the V' = U - W S side, their dk and dg summed after) or one
+# (False: _grad_kernel). The one kernel holds about fifteen [C, C] / [C, d] fp32 tiles at once (~60k values at
+# chunk 64, d 64), likely spilling; it is half of the op's time in the LM step (14.5 of 30.6 ms at 4096 x 8,
+# experiments/results/profile_train_step_gpu.md). The split is not yet timed on a GPU: off until it is.
+GRAD_KERNEL_SPLIT = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,6 +84,11 @@ def _column_to_row(x):
 def _row_to_column(x):
     """[1, c] or [c] -> [c, 1]."""
     return x.reshape(-1)[:, None]
+
+
+def _row_minus_column_sums(e):
+    """sum_j e[i, j] - sum_j e[j, i] as [c, 1]: the g-gradient of a matrix of exp(g_i - g_j) factors."""
+    return jnp.sum(e, axis=1)[:, None] - _row_to_column(jnp.sum(e, axis=0))
 
 
 def _decay_matrix(g):
@@ -200,16 +211,13 @@ def _grad_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, do_ref, h_ref, dh_ref, vn
     t_mat = inverse * beta_row
     kd = k * gamma  # Gamma K
 
-    def row_minus_column_sums(e):  # sum_j e[i, j] - sum_j e[j, i]: d g of a matrix of exp(g_i - g_j) factors
-        return jnp.sum(e, axis=1)[:, None] - _row_to_column(jnp.sum(e, axis=0))
-
     # O = Gamma Q S + (D * Q K^T) V'
     qk = dot(q, k, dtype, trans_b=True)
     dp = dot(do, vn, dtype, trans_b=True) * d  # d(Q K^T), masked to j <= i
     dq_state = gamma * dot(do, h, dtype, trans_b=True)
     dq = dq_state + dot(dp, k, dtype)
     dk = dot(dp, q, dtype, trans_a=True)
-    dg = jnp.sum(q * dq_state, axis=1)[:, None] + row_minus_column_sums(jnp.where(strict, dp * qk, 0.0))
+    dg = jnp.sum(q * dq_state, axis=1)[:, None] + _row_minus_column_sums(jnp.where(strict, dp * qk, 0.0))
     # S_next = exp(g_C) S + (exp(g_C - g) K)^T V' (the chunk's last key: no g-gradient, its ratio is exp(0))
     dk_end = to_end * dot(vn, dh, dtype, trans_b=True)
     dk += dk_end
@@ -233,12 +241,67 @@ def _grad_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, do_ref, h_ref, dh_ref, vn
     # L = strict_lower(D * K K^T)
     dkk = dl * d
     dk += dot(dkk, k, dtype) + dot(dkk, k, dtype, trans_a=True)
-    dg += row_minus_column_sums(dl * lower)
+    dg += _row_minus_column_sums(dl * lower)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
     dg_ref[...] = dg
     dbeta_ref[...] = dbeta
+
+
+def _grad_kernel_outputs(q_ref, k_ref, g_ref, do_ref, h_ref, dh_ref, vn_ref, *refs, dtype):
+    """The output side of _grad_kernel: dq [C, DK] (all of it), and the parts of dk [C, DK] and dg [C, 1] from
+    O = Gamma Q S + (D * Q K^T) V' and S_next = exp(g_C) S + (exp(g_C - g) K)^T V'."""
+    dq_ref, dk_ref, dg_ref = refs[-3:]
+    f32 = jnp.float32
+    c = q_ref.shape[0]
+    t, s = _iotas(c)
+    q, k = q_ref[...].astype(f32), k_ref[...].astype(f32)
+    g, do, vn, h, dh = g_ref[...], do_ref[...], vn_ref[...], h_ref[...], dh_ref[...]
+    g_last = g_ref[c - 1, :][None, :]
+    gamma = exp_nonpositive(g)
+    qk = dot(q, k, dtype, trans_b=True)
+    dp = dot(do, vn, dtype, trans_b=True) * _decay_matrix(g)
+    dq_state = gamma * dot(do, h, dtype, trans_b=True)
+    dq = dq_state + dot(dp, k, dtype)
+    dk_end = exp_nonpositive(g_last - g) * dot(vn, dh, dtype, trans_b=True)
+    dk = dot(dp, q, dtype, trans_a=True) + dk_end
+    through_end = jnp.where(t < c - 1, jnp.sum(k * dk_end, axis=1)[:, None], 0.0)  # (the last key: exp(0))
+    last = jnp.sum(through_end) + jnp.sum(exp_nonpositive(g_last)) * jnp.sum(h * dh)
+    dg = (jnp.sum(q * dq_state, axis=1)[:, None] + _row_minus_column_sums(jnp.where(s < t, dp * qk, 0.0))
+          - through_end + jnp.where(t == c - 1, last, 0.0))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk
+    dg_ref[...] = dg
+
+
+def _grad_kernel_wy(k_ref, v_ref, g_ref, beta_ref, h_ref, dvn_ref, *refs, dtype):
+    """The WY side of _grad_kernel: dv [C, DV] and dbeta [C, 1] (all of them), and the parts of dk [C, DK] and
+    dg [C, 1] from V' = U - W S, U = T V, W = T Gamma K, recomputing T."""
+    dk_ref, dv_ref, dg_ref, dbeta_ref = refs[-4:]
+    f32 = jnp.float32
+    t, s = _iotas(k_ref.shape[0])
+    k, v = k_ref[...].astype(f32), v_ref[...].astype(f32)
+    g, beta, h, dvn = g_ref[...], beta_ref[...], h_ref[...], dvn_ref[...]
+    gamma = exp_nonpositive(g)
+    inverse, lower, d = _wy(k, g, beta, dtype)
+    beta_row = _column_to_row(beta)
+    t_mat = inverse * beta_row
+    kd = k * gamma
+    dw = -dot(dvn, h, dtype, trans_b=True)
+    dv = dot(t_mat, dvn, dtype, trans_a=True)
+    dkd = dot(t_mat, dw, dtype, trans_a=True)
+    dt = dot(dvn, v, dtype, trans_b=True) + dot(dw, kd, dtype, trans_b=True)
+    # T = M^-1 diag(beta), M = I + diag(beta) L: d M = -M^-T d(M^-1) M^-T (IEEE fp32), strictly lower part
+    dm = -dot(dot(inverse, dt * beta_row, f32, trans_a=True), inverse, f32, trans_b=True)
+    dm = jnp.where(s < t, dm, 0.0)
+    dl = beta * dm
+    dkk = dl * d  # L = strict_lower(D * K K^T)
+    dk = gamma * dkd + dot(dkk, k, dtype) + dot(dkk, k, dtype, trans_a=True)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dk_ref[...] = dk
+    dg_ref[...] = jnp.sum(kd * dkd, axis=1)[:, None] + _row_minus_column_sums(dl * lower)
+    dbeta_ref[...] = _row_to_column(jnp.sum(dt * inverse, axis=0)) + jnp.sum(dm * lower, axis=1)[:, None]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,9 +446,21 @@ def _chunk_grads(x: _Inputs, do, h_start, dh_end, vn, dvn, dtypes, lay: _Layout,
     out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, dk), q_dtype), jax.ShapeDtypeStruct((g, lay.t_pad, dk), k_dtype),
                  jax.ShapeDtypeStruct((g, lay.t_pad, dv), v_dtype)] + [
                      jax.ShapeDtypeStruct((g, lay.t_pad, 1), jnp.float32)] * 2
-    kernel = functools.partial(_grad_kernel, dtype=lay.dtype)
-    return call(kernel, cfg, "gated_delta_grads", (g, lay.n_chunks),
-                 [x.q, x.k, x.v, x.g, x.beta, do, h_start, dh_end, vn, dvn], in_specs, out_specs, out_shape)
+    if not GRAD_KERNEL_SPLIT:
+        kernel = functools.partial(_grad_kernel, dtype=lay.dtype)
+        return call(kernel, cfg, "gated_delta_grads", (g, lay.n_chunks),
+                     [x.q, x.k, x.v, x.g, x.beta, do, h_start, dh_end, vn, dvn], in_specs, out_specs, out_shape)
+    f32_k, f32_column = (jax.ShapeDtypeStruct((g, lay.t_pad, width), jnp.float32) for width in (dk, 1))
+    dq, dk_out, dg_out = call(functools.partial(_grad_kernel_outputs, dtype=lay.dtype), cfg,
+                              "gated_delta_grads_outputs", (g, lay.n_chunks),
+                              [x.q, x.k, x.g, do, h_start, dh_end, vn],
+                              [chunk_k, chunk_k, column, chunk_v, state, state, chunk_v], [chunk_k, chunk_k, column],
+                              [out_shape[0], f32_k, f32_column])
+    dk_wy, dv, dg_wy, dbeta = call(functools.partial(_grad_kernel_wy, dtype=lay.dtype), cfg, "gated_delta_grads_wy",
+                                   (g, lay.n_chunks), [x.k, x.v, x.g, x.beta, h_start, dvn],
+                                   [chunk_k, chunk_v, column, column, state, chunk_v],
+                                   [chunk_k, chunk_v, column, column], [f32_k, out_shape[2], f32_column, f32_column])
+    return dq, (dk_out + dk_wy).astype(k_dtype), dv, dg_out + dg_wy, dbeta
 
 
 # ---------------------------------------------------------------------------------------------------------------

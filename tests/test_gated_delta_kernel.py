@@ -109,6 +109,13 @@ def test_fp32_matches_float64_recurrence_default_case(monkeypatch, min_state_pro
     check_against_reference(0, chunk_size=16, with_initial_state=True)
 
 
+def test_split_gradient_kernels_match_float64_recurrence(monkeypatch):
+    """The per-chunk gradients as two kernels (GRAD_KERNEL_SPLIT: the output side and the WY side, their dk and dg
+    summed): odd T over two chunks of 32, strong decays, d_k != d_v, an initial state."""
+    monkeypatch.setattr(gated_delta_chunk, "GRAD_KERNEL_SPLIT", True)
+    check_against_reference(3, chunk_size=32, with_initial_state=True, seq_len=45, decay_scale=3.0)
+
+
 def test_sequential_kernels_narrow_their_blocks_for_few_sequences():
     assert gated_delta_chunk.state_block_v(16, 128) == 16  # the LM at 16384 x 2: 16 sequences x 8 blocks
     assert gated_delta_chunk.state_block_v(64, 128) == 32  # 4096 x 8: 64 x 4 = 256 programs
@@ -223,10 +230,12 @@ def test_arguments_are_checked():
         chunk_gated_delta(q.astype(jnp.float16), q, v, a, b)
 
 
-def test_gradient_lowers_for_cuda_through_triton():
+@pytest.mark.parametrize("split", [False, True])
+def test_gradient_lowers_for_cuda_through_triton(monkeypatch, split):
     """The forward and backward kernels lower to Triton custom calls for CUDA (jax.export; no GPU needed). This
     checks the Pallas-to-Triton lowering only, not Triton's compilation to PTX."""
     from jax import export
+    monkeypatch.setattr(gated_delta_chunk, "GRAD_KERNEL_SPLIT", split)
 
     def loss(q, k, v, log_decay, beta, state):
         o, final = chunk_gated_delta(q, k, v, log_decay, beta, state, chunk_size=64)
@@ -240,8 +249,9 @@ def test_gradient_lowers_for_cuda_through_triton():
     exported = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))), platforms=["cuda"],
                              disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
     module = exported.mlir_module()
-    # WY, states and outputs forward; WY and states again, state gradients and the chunk gradients backward
-    assert module.count("__gpu$xla.gpu.triton") == 7
-    for name in ("gated_delta_wy", "gated_delta_states", "gated_delta_outputs", "gated_delta_state_grads",
-                 "gated_delta_grads"):
+    # WY, states and outputs forward; WY and states again, state gradients and the chunk gradients (one kernel or
+    # two) backward
+    assert module.count("__gpu$xla.gpu.triton") == 7 + split
+    grads = ("gated_delta_grads_outputs", "gated_delta_grads_wy") if split else ("gated_delta_grads",)
+    for name in ("gated_delta_wy", "gated_delta_states", "gated_delta_outputs", "gated_delta_state_grads", *grads):
         assert name in module, name
