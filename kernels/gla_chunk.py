@@ -329,7 +329,10 @@ def _dqk_kernel_sub(q_ref, k_ref, v_ref, a_ref, do_ref, h_ref, dh_ref, *refs, n_
     """_dqk_kernel for a per-dimension gate, one 16-row sub-chunk i per program (program axis 2 is
     key block * n_sub + i): dq, dk and dA [SUB, BK] of sub-chunk i. The same sums as _dqk_kernel, which keeps every
     sub-chunk's q, k, A, dq, dk and dP live in one program; here a program holds one sub-chunk's, and recomputes the
-    [SUB, SUB] blocks of dP that its dq (earlier key sub-chunks) and dk (later query sub-chunks) need."""
+    [SUB, SUB] blocks of dP that its dq (earlier key sub-chunks) and dk (later query sub-chunks) need. What A_last
+    does through the chunk's end state is left out of dA (added after, `_end_state_term`): in the last sub-chunk's
+    program it took whole-chunk products under a branch, which made the kernel spill (ptxas: 964 bytes at d_k 32,
+    none without it)."""
     dq_ref, dk_ref, da_ref = refs[-3:]
     f32 = jnp.float32
     i = pl.program_id(2) % n_sub
@@ -379,18 +382,9 @@ def _dqk_kernel_sub(q_ref, k_ref, v_ref, a_ref, do_ref, h_ref, dh_ref, *refs, n_
         dq += jnp.sum(jnp.where(s == r, dp_diag, 0.0), axis=1)[:, None] * k_r * decay
         dk += jnp.sum(jnp.where(t == r, dp_diag, 0.0), axis=0)[:, None] * q_r * decay
 
-    def last_term():
-        """What A_last does through the end state, on the chunk's last row: exp(A_last) sum_v H dH
-        + sum_s k_s exp(A_last - A_s) (dH v_s) over every row s of the chunk."""
-        state = sum(jnp.sum(h_ref[:, cols] * dh_ref[:, cols], axis=1) for cols in blocks)
-        k_e = k_ref[...].astype(f32) * exp_nonpositive(a_last - a_ref[...])
-        dk_state = sum(dot(v_ref[:, cols], dh_ref[:, cols], dtype, trans_b=True) for cols in blocks)
-        return (exp_nonpositive(a_last)[0] * state + jnp.sum(k_e * dk_state, axis=0))[None, :]
-
-    last = jax.lax.cond(i == n_sub - 1, last_term, lambda: jnp.zeros((1, q.shape[1]), f32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
-    da_ref[...] = q * dq - k * dk + jnp.where(t == SUB - 1, last, 0.0)
+    da_ref[...] = q * dq - k * dk  # (without the end state's term: `_end_state_term`)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -725,7 +719,7 @@ def _chunk_gla_bwd(cfg: ChunkConfig, saved, cotangents):
     d_out, d_final = cotangents
     lay = _layout(q, k, v, log_decay, cfg.chunk_size)
     x = _inputs(q, k, v, log_decay, lay)
-    h_start, _ = _chunk_states(x, state_rows(initial_state, lay), lay, cfg)
+    h_start, final = _chunk_states(x, state_rows(initial_state, lay), lay, cfg)
     do = _padded(d_out, lay, lay.dv_pad, lay.dtype)
     dh_end, d_initial = _state_grads(x, do, state_rows(d_final, lay), lay, cfg)
     dv = _value_grads(x, do, dh_end, p_diag, v.dtype, lay, cfg)
@@ -736,13 +730,25 @@ def _chunk_gla_bwd(cfg: ChunkConfig, saved, cotangents):
         # [G, T, d_k] fp32 dA, it cost 9.3 ms of a 57 ms step at 4096 x 8 on an H200. For GLA, in the kernel's
         # 16-row form it made no difference to the step and tripled the compile time.)
         chunks = (lay.batch, lay.n_chunks, lay.chunk, lay.heads, lay.dk_pad)
-        da = jax.lax.cumsum(da.reshape(chunks), axis=2, reverse=True).reshape(da.shape)
+        da = jax.lax.cumsum(da.reshape(chunks), axis=2, reverse=True)
+        if _sub_chunk_split(lay, "gla_chunk_dqk") > 1:  # A_last reaches every row of the reverse sum
+            da = da + _end_state_term(h_start, final, dh_end, lay)
+        da = da.reshape(x.a.shape)
     if not lay.per_dim:  # one gate for all key dimensions: the sum of their gradients
         da = jnp.sum(da, axis=-1, keepdims=True)
     d_initial = d_initial[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape).astype(initial_state.dtype)
     dq, dk = (_qk_grad(x, lay, like) for x, like in ((dq, q), (dk, k)))
     return (dq, dk, _unpadded(dv, lay, lay.d_v), _unpadded(da, lay, log_decay.shape[-1]).astype(log_decay.dtype),
             d_initial)
+
+
+def _end_state_term(h_start, final, dh_end, lay: _Layout):
+    """[B, N, 1, H, DK]: what each chunk's A_last does through its end state, sum_v H_end * dH_end (H_end = exp(A_last)
+    H + (K exp(A_last - A))^T V, the next chunk's start state or the final state, so the kernel's sum
+    exp(A_last) sum_v H dH + sum_s k_s exp(A_last - A_s) (dH v_s) is this one product)."""
+    h_end = jnp.concatenate([h_start[:, 1:], final[:, None]], axis=1)  # [G, N, DK, DV]
+    term = jnp.sum(h_end * dh_end, axis=-1)  # [G, N, DK]
+    return jnp.moveaxis(term.reshape(lay.batch, lay.heads, lay.n_chunks, 1, lay.dk_pad), 1, 3)
 
 
 def _qk_grad(grad, lay: _Layout, like):
