@@ -23,9 +23,6 @@ to map ops to source paths, so the op names are XLA's.
 from __future__ import annotations
 
 import collections
-import glob
-import gzip
-import json
 import os
 import re
 import shlex
@@ -86,29 +83,16 @@ def scope(op_name: str, depth: int) -> str:
 
 def device_events(trace_dir: str) -> list[dict]:
     """The complete ('X') events of XLA ops on the accelerator (the host's, on a CPU-only machine)."""
-    events, processes = trace_events(trace_dir)
+    events, processes = timing.trace_events(trace_dir)
     accelerators = {pid for pid, name in processes.items() if "GPU" in name or "TPU" in name}
     keep = accelerators or set(processes)
     return [e for e in events if e.get("pid") in keep and "hlo_op" in e.get("args", {})]
 
 
-def trace_events(trace_dir: str) -> tuple[list[dict], dict]:
-    """Every complete ('X') event of the newest perfetto trace under trace_dir, and pid -> process name."""
-    paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-    if not paths:
-        raise SystemExit(f"profile_train_step: no perfetto trace under {trace_dir}")
-    with gzip.open(max(paths, key=os.path.getmtime)) as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    processes = {e["pid"]: e["args"].get("name", "") for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"}
-    return [e for e in events if e.get("ph") == "X"], processes
-
-
 def summarise_trace(trace_dir: str, steps: int, top: int) -> str:
     """A trace written elsewhere: the device's busy time per step against the traced span, its top ops, and the
     host's top events (per step)."""
-    events, processes = trace_events(trace_dir)
+    events, processes = timing.trace_events(trace_dir)
     accelerators = {pid for pid, name in processes.items() if "GPU" in name or "TPU" in name}
     device = [e for e in events if e.get("pid") in accelerators and "hlo_op" in e.get("args", {})]
     host = [e for e in events if e.get("pid") not in accelerators]

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_linear_ops  # noqa: E402  (make_inputs, our_op)
-import profile_train_step  # noqa: E402  (trace_events)
 from kernels import chunk_common  # noqa: E402
 from ramjax import timing  # noqa: E402
 
@@ -38,7 +37,7 @@ KERNEL_NAME = re.compile(r"(gla_chunk_\w+|gated_delta_\w+|loglinear_chunk_\w+)")
 
 def kernel_times(trace_dir: str, calls: int) -> dict[str, float]:
     """ms per call of each named kernel in the trace under trace_dir (device events; host ones on a CPU)."""
-    events, processes = profile_train_step.trace_events(trace_dir)
+    events, processes = timing.trace_events(trace_dir)
     accelerators = {pid for pid, name in processes.items() if "GPU" in name or "TPU" in name}
     times = collections.Counter()
     for event in events:

@@ -1,10 +1,14 @@
-"""Wall-clock timing of jitted functions and the facts a results file records about the machine."""
+"""Wall-clock timing of jitted functions, the events of a profiler trace, and the facts a results file records about
+the machine."""
 
 from __future__ import annotations
 
 import ast
 import datetime
+import glob
+import gzip
 import importlib
+import json
 import os
 import platform
 import statistics
@@ -74,3 +78,17 @@ def apply_module_settings(settings) -> None:
             raise ValueError(f"kernel_settings: {setting!r}: the value must be a Python literal (True, 32, "
                              f"'name'), got {text.strip()!r}") from None
         setattr(module, name, value)
+
+
+def trace_events(trace_dir: str) -> tuple[list[dict], dict]:
+    """Every complete ('X') event of the newest perfetto trace under trace_dir (jax.profiler.trace(...,
+    create_perfetto_trace=True)), and pid -> process name."""
+    paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise SystemExit(f"no perfetto trace under {trace_dir}")
+    with gzip.open(max(paths, key=os.path.getmtime)) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes = {e["pid"]: e["args"].get("name", "") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    return [e for e in events if e.get("ph") == "X"], processes
