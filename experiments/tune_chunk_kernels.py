@@ -115,8 +115,9 @@ def main() -> None:
                 chunk_common.LAUNCH_BY_KERNEL["*"] = {"num_warps": warps, "num_stages": stages}
                 results[warps, stages] = time_setting(op, inputs, args.chunk_size, args.calls)
                 print(f"{op} w{warps} s{stages}: wall {results[warps, stages][1]:.3f} ms", flush=True)
-            out += table(op, settings, results)
-            print("\n".join(out[-(len(results[settings[0]][0]) + 6):]), flush=True)
+            lines = table(op, settings, results)
+            out += lines
+            print("\n".join(lines), flush=True)
             os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
             with open(args.results, "w") as f:
                 f.write("\n".join(out) + "\n")

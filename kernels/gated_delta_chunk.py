@@ -191,103 +191,37 @@ def _state_grad_kernel(q_ref, k_ref, w_ref, g_ref, do_ref, dfinal_ref, *refs, ch
     dinit_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dfinal_ref[...])
 
 
-def _grad_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, do_ref, h_ref, dh_ref, vn_ref, dvn_ref, *refs, dtype):
-    """dq, dk [C, DK], dv [C, DV], dg and dbeta [C, 1] of one chunk (dg: the gradient of the cumulative log decay).
-    q_ref, k_ref [C, DK]; v_ref, do_ref, vn_ref (V'), dvn_ref (dV', all of V's gradient) [C, DV]; g_ref, beta_ref
-    [C, 1]; h_ref (chunk-start state), dh_ref (chunk-end state gradient) [DK, DV]."""
-    dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref = refs[-5:]
-    f32 = jnp.float32
-    c = q_ref.shape[0]
+def _output_side_grads(q, k, g, g_last, do, h, dh, vn, dtype):
+    """(dq, dk's part, dg's part) of one chunk from O = Gamma Q S + (D * Q K^T) V' and S_next = exp(g_C) S +
+    (exp(g_C - g) K)^T V'. q, k [C, DK] fp32; g [C, 1], g_last (its last row) [1, 1]; do, vn [C, DV]; h (chunk-start
+    state), dh (chunk-end state gradient) [DK, DV]."""
+    c = q.shape[0]
     t, s = _iotas(c)
-    strict = s < t
-    q, k, v = (ref[...].astype(f32) for ref in (q_ref, k_ref, v_ref))
-    g, beta, do, vn, dvn = g_ref[...], beta_ref[...], do_ref[...], vn_ref[...], dvn_ref[...]
-    h, dh = h_ref[...], dh_ref[...]
-    g_last = g_ref[c - 1, :][None, :]  # [1, 1]
     gamma = exp_nonpositive(g)  # [C, 1]
-    to_end = exp_nonpositive(g_last - g)  # [C, 1]: exp(g_C - g)
+    qk = dot(q, k, dtype, trans_b=True)
+    dp = dot(do, vn, dtype, trans_b=True) * _decay_matrix(g)  # d(Q K^T), masked to j <= i
+    dq_state = gamma * dot(do, h, dtype, trans_b=True)
+    dq = dq_state + dot(dp, k, dtype)
+    # the chunk's last key has no g-gradient through S_next: its ratio is exp(0)
+    dk_end = exp_nonpositive(g_last - g) * dot(vn, dh, dtype, trans_b=True)
+    dk = dot(dp, q, dtype, trans_a=True) + dk_end
+    through_end = jnp.where(t < c - 1, jnp.sum(k * dk_end, axis=1)[:, None], 0.0)
+    last = jnp.sum(through_end) + jnp.sum(exp_nonpositive(g_last)) * jnp.sum(h * dh)
+    dg = (jnp.sum(q * dq_state, axis=1)[:, None] + _row_minus_column_sums(jnp.where(s < t, dp * qk, 0.0))
+          - through_end + jnp.where(t == c - 1, last, 0.0))
+    return dq, dk, dg
+
+
+def _wy_side_grads(k, v, g, beta, h, dvn, dtype):
+    """(dk's part, dv, dg's part, dbeta) of one chunk from V' = U - W S, U = T V, W = T Gamma K, recomputing T.
+    k [C, DK], v [C, DV] fp32; g, beta [C, 1]; h (chunk-start state) [DK, DV]; dvn (dV') [C, DV]."""
+    f32 = jnp.float32
+    t, s = _iotas(k.shape[0])
+    gamma = exp_nonpositive(g)
     inverse, lower, d = _wy(k, g, beta, dtype)
     beta_row = _column_to_row(beta)
     t_mat = inverse * beta_row
     kd = k * gamma  # Gamma K
-
-    # O = Gamma Q S + (D * Q K^T) V'
-    qk = dot(q, k, dtype, trans_b=True)
-    dp = dot(do, vn, dtype, trans_b=True) * d  # d(Q K^T), masked to j <= i
-    dq_state = gamma * dot(do, h, dtype, trans_b=True)
-    dq = dq_state + dot(dp, k, dtype)
-    dk = dot(dp, q, dtype, trans_a=True)
-    dg = jnp.sum(q * dq_state, axis=1)[:, None] + _row_minus_column_sums(jnp.where(strict, dp * qk, 0.0))
-    # S_next = exp(g_C) S + (exp(g_C - g) K)^T V' (the chunk's last key: no g-gradient, its ratio is exp(0))
-    dk_end = to_end * dot(vn, dh, dtype, trans_b=True)
-    dk += dk_end
-    through_end = jnp.where(t < c - 1, jnp.sum(k * dk_end, axis=1)[:, None], 0.0)
-    dg -= through_end
-    last = jnp.sum(through_end) + jnp.sum(exp_nonpositive(g_last)) * jnp.sum(h * dh)
-    dg += jnp.where(t == c - 1, last, 0.0)
-    # V' = U - W S;  U = T V, W = T Gamma K
-    dw = -dot(dvn, h, dtype, trans_b=True)
-    dv = dot(t_mat, dvn, dtype, trans_a=True)
-    dkd = dot(t_mat, dw, dtype, trans_a=True)
-    dk += gamma * dkd
-    dg += jnp.sum(kd * dkd, axis=1)[:, None]
-    dt = dot(dvn, v, dtype, trans_b=True) + dot(dw, kd, dtype, trans_b=True)
-    # T = M^-1 diag(beta), M = I + diag(beta) L: d M = -M^-T d(M^-1) M^-T (IEEE fp32), strictly lower part
-    dbeta = _row_to_column(jnp.sum(dt * inverse, axis=0))
-    dm = -dot(dot(inverse, dt * beta_row, f32, trans_a=True), inverse, f32, trans_b=True)
-    dm = jnp.where(strict, dm, 0.0)
-    dbeta += jnp.sum(dm * lower, axis=1)[:, None]
-    dl = beta * dm
-    # L = strict_lower(D * K K^T)
-    dkk = dl * d
-    dk += dot(dkk, k, dtype) + dot(dkk, k, dtype, trans_a=True)
-    dg += _row_minus_column_sums(dl * lower)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-    dg_ref[...] = dg
-    dbeta_ref[...] = dbeta
-
-
-def _grad_kernel_outputs(q_ref, k_ref, g_ref, do_ref, h_ref, dh_ref, vn_ref, *refs, dtype):
-    """The output side of _grad_kernel: dq [C, DK] (all of it), and the parts of dk [C, DK] and dg [C, 1] from
-    O = Gamma Q S + (D * Q K^T) V' and S_next = exp(g_C) S + (exp(g_C - g) K)^T V'."""
-    dq_ref, dk_ref, dg_ref = refs[-3:]
-    f32 = jnp.float32
-    c = q_ref.shape[0]
-    t, s = _iotas(c)
-    q, k = q_ref[...].astype(f32), k_ref[...].astype(f32)
-    g, do, vn, h, dh = g_ref[...], do_ref[...], vn_ref[...], h_ref[...], dh_ref[...]
-    g_last = g_ref[c - 1, :][None, :]
-    gamma = exp_nonpositive(g)
-    qk = dot(q, k, dtype, trans_b=True)
-    dp = dot(do, vn, dtype, trans_b=True) * _decay_matrix(g)
-    dq_state = gamma * dot(do, h, dtype, trans_b=True)
-    dq = dq_state + dot(dp, k, dtype)
-    dk_end = exp_nonpositive(g_last - g) * dot(vn, dh, dtype, trans_b=True)
-    dk = dot(dp, q, dtype, trans_a=True) + dk_end
-    through_end = jnp.where(t < c - 1, jnp.sum(k * dk_end, axis=1)[:, None], 0.0)  # (the last key: exp(0))
-    last = jnp.sum(through_end) + jnp.sum(exp_nonpositive(g_last)) * jnp.sum(h * dh)
-    dg = (jnp.sum(q * dq_state, axis=1)[:, None] + _row_minus_column_sums(jnp.where(s < t, dp * qk, 0.0))
-          - through_end + jnp.where(t == c - 1, last, 0.0))
-    dq_ref[...] = dq.astype(dq_ref.dtype)
-    dk_ref[...] = dk
-    dg_ref[...] = dg
-
-
-def _grad_kernel_wy(k_ref, v_ref, g_ref, beta_ref, h_ref, dvn_ref, *refs, dtype):
-    """The WY side of _grad_kernel: dv [C, DV] and dbeta [C, 1] (all of them), and the parts of dk [C, DK] and
-    dg [C, 1] from V' = U - W S, U = T V, W = T Gamma K, recomputing T."""
-    dk_ref, dv_ref, dg_ref, dbeta_ref = refs[-4:]
-    f32 = jnp.float32
-    t, s = _iotas(k_ref.shape[0])
-    k, v = k_ref[...].astype(f32), v_ref[...].astype(f32)
-    g, beta, h, dvn = g_ref[...], beta_ref[...], h_ref[...], dvn_ref[...]
-    gamma = exp_nonpositive(g)
-    inverse, lower, d = _wy(k, g, beta, dtype)
-    beta_row = _column_to_row(beta)
-    t_mat = inverse * beta_row
-    kd = k * gamma
     dw = -dot(dvn, h, dtype, trans_b=True)
     dv = dot(t_mat, dvn, dtype, trans_a=True)
     dkd = dot(t_mat, dw, dtype, trans_a=True)
@@ -298,10 +232,45 @@ def _grad_kernel_wy(k_ref, v_ref, g_ref, beta_ref, h_ref, dvn_ref, *refs, dtype)
     dl = beta * dm
     dkk = dl * d  # L = strict_lower(D * K K^T)
     dk = gamma * dkd + dot(dkk, k, dtype) + dot(dkk, k, dtype, trans_a=True)
+    dg = jnp.sum(kd * dkd, axis=1)[:, None] + _row_minus_column_sums(dl * lower)
+    dbeta = _row_to_column(jnp.sum(dt * inverse, axis=0)) + jnp.sum(dm * lower, axis=1)[:, None]
+    return dk, dv, dg, dbeta
+
+
+def _grad_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, do_ref, h_ref, dh_ref, vn_ref, dvn_ref, *refs, dtype):
+    """dq, dk [C, DK], dv [C, DV], dg and dbeta [C, 1] of one chunk (dg: the gradient of the cumulative log decay).
+    q_ref, k_ref [C, DK]; v_ref, do_ref, vn_ref (V'), dvn_ref (dV', all of V's gradient) [C, DV]; g_ref, beta_ref
+    [C, 1]; h_ref (chunk-start state), dh_ref (chunk-end state gradient) [DK, DV]."""
+    dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref = refs[-5:]
+    q, k, v = (ref[...].astype(jnp.float32) for ref in (q_ref, k_ref, v_ref))
+    g, h = g_ref[...], h_ref[...]
+    g_last = g_ref[q.shape[0] - 1, :][None, :]
+    dq, dk_out, dg_out = _output_side_grads(q, k, g, g_last, do_ref[...], h, dh_ref[...], vn_ref[...], dtype)
+    dk_wy, dv, dg_wy, dbeta = _wy_side_grads(k, v, g, beta_ref[...], h, dvn_ref[...], dtype)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = (dk_out + dk_wy).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
-    dk_ref[...] = dk
-    dg_ref[...] = jnp.sum(kd * dkd, axis=1)[:, None] + _row_minus_column_sums(dl * lower)
-    dbeta_ref[...] = _row_to_column(jnp.sum(dt * inverse, axis=0)) + jnp.sum(dm * lower, axis=1)[:, None]
+    dg_ref[...] = dg_out + dg_wy
+    dbeta_ref[...] = dbeta
+
+
+def _grad_kernel_outputs(q_ref, k_ref, g_ref, do_ref, h_ref, dh_ref, vn_ref, *refs, dtype):
+    """_grad_kernel's output side alone (GRAD_KERNEL_SPLIT): dq, and fp32 parts of dk and dg."""
+    dq_ref, dk_ref, dg_ref = refs[-3:]
+    q, k = (ref[...].astype(jnp.float32) for ref in (q_ref, k_ref))
+    g_last = g_ref[q.shape[0] - 1, :][None, :]
+    dq, dk_ref[...], dg_ref[...] = _output_side_grads(q, k, g_ref[...], g_last, do_ref[...], h_ref[...],
+                                                      dh_ref[...], vn_ref[...], dtype)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _grad_kernel_wy(k_ref, v_ref, g_ref, beta_ref, h_ref, dvn_ref, *refs, dtype):
+    """_grad_kernel's WY side alone (GRAD_KERNEL_SPLIT): dv, dbeta, and fp32 parts of dk and dg."""
+    dk_ref, dv_ref, dg_ref, dbeta_ref = refs[-4:]
+    k, v = (ref[...].astype(jnp.float32) for ref in (k_ref, v_ref))
+    dk_ref[...], dv, dg_ref[...], dbeta_ref[...] = _wy_side_grads(k, v, g_ref[...], beta_ref[...], h_ref[...],
+                                                                  dvn_ref[...], dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

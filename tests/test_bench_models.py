@@ -100,7 +100,8 @@ def test_module_settings_switch_a_kernel_and_refuse_what_does_not_exist(monkeypa
 
     monkeypatch.setattr(gla_chunk, "SUB_CHUNK_PROGRAMS", frozenset())  # (monkeypatch restores both after the test)
     monkeypatch.setattr(gla_chunk, "SUB", gla_chunk.SUB)
-    timing.apply_module_settings(("kernels.gla_chunk.SUB_CHUNK_PROGRAMS={'gla_chunk_dv'}", " kernels.gla_chunk.SUB = 32"))
+    timing.apply_module_settings(("kernels.gla_chunk.SUB_CHUNK_PROGRAMS={'gla_chunk_dv'}",
+                                  " kernels.gla_chunk.SUB = 32"))
     assert gla_chunk.SUB_CHUNK_PROGRAMS == {"gla_chunk_dv"} and gla_chunk.SUB == 32
     for setting, message in (("kernels.gla_chunk.NO_SUCH=1", "has no 'NO_SUCH'"),
                              ("kernels.no_such_module.X=1", "cannot import 'kernels.no_such_module'"),

@@ -91,7 +91,8 @@ def test_start_factors_and_the_fields_checks(tmp_path):
     with pytest.raises(ConfigError, match=r"train.ramnet_factors_grow_steps: must be an integer >= 0 .*got -3"):
         train(config, str(tmp_path))
     config.train.ramnet_factors_grow_steps = 0  # a start with nothing to grow over: said, not ignored
-    with pytest.raises(ConfigError, match=r"ramnet_factors_grow_steps: must be > 0 when train.ramnet_factors_start = 1"):
+    with pytest.raises(ConfigError,
+                       match=r"ramnet_factors_grow_steps: must be > 0 when train.ramnet_factors_start = 1"):
         factor_schedule.check(config)
 
 

@@ -212,8 +212,9 @@ def test_report_gives_a_multi_seed_runs_best_of_each_seed(tmp_path):
     out = tmp_path / "out"
     run = out / names[0]
     run.mkdir(parents=True)
-    rows = [{"step": 100, "eval/accuracy/mean": 0.5, "eval/accuracy/mean/seed_0": 0.2, "eval/accuracy/mean/seed_1": 0.8},
-            {"step": 200, "eval/accuracy/mean": 0.45, "eval/accuracy/mean/seed_0": 0.6, "eval/accuracy/mean/seed_1": 0.3}]
+    seed = "eval/accuracy/mean/seed_"
+    rows = [{"step": 100, "eval/accuracy/mean": 0.5, f"{seed}0": 0.2, f"{seed}1": 0.8},
+            {"step": 200, "eval/accuracy/mean": 0.45, f"{seed}0": 0.6, f"{seed}1": 0.3}]
     (run / "config.json").write_text(json.dumps({"train": {"num_seeds": 2}}))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3')
     row = sweep.sweep("tiny.py", str(tmp_path / "grid.py"), workdir=str(out), report_only=True)[0]

@@ -27,8 +27,8 @@ def printable(command: list[str]) -> str:
 
 # Device memory a training process holds outside XLA's pool (CUDA context, library workspaces, command-buffer
 # graphs): seen on one H200 with jax 0.11 (2026-12-01), 10 processes with pools of 0.07 of its ~139 GiB (~10.4 GB
-# each) used 135,062 MiB (141.6 GB) by nvidia-smi, ~3.7 GB each beyond its pool; 12 runs at the old default split (0.9 / 12 of the memory each) ran out of memory
-# instantiating their command buffers.
+# each) used 135,062 MiB (141.6 GB) by nvidia-smi, ~3.7 GB each beyond its pool; 12 runs at the old default split
+# (0.9 / 12 of the memory each) ran out of memory instantiating their command buffers.
 PROCESS_OVERHEAD_GB = 4.0
 
 
