@@ -32,6 +32,25 @@ def test_differences_ignore_how_and_flag_what():
                                                          "train.num_steps": (100, 200)}
 
 
+def test_a_ramnet_schedule_added_since_is_inert_for_a_model_without_ramnet_layers():
+    """Runs recorded before the factor and top-K schedules existed resume with configs that now set them, when
+    the model has no RAM-Net layer (the schedules then change nothing); a RAM-Net model's record is refused."""
+    from ramjax.train import factor_schedule, top_k_schedule
+
+    for pattern, refused in (("loglinear_mamba2", False), ("ramnet", True)):
+        config = config_for(pattern, steps=4)
+        config.train.ramnet_factors_start, config.train.ramnet_factors_grow_steps = 1, 2
+        config.train.ramnet_top_k_start, config.train.ramnet_top_k_anneal_steps = 64, 2
+        current = json.loads(config.to_json_best_effort())
+        recorded = json.loads(json.dumps(current))
+        for name in ("ramnet_factors_start", "ramnet_factors_grow_steps", "ramnet_top_k_start",
+                     "ramnet_top_k_anneal_steps"):
+            del recorded["train"][name]
+        inert = factor_schedule.inert_fields(config) + top_k_schedule.inert_fields(config)
+        diffs = run_record.differences(recorded, current, inert)
+        assert bool(diffs) == refused, (pattern, diffs)
+
+
 def test_a_changed_result_field_is_refused_then_amended_and_recorded(finished, tmp_path, capsys):
     workdir = str(tmp_path)
     train(small(steps=2), workdir)

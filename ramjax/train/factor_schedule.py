@@ -64,6 +64,13 @@ def start_factors(config) -> int:
     return start if start < config.model.ramnet.num_factors else 0
 
 
+def inert_fields(config) -> tuple[str, ...]:
+    """This schedule's config fields when they change nothing for `config` (no RAM-Net layer, or no schedule):
+    a resumed run recorded before they existed is the same run."""
+    fields = ("train.ramnet_factors_start", "train.ramnet_factors_grow_steps")
+    return fields if not start_factors(config) else ()
+
+
 def with_factors(model: LanguageModel, active: int) -> LanguageModel:
     """Sets every RAM-Net layer of `model` to address with `active` factors (in place); returns the model."""
     for mixer in model.ramnet_mixers():

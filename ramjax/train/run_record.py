@@ -58,16 +58,18 @@ def _is_neutral(field: str) -> bool:
     return any(field == n or (n.endswith(".") and field.startswith(n)) for n in RESULT_NEUTRAL)
 
 
-def differences(recorded: dict, current: dict) -> dict:
+def differences(recorded: dict, current: dict, inert: tuple[str, ...] = ()) -> dict:
     """{field: (recorded value, current value)} for every result-changing field that differs. A field the
     record lacks is a field added to ramjax since; at an "off" value (False, 0, "", None, or its ADDED_DEFAULTS
-    value) it changes nothing."""
+    value), or named in `inert` (fields the caller knows change nothing for this config, e.g. a RAM-Net schedule
+    in a model without RAM-Net layers), it changes nothing."""
     old, new = _flatten(recorded), _flatten(current)
     diffs = {}
     for field in sorted(set(old) | set(new)):
         if _is_neutral(field):
             continue
-        if field not in old and (not new[field] or (field in ADDED_DEFAULTS and new[field] == ADDED_DEFAULTS[field])):
+        if field not in old and (not new[field] or field in inert or (
+                field in ADDED_DEFAULTS and new[field] == ADDED_DEFAULTS[field])):
             continue
         if field not in new:
             continue  # a field ramjax no longer has: nothing can set it
@@ -112,10 +114,11 @@ def _write_atomically(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def check_and_record(workdir: str, current: dict, *, step: int, amend: bool, write: bool = True, log=print) -> None:
+def check_and_record(workdir: str, current: dict, *, step: int, amend: bool, write: bool = True, log=print,
+                     inert: tuple[str, ...] = ()) -> None:
     """Writes config.json on a run's first start; on a rerun, refuses a config that changes the result unless
     `amend`, in which case the changes go to amendments.jsonl at `step`. Every process checks; only the one with
-    `write` (process 0) writes."""
+    `write` (process 0) writes. `inert`: fields that change nothing for this config (see differences)."""
     path = os.path.join(workdir, CONFIG_FILE)
     recorded = effective_config(workdir)
     if recorded is None:
@@ -125,7 +128,7 @@ def check_and_record(workdir: str, current: dict, *, step: int, amend: bool, wri
                     "config")
             _write_atomically(path, json.dumps(current, indent=2))
         return
-    diffs = differences(recorded, current)
+    diffs = differences(recorded, current, inert)
     if not diffs:
         return
     listed = "; ".join(f"{field}: recorded {a!r}, now {b!r}" for field, (a, b) in diffs.items())

@@ -57,6 +57,13 @@ def start_k(config) -> int:
     return min(config.train.get("ramnet_top_k_start", 0), r.factor_size**r.num_factors)
 
 
+def inert_fields(config) -> tuple[str, ...]:
+    """This schedule's config fields when they change nothing for `config` (no RAM-Net layer, or no schedule):
+    a resumed run recorded before they existed is the same run."""
+    fields = ("train.ramnet_top_k_start", "train.ramnet_top_k_anneal_steps")
+    return fields if not start_k(config) else ()
+
+
 def with_top_k(model: LanguageModel, k: int) -> LanguageModel:
     """Sets every RAM-Net layer of `model` to keep `k` slots per token (in place); returns the model."""
     for mixer in model.ramnet_mixers():

@@ -169,7 +169,8 @@ def _resume(run: _Run, checkpoints: Checkpoints, *, amend: bool, restart: bool):
     if getattr(run.task, "provenance", None) is not None:  # language models: which corpus, split and tokenizer
         current["data_provenance"] = run.task.provenance
     latest = checkpoints.latest_step()
-    run_record.check_and_record(workdir, current, step=latest or 0, amend=amend, write=is_main)
+    inert = factor_schedule.inert_fields(config) + top_k_schedule.inert_fields(config)
+    run_record.check_and_record(workdir, current, step=latest or 0, amend=amend, write=is_main, inert=inert)
     summary_path = os.path.join(workdir, "summary.json")
     finished = _read_json(summary_path)
     num_steps = config.train.num_steps
