@@ -63,11 +63,13 @@ MIN_STATE_PROGRAMS = 256
 SCALAR_GATE_FULL_WIDTH = True
 # With a per-dimension gate (GLA), the kernels named here run one program per 16-row sub-chunk (the *_sub kernels:
 # a sub-chunk's arrays live, n_sub times the programs) instead of one per chunk (every sub-chunk's q, k, A and
-# partial results live at once, likely beyond the registers of 4 warps at chunk 64, d_k 64): any of
-# "gla_chunk_outputs", "gla_chunk_dv", "gla_chunk_dqk". The dq/dk/dA kernel is the largest part of GLA's backward
-# pass (7.6 of 18.3 ms in the LM step at 4096 x 8, experiments/results/profile_train_step_gpu.md). Not yet timed on
-# a GPU, so the measured per-chunk kernels stay the default until they are.
-SUB_CHUNK_PROGRAMS: frozenset = frozenset()
+# partial results live at once), when d_k is at least SUB_CHUNK_MIN_DK. Timed on one H200 (kernels/README.md):
+# at d_k 64, chunk 64 (the anchor shape, where the per-chunk dq/dk/dA kernel spills 1344 bytes) all three in the
+# sub-chunk form make GLA's forward + backward 1.4x faster (8.82 -> 6.21 ms of kernels at 8x4096, 16 heads); at the
+# LM's d_k 32 (little spilling, n_sub times the programs for the same work) they made the LM step slower (GLA
+# 0.78x -> 0.71x the transformer's tokens/s at 4096x8), so smaller d_k keeps the per-chunk programs.
+SUB_CHUNK_PROGRAMS: frozenset = frozenset({"gla_chunk_outputs", "gla_chunk_dv", "gla_chunk_dqk"})
+SUB_CHUNK_MIN_DK = 64
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -588,12 +590,13 @@ def _whole_chunk(lay: _Layout) -> bool:
 
 def _sub_chunk_split(lay: _Layout, name: str) -> int:
     """Programs per chunk (and d_v or d_k block) of kernel `name`: its sub-chunks where SUB_CHUNK_PROGRAMS names
-    it (per-dimension gates only), else 1."""
+    it (per-dimension gates, d_k >= SUB_CHUNK_MIN_DK), else 1."""
     unknown = sorted(set(SUB_CHUNK_PROGRAMS) - {"gla_chunk_outputs", "gla_chunk_dv", "gla_chunk_dqk"})
     if unknown:
         raise ValueError(f"SUB_CHUNK_PROGRAMS: unknown kernel {unknown[0]!r}; known: 'gla_chunk_outputs', "
                          "'gla_chunk_dv', 'gla_chunk_dqk'")
-    return lay.chunk // SUB if lay.per_dim and name in SUB_CHUNK_PROGRAMS else 1
+    sub = lay.per_dim and name in SUB_CHUNK_PROGRAMS and lay.d_k >= SUB_CHUNK_MIN_DK
+    return lay.chunk // SUB if sub else 1
 
 
 def _chunk_outputs(x: _Inputs, h_start, out_dtype, lay: _Layout, cfg: ChunkConfig):
@@ -733,7 +736,7 @@ def _chunk_gla_bwd(cfg: ChunkConfig, saved, cotangents):
         da = jax.lax.cumsum(da.reshape(chunks), axis=2, reverse=True)
         if _sub_chunk_split(lay, "gla_chunk_dqk") > 1:  # A_last reaches every row of the reverse sum
             da = da + _end_state_term(h_start, final, dh_end, lay)
-        da = da.reshape(x.a.shape)
+        da = da.reshape(lay.batch, lay.t_pad, lay.heads, lay.dk_pad)
     if not lay.per_dim:  # one gate for all key dimensions: the sum of their gradients
         da = jnp.sum(da, axis=-1, keepdims=True)
     d_initial = d_initial[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape).astype(initial_state.dtype)

@@ -113,15 +113,32 @@ def test_shared_qk_heads_match_float64_recurrence():
 def test_sub_chunk_programs_match_float64_recurrence(monkeypatch):
     """The output, dv and dq/dk/dA kernels with one program per 16-row sub-chunk (SUB_CHUNK_PROGRAMS): four
     sub-chunks per chunk (the first, middle ones and the last, which adds the end state's term to dA), odd T, strong
-    decays, d_k > d_v, and 16-wide blocks: two d_k blocks and two d_v blocks."""
+    decays, d_k > d_v, and 16-wide blocks: two d_k blocks and two d_v blocks. (By default d_k 32 takes the
+    per-chunk programs: SUB_CHUNK_MIN_DK is lowered to reach the sub-chunk ones at a size interpret mode runs fast.)"""
     monkeypatch.setattr(gla_chunk, "SUB_CHUNK_PROGRAMS", frozenset({"gla_chunk_outputs", "gla_chunk_dv",
                                                                     "gla_chunk_dqk"}))
+    monkeypatch.setattr(gla_chunk, "SUB_CHUNK_MIN_DK", 16)
     monkeypatch.setattr(gla_chunk, "MAX_BLOCK", 16)
     check_against_reference(17, chunk_size=64, with_initial_state=True, seq_len=90, decay_scale=3.0, d_k=32,
                             d_v=24)
     monkeypatch.setattr(gla_chunk, "SUB_CHUNK_PROGRAMS", frozenset({"gla_chunk_dq"}))
     with pytest.raises(ValueError, match="SUB_CHUNK_PROGRAMS: unknown kernel 'gla_chunk_dq'"):
         check_against_reference(17, chunk_size=64, with_initial_state=True)
+
+
+def test_sub_chunk_programs_from_d_k_64_with_per_dimension_gates_only():
+    """The default choice of programs per chunk: the sub-chunk form for the named kernels at d_k >= 64 with a
+    per-key-dimension gate, one program per chunk below it or with a scalar gate."""
+    def split(d_k, per_dim, name="gla_chunk_dqk", chunk=64):
+        q = jnp.zeros((1, 80, 2, d_k), jnp.bfloat16)
+        v = jnp.zeros((1, 80, 2, 32), jnp.bfloat16)
+        lay = gla_chunk._layout(q, q, v, jnp.zeros((1, 80, 2, d_k if per_dim else 1)), chunk)
+        return gla_chunk._sub_chunk_split(lay, name)
+
+    assert gla_chunk.SUB_CHUNK_PROGRAMS == {"gla_chunk_outputs", "gla_chunk_dv", "gla_chunk_dqk"}
+    assert [split(d, True) for d in (32, 48, 64, 128)] == [1, 1, 4, 4]
+    assert split(64, True, chunk=32) == 2 and split(64, False) == 1
+    assert split(64, True, name="gla_chunk_states") == 1
 
 
 @pytest.mark.slow
