@@ -12,7 +12,8 @@ method; one sweep per memory size, since their runs need different shares of a G
   # M 2^20 (U 10), from 64 slots: experiments/sweeps/factor_schedule.py:1048576
 
 Without a schedule M 1024 at K = 8 stays at chance (0.011, issue 16). With this one (3 seeds): M 1024 0.999,
-M 4096 0.997 in 1000 steps; M 65536 0.968 in 1500 steps (0.745 at step 1000). Results:
+M 4096 0.997 in 1000 steps; M 65536 0.930 in 1000 steps when the growth ends at step 700 (0.968 in 1500 steps
+with a growth over 1000), at chance when it starts from 256 slots; M 2^20 0.814 at 2000 steps. Results:
 experiments/results/large_memory.md.
 """
 
