@@ -4,6 +4,7 @@
   python experiments/kernel_registers.py capture --op gla --d_k 32 --d_v 64 --chunk 64 --out /tmp/ttir
   python experiments/kernel_registers.py capture --op gated_delta --d_k 64 --d_v 64 --chunk 32 --out /tmp/ttir \
       --setting kernels.gated_delta_chunk.GRAD_KERNEL_SPLIT=True
+  python experiments/kernel_registers.py capture --op loglinear --d_k 64 --d_v 64 --chunk 64 --dtype float32
   # 2. compiled for sm_90a by pip's Triton, then `ptxas -v` (any Python with `pip install triton`):
   python experiments/kernel_registers.py compile /tmp/ttir/*.ttir --warps 4,8
 
@@ -35,7 +36,7 @@ def capture(args) -> None:
     from jax import export
     from jax._src.pallas.triton import lowering
 
-    from kernels import gated_delta_chunk, gla_chunk
+    from kernels import gated_delta_chunk, gla_chunk, loglinear_chunk
     from ramjax import timing
 
     timing.apply_module_settings(args.setting)
@@ -55,14 +56,19 @@ def capture(args) -> None:
         gate = jax.ShapeDtypeStruct((b, t, h, args.d_k), jnp.float32)
         shapes = [qk, qk, v, gate, state]
         op = lambda *x: gla_chunk.chunk_gla(*x, chunk_size=args.chunk)  # noqa: E731
-    else:
+    elif args.op == "gated_delta":
         per_token = jax.ShapeDtypeStruct((b, t, h), jnp.float32)
         shapes = [qk, qk, v, per_token, per_token, state]
         op = lambda *x: gated_delta_chunk.chunk_gated_delta(*x, chunk_size=args.chunk)  # noqa: E731
+    else:  # the log-linear in-chunk kernels (no state: the Fenwick levels across chunks are XLA)
+        levels = args.chunk.bit_length()  # log2 C + 1: the levels a chunk reaches
+        shapes = [qk, qk, v, jax.ShapeDtypeStruct((b, t, h), jnp.float32),
+                  jax.ShapeDtypeStruct((b, t, h, levels), jnp.float32)]
+        op = lambda *x: (loglinear_chunk.loglinear_intra_chunk(*x, chunk_size=args.chunk),)  # noqa: E731
 
     def loss(*x):
-        o, final = op(*x)
-        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(final ** 2)
+        o, *final = op(*x)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + sum(jnp.sum(f ** 2) for f in final)
 
     lowering.lower_jaxpr_to_triton_module = recording
     try:
@@ -71,7 +77,7 @@ def capture(args) -> None:
     finally:
         lowering.lower_jaxpr_to_triton_module = lower
     os.makedirs(args.out, exist_ok=True)
-    tag = f"{args.op}_dk{args.d_k}_dv{args.d_v}_c{args.chunk}" + "".join(
+    tag = f"{args.op}_dk{args.d_k}_dv{args.d_v}_c{args.chunk}_{dtype.name}" + "".join(
         "_" + re.sub(r"[^\w=]+", "", s.rpartition(".")[2]).replace("=", "-") for s in args.setting)
     for text in texts:
         name = FUNC_NAME.search(text).group(1)
@@ -116,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     cap = commands.add_parser("capture", help="save the Triton IR of an op's kernels")
-    cap.add_argument("--op", choices=("gla", "gated_delta"), default="gla")
+    cap.add_argument("--op", choices=("gla", "gated_delta", "loglinear"), default="gla")
     cap.add_argument("--d_k", type=int, default=64)
     cap.add_argument("--d_v", type=int, default=64)
     cap.add_argument("--chunk", type=int, default=64)

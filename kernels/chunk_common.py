@@ -44,6 +44,20 @@ class ChunkConfig(NamedTuple):
     poison_output: bool
 
 
+# Warps per program where the op's caller does not choose: 4 with bf16 operands, 8 with fp32 ones. An fp32 tile
+# takes twice a bf16 tile's registers; read statically (experiments/results/kernel_registers.md, ptxas for sm_90a),
+# at d 64 and 4 warps the fp32 log-linear kernels at chunk 64 spill 15 KB (outputs) and 40 KB (gradients), Gated
+# DeltaNet's gradients at chunk 32 34 KB; at 8 warps at most 1.3 KB. The bf16 kernels spill at most ~1.3 KB at 4.
+DEFAULT_WARPS = {"bfloat16": 4, "float32": 8}
+
+
+def default_num_warps(num_warps: int | None, q, k, v) -> int:
+    """`num_warps`, or where it is None the default for the matrix products' operand dtype (DEFAULT_WARPS)."""
+    if num_warps is not None:
+        return int(num_warps)
+    return DEFAULT_WARPS[jnp.dtype(operand_dtype(q, k, v)).name]
+
+
 def padded_width(d: int) -> int:
     """A width as the kernels see it: a power of 2, at least 16 (the smallest block Triton's dot takes)."""
     return max(16, next_pow2(d))

@@ -49,8 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from kernels.chunk_common import (ChunkConfig, call, dot, exp_nonpositive, from_rows, operand_dtype, padded_width,
-                                  state_rows, to_rows)
+from kernels.chunk_common import (ChunkConfig, call, default_num_warps, dot, exp_nonpositive, from_rows,
+                                  operand_dtype, padded_width, state_rows, to_rows)
 
 MIN_CHUNK = 16  # the smallest block Triton's dot takes
 MAX_BLOCK = 64  # d_v block width where a kernel tiles it
@@ -508,7 +508,7 @@ def _check_arguments(q, k, v, log_decay, beta, initial_state, chunk_size):
 
 
 def chunk_gated_delta(q, k, v, log_decay, beta, initial_state=None, *, chunk_size: int = 64,
-                      interpret: bool = False, poison_output: bool = False, num_warps: int = 4):
+                      interpret: bool = False, poison_output: bool = False, num_warps: int | None = None):
     """The gated delta rule, S_t = exp(a_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = S_t^T q_t,
     in chunks (the WY / UT representation).
 
@@ -519,7 +519,8 @@ def chunk_gated_delta(q, k, v, log_decay, beta, initial_state=None, *, chunk_siz
       log_decay: a_t <= 0, `[B, T, H]`; beta: `[B, T, H]`, in [0, 1] for a contraction. Computed in float32.
       initial_state: S_0, `[B, H, d_k, d_v]`, or None for zeros.
       chunk_size: C, tokens per chunk, a power of 2 >= 16 (T is padded to whole chunks with tokens that write
-        nothing). num_warps: Triton warps per program (GPU).
+        nothing). num_warps: Triton warps per program (GPU); None: 4 with bf16 operands, 8 with fp32 ones
+        (chunk_common.DEFAULT_WARPS).
       interpret: run the kernels in interpret mode (any device, the CPU included).
       poison_output: start the kernels' output buffers as NaN (tests: an element a kernel fails to write shows).
 
@@ -530,5 +531,6 @@ def chunk_gated_delta(q, k, v, log_decay, beta, initial_state=None, *, chunk_siz
     _check_arguments(q, k, v, log_decay, beta, initial_state, chunk_size)
     if initial_state is None:
         initial_state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
-    cfg = ChunkConfig(int(chunk_size), int(num_warps), bool(interpret), bool(poison_output))
+    cfg = ChunkConfig(int(chunk_size), default_num_warps(num_warps, q, k, v), bool(interpret),
+                      bool(poison_output))
     return _chunk_gated_delta(q, k, v, log_decay, beta, initial_state, cfg)

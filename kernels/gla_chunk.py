@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from kernels.chunk_common import ChunkConfig, call, dot, exp_nonpositive, operand_dtype, padded_width, state_rows
+from kernels.chunk_common import (ChunkConfig, call, default_num_warps, dot, exp_nonpositive, operand_dtype,
+                                  padded_width, state_rows)
 from kernels.shapes import pad_axis
 
 # Rows per sub-chunk: the smallest block Triton's dot takes. 32 works too (tested) but trained the GLA LM 1.67x
@@ -794,7 +795,7 @@ def _check_arguments(q, k, v, log_decay, initial_state, chunk_size):
 
 
 def chunk_gla(q, k, v, log_decay, initial_state=None, *, chunk_size: int = 64, interpret: bool = False,
-              poison_output: bool = False, num_warps: int = 4):
+              poison_output: bool = False, num_warps: int | None = None):
     """Gated linear attention, S_t = diag(exp(a_t)) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t, in chunks.
 
     Args:
@@ -805,7 +806,8 @@ def chunk_gla(q, k, v, log_decay, initial_state=None, *, chunk_size: int = 64, i
         Mamba-2). Computed in float32.
       initial_state: S_0, `[B, H, d_k, d_v]`, or None for zeros.
       chunk_size: C, tokens per chunk, a power of 2 >= 16 (T is padded to whole chunks with tokens that write
-        nothing). num_warps: Triton warps per program (GPU).
+        nothing). num_warps: Triton warps per program (GPU); None: 4 with bf16 operands, 8 with fp32 ones
+        (chunk_common.DEFAULT_WARPS).
       interpret: run the kernels in interpret mode (any device, the CPU included).
       poison_output: start the kernels' output buffers as NaN (tests: an element a kernel fails to write shows).
 
@@ -816,5 +818,6 @@ def chunk_gla(q, k, v, log_decay, initial_state=None, *, chunk_size: int = 64, i
     _check_arguments(q, k, v, log_decay, initial_state, chunk_size)
     if initial_state is None:
         initial_state = jnp.zeros((v.shape[0], v.shape[2], q.shape[3], v.shape[3]), jnp.float32)
-    cfg = ChunkConfig(int(chunk_size), int(num_warps), bool(interpret), bool(poison_output))
+    cfg = ChunkConfig(int(chunk_size), default_num_warps(num_warps, q, k, v), bool(interpret),
+                      bool(poison_output))
     return _chunk_gla(q, k, v, log_decay, initial_state, cfg)

@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.chunk_common import (ChunkConfig, call, dot, exp_nonpositive, from_rows, operand_dtype, padded_width,
-                                  to_rows)
+from kernels.chunk_common import (ChunkConfig, call, default_num_warps, dot, exp_nonpositive, from_rows,
+                                  operand_dtype, padded_width, to_rows)
 from kernels.shapes import pad_axis
 
 MIN_CHUNK = 16  # the smallest block Triton's dot takes
@@ -292,7 +292,7 @@ def _check_arguments(q, k, v, g_cum, level_weights, chunk_size):
 
 
 def loglinear_intra_chunk(q, k, v, g_cum, level_weights, *, chunk_size: int = 64, interpret: bool = False,
-                          poison_output: bool = False, num_warps: int = 4, out_dtype=None):
+                          poison_output: bool = False, num_warps: int | None = None, out_dtype=None):
     """The in-chunk part of log-linear attention with a scalar decay (see the module docstring).
 
     Args:
@@ -306,7 +306,8 @@ def loglinear_intra_chunk(q, k, v, g_cum, level_weights, *, chunk_size: int = 64
       chunk_size: C, a power of 2 from 16 to 64 (T is padded to whole chunks with tokens that write nothing).
       interpret: run the kernels in interpret mode (any device, the CPU included).
       poison_output: start the kernels' output buffers as NaN (tests: an element a kernel fails to write shows).
-      num_warps: Triton warps per program (GPU).
+      num_warps: Triton warps per program (GPU); None: 4 with bf16 operands, 8 with fp32 ones
+        (chunk_common.DEFAULT_WARPS).
       out_dtype: O's dtype (default: v's).
 
     Returns:
@@ -314,5 +315,6 @@ def loglinear_intra_chunk(q, k, v, g_cum, level_weights, *, chunk_size: int = 64
       v_s. Differentiable in q, k, v, g_cum and level_weights (the backward pass is a Pallas kernel too).
     """
     _check_arguments(q, k, v, g_cum, level_weights, chunk_size)
-    cfg = ChunkConfig(int(chunk_size), int(num_warps), bool(interpret), bool(poison_output))
+    cfg = ChunkConfig(int(chunk_size), default_num_warps(num_warps, q, k, v), bool(interpret),
+                      bool(poison_output))
     return _intra_chunk(q, k, v, g_cum, level_weights, cfg, jnp.dtype(out_dtype or v.dtype))

@@ -124,6 +124,20 @@ def test_kernel_launch_options_by_name_then_star_then_the_ops_warps(monkeypatch)
         chunk_common.launch_options("gla_chunk_dv", 4)
 
 
+def test_kernel_warps_default_by_operand_dtype():
+    """4 warps with bf16 operands, 8 where any of q, k, v is fp32 (their tiles take twice the registers); an
+    explicit count wins."""
+    import jax.numpy as jnp
+
+    from kernels import chunk_common
+
+    bf16, fp32 = jnp.zeros((1, 16, 1, 16), jnp.bfloat16), jnp.zeros((1, 16, 1, 16), jnp.float32)
+    assert chunk_common.default_num_warps(None, bf16, bf16, bf16) == 4
+    assert chunk_common.default_num_warps(None, bf16, bf16, fp32) == 8
+    assert chunk_common.default_num_warps(None, fp32, fp32, fp32) == 8
+    assert chunk_common.default_num_warps(2, fp32, fp32, fp32) == 2
+
+
 def test_kernel_tuning_table_marks_each_kernels_best_setting():
     spec = importlib.util.spec_from_file_location("tune_chunk_kernels", ROOT / "experiments" / "tune_chunk_kernels.py")
     tune = importlib.util.module_from_spec(spec)
