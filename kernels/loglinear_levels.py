@@ -76,23 +76,23 @@ def level_groups(first_chunk: int, num_chunks: int) -> list[LevelGroups]:
 def _reads(n, level: LevelGroups):
     """(whether chunk n reads at this level, the block_states entry it reads), traced int32 scalars."""
     position = level.front + n
-    return (position >> (level.level - 1)) % 2 == 1, level.offset + position // 2**level.level
+    return (position // 2**(level.level - 1)) % 2 == 1, level.offset + position // 2**level.level
 
 
-def _weight(w, column, reads):
+def _weight(w_ref, column, reads):
     """[C, 1] fp32 column `column` of the weights, 0 where the chunk does not read."""
-    return jnp.where(reads, w[:, column:column + 1].astype(jnp.float32), 0.0)
+    return jnp.where(reads, w_ref[:, pl.ds(column, 1)].astype(jnp.float32), 0.0)
 
 
 def _read_kernel(q_ref, gc_ref, w_ref, s_ref, *refs, levels, dtype):
     """o [C, BV] of one chunk and d_v block: q_ref [C, DK], gc_ref [C, 1], w_ref [C, MP], s_ref [S, DK, BV]."""
     o_ref = refs[-1]
     n = pl.program_id(1)
-    q, w = q_ref[...], w_ref[...]
+    q = q_ref[...]
     acc = jnp.zeros(o_ref.shape, jnp.float32)
     for i, level in enumerate(levels):
         reads, entry = _reads(n, level)
-        acc += dot(q, s_ref[entry], dtype) * _weight(w, i, reads)
+        acc += dot(q, s_ref[entry], dtype) * _weight(w_ref, i, reads)
     o_ref[...] = (acc * exp_nonpositive(gc_ref[...])).astype(o_ref.dtype)
 
 
@@ -100,7 +100,7 @@ def _token_grad_kernel(q_ref, gc_ref, w_ref, s_ref, do_ref, *refs, levels, dtype
     """dq [C, DK], dw [C, MP] and dGc [C, 1] of one chunk: s_ref [S, DK, DV], do_ref [C, DV]."""
     dq_ref, dw_ref, dgc_ref = refs[-3:]
     n = pl.program_id(1)
-    q, w, do = q_ref[...], w_ref[...], do_ref[...]
+    q, do = q_ref[...], do_ref[...]
     e = exp_nonpositive(gc_ref[...])
     column = jax.lax.broadcasted_iota(jnp.int32, (1, dw_ref.shape[1]), 1)
     dq = jnp.zeros(dq_ref.shape, jnp.float32)
@@ -109,7 +109,7 @@ def _token_grad_kernel(q_ref, gc_ref, w_ref, s_ref, do_ref, *refs, levels, dtype
     for i, level in enumerate(levels):
         reads, entry = _reads(n, level)
         state = s_ref[entry]
-        weight = _weight(w, i, reads)
+        weight = _weight(w_ref, i, reads)
         dw_level = jnp.where(reads, e * jnp.sum(dot(q, state, dtype) * do.astype(jnp.float32), axis=1,
                                                 keepdims=True), 0.0)
         dw = jnp.where(column == i, dw_level, dw)

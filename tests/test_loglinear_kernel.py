@@ -215,10 +215,16 @@ def op_vjp(inputs, state, cotangents, impl, chunk_size):
 
 
 @pytest.mark.parametrize("start", [0, pytest.param(21, marks=pytest.mark.slow)])
-def test_op_pallas_equals_chunked(start):
+@pytest.mark.parametrize("levels_kernel", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_op_pallas_equals_chunked(start, levels_kernel, monkeypatch):
     """impl="pallas" against impl="chunked": o, the final state and the gradients of q, k, v, g and
-    level_weights; start > 0 continues from an initial state (the chunks then start 21 mod 16 = 5 tokens early)."""
-    inputs, state, cotangents = op_problem(7, start=start)
+    level_weights; start > 0 continues from an initial state (the chunks then start 21 mod 16 = 5 tokens early).
+    fp32 reads the levels above the chunk in XLA by default; levels_kernel takes kernels.loglinear_levels for it."""
+    from ramjax.ops.loglinear import attention
+
+    monkeypatch.setattr(attention, "LEVELS_KERNEL_DTYPES", frozenset({"bfloat16", "float32"} if levels_kernel
+                                                                      else {"bfloat16"}))
+    inputs, state, cotangents = op_problem(7, seq_len=101, start=start)
     (o, final), grads = op_vjp(inputs, state, cotangents, "pallas", 16)
     (want_o, want_final), want_grads = op_vjp(inputs, state, cotangents, "chunked", 16)
     assert rel_rms(o, want_o) < 1e-5

@@ -12,9 +12,10 @@ Implementations (`impl=`):
   chunked    the training path: a masked matmul inside each chunk of C tokens, and for each Fenwick level above
              the chunk one batched matmul of the queries of a block of chunks against the summed state of the
              block of chunks that is their bucket. O(T log T) work, O(T) memory.
-  pallas     chunked with the in-chunk part as Pallas kernels, forward and backward (`kernels.loglinear_chunk`:
-             Triton on GPUs, interpret mode elsewhere); the levels above the chunk, the initial and final states
-             stay in jax.numpy. float32 or bfloat16 q, k, v; chunk_size 16, 32 or 64.
+  pallas     chunked with the in-chunk part (`kernels.loglinear_chunk`) and the reads from the levels above the chunk
+             (`kernels.loglinear_levels`: every level in one pass over the tokens) as Pallas kernels, forward and
+             backward: Triton on GPUs, interpret mode elsewhere. The chunk and block states, the initial and final
+             states stay in jax.numpy. float32 or bfloat16 q, k, v; chunk_size 16, 32 or 64.
   auto       recurrent for a single token; for sequences on a GPU, pallas where the kernels take the inputs
              (measured on one H200, the bf16 LM train step: 1.18x faster than chunked at 4096 x 8 and 1.15x at
              16384 x 2, with 8-10% less memory; experiments/results/bench_models.md); chunked otherwise.
@@ -50,6 +51,11 @@ from ramjax.ops.shared import numerics
 
 ATTENTION_IMPLS = (*IMPLS, "pallas")
 PALLAS_CHUNK_SIZES = (16, 32, 64)  # what kernels.loglinear_chunk takes
+# impl="pallas" reads the levels above the chunk by kernels.loglinear_levels where q (as the matrix products take
+# it) has one of these dtypes, else by one batched matmul per level in XLA. Read statically for sm_90a at d 64
+# (experiments/results/kernel_registers.md), the bf16 kernels do not spill at 4 warps; the fp32 ones spill 16-27 KB
+# a thread even at 8. Not yet timed on a GPU.
+LEVELS_KERNEL_DTYPES = frozenset({"bfloat16"})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,13 +156,26 @@ def _intra_chunk_pallas(q, k, v, g_in, level_weights, chunk_size):
                                                  interpret=jax.default_backend() != "gpu", out_dtype=jnp.float32)
 
 
+def _levels_pallas(q, g_in, weights, block_states, chunk_size, first_chunk):
+    """What the queries read from the levels above their chunk, by `kernels.loglinear_levels` (interpret mode off
+    GPUs): q [B, T, H, dk], g_in [B, T, H], weights [B, N, C, H, M] (0 where a chunk does not read), block_states
+    [B, S, H, dk, dv] in the order of `loglinear_levels.level_groups`; float32 [B, T, H, dv] out."""
+    from kernels import loglinear_levels
+
+    weights = weights.reshape(*q.shape[:3], weights.shape[-1])
+    return loglinear_levels.loglinear_levels_read(q, g_in, weights, block_states.astype(jnp.float32),
+                                                  chunk_size=chunk_size, first_chunk=first_chunk,
+                                                  interpret=jax.default_backend() != "gpu")
+
+
 def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chunk, operand_dtype=None,
                                intra_kernel=False):
     """The sequence's own pairs (no earlier state). Token 0 sits at absolute position first_chunk * C.
 
     Shapes: q, k [B, N*C, H, dk], v [B, N*C, H, dv], g [B, N*C, H], level_weights [B, N*C, H, L]. With
     `operand_dtype` (16-bit q, k, v) the matrix products take operands of that dtype and accumulate in float32.
-    `intra_kernel`: the in-chunk part by the Pallas kernels (impl="pallas").
+    `intra_kernel`: the in-chunk part by the Pallas kernels (impl="pallas"), and the levels above the chunk too where
+    q's dtype is in LEVELS_KERNEL_DTYPES.
     """
     batch, seq_len, heads, d_k = q.shape
     d_v = v.shape[-1]
@@ -167,6 +186,7 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
         return a.reshape(batch, num_chunks, chunk_size, *a.shape[2:])
 
     qc, kc, vc, gc, lc = map(chunked, (q, k, v, g, level_weights))
+    levels_kernel = intra_kernel and jnp.dtype(q.dtype).name in LEVELS_KERNEL_DTYPES
     g_in = jnp.cumsum(gc, axis=2)  # log decay from the chunk start, inclusive [B, N, C, H]
 
     if intra_kernel:
@@ -181,6 +201,7 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
 
     # Above the chunk: level chunk_bits + m reads, for the chunks of an odd block of 2^(m-1) chunks, the
     # summed state of the even block just before it (blocks aligned to absolute chunk indices).
+    block_states, reader_weights = [], []
     for m in levels_above_chunk(first_chunk, num_chunks):
         level = chunk_bits + m
         half, lead, groups = block_grid(first_chunk, num_chunks, m)
@@ -189,18 +210,29 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
         def grouped(a):  # [B, N, ...] -> [B, groups, 2, half, ...] on the absolute chunk grid
             return jnp.pad(a, pad + ((0, 0),) * (a.ndim - 2)).reshape(batch, groups, 2, half, *a.shape[2:])
 
+        def ungrouped(a):  # [B, groups, 2, half, ...] -> [B, N, ...]
+            return a.reshape(batch, groups * 2 * half, *a.shape[4:])[:, lead : lead + num_chunks]
+
         decays = grouped(chunk_log_decay)  # [B, G, 2, half, H]
         source_states = grouped(chunk_states)[:, :, 0]  # [B, G, half, H, dk, dv]
         # Decay of each source chunk's state to the end of its block: the later chunks of the block.
         source_decay = numerics.exclusive_cumsum(decays[:, :, 0], axis=2, reverse=True)
         block_state = jnp.einsum("bgih,bgihkv->bghkv", jnp.exp(source_decay), source_states)
-        # Decay from the end of the source block to each reading token: earlier reading chunks, then g_in.
+        # Decay from the end of the source block to each reading chunk's start: the earlier reading chunks.
         before = numerics.exclusive_cumsum(decays[:, :, 1], axis=2)  # [B, G, half, H]
+        if levels_kernel:  # kernels.loglinear_levels: each token's weight of this level, 0 where it does not read
+            reading = jnp.stack([jnp.zeros_like(before), jnp.exp(before)], axis=2)  # [B, G, 2, half, H]
+            reader_weights.append(ungrouped(reading)[:, :, None] * lc[..., level])  # [B, N, C, H]
+            block_states.append(block_state)
+            continue
         reader_decay = jnp.exp(before[:, :, :, None] + grouped(g_in)[:, :, 1])  # [B, G, half, C, H]
         reader_q = grouped(qc)[:, :, 1] * (reader_decay * grouped(lc[..., level])[:, :, 1])[..., None]
         read = numerics.matmul("bgichk,bghkv->bgichv", reader_q, block_state, operand_dtype)  # [B, G, half, C, H, dv]
         read = jnp.concatenate([jnp.zeros_like(read), read], axis=2).reshape(batch, groups * 2 * half, *read.shape[3:])
         o = o + read[:, lead : lead + num_chunks]
+    if block_states:
+        o = o + chunked(_levels_pallas(q, g_in.reshape(g.shape), jnp.stack(reader_weights, axis=-1),
+                                       jnp.concatenate(block_states, axis=1), chunk_size, first_chunk))
     return o.reshape(batch, seq_len, heads, d_v)
 
 
