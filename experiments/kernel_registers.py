@@ -5,6 +5,7 @@
   python experiments/kernel_registers.py capture --op gated_delta --d_k 64 --d_v 64 --chunk 32 --out /tmp/ttir \
       --setting kernels.gated_delta_chunk.GRAD_KERNEL_SPLIT=True
   python experiments/kernel_registers.py capture --op loglinear --d_k 64 --d_v 64 --chunk 64 --dtype float32
+  python experiments/kernel_registers.py capture --op mamba2 --d_k 64 --d_v 64 --chunk 64  # scalar gate, shared q/k
   # 2. compiled for sm_90a by pip's Triton, then `ptxas -v` (any Python with `pip install triton`):
   python experiments/kernel_registers.py compile /tmp/ttir/*.ttir --warps 4,8
 
@@ -52,8 +53,10 @@ def capture(args) -> None:
     qk = jax.ShapeDtypeStruct((b, t, h, args.d_k), dtype)
     v = jax.ShapeDtypeStruct((b, t, h, args.d_v), dtype)
     state = jax.ShapeDtypeStruct((b, h, args.d_k, args.d_v), jnp.float32)
-    if args.op == "gla":
-        gate = jax.ShapeDtypeStruct((b, t, h, args.d_k), jnp.float32)
+    if args.op in ("gla", "mamba2"):  # Mamba-2: one decay per head, one q/k head for all (its C and B)
+        gate = jax.ShapeDtypeStruct((b, t, h, args.d_k if args.op == "gla" else 1), jnp.float32)
+        if args.op == "mamba2":
+            qk = jax.ShapeDtypeStruct((b, t, 1, args.d_k), dtype)
         shapes = [qk, qk, v, gate, state]
         op = lambda *x: gla_chunk.chunk_gla(*x, chunk_size=args.chunk)  # noqa: E731
     elif args.op == "gated_delta":
@@ -122,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     cap = commands.add_parser("capture", help="save the Triton IR of an op's kernels")
-    cap.add_argument("--op", choices=("gla", "gated_delta", "loglinear"), default="gla")
+    cap.add_argument("--op", choices=("gla", "mamba2", "gated_delta", "loglinear"), default="gla")
     cap.add_argument("--d_k", type=int, default=64)
     cap.add_argument("--d_v", type=int, default=64)
     cap.add_argument("--chunk", type=int, default=64)
