@@ -99,3 +99,27 @@ def test_arguments_are_checked_with_their_names():
                                                interpret=True)
     with pytest.raises(ValueError, match="block_states: expected"):
         loglinear_levels.loglinear_levels_read(q, g_cum, weights, states[:, :1], chunk_size=16, interpret=True)
+
+
+def test_gradient_lowers_for_cuda_through_triton():
+    """The read and both gradient kernels lower to Triton custom calls for CUDA (jax.export; no GPU needed): the
+    dynamic state index, the column loads and the state kernel's loop with bounds from the program id."""
+    from jax import export
+
+    chunk, first_chunk, num_chunks = 64, 5, 11
+    levels = loglinear_levels.level_groups(first_chunk, num_chunks)
+    entries = sum(level.groups for level in levels)
+    b, h, d_k, d_v = 2, 3, 80, 136
+    shapes = [jax.ShapeDtypeStruct((b, num_chunks * chunk, h, d_k), jnp.bfloat16),
+              jax.ShapeDtypeStruct((b, num_chunks * chunk, h), jnp.float32),
+              jax.ShapeDtypeStruct((b, num_chunks * chunk, h, len(levels)), jnp.float32),
+              jax.ShapeDtypeStruct((b, entries, h, d_k, d_v), jnp.float32)]
+
+    def loss(*x):
+        return jnp.sum(loglinear_levels.loglinear_levels_read(*x, chunk_size=chunk, first_chunk=first_chunk) ** 2)
+
+    exported = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
+    module = exported.mlir_module()
+    for name in ("loglinear_levels_read", "loglinear_levels_token_grads", "loglinear_levels_state_grads"):
+        assert name in module, name
