@@ -93,6 +93,19 @@ def from_rows(x, layout, width):
     return jnp.transpose(x, (0, 2, 1, 3))
 
 
+def shared_rows(x, layout, width, dtype):
+    """[B, T, 1, D] (one head that every head reads) -> [B, T_pad, width] in `dtype`, zero-padded: a program of
+    sequence s = b * heads + h reads row b."""
+    return pad_axis(pad_axis(x[:, :, 0].astype(dtype), 1, layout.t_pad, 0), 2, width, 0)
+
+
+def head_summed(grad, layout, width):
+    """The gradient of a shared head: per-sequence rows [B * H, T_pad, >= width] summed over the heads in fp32
+    -> [B, T, 1, width]."""
+    grad = grad.reshape(layout.batch, layout.heads, *grad.shape[1:]).astype(jnp.float32).sum(axis=1)
+    return grad[:, :layout.seq_len, None, :width]
+
+
 def state_rows(state, layout):
     """[B, H, d_k, d_v] -> [B * H, DK, DV] fp32, zero-padded."""
     state = state.reshape(layout.sequences, layout.d_k, layout.d_v).astype(jnp.float32)

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels.chunk_common import (ChunkConfig, call, default_num_warps, dot, exp_nonpositive, from_rows,
-                                  operand_dtype, padded_width, to_rows)
+                                  head_summed, operand_dtype, padded_width, shared_rows, to_rows)
 from kernels.shapes import pad_axis
 
 MIN_CHUNK = 16  # the smallest block Triton's dot takes
@@ -158,6 +158,7 @@ class _Layout(NamedTuple):
     dv_pad: int
     lam_pad: int  # the in-chunk level columns, padded to a power of 2 >= 16
     dtype: type  # matrix-product operands: bfloat16 where q, k and v all are, else float32
+    shared_qk: bool  # q and k have one head that every head of v reads (Mamba-2's C and B): [B, T_pad, DK] rows
 
     @property
     def sequences(self):
@@ -181,15 +182,16 @@ class _Layout(NamedTuple):
 
 
 def _layout(q, k, v, level_weights, chunk):
-    batch, seq_len, heads, d_k = q.shape
-    d_v = v.shape[-1]
+    batch, seq_len, heads, d_v = v.shape
+    d_k = q.shape[-1]
     return _Layout(batch, seq_len, heads, d_k, d_v, level_weights.shape[-1], chunk, -(-seq_len // chunk) * chunk,
-                   padded_width(d_k), padded_width(d_v), padded_width(chunk.bit_length()), operand_dtype(q, k, v))
+                   padded_width(d_k), padded_width(d_v), padded_width(chunk.bit_length()), operand_dtype(q, k, v),
+                   q.shape[2] != heads)
 
 
 class _Inputs(NamedTuple):
-    q: jax.Array  # [G, T_pad, DK] in lay.dtype
-    k: jax.Array  # [G, T_pad, DK]
+    q: jax.Array  # [G, T_pad, DK] in lay.dtype ([B, T_pad, DK] with shared_qk)
+    k: jax.Array  # [G, T_pad, DK] ([B, T_pad, DK])
     v: jax.Array  # [G, T_pad, DV]
     gc: jax.Array  # [G, T_pad, 1] fp32
     lam: jax.Array  # [G, T_pad, LP] fp32: the in-chunk level weights, zeros past them
@@ -197,7 +199,8 @@ class _Inputs(NamedTuple):
 
 def _inputs(q, k, v, g_cum, level_weights, lay: _Layout) -> _Inputs:
     lam = level_weights[..., :lay.used_levels]
-    return _Inputs(to_rows(q, lay, lay.dk_pad, lay.dtype), to_rows(k, lay, lay.dk_pad, lay.dtype),
+    qk_rows = shared_rows if lay.shared_qk else to_rows
+    return _Inputs(qk_rows(q, lay, lay.dk_pad, lay.dtype), qk_rows(k, lay, lay.dk_pad, lay.dtype),
                    to_rows(v, lay, lay.dv_pad, lay.dtype), to_rows(g_cum[..., None], lay, 1, jnp.float32),
                    to_rows(lam, lay, lay.lam_pad, jnp.float32))
 
@@ -207,12 +210,18 @@ def _chunk_spec(c, width):
     return pl.BlockSpec((None, c, width), lambda s, n, *_: (s, n, 0))
 
 
+def _qk_spec(lay: _Layout):
+    """q's and k's [C, DK] block: their sequence's, or with shared_qk the batch row's one head."""
+    if lay.shared_qk:
+        return pl.BlockSpec((None, lay.chunk, lay.dk_pad), lambda s, n, *_: (s // lay.heads, n, 0))
+    return _chunk_spec(lay.chunk, lay.dk_pad)
+
+
 def _outputs(x: _Inputs, out_dtype, lay: _Layout, cfg: ChunkConfig):
     """O [G, T_pad, DV] in out_dtype."""
     g, c, bv = lay.sequences, lay.chunk, lay.block_v
     v_block = pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j))
-    in_specs = [_chunk_spec(c, lay.dk_pad), _chunk_spec(c, lay.dk_pad), v_block, _chunk_spec(c, 1),
-                _chunk_spec(c, lay.lam_pad)]
+    in_specs = [_qk_spec(lay), _qk_spec(lay), v_block, _chunk_spec(c, 1), _chunk_spec(c, lay.lam_pad)]
     out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), out_dtype)]
     kernel = functools.partial(_output_kernel, n_levels=lay.chunk_levels, dtype=lay.dtype)
     (o,) = call(kernel, cfg, "loglinear_chunk_outputs", (g, lay.n_chunks, lay.dv_pad // bv),
@@ -221,7 +230,8 @@ def _outputs(x: _Inputs, out_dtype, lay: _Layout, cfg: ChunkConfig):
 
 
 def _gradients(x: _Inputs, do, dtypes, lay: _Layout, cfg: ChunkConfig):
-    """dq, dk [G, T_pad, DK], dv [G, T_pad, DV] (in dtypes), dGc [G, T_pad, 1] and dlambda [G, T_pad, LP] fp32."""
+    """dq, dk [G, T_pad, DK] (per sequence, also with shared_qk), dv [G, T_pad, DV] (in dtypes), dGc [G, T_pad, 1]
+    and dlambda [G, T_pad, LP] fp32."""
     g, c, dk, dv = lay.sequences, lay.chunk, lay.dk_pad, lay.dv_pad
     chunk_k, chunk_v, column, lam = (_chunk_spec(c, width) for width in (dk, dv, 1, lay.lam_pad))
     q_dtype, k_dtype, v_dtype = dtypes
@@ -232,8 +242,8 @@ def _gradients(x: _Inputs, do, dtypes, lay: _Layout, cfg: ChunkConfig):
     kernel = functools.partial(_gradient_kernel, n_levels=lay.chunk_levels, n_vblocks=dv // lay.block_v,
                                block_v=lay.block_v, dtype=lay.dtype)
     return call(kernel, cfg, "loglinear_chunk_grads", (g, lay.n_chunks), [x.q, x.k, x.v, x.gc, x.lam, do],
-                 [chunk_k, chunk_k, chunk_v, column, lam, chunk_v], [chunk_k, chunk_k, chunk_v, column, lam],
-                 out_shape)
+                 [_qk_spec(lay), _qk_spec(lay), chunk_v, column, lam, chunk_v],
+                 [chunk_k, chunk_k, chunk_v, column, lam], out_shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,7 +269,11 @@ def _intra_chunk_bwd(cfg: ChunkConfig, out_dtype, saved, d_out):
     do = to_rows(d_out, lay, lay.dv_pad, lay.dtype)
     dq, dk, dv, dgc, dlam = _gradients(x, do, (q.dtype, k.dtype, v.dtype), lay, cfg)
     dlam = pad_axis(from_rows(dlam, lay, lay.used_levels), 3, lay.num_level, 0.0)  # no gradient past the chunk
-    return (from_rows(dq, lay, lay.d_k), from_rows(dk, lay, lay.d_k), from_rows(dv, lay, lay.d_v),
+    if lay.shared_qk:  # one head read by all: its gradient is the sum of theirs
+        dq, dk = (head_summed(grad, lay, lay.d_k).astype(like.dtype) for grad, like in ((dq, q), (dk, k)))
+    else:
+        dq, dk = from_rows(dq, lay, lay.d_k), from_rows(dk, lay, lay.d_k)
+    return (dq, dk, from_rows(dv, lay, lay.d_v),
             from_rows(dgc, lay, 1)[..., 0].astype(g_cum.dtype), dlam.astype(level_weights.dtype))
 
 
@@ -269,14 +283,16 @@ _intra_chunk.defvjp(_intra_chunk_fwd, _intra_chunk_bwd)
 def _check_arguments(q, k, v, g_cum, level_weights, chunk_size):
     if q.ndim != 4:
         raise ValueError(f"q: expected [B, T, H, d_k], got shape {q.shape}")
-    batch, seq_len, heads, _ = q.shape
+    batch, seq_len, q_heads, _ = q.shape
     if k.shape != q.shape:
         raise ValueError(f"k: expected the shape of q {q.shape}, got {k.shape}")
-    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v: expected [B, T, H, d_v] = [{batch}, {seq_len}, {heads}, d_v], got shape {v.shape}")
-    if g_cum.shape != q.shape[:3]:
-        raise ValueError(f"g_cum: expected [B, T, H] {q.shape[:3]}, got shape {g_cum.shape}")
-    if level_weights.ndim != 4 or level_weights.shape[:3] != q.shape[:3] or level_weights.shape[3] == 0:
+    if v.ndim != 4 or v.shape[:2] != q.shape[:2] or q_heads not in (1, v.shape[2]):
+        raise ValueError(f"v: expected [B, T, H, d_v] = [{batch}, {seq_len}, H, d_v] with H = q's heads "
+                         f"({q_heads}), or any H where q and k have one head, got shape {v.shape}")
+    heads = v.shape[2]
+    if g_cum.shape != v.shape[:3]:
+        raise ValueError(f"g_cum: expected [B, T, H] {v.shape[:3]}, got shape {g_cum.shape}")
+    if level_weights.ndim != 4 or level_weights.shape[:3] != v.shape[:3] or level_weights.shape[3] == 0:
         raise ValueError(f"level_weights: expected [B, T, H, L] = [{batch}, {seq_len}, {heads}, L >= 1], got shape "
                          f"{level_weights.shape}")
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -296,8 +312,9 @@ def loglinear_intra_chunk(q, k, v, g_cum, level_weights, *, chunk_size: int = 64
     """The in-chunk part of log-linear attention with a scalar decay (see the module docstring).
 
     Args:
-      q, k: `[B, T, H, d_k]`; v: `[B, T, H, d_v]`; float32 or bfloat16 (bf16 matrix-product operands with fp32
-        accumulation where all three are bf16).
+      q, k: `[B, T, H, d_k]`, or `[B, T, 1, d_k]`: one head that every head of v reads (Mamba-2's C and B; its
+        gradient is the sum over the heads); v: `[B, T, H, d_v]`; float32 or bfloat16 (bf16 matrix-product
+        operands with fp32 accumulation where all three are bf16).
       g_cum: `[B, T, H]` Gc, the log decay summed from each chunk's start (inclusive): chunks of `chunk_size`
         tokens from token 0, which the caller places at an absolute position that is a multiple of chunk_size.
         Computed in float32.

@@ -6,8 +6,9 @@ Chunks of C tokens sit on a grid aligned to absolute chunk indices: this sequenc
 a = first_chunk + n. At level m >= 1 above the chunk, chunks pair up in blocks of 2^(m-1): chunk a reads at level m
 when it lies in the odd block of its pair (bit m - 1 of a is set), and what it reads is one summed state of the even
 block before it, S_m(n) = `block_states[offset_m + group]`, group the pair's index counted from the first pair this
-sequence touches (`level_groups` gives each level's offset and padding). With e_t = exp(Gc_t) (Gc the log decay from the chunk's start, inclusive) and w[t, m] the caller's
-weight of level m at token t (lambda of that level times the decay from the block's end to the chunk's start),
+sequence touches (`level_groups` gives each level's offset and padding). With e_t = exp(Gc_t) (Gc the log decay
+from the chunk's start, inclusive) and w[t, m] the caller's weight of level m at token t (lambda of that level
+times the decay from the block's end to the chunk's start),
 
     o_t = e_t * sum_{m: chunk(t) reads at m} w[t, m] * (q_t . S_m(chunk(t)))          ([d_v] per token)
 
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels.chunk_common import (ChunkConfig, call, default_num_warps, dot, exp_nonpositive, from_rows,
-                                  padded_width, to_rows)
+                                  head_summed, padded_width, shared_rows, to_rows)
 from kernels.shapes import pad_axis
 
 MIN_CHUNK = 16  # the smallest block Triton's dot takes
@@ -165,6 +166,7 @@ class _Layout(NamedTuple):
     dv_pad: int
     w_pad: int
     dtype: type
+    shared_q: bool  # q has one head that every head reads (Mamba-2's C): [B, T, DK] rows
 
     @property
     def sequences(self):
@@ -188,14 +190,16 @@ class _Layout(NamedTuple):
 
 
 def _layout(q, weights, block_states, chunk, first_chunk):
-    batch, seq_len, heads, d_k = q.shape
+    batch, seq_len, heads, _ = weights.shape
+    d_k = q.shape[-1]
     return _Layout(batch, seq_len, heads, d_k, block_states.shape[-1], weights.shape[-1], block_states.shape[1], chunk,
                    first_chunk, padded_width(d_k), padded_width(block_states.shape[-1]),
-                   padded_width(weights.shape[-1]), jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32)
+                   padded_width(weights.shape[-1]), jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32,
+                   q.shape[2] != heads)
 
 
 class _Inputs(NamedTuple):
-    q: jax.Array  # [G, T, DK] in lay.dtype
+    q: jax.Array  # [G, T, DK] in lay.dtype ([B, T, DK] with shared_q)
     gc: jax.Array  # [G, T, 1] fp32
     w: jax.Array  # [G, T, MP] fp32
     s: jax.Array  # [G, S, DK, DV] fp32
@@ -204,7 +208,8 @@ class _Inputs(NamedTuple):
 def _inputs(q, g_cum, weights, block_states, lay: _Layout) -> _Inputs:
     s = jnp.moveaxis(block_states, 2, 1).reshape(lay.sequences, lay.entries, lay.d_k, lay.d_v)
     s = pad_axis(pad_axis(s.astype(jnp.float32), 2, lay.dk_pad, 0.0), 3, lay.dv_pad, 0.0)
-    return _Inputs(to_rows(q, lay, lay.dk_pad, lay.dtype), to_rows(g_cum[..., None], lay, 1, jnp.float32),
+    q_rows = shared_rows if lay.shared_q else to_rows
+    return _Inputs(q_rows(q, lay, lay.dk_pad, lay.dtype), to_rows(g_cum[..., None], lay, 1, jnp.float32),
                    to_rows(weights, lay, lay.w_pad, jnp.float32), s)
 
 
@@ -213,9 +218,15 @@ def _chunk_spec(c, width):
     return pl.BlockSpec((None, c, width), lambda s, n, *_: (s, n, 0))
 
 
+def _q_row(lay: _Layout):
+    """Sequence s's row of q: its own, or with shared_q its batch row's one head."""
+    return (lambda s: s // lay.heads) if lay.shared_q else (lambda s: s)
+
+
 def _read(x: _Inputs, lay: _Layout, cfg: ChunkConfig):
-    g, c, bv = lay.sequences, lay.chunk, lay.block_v
-    in_specs = [_chunk_spec(c, lay.dk_pad), _chunk_spec(c, 1), _chunk_spec(c, lay.w_pad),
+    g, c, bv, row = lay.sequences, lay.chunk, lay.block_v, _q_row(lay)
+    in_specs = [pl.BlockSpec((None, c, lay.dk_pad), lambda s, n, j: (row(s), n, 0)), _chunk_spec(c, 1),
+                _chunk_spec(c, lay.w_pad),
                 pl.BlockSpec((None, lay.entries, lay.dk_pad, bv), lambda s, n, j: (s, 0, 0, j))]
     out_spec = pl.BlockSpec((None, c, bv), lambda s, n, j: (s, n, j))
     kernel = functools.partial(_read_kernel, levels=lay.levels, dtype=lay.dtype)
@@ -225,8 +236,9 @@ def _read(x: _Inputs, lay: _Layout, cfg: ChunkConfig):
 
 
 def _token_grads(x: _Inputs, do, q_dtype, lay: _Layout, cfg: ChunkConfig):
-    g, c = lay.sequences, lay.chunk
-    in_specs = [_chunk_spec(c, lay.dk_pad), _chunk_spec(c, 1), _chunk_spec(c, lay.w_pad),
+    g, c, row = lay.sequences, lay.chunk, _q_row(lay)
+    in_specs = [pl.BlockSpec((None, c, lay.dk_pad), lambda s, n: (row(s), n, 0)), _chunk_spec(c, 1),
+                _chunk_spec(c, lay.w_pad),
                 pl.BlockSpec((None, lay.entries, lay.dk_pad, lay.dv_pad), lambda s, n: (s, 0, 0, 0)),
                 _chunk_spec(c, lay.dv_pad)]
     out_specs = [_chunk_spec(c, lay.dk_pad), _chunk_spec(c, lay.w_pad), _chunk_spec(c, 1)]
@@ -239,9 +251,10 @@ def _token_grads(x: _Inputs, do, q_dtype, lay: _Layout, cfg: ChunkConfig):
 
 
 def _state_grads(x: _Inputs, do, lay: _Layout, cfg: ChunkConfig):
-    g, t, bv = lay.sequences, lay.t_pad, lay.block_v
+    g, t, bv, row = lay.sequences, lay.t_pad, lay.block_v, _q_row(lay)
     whole = lambda width: pl.BlockSpec((None, t, width), lambda s, j, p: (s, 0, 0))  # noqa: E731
-    in_specs = [whole(lay.dk_pad), whole(1), whole(lay.w_pad), pl.BlockSpec((None, t, bv), lambda s, j, p: (s, 0, p))]
+    in_specs = [pl.BlockSpec((None, t, lay.dk_pad), lambda s, j, p: (row(s), 0, 0)), whole(1), whole(lay.w_pad),
+                pl.BlockSpec((None, t, bv), lambda s, j, p: (s, 0, p))]
     out_spec = pl.BlockSpec((None, None, lay.dk_pad, bv), lambda s, j, p: (s, j, 0, p))
     kernel = functools.partial(_state_grad_kernel, levels=lay.levels, num_chunks=lay.n_chunks, chunk=lay.chunk,
                                dtype=lay.dtype)
@@ -274,7 +287,8 @@ def _levels_read_bwd(cfg: ChunkConfig, first_chunk: int, saved, d_out):
     dq, dw, dgc = _token_grads(x, do, q.dtype, lay, cfg)
     ds = _state_grads(x, do, lay, cfg)[:, :, :lay.d_k, :lay.d_v]
     ds = jnp.moveaxis(ds.reshape(lay.batch, lay.heads, lay.entries, lay.d_k, lay.d_v), 1, 2)
-    return (from_rows(dq, lay, lay.d_k), from_rows(dgc, lay, 1)[..., 0].astype(g_cum.dtype),
+    dq = head_summed(dq, lay, lay.d_k).astype(q.dtype) if lay.shared_q else from_rows(dq, lay, lay.d_k)
+    return (dq, from_rows(dgc, lay, 1)[..., 0].astype(g_cum.dtype),
             from_rows(dw, lay, lay.num_weights).astype(weights.dtype), ds.astype(block_states.dtype))
 
 
@@ -284,7 +298,10 @@ _levels_read.defvjp(_levels_read_fwd, _levels_read_bwd)
 def _check_arguments(q, g_cum, weights, block_states, chunk_size, first_chunk):
     if q.ndim != 4:
         raise ValueError(f"q: expected [B, T, H, d_k], got shape {q.shape}")
-    batch, seq_len, heads, d_k = q.shape
+    batch, seq_len, q_heads, d_k = q.shape
+    heads = g_cum.shape[2] if g_cum.ndim == 3 else q_heads
+    if q_heads not in (1, heads):
+        raise ValueError(f"q: expected {heads} heads (g_cum's) or one that every head reads, got shape {q.shape}")
     if q.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"q: expected float32 or bfloat16, got {q.dtype}")
     if chunk_size < MIN_CHUNK or chunk_size & (chunk_size - 1):
@@ -295,8 +312,8 @@ def _check_arguments(q, g_cum, weights, block_states, chunk_size, first_chunk):
     if first_chunk < 0:
         raise ValueError(f"first_chunk: must be >= 0, got {first_chunk}")
     levels = level_groups(first_chunk, seq_len // chunk_size)
-    if g_cum.shape != q.shape[:3]:
-        raise ValueError(f"g_cum: expected [B, T, H] {q.shape[:3]}, got shape {g_cum.shape}")
+    if g_cum.shape[:2] != q.shape[:2] or g_cum.ndim != 3:
+        raise ValueError(f"g_cum: expected [B, T, H] with B, T = {q.shape[:2]}, got shape {g_cum.shape}")
     if weights.shape != (batch, seq_len, heads, len(levels)):
         raise ValueError(f"weights: expected [B, T, H, M] with M = {len(levels)} levels above the chunk, "
                          f"{(batch, seq_len, heads, len(levels))}, got shape {weights.shape}")
@@ -311,8 +328,8 @@ def loglinear_levels_read(q, g_cum, weights, block_states, *, chunk_size: int, f
     """What the queries read from the Fenwick levels above their chunk (see the module docstring).
 
     Args:
-      q: `[B, T, H, d_k]` float32 or bfloat16 (bf16 matrix-product operands with fp32 accumulation); T a whole
-        number of chunks.
+      q: `[B, T, H, d_k]`, or `[B, T, 1, d_k]`: one head that every head reads (its gradient the sum over the
+        heads); float32 or bfloat16 (bf16 matrix-product operands with fp32 accumulation); T whole chunks.
       g_cum: `[B, T, H]` Gc, the log decay summed from each chunk's start (inclusive), <= 0.
       weights: `[B, T, H, M]` fp32: column i weighs level levels[i] (`level_groups(first_chunk, T / C)`); read only
         where the token's chunk reads at that level.

@@ -21,8 +21,9 @@ NAMES = ("o", "dq", "dk", "dv", "d g_cum", "d level_weights")
 
 def reference_intra_chunk(q, k, v, g_cum, level_weights, chunk_size):
     """O[t] = sum over s <= t in t's chunk of lambda_t[lvl(t, s)] exp(Gc_t - Gc_s) (q_t . k_s) v_s, the diagonal's
-    exp(0) a constant; dense [C, C] matrices per chunk (shapes as loglinear_intra_chunk's)."""
-    batch, seq_len, heads, _ = q.shape
+    exp(0) a constant; dense [C, C] matrices per chunk (shapes as loglinear_intra_chunk's; a one-head q and k
+    broadcast over v's heads)."""
+    batch, seq_len, heads, _ = v.shape
     total = -(-seq_len // chunk_size) * chunk_size
 
     def chunks(x):  # [B, T, H, ...] -> [B, N, C, H, ...], zero-padded
@@ -46,12 +47,13 @@ def reference_intra_chunk(q, k, v, g_cum, level_weights, chunk_size):
 
 
 def random_problem(seed, *, batch=1, seq_len=37, heads=2, d_k=24, d_v=40, chunk_size=16, extra_levels=2,
-                   decay_scale=1.0):
+                   decay_scale=1.0, shared_qk=False):
     """float64 numpy inputs (q, k, v, g_cum, level_weights) and the cotangent of O. g_cum restarts at each chunk;
-    level_weights has `extra_levels` columns past the chunk's levels."""
+    level_weights has `extra_levels` columns past the chunk's levels; `shared_qk`: q and k have one head."""
     rng = np.random.default_rng(seed)
-    q = rng.normal(size=(batch, seq_len, heads, d_k))
-    k = rng.normal(size=(batch, seq_len, heads, d_k)) / np.sqrt(d_k)
+    qk_heads = 1 if shared_qk else heads
+    q = rng.normal(size=(batch, seq_len, qk_heads, d_k))
+    k = rng.normal(size=(batch, seq_len, qk_heads, d_k)) / np.sqrt(d_k)
     v = rng.normal(size=(batch, seq_len, heads, d_v))
     g = -np.logaddexp(0.0, rng.normal(size=(batch, seq_len, heads))) * decay_scale  # -softplus
     total = -(-seq_len // chunk_size) * chunk_size
@@ -97,6 +99,12 @@ def check_against_reference(seed, *, chunk_size, **problem):
 def test_fp32_matches_float64_reference():
     """The default-run case: odd T (3 chunks of 16, the last one padded), d_k != d_v, two extra level columns."""
     check_against_reference(0, chunk_size=16)
+
+
+def test_shared_qk_head_matches_float64_reference():
+    """Mamba-2's layout: one q and k head (its C and B) that all 3 heads of v read, without a copy per head; their
+    gradients are the sums over the heads. 2 batch rows, so the head -> row map is exercised."""
+    check_against_reference(3, chunk_size=16, batch=2, heads=3, shared_qk=True)
 
 
 @pytest.mark.slow
@@ -171,24 +179,26 @@ def test_gradient_lowers_for_cuda_through_triton():
         return jnp.sum(o.astype(jnp.float32) ** 2)  # (a square: the gradient needs o)
 
     b, t, h, d_k, d_v = 2, 100, 2, 80, 136
-    shapes = [jax.ShapeDtypeStruct((b, t, h, d_k), jnp.bfloat16)] * 2 + [
-        jax.ShapeDtypeStruct((b, t, h, d_v), jnp.bfloat16), jax.ShapeDtypeStruct((b, t, h), jnp.float32),
-        jax.ShapeDtypeStruct((b, t, h, 12), jnp.float32)]
-    exported = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))), platforms=["cuda"],
-                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
-    module = exported.mlir_module()
-    assert module.count("__gpu$xla.gpu.triton") == 2  # outputs forward, gradients backward
-    for name in ("loglinear_chunk_outputs", "loglinear_chunk_grads"):
-        assert name in module, name
+    for qk_heads in (h, 1):  # per head, and one q/k head for all (Mamba-2's C and B)
+        shapes = [jax.ShapeDtypeStruct((b, t, qk_heads, d_k), jnp.bfloat16)] * 2 + [
+            jax.ShapeDtypeStruct((b, t, h, d_v), jnp.bfloat16), jax.ShapeDtypeStruct((b, t, h), jnp.float32),
+            jax.ShapeDtypeStruct((b, t, h, 12), jnp.float32)]
+        exported = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))), platforms=["cuda"],
+                                 disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+                                     *shapes)
+        module = exported.mlir_module()
+        assert module.count("__gpu$xla.gpu.triton") == 2  # outputs forward, gradients backward
+        for name in ("loglinear_chunk_outputs", "loglinear_chunk_grads"):
+            assert name in module, name
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # loglinear_attention(impl="pallas")
 
 
-def op_problem(seed, batch=2, seq_len=45, heads=2, d_k=12, d_v=20, start=0):
+def op_problem(seed, batch=2, seq_len=45, heads=2, d_k=12, d_v=20, start=0, qk_heads=None):
     rng = np.random.default_rng(seed)
-    q, k = (jnp.asarray(rng.normal(size=(batch, seq_len, heads, d_k)), jnp.float32) for _ in range(2))
+    q, k = (jnp.asarray(rng.normal(size=(batch, seq_len, qk_heads or heads, d_k)), jnp.float32) for _ in range(2))
     v = jnp.asarray(rng.normal(size=(batch, seq_len, heads, d_v)), jnp.float32)
     g = -jnp.asarray(rng.uniform(0, 0.5, size=(batch, seq_len, heads)), jnp.float32)
     num_level = num_levels(start + seq_len) + 1
@@ -214,17 +224,19 @@ def op_vjp(inputs, state, cotangents, impl, chunk_size):
     return outputs, vjp(cotangents)
 
 
-@pytest.mark.parametrize("start", [0, pytest.param(21, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("levels_kernel", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_op_pallas_equals_chunked(start, levels_kernel, monkeypatch):
+@pytest.mark.parametrize("start,levels_kernel,qk_heads", [
+    (0, True, 1), pytest.param(0, True, None, marks=pytest.mark.slow), pytest.param(0, False, 1, marks=pytest.mark.slow),
+    pytest.param(21, True, 1, marks=pytest.mark.slow), pytest.param(21, False, None, marks=pytest.mark.slow)])
+def test_op_pallas_equals_chunked(start, levels_kernel, qk_heads, monkeypatch):
     """impl="pallas" against impl="chunked": o, the final state and the gradients of q, k, v, g and
     level_weights; start > 0 continues from an initial state (the chunks then start 21 mod 16 = 5 tokens early).
-    fp32 reads the levels above the chunk in XLA by default; levels_kernel takes kernels.loglinear_levels for it."""
+    fp32 reads the levels above the chunk in XLA by default; levels_kernel takes kernels.loglinear_levels for it.
+    qk_heads 1: Mamba-2's one q and k head, which the kernels read without copies per head."""
     from ramjax.ops.loglinear import attention
 
     monkeypatch.setattr(attention, "LEVELS_KERNEL_DTYPES", frozenset({"bfloat16", "float32"} if levels_kernel
                                                                       else {"bfloat16"}))
-    inputs, state, cotangents = op_problem(7, seq_len=101, start=start)
+    inputs, state, cotangents = op_problem(7, seq_len=101, heads=3, start=start, qk_heads=qk_heads)
     (o, final), grads = op_vjp(inputs, state, cotangents, "pallas", 16)
     (want_o, want_final), want_grads = op_vjp(inputs, state, cotangents, "chunked", 16)
     assert rel_rms(o, want_o) < 1e-5

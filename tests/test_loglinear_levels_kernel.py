@@ -13,7 +13,7 @@ from numerics import rel_rms
 def reference(q, g_cum, weights, states, chunk, first_chunk):
     """o_t = exp(Gc_t) sum over the levels chunk(t) reads at of w[t, i] q_t . S[entry], in float64."""
     q, g_cum, weights, states = (np.asarray(a, np.float64) for a in (q, g_cum, weights, states))
-    batch, seq_len, heads, _ = q.shape
+    batch, seq_len, heads = g_cum.shape
     o = np.zeros((batch, seq_len, heads, states.shape[-1]))
     for i, level in enumerate(loglinear_levels.level_groups(first_chunk, seq_len // chunk)):
         for t in range(seq_len):
@@ -22,17 +22,18 @@ def reference(q, g_cum, weights, states, chunk, first_chunk):
             if (a >> (level.level - 1)) % 2 == 0:
                 continue
             entry = level.offset + (level.front + n) // 2**level.level
+            q_t = np.broadcast_to(q[:, t], (batch, heads, q.shape[-1]))
             o[:, t] += np.exp(g_cum[:, t])[..., None] * weights[:, t, :, i, None] * np.einsum(
-                "bhk,bhkv->bhv", q[:, t], states[:, entry])
+                "bhk,bhkv->bhv", q_t, states[:, entry])
     return o
 
 
-def random_inputs(seed, batch, seq_len, heads, d_k, d_v, chunk, first_chunk, dtype=jnp.float32):
+def random_inputs(seed, batch, seq_len, heads, d_k, d_v, chunk, first_chunk, dtype=jnp.float32, q_heads=None):
     num_chunks = seq_len // chunk
     levels = loglinear_levels.level_groups(first_chunk, num_chunks)
     entries = sum(level.groups for level in levels)
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-    q = jax.random.normal(keys[0], (batch, seq_len, heads, d_k)).astype(dtype)
+    q = jax.random.normal(keys[0], (batch, seq_len, q_heads or heads, d_k)).astype(dtype)
     g = -jax.nn.softplus(jax.random.normal(keys[1], (batch, seq_len, heads)))
     g_cum = jnp.cumsum(g.reshape(batch, num_chunks, chunk, heads), axis=2).reshape(g.shape)
     weights = jax.random.uniform(keys[2], (batch, seq_len, heads, len(levels)))
@@ -40,12 +41,13 @@ def random_inputs(seed, batch, seq_len, heads, d_k, d_v, chunk, first_chunk, dty
     return q, g_cum, weights, states
 
 
-@pytest.mark.parametrize("first_chunk,num_chunks,d_k,d_v", [(0, 5, 24, 40), (3, 6, 16, 80)])
-def test_levels_read_and_gradients_match_float64(first_chunk, num_chunks, d_k, d_v):
+@pytest.mark.parametrize("first_chunk,num_chunks,d_k,d_v,q_heads", [(0, 5, 24, 40, None), (3, 6, 16, 80, 1)])
+def test_levels_read_and_gradients_match_float64(first_chunk, num_chunks, d_k, d_v, q_heads):
     """Odd sizes: chunks not a power of 2, a sequence that starts mid-grid (first chunk 3: padding fronts at every
-    level), d_k != d_v, d_v past one 64-wide block; every level's reads and every gradient."""
+    level), d_k != d_v, d_v past one 64-wide block; every level's reads and every gradient. q_heads 1: one q head
+    that all three heads read (Mamba-2's C), its gradient the sum over them."""
     chunk = 16
-    inputs = random_inputs(0, 2, num_chunks * chunk, 3, d_k, d_v, chunk, first_chunk)
+    inputs = random_inputs(0, 2, num_chunks * chunk, 3, d_k, d_v, chunk, first_chunk, q_heads=q_heads)
     run = lambda *x: loglinear_levels.loglinear_levels_read(  # noqa: E731
         *x, chunk_size=chunk, first_chunk=first_chunk, interpret=True, poison_output=True)
     o = run(*inputs)
@@ -68,8 +70,9 @@ def test_levels_read_and_gradients_match_float64(first_chunk, num_chunks, d_k, d
 
 def _reference_jnp(q, g_cum, weights, states, chunk, first_chunk):
     """`reference` in jax.numpy (differentiable): per level, each reading chunk's one state."""
-    batch, seq_len, heads, _ = q.shape
+    seq_len = q.shape[1]
     num_chunks = seq_len // chunk
+    q = jnp.broadcast_to(q, (*q.shape[:2], states.shape[2], q.shape[3]))
     o = 0.0
     for i, level in enumerate(loglinear_levels.level_groups(first_chunk, num_chunks)):
         n = np.arange(num_chunks)
@@ -110,7 +113,7 @@ def test_gradient_lowers_for_cuda_through_triton():
     levels = loglinear_levels.level_groups(first_chunk, num_chunks)
     entries = sum(level.groups for level in levels)
     b, h, d_k, d_v = 2, 3, 80, 136
-    shapes = [jax.ShapeDtypeStruct((b, num_chunks * chunk, h, d_k), jnp.bfloat16),
+    shapes = [jax.ShapeDtypeStruct((b, num_chunks * chunk, 1, d_k), jnp.bfloat16),  # one q head for all (Mamba-2)
               jax.ShapeDtypeStruct((b, num_chunks * chunk, h), jnp.float32),
               jax.ShapeDtypeStruct((b, num_chunks * chunk, h, len(levels)), jnp.float32),
               jax.ShapeDtypeStruct((b, entries, h, d_k, d_v), jnp.float32)]

@@ -162,7 +162,7 @@ def _levels_pallas(q, g_in, weights, block_states, chunk_size, first_chunk):
     [B, S, H, dk, dv] in the order of `loglinear_levels.level_groups`; float32 [B, T, H, dv] out."""
     from kernels import loglinear_levels
 
-    weights = weights.reshape(*q.shape[:3], weights.shape[-1])
+    weights = weights.reshape(*g_in.shape, weights.shape[-1])
     return loglinear_levels.loglinear_levels_read(q, g_in, weights, block_states.astype(jnp.float32),
                                                   chunk_size=chunk_size, first_chunk=first_chunk,
                                                   interpret=jax.default_backend() != "gpu")
@@ -172,13 +172,13 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
                                intra_kernel=False):
     """The sequence's own pairs (no earlier state). Token 0 sits at absolute position first_chunk * C.
 
-    Shapes: q, k [B, N*C, H, dk], v [B, N*C, H, dv], g [B, N*C, H], level_weights [B, N*C, H, L]. With
+    Shapes: q, k [B, N*C, H, dk] (or, with `intra_kernel`, [B, N*C, 1, dk]: one head every head reads), v
+    [B, N*C, H, dv], g [B, N*C, H], level_weights [B, N*C, H, L]. With
     `operand_dtype` (16-bit q, k, v) the matrix products take operands of that dtype and accumulate in float32.
     `intra_kernel`: the in-chunk part by the Pallas kernels (impl="pallas"), and the levels above the chunk too where
     q's dtype is in LEVELS_KERNEL_DTYPES.
     """
-    batch, seq_len, heads, d_k = q.shape
-    d_v = v.shape[-1]
+    batch, seq_len, heads, d_v = v.shape
     num_chunks = seq_len // chunk_size
     chunk_bits = chunk_size.bit_length() - 1  # log2 C
 
@@ -197,7 +197,10 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
     # Each chunk's keys summed into one state, decayed to the chunk's end.
     chunk_log_decay = g_in[:, :, -1]  # [B, N, H]
     to_end = jnp.exp(numerics.exclusive_cumsum(gc, axis=2, reverse=True))  # [B, N, C, H]
-    chunk_states = numerics.matmul("bnchk,bnchv->bnhkv", to_end[..., None] * kc, vc, operand_dtype)
+    if kc.shape[3] == heads:
+        chunk_states = numerics.matmul("bnchk,bnchv->bnhkv", to_end[..., None] * kc, vc, operand_dtype)
+    else:  # one k head: the per-head decay goes on v, so no per-head copy of k is made
+        chunk_states = numerics.matmul("bnck,bnchv->bnhkv", kc[:, :, :, 0], to_end[..., None] * vc, operand_dtype)
 
     # Above the chunk: level chunk_bits + m reads, for the chunks of an odd block of 2^(m-1) chunks, the
     # summed state of the even block just before it (blocks aligned to absolute chunk indices).
@@ -237,9 +240,11 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
 
 
 def _attention_chunked(q, k, v, g, level_weights, initial_state, chunk_size, operand_dtype=None, intra_kernel=False):
-    # One q and k head for all heads (the Mamba-2 base's C and B): copied per head here, inside the checkpointed
-    # function with recompute=True, so the backward pass keeps the one head, not the copies.
-    q, k = (_per_head(a, v.shape[2]) for a in (q, k))
+    # One q and k head for all heads (the Mamba-2 base's C and B): the Pallas kernels read it as it is; for the
+    # XLA form it is copied per head here, inside the checkpointed function with recompute=True, so the backward
+    # pass keeps the one head, not the copies.
+    if not intra_kernel:
+        q, k = (_per_head(a, v.shape[2]) for a in (q, k))
     seq_len = q.shape[1]
     start, lead, _ = grid = chunk_grid(initial_state, seq_len, chunk_size)
     padded = [grid.pad(a) for a in (q, k, v, g, level_weights)]
