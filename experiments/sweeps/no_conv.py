@@ -22,16 +22,29 @@ PLOT = {"x": "model.ramnet.cape", "y": ["eval/accuracy/mean"], "series": ["model
 BASE = {"train.ramnet_top_k_start": 32, "train.ramnet_top_k_anneal_steps": 500, "train.ramnet_factors_start": 0}
 
 
+# `no_conv.py:factors`: the same question under the factor schedule (the default since; K = 8 on every step, the
+# memory growing from 64 slots, where a read and the previous token's write meet often), trained 3000 steps.
+FACTORS = {"train.ramnet_top_k_start": 0, "train.ramnet_top_k_anneal_steps": 0, "train.ramnet_factors_start": 3,
+           "train.ramnet_factors_grow_steps": 600, "train.num_steps": 3000}
+
+
 def get_sweep(which: str = ""):
-    """The options above, or `no_conv.py:offset`: CAPE heads started as relative addresses
-    (model.ramnet.cape_offset_bias; q/k bias on) on layer 0 only or on both layers, at two bias strengths."""
-    if which == "offset":
+    """The options above; `no_conv.py:offset`: CAPE heads started as relative addresses
+    (model.ramnet.cape_offset_bias; q/k bias on) on layer 0 only or on both layers, at two bias strengths;
+    `no_conv.py:factors`: four of these options under the factor schedule, 3000 steps (FACTORS)."""
+    if which == "factors":
+        options = zipped(values("model.ramnet.short_conv", [0, 0, 0, 0]),
+                         values("model.ramnet.qk_bias", [True, False, True, True]),
+                         values("model.ramnet.cape", ["all", "all", "all", "4,0"]),
+                         values("model.ramnet.cape_offset_bias", [0.0, 0.0, 2.0, 2.0]),
+                         *(values(field, [value] * 4) for field, value in FACTORS.items()))
+    elif which == "offset":
         options = zipped(values("model.ramnet.short_conv", [0, 0, 0, 0]),
                          values("model.ramnet.qk_bias", [True, True, True, True]),
                          values("model.ramnet.cape", ["4,0", "4,0", "all", "all"]),
                          values("model.ramnet.cape_offset_bias", [2.0, 4.0, 2.0, 4.0]))
     elif which:
-        raise ValueError(f"no_conv.py: unknown option set {which!r}; known: '' (default), 'offset'")
+        raise ValueError(f"no_conv.py: unknown option set {which!r}; known: '' (default), 'offset', 'factors'")
     else:
         options = zipped(values("model.ramnet.short_conv", [0, 0, 0, 4]),
                          values("model.ramnet.qk_bias", [True, True, False, False]),
