@@ -192,10 +192,11 @@ def test_prefill_then_steps_equals_one_pass(prefill_impl, base):
     assert int(state.position) == 90
 
 
-# A cut at 37 (inside a chunk of 16) by default; the cut at 16 (a chunk boundary: other shapes, so other compiles,
-# ~45 s on 2 cores for its six cases) is slow. The impls of one cut share their compiles: dropping some saves nothing.
+# A cut at 37 (inside a chunk of 16) for the recurrent and chunked forms by default; the dense form (the T x T
+# reference, ~13 s on 2 cores for its two cases) and the cut at 16 (a chunk boundary: other shapes, so other
+# compiles, ~45 s for its six cases) are slow.
 @pytest.mark.parametrize("base", BASES)
-@pytest.mark.parametrize("impl", ["dense", "recurrent", "chunked"])
+@pytest.mark.parametrize("impl", [pytest.param("dense", marks=pytest.mark.slow), "recurrent", "chunked"])
 @pytest.mark.parametrize("cut", [pytest.param(16, marks=pytest.mark.slow), 37])
 def test_continuing_from_a_state_equals_one_pass(impl, cut, base):
     inputs = random_inputs(10, 1, 100, 2, 4, 6, base=base)
@@ -329,11 +330,14 @@ def test_one_shared_qk_head_equals_per_head_copies(impl):
         if copies:
             q, k = (jnp.broadcast_to(a, (batch, seq_len, heads, d_k)) for a in (q, k))
         o, state = loglinear_attention(q, k, v, g, level_weights, impl=impl, chunk_size=16, return_final_state=True)
-        return jnp.sum(o * cotangent) + jnp.sum(jnp.sin(state.levels))
+        return jnp.sum(o * cotangent) + jnp.sum(jnp.sin(state.levels)), (o, state.levels)
 
-    got, want = (jax.jit(jax.value_and_grad(functools.partial(run, copies=c), argnums=(0, 1, 2, 3, 4)))(
-        q, k, v, g, level_weights) for c in (False, True))
-    assert abs(float(got[0]) - float(want[0])) <= 1e-5 * abs(float(want[0]))
+    # (Compared as relative RMS errors: the Pallas kernels read the one head without copies, so the two runs round
+    # differently, and the scalar loss sums terms of either sign.)
+    got, want = (jax.jit(jax.value_and_grad(functools.partial(run, copies=c), argnums=(0, 1, 2, 3, 4),
+                                            has_aux=True))(q, k, v, g, level_weights) for c in (False, True))
+    for name, a, b in zip(("o", "final state"), got[0][1], want[0][1]):
+        assert rel_rms(a, b) < 1e-6, name
     for name, a, b in zip("q k v g level_weights".split(), got[1], want[1]):
         assert a.shape == b.shape and rel_rms(a, b) < 1e-5, name
 

@@ -224,19 +224,21 @@ def op_vjp(inputs, state, cotangents, impl, chunk_size):
     return outputs, vjp(cotangents)
 
 
-@pytest.mark.parametrize("start,levels_kernel,qk_heads", [
-    (0, True, 1), pytest.param(0, True, None, marks=pytest.mark.slow), pytest.param(0, False, 1, marks=pytest.mark.slow),
-    pytest.param(21, True, 1, marks=pytest.mark.slow), pytest.param(21, False, None, marks=pytest.mark.slow)])
-def test_op_pallas_equals_chunked(start, levels_kernel, qk_heads, monkeypatch):
+@pytest.mark.parametrize("start,levels_kernel,qk_heads,seq_len", [
+    (0, True, 1, 45), pytest.param(0, True, None, 101, marks=pytest.mark.slow),
+    pytest.param(0, False, 1, 101, marks=pytest.mark.slow), pytest.param(21, True, 1, 101, marks=pytest.mark.slow),
+    pytest.param(21, False, None, 101, marks=pytest.mark.slow)])
+def test_op_pallas_equals_chunked(start, levels_kernel, qk_heads, seq_len, monkeypatch):
     """impl="pallas" against impl="chunked": o, the final state and the gradients of q, k, v, g and
     level_weights; start > 0 continues from an initial state (the chunks then start 21 mod 16 = 5 tokens early).
     fp32 reads the levels above the chunk in XLA by default; levels_kernel takes kernels.loglinear_levels for it.
-    qk_heads 1: Mamba-2's one q and k head, which the kernels read without copies per head."""
+    qk_heads 1: Mamba-2's one q and k head, which the kernels read without copies per head. 45 tokens: 3 chunks of
+    16, two levels above the chunk; 101: 7 chunks, three."""
     from ramjax.ops.loglinear import attention
 
     monkeypatch.setattr(attention, "LEVELS_KERNEL_DTYPES", frozenset({"bfloat16", "float32"} if levels_kernel
                                                                       else {"bfloat16"}))
-    inputs, state, cotangents = op_problem(7, seq_len=101, heads=3, start=start, qk_heads=qk_heads)
+    inputs, state, cotangents = op_problem(7, seq_len=seq_len, heads=3, start=start, qk_heads=qk_heads)
     (o, final), grads = op_vjp(inputs, state, cotangents, "pallas", 16)
     (want_o, want_final), want_grads = op_vjp(inputs, state, cotangents, "chunked", 16)
     assert rel_rms(o, want_o) < 1e-5

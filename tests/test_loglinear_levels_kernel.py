@@ -41,7 +41,8 @@ def random_inputs(seed, batch, seq_len, heads, d_k, d_v, chunk, first_chunk, dty
     return q, g_cum, weights, states
 
 
-@pytest.mark.parametrize("first_chunk,num_chunks,d_k,d_v,q_heads", [(0, 5, 24, 40, None), (3, 6, 16, 80, 1)])
+@pytest.mark.parametrize("first_chunk,num_chunks,d_k,d_v,q_heads", [
+    pytest.param(0, 5, 24, 40, None, marks=pytest.mark.slow), (3, 6, 16, 80, 1)])
 def test_levels_read_and_gradients_match_float64(first_chunk, num_chunks, d_k, d_v, q_heads):
     """Odd sizes: chunks not a power of 2, a sequence that starts mid-grid (first chunk 3: padding fronts at every
     level), d_k != d_v, d_v past one 64-wide block; every level's reads and every gradient. q_heads 1: one q head
