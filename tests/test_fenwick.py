@@ -192,11 +192,13 @@ def test_prefill_then_steps_equals_one_pass(prefill_impl, base):
     assert int(state.position) == 90
 
 
-# A cut at 37 (inside a chunk of 16) for the recurrent and chunked forms by default; the dense form (the T x T
-# reference, ~13 s on 2 cores for its two cases) and the cut at 16 (a chunk boundary: other shapes, so other
-# compiles, ~45 s for its six cases) are slow.
+# A cut at 37 (inside a chunk of 16) for the chunked form by default; the dense form (the T x T reference, ~13 s
+# on 2 cores for its two cases), the recurrent one (its continuation is the decode path, which
+# test_prefill_then_steps_equals_one_pass covers; ~15 s) and the cut at 16 (a chunk boundary: other shapes, so
+# other compiles, ~45 s for its six cases) are slow.
 @pytest.mark.parametrize("base", BASES)
-@pytest.mark.parametrize("impl", [pytest.param("dense", marks=pytest.mark.slow), "recurrent", "chunked"])
+@pytest.mark.parametrize("impl", [pytest.param("dense", marks=pytest.mark.slow),
+                                  pytest.param("recurrent", marks=pytest.mark.slow), "chunked"])
 @pytest.mark.parametrize("cut", [pytest.param(16, marks=pytest.mark.slow), 37])
 def test_continuing_from_a_state_equals_one_pass(impl, cut, base):
     inputs = random_inputs(10, 1, 100, 2, 4, 6, base=base)
