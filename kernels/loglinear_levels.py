@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels.chunk_common import (ChunkConfig, call, default_num_warps, dot, exp_nonpositive, from_rows,
-                                  head_summed, padded_width, shared_rows, to_rows)
+                                  head_summed, operand_dtype, padded_width, shared_rows, to_rows)
 from kernels.shapes import pad_axis
 
 MIN_CHUNK = 16  # the smallest block Triton's dot takes
@@ -194,7 +194,7 @@ def _layout(q, weights, block_states, chunk, first_chunk):
     d_k = q.shape[-1]
     return _Layout(batch, seq_len, heads, d_k, block_states.shape[-1], weights.shape[-1], block_states.shape[1], chunk,
                    first_chunk, padded_width(d_k), padded_width(block_states.shape[-1]),
-                   padded_width(weights.shape[-1]), jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32,
+                   padded_width(weights.shape[-1]), operand_dtype(q, q, q),
                    q.shape[2] != heads)
 
 
