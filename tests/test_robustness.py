@@ -89,6 +89,39 @@ def test_sigterm_saves_and_exits_zero_then_resumes_exactly(tmp_path, monkeypatch
     assert_trees_equal(restore_final(uninterrupted[0])[0], restore_final(str(tmp_path))[0])
 
 
+def test_a_failure_after_sigterm_still_saves_the_last_step(tmp_path, monkeypatch, capsys):
+    """A sweep's SIGTERM also kills a compiler child (ptxas in an evaluation's first compile, seen on the GPU): the
+    failure it causes must not lose the steps since the last checkpoint."""
+    from ramjax.train import trainer
+
+    def sigterm_then_fail(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise RuntimeError("INTERNAL: ptxas exited with non-zero error code 15")
+
+    monkeypatch.setattr(trainer, "_evaluate_and_log", sigterm_then_fail)
+    config = resume_config()
+    config.train.eval_every = 6  # between the checkpoints of 4 and 8
+    with pytest.raises(SystemExit) as exit_info:
+        train(config, str(tmp_path))
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "SIGTERM received, then the run failed after step 6 (RuntimeError: INTERNAL: ptxas" in out and "saved step 6" in out
+    assert restore_final(str(tmp_path))[1]["step"] == 6
+
+
+def test_a_failure_without_sigterm_is_raised(tmp_path, monkeypatch):
+    from ramjax.train import trainer
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(trainer, "_evaluate_and_log", fail)
+    config = resume_config()
+    config.train.eval_every = 6
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        train(config, str(tmp_path))
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, uninterrupted):
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted[0], workdir)

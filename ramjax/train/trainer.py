@@ -283,6 +283,12 @@ def _loop(run: _Run, checkpoints: Checkpoints, state, start: int) -> _Outcome:
                 _stop_on_sigterm(run, progress, checkpoints, nonfinite, state, done, by_us=bool(preempted))
     except KeyboardInterrupt:
         _stop_on_interrupt(run, progress, checkpoints, state, done, start)
+    except Exception as error:
+        # A SIGTERM reaches the whole process group: a compiler child (ptxas during an evaluation's first
+        # compile) dies of it and the step fails before the loop reaches its SIGTERM check. Keep what was trained.
+        if not preempted or jax.process_count() > 1 or done == start:
+            raise
+        _stop_on_failure_after_sigterm(run, progress, checkpoints, state, done, error)
     finally:
         run.profiler.stop()
         if previous_handler is not None and not keep_ignoring_sigterm:
@@ -529,6 +535,25 @@ def _stop_on_sigterm(run: _Run, progress, checkpoints: Checkpoints, nonfinite: _
     print(f"ramjax train: SIGTERM received{by}; saved step {done} in {run.workdir} and stopped; rerun the command "
           "to resume")
     raise SystemExit(0)
+
+
+def _stop_on_failure_after_sigterm(run: _Run, progress, checkpoints: Checkpoints, state, done: int,
+                                   error: Exception):
+    """A single-process run that failed after a SIGTERM arrived: save the last completed step (unless a train step
+    had already donated the state's buffers) and exit 0 as on SIGTERM, naming the error."""
+    progress.close()
+    if any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
+        saved = f"kept the newest checkpoint (step {checkpoints.latest_step()})"
+    else:
+        completed = int(jax.device_get(state["step"]))
+        if checkpoints.latest_step() != completed:
+            checkpoints.save(completed, state, _meta(run.config, completed), force=True)
+        saved = f"saved step {completed}"
+    checkpoints.wait()
+    print(f"ramjax train: SIGTERM received, then the run failed after step {done} ({type(error).__name__}: "
+          f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no message'}); {saved} in "
+          f"{run.workdir} and stopped; rerun the command to resume")
+    raise SystemExit(0) from None
 
 
 def _stop_on_interrupt(run: _Run, progress, checkpoints: Checkpoints, state, done: int, start: int):
