@@ -83,14 +83,18 @@ def outputs_state_grads(inputs, cotangent, state_cotangent, *, base, impl, chunk
         o, state = OPS[base](*inputs, impl=impl, chunk_size=chunk_size, return_final_state=True)
         return o, state.levels
 
-    (o, levels), pullback = jax.vjp(run, *inputs)
-    return o, levels, pullback((cotangent, state_cotangent))
+    @jax.jit  # one compile: op by op, the forms' many small ops make these tests several times slower
+    def outputs_and_pullback(inputs, cotangent, state_cotangent):
+        (o, levels), pullback = jax.vjp(run, *inputs)
+        return o, levels, pullback((cotangent, state_cotangent))
+
+    return outputs_and_pullback(inputs, cotangent, state_cotangent)
 
 
-# 1, 2 and 100 tokens run by default (100: partial chunks of 16 and 64, and several Fenwick levels above a chunk of
-# 16); 63 tokens and 1000 (ten levels, ~10-15 s on 2 cores) are slow.
-@pytest.mark.parametrize("seq_len,base", [(n, b) for n in (1, 2, 100) for b in BASES] + [
-    pytest.param(n, b, marks=pytest.mark.slow) for n in (63, 1000) for b in BASES])
+# 1, 2, 63 and 100 tokens run by default (100: partial chunks of 16 and 64, and several Fenwick levels above a chunk
+# of 16); 1000 (ten levels, ~6-13 s on 2 cores) is slow.
+@pytest.mark.parametrize("seq_len,base", [(n, b) for n in (1, 2, 63, 100) for b in BASES] + [
+    pytest.param(1000, b, marks=pytest.mark.slow) for b in BASES])
 def test_dense_recurrent_chunked_agree(seq_len, base):
     batch, heads, d_k, d_v = 2, 2, 5, 7
     inputs = random_inputs(seq_len, batch, seq_len, heads, d_k, d_v, base=base)
@@ -146,7 +150,8 @@ ALL_ONES_IMPLS = ["dense", pytest.param("recurrent", marks=pytest.mark.slow),
 @pytest.mark.parametrize("impl", ALL_ONES_IMPLS)
 def test_all_ones_weights_is_plain_gated_linear_attention(impl):
     q, k, v, g, level_weights = random_inputs(5, 2, 150, 3, 6, 4)
-    o = loglinear_attention(q, k, v, g, jnp.ones_like(level_weights), impl=impl, chunk_size=16)
+    o = jax.jit(functools.partial(loglinear_attention, impl=impl, chunk_size=16))(q, k, v, g,
+                                                                                  jnp.ones_like(level_weights))
     assert rel_rms(o, _plain_ssd(q, k, v, g)) < 1e-5
 
 
@@ -169,21 +174,19 @@ def _plain_gated_deltanet(q, k, v, g, beta):
 @pytest.mark.parametrize("impl", ALL_ONES_IMPLS)
 def test_all_ones_weights_is_plain_gated_deltanet(impl):
     q, k, v, g, beta, level_weights = random_inputs(6, 2, 150, 3, 6, 4, base="gated_delta")
-    o = loglinear_gated_delta(q, k, v, g, beta, jnp.ones_like(level_weights), impl=impl, chunk_size=16)
+    o = jax.jit(functools.partial(loglinear_gated_delta, impl=impl, chunk_size=16))(q, k, v, g, beta,
+                                                                                    jnp.ones_like(level_weights))
     assert rel_rms(o, _plain_gated_deltanet(q, k, v, g, beta)) < 1e-5
 
 
-# The Gated DeltaNet base's case (~10 s on 2 cores) is slow: the default run checks its continuation through the
-# decode test (tests/test_decode.py) and the Mamba-2 base's here.
-@pytest.mark.parametrize("base", ["mamba2", pytest.param("gated_delta", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("prefill_impl", [pytest.param("dense", marks=pytest.mark.slow), "chunked"])  # dense == chunked
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("prefill_impl", ["dense", "chunked"])
 def test_prefill_then_steps_equals_one_pass(prefill_impl, base):
     inputs = random_inputs(9, 2, 90, 2, 5, 3, base=base)
-    want = OPS[base](*inputs, impl="dense")
+    want = jax.jit(functools.partial(OPS[base], impl="dense"))(*inputs)
     cut = 37
-    o_prefill, state = OPS[base](
-        *(a[:, :cut] for a in inputs), impl=prefill_impl, chunk_size=16, return_final_state=True
-    )
+    prefill = jax.jit(functools.partial(OPS[base], impl=prefill_impl, chunk_size=16, return_final_state=True))
+    o_prefill, state = prefill(*(a[:, :cut] for a in inputs))
     assert int(state.position) == cut
     step = jax.jit(STEPS[base])
     outputs = [o_prefill]
@@ -194,21 +197,25 @@ def test_prefill_then_steps_equals_one_pass(prefill_impl, base):
     assert int(state.position) == 90
 
 
-# A cut at 37 (inside a chunk of 16) for the chunked form by default; the dense form (the T x T reference, ~13 s
-# on 2 cores for its two cases), the recurrent one (its continuation is the decode path, which
-# test_prefill_then_steps_equals_one_pass covers; ~15 s) and the cut at 16 (a chunk boundary: other shapes, so
-# other compiles, ~45 s for its six cases) are slow.
+# A cut at 16 (a chunk boundary) and at 37 (inside a chunk of 16), each continued by every form. Jitted, the twelve
+# cases take ~12 s on 2 cores (op by op, two of them took 37 s).
 @pytest.mark.parametrize("base", BASES)
-@pytest.mark.parametrize("impl", [pytest.param("dense", marks=pytest.mark.slow),
-                                  pytest.param("recurrent", marks=pytest.mark.slow), "chunked"])
-@pytest.mark.parametrize("cut", [pytest.param(16, marks=pytest.mark.slow), 37])
+@pytest.mark.parametrize("impl", ["dense", "recurrent", "chunked"])
+@pytest.mark.parametrize("cut", [16, 37])
 def test_continuing_from_a_state_equals_one_pass(impl, cut, base):
     inputs = random_inputs(10, 1, 100, 2, 4, 6, base=base)
-    want_o, want_state = OPS[base](*inputs, impl="dense", return_final_state=True)
+    op = functools.partial(OPS[base], chunk_size=16, return_final_state=True)
+    want_o, want_state = jax.jit(functools.partial(op, impl="dense"))(*inputs)
     first = [a[:, :cut] for a in inputs]
     rest = [a[:, cut:] for a in inputs]
-    o1, state = OPS[base](*first, impl="chunked", chunk_size=16, return_final_state=True)
-    o2, final = OPS[base](*rest, impl=impl, chunk_size=16, initial_state=state, return_final_state=True)
+    o1, state = jax.jit(functools.partial(op, impl="chunked"))(*first)
+
+    # The state's position as a Python int under jit: the chunked form needs it known at trace time.
+    @jax.jit
+    def continue_from(levels, *rest):
+        return op(*rest, impl=impl, initial_state=FenwickState(levels, cut))
+
+    o2, final = continue_from(state.levels, *rest)
     assert rel_rms(jnp.concatenate([o1, o2], axis=1), want_o) < 1e-5
     assert rel_rms(final.levels, want_state.levels) < 1e-5
     assert int(final.position) == 100
@@ -273,9 +280,6 @@ def test_rejects_a_state_with_too_few_levels_for_what_follows():
         loglinear_attention(**{**args, "level_weights": jnp.ones((1, 8, 2, 5))}, initial_state=state)
 
 
-# slow: ~19 s on 2 cores for the Mamba-2 base (a float64 reference); tests/test_decay_floor.py checks the chunked
-# gradients at log decays of -inf by default.
-@pytest.mark.slow
 @pytest.mark.parametrize("base", ["mamba2", "gated_delta"])
 def test_chunked_gradients_hold_under_strong_decays(base):
     """Log decays of -15 to -25 per token: the chunked path's gradient for g (tiny next to the others) must
@@ -294,7 +298,7 @@ def test_chunked_gradients_hold_under_strong_decays(base):
         def loss(*a):
             return jnp.sum(op(*a, impl=impl, chunk_size=16))
 
-        return jax.grad(loss, argnums=tuple(range(len(args))))(*(jnp.asarray(a, dtype) for a in args))
+        return jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*(jnp.asarray(a, dtype) for a in args))
 
     with jax.enable_x64(True):
         want = [np.asarray(w) for w in grads("dense", jnp.float64)]

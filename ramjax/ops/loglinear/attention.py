@@ -46,6 +46,7 @@ from ramjax.ops.loglinear.fenwick import (
     merge_and_insert,
     prefix_read,
     read_levels,
+    state_in_dtype,
 )
 from ramjax.ops.shared import numerics
 
@@ -337,7 +338,7 @@ def loglinear_attention(
     g, level_weights = g.astype(dtype), level_weights.astype(dtype)
     g = numerics.floor_log_decay(g)
     if initial_state is not None:
-        initial_state = FenwickState(initial_state.levels.astype(dtype), jnp.asarray(initial_state.position, jnp.int32))
+        initial_state = state_in_dtype(initial_state, dtype)
     if impl not in ("chunked", "pallas"):  # the chunked forms take a shared q, k head themselves
         q, k = (_per_head(a, v.shape[2]) for a in (q, k))
     if impl == "recurrent":

@@ -34,6 +34,14 @@ class FenwickState(NamedTuple):
     position: jax.Array  # int32 scalar: tokens seen so far
 
 
+def state_in_dtype(state: FenwickState, dtype) -> FenwickState:
+    """`state` with its levels in `dtype` and its position an int32 scalar. A position known now (a Python int or a
+    concrete array, also inside jit) stays known: the chunked forms need it outside the trace (`chunk_grid`)."""
+    position = state.position
+    position = np.int32(position) if checks.is_concrete(position) else jnp.asarray(position, jnp.int32)
+    return FenwickState(state.levels.astype(dtype), position)
+
+
 def loglinear_init(batch: int, heads: int, num_level: int, d_k: int, d_v: int, dtype=jnp.float32) -> FenwickState:
     """The empty state before the first token."""
     for name, value in (("batch", batch), ("heads", heads), ("num_level", num_level), ("d_k", d_k), ("d_v", d_v)):

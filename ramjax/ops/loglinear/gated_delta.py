@@ -42,6 +42,7 @@ from ramjax.ops.loglinear.fenwick import (
     merge_and_insert,
     prefix_read,
     read_levels,
+    state_in_dtype,
 )
 from ramjax.ops.shared import checks, numerics
 
@@ -249,7 +250,7 @@ def loglinear_gated_delta(
     q, k, v, g, beta, level_weights = (a.astype(dtype) for a in (q, k, v, g, beta, level_weights))
     g = numerics.floor_log_decay(g)
     if initial_state is not None:
-        initial_state = FenwickState(initial_state.levels.astype(dtype), jnp.asarray(initial_state.position, jnp.int32))
+        initial_state = state_in_dtype(initial_state, dtype)
     impl = numerics.resolve_sequence_impl(impl, q.shape[1])
     if impl == "recurrent":
         o, final = _delta_recurrent(q, k, v, g, beta, level_weights, initial_state)
