@@ -139,8 +139,8 @@ def reference(codes, m, gamma, cotangent):
 
     with jax.enable_x64(True):
         ri, rv, wi, wv, v = (jnp.asarray(x, jnp.int32 if i in (0, 2) else jnp.float64) for i, x in enumerate(codes))
-        o = pdma(ri, rv, wi, wv, v, num_slots=m, gamma=gamma, impl="dense")
-        grads = jax.grad(loss, argnums=(0, 1, 2))(rv, wv, v)
+        o = jax.jit(lambda rv, wv, v: pdma(ri, rv, wi, wv, v, num_slots=m, gamma=gamma, impl="dense"))(rv, wv, v)
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(rv, wv, v)  # jitted: op by op is several times slower
         return np.asarray(o), [np.asarray(x) for x in grads]
 
 
@@ -154,7 +154,7 @@ def kernel_results(codes, m, gamma, cotangent, backend, interpret, v_dtype=jnp.f
     def loss(rv, wv, v):
         return jnp.sum(run(rv, wv, v).astype(jnp.float32) * jnp.asarray(cotangent, jnp.float32))
 
-    return run(rv, wv, v), jax.grad(loss, argnums=(0, 1, 2))(rv, wv, v)
+    return run(rv, wv, v), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(rv, wv, v)
 
 
 # Every size the issue names appears: T in {1, 63, 257}, d_v in {20, 64}, K in {1, 8}, M in {16, 1024},
