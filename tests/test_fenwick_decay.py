@@ -30,6 +30,27 @@ def test_shapes_and_positivity(mode):
         np.testing.assert_allclose(jnp.sum(weights, -1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["linear", "mlp_softplus", "mlp_softmax"])
+def test_bf16_computes_the_mlp_in_bf16_and_returns_float32_lambda(mode):
+    from numerics import matmul_dtypes
+
+    def build(dtype):
+        decay = FenwickDecay(D_MODEL, HEADS, LEVELS, mode, hidden=HIDDEN, init="as_run", dtype=dtype,
+                             rngs=nnx.Rngs(0))  # as_run: W2 != 0, so the MLP's output depends on x
+        return nnx.split(decay)
+
+    x = inputs().astype(jnp.bfloat16)
+    graphdef, params = build(jnp.bfloat16)
+    run = lambda x, params: nnx.merge(graphdef, params)(x)  # noqa: E731
+    weights = run(x, params)
+    assert weights.dtype == jnp.float32
+    dots = matmul_dtypes(run, x, params)
+    assert dots and all(operands == ("bfloat16", "bfloat16") for operands, _ in dots), dots
+    graphdef32, params32 = build(jnp.float32)
+    want = nnx.merge(graphdef32, params32)(x.astype(jnp.float32))
+    assert float(jnp.max(jnp.abs(weights - want) / want)) < 2e-2
+
+
 def test_mlp_softplus_starts_at_one_and_is_initialised_as_the_spec_says():
     decay = make("mlp_softplus")
     np.testing.assert_allclose(decay(inputs()), np.log1p(np.exp(0.54)), rtol=1e-6)

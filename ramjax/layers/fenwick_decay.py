@@ -10,6 +10,8 @@ Initialisation (`init`): "as_described" is the above (W_l lecun normal; ours, th
 text; "as_run" is what the public adaptive-decay fork actually trains (every Linear re-initialised N(0, 0.02) with
 zero biases, also W_l, W1, W2), so lambda starts near softplus(0) = 0.69 (softmax: 1 / L) rather than 1.
 `exact_gelu`: GELU in its exact erf form (PyTorch's default, the fork's) instead of the tanh approximation.
+`dtype`: the projection and the MLP compute in it (the model's dtype, as the layer's other projections); the last
+step (softplus or softmax) and lambda are float32.
 Parameters carry logical axis names for sharding: embed, heads, levels, decay_mlp.
 """
 
@@ -45,7 +47,7 @@ class FenwickDecay(nnx.Module):
 
     def __init__(
         self, d_model: int, num_heads: int, num_levels: int, mode: str, hidden: int = 64, *,
-        init: str = "as_described", exact_gelu: bool = False, rngs: nnx.Rngs
+        init: str = "as_described", exact_gelu: bool = False, dtype=jnp.float32, rngs: nnx.Rngs
     ):
         if mode not in MODES:
             raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
@@ -61,7 +63,7 @@ class FenwickDecay(nnx.Module):
         as_run = init == "as_run"
         normal = nnx.initializers.normal(AS_RUN_STD)
         self.level_proj = nnx.Linear(
-            d_model, num_heads * num_levels, use_bias=False, rngs=rngs,
+            d_model, num_heads * num_levels, use_bias=False, dtype=dtype, rngs=rngs,
             kernel_init=logical_init(normal if as_run else nnx.initializers.lecun_normal(), "embed", "heads"),
         )
         if mode == "linear":
@@ -69,13 +71,13 @@ class FenwickDecay(nnx.Module):
             self.level_scale = logical_param(jnp.ones((num_heads, num_levels)), "heads", "levels")
             return
         self.mlp_in = nnx.Linear(
-            num_levels, hidden, rngs=rngs,
+            num_levels, hidden, dtype=dtype, rngs=rngs,
             kernel_init=logical_init(normal if as_run else nnx.initializers.xavier_uniform(), "levels", "decay_mlp"),
             bias_init=logical_init(nnx.initializers.zeros, "decay_mlp"),
         )
         out_bias = MLP_SOFTPLUS_BIAS if mode == "mlp_softplus" and not as_run else 0.0
         self.mlp_out = nnx.Linear(
-            hidden, num_levels, rngs=rngs,
+            hidden, num_levels, dtype=dtype, rngs=rngs,
             kernel_init=logical_init(normal if as_run else nnx.initializers.zeros, "decay_mlp", "levels"),
             bias_init=logical_init(nnx.initializers.constant(out_bias), "levels"),
         )
@@ -94,8 +96,8 @@ def _level_weights(decay: FenwickDecay, x: jax.Array) -> jax.Array:
     layer in the LM, 16 heads x 64) and the [.., L] pieces."""
     dl = decay.level_proj(x).reshape(*x.shape[:2], decay.num_heads, decay.num_levels)
     if decay.mode == "linear":
-        return jax.nn.softplus(decay.level_scale[...] * dl)
-    logits = decay.mlp_out(gelu(decay.mlp_in(dl), not decay.exact_gelu))
+        return jax.nn.softplus(decay.level_scale[...] * dl.astype(jnp.float32))
+    logits = decay.mlp_out(gelu(decay.mlp_in(dl), not decay.exact_gelu)).astype(jnp.float32)
     if decay.mode == "mlp_softplus":
         return jax.nn.softplus(logits)
     return jax.nn.softmax(logits, axis=-1)

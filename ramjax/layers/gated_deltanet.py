@@ -75,7 +75,7 @@ class GatedDeltaNetMixer(nnx.Module):
         self.norm = GatedRMSNorm(self.d_v, axis_name=None)
         self.o_proj = dense(value_width, d_model, "heads", "embed", dtype=dtype, rngs=rngs)
         self.decay = (FenwickDecay(d_model, num_heads, num_levels, decay_mode, decay_hidden, init=lambda_init,
-                                   exact_gelu=exact_gelu, rngs=rngs)
+                                   exact_gelu=exact_gelu, dtype=dtype, rngs=rngs)
                       if decay_mode is not None else None)
 
     def _inputs(self, x: jax.Array, windows=None):

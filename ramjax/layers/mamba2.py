@@ -94,7 +94,7 @@ class Mamba2Mixer(nnx.Module):
         self.norm = RMSNorm(d_inner, axis_name="heads") if output_norm else None
         self.out_proj = dense(d_inner, d_model, "heads", "embed", dtype=dtype, rngs=rngs)
         self.decay = (FenwickDecay(d_model, self.num_heads, num_levels, decay_mode, decay_hidden, init=lambda_init,
-                                   exact_gelu=exact_gelu, rngs=rngs)
+                                   exact_gelu=exact_gelu, dtype=dtype, rngs=rngs)
                       if decay_mode is not None else None)
 
     def _convs(self) -> tuple:
