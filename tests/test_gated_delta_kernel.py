@@ -71,7 +71,7 @@ def reference_vjp(inputs, cotangents, *, with_initial_state):
     if not with_initial_state:
         initial_state = np.zeros_like(initial_state)
     with jax.enable_x64(True):
-        outputs, vjp = jax.vjp(reference_gated_delta, *(jnp.asarray(x, jnp.float64) for x in
+        outputs, vjp = jax.vjp(jax.jit(reference_gated_delta), *(jnp.asarray(x, jnp.float64) for x in
                                                          (q, k, v, log_decay, beta, initial_state)))
         grads = vjp(tuple(jnp.asarray(c, jnp.float64) for c in cotangents))
         outputs, grads = jax.tree.map(np.asarray, (outputs, grads))

@@ -56,14 +56,14 @@ def test_levels_read_and_gradients_match_float64(first_chunk, num_chunks, d_k, d
     assert rel_rms(o, reference(*inputs, chunk, first_chunk)) < 1e-5
 
     cotangent = jax.random.normal(jax.random.PRNGKey(7), o.shape)
-    grads = jax.grad(lambda *x: jnp.sum(run(*x) * cotangent), argnums=(0, 1, 2, 3))(*inputs)
+    grads = jax.jit(jax.grad(lambda *x: jnp.sum(run(*x) * cotangent), argnums=(0, 1, 2, 3)))(*inputs)
     with jax.enable_x64(True):
         wide = [jnp.asarray(np.asarray(a, np.float64)) for a in inputs]
 
         def ref(*x):
             return jnp.sum(_reference_jnp(*x, chunk, first_chunk) * jnp.asarray(np.asarray(cotangent, np.float64)))
 
-        expected = jax.grad(ref, argnums=(0, 1, 2, 3))(*wide)
+        expected = jax.jit(jax.grad(ref, argnums=(0, 1, 2, 3)))(*wide)
         for name, got, want in zip(("q", "g_cum", "weights", "block_states"), grads, expected):
             assert not np.isnan(np.asarray(got)).any(), name
             assert rel_rms(got, want) < 1e-5, name
