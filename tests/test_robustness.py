@@ -105,7 +105,8 @@ def test_a_failure_after_sigterm_still_saves_the_last_step(tmp_path, monkeypatch
         train(config, str(tmp_path))
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "SIGTERM received, then the run failed after step 6 (RuntimeError: INTERNAL: ptxas" in out and "saved step 6" in out
+    assert "SIGTERM received, then the run failed after step 6 (RuntimeError: INTERNAL: ptxas" in out
+    assert "saved step 6" in out
     assert restore_final(str(tmp_path))[1]["step"] == 6
 
 

@@ -542,14 +542,9 @@ def _stop_on_failure_after_sigterm(run: _Run, progress, checkpoints: Checkpoints
     """A single-process run that failed after a SIGTERM arrived: save the last completed step (unless a train step
     had already donated the state's buffers) and exit 0 as on SIGTERM, naming the error."""
     progress.close()
-    if any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
-        saved = f"kept the newest checkpoint (step {checkpoints.latest_step()})"
-    else:
-        completed = int(jax.device_get(state["step"]))
-        if checkpoints.latest_step() != completed:
-            checkpoints.save(completed, state, _meta(run.config, completed), force=True)
-        saved = f"saved step {completed}"
-    checkpoints.wait()
+    completed = _save_last_completed(run, checkpoints, state)
+    saved = (f"kept the newest checkpoint (step {checkpoints.latest_step()})" if completed is None
+             else f"saved step {completed}")
     print(f"ramjax train: SIGTERM received, then the run failed after step {done} ({type(error).__name__}: "
           f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no message'}); {saved} in "
           f"{run.workdir} and stopped; rerun the command to resume")
@@ -568,19 +563,27 @@ def _stop_on_interrupt(run: _Run, progress, checkpoints: Checkpoints, state, don
               + (f" (the newest checkpoint is step {latest})" if latest else ""), flush=True)
         sys.stderr.flush()
         os._exit(130)
-    # `state` is the state after the last completed step, unless the interrupt came inside a train step after its
-    # buffers were donated: then the newest checkpoint is all there is.
-    if any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
-        checkpoints.wait()
+    completed = _save_last_completed(run, checkpoints, state)
+    if completed is None:
         print(f"\nramjax train: interrupted inside a step; the newest checkpoint (step {checkpoints.latest_step()}) "
               f"in {run.workdir} is kept; rerun the command to resume")
         raise SystemExit(130) from None
-    completed = int(jax.device_get(state["step"]))
-    if checkpoints.latest_step() != completed:  # not saved already (an interrupt just after a checkpoint)
-        checkpoints.save(completed, state, _meta(run.config, completed), force=True)
-    checkpoints.wait()
     print(f"\nramjax train: interrupted; saved step {completed} in {run.workdir}; rerun the command to resume")
     raise SystemExit(130) from None
+
+
+def _save_last_completed(run: _Run, checkpoints: Checkpoints, state) -> int | None:
+    """Saves `state`, the state after the last completed step, unless already saved, and waits for the save; its step,
+    or None where a train step had already donated the state's buffers (a stop inside a step: the newest checkpoint
+    is all there is)."""
+    if any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
+        checkpoints.wait()
+        return None
+    completed = int(jax.device_get(state["step"]))
+    if checkpoints.latest_step() != completed:  # not saved already (a stop just after a checkpoint)
+        checkpoints.save(completed, state, _meta(run.config, completed), force=True)
+    checkpoints.wait()
+    return completed
 
 
 # --- finish: summary.json ------------------------------------------------------------------------------------

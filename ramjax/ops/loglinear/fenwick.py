@@ -35,10 +35,11 @@ class FenwickState(NamedTuple):
 
 
 def state_in_dtype(state: FenwickState, dtype) -> FenwickState:
-    """`state` with its levels in `dtype` and its position an int32 scalar. A position known now (a Python int or a
-    concrete array, also inside jit) stays known: the chunked forms need it outside the trace (`chunk_grid`)."""
+    """`state` with its levels in `dtype` and its position an int32 scalar. A Python or NumPy position stays one
+    (jnp.asarray would make it a tracer inside jit, and the chunked forms need it known: `chunk_grid`); a JAX array
+    stays on its device (no host sync)."""
     position = state.position
-    position = np.int32(position) if checks.is_concrete(position) else jnp.asarray(position, jnp.int32)
+    position = jnp.asarray(position, jnp.int32) if isinstance(position, jax.Array) else np.int32(position)
     return FenwickState(state.levels.astype(dtype), position)
 
 
