@@ -170,6 +170,35 @@ def _levels_pallas(q, g_in, weights, block_states, chunk_size, first_chunk):
                                                   interpret=jax.default_backend() != "gpu")
 
 
+def _block_states(chunk_states, chunk_log_decay, first_chunk, num_levels):
+    """The states the levels above the chunk read, built as a binary tree over the absolute chunk grid.
+
+    chunk_states [B, N, H, dk, dv] (each chunk's keys, decayed to the chunk's end), chunk_log_decay [B, N, H] (each
+    chunk's total log decay); chunk n is absolute chunk first_chunk + n. Returns, for m = 1 .. num_levels, the
+    summed state of the even block of each pair of 2^(m-1)-chunk blocks that this sequence touches, decayed to
+    that block's end: [B, groups_m, H, dk, dv] (the order of `block_grid` and kernels.loglinear_levels).
+
+    Level m's blocks are pairs of level m - 1's, so each level is one pass over the previous one: about 2N states
+    read in all, where summing every level's blocks from the chunk states reads N/2 states per level.
+    """
+    sources = []
+    states, decays, start = chunk_states, chunk_log_decay, first_chunk
+    for m in range(1, num_levels + 1):
+        # Blocks of 2^(m-1) chunks, the first one absolute block `start`: pad to whole pairs with empty blocks
+        # (no keys, no decay), as the sequence's padding chunks are.
+        front = start % 2
+        back = (front + states.shape[1]) % 2
+        states, decays = (jnp.pad(a, ((0, 0), (front, back)) + ((0, 0),) * (a.ndim - 2)) for a in (states, decays))
+        states = states.reshape(states.shape[0], -1, 2, *states.shape[2:])
+        decays = decays.reshape(decays.shape[0], -1, 2, *decays.shape[2:])
+        sources.append(states[:, :, 0])
+        if m < num_levels:  # the next level's blocks: the even block decayed across the odd one, plus the odd one
+            states = jnp.exp(decays[:, :, 1])[..., None, None] * states[:, :, 0] + states[:, :, 1]
+            decays = decays[:, :, 0] + decays[:, :, 1]
+            start //= 2
+    return sources
+
+
 def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chunk, operand_dtype=None,
                                intra_kernel=False):
     """The sequence's own pairs (no earlier state). Token 0 sits at absolute position first_chunk * C.
@@ -206,8 +235,10 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
 
     # Above the chunk: level chunk_bits + m reads, for the chunks of an odd block of 2^(m-1) chunks, the
     # summed state of the even block just before it (blocks aligned to absolute chunk indices).
-    block_states, reader_weights = [], []
-    for m in levels_above_chunk(first_chunk, num_chunks):
+    levels = levels_above_chunk(first_chunk, num_chunks)
+    sources = _block_states(chunk_states, chunk_log_decay, first_chunk, len(levels))
+    reader_weights = []
+    for m, block_state in zip(levels, sources):
         level = chunk_bits + m
         half, lead, groups = block_grid(first_chunk, num_chunks, m)
         pad = ((0, 0), (lead, groups * 2 * half - lead - num_chunks))
@@ -218,26 +249,20 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
         def ungrouped(a):  # [B, groups, 2, half, ...] -> [B, N, ...]
             return a.reshape(batch, groups * 2 * half, *a.shape[4:])[:, lead : lead + num_chunks]
 
-        decays = grouped(chunk_log_decay)  # [B, G, 2, half, H]
-        source_states = grouped(chunk_states)[:, :, 0]  # [B, G, half, H, dk, dv]
-        # Decay of each source chunk's state to the end of its block: the later chunks of the block.
-        source_decay = numerics.exclusive_cumsum(decays[:, :, 0], axis=2, reverse=True)
-        block_state = jnp.einsum("bgih,bgihkv->bghkv", jnp.exp(source_decay), source_states)
         # Decay from the end of the source block to each reading chunk's start: the earlier reading chunks.
-        before = numerics.exclusive_cumsum(decays[:, :, 1], axis=2)  # [B, G, half, H]
+        before = numerics.exclusive_cumsum(grouped(chunk_log_decay)[:, :, 1], axis=2)  # [B, G, half, H]
         if levels_kernel:  # kernels.loglinear_levels: each token's weight of this level, 0 where it does not read
             reading = jnp.stack([jnp.zeros_like(before), jnp.exp(before)], axis=2)  # [B, G, 2, half, H]
             reader_weights.append(ungrouped(reading)[:, :, None] * lc[..., level])  # [B, N, C, H]
-            block_states.append(block_state)
             continue
         reader_decay = jnp.exp(before[:, :, :, None] + grouped(g_in)[:, :, 1])  # [B, G, half, C, H]
         reader_q = grouped(qc)[:, :, 1] * (reader_decay * grouped(lc[..., level])[:, :, 1])[..., None]
         read = numerics.matmul("bgichk,bghkv->bgichv", reader_q, block_state, operand_dtype)  # [B, G, half, C, H, dv]
         read = jnp.concatenate([jnp.zeros_like(read), read], axis=2).reshape(batch, groups * 2 * half, *read.shape[3:])
         o = o + read[:, lead : lead + num_chunks]
-    if block_states:
+    if levels_kernel and sources:
         o = o + chunked(_levels_pallas(q, g_in.reshape(g.shape), jnp.stack(reader_weights, axis=-1),
-                                       jnp.concatenate(block_states, axis=1), chunk_size, first_chunk))
+                                       jnp.concatenate(sources, axis=1), chunk_size, first_chunk))
     return o.reshape(batch, seq_len, heads, d_v)
 
 
