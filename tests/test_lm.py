@@ -208,6 +208,20 @@ def test_prepared_data_is_keyed_by_its_source_and_a_changed_corpus_is_refused(co
         lm.LMTask(lm_config(mine, data_dir).data)
 
 
+def test_prepare_warns_when_the_validation_split_is_smaller_than_evaluation_asks(corpus, tmp_path, capsys):
+    """A corpus whose held-out documents give fewer windows than data.eval_examples is prepared, with a warning
+    naming the counts and the fields to change (seen: a GPU image's 575-file standard library gave 5 windows)."""
+    config = lm_config(corpus, tmp_path / "data")
+    config.data.eval_examples = 1
+    first = lm.prepare(config)
+    windows = first["validation"]["windows"]
+    assert windows >= 1 and "warning" not in first
+    config.data.eval_examples = windows + 1
+    out = lm.prepare(config)
+    assert f"has {windows} windows of 32 tokens, fewer than data.eval_examples = {windows + 1}" in out["warning"]
+    assert "data.validation_percent (now 20.0)" in capsys.readouterr().err
+
+
 def test_a_split_left_empty_is_refused_before_preparing(tmp_path):
     small = tmp_path / "small"
     small.mkdir()

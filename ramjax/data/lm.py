@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 import numpy as np
 
@@ -255,7 +256,23 @@ def prepare(config, *, count_train: bool = False) -> dict:
     for split in ("train", "validation"):
         out[split] = (task.split_counts(split) if split == "validation" or count_train
                       else {"documents": len(task.source(split))})
+    if small := small_validation_message(out["validation"]["windows"], config.data):
+        out["warning"] = small
+        print(f"ramjax prepare: warning: {small}", file=sys.stderr, flush=True)
     return out
+
+
+def small_validation_message(windows: int, data) -> str | None:
+    """A message when the validation split holds fewer windows than evaluation asks for (data.eval_examples), or
+    None. Seen on a GPU image whose Python standard library had 575 files: 2 held-out documents, 5 windows, so
+    every validation loss of that run was the loss of 5 windows."""
+    wanted = data.eval_examples
+    if wanted and windows < wanted:
+        return (f"the validation split has {windows} windows of {data.seq_len} tokens, fewer than "
+                f"data.eval_examples = {wanted}: its losses will be noisy and not comparable with a run on a larger "
+                f"split; use a larger corpus (data.corpus_dir) or raise data.validation_percent "
+                f"(now {data.get('validation_percent', '-')})")
+    return None
 
 
 def main(config) -> None:
