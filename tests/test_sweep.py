@@ -247,6 +247,23 @@ def test_dry_run_validates_every_run_first(tmp_path, capsys):
     assert capsys.readouterr().out == ""  # nothing printed before the error
 
 
+def test_the_paper_regime_sweeps_train_two_seeds_per_program_with_the_method_on():
+    """Issue 16 section 4: Figure 3 (6 models x 3 widths x 2 learning rates) and Figure 4 (7 rows) in the paper's
+    regime, each program with seeds 0 and 1 (train.num_seeds); Figure 4's factor schedule starts from about 64
+    slots whatever d_p, and U = 1 (no factor to hold) anneals top-K instead."""
+    fig3, _, _ = sweep.load_sweep(str(ROOT / "experiments" / "sweeps" / "fig3_mqar_state_size.py:paper"))
+    assert len(fig3) == 36 and all(run["train.num_seeds"] == 2 for run in fig3)
+    assert not any("train.init_seed" in run or "data.seed" in run for run in fig3)
+    fig4, _, _ = sweep.load_sweep(str(ROOT / "experiments" / "sweeps" / "fig4_ramnet_ablations.py:paper"))
+    starts = {(r["model.ramnet.num_factors"], r["model.ramnet.factor_size"]):
+              (r["train.ramnet_factors_start"], r["train.ramnet_top_k_start"]) for r in fig4}
+    assert starts == {(1, 1024): (0, 32), (2, 32): (1, 0), (5, 4): (3, 0), (10, 2): (6, 0), (4, 4): (3, 0),
+                      (6, 4): (3, 0)}
+    assert all(run["train.num_seeds"] == 2 for run in fig4) and len(fig4) == 7
+    with pytest.raises(ValueError, match="unknown regime 'papr'"):
+        sweep.load_sweep(str(ROOT / "experiments" / "sweeps" / "fig4_ramnet_ablations.py:papr"))
+
+
 def test_a_sweep_directory_refuses_other_overrides(tmp_path):
     (tmp_path / "s").mkdir()
     record = {"config": "configs/mqar.py:cpu", "overrides": ["--config.optim.learning_rate=0.01"], "runs": []}

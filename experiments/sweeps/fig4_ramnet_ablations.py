@@ -5,6 +5,13 @@
 
 Rows 0-3: M = 1024 slots reached with U = 1, 2, 5, 10 factors (d_p = 1024, 32, 4, 2). Rows 4-6: the state
 budget heads x M x d_v fixed at 4 x 65536 while M goes 256, 1024, 4096 (d_v 256, 64, 16).
+
+The paper's regime with issue 16's method on (section 4): the same seven rows with the factor schedule, from about
+64 slots (1 factor of 32, 3 of 4, 6 of 2) growing to all U over 600 steps, K = 8 throughout; U = 1 has no factor to hold and
+anneals top-K 32 -> 8 over 500 steps instead (as experiments/sweeps/u_ablation.py:factors). Seeds 0 and 1 train
+in one program per row (train.num_seeds = 2):
+  ramjax sweep --config configs/mqar.py:ramnet --sweep experiments/sweeps/fig4_ramnet_ablations.py:paper \
+      --workdir runs/fig4_paper --max-parallel 7 --config.train.num_steps=3000
 """
 
 from ramjax.sweep import values, zipped
@@ -17,11 +24,39 @@ PLOT = {"x": "run", "y": ["eval/accuracy/mean"], "series": []}
 BASE = {"train.ramnet_top_k_start": 0, "train.ramnet_factors_start": 0}
 
 
-def get_sweep():
+# `paper`: the method on, growing from about 64 slots (start_factors) to all U factors over 600 steps. U = 1 anneals
+# top-K instead (it has no factor to hold).
+METHOD = {"train.ramnet_top_k_start": 0, "train.ramnet_top_k_anneal_steps": 0, "train.ramnet_factors_grow_steps": 600}
+START_SLOTS = 64  # where the factor schedule starts: K^2 / slots = 1 at K = 8 (experiments/results/large_memory.md)
+METHOD_U1 = {"train.ramnet_top_k_start": 32, "train.ramnet_top_k_anneal_steps": 500, "train.ramnet_factors_start": 0}
+
+
+def start_factors(factor_size: int) -> int:
+    """The factors active at the start: the most whose slots (factor_size^A) stay within START_SLOTS, at least 1
+    (d_p 32: 1, d_p 4: 3, d_p 2: 6)."""
+    active = 1
+    while factor_size ** (active + 1) <= START_SLOTS:
+        active += 1
+    return active
+
+
+def get_sweep(regime: str = ""):
+    """The seven rows as first run (no method: BASE), or `fig4_ramnet_ablations.py:paper`: with the method on
+    (METHOD; METHOD_U1 for U = 1) and seeds 0 and 1 in one program per row."""
+    if regime not in ("", "paper"):
+        raise ValueError(f"fig4_ramnet_ablations.py: unknown regime {regime!r}; '' (as first run) or 'paper'")
     over_u = zipped(values("model.ramnet.num_factors", [1, 2, 5, 10]),
                     values("model.ramnet.factor_size", [1024, 32, 4, 2]),
                     values("model.ramnet.d_v", [64, 64, 64, 64]))
     over_m = zipped(values("model.ramnet.num_factors", [4, 5, 6]),
                     values("model.ramnet.factor_size", [4, 4, 4]),
                     values("model.ramnet.d_v", [256, 64, 16]))
-    return over_u + over_m
+    runs = over_u + over_m
+    if regime == "paper":
+        for run in runs:
+            if run["model.ramnet.num_factors"] == 1:
+                run.update(METHOD_U1)
+            else:
+                run.update(METHOD, **{"train.ramnet_factors_start": start_factors(run["model.ramnet.factor_size"])})
+            run["train.num_seeds"] = 2
+    return runs
