@@ -125,6 +125,8 @@ def test_sweep_runs_skips_resumes_and_reports_failures(tmp_path):
     args = ("--config", "tiny.py:transformer", "--sweep", "grid.py", "--workdir", "out", "--max-parallel", "2")
     first = run_cli(*args, cwd=tmp_path)
     assert first.returncode == 1, first.stderr[-2000:]  # two runs failed
+    said = first.stdout + first.stderr  # each run's end, its error when it fails
+    assert ": failed in " in said and "setting 9:32 is invalid" in said, said[-2000:]
     out = tmp_path / "out"
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -174,6 +176,25 @@ def test_launcher_gives_each_run_a_device_and_a_share_of_its_memory(tmp_path, mo
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.2")
     assert sweep.Launcher(["0"], max_parallel=3).memory_fraction == "0.2"  # the user's setting wins
     assert sweep.Launcher([], max_parallel=3).memory_fraction == "0.2"
+
+
+def test_a_run_out_of_its_gpu_share_says_what_to_change(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.028")
+    crash = ("import sys; print('jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to "
+             "allocate 3.58GiB'); sys.exit(1)")
+    status, _ = sweep.Launcher(["0"], max_parallel=11).execute([sys.executable, "-c", crash], str(tmp_path / "a"))
+    assert status == "failed"
+    lines = [line for line in (tmp_path / "a" / "error.txt").read_text().splitlines() if line.strip()]
+    summary = sweep.error_summary(lines)
+    assert summary.startswith("jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to "
+                              "allocate 3.58GiB (exit code 1); out of device memory at "
+                              "XLA_PYTHON_CLIENT_MEM_FRACTION=0.028")
+    assert "--max-parallel" in summary
+    # Another failure gets no hint.
+    status, _ = sweep.Launcher([], max_parallel=2).execute([sys.executable, "-c", "raise ValueError('x')"],
+                                                           str(tmp_path / "b"))
+    lines = (tmp_path / "b" / "error.txt").read_text().splitlines()
+    assert status == "failed" and sweep.error_summary(lines) == "ValueError: x (exit code 1)"
 
 
 def test_launcher_stop_passes_sigterm_on_and_starts_nothing_new(tmp_path):

@@ -129,9 +129,20 @@ class Launcher:
             return "unfinished", time.time() - start  # stopped by SIGTERM: the next invocation resumes it
         with open(os.path.join(workdir, "train.log")) as f:
             tail = [line.rstrip() for line in f.readlines()[-15:] if line.strip()]
+        hint = out_of_memory_hint(tail, env.get("XLA_PYTHON_CLIENT_MEM_FRACTION"))
         with open(error_path, "w") as f:
-            f.write(f"exit code {returncode}\n" + "\n".join(tail) + "\n")
+            f.write(f"exit code {returncode}\n" + "\n".join(tail) + "\n" + (f"hint: {hint}\n" if hint else ""))
         return "failed", time.time() - start
+
+
+def out_of_memory_hint(log_tail: list[str], memory_fraction: str | None) -> str | None:
+    """What to change when a run that shared a GPU ran out of its memory (XLA's RESOURCE_EXHAUSTED), or None.
+    Seen on an H200: U = 1 RAM-Net runs at 0.028 of the GPU each, beside 10 other runs."""
+    if not memory_fraction or not any("RESOURCE_EXHAUSTED" in line for line in log_tail):
+        return None
+    return (f"out of device memory at XLA_PYTHON_CLIENT_MEM_FRACTION={memory_fraction}, this run's share of the "
+            f"GPU: run fewer at a time (--max-parallel) or set XLA_PYTHON_CLIENT_MEM_FRACTION larger, then rerun "
+            f"the sweep (finished runs are kept)")
 
 
 def parse_devices(text: str | None) -> list[str]:

@@ -35,9 +35,7 @@ def collect(sweep_dir: str, names: list[str], runs: list[dict]) -> list[dict]:
             row.update(best_of_seeds(directory))
             row.update(last_evaluation(directory))
         elif status == "failed":
-            with open(os.path.join(directory, "error.txt")) as f:
-                lines = [line.strip() for line in f.read().splitlines() if line.strip()]
-            row["error"] = error_summary(lines)
+            row["error"] = failure(directory)
         rows.append(row)
     return rows
 
@@ -46,15 +44,24 @@ def collect(sweep_dir: str, names: list[str], runs: list[dict]) -> list[dict]:
 _ERROR_LINE = re.compile(r"^(ramjax \w+: |[\w.]*(Error|Exception|Interrupt)\b|Killed|Segmentation fault)")
 
 
+def failure(directory: str) -> str:
+    """The error of the failed run in `directory` (its error.txt), in one line."""
+    with open(os.path.join(directory, "error.txt")) as f:
+        return error_summary([line.strip() for line in f.read().splitlines() if line.strip()])
+
+
 def error_summary(lines: list[str]) -> str:
-    """The error of a failed run from the end of its log (error.txt: exit code, then the log's tail): the last
-    line that states an error (progress-bar redraws dropped), with the exit code."""
+    """The error of a failed run from the end of its log (error.txt: exit code, then the log's tail, then perhaps a
+    "hint: " line): the last line that states an error (progress-bar redraws dropped), with the exit code and the
+    hint."""
     if not lines:
         return "failed"
+    hint = lines.pop()[len("hint: "):] if len(lines) > 1 and lines[-1].startswith("hint: ") else None
     shown = [line.split("\r")[-1].strip() for line in lines[1:]]
     errors = [line for line in shown if _ERROR_LINE.search(line)]
     message = errors[-1] if errors else (shown[-1] if shown else "")
-    return f"{message} ({lines[0]})" if message else lines[0]
+    summary = f"{message} ({lines[0]})" if message else lines[0]
+    return f"{summary}; {hint}" if hint else summary
 
 
 def last_evaluation(directory: str) -> dict:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ramjax.errors import ConfigError
 from ramjax.sweep.grid import format_value, load_sweep, split_sweep_path, sweep_name
 from ramjax.sweep.launcher import Launcher, printable, run_status, train_command
-from ramjax.sweep.results import collect, write_results
+from ramjax.sweep.results import collect, failure, write_results
 
 
 def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: bool = False, max_parallel: int = 1,
@@ -108,7 +108,8 @@ def run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, de
             for future in futures:
                 status, seconds = future.result()
                 progress.update(1)
-                progress.write(f"{futures[future]}: {status} in {seconds:.0f} s")
+                failed = f": {failure(os.path.join(sweep_dir, futures[future]))}" if status == "failed" else ""
+                progress.write(f"{futures[future]}: {status} in {seconds:.0f} s{failed}")
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
