@@ -56,7 +56,9 @@ def error_summary(lines: list[str]) -> str:
     hint."""
     if not lines:
         return "failed"
-    hint = lines.pop()[len("hint: "):] if len(lines) > 1 and lines[-1].startswith("hint: ") else None
+    hint = None
+    if len(lines) > 1 and lines[-1].startswith("hint: "):
+        hint, lines = lines[-1][len("hint: "):], lines[:-1]
     shown = [line.split("\r")[-1].strip() for line in lines[1:]]
     errors = [line for line in shown if _ERROR_LINE.search(line)]
     message = errors[-1] if errors else (shown[-1] if shown else "")

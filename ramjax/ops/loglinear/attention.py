@@ -35,6 +35,7 @@ from ramjax.ops.loglinear.fenwick import (
     IMPLS,
     FenwickState,
     block_grid,
+    block_sources,
     check_args,
     checkpoint_chunked,
     chunk_grid,
@@ -170,33 +171,11 @@ def _levels_pallas(q, g_in, weights, block_states, chunk_size, first_chunk):
                                                   interpret=jax.default_backend() != "gpu")
 
 
-def _block_states(chunk_states, chunk_log_decay, first_chunk, num_levels):
-    """The states the levels above the chunk read, built as a binary tree over the absolute chunk grid.
-
-    chunk_states [B, N, H, dk, dv] (each chunk's keys, decayed to the chunk's end), chunk_log_decay [B, N, H] (each
-    chunk's total log decay); chunk n is absolute chunk first_chunk + n. Returns, for m = 1 .. num_levels, the
-    summed state of the even block of each pair of 2^(m-1)-chunk blocks that this sequence touches, decayed to
-    that block's end: [B, groups_m, H, dk, dv] (the order of `block_grid` and kernels.loglinear_levels).
-
-    Level m's blocks are pairs of level m - 1's, so each level is one pass over the previous one: about 2N states
-    read in all, where summing every level's blocks from the chunk states reads N/2 states per level.
-    """
-    sources = []
-    states, decays, start = chunk_states, chunk_log_decay, first_chunk
-    for m in range(1, num_levels + 1):
-        # Blocks of 2^(m-1) chunks, the first one absolute block `start`: pad to whole pairs with empty blocks
-        # (no keys, no decay), as the sequence's padding chunks are.
-        front = start % 2
-        back = (front + states.shape[1]) % 2
-        states, decays = (jnp.pad(a, ((0, 0), (front, back)) + ((0, 0),) * (a.ndim - 2)) for a in (states, decays))
-        states = states.reshape(states.shape[0], -1, 2, *states.shape[2:])
-        decays = decays.reshape(decays.shape[0], -1, 2, *decays.shape[2:])
-        sources.append(states[:, :, 0])
-        if m < num_levels:  # the next level's blocks: the even block decayed across the odd one, plus the odd one
-            states = jnp.exp(decays[:, :, 1])[..., None, None] * states[:, :, 0] + states[:, :, 1]
-            decays = decays[:, :, 0] + decays[:, :, 1]
-            start //= 2
-    return sources
+def _combine_blocks(left, right):
+    """(state, log decay) of two adjacent blocks as one: the left state decayed across the right block, plus the
+    right state (each block's state is decayed to its end)."""
+    (left_state, left_decay), (right_state, right_decay) = left, right
+    return jnp.exp(right_decay)[..., None, None] * left_state + right_state, left_decay + right_decay
 
 
 def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chunk, operand_dtype=None,
@@ -236,7 +215,9 @@ def _attention_chunked_aligned(q, k, v, g, level_weights, chunk_size, first_chun
     # Above the chunk: level chunk_bits + m reads, for the chunks of an odd block of 2^(m-1) chunks, the
     # summed state of the even block just before it (blocks aligned to absolute chunk indices).
     levels = levels_above_chunk(first_chunk, num_chunks)
-    sources = _block_states(chunk_states, chunk_log_decay, first_chunk, len(levels))
+    # The summed states they read, as a tree (empty blocks: no keys, no decay, as the padding chunks).
+    sources = [state for state, _ in block_sources((chunk_states, chunk_log_decay), (0.0, 0.0), _combine_blocks,
+                                                   first_chunk, len(levels))]
     reader_weights = []
     for m, block_state in zip(levels, sources):
         level = chunk_bits + m

@@ -10,7 +10,7 @@ l - 1 of t is set.
 A state (`FenwickState`) holds one d_k x d_v matrix per level, relative to the last token seen, and the number of
 tokens seen; `merge_and_insert` advances it by one token (the binary-counter carry). The chunked forms align
 their chunks to absolute positions (`ChunkGrid`) and group chunks into the blocks of each level above the chunk
-(`block_grid`, `levels_above_chunk`). Shared by `attention.py` (the Mamba-2 base) and `gated_delta.py` (the
+(`block_grid`, `levels_above_chunk`, `block_sources`). Shared by `attention.py` (the Mamba-2 base) and `gated_delta.py` (the
 Gated DeltaNet base).
 """
 
@@ -244,3 +244,31 @@ def levels_above_chunk(first_chunk: int, num_chunks: int) -> range:
     """The levels m >= 1 above the chunk at which two chunks of this sequence can meet."""
     last_chunk = first_chunk + num_chunks - 1
     return range(1, (first_chunk ^ last_chunk).bit_length() + 1)
+
+
+def block_sources(leaves, fills, combine, first_chunk: int, num_levels: int) -> list:
+    """The left (even) blocks of each level above the chunk, built as a binary tree over the absolute chunk grid.
+
+    leaves: a tuple of per-chunk arrays [B, N, ...] (chunk n is absolute chunk first_chunk + n); fills: for each, the
+    value of an empty block (broadcast to one chunk's [...]); combine(left, right): the tuple for a block made of
+    two adjacent ones. Returns, for m = 1 .. num_levels, the tuple of the even block of each pair of 2^(m-1)-chunk
+    blocks that these chunks touch ([B, groups_m, ...], the order of `block_grid`). Level m's blocks are pairs of
+    level m - 1's, so each level is one pass over the previous one: about N combines in all, where forming every
+    level's blocks from the chunks takes about N / 2 per level.
+    """
+    sources, start = [], first_chunk
+    for m in range(1, num_levels + 1):
+        # Blocks of 2^(m-1) chunks, the first one absolute block `start`: pad to whole pairs with empty blocks.
+        front = start % 2
+        back = (front + leaves[0].shape[1]) % 2
+        paired = []
+        for leaf, fill in zip(leaves, fills):
+            ends = [jnp.broadcast_to(jnp.asarray(fill, leaf.dtype), (leaf.shape[0], n, *leaf.shape[2:]))
+                    for n in (front, back)]
+            leaf = jnp.concatenate([ends[0], leaf, ends[1]], axis=1)
+            paired.append(leaf.reshape(leaf.shape[0], -1, 2, *leaf.shape[2:]))
+        sources.append(tuple(a[:, :, 0] for a in paired))
+        if m < num_levels:
+            leaves = combine(tuple(a[:, :, 0] for a in paired), tuple(a[:, :, 1] for a in paired))
+            start //= 2
+    return sources

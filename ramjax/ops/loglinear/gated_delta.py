@@ -31,6 +31,7 @@ from ramjax.ops.loglinear.fenwick import (
     IMPLS,
     FenwickState,
     block_grid,
+    block_sources,
     check_args,
     checkpoint_chunked,
     chunk_grid,
@@ -133,34 +134,6 @@ def _compose_affine(earlier, later):
     return p_l @ p_e, p_l @ u_e + u_l
 
 
-def _block_states(transition, own_state, first_chunk, num_levels):
-    """What the levels above the chunk read before their readers' own chunks: for m = 1 .. num_levels, the state
-    of the even block of each pair of 2^(m-1)-chunk blocks this sequence touches, carried to that block's end
-    ([B, groups_m, H, dk, dv], the order of `block_grid`).
-
-    transition [B, N, H, dk, dk] and own_state [B, N, H, dk, dv] are each chunk's affine map X -> P X + U. A block's
-    map is its left half's followed by its right half's, so level m's blocks come from level m - 1's in one pass, a
-    binary tree over the absolute chunk grid: N compositions in all, where a scan over each level's blocks
-    composes about N / 2 maps per level. Padding blocks are the identity map.
-    """
-    sources = []
-    maps, states, start = transition, own_state, first_chunk
-    eye = jnp.eye(maps.shape[-1], dtype=maps.dtype)
-    for m in range(1, num_levels + 1):
-        front = start % 2
-        back = (front + maps.shape[1]) % 2
-        padding = [jnp.broadcast_to(eye, (maps.shape[0], n, *maps.shape[2:])) for n in (front, back)]
-        maps = jnp.concatenate([padding[0], maps, padding[1]], axis=1)
-        states = jnp.pad(states, ((0, 0), (front, back)) + ((0, 0),) * (states.ndim - 2))
-        maps = maps.reshape(maps.shape[0], -1, 2, *maps.shape[2:])
-        states = states.reshape(states.shape[0], -1, 2, *states.shape[2:])
-        sources.append(states[:, :, 0])
-        if m < num_levels:
-            maps, states = _compose_affine((maps[:, :, 0], states[:, :, 0]), (maps[:, :, 1], states[:, :, 1]))
-            start //= 2
-    return sources
-
-
 def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state):
     batch, seq_len, heads, d_k = q.shape
     d_v = v.shape[-1]
@@ -187,7 +160,10 @@ def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, r
     last_chunk = first_chunk + num_chunks - 1
     final_levels = jnp.zeros((batch, heads, num_level, d_k, d_v), q.dtype)
     levels = levels_above_chunk(first_chunk, num_chunks)
-    sources = _block_states(transition, own_state, first_chunk, len(levels))
+    # The source block's map X -> P X + U for each level, as a tree (empty blocks: the identity); U is its state.
+    identity = jnp.eye(d_k, dtype=transition.dtype)
+    sources = [state for _, state in block_sources((transition, own_state), (identity, 0.0), _compose_affine,
+                                                   first_chunk, len(levels))]
     for m, block_state in zip(levels, sources):
         level = chunk_bits + m
         half, front, groups = block_grid(first_chunk, num_chunks, m)
