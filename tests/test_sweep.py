@@ -318,3 +318,23 @@ def test_failed_run_error_is_the_exception_not_the_progress_bar():
     lines = ["exit code 1", "train:  40%|####  | 4/10\rtrain:  50%|#####  | 5/10", "Traceback (most recent call last):",
              '  File "x.py", line 1', "RuntimeError: out of memory allocating 12 GB", "train:  50%|#####  | 5/10"]
     assert sweep.error_summary(lines) == "RuntimeError: out of memory allocating 12 GB (exit code 1)"
+
+
+def test_a_plot_field_the_sweep_does_not_vary_falls_back_to_one_it_does(tmp_path, capsys):
+    """experiments/sweeps/adaptive_decay_fork.py:modes fixes the PLOT's x (data.train_settings) in the config:
+    the report still writes its table and a plot, against the lambda mode, instead of a KeyError."""
+    from ramjax.sweep.results import plot_fields
+
+    fork = ROOT / "experiments" / "sweeps" / "adaptive_decay_fork.py"
+    runs, plot, names = sweep.load_sweep(f"{fork}:modes")
+    x, ys, series, best_over = plot_fields(plot, ["model.loglinear.mode"])  # the field it varies
+    assert x == "model.loglinear.mode" and series == [] and best_over == []
+    assert "not varied by this sweep" in capsys.readouterr().out
+    out = tmp_path / "out"
+    for i, name in enumerate(names):
+        (out / name).mkdir(parents=True)
+        (out / name / "metrics.jsonl").write_text(json.dumps({"step": 100, "eval/accuracy/mean": 0.1 * i}) + "\n")
+    rows = sweep.sweep(str(ROOT / "configs" / "adaptive_decay.py") + ":mqar_length", f"{fork}:modes",
+                       workdir=str(out), report_only=True)
+    assert [r["status"] for r in rows] == ["unfinished"] * 3
+    assert (out / "results.md").exists() and list(out.glob("plot_*.png"))

@@ -135,7 +135,9 @@ def write_results(sweep_dir: str, rows: list[dict], runs: list[dict], plot) -> N
     with open(os.path.join(sweep_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     fields = list(dict.fromkeys(field for run in runs for field in run))
-    for path in plot_results(sweep_dir, rows, fields, plot):
+    # Plot against what changes from run to run (a field every run sets alike, e.g. train.num_seeds, is no axis).
+    varied = [f for f in fields if len({format_value(run.get(f)) for run in runs}) > 1]
+    for path in plot_results(sweep_dir, rows, varied or fields, plot):
         print(f"ramjax sweep: plot {path}")
 
 
@@ -150,12 +152,7 @@ def plot_results(sweep_dir: str, rows: list[dict], fields: list[str], plot) -> l
     finished = [r for r in rows if r["status"] in ("finished", "unfinished") and any(k.startswith("eval/") for k in r)]
     if not finished or not fields:
         return []
-    plot = dict(plot or {})
-    x = plot.get("x", fields[0])
-    ys = plot.get("y", "eval/accuracy/mean")
-    ys = [ys] if isinstance(ys, str) else list(ys)
-    best_over = list(plot.get("best_over", []))
-    series = plot.get("series", [f for f in fields if f != x and f not in best_over])
+    x, ys, series, best_over = plot_fields(plot, fields, columns=[k for r in finished for k in r])
     paths = []
     for y in ys:
         if not any(y in r for r in finished):
@@ -182,6 +179,26 @@ def plot_results(sweep_dir: str, rows: list[dict], fields: list[str], plot) -> l
         plt.close(figure)
         paths.append(path)
     return paths
+
+
+def plot_fields(plot, fields: list[str], columns=()) -> tuple[str, list[str], list[str], list[str]]:
+    """(x, ys, series, best_over) of a sweep file's PLOT, kept to the fields this sweep varies (x may also be a
+    result column, e.g. state_size): a sweep file whose argument picks a smaller grid (one that fixes the PLOT's
+    x in the config) still plots, against the first field it does vary, and says so."""
+    plot = dict(plot or {})
+    ys = plot.get("y", "eval/accuracy/mean")
+    ys = [ys] if isinstance(ys, str) else list(ys)
+    best_over = [f for f in plot.get("best_over", []) if f in fields]
+    series = [f for f in plot["series"] if f in fields] if "series" in plot else None
+    x = plot.get("x", fields[0])
+    if x not in fields and x not in columns:
+        others = [f for f in fields if f not in best_over and f not in (series or [])] or fields
+        print(f"ramjax sweep: the sweep file's PLOT x {x!r} is not varied by this sweep; plotting against "
+              f"{others[0]!r} instead")
+        x = others[0]
+    if series is None or x in series:
+        series = [f for f in (series or fields) if f != x and f not in best_over]
+    return x, ys, series, best_over
 
 
 def best_rows(rows: list[dict], metric: str, keep: list[str]) -> list[dict]:
