@@ -60,6 +60,12 @@ def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:
     config.warmup_steps = 3  # after compilation, not timed
     config.steps = 10  # timed, one at a time (block_until_ready); the table gives the median
     config.seed = 0  # of the random tokens
+    # How the random tokens are drawn: "zipf" (rank r with probability ~ r^-zipf_exponent, like text: at 1.0 the
+    # commonest byte is ~16% of a batch) or "uniform". The embedding gradient's scatter-add is fast on uniform ids
+    # and slow where ids repeat (jaxlib 0.10.2-0.11.x on GPUs: ramjax/ops/shared/embedding.py), so only "zipf"
+    # times what training on text costs. Runs before 2026-12-02 15:00 UTC drew "uniform" ids.
+    config.token_distribution = "zipf"
+    config.zipf_exponent = 1.0
     config.results_file = "experiments/results/bench_models.md"  # and .json beside it
     # Added to XLA_FLAGS (a flag already there is left alone) before JAX starts its backend; "" for none.
     config.xla_flags = ""

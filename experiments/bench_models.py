@@ -12,7 +12,7 @@
 
 Each row is one (variant, shape): the configs/lm.py model with the variant's config overrides, and the train step
 exactly as `ramjax train` builds it (ramjax.train.setup.train_setup: AdamW, one jit with explicit shardings,
-donated state), fed random tokens (no dataset). The step is lowered and compiled ahead of time (compile s), run
+donated state), fed random tokens (no dataset; drawn as text's are, by default: token_distribution "zipf"). The step is lowered and compiled ahead of time (compile s), run
 `warmup_steps` times, then timed over `steps` steps one at a time (block_until_ready): the median step time and
 tokens/s = seq_len x batch / step time. Peak memory per device is XLA's memory analysis of the compiled step
 (arguments + outputs - donated aliases + temporaries). "x transformer" divides by the baseline variant measured
@@ -122,10 +122,25 @@ def model_config(bench, overrides: dict, *, name: str = "base"):
 # --- one row -----------------------------------------------------------------------------------------------------
 
 
-def random_batch(seq_len: int, batch: int, vocab_size: int, seed: int, sharding) -> dict:
-    """An LM batch as the train step takes it (ramjax.data.lm.LMBatch): random tokens, targets the inputs shifted
-    by one, every position counted, positions 0..seq_len-1 in every row (one document per row)."""
-    tokens = np.random.default_rng(seed).integers(0, vocab_size, size=(batch, seq_len + 1), dtype=np.int32)
+def random_tokens(shape, vocab_size: int, seed: int, distribution: str = "zipf", exponent: float = 1.0):
+    """int32 token ids: "uniform", or "zipf": id of rank r drawn with probability proportional to r^-exponent, as
+    in text (at exponent 1 over 258 bytes the commonest is ~16% of tokens, as ' ' is in source code), so that
+    the embedding gradient's scatter-add contends as on real data (ramjax/ops/shared/embedding.py)."""
+    rng = np.random.default_rng(seed)
+    if distribution == "uniform":
+        return rng.integers(0, vocab_size, size=shape, dtype=np.int32)
+    if distribution != "zipf":
+        raise ValueError(f"token_distribution: must be 'zipf' or 'uniform', got {distribution!r}")
+    weights = np.arange(1, vocab_size + 1, dtype=np.float64) ** -float(exponent)
+    ids = rng.permutation(vocab_size).astype(np.int32)  # which id has which rank
+    return ids[rng.choice(vocab_size, size=shape, p=weights / weights.sum())]
+
+
+def random_batch(seq_len: int, batch: int, vocab_size: int, seed: int, sharding, distribution: str = "zipf",
+                 exponent: float = 1.0) -> dict:
+    """An LM batch as the train step takes it (ramjax.data.lm.LMBatch): random tokens (random_tokens), targets the
+    inputs shifted by one, every position counted, positions 0..seq_len-1 in every row (one document per row)."""
+    tokens = random_tokens((batch, seq_len + 1), vocab_size, seed, distribution, exponent)
     fields = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch, seq_len), bool),
               "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len))}
     return {name: jax.device_put(np.ascontiguousarray(value), sharding) for name, value in fields.items()}
@@ -150,7 +165,8 @@ def measure(config, seq_len: int, batch: int, bench, devices, row: dict) -> None
     config.data.seq_len, config.data.batch_size = seq_len, batch
     setup = train_setup(config, devices=devices)
     row["params"] = setup.num_params
-    data = random_batch(seq_len, batch, config.data.vocab_size, bench.seed, setup.batch_sharding)
+    data = random_batch(seq_len, batch, config.data.vocab_size, bench.seed, setup.batch_sharding,
+                        bench.get("token_distribution", "zipf"), bench.get("zipf_exponent", 1.0))
     abstract_batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for name, x in data.items()}
     start = time.perf_counter()
     compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_rest, abstract_batch).compile()
@@ -252,7 +268,9 @@ def describe(bench, base, variants, devices) -> str:
         f"head), K {r.top_k}, d_v {r.d_v}. Optimiser AdamW as in training.",
         "",
         f"Each row: the train step `ramjax train` runs, on {len(devices)} device(s) (data parallel), fed random "
-        f"tokens; compile s = trace + lower + XLA compile; then {bench.warmup_steps} warm-up steps and the median "
+        f"tokens ({bench.get('token_distribution', 'zipf')}"
+        + (f", exponent {bench.get('zipf_exponent', 1.0)}" if bench.get("token_distribution", "zipf") == "zipf" else "")
+        + f"); compile s = trace + lower + XLA compile; then {bench.warmup_steps} warm-up steps and the median "
         f"of {bench.steps} timed steps (each to block_until_ready); tokens/s = seq_len x batch / median step. Peak "
         "memory per device: XLA's memory analysis of the compiled step (arguments + outputs - donated aliases + "
         f"temporaries). x {bench.baseline}: this row / {bench.baseline} at the same shape in this run.",

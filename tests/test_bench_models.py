@@ -31,6 +31,19 @@ def test_gpu_config_variants_build_and_select():
     assert bench_models.parse_shapes("1024x32, 16384x2") == ((1024, 32), (16384, 2))
 
 
+def test_random_tokens_repeat_like_text_by_default():
+    """zipf (the default): the commonest id is ~16% of 258-token-vocabulary batches, as ' ' is in source code
+    (what makes the embedding gradient's scatter-add contend); uniform: every id ~1/258."""
+    zipf = bench_models.random_tokens((64, 1024), 258, seed=0)
+    uniform = bench_models.random_tokens((64, 1024), 258, seed=0, distribution="uniform")
+    assert zipf.dtype == uniform.dtype == "int32" and 0 <= zipf.min() and zipf.max() < 258
+    assert 0.14 < max(bincount := [int((zipf == i).sum()) for i in range(258)]) / zipf.size < 0.18
+    assert len([c for c in bincount if c]) > 200  # the tail is there too
+    assert max(int((uniform == i).sum()) for i in range(258)) / uniform.size < 0.01
+    with pytest.raises(ValueError, match="token_distribution"):
+        bench_models.random_tokens((2, 2), 8, seed=0, distribution="text")
+
+
 @pytest.mark.slow  # ~15 s on 2 cores: a benchmark script, not the package; its config and table logic are fast here
 def test_cpu_run_writes_the_table_with_ratios_from_the_same_run(tmp_path):
     results = tmp_path / "scoreboard.md"

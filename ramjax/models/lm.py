@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ramjax.layers.axes import dense, logical_init
+from ramjax.layers.embedding import TokenEmbedding
 from ramjax.layers.fenwick_decay import FenwickDecay
 from ramjax.layers.mlp import SwiGLU
 from ramjax.layers.norm import LayerNorm, RMSNorm
@@ -206,8 +207,9 @@ class LanguageModel(nnx.Module):
         kinds, num_groups = layer_kinds[:period], cfg.num_layers // period
         self.scan_layers, self.remat, self.num_groups = cfg.scan_layers, cfg.remat, num_groups
         self.remat_policy = cfg.get("remat_policy", "nothing")
-        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs,
-                               embedding_init=logical_init(nnx.initializers.normal(1.0), "vocab", "embed"))
+        self.embed = TokenEmbedding(cfg.vocab_size, cfg.d_model, grad=cfg.get("embedding_grad", "auto"),
+                                    dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs,
+                                    embedding_init=logical_init(nnx.initializers.normal(1.0), "vocab", "embed"))
         if cfg.scan_layers:
             @nnx.split_rngs(splits=num_groups)
             @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
