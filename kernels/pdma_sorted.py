@@ -127,10 +127,11 @@ def _backward(opts: SortedOptions, batch, residuals, g_o):
     d_s = (rv32 * inv_den)[..., None] * gr[:, :, None, :]
     d_z = -rv32 * g_dot_s * inv_den**2
     rows = jnp.arange(g)[:, None]
-    d_s = jnp.where(found[..., None], d_s.reshape(g, t * k, d_v), 0.0)
-    d_z = jnp.where(found, d_z.reshape(g, t * k), 0.0)
-    d_h_v = jnp.zeros((g, t * k, d_v), jnp.float32).at[rows, q_safe].add(d_s)
-    d_h_z = jnp.zeros((g, t * k), jnp.float32).at[rows, q_safe].add(d_z)
+    # A read that found no write sends nothing: its index points past the end and the add drops it. (Zeroed adds
+    # onto event 0 instead would all collide on one row, and XLA's GPU scatter-add serialises collisions.)
+    target = jnp.where(found, q_safe, t * k)
+    d_h_v = jnp.zeros((g, t * k, d_v), jnp.float32).at[rows, target].add(d_s.reshape(g, t * k, d_v), mode="drop")
+    d_h_z = jnp.zeros((g, t * k), jnp.float32).at[rows, target].add(d_z.reshape(g, t * k), mode="drop")
     # The adjoint runs each segment backwards: event i receives a[i + 1] lambda[i + 1] while i + 1 continues it.
     ends = jnp.concatenate([ev.starts[:, 1:], jnp.ones((g, 1), bool)], axis=1)
     next_ld = jnp.concatenate([jnp.where(ev.starts, 0.0, ev.log_decay)[:, 1:], jnp.zeros((g, 1))], axis=1)
