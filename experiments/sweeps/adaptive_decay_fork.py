@@ -18,6 +18,10 @@ Mamba-2 block (`,ours`):
       --sweep experiments/sweeps/adaptive_decay_fork.py:modes --workdir runs/adaptive_decay_fork_sc512 --max-parallel 3
   ramjax sweep --config configs/adaptive_decay.py:mqar,ours --sweep experiments/sweeps/adaptive_decay_fork.py \
       --workdir runs/adaptive_decay_fork_ours --max-parallel 12
+
+Tables per seed (best and final evaluation, seeds that reached 0.99 and when), runs cut short included:
+  python experiments/fork_table.py runs/adaptive_decay_fork_length runs/adaptive_decay_fork_sc512 \
+      --results experiments/results/adaptive_decay_fork.md --title "..."
 """
 
 from ramjax.sweep import product, values
