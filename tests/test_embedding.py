@@ -99,3 +99,12 @@ def test_a_train_step_is_the_same_with_either_gradient():
         assert rel_rms(b, a) < 1e-5
     with pytest.raises(ValueError, match="model.embedding_grad"):
         one_step("atomic")
+
+
+def test_runs_recorded_before_the_field_resume_with_any_value():
+    """model.embedding_grad chooses how the same gradient is summed: a run recorded without it, or with another
+    value, resumes (ramjax/train/run_record.py)."""
+    from ramjax.train.run_record import differences
+
+    assert differences({"model": {"d_model": 8}}, {"model": {"d_model": 8, "embedding_grad": "auto"}}) == {}
+    assert differences({"model": {"embedding_grad": "scatter"}}, {"model": {"embedding_grad": "one_hot"}}) == {}

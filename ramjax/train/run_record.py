@@ -38,7 +38,7 @@ ADDED_DEFAULTS = {
     "data.layout": "standard", "optim.schedule": "warmup_cosine", "train.num_seeds": 1,
 }
 # Leaf names that choose an implementation of the same function, wherever they sit in the model config.
-IMPLEMENTATION_LEAVES = ("impl", "decoder_impl", "remat", "remat_policy", "scan_layers")
+IMPLEMENTATION_LEAVES = ("impl", "decoder_impl", "remat", "remat_policy", "scan_layers", "embedding_grad")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
