@@ -327,3 +327,22 @@ def test_profile_steps_writes_a_trace_of_the_window(tmp_path):
     config.train.profile_steps = (2, 1)
     with pytest.raises(ConfigError, match=r"train.profile_steps: \(start, stop\) with 0 <= start <= stop"):
         train(config, str(tmp_path / "bad"))
+
+
+def test_the_host_runs_at_most_two_steps_ahead_of_the_device(tmp_path, monkeypatch):
+    """Each step waits for the step two before it (ramjax.train.trainer.MAX_STEPS_IN_FLIGHT): a SIGTERM then has at
+    most two queued steps to finish before its save, not a whole log interval's."""
+    from ramjax.train import trainer
+
+    waited = []
+    real = jax.block_until_ready
+
+    def spy(x):
+        if isinstance(x, dict) and "loss" in x:  # a train step's metrics
+            waited.append(float(x["loss"]))
+        return real(x)
+
+    monkeypatch.setattr(trainer.jax, "block_until_ready", spy)
+    config = config_for("gla", steps=6, log_every=6)
+    train(config, str(tmp_path))
+    assert trainer.MAX_STEPS_IN_FLIGHT == 2 and len(waited) == 6 - 2

@@ -15,6 +15,7 @@ rerunning a finished run prints where it is).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -40,6 +41,14 @@ from ramjax.train.profiling import ProfileWindow
 from ramjax.train.setup import (ModelSpec, abstract_model, check_model_config, check_train_config, initialisers,
                                 jit_train_step, make_task, with_shardings)
 from ramjax.train.step import make_eval_step
+
+# Train steps dispatched ahead of the device at most. JAX returns from a step as soon as it is queued; without a
+# bound the host queued up to a log interval of steps (100 on MQAR), and a SIGTERM waited for all of them to run
+# before it could save (seen: configs/adaptive_decay.py:mqar,ours with 8 seeds on 2 CPU cores, still running queued
+# steps 30 s after SIGTERM; on a GPU shared by 12 such runs the sweep's kill, 90 s after its SIGTERM, came
+# first), and the progress bar counted steps queued, not done. Two keep the device busy while the host prepares
+# the next one.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 class _Run(NamedTuple):
@@ -243,11 +252,15 @@ def _loop(run: _Run, checkpoints: Checkpoints, state, start: int) -> _Outcome:
     previous_handler = preemption.install_sigterm_flag(preempted)
     keep_ignoring_sigterm = False
     done = start  # the steps completed so far
+    in_flight = collections.deque()  # the metrics of the steps dispatched and perhaps not yet run
     try:
         for step in range(start, num_steps):
             run.profiler.before(step)
             state, metrics = run.train_steps(step)(state, rest, data.put(step))
             run.profiler.after(step + 1, metrics)
+            in_flight.append(metrics)
+            if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+                jax.block_until_ready(in_flight.popleft())
             done = step + 1
             throughput.count_step()
             nonfinite.add(step, metrics)
