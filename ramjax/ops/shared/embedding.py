@@ -63,7 +63,7 @@ def one_hot_table_grad(tokens: jax.Array, d_out: jax.Array, vocab: int,
                        block_bytes: int = ONE_HOT_BLOCK_BYTES) -> jax.Array:
     """sum over positions p of d_out[p] into row tokens[p]: [vocab, d] in fp32 (fp64 for fp64 d_out). tokens [...],
     d_out [..., d]."""
-    ids = tokens.reshape(-1)
+    ids = tokens.reshape(-1).astype(jnp.int32)  # (unsigned ids minus a block's start must not wrap)
     d_out = d_out.reshape(ids.shape[0], d_out.shape[-1])
     block = max(1, min(vocab, block_bytes // max(1, ids.shape[0] * d_out.dtype.itemsize)))
     num_blocks = -(-vocab // block)
@@ -75,7 +75,7 @@ def one_hot_table_grad(tokens: jax.Array, d_out: jax.Array, vocab: int,
 
     if num_blocks == 1:
         return rows(0)
-    blocks = jax.lax.map(rows, jnp.arange(num_blocks, dtype=ids.dtype) * block)  # [blocks, block, d]
+    blocks = jax.lax.map(rows, jnp.arange(num_blocks, dtype=jnp.int32) * block)  # [blocks, block, d]
     return blocks.reshape(num_blocks * block, -1)[:vocab]
 
 
