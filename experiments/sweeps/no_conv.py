@@ -28,11 +28,25 @@ FACTORS = {"train.ramnet_top_k_start": 0, "train.ramnet_top_k_anneal_steps": 0, 
            "train.ramnet_factors_grow_steps": 600, "train.num_steps": 3000}
 
 
+# `no_conv.py:dense`: the CPU's lead (experiments/results/ramnet_without_conv_cpu.md, 2026-12-02: at M = 64 a
+# denser address, K 8 instead of 4, doubled the best accuracy without the conv): hold the memory at 64 slots for
+# longer (factors 3 -> 5 over 3000 of 6000 steps, so K 8 reads 1/8 of the slots for 1000 steps), and the same with
+# K 16 annealed to 8 over those 3000 steps; CAPE on every head started as a relative address, q/k bias.
+DENSE = {"model.ramnet.short_conv": 0, "model.ramnet.qk_bias": True, "model.ramnet.cape": "all",
+         "model.ramnet.cape_offset_bias": 2.0, "train.ramnet_factors_start": 3,
+         "train.ramnet_factors_grow_steps": 3000, "train.num_steps": 6000}
+
+
 def get_sweep(which: str = ""):
     """The options above; `no_conv.py:offset`: CAPE heads started as relative addresses
     (model.ramnet.cape_offset_bias; q/k bias on) on layer 0 only or on both layers, at two bias strengths;
-    `no_conv.py:factors`: four of these options under the factor schedule, 3000 steps (FACTORS)."""
-    if which == "factors":
+    `no_conv.py:factors`: four of these options under the factor schedule, 3000 steps (FACTORS); `no_conv.py:dense`:
+    the memory held at 64 slots longer, with K 8 or K 16 annealed to 8 (DENSE), 6000 steps."""
+    if which == "dense":
+        options = product(*(values(field, [value]) for field, value in DENSE.items()),
+                          zipped(values("train.ramnet_top_k_start", [0, 16]),
+                                 values("train.ramnet_top_k_anneal_steps", [0, 3000])))
+    elif which == "factors":
         options = zipped(values("model.ramnet.short_conv", [0, 0, 0, 0]),
                          values("model.ramnet.qk_bias", [True, False, True, True]),
                          values("model.ramnet.cape", ["all", "all", "all", "4,0"]),
@@ -44,7 +58,8 @@ def get_sweep(which: str = ""):
                          values("model.ramnet.cape", ["4,0", "4,0", "all", "all"]),
                          values("model.ramnet.cape_offset_bias", [2.0, 4.0, 2.0, 4.0]))
     elif which:
-        raise ValueError(f"no_conv.py: unknown option set {which!r}; known: '' (default), 'offset', 'factors'")
+        raise ValueError(f"no_conv.py: unknown option set {which!r}; known: '' (default), 'offset', 'factors', "
+                         "'dense'")
     else:
         options = zipped(values("model.ramnet.short_conv", [0, 0, 0, 4]),
                          values("model.ramnet.qk_bias", [True, True, False, False]),
