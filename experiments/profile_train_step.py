@@ -123,10 +123,11 @@ def summarise_trace(trace_dir: str, steps: int, top: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def profile(config, seq_len, batch, args) -> dict:
+def profile(config, seq_len, batch, args, bench) -> dict:
     config.data.seq_len, config.data.batch_size = seq_len, batch
     setup = train_setup(config, devices=jax.devices()[:1])
-    data = random_batch(seq_len, batch, config.data.vocab_size, 0, setup.batch_sharding)
+    data = random_batch(seq_len, batch, config.data.vocab_size, 0, setup.batch_sharding,
+                        bench.get("token_distribution", "zipf"), bench.get("zipf_exponent", 1.0))
     abstract_batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for name, x in data.items()}
     compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_rest, abstract_batch).compile()
     names = hlo_op_names(compiled.as_text())
@@ -208,7 +209,7 @@ def main(argv) -> None:
     for name, overrides in select_variants(bench.variants, args.only, bench.baseline):
         config = model_config(bench, dict(overrides), name=name)
         try:
-            text = report(name, args.shape, profile(config, seq_len, batch, args), args)
+            text = report(name, args.shape, profile(config, seq_len, batch, args, bench), args)
         except Exception as error:  # one model's failure is a line, not the end of the run
             text = f"### {name} at {args.shape}: failed: {type(error).__name__}: {str(error)[:300]}\n"
         print(text, flush=True)
