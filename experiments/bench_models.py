@@ -136,6 +136,11 @@ def random_tokens(shape, vocab_size: int, seed: int, distribution: str = "zipf",
     return ids[rng.choice(vocab_size, size=shape, p=weights / weights.sum())]
 
 
+def token_options(bench) -> dict:
+    """random_tokens' distribution and exponent from a bench config (configs/bench_models.py)."""
+    return {"distribution": bench.get("token_distribution", "zipf"), "exponent": bench.get("zipf_exponent", 1.0)}
+
+
 def random_batch(seq_len: int, batch: int, vocab_size: int, seed: int, sharding, distribution: str = "zipf",
                  exponent: float = 1.0) -> dict:
     """An LM batch as the train step takes it (ramjax.data.lm.LMBatch): random tokens (random_tokens), targets the
@@ -166,7 +171,7 @@ def measure(config, seq_len: int, batch: int, bench, devices, row: dict) -> None
     setup = train_setup(config, devices=devices)
     row["params"] = setup.num_params
     data = random_batch(seq_len, batch, config.data.vocab_size, bench.seed, setup.batch_sharding,
-                        bench.get("token_distribution", "zipf"), bench.get("zipf_exponent", 1.0))
+                        **token_options(bench))
     abstract_batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for name, x in data.items()}
     start = time.perf_counter()
     compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_rest, abstract_batch).compile()
@@ -258,7 +263,7 @@ def table(rows: list[dict], baseline: str) -> str:
 
 
 def describe(bench, base, variants, devices) -> str:
-    m = base.model
+    m, tokens = base.model, token_options(bench)
     r = m.ramnet
     lines = [
         f"Models: `{bench.model_config}` with {', '.join(parse_items(bench.model_overrides)) or 'no overrides'}"
@@ -268,8 +273,8 @@ def describe(bench, base, variants, devices) -> str:
         f"head), K {r.top_k}, d_v {r.d_v}. Optimiser AdamW as in training.",
         "",
         f"Each row: the train step `ramjax train` runs, on {len(devices)} device(s) (data parallel), fed random "
-        f"tokens ({bench.get('token_distribution', 'zipf')}"
-        + (f", exponent {bench.get('zipf_exponent', 1.0)}" if bench.get("token_distribution", "zipf") == "zipf" else "")
+        f"tokens ({tokens['distribution']}"
+        + (f", exponent {tokens['exponent']}" if tokens["distribution"] == "zipf" else "")
         + f"); compile s = trace + lower + XLA compile; then {bench.warmup_steps} warm-up steps and the median "
         f"of {bench.steps} timed steps (each to block_until_ready); tokens/s = seq_len x batch / median step. Peak "
         "memory per device: XLA's memory analysis of the compiled step (arguments + outputs - donated aliases + "

@@ -38,9 +38,9 @@ def run_dirs(path: str) -> list[str]:
 def seed_evaluations(workdir: str, num_seeds: int) -> list[tuple[int, list[float]]]:
     """(step, [accuracy of each seed]) of every evaluation in the run's metrics.jsonl, in step order (a resumed
     run's re-evaluated steps: the later line wins)."""
+    keys = [f"eval/accuracy/mean/seed_{i}" for i in range(num_seeds)] if num_seeds > 1 else ["eval/accuracy/mean"]
     evaluations = {}
     for row in read_metrics(workdir):
-        keys = [f"eval/accuracy/mean/seed_{i}" for i in range(num_seeds)] if num_seeds > 1 else ["eval/accuracy/mean"]
         if all(isinstance(row.get(k), (int, float)) for k in keys):
             evaluations[row["step"]] = [float(row[k]) for k in keys]
     return sorted(evaluations.items())

@@ -43,7 +43,7 @@ from ml_collections import config_flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_models import model_config, random_batch, select_variants  # noqa: E402
+from bench_models import model_config, random_batch, select_variants, token_options  # noqa: E402
 from ramjax import timing  # noqa: E402
 from ramjax.train.setup import train_setup  # noqa: E402
 
@@ -126,8 +126,7 @@ def summarise_trace(trace_dir: str, steps: int, top: int) -> str:
 def profile(config, seq_len, batch, args, bench) -> dict:
     config.data.seq_len, config.data.batch_size = seq_len, batch
     setup = train_setup(config, devices=jax.devices()[:1])
-    data = random_batch(seq_len, batch, config.data.vocab_size, 0, setup.batch_sharding,
-                        bench.get("token_distribution", "zipf"), bench.get("zipf_exponent", 1.0))
+    data = random_batch(seq_len, batch, config.data.vocab_size, 0, setup.batch_sharding, **token_options(bench))
     abstract_batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for name, x in data.items()}
     compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_rest, abstract_batch).compile()
     names = hlo_op_names(compiled.as_text())
