@@ -39,6 +39,10 @@ GATED_DELTANET_CHUNKED = ("gated_deltanet:chunked", {"model.pattern": "gated_del
 LOGLINEAR_MAMBA2 = ("loglinear_mamba2", {"model.pattern": "loglinear", "model.loglinear.num_levels": 15})
 LOGLINEAR_GATED_DELTANET = ("loglinear_gated_deltanet", {"model.pattern": "loglinear", "model.loglinear.num_levels": 15,
                                                          "model.loglinear.base": "gated_deltanet"})
+# The levels above the chunk by kernels/loglinear_delta_levels.py (impl "auto" keeps the XLA chunked form until timed).
+LOGLINEAR_GATED_DELTANET_PALLAS = ("loglinear_gated_deltanet:pallas", {
+    "model.pattern": "loglinear", "model.loglinear.num_levels": 15, "model.loglinear.base": "gated_deltanet",
+    "model.loglinear.impl": "pallas"})
 # The in-chunk part in XLA (impl "auto" takes the Pallas kernels of kernels/loglinear_chunk.py on GPUs): the before row.
 LOGLINEAR_MAMBA2_CHUNKED = ("loglinear_mamba2:chunked", {"model.pattern": "loglinear", "model.loglinear.num_levels": 15,
                                                          "model.loglinear.impl": "chunked"})
@@ -53,7 +57,8 @@ def get_config(variant: str = "gpu") -> ml_collections.ConfigDict:
     config.model_overrides = "model.dtype=bfloat16"
     config.variants = (TRANSFORMER, RAMNET_SCAN_XLA_DECODER, RAMNET_PALLAS_XLA_DECODER, RAMNET_SCAN, RAMNET_PALLAS,
                        GLA, GLA_CHUNKED, MAMBA2, MAMBA2_CHUNKED, GATED_DELTANET, GATED_DELTANET_CHUNKED,
-                       LOGLINEAR_MAMBA2, LOGLINEAR_MAMBA2_CHUNKED, LOGLINEAR_GATED_DELTANET, HYBRID)
+                       LOGLINEAR_MAMBA2, LOGLINEAR_MAMBA2_CHUNKED, LOGLINEAR_GATED_DELTANET, LOGLINEAR_GATED_DELTANET_PALLAS,
+                       HYBRID)
     config.baseline = "transformer"  # the variant the "x transformer" ratios divide by (always run)
     config.shapes = ((1024, 32), (4096, 8), (16384, 2))  # (seq_len, batch): 32768 tokens per step each
     config.num_devices = 1  # the first N devices, data parallel (memory is per device)

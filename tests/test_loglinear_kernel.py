@@ -12,7 +12,7 @@ import pytest
 
 from kernels.loglinear_chunk import loglinear_intra_chunk
 from numerics import rel_rms
-from ramjax.ops.loglinear import FenwickState, level_index, loglinear_attention, loglinear_gated_delta, num_levels
+from ramjax.ops.loglinear import FenwickState, level_index, loglinear_attention, num_levels
 
 FP32_TOLERANCE = 1e-4  # relative RMS error against the float64 reference
 BF16_TOLERANCE = 2e-2  # relative RMS error of bf16 inputs against the fp32 kernel on the same (rounded) inputs
@@ -274,7 +274,3 @@ def test_op_pallas_rejects_what_the_kernel_cannot_take():
         loglinear_attention(*inputs, impl="pallas", chunk_size=8)
     with pytest.raises(ValueError, match="q: impl='pallas' takes float32 or bfloat16, got float16"):
         loglinear_attention(inputs[0].astype(jnp.float16), *inputs[1:], impl="pallas", chunk_size=16)
-    beta = jnp.full(inputs[3].shape, 0.5)
-    with pytest.raises(ValueError, match=r"impl: loglinear_gated_delta takes one of \('auto', 'dense', 'recurrent', "
-                                         r"'chunked'\), got 'pallas'"):
-        loglinear_gated_delta(*inputs[:4], beta, inputs[4], impl="pallas")

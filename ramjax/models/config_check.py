@@ -121,7 +121,7 @@ def check_model(model, max_seq_len: int | None = None) -> None:
         _bool("model.loglinear.exact_gelu", ll.get("exact_gelu", False))
         _bool("model.loglinear.recompute", ll.get("recompute", True))
         _choice("model.loglinear.impl", ll.get("impl", "auto"),
-                loglinear.ATTENTION_IMPLS if ll.base == "mamba2" else loglinear.IMPLS)
+                loglinear.ATTENTION_IMPLS if ll.base == "mamba2" else loglinear.DELTA_IMPLS)
         levels = _int("model.loglinear.num_levels", ll.num_levels)
         if max_seq_len is not None and levels < loglinear.num_levels(max_seq_len):
             raise ConfigError(f"model.loglinear.num_levels: {levels} levels cover sequences up to "

@@ -11,6 +11,8 @@ chunks, `delta_chunked` carries the state S_end = P S_start + U with a `jax.lax.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +45,20 @@ def _unit_lower_inverse(strict_lower: jax.Array) -> jax.Array:
     return inverse
 
 
-def delta_chunk_pieces(qc, kc, vc, gc, bc):
+class ChunkPieces(NamedTuple):
+    """The WY / UT pieces of every chunk, per chunk and head: [B, N, H, ...]."""
+    scores: jax.Array  # [C, C]: (q_t^T A_{t,s} k_s) beta_s for s <= t
+    q_eff: jax.Array  # [C, dk]: reads a chunk-start state through the chunk's transitions
+    transition: jax.Array  # [dk, dk]: P, S_end = P S_start + own_state
+    own_state: jax.Array  # [dk, dv]
+    key_paths: jax.Array  # [dk, C]: A_{end,s} beta_s k_s
+    w: jax.Array  # [C, dk]: W = T Gamma K (V' = U - W S for a chunk-start state S)
+    u: jax.Array  # [C, dv]: U = T V
+    to_end: jax.Array  # [C, dk]: (Gamma_C / Gamma) K
+    gamma_end: jax.Array  # []: Gamma_C, the chunk's whole decay
+
+
+def delta_chunk_pieces(qc, kc, vc, gc, bc) -> ChunkPieces:
     """The WY / UT pieces of every chunk. Inputs [B, N, C, H, ...] -> per chunk and head."""
     chunk_size = qc.shape[2]
     g_in = jnp.cumsum(gc, axis=2)  # [B, N, C, H]
@@ -72,7 +87,7 @@ def delta_chunk_pieces(qc, kc, vc, gc, bc):
     transition = gamma[..., -1, None, None] * jnp.eye(d_k, dtype=q.dtype) - jnp.swapaxes(to_end, -1, -2) @ w
     own_state = jnp.swapaxes(to_end, -1, -2) @ u  # [B, N, H, dk, dv]
     key_paths = jnp.swapaxes(to_end, -1, -2) @ t_mat  # [B, N, H, dk, C]: A_{end,s} beta_s k_s
-    return scores, q_eff, transition, own_state, key_paths
+    return ChunkPieces(scores, q_eff, transition, own_state, key_paths, w, u, to_end, gamma[..., -1])
 
 
 def delta_chunked(q, k, v, a, beta, state, chunk_size):
@@ -89,7 +104,7 @@ def delta_chunked(q, k, v, a, beta, state, chunk_size):
     qc, kc, vc, ac, bc = map(chunked, (q, k, v, a, beta))
     # Per chunk and head [B, N, H, ...]: scores [C, C], q_eff [C, dk] (reads the chunk-start state through the
     # chunk's transitions), transition P [dk, dk] and own end state U [dk, dv]: S_end = P S_start + U.
-    scores, q_eff, transition, own_state, _ = delta_chunk_pieces(qc, kc, vc, ac, bc)
+    scores, q_eff, transition, own_state = delta_chunk_pieces(qc, kc, vc, ac, bc)[:4]
     o = jnp.einsum("bnhts,bnshv->bnhtv", scores, vc)
     if state is None:
         state = jnp.zeros((batch, heads, d_k, d_v), q.dtype)

@@ -9,10 +9,11 @@ imports from here.
 
 from ramjax.ops.loglinear.attention import ATTENTION_IMPLS, loglinear_attention, loglinear_step
 from ramjax.ops.loglinear.fenwick import IMPLS, FenwickState, level_index, loglinear_init, num_levels
-from ramjax.ops.loglinear.gated_delta import loglinear_gated_delta, loglinear_gated_delta_step
+from ramjax.ops.loglinear.gated_delta import DELTA_IMPLS, loglinear_gated_delta, loglinear_gated_delta_step
 
 __all__ = [
     "ATTENTION_IMPLS",
+    "DELTA_IMPLS",
     "IMPLS",
     "FenwickState",
     "level_index",

@@ -27,6 +27,7 @@ import numpy as np
 
 from ramjax.ops.gated_delta.chunked import delta_chunk_pieces
 from ramjax.ops.gated_delta.recurrent import apply_transition
+from ramjax.ops.loglinear.delta_levels import levels_above_chunk_pallas
 from ramjax.ops.loglinear.fenwick import (
     IMPLS,
     FenwickState,
@@ -46,6 +47,8 @@ from ramjax.ops.loglinear.fenwick import (
     state_in_dtype,
 )
 from ramjax.ops.shared import checks, numerics
+
+DELTA_IMPLS = (*IMPLS, "pallas")  # "pallas": the levels above the chunk by kernels.loglinear_delta_levels
 
 
 def loglinear_gated_delta_step(state: FenwickState, q, k, v, g, beta, level_weights):
@@ -134,7 +137,9 @@ def _compose_affine(earlier, later):
     return p_l @ p_e, p_l @ u_e + u_l
 
 
-def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state):
+def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state,
+                   levels_kernel=False):
+    """levels_kernel: the levels above the chunk by `levels_above_chunk_pallas` (no initial or final state)."""
     batch, seq_len, heads, d_k = q.shape
     d_v = v.shape[-1]
     num_level = level_weights.shape[-1]
@@ -147,7 +152,8 @@ def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, r
         return grid.pad(a).reshape(batch, num_chunks, chunk_size, *a.shape[2:])
 
     qc, kc, vc, gc, bc, lc = map(chunked, (q, k, v, g, beta, level_weights))
-    scores, q_eff, transition, own_state, key_paths = delta_chunk_pieces(qc, kc, vc, gc, bc)
+    pieces = delta_chunk_pieces(qc, kc, vc, gc, bc)
+    scores, q_eff, transition, own_state, key_paths = pieces[:5]
 
     # Inside each chunk: lambda at the in-chunk level times the delta-rule scores.
     chunk_bits = chunk_size.bit_length() - 1
@@ -155,6 +161,13 @@ def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, r
     lam = jnp.take_along_axis(lc, jnp.broadcast_to(lvl[None, None, :, None, :], lc.shape[:4] + (chunk_size,)), -1)
     lam = jnp.moveaxis(lam, 3, 2)  # [B, N, H, C, C]
     o = jnp.einsum("bnhts,bnshv->bnthv", lam * scores, vc)
+    if levels_kernel:
+        if initial_state is not None or return_final_state:
+            raise ValueError("loglinear_gated_delta: impl='pallas' takes no initial_state and returns no final state; "
+                             "use impl='chunked' for those")
+        o = o + levels_above_chunk_pallas(pieces.q_eff, pieces.w, pieces.u, pieces.to_end, pieces.gamma_end, lc,
+                                          chunk_bits)
+        return o.reshape(batch, total, heads, d_v)[:, :seq_len], None
 
     # Above the chunk, level chunk_bits + m.
     last_chunk = first_chunk + num_chunks - 1
@@ -241,9 +254,14 @@ def loglinear_gated_delta(
     transition a contraction (sigmoid in the layer).
     """
     q, k, v, g, beta, level_weights = map(jnp.asarray, (q, k, v, g, beta, level_weights))
-    if impl == "pallas":  # (loglinear_attention has a kernel for its in-chunk part; this base has none yet)
-        raise ValueError(f"impl: loglinear_gated_delta takes one of {IMPLS}, got 'pallas' (a Pallas kernel exists "
-                         f"for loglinear_attention only)")
+    levels_kernel = impl == "pallas"
+    if levels_kernel:
+        if initial_state is not None or return_final_state:
+            raise ValueError("impl: loglinear_gated_delta's 'pallas' (the levels above the chunk as Pallas kernels) "
+                             "takes no initial_state and returns no final state; use impl='chunked' for those")
+        if chunk_size < 16 or chunk_size & (chunk_size - 1):
+            raise ValueError(f"chunk_size: impl='pallas' takes a power of 2 >= 16, got {chunk_size}")
+        impl = "chunked"
     check_args(q, k, v, g, level_weights, impl, chunk_size, initial_state)
     checks.require_floating("beta", beta)
     checks.require_shape("beta", beta, tuple(g.shape), "[batch, time, heads] like g")
@@ -262,7 +280,8 @@ def loglinear_gated_delta(
         # recompute: the backward pass reruns this forward from the op's inputs instead of keeping the chunk
         # transitions and every level's block states alive; the step's peak memory falls ~3x (docs/loglinear.md
         # section 7).
-        chunked = checkpoint_chunked(_delta_chunked, 6, (7, 8)) if recompute else _delta_chunked
-        o, final = chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state)
+        chunked = checkpoint_chunked(_delta_chunked, 6, (7, 8, 9)) if recompute else _delta_chunked
+        o, final = chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state,
+                           levels_kernel)
     o = o.astype(out_dtype)
     return (o, final) if return_final_state else o

@@ -1,0 +1,163 @@
+"""The Fenwick levels above the chunk of log-linear attention over the gated delta rule (the Gated DeltaNet base;
+docs/loglinear.md section 3) as Pallas kernels (Triton lowering): the two walks over the chunks that XLA can only
+do with d_k x d_k transition matrices and their prefix products.
+
+One sequence (a batch row and head), chunks n = 0 .. N-1 of C tokens from the sequence's first token. Per chunk
+the caller gives (from the WY / UT representation of the chunk, in jax.numpy):
+  W [C, d_k] and U [C, d_v]           V' = U - W S: what the chunk's tokens write into a state S met at its start,
+  K~ = (Gamma_C / Gamma) K [C, d_k]   the keys decayed to the chunk's end, gamma = Gamma_C the chunk's decay,
+  Q~ [C, d_k]                         the effective queries, reading a chunk-start state through the chunk,
+so a state crosses the chunk as S -> gamma S + K~^T (U - W S), and one that the chunk's tokens do not write into
+(values zero) as S -> gamma S - K~^T (W S).
+
+At level m >= 1 above the chunk, chunks pair up in blocks of 2^(m-1): a chunk in the odd block of its pair reads
+the summed state of the even block, carried through the odd block's earlier chunks. One state per level does both:
+it restarts at 0 at each pair's first chunk ("keep" = 0), takes the chunks of the even block with their values,
+those of the odd block without ("read" = 1), and in the odd block is read before each chunk moves it on:
+
+    S_in(n) = keep_n S_out(n - 1),   r_m(n) = read_n lam_m(n) * (Q~_n S_in(n)),
+    S_out(n) = gamma_n S_in(n) + K~_n^T ((1 - read_n) U_n - W_n S_in(n)).
+
+`level_walk` returns every chunk's S_in(n) and the weighted reads r_m; `level_walk_grads` walks back, given dO
+(every level's reads add into the same output), and returns the gradient of every chunk's S_out(n):
+
+    Lambda(n) = gamma_n dS_out(n) - W_n^T (K~_n dS_out(n)) + read_n Q~_n^T (lam_m(n) * dO_n),
+    dS_out(n - 1) = keep_n Lambda(n).
+
+The per-chunk gradients of W, U, K~, gamma, Q~ and lam follow from S_in and dS_out by batched products, which the
+caller (ramjax.ops.loglinear) forms in jax.numpy.
+
+Kernels (G sequences, T a whole number of chunks, d_k and d_v padded to powers of 2 >= 16), both with grid
+(G, levels, d_v blocks), each program one level's walk over all chunks of one sequence and d_v block.
+Matrix products take operands in the inputs' dtype with fp32 accumulation (IEEE fp32 for fp32); states are fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels.chunk_common import ChunkConfig, call, dot
+
+MIN_CHUNK = 16  # the smallest block Triton's dot takes
+MAX_BLOCK = 64  # d_v block width
+
+
+def level_flags(num_chunks: int) -> tuple[jax.Array, jax.Array]:
+    """(keep, read), each [levels, N, 1] fp32, for the levels m = 1 .. bit_length(N - 1) above the chunk at which
+    two of N chunks (from chunk 0) can meet: keep = 0 at a pair's first chunk, read = 1 in the odd block."""
+    levels = max(num_chunks - 1, 0).bit_length()
+    n = jnp.arange(num_chunks, dtype=jnp.int32)[None, :, None]
+    m = jnp.arange(1, levels + 1, dtype=jnp.int32)[:, None, None]
+    keep = (n % (2**m) != 0).astype(jnp.float32)
+    read = ((n // 2 ** (m - 1)) % 2 == 1).astype(jnp.float32)
+    return keep, read
+
+
+def _walk_kernel(ke_ref, w_ref, u_ref, q_ref, gamma_ref, keep_ref, read_ref, lam_ref, *refs, chunk, n_chunks,
+                 dtype):
+    """S_in [N, DK, BV] and r [T_pad, BV] of one (sequence, level, d_v block): ke_ref, w_ref, q_ref [T_pad, DK],
+    u_ref [T_pad, BV], gamma_ref [N, 1], keep_ref, read_ref [N, 1] (this level), lam_ref [T_pad, 1]."""
+    s_ref, r_ref = refs[-2:]
+
+    def body(n, h):
+        span = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+        keep, read, gamma = keep_ref[n, :], read_ref[n, :], gamma_ref[n, :]  # [1] each
+        h = keep[:, None] * h
+        s_ref[n] = h
+        r_ref[span, :] = (read[:, None] * lam_ref[span, :]) * dot(q_ref[span, :], h, dtype)
+        vn = (1.0 - read[:, None]) * u_ref[span, :].astype(jnp.float32) - dot(w_ref[span, :], h, dtype)
+        return gamma[:, None] * h + dot(ke_ref[span, :], vn, dtype, trans_a=True)
+
+    jax.lax.fori_loop(0, n_chunks, body, jnp.zeros(s_ref.shape[1:], jnp.float32))
+
+
+def _walk_grad_kernel(ke_ref, w_ref, q_ref, gamma_ref, keep_ref, read_ref, lam_ref, do_ref, *refs, chunk, n_chunks,
+                      dtype):
+    """dS_out [N, DK, BV] of one (sequence, level, d_v block), walking the chunks backwards: inputs as
+    `_walk_kernel`'s, with do_ref [T_pad, BV] the output's gradient."""
+    ds_ref = refs[-1]
+
+    def body(step, dh):
+        n = n_chunks - 1 - step
+        span = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+        keep, read, gamma = keep_ref[n, :], read_ref[n, :], gamma_ref[n, :]
+        ds_ref[n] = dh
+        dvn = dot(ke_ref[span, :], dh, dtype)  # [C, BV]: the gradient of V'
+        lam_do = (read[:, None] * lam_ref[span, :]) * do_ref[span, :].astype(jnp.float32)
+        grad_in = (gamma[:, None] * dh - dot(w_ref[span, :], dvn, dtype, trans_a=True)
+                   + dot(q_ref[span, :], lam_do, dtype, trans_a=True))
+        return keep[:, None] * grad_in
+
+    jax.lax.fori_loop(0, n_chunks, body, jnp.zeros(ds_ref.shape[1:], jnp.float32))
+
+
+def _block_v(dv_pad: int) -> int:
+    return min(dv_pad, MAX_BLOCK)
+
+
+def _check(ke, w, u, q, gamma, lam, chunk):
+    sequences, t_pad, dk = ke.shape
+    if chunk < MIN_CHUNK or chunk & (chunk - 1):
+        raise ValueError(f"chunk_size: expected a power of 2 >= {MIN_CHUNK}, got {chunk}")
+    if t_pad % chunk:
+        raise ValueError(f"ke: time axis {t_pad} is not a whole number of chunks of {chunk}")
+    for name, x in (("w", w), ("q", q)):
+        if x.shape != ke.shape:
+            raise ValueError(f"{name}: expected the shape of ke {ke.shape}, got {x.shape}")
+    if u.ndim != 3 or u.shape[:2] != (sequences, t_pad):
+        raise ValueError(f"u: expected [G, T_pad, DV] with G, T_pad = {sequences}, {t_pad}, got {u.shape}")
+    for name, width in (("dk", dk), ("dv", u.shape[2])):
+        if width < MIN_CHUNK or width & (width - 1):
+            raise ValueError(f"{name}: the padded width must be a power of 2 >= {MIN_CHUNK}, got {width}")
+    n_chunks = t_pad // chunk
+    if gamma.shape != (sequences, n_chunks, 1):
+        raise ValueError(f"gamma: expected [G, N, 1] = {(sequences, n_chunks, 1)}, got {gamma.shape}")
+    levels = max(n_chunks - 1, 0).bit_length()
+    if lam.shape != (sequences, levels, t_pad, 1):
+        raise ValueError(f"lam: expected [G, levels, T_pad, 1] = {(sequences, levels, t_pad, 1)}, got {lam.shape}")
+    return sequences, t_pad, dk, u.shape[2], n_chunks, levels
+
+
+def level_walk(ke, w, u, q, gamma, lam, cfg: ChunkConfig):
+    """Every chunk's state S_in [G, levels, N, DK, DV] fp32 and the weighted reads r [G, levels, T_pad, DV] fp32.
+
+    ke, w, q: [G, T_pad, DK]; u: [G, T_pad, DV] (operands in their dtype; fp32 or bf16); gamma: [G, N, 1] fp32;
+    lam: [G, levels, T_pad, 1] fp32, the weight of level m at each token (m = 1 .. levels above the chunk)."""
+    sequences, t_pad, dk, dv, n, levels = _check(ke, w, u, q, gamma, lam, cfg.chunk_size)
+    keep, read = level_flags(n)
+    bv = _block_v(dv)
+    full_k = pl.BlockSpec((None, t_pad, dk), lambda s, m, j: (s, 0, 0))
+    per_level = pl.BlockSpec((None, n, 1), lambda s, m, j: (m, 0, 0))
+    in_specs = [full_k, full_k, pl.BlockSpec((None, t_pad, bv), lambda s, m, j: (s, 0, j)), full_k,
+                pl.BlockSpec((None, n, 1), lambda s, m, j: (s, 0, 0)), per_level, per_level,
+                pl.BlockSpec((None, None, t_pad, 1), lambda s, m, j: (s, m, 0, 0))]
+    out_specs = [pl.BlockSpec((None, None, n, dk, bv), lambda s, m, j: (s, m, 0, 0, j)),
+                 pl.BlockSpec((None, None, t_pad, bv), lambda s, m, j: (s, m, 0, j))]
+    out_shape = [jax.ShapeDtypeStruct((sequences, levels, n, dk, dv), jnp.float32),
+                 jax.ShapeDtypeStruct((sequences, levels, t_pad, dv), jnp.float32)]
+    kernel = functools.partial(_walk_kernel, chunk=cfg.chunk_size, n_chunks=n, dtype=ke.dtype)
+    return call(kernel, cfg, "loglinear_delta_walk", (sequences, levels, dv // bv),
+                [ke, w, u, q, gamma, keep, read, lam], in_specs, out_specs, out_shape)
+
+
+def level_walk_grads(ke, w, q, gamma, lam, do, cfg: ChunkConfig):
+    """The gradient of every chunk's S_out, [G, levels, N, DK, DV] fp32, given do [G, T_pad, DV] the gradient of
+    the reads summed over the levels; other arguments as `level_walk`'s."""
+    sequences, t_pad, dk, dv, n, levels = _check(ke, w, do, q, gamma, lam, cfg.chunk_size)
+    keep, read = level_flags(n)
+    bv = _block_v(dv)
+    full_k = pl.BlockSpec((None, t_pad, dk), lambda s, m, j: (s, 0, 0))
+    per_level = pl.BlockSpec((None, n, 1), lambda s, m, j: (m, 0, 0))
+    in_specs = [full_k, full_k, full_k, pl.BlockSpec((None, n, 1), lambda s, m, j: (s, 0, 0)), per_level, per_level,
+                pl.BlockSpec((None, None, t_pad, 1), lambda s, m, j: (s, m, 0, 0)),
+                pl.BlockSpec((None, t_pad, bv), lambda s, m, j: (s, 0, j))]
+    out_specs = [pl.BlockSpec((None, None, n, dk, bv), lambda s, m, j: (s, m, 0, 0, j))]
+    out_shape = [jax.ShapeDtypeStruct((sequences, levels, n, dk, dv), jnp.float32)]
+    kernel = functools.partial(_walk_grad_kernel, chunk=cfg.chunk_size, n_chunks=n, dtype=ke.dtype)
+    (ds,) = call(kernel, cfg, "loglinear_delta_walk_grads", (sequences, levels, dv // bv),
+                 [ke, w, q, gamma, keep, read, lam, do], in_specs, out_specs, out_shape)
+    return ds
