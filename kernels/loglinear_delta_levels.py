@@ -58,21 +58,26 @@ def level_flags(num_chunks: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _walk_kernel(ke_ref, w_ref, u_ref, q_ref, gamma_ref, keep_ref, read_ref, lam_ref, *refs, chunk, n_chunks,
-                 dtype):
-    """S_in [N, DK, BV] and r [T_pad, BV] of one (sequence, level, d_v block): ke_ref, w_ref, q_ref [T_pad, DK],
-    u_ref [T_pad, BV], gamma_ref [N, 1], keep_ref, read_ref [N, 1] (this level), lam_ref [T_pad, 1]."""
-    s_ref, r_ref = refs[-2:]
+                 dtype, store_states, store_reads):
+    """S_in [N, DK, BV] (if store_states) and r [T_pad, BV] (if store_reads) of one (sequence, level, d_v block):
+    ke_ref, w_ref, q_ref [T_pad, DK], u_ref [T_pad, BV], gamma_ref [N, 1], keep_ref, read_ref [N, 1] (this level),
+    lam_ref [T_pad, 1]."""
+    outputs = list(refs[len(refs) - store_states - store_reads:])
+    s_ref = outputs.pop(0) if store_states else None
+    r_ref = outputs.pop(0) if store_reads else None
 
     def body(n, h):
         span = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
         keep, read, gamma = keep_ref[n, :], read_ref[n, :], gamma_ref[n, :]  # [1] each
         h = keep[:, None] * h
-        s_ref[n] = h
-        r_ref[span, :] = (read[:, None] * lam_ref[span, :]) * dot(q_ref[span, :], h, dtype)
+        if store_states:
+            s_ref[n] = h
+        if store_reads:
+            r_ref[span, :] = (read[:, None] * lam_ref[span, :]) * dot(q_ref[span, :], h, dtype)
         vn = (1.0 - read[:, None]) * u_ref[span, :].astype(jnp.float32) - dot(w_ref[span, :], h, dtype)
         return gamma[:, None] * h + dot(ke_ref[span, :], vn, dtype, trans_a=True)
 
-    jax.lax.fori_loop(0, n_chunks, body, jnp.zeros(s_ref.shape[1:], jnp.float32))
+    jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((ke_ref.shape[1], u_ref.shape[1]), jnp.float32))
 
 
 def _walk_grad_kernel(ke_ref, w_ref, q_ref, gamma_ref, keep_ref, read_ref, lam_ref, do_ref, *refs, chunk, n_chunks,
@@ -122,11 +127,15 @@ def _check(ke, w, u, q, gamma, lam, chunk):
     return sequences, t_pad, dk, u.shape[2], n_chunks, levels
 
 
-def level_walk(ke, w, u, q, gamma, lam, cfg: ChunkConfig):
-    """Every chunk's state S_in [G, levels, N, DK, DV] fp32 and the weighted reads r [G, levels, T_pad, DV] fp32.
+def level_walk(ke, w, u, q, gamma, lam, cfg: ChunkConfig, *, store_states: bool = True, store_reads: bool = True):
+    """Every chunk's state S_in [G, levels, N, DK, DV] fp32 (if store_states) and the weighted reads r
+    [G, levels, T_pad, DV] fp32 (if store_reads), as a list.
 
-    ke, w, q: [G, T_pad, DK]; u: [G, T_pad, DV] (operands in their dtype; fp32 or bf16); gamma: [G, N, 1] fp32;
-    lam: [G, levels, T_pad, 1] fp32, the weight of level m at each token (m = 1 .. levels above the chunk)."""
+    ke, w, q: [G, T_pad, DK]; u: [G, T_pad, DV] (operands in ke's dtype, fp32 or bf16, with fp32 accumulation);
+    gamma: [G, N, 1] fp32; lam: [G, levels, T_pad, 1] fp32, the weight of level m at each token (m = 1 .. levels
+    above the chunk)."""
+    if not (store_states or store_reads):
+        raise ValueError("level_walk: store_states or store_reads must be True (nothing to return)")
     sequences, t_pad, dk, dv, n, levels = _check(ke, w, u, q, gamma, lam, cfg.chunk_size)
     keep, read = level_flags(n)
     bv = _block_v(dv)
@@ -135,13 +144,17 @@ def level_walk(ke, w, u, q, gamma, lam, cfg: ChunkConfig):
     in_specs = [full_k, full_k, pl.BlockSpec((None, t_pad, bv), lambda s, m, j: (s, 0, j)), full_k,
                 pl.BlockSpec((None, n, 1), lambda s, m, j: (s, 0, 0)), per_level, per_level,
                 pl.BlockSpec((None, None, t_pad, 1), lambda s, m, j: (s, m, 0, 0))]
-    out_specs = [pl.BlockSpec((None, None, n, dk, bv), lambda s, m, j: (s, m, 0, 0, j)),
-                 pl.BlockSpec((None, None, t_pad, bv), lambda s, m, j: (s, m, 0, j))]
-    out_shape = [jax.ShapeDtypeStruct((sequences, levels, n, dk, dv), jnp.float32),
-                 jax.ShapeDtypeStruct((sequences, levels, t_pad, dv), jnp.float32)]
-    kernel = functools.partial(_walk_kernel, chunk=cfg.chunk_size, n_chunks=n, dtype=ke.dtype)
-    return call(kernel, cfg, "loglinear_delta_walk", (sequences, levels, dv // bv),
-                [ke, w, u, q, gamma, keep, read, lam], in_specs, out_specs, out_shape)
+    out_specs, out_shape = [], []
+    if store_states:
+        out_specs.append(pl.BlockSpec((None, None, n, dk, bv), lambda s, m, j: (s, m, 0, 0, j)))
+        out_shape.append(jax.ShapeDtypeStruct((sequences, levels, n, dk, dv), jnp.float32))
+    if store_reads:
+        out_specs.append(pl.BlockSpec((None, None, t_pad, bv), lambda s, m, j: (s, m, 0, j)))
+        out_shape.append(jax.ShapeDtypeStruct((sequences, levels, t_pad, dv), jnp.float32))
+    kernel = functools.partial(_walk_kernel, chunk=cfg.chunk_size, n_chunks=n, dtype=ke.dtype,
+                               store_states=store_states, store_reads=store_reads)
+    return list(call(kernel, cfg, "loglinear_delta_walk", (sequences, levels, dv // bv),
+                     [ke, w, u, q, gamma, keep, read, lam], in_specs, out_specs, out_shape))
 
 
 def level_walk_grads(ke, w, q, gamma, lam, do, cfg: ChunkConfig):

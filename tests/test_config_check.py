@@ -24,8 +24,8 @@ from ramjax.train.setup import check_model_config
     (["model.pattern=attention", "model.attention.impl=flash"], "model.attention.impl: must be one of"),
     (["model.pattern=loglinear", "model.loglinear.num_levels=3"],
      "model.loglinear.num_levels: 3 levels cover sequences up to 4 tokens; this run's longest is 64, which needs 7"),
-    # the in-chunk kernel exists for the Mamba-2 base only
-    (["model.pattern=loglinear", "model.loglinear.base=gated_deltanet", "model.loglinear.impl=pallas"],
+    # an impl neither base has
+    (["model.pattern=loglinear", "model.loglinear.base=gated_deltanet", "model.loglinear.impl=fused"],
      "model.loglinear.impl: must be one of"),
 ])
 def test_bad_model_fields_are_named(items, needle):

@@ -15,6 +15,7 @@ from numerics import rel_rms
 from ramjax.ops.loglinear import loglinear_gated_delta, num_levels
 
 FP32_TOLERANCE = 1e-4  # relative RMS error against the float64 reference
+BF16_TOLERANCE = 2e-2  # relative RMS error of bf16 inputs against fp32 on the same (rounded) inputs
 NAMES = ("o", "dq", "dk", "dv", "dg", "dbeta", "d level_weights")
 
 
@@ -90,10 +91,15 @@ def test_walk_kernels_write_every_output():
     results = []
     for poison in (False, True):
         cfg = ChunkConfig(chunk, 4, True, poison)
-        results.append((*level_walk(ke, w, u, q, gamma, lam, cfg), level_walk_grads(ke, w, q, gamma, lam, do, cfg)))
+        results.append((*level_walk(ke, w, u, q, gamma, lam, cfg), level_walk_grads(ke, w, q, gamma, lam, do, cfg),
+                        *level_walk(ke, w, u, q, gamma, lam, cfg, store_states=False),
+                        *level_walk(ke, w, u, q, gamma, lam, cfg, store_reads=False)))
     for plain, poisoned in zip(*results):
         assert bool(jnp.all(jnp.isfinite(poisoned)))
         np.testing.assert_array_equal(np.asarray(plain), np.asarray(poisoned))
+    states, reads, _, reads_alone, states_alone = results[0]  # each output alone is the same as both together
+    np.testing.assert_array_equal(np.asarray(reads), np.asarray(reads_alone))
+    np.testing.assert_array_equal(np.asarray(states), np.asarray(states_alone))
 
 
 def test_level_flags():
@@ -124,3 +130,35 @@ def test_model_config_takes_pallas_for_the_gated_deltanet_base():
     config.model.loglinear.impl = "nope"
     with pytest.raises(ConfigError, match="model.loglinear.impl"):
         check_model(config.model)
+
+
+def test_bf16_inputs_take_bf16_operands_within_tolerance_of_fp32():
+    """bf16 q, k, v: the kernels' operands (Q~, W, U, K~) are rounded to bf16; outputs and gradients stay within
+    BF16_TOLERANCE of the fp32 chunked form on the same (rounded) inputs."""
+    inputs, d_out = random_problem(4, 1, 70, 2, 8, 8)
+    rounded = [np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)) for x in inputs]
+    want = outputs_and_grads(rounded, d_out, jnp.float32, impl="chunked", chunk_size=16)
+
+    def run(q, k, v, *rest):
+        return loglinear_gated_delta(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), *rest,
+                                     impl="pallas", chunk_size=16).astype(jnp.float32)
+
+    args = [jnp.asarray(x, jnp.float32) for x in rounded]
+    o, vjp = jax.vjp(run, *args)
+    got = (o, *vjp(jnp.asarray(d_out, jnp.float32)))
+    for name, g, w in zip(NAMES, got, want):
+        assert rel_rms(g, w) < BF16_TOLERANCE, name
+    walks = [e for e in _equations(jax.make_jaxpr(run)(*args).jaxpr)
+             if e.primitive.name == "pallas_call" and "loglinear_delta_walk" in str(e.params.get("name", e.params.get("name_and_src_info")))]
+    assert walks and all(x.aval.dtype == jnp.bfloat16 for x in walks[0].invars[:4])  # ke, w, u, q
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)

@@ -28,7 +28,7 @@ def _to_rows(x, width):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _levels(ke, w, u, q, gamma, lam, cfg: ChunkConfig):
-    _, reads = level_walk(ke, w, u, q, gamma, lam, cfg)
+    (reads,) = level_walk(ke, w, u, q, gamma, lam, cfg, store_states=False)
     return reads.sum(axis=1)
 
 
@@ -42,7 +42,7 @@ def _levels_bwd(cfg: ChunkConfig, saved, d_out):
     sequences, t_pad, _ = ke.shape
     chunk = cfg.chunk_size
     n = t_pad // chunk
-    states, _ = level_walk(ke, w, u, q, gamma, lam, cfg)  # S_in [G, M, N, DK, DV]
+    (states,) = level_walk(ke, w, u, q, gamma, lam, cfg, store_reads=False)  # S_in [G, M, N, DK, DV]
     d_out = d_out.astype(jnp.float32)
     d_states = level_walk_grads(ke, w, q, gamma, lam, d_out, cfg)  # dS_out [G, M, N, DK, DV]
     _, read = level_flags(n)
@@ -77,8 +77,11 @@ def _levels_bwd(cfg: ChunkConfig, saved, d_out):
 _levels.defvjp(_levels_fwd, _levels_bwd)
 
 
-def levels_above_chunk_pallas(q_eff, w, u, to_end, gamma_end, level_weights, chunk_bits: int):
+def levels_above_chunk_pallas(q_eff, w, u, to_end, gamma_end, level_weights, chunk_bits: int,
+                              operand_dtype: str = "float32"):
     """What every token reads from the Fenwick levels above its chunk, for a sequence starting at position 0.
+    The kernels' matrix products take `operand_dtype` operands (q_eff, W, U, K~ rounded to it) and accumulate in
+    float32; states, decays and weights are float32.
 
     q_eff, w, to_end: [B, N, H, C, dk]; u: [B, N, H, C, dv] (`ramjax.ops.gated_delta.chunked.ChunkPieces`);
     gamma_end [B, N, H]; level_weights [B, N, C, H, L] (lambda per token and level; level chunk_bits + m is level m
@@ -89,12 +92,16 @@ def levels_above_chunk_pallas(q_eff, w, u, to_end, gamma_end, level_weights, chu
     if levels == 0:
         return jnp.zeros((batch, chunks, chunk, heads, d_v), jnp.float32)
     dk_pad, dv_pad = padded_width(d_k), padded_width(d_v)
-    q, k, v = q_eff, to_end, u
-    cfg = ChunkConfig(chunk, default_num_warps(None, q, k, v), jax.default_backend() != "gpu", False)
+    dtype = jnp.dtype(operand_dtype)
+    q, ke, w, u = (_to_rows(x, width).astype(dtype) for x, width in ((q_eff, dk_pad), (to_end, dk_pad), (w, dk_pad),
+                                                                    (u, dv_pad)))
+    cfg = ChunkConfig(chunk, default_num_warps(None, q, ke, u), jax.default_backend() != "gpu", False)
+    if level_weights.shape[-1] < chunk_bits + 1 + levels:
+        raise ValueError(f"level_weights: {level_weights.shape[-1]} levels, but {chunks} chunks of {chunk} need "
+                         f"{chunk_bits + 1 + levels}")
     lam = level_weights[..., chunk_bits + 1: chunk_bits + 1 + levels]  # [B, N, C, H, M]
     lam = jnp.transpose(lam, (0, 3, 4, 1, 2)).reshape(batch * heads, levels, chunks * chunk, 1)
     gamma = jnp.transpose(gamma_end, (0, 2, 1)).reshape(batch * heads, chunks, 1).astype(jnp.float32)
-    out = _levels(_to_rows(to_end, dk_pad), _to_rows(w, dk_pad), _to_rows(u, dv_pad), _to_rows(q_eff, dk_pad), gamma,
-                  lam.astype(jnp.float32), cfg)
+    out = _levels(ke, w, u, q, gamma, lam.astype(jnp.float32), cfg)
     out = out[:, :, :d_v].reshape(batch, heads, chunks, chunk, d_v)
     return jnp.transpose(out, (0, 2, 3, 1, 4))

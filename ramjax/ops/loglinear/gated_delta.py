@@ -138,8 +138,9 @@ def _compose_affine(earlier, later):
 
 
 def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state,
-                   levels_kernel=False):
-    """levels_kernel: the levels above the chunk by `levels_above_chunk_pallas` (no initial or final state)."""
+                   levels_kernel=None):
+    """levels_kernel: None, or the operand dtype's name ("float32", "bfloat16") of `levels_above_chunk_pallas`,
+    which then computes the levels above the chunk (no initial or final state)."""
     batch, seq_len, heads, d_k = q.shape
     d_v = v.shape[-1]
     num_level = level_weights.shape[-1]
@@ -166,7 +167,7 @@ def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, r
             raise ValueError("loglinear_gated_delta: impl='pallas' takes no initial_state and returns no final state; "
                              "use impl='chunked' for those")
         o = o + levels_above_chunk_pallas(pieces.q_eff, pieces.w, pieces.u, pieces.to_end, pieces.gamma_end, lc,
-                                          chunk_bits)
+                                          chunk_bits, levels_kernel)
         return o.reshape(batch, total, heads, d_v)[:, :seq_len], None
 
     # Above the chunk, level chunk_bits + m.
@@ -254,8 +255,9 @@ def loglinear_gated_delta(
     transition a contraction (sigmoid in the layer).
     """
     q, k, v, g, beta, level_weights = map(jnp.asarray, (q, k, v, g, beta, level_weights))
-    levels_kernel = impl == "pallas"
-    if levels_kernel:
+    levels_kernel = None  # impl="pallas": the kernels' operand dtype, bf16 where q, k and v all are
+    if impl == "pallas":
+        levels_kernel = "bfloat16" if all(x.dtype == jnp.bfloat16 for x in (q, k, v)) else "float32"
         if initial_state is not None or return_final_state:
             raise ValueError("impl: loglinear_gated_delta's 'pallas' (the levels above the chunk as Pallas kernels) "
                              "takes no initial_state and returns no final state; use impl='chunked' for those")
