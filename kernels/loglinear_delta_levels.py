@@ -100,6 +100,33 @@ def _walk_grad_kernel(ke_ref, w_ref, q_ref, gamma_ref, keep_ref, read_ref, lam_r
     jax.lax.fori_loop(0, n_chunks, body, jnp.zeros(ds_ref.shape[1:], jnp.float32))
 
 
+def _chunk_grads_kernel(ke_ref, w_ref, u_ref, q_ref, do_ref, lam_ref, read_ref, s_ref, ds_ref, *refs, levels,
+                        dtype):
+    """The per-chunk gradients of one (sequence, chunk), summed over the levels: d K~, d W, d Q~ [C, DK], d U
+    [C, DV], d gamma [1, 1] and d lam [levels, C, 1]. ke_ref, w_ref, q_ref [C, DK], u_ref, do_ref [C, DV], lam_ref
+    [levels, C, 1], read_ref [levels] (this chunk), s_ref (S_in), ds_ref (dS_out) [levels, DK, DV]."""
+    d_ke_ref, d_w_ref, d_q_ref, d_u_ref, d_gamma_ref, d_lam_ref = refs[-6:]
+    ke, w, q = ke_ref[...], w_ref[...], q_ref[...]
+    u, do = u_ref[...].astype(jnp.float32), do_ref[...].astype(jnp.float32)
+    d_ke = jnp.zeros(ke.shape, jnp.float32)
+    d_w, d_q = jnp.zeros_like(d_ke), jnp.zeros_like(d_ke)
+    d_u = jnp.zeros(u.shape, jnp.float32)
+    d_gamma = jnp.zeros((1, 1), jnp.float32)
+    for m in range(levels):  # static: a handful of levels
+        read = read_ref[m:m + 1][:, None]  # [1, 1]
+        state, d_state = s_ref[m], ds_ref[m]
+        d_vn = dot(ke, d_state, dtype)  # [C, DV]: the gradient of V' = (1 - read) U - W S_in
+        vn = (1.0 - read) * u - dot(w, state, dtype)
+        d_ke += dot(vn, d_state, dtype, trans_b=True)
+        d_u += (1.0 - read) * d_vn
+        d_w -= dot(d_vn, state, dtype, trans_b=True)
+        d_gamma += jnp.sum(jnp.sum(d_state * state, axis=1)[:, None], axis=0)[None, :]
+        d_q += dot((read * lam_ref[m]) * do, state, dtype, trans_b=True)
+        d_lam_ref[m] = read * jnp.sum(do * dot(q, state, dtype), axis=1)[:, None]
+    d_ke_ref[...], d_w_ref[...], d_q_ref[...], d_u_ref[...] = d_ke, d_w, d_q, d_u
+    d_gamma_ref[...] = d_gamma
+
+
 def _block_v(dv_pad: int) -> int:
     return min(dv_pad, MAX_BLOCK)
 
@@ -174,3 +201,28 @@ def level_walk_grads(ke, w, q, gamma, lam, do, cfg: ChunkConfig):
     (ds,) = call(kernel, cfg, "loglinear_delta_walk_grads", (sequences, levels, dv // bv),
                  [ke, w, q, gamma, keep, read, lam, do], in_specs, out_specs, out_shape)
     return ds
+
+
+def level_chunk_grads(ke, w, u, q, lam, do, states, d_states, cfg: ChunkConfig):
+    """The gradients of ke, w, q [G, T_pad, DK], u [G, T_pad, DV], gamma [G, N, 1] and lam [G, levels, T_pad, 1],
+    all fp32, from every chunk's S_in (`level_walk`) and dS_out (`level_walk_grads`), one program per (sequence,
+    chunk) summing over the levels."""
+    sequences, t_pad, dk = ke.shape
+    dv, chunk, levels = u.shape[2], cfg.chunk_size, states.shape[1]
+    n = t_pad // chunk
+    _, read = level_flags(n)
+    read = jnp.transpose(read[..., 0])  # [N, levels]
+    chunk_k = pl.BlockSpec((None, chunk, dk), lambda s, c: (s, c, 0))
+    chunk_v = pl.BlockSpec((None, chunk, dv), lambda s, c: (s, c, 0))
+    per_level = pl.BlockSpec((None, levels, chunk, 1), lambda s, c: (s, 0, c, 0))
+    state = pl.BlockSpec((None, levels, None, dk, dv), lambda s, c: (s, 0, c, 0, 0))
+    in_specs = [chunk_k, chunk_k, chunk_v, chunk_k, chunk_v, per_level,
+                pl.BlockSpec((None, levels), lambda s, c: (c, 0)), state, state]
+    out_specs = [chunk_k, chunk_k, chunk_k, chunk_v, pl.BlockSpec((None, 1, 1), lambda s, c: (s, c, 0)), per_level]
+    f32 = jnp.float32
+    out_shape = [jax.ShapeDtypeStruct((sequences, t_pad, dk), f32)] * 3 + [
+        jax.ShapeDtypeStruct((sequences, t_pad, dv), f32), jax.ShapeDtypeStruct((sequences, n, 1), f32),
+        jax.ShapeDtypeStruct((sequences, levels, t_pad, 1), f32)]
+    kernel = functools.partial(_chunk_grads_kernel, levels=levels, dtype=ke.dtype)
+    return call(kernel, cfg, "loglinear_delta_chunk_grads", (sequences, n),
+                [ke, w, u, q, do, lam, read, states, d_states], in_specs, out_specs, out_shape)

@@ -15,8 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from kernels.chunk_common import ChunkConfig, default_num_warps, padded_width
-from kernels.loglinear_delta_levels import level_flags, level_walk, level_walk_grads
+from kernels.loglinear_delta_levels import level_chunk_grads, level_flags, level_walk, level_walk_grads
 from kernels.shapes import pad_axis
+
+# The backward pass's per-chunk gradients (of W, U, K~, gamma, Q~, lambda) by one Pallas kernel per (sequence, chunk)
+# summing over the levels (True), or by batched products in jax.numpy (False), which form several [levels x tokens x
+# d_v] fp32 intermediates. Neither is timed on a GPU yet: the kernel is the default for the memory it saves.
+CHUNK_GRADS_KERNEL = True
 
 
 def _to_rows(x, width):
@@ -45,6 +50,10 @@ def _levels_bwd(cfg: ChunkConfig, saved, d_out):
     (states,) = level_walk(ke, w, u, q, gamma, lam, cfg, store_reads=False)  # S_in [G, M, N, DK, DV]
     d_out = d_out.astype(jnp.float32)
     d_states = level_walk_grads(ke, w, q, gamma, lam, d_out, cfg)  # dS_out [G, M, N, DK, DV]
+    if CHUNK_GRADS_KERNEL:
+        d_ke, d_w, d_q, d_u, d_gamma, d_lam = level_chunk_grads(ke, w, u, q, lam, d_out, states, d_states, cfg)
+        return (d_ke.astype(ke.dtype), d_w.astype(w.dtype), d_u.astype(u.dtype), d_q.astype(q.dtype),
+                d_gamma.astype(gamma.dtype), d_lam.astype(lam.dtype))
     _, read = level_flags(n)
     read = read[..., 0]  # [M, N]
     write = 1.0 - read
