@@ -1,6 +1,7 @@
 """The levels above the chunk of the log-linear Gated DeltaNet by `kernels.loglinear_delta_levels` (impl="pallas"
-of `loglinear_gated_delta`): the two walks over the chunks are Pallas kernels (Triton on GPUs, interpret mode
-elsewhere); the per-chunk pieces and their gradients stay batched products in jax.numpy.
+of `loglinear_gated_delta`): the two walks over the chunks and the backward pass's per-chunk gradients are Pallas
+kernels (Triton on GPUs, interpret mode elsewhere); the per-chunk pieces (W, U, K~, gamma, Q~) come from
+`ramjax.ops.gated_delta.chunked` in jax.numpy, which differentiates them.
 
 What it replaces in impl="chunked": for each level, the source blocks' summed states as a tree of (P, U) maps and
 the exclusive prefix products of the chunk transitions P [d_k, d_k] over the reading block. Here a state crosses a
