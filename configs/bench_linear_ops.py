@@ -13,7 +13,7 @@ IMPLS = {
     "simple_gla": ("chunked", "pallas"),  # scalar gate per head (Mamba-2 / SSD)
     "gated_delta": ("chunked", "pallas"),
     "loglinear_mamba2": ("chunked",),
-    "loglinear_gated_delta": ("chunked",),
+    "loglinear_gated_delta": ("chunked", "pallas"),
     "attention": ("cudnn", "xla"),  # causal softmax attention, jax.nn.dot_product_attention
 }
 
