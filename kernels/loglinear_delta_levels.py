@@ -27,8 +27,10 @@ those of the odd block without ("read" = 1), and in the odd block is read before
 The per-chunk gradients of W, U, K~, gamma, Q~ and lam follow from S_in and dS_out by batched products, which the
 caller (ramjax.ops.loglinear) forms in jax.numpy.
 
-Kernels (G sequences, T a whole number of chunks, d_k and d_v padded to powers of 2 >= 16), both with grid
-(G, levels, d_v blocks), each program one level's walk over all chunks of one sequence and d_v block.
+Kernels (G sequences, T a whole number of chunks, d_k and d_v padded to powers of 2 >= 16): the two walks with grid
+(G, levels, d_v blocks), each program one level's walk over all chunks of one sequence and d_v block (blocks
+narrowed to 16 where there are few programs, as `gated_delta_chunk.state_block_v` does); the per-chunk gradients
+with grid (G, chunks), each program summing over the levels.
 Matrix products take operands in the inputs' dtype with fp32 accumulation (IEEE fp32 for fp32); states are fp32.
 """
 
@@ -41,9 +43,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels.chunk_common import ChunkConfig, call, dot
+from kernels.gated_delta_chunk import state_block_v
 
 MIN_CHUNK = 16  # the smallest block Triton's dot takes
-MAX_BLOCK = 64  # d_v block width
 
 
 def level_flags(num_chunks: int) -> tuple[jax.Array, jax.Array]:
@@ -127,10 +129,6 @@ def _chunk_grads_kernel(ke_ref, w_ref, u_ref, q_ref, do_ref, lam_ref, read_ref, 
     d_gamma_ref[...] = d_gamma
 
 
-def _block_v(dv_pad: int) -> int:
-    return min(dv_pad, MAX_BLOCK)
-
-
 def _check(ke, w, u, q, gamma, lam, chunk):
     sequences, t_pad, dk = ke.shape
     if chunk < MIN_CHUNK or chunk & (chunk - 1):
@@ -165,7 +163,7 @@ def level_walk(ke, w, u, q, gamma, lam, cfg: ChunkConfig, *, store_states: bool 
         raise ValueError("level_walk: store_states or store_reads must be True (nothing to return)")
     sequences, t_pad, dk, dv, n, levels = _check(ke, w, u, q, gamma, lam, cfg.chunk_size)
     keep, read = level_flags(n)
-    bv = _block_v(dv)
+    bv = state_block_v(sequences * levels, dv)  # narrowed where there are few walks (occupancy)
     full_k = pl.BlockSpec((None, t_pad, dk), lambda s, m, j: (s, 0, 0))
     per_level = pl.BlockSpec((None, n, 1), lambda s, m, j: (m, 0, 0))
     in_specs = [full_k, full_k, pl.BlockSpec((None, t_pad, bv), lambda s, m, j: (s, 0, j)), full_k,
@@ -189,7 +187,7 @@ def level_walk_grads(ke, w, q, gamma, lam, do, cfg: ChunkConfig):
     the reads summed over the levels; other arguments as `level_walk`'s."""
     sequences, t_pad, dk, dv, n, levels = _check(ke, w, do, q, gamma, lam, cfg.chunk_size)
     keep, read = level_flags(n)
-    bv = _block_v(dv)
+    bv = state_block_v(sequences * levels, dv)  # narrowed where there are few walks (occupancy)
     full_k = pl.BlockSpec((None, t_pad, dk), lambda s, m, j: (s, 0, 0))
     per_level = pl.BlockSpec((None, n, 1), lambda s, m, j: (m, 0, 0))
     in_specs = [full_k, full_k, full_k, pl.BlockSpec((None, n, 1), lambda s, m, j: (s, 0, 0)), per_level, per_level,
