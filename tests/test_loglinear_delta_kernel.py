@@ -56,6 +56,7 @@ def float64_reference(inputs, d_out):
     (100, 16, 5, 7),
     pytest.param(150, 16, 12, 6, marks=pytest.mark.slow),
     pytest.param(200, 32, 20, 36, marks=pytest.mark.slow),
+    pytest.param(260, 64, 10, 6, marks=pytest.mark.slow),
     pytest.param(16, 16, 4, 4, marks=pytest.mark.slow),  # one chunk: no level above it
 ])
 def test_pallas_matches_float64_dense(seq_len, chunk_size, d_k, d_v):
