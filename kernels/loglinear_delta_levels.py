@@ -73,7 +73,7 @@ def _walk_kernel(ke_ref, w_ref, u_ref, q_ref, gamma_ref, keep_ref, read_ref, lam
         keep, read, gamma = keep_ref[n, :], read_ref[n, :], gamma_ref[n, :]  # [1] each
         h = keep[:, None] * h
         if store_states:
-            s_ref[n] = h
+            s_ref[n] = h.astype(s_ref.dtype)
         if store_reads:
             r_ref[span, :] = (read[:, None] * lam_ref[span, :]) * dot(q_ref[span, :], h, dtype)
         vn = (1.0 - read[:, None]) * u_ref[span, :].astype(jnp.float32) - dot(w_ref[span, :], h, dtype)
@@ -92,7 +92,7 @@ def _walk_grad_kernel(ke_ref, w_ref, q_ref, gamma_ref, keep_ref, read_ref, lam_r
         n = n_chunks - 1 - step
         span = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
         keep, read, gamma = keep_ref[n, :], read_ref[n, :], gamma_ref[n, :]
-        ds_ref[n] = dh
+        ds_ref[n] = dh.astype(ds_ref.dtype)
         dvn = dot(ke_ref[span, :], dh, dtype)  # [C, BV]: the gradient of V'
         lam_do = (read[:, None] * lam_ref[span, :]) * do_ref[span, :].astype(jnp.float32)
         grad_in = (gamma[:, None] * dh - dot(w_ref[span, :], dvn, dtype, trans_a=True)
@@ -116,7 +116,7 @@ def _chunk_grads_kernel(ke_ref, w_ref, u_ref, q_ref, do_ref, lam_ref, read_ref, 
     d_gamma = jnp.zeros((1, 1), jnp.float32)
     for m in range(levels):  # static: a handful of levels
         read = read_ref[m:m + 1][:, None]  # [1, 1]
-        state, d_state = s_ref[m], ds_ref[m]
+        state, d_state = s_ref[m].astype(jnp.float32), ds_ref[m].astype(jnp.float32)
         d_vn = dot(ke, d_state, dtype)  # [C, DV]: the gradient of V' = (1 - read) U - W S_in
         vn = (1.0 - read) * u - dot(w, state, dtype)
         d_ke += dot(vn, d_state, dtype, trans_b=True)
@@ -153,8 +153,9 @@ def _check(ke, w, u, q, gamma, lam, chunk):
 
 
 def level_walk(ke, w, u, q, gamma, lam, cfg: ChunkConfig, *, store_states: bool = True, store_reads: bool = True):
-    """Every chunk's state S_in [G, levels, N, DK, DV] fp32 (if store_states) and the weighted reads r
-    [G, levels, T_pad, DV] fp32 (if store_reads), as a list.
+    """Every chunk's state S_in [G, levels, N, DK, DV] (if store_states) and the weighted reads r
+    [G, levels, T_pad, DV] fp32 (if store_reads), as a list. The walk carries fp32 states; it stores them in the
+    operands' dtype (bf16 where ke is: the products that read them round them to it anyway).
 
     ke, w, q: [G, T_pad, DK]; u: [G, T_pad, DV] (operands in ke's dtype, fp32 or bf16, with fp32 accumulation);
     gamma: [G, N, 1] fp32; lam: [G, levels, T_pad, 1] fp32, the weight of level m at each token (m = 1 .. levels
@@ -172,7 +173,7 @@ def level_walk(ke, w, u, q, gamma, lam, cfg: ChunkConfig, *, store_states: bool 
     out_specs, out_shape = [], []
     if store_states:
         out_specs.append(pl.BlockSpec((None, None, n, dk, bv), lambda s, m, j: (s, m, 0, 0, j)))
-        out_shape.append(jax.ShapeDtypeStruct((sequences, levels, n, dk, dv), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((sequences, levels, n, dk, dv), ke.dtype))
     if store_reads:
         out_specs.append(pl.BlockSpec((None, None, t_pad, bv), lambda s, m, j: (s, m, 0, j)))
         out_shape.append(jax.ShapeDtypeStruct((sequences, levels, t_pad, dv), jnp.float32))
@@ -183,8 +184,8 @@ def level_walk(ke, w, u, q, gamma, lam, cfg: ChunkConfig, *, store_states: bool 
 
 
 def level_walk_grads(ke, w, q, gamma, lam, do, cfg: ChunkConfig):
-    """The gradient of every chunk's S_out, [G, levels, N, DK, DV] fp32, given do [G, T_pad, DV] the gradient of
-    the reads summed over the levels; other arguments as `level_walk`'s."""
+    """The gradient of every chunk's S_out, [G, levels, N, DK, DV] in ke's dtype (carried in fp32), given do
+    [G, T_pad, DV] the gradient of the reads summed over the levels; other arguments as `level_walk`'s."""
     sequences, t_pad, dk, dv, n, levels = _check(ke, w, do, q, gamma, lam, cfg.chunk_size)
     keep, read = level_flags(n)
     bv = state_block_v(sequences * levels, dv)  # narrowed where there are few walks (occupancy)
@@ -194,7 +195,7 @@ def level_walk_grads(ke, w, q, gamma, lam, do, cfg: ChunkConfig):
                 pl.BlockSpec((None, None, t_pad, 1), lambda s, m, j: (s, m, 0, 0)),
                 pl.BlockSpec((None, t_pad, bv), lambda s, m, j: (s, 0, j))]
     out_specs = [pl.BlockSpec((None, None, n, dk, bv), lambda s, m, j: (s, m, 0, 0, j))]
-    out_shape = [jax.ShapeDtypeStruct((sequences, levels, n, dk, dv), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct((sequences, levels, n, dk, dv), ke.dtype)]
     kernel = functools.partial(_walk_grad_kernel, chunk=cfg.chunk_size, n_chunks=n, dtype=ke.dtype)
     (ds,) = call(kernel, cfg, "loglinear_delta_walk_grads", (sequences, levels, dv // bv),
                  [ke, w, q, gamma, keep, read, lam, do], in_specs, out_specs, out_shape)

@@ -65,6 +65,7 @@ def _levels_bwd(cfg: ChunkConfig, saved, d_out):
     ke_c, w_c, u_c, q_c, do_c = map(chunks, (ke, w, u, q, d_out))
     lam_c = lam[..., 0].reshape(sequences, lam.shape[1], n, chunk)  # [G, M, N, C]
     # S_out = gamma S_in + K~^T V', V' = (1 - read) U - W S_in.
+    states, d_states = states.astype(jnp.float32), d_states.astype(jnp.float32)
     d_vn = jnp.einsum("gnck,gmnkv->gmncv", ke_c, d_states)
     vn = write[None, :, :, None, None] * u_c[:, None] - jnp.einsum("gnck,gmnkv->gmncv", w_c, states)
     d_ke = jnp.einsum("gmncv,gmnkv->gnck", vn, d_states)
