@@ -37,11 +37,19 @@ DENSE = {"model.ramnet.short_conv": 0, "model.ramnet.qk_bias": True, "model.ramn
          "train.ramnet_factors_grow_steps": 3000, "train.num_steps": 6000}
 
 
+# `no_conv.py:dense_long`: K 8 of DENSE, whose better seed was still rising at step 6000 (0.214 -> 0.235 over the last
+# 500 steps; experiments/results/ramnet_without_conv.md, 2026-12-02 18:23): 12000 steps, 4 seeds in one program.
+DENSE_LONG = dict(DENSE, **{"train.num_steps": 12000, "train.num_seeds": 4})
+
+
 def get_sweep(which: str = ""):
     """The options above; `no_conv.py:offset`: CAPE heads started as relative addresses
     (model.ramnet.cape_offset_bias; q/k bias on) on layer 0 only or on both layers, at two bias strengths;
     `no_conv.py:factors`: four of these options under the factor schedule, 3000 steps (FACTORS); `no_conv.py:dense`:
-    the memory held at 64 slots longer, with K 8 or K 16 annealed to 8 (DENSE), 6000 steps."""
+    the memory held at 64 slots longer, with K 8 or K 16 annealed to 8 (DENSE), 6000 steps; `no_conv.py:dense_long`:
+    its K 8 for 12000 steps, 4 seeds in one program (DENSE_LONG)."""
+    if which == "dense_long":
+        return product(*(values(field, [value]) for field, value in DENSE_LONG.items()))
     if which == "dense":
         options = product(*(values(field, [value]) for field, value in DENSE.items()),
                           zipped(values("train.ramnet_top_k_start", [0, 16]),
@@ -59,7 +67,7 @@ def get_sweep(which: str = ""):
                          values("model.ramnet.cape_offset_bias", [2.0, 4.0, 2.0, 4.0]))
     elif which:
         raise ValueError(f"no_conv.py: unknown option set {which!r}; known: '' (default), 'offset', 'factors', "
-                         "'dense'")
+                         "'dense', 'dense_long'")
     else:
         options = zipped(values("model.ramnet.short_conv", [0, 0, 0, 4]),
                          values("model.ramnet.qk_bias", [True, True, False, False]),
