@@ -272,6 +272,24 @@ LINEAR_KERNEL_SCRIPT = textwrap.dedent("""
         err = lambda x, y: float(jnp.sqrt(jnp.mean((x - y) ** 2) / jnp.mean(y ** 2)))
         out[name] = {"o": err(got_o, want_o), "grads": [err(g, w) for g, w in zip(got_grads, want_grads)],
                      "shard_map": "shard_map" in text}
+    # The log-linear ops' kernels (no state in training): per shard too.
+    from ramjax.ops.loglinear import num_levels
+    weights = jnp.asarray(rng.uniform(0.2, 2.0, size=(4, 37, 2, num_levels(37) + 1)), jnp.float32)
+    loglinear_cases = {
+        "loglinear_mamba2": (ops.loglinear_attention, (q[:, :, :1], k[:, :, :1], v, decay[..., 0], weights)),
+        "loglinear_delta": (ops.loglinear_gated_delta, (q, k_unit, v, decay[..., 0], beta, weights))}
+    for name, (op, inputs) in loglinear_cases.items():
+        def loss(*args, sharding):
+            o = op(*args, impl="pallas", chunk_size=16, sharding=sharding)
+            return jnp.sum(o ** 2), o
+        grad = lambda sharding: jax.jit(jax.grad(lambda *a: loss(*a, sharding=sharding), argnums=tuple(
+            range(len(inputs))), has_aux=True))
+        want_grads, want_o = grad(None)(*inputs)
+        got_grads, got_o = grad(per_head)(*inputs)
+        text = str(jax.make_jaxpr(lambda *a: loss(*a, sharding=per_head))(*inputs))
+        err = lambda x, y: float(jnp.sqrt(jnp.mean((x - y) ** 2) / jnp.mean(y ** 2)))
+        out[name] = {"o": err(got_o, want_o), "grads": [err(g, w) for g, w in zip(got_grads, want_grads)],
+                     "shard_map": "shard_map" in text}
     # In the model: the trainer's shard_activations reaches every mixer with a kernel.
     import sys
     sys.path.insert(0, "tests")
@@ -279,10 +297,11 @@ LINEAR_KERNEL_SCRIPT = textwrap.dedent("""
     from tiny import tiny_config
     from ramjax.models import LanguageModel
     models = {}
-    for pattern in ("gla", "mamba2", "gated_deltanet"):
+    for pattern in ("gla", "mamba2", "gated_deltanet", "loglinear_mamba2", "loglinear_gated_deltanet"):
         config = tiny_config(pattern)
         config.model.gla.chunk_size = config.model.mamba2.chunk_size = config.model.gated_deltanet.chunk_size = 16
         config.model.gla.impl = config.model.mamba2.impl = config.model.gated_deltanet.impl = "pallas"
+        config.model.loglinear.impl = "pallas"
         model = LanguageModel(config.model, rngs=nnx.Rngs(0))
         model.shard_activations(mesh, ("data", "fsdp"), "tensor")
         graphdef, variables = nnx.split(model)
@@ -292,11 +311,11 @@ LINEAR_KERNEL_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # ~23 s on 2 cores; the kernels themselves are checked unsharded in their own test files
+@pytest.mark.slow  # ~15 s on 2 cores; the kernels themselves are checked unsharded in their own test files
 def test_linear_attention_kernels_run_per_shard_and_match_one_device():
-    """GLA (also with one q and k head shared by the heads) and the delta rule with impl="pallas" (interpret mode
-    here) on a (2, 2, 2) mesh: each device's batch rows and heads under shard_map, outputs and gradients equal to
-    the unsharded call."""
+    """GLA (also with one q and k head shared by the heads), the delta rule and both log-linear ops with
+    impl="pallas" (interpret mode here) on a (2, 2, 2) mesh: each device's batch rows and heads under shard_map,
+    outputs and gradients equal to the unsharded call."""
     result = subprocess.run([sys.executable, "-c", LINEAR_KERNEL_SCRIPT], cwd=ROOT, env=cpu_env(8),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

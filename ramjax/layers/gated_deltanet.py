@@ -109,7 +109,8 @@ class GatedDeltaNetMixer(nnx.Module):
                                          sharding=self.kernel_sharding)
             else:
                 o = ops.loglinear_gated_delta(q, k, v, log_decay, beta, level_weights, chunk_size=self.chunk_size,
-                                              impl=self.loglinear_impl, recompute=self.recompute)
+                                              impl=self.loglinear_impl, recompute=self.recompute,
+                                              sharding=self.kernel_sharding)
         return self._output(x, o)
 
     def init_cache(self, batch: int, max_len: int) -> dict:

@@ -131,7 +131,8 @@ class Mamba2Mixer(nnx.Module):
                                                sharding=self.kernel_sharding)
             else:  # q, k: one head (C, B) for all heads, as the op takes them
                 y = ops.loglinear_attention(q, k, v, log_decay, level_weights, chunk_size=self.chunk_size,
-                                            impl=self.loglinear_impl, recompute=self.recompute)
+                                            impl=self.loglinear_impl, recompute=self.recompute,
+                                            sharding=self.kernel_sharding)
         return self._output(x, y, x_in)
 
     def init_cache(self, batch: int, max_len: int) -> dict:

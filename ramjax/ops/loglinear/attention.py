@@ -27,6 +27,8 @@ can hand over to `loglinear_step` decoding.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +51,7 @@ from ramjax.ops.loglinear.fenwick import (
     read_levels,
     state_in_dtype,
 )
-from ramjax.ops.shared import numerics
+from ramjax.ops.shared import numerics, per_shard
 
 ATTENTION_IMPLS = (*IMPLS, "pallas")
 PALLAS_CHUNK_SIZES = (16, 32, 64)  # what kernels.loglinear_chunk takes
@@ -310,6 +312,7 @@ def loglinear_attention(
     initial_state: FenwickState | None = None,
     return_final_state: bool = False,
     recompute: bool = True,
+    sharding=None,
 ):
     """Log-linear attention with a scalar decay per head and token (the Mamba-2 base).
 
@@ -325,6 +328,9 @@ def loglinear_attention(
       return_final_state: also return the state after the last token.
       recompute: impl="chunked" and "pallas": the backward pass reruns the op's forward from its inputs instead of
         keeping its intermediates (the in-chunk [C, C] weights, the chunk states, every level's reads) alive.
+      sharding: the `NamedSharding` of the `[batch, time, heads, ...]` arguments under a mesh, or None: where the
+        Pallas kernels run (impl "pallas", no initial or final state), each device runs them on its own batch rows
+        and heads (`ramjax.ops.shared.per_shard`) instead of XLA gathering the arguments around them.
 
     Returns:
       o `[batch, time, heads, d_v]` in v's dtype, and the final `FenwickState` when asked.
@@ -336,6 +342,9 @@ def loglinear_attention(
     out_dtype = v.dtype
     dtype = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
     impl = _resolve_impl(impl, q, k, v, chunk_size)
+    if impl == "pallas" and initial_state is None and not return_final_state and per_shard.spans_devices(sharding):
+        run = functools.partial(loglinear_attention, impl="pallas", chunk_size=chunk_size, recompute=recompute)
+        return per_shard.run_sequences_per_shard(run, sharding, (q, k, v, g, level_weights))
     # bf16 training: the chunked forms keep 16-bit q, k, v as matrix-product operands (float32 accumulation);
     # everything else (decays, level weights, states) is in the compute dtype.
     operand_dtype = numerics.operand_dtype(q, k, v)

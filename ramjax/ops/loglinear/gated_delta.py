@@ -21,6 +21,8 @@ so token s reaches query t through A_{t,s} = M_t ... M_{s+1}:  o_t = sum_{s<=t} 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +48,7 @@ from ramjax.ops.loglinear.fenwick import (
     read_levels,
     state_in_dtype,
 )
-from ramjax.ops.shared import checks, numerics
+from ramjax.ops.shared import checks, numerics, per_shard
 
 DELTA_IMPLS = (*IMPLS, "pallas")  # "pallas": the levels above the chunk by kernels.loglinear_delta_levels
 
@@ -247,14 +249,20 @@ def loglinear_gated_delta(
     initial_state: FenwickState | None = None,
     return_final_state: bool = False,
     recompute: bool = True,
+    sharding=None,
 ):
     """Log-linear Gated DeltaNet: arguments as `loglinear_attention` (impl without "pallas"), plus beta
     `[batch, time, heads]`.
 
     q and k are used as given (the layer L2-normalises them); g = log alpha <= 0; beta in [0, 1] keeps the
-    transition a contraction (sigmoid in the layer).
+    transition a contraction (sigmoid in the layer). `sharding`: as `loglinear_attention`'s (impl "pallas" runs
+    per device shard under a mesh).
     """
     q, k, v, g, beta, level_weights = map(jnp.asarray, (q, k, v, g, beta, level_weights))
+    if impl == "pallas" and initial_state is None and not return_final_state and per_shard.spans_devices(sharding):
+        # Each device runs the kernels on its own batch rows and heads (ramjax.ops.shared.per_shard).
+        run = functools.partial(loglinear_gated_delta, impl="pallas", chunk_size=chunk_size, recompute=recompute)
+        return per_shard.run_sequences_per_shard(run, sharding, (q, k, v, g, beta, level_weights))
     levels_kernel = None  # impl="pallas": the kernels' operand dtype, bf16 where q, k and v all are
     if impl == "pallas":
         levels_kernel = "bfloat16" if all(x.dtype == jnp.bfloat16 for x in (q, k, v)) else "float32"
