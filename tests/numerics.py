@@ -19,7 +19,7 @@ def random_codes(rng, shape, num_slots, *, distinct=True):
     return jnp.asarray(idx, jnp.int32), jnp.asarray(val, jnp.float32)
 
 
-def _equations(jaxpr):
+def equations(jaxpr):
     """Every equation of a jaxpr, nested ones (jit, scan, custom_vjp) included."""
     for eqn in jaxpr.eqns:
         yield eqn
@@ -27,11 +27,11 @@ def _equations(jaxpr):
             for sub in (param if isinstance(param, (tuple, list)) else [param]):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    yield from _equations(inner)
+                    yield from equations(inner)
 
 
 def matmul_dtypes(fn, *args):
     """[(operand dtypes, result dtype)] of every matrix product (dot_general) in fn's traced program."""
     jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
     return [(tuple(str(v.aval.dtype) for v in e.invars), str(e.outvars[0].aval.dtype))
-            for e in _equations(jaxpr) if e.primitive.name == "dot_general"]
+            for e in equations(jaxpr) if e.primitive.name == "dot_general"]

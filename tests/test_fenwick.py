@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from numerics import matmul_dtypes, rel_rms
+from ramjax.ops.gated_delta import gated_delta_rule
 from ramjax.ops.loglinear import (
     FenwickState,
     level_index,
@@ -238,6 +239,25 @@ def test_chunked_multiplies_bf16_operands_with_float32_accumulation():
     bf16 = [d for d in dots if d[0] == ("bfloat16", "bfloat16")]
     # q k^T, scores x v, each chunk's k^T v, and one read of the level states per level above the chunk
     assert len(bf16) >= 4 and all(out == "float32" for _, out in bf16)
+
+
+@pytest.mark.parametrize("op", ["gated_delta_rule", "loglinear_gated_delta"])
+def test_delta_chunked_multiplies_bf16_operands_except_the_inverse(op):
+    """bf16 q, k, v: the chunk pieces' products take bf16 operands (float32 out); the inverse
+    (I + diag(beta) L)^-1 is built from float32 products only."""
+    q, k, v, g, beta, level_weights = random_inputs(13, 1, 40, 2, 8, 8, base="gated_delta")
+    low = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    if op == "gated_delta_rule":
+        run = lambda q, k, v: gated_delta_rule(q, k, v, g, beta, impl="chunked", chunk_size=8)  # noqa: E731
+    else:
+        run = lambda q, k, v: loglinear_gated_delta(q, k, v, g, beta, level_weights, impl="chunked",  # noqa: E731
+                                                    chunk_size=8)
+    dots = matmul_dtypes(run, *low)
+    bf16 = [d for d in dots if d[0] == ("bfloat16", "bfloat16")]
+    f32 = [d for d in dots if d[0] == ("float32", "float32")]
+    # k k^T, T Gamma K, T V, q k^T, its product with T and with W, scores x V, ...; the inverse's 2 log2(C) products
+    assert len(bf16) >= 6 and all(out == "float32" for _, out in bf16)
+    assert len(f32) >= 2 * 3
 
 
 def _args(seq_len=8, num_level=None):

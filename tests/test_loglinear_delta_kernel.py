@@ -11,7 +11,7 @@ import pytest
 
 from kernels.chunk_common import ChunkConfig
 from kernels.loglinear_delta_levels import level_flags, level_walk, level_walk_grads
-from numerics import rel_rms
+from numerics import equations, rel_rms
 from ramjax.ops.loglinear import loglinear_gated_delta, num_levels
 
 FP32_TOLERANCE = 1e-4  # relative RMS error against the float64 reference
@@ -149,20 +149,10 @@ def test_bf16_inputs_take_bf16_operands_within_tolerance_of_fp32():
     got = (o, *vjp(jnp.asarray(d_out, jnp.float32)))
     for name, g, w in zip(NAMES, got, want):
         assert rel_rms(g, w) < BF16_TOLERANCE, name
-    walks = [e for e in _equations(jax.make_jaxpr(run)(*args).jaxpr)
+    walks = [e for e in equations(jax.make_jaxpr(run)(*args).jaxpr)
              if e.primitive.name == "pallas_call" and "loglinear_delta_walk" in str(e.params.get("name", e.params.get("name_and_src_info")))]
     assert walks and all(x.aval.dtype == jnp.bfloat16 for x in walks[0].invars[:4])  # ke, w, u, q
 
-
-def _equations(jaxpr):
-    """Every equation of a jaxpr and of the jaxprs inside it."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _equations(inner)
 
 
 def test_chunk_gradients_by_kernel_or_by_xla_agree(monkeypatch):

@@ -58,9 +58,16 @@ class ChunkPieces(NamedTuple):
     gamma_end: jax.Array  # []: Gamma_C, the chunk's whole decay
 
 
-def delta_chunk_pieces(qc, kc, vc, gc, bc) -> ChunkPieces:
-    """The WY / UT pieces of every chunk. Inputs [B, N, C, H, ...] -> per chunk and head."""
+def delta_chunk_pieces(qc, kc, vc, gc, bc, operand_dtype=None) -> ChunkPieces:
+    """The WY / UT pieces of every chunk. Inputs [B, N, C, H, ...] -> per chunk and head.
+
+    operand_dtype (bf16 for 16-bit inputs, or None): the matrix products take operands of that dtype and
+    accumulate in float32, as the Pallas kernel does; the inverse (I + diag(beta) L)^-1 stays in full float32."""
     chunk_size = qc.shape[2]
+
+    def mm(spec, x, y):
+        return numerics.matmul(spec, x, y, operand_dtype)
+
     g_in = jnp.cumsum(gc, axis=2)  # [B, N, C, H]
     g_in = jnp.moveaxis(g_in, 3, 2)  # [B, N, H, C]
     q, k, v = (jnp.moveaxis(a, 3, 2) for a in (qc, kc, vc))  # [B, N, H, C, d]
@@ -72,26 +79,27 @@ def delta_chunk_pieces(qc, kc, vc, gc, bc) -> ChunkPieces:
     # contributions of such a difference cancel against large terms and leave a wrong gradient for g.
     eye = np.eye(chunk_size, dtype=bool)
     ratio_incl = jnp.exp(jnp.where(strict, log_ratio, jnp.where(eye, 0.0, -jnp.inf)))
-    lower = ratio_strict * jnp.einsum("...ik,...jk->...ij", k, k)
+    lower = ratio_strict * mm("...ik,...jk->...ij", k, k)
     t_mat = _unit_lower_inverse(beta[..., :, None] * lower) * beta[..., None, :]  # (I + diag(beta) L)^-1 diag(beta)
     gamma = jnp.exp(g_in)
-    w = t_mat @ (gamma[..., None] * k)
-    u = t_mat @ v
-    qk = ratio_incl * jnp.einsum("...ik,...jk->...ij", q, k)
-    scores = qk @ t_mat  # [B, N, H, C, C]: (q_t^T A_{t,s} k_s) beta_s for s <= t
-    q_eff = gamma[..., None] * q - qk @ w  # [B, N, H, C, dk]
+    w = mm("...ij,...jk->...ik", t_mat, gamma[..., None] * k)
+    u = mm("...ij,...jv->...iv", t_mat, v)
+    qk = ratio_incl * mm("...ik,...jk->...ij", q, k)
+    scores = mm("...ij,...jk->...ik", qk, t_mat)  # [B, N, H, C, C]: (q_t^T A_{t,s} k_s) beta_s for s <= t
+    q_eff = gamma[..., None] * q - mm("...ij,...jk->...ik", qk, w)  # [B, N, H, C, dk]
     # log(Gamma_C / Gamma_i) = the gates after i, summed directly (see numerics.exclusive_cumsum).
     after = numerics.exclusive_cumsum(jnp.moveaxis(gc, 3, 2), axis=-1, reverse=True)  # [B, N, H, C]
     to_end = jnp.exp(after)[..., None] * k  # (Gamma_C / Gamma) K
     d_k = k.shape[-1]
-    transition = gamma[..., -1, None, None] * jnp.eye(d_k, dtype=q.dtype) - jnp.swapaxes(to_end, -1, -2) @ w
-    own_state = jnp.swapaxes(to_end, -1, -2) @ u  # [B, N, H, dk, dv]
-    key_paths = jnp.swapaxes(to_end, -1, -2) @ t_mat  # [B, N, H, dk, C]: A_{end,s} beta_s k_s
+    transition = gamma[..., -1, None, None] * jnp.eye(d_k, dtype=q.dtype) - mm("...ck,...cj->...kj", to_end, w)
+    own_state = mm("...ck,...cv->...kv", to_end, u)  # [B, N, H, dk, dv]
+    key_paths = mm("...ck,...cj->...kj", to_end, t_mat)  # [B, N, H, dk, C]: A_{end,s} beta_s k_s
     return ChunkPieces(scores, q_eff, transition, own_state, key_paths, w, u, to_end, gamma[..., -1])
 
 
-def delta_chunked(q, k, v, a, beta, state, chunk_size):
-    """Inputs [B, T, H, ...]; returns o [B, T, H, dv] and the final state."""
+def delta_chunked(q, k, v, a, beta, state, chunk_size, operand_dtype=None):
+    """Inputs [B, T, H, ...]; returns o [B, T, H, dv] and the final state. operand_dtype: as
+    `delta_chunk_pieces`' (the states and their products stay in the compute dtype)."""
     batch, seq_len, heads, d_k = q.shape
     d_v = v.shape[-1]
     num_chunks = -(-seq_len // chunk_size)
@@ -104,8 +112,8 @@ def delta_chunked(q, k, v, a, beta, state, chunk_size):
     qc, kc, vc, ac, bc = map(chunked, (q, k, v, a, beta))
     # Per chunk and head [B, N, H, ...]: scores [C, C], q_eff [C, dk] (reads the chunk-start state through the
     # chunk's transitions), transition P [dk, dk] and own end state U [dk, dv]: S_end = P S_start + U.
-    scores, q_eff, transition, own_state = delta_chunk_pieces(qc, kc, vc, ac, bc)[:4]
-    o = jnp.einsum("bnhts,bnshv->bnhtv", scores, vc)
+    scores, q_eff, transition, own_state = delta_chunk_pieces(qc, kc, vc, ac, bc, operand_dtype)[:4]
+    o = numerics.matmul("bnhts,bnshv->bnhtv", scores, vc, operand_dtype)
     if state is None:
         state = jnp.zeros((batch, heads, d_k, d_v), q.dtype)
     starts, final = numerics.scan_chunk_states(

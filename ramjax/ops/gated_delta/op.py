@@ -12,6 +12,8 @@ Implementations (`impl=`):
              (padding tokens write nothing and do not decay). Inside a chunk, the WY / UT representation
              (`delta_chunk_pieces`). Between chunks, a `jax.lax.scan` over chunks carries the d_k x d_v state;
              every exponent it uses is <= 0 (keys decayed to the chunk's end, queries from the chunk's start).
+             16-bit q, k, v: the chunk pieces' products take 16-bit operands with fp32 accumulation, as the
+             kernels do; the chunk inverse and the state passing stay in fp32.
   pallas     the chunked form as Pallas kernels with a Pallas backward pass (`kernels.gated_delta_chunk`: Triton
              on GPUs, interpret mode elsewhere); float32 or bfloat16 inputs (kept 16-bit for the matrix products;
              the chunk inverse in fp32), chunk_size a power of 2 >= 16. On one H200, in the LM train step at
@@ -101,6 +103,7 @@ def gated_delta_rule(
     if impl == "pallas":
         return _pallas(q, k, v, log_decay, beta, initial_state, chunk_size, return_final_state, sharding)
     dtype = numerics.compute_dtype(q, k, v, log_decay, beta)
+    operand_dtype = numerics.operand_dtype(q, k, v)  # 16-bit q, k, v: 16-bit operands in the chunked products
     q, k, v, log_decay, beta = (x.astype(dtype) for x in (q, k, v, log_decay, beta))
     log_decay = numerics.floor_log_decay(log_decay)
     state = None if initial_state is None else initial_state.astype(dtype)
@@ -109,7 +112,7 @@ def gated_delta_rule(
             state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[-1]), dtype)
         o, final = delta_recurrent(q, k, v, log_decay, beta, state)
     else:
-        o, final = delta_chunked(q, k, v, log_decay, beta, state, chunk_size)
+        o, final = delta_chunked(q, k, v, log_decay, beta, state, chunk_size, operand_dtype)
     o = o.astype(out_dtype)
     return (o, final) if return_final_state else o
 

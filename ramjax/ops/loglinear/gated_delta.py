@@ -140,9 +140,10 @@ def _compose_affine(earlier, later):
 
 
 def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state,
-                   levels_kernel=None):
-    """levels_kernel: None, or the operand dtype's name ("float32", "bfloat16") of `levels_above_chunk_pallas`,
-    which then computes the levels above the chunk (no initial or final state)."""
+                   levels_kernel=False, operand_dtype=None):
+    """levels_kernel: the levels above the chunk by `levels_above_chunk_pallas` (no initial or final state).
+    operand_dtype: None, or the 16-bit dtype the chunk pieces' matrix products (and the kernels') take as
+    operands, accumulating in float32; states stay in the compute dtype."""
     batch, seq_len, heads, d_k = q.shape
     d_v = v.shape[-1]
     num_level = level_weights.shape[-1]
@@ -155,7 +156,7 @@ def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, r
         return grid.pad(a).reshape(batch, num_chunks, chunk_size, *a.shape[2:])
 
     qc, kc, vc, gc, bc, lc = map(chunked, (q, k, v, g, beta, level_weights))
-    pieces = delta_chunk_pieces(qc, kc, vc, gc, bc)
+    pieces = delta_chunk_pieces(qc, kc, vc, gc, bc, operand_dtype)
     scores, q_eff, transition, own_state, key_paths = pieces[:5]
 
     # Inside each chunk: lambda at the in-chunk level times the delta-rule scores.
@@ -163,13 +164,13 @@ def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, r
     lvl = jnp.asarray(np.minimum(chunk_levels(chunk_size), num_level - 1), jnp.int32)
     lam = jnp.take_along_axis(lc, jnp.broadcast_to(lvl[None, None, :, None, :], lc.shape[:4] + (chunk_size,)), -1)
     lam = jnp.moveaxis(lam, 3, 2)  # [B, N, H, C, C]
-    o = jnp.einsum("bnhts,bnshv->bnthv", lam * scores, vc)
+    o = numerics.matmul("bnhts,bnshv->bnthv", lam * scores, vc, operand_dtype)
     if levels_kernel:
         if initial_state is not None or return_final_state:
             raise ValueError("loglinear_gated_delta: impl='pallas' takes no initial_state and returns no final state; "
                              "use impl='chunked' for those")
         o = o + levels_above_chunk_pallas(pieces.q_eff, pieces.w, pieces.u, pieces.to_end, pieces.gamma_end, lc,
-                                          chunk_bits, levels_kernel)
+                                          chunk_bits, "bfloat16" if operand_dtype == jnp.bfloat16 else "float32")
         return o.reshape(batch, total, heads, d_v)[:, :seq_len], None
 
     # Above the chunk, level chunk_bits + m.
@@ -263,9 +264,9 @@ def loglinear_gated_delta(
         # Each device runs the kernels on its own batch rows and heads (ramjax.ops.shared.per_shard).
         run = functools.partial(loglinear_gated_delta, impl="pallas", chunk_size=chunk_size, recompute=recompute)
         return per_shard.run_sequences_per_shard(run, sharding, (q, k, v, g, beta, level_weights))
-    levels_kernel = None  # impl="pallas": the kernels' operand dtype, bf16 where q, k and v all are
-    if impl == "pallas":
-        levels_kernel = "bfloat16" if all(x.dtype == jnp.bfloat16 for x in (q, k, v)) else "float32"
+    levels_kernel = impl == "pallas"
+    operand_dtype = numerics.operand_dtype(q, k, v)  # 16-bit q, k, v: 16-bit operands in the chunked products
+    if levels_kernel:
         if initial_state is not None or return_final_state:
             raise ValueError("impl: loglinear_gated_delta's 'pallas' (the levels above the chunk as Pallas kernels) "
                              "takes no initial_state and returns no final state; use impl='chunked' for those")
@@ -290,8 +291,8 @@ def loglinear_gated_delta(
         # recompute: the backward pass reruns this forward from the op's inputs instead of keeping the chunk
         # transitions and every level's block states alive; the step's peak memory falls ~3x (docs/loglinear.md
         # section 7).
-        chunked = checkpoint_chunked(_delta_chunked, 6, (7, 8, 9)) if recompute else _delta_chunked
+        chunked = checkpoint_chunked(_delta_chunked, 6, (7, 8, 9, 10)) if recompute else _delta_chunked
         o, final = chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state,
-                           levels_kernel)
+                           levels_kernel, operand_dtype)
     o = o.astype(out_dtype)
     return (o, final) if return_final_state else o
