@@ -65,6 +65,11 @@ MIN_STATE_PROGRAMS = 256
 # chunk 64, d 64), likely spilling; it is half of the op's time in the LM step (14.5 of 30.6 ms at 4096 x 8,
 # experiments/results/profile_train_step_gpu.md). The split is not yet timed on a GPU: off until it is.
 GRAD_KERNEL_SPLIT = False
+# What the custom VJP keeps for the backward pass: the inputs only (False: the backward pass reruns the WY and
+# chunk-state kernels, 5.3 of the op's 30.6 ms at 4096 x 8 in the LM step, profile_train_step_gpu.md), or also W,
+# the chunk-start states and V' (True: no rerun, for [T, d_k] + [N, d_k, d_v] fp32 + [T, d_v] more memory per
+# layer). Not yet timed: off.
+SAVE_FORWARD = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -444,10 +449,15 @@ def _run_forward(q, k, v, log_decay, beta, initial_state, cfg: ChunkConfig):
     return lay, x, w, h_start, vn, final
 
 
-def _forward(q, k, v, log_decay, beta, initial_state, cfg: ChunkConfig):
-    lay, x, _, h_start, vn, final = _run_forward(q, k, v, log_decay, beta, initial_state, cfg)
+def _forward_and_pieces(q, k, v, log_decay, beta, initial_state, cfg: ChunkConfig):
+    """((o, final state), (W, chunk-start states, V'))."""
+    lay, x, w, h_start, vn, final = _run_forward(q, k, v, log_decay, beta, initial_state, cfg)
     o = _chunk_outputs(x, vn, h_start, v.dtype, lay, cfg)
-    return (from_rows(o, lay, lay.d_v), final[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape))
+    return (from_rows(o, lay, lay.d_v), final[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape)), (w, h_start, vn)
+
+
+def _forward(q, k, v, log_decay, beta, initial_state, cfg: ChunkConfig):
+    return _forward_and_pieces(q, k, v, log_decay, beta, initial_state, cfg)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -456,15 +466,21 @@ def _chunk_gated_delta(q, k, v, log_decay, beta, initial_state, cfg: ChunkConfig
 
 
 def _chunk_gated_delta_fwd(q, k, v, log_decay, beta, initial_state, cfg: ChunkConfig):
-    # Saved: the inputs only. The backward pass recomputes W, U, the chunk states and V' (two kernels) rather than
-    # keeping [G, N, DK, DV] states alive.
-    return _forward(q, k, v, log_decay, beta, initial_state, cfg), (q, k, v, log_decay, beta, initial_state)
+    # Saved: the inputs, and with SAVE_FORWARD W, the chunk states and V'. Without it the backward pass recomputes
+    # W, U, the chunk states and V' (two kernels) rather than keeping [G, N, DK, DV] states alive.
+    out, pieces = _forward_and_pieces(q, k, v, log_decay, beta, initial_state, cfg)
+    return out, (q, k, v, log_decay, beta, initial_state, pieces if SAVE_FORWARD else None)
 
 
 def _chunk_gated_delta_bwd(cfg: ChunkConfig, saved, cotangents):
-    q, k, v, log_decay, beta, initial_state = saved
+    q, k, v, log_decay, beta, initial_state, forward = saved
     d_out, d_final = cotangents
-    lay, x, w, h_start, vn, _ = _run_forward(q, k, v, log_decay, beta, initial_state, cfg)
+    if forward is None:
+        lay, x, w, h_start, vn, _ = _run_forward(q, k, v, log_decay, beta, initial_state, cfg)
+    else:
+        lay = _layout(q, k, v, cfg.chunk_size)
+        x = _inputs(q, k, v, log_decay, beta, lay)
+        w, h_start, vn = forward
     do = to_rows(d_out, lay, lay.dv_pad, lay.dtype)
     dh_end, dvn, d_initial = _state_grads(x, w, do, state_rows(d_final, lay), lay, cfg)
     dq, dk, dv, d_cum, dbeta = _chunk_grads(x, do, h_start, dh_end, vn, dvn, (q.dtype, k.dtype, v.dtype), lay, cfg)

@@ -116,6 +116,13 @@ def test_split_gradient_kernels_match_float64_recurrence(monkeypatch):
     check_against_reference(3, chunk_size=32, with_initial_state=True, seq_len=45, decay_scale=3.0)
 
 
+def test_saved_forward_pieces_match_float64_recurrence(monkeypatch):
+    """SAVE_FORWARD: the backward pass uses the forward's W, chunk states and V' instead of rerunning their
+    kernels; the same gradients (odd T, an initial state)."""
+    monkeypatch.setattr(gated_delta_chunk, "SAVE_FORWARD", True)
+    check_against_reference(5, chunk_size=16, with_initial_state=True)
+
+
 def test_sequential_kernels_narrow_their_blocks_for_few_sequences():
     assert gated_delta_chunk.state_block_v(16, 128) == 16  # the LM at 16384 x 2: 16 sequences x 8 blocks
     assert gated_delta_chunk.state_block_v(64, 128) == 32  # 4096 x 8: 64 x 4 = 256 programs
