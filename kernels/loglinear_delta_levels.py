@@ -1,6 +1,6 @@
 """The Fenwick levels above the chunk of log-linear attention over the gated delta rule (the Gated DeltaNet base;
 docs/loglinear.md section 3) as Pallas kernels (Triton lowering): the two walks over the chunks that XLA can only
-do with d_k x d_k transition matrices and their prefix products.
+do with d_k x d_k transition matrices and their prefix products, and the per-chunk gradients.
 
 One sequence (a batch row and head), chunks n = 0 .. N-1 of C tokens from the sequence's first token. Per chunk
 the caller gives (from the WY / UT representation of the chunk, in jax.numpy):
@@ -18,20 +18,21 @@ those of the odd block without ("read" = 1), and in the odd block is read before
     S_in(n) = keep_n S_out(n - 1),   r_m(n) = read_n lam_m(n) * (Q~_n S_in(n)),
     S_out(n) = gamma_n S_in(n) + K~_n^T ((1 - read_n) U_n - W_n S_in(n)).
 
-`level_walk` returns every chunk's S_in(n) and the weighted reads r_m; `level_walk_grads` walks back, given dO
+`level_walk` returns every chunk's S_in(n) and/or the weighted reads r_m; `level_walk_grads` walks back, given dO
 (every level's reads add into the same output), and returns the gradient of every chunk's S_out(n):
 
     Lambda(n) = gamma_n dS_out(n) - W_n^T (K~_n dS_out(n)) + read_n Q~_n^T (lam_m(n) * dO_n),
     dS_out(n - 1) = keep_n Lambda(n).
 
-The per-chunk gradients of W, U, K~, gamma, Q~ and lam follow from S_in and dS_out by batched products, which the
-caller (ramjax.ops.loglinear) forms in jax.numpy.
+The per-chunk gradients of W, U, K~, gamma, Q~ and lam follow from S_in and dS_out (`level_chunk_grads`, summed over
+the levels; the caller, ramjax.ops.loglinear.delta_levels, can form them in jax.numpy instead).
 
 Kernels (G sequences, T a whole number of chunks, d_k and d_v padded to powers of 2 >= 16): the two walks with grid
 (G, levels, d_v blocks), each program one level's walk over all chunks of one sequence and d_v block (blocks
 narrowed to 16 where there are few programs, as `gated_delta_chunk.state_block_v` does); the per-chunk gradients
 with grid (G, chunks), each program summing over the levels.
-Matrix products take operands in the inputs' dtype with fp32 accumulation (IEEE fp32 for fp32); states are fp32.
+Matrix products take operands in the inputs' dtype with fp32 accumulation (IEEE fp32 for fp32); the walks carry
+fp32 states and store them (and their gradients) in the inputs' dtype.
 """
 
 from __future__ import annotations
