@@ -17,6 +17,9 @@ so token s reaches query t through A_{t,s} = M_t ... M_{s+1}:  o_t = sum_{s<=t} 
              that reads a chunk-start state through the chunk's transitions. Above the chunk, each Fenwick level
              sums the states of its source block of chunks (an associative scan of (P, U)) and carries it
              through the reader's earlier chunks (prefix products of P).
+  pallas     chunked, with the levels above the chunk as Pallas walks over the chunks that never form P
+             (`delta_levels.py`, `kernels/loglinear_delta_levels.py`); sequences from position 0, no states.
+16-bit q, k, v: the chunk pieces' matrix products take 16-bit operands with float32 accumulation.
 """
 
 from __future__ import annotations
@@ -165,10 +168,7 @@ def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, r
     lam = jnp.take_along_axis(lc, jnp.broadcast_to(lvl[None, None, :, None, :], lc.shape[:4] + (chunk_size,)), -1)
     lam = jnp.moveaxis(lam, 3, 2)  # [B, N, H, C, C]
     o = numerics.matmul("bnhts,bnshv->bnthv", lam * scores, vc, operand_dtype)
-    if levels_kernel:
-        if initial_state is not None or return_final_state:
-            raise ValueError("loglinear_gated_delta: impl='pallas' takes no initial_state and returns no final state; "
-                             "use impl='chunked' for those")
+    if levels_kernel:  # (the caller has checked: no initial state, no final state)
         o = o + levels_above_chunk_pallas(pieces.q_eff, pieces.w, pieces.u, pieces.to_end, pieces.gamma_end, lc,
                                           chunk_bits, "bfloat16" if operand_dtype == jnp.bfloat16 else "float32")
         return o.reshape(batch, total, heads, d_v)[:, :seq_len], None
@@ -252,8 +252,9 @@ def loglinear_gated_delta(
     recompute: bool = True,
     sharding=None,
 ):
-    """Log-linear Gated DeltaNet: arguments as `loglinear_attention` (impl without "pallas"), plus beta
-    `[batch, time, heads]`.
+    """Log-linear Gated DeltaNet: arguments as `loglinear_attention`, plus beta `[batch, time, heads]`. impl
+    "pallas" is "chunked" with the levels above the chunk as Pallas kernels (`kernels.loglinear_delta_levels`;
+    interpret mode off GPUs), for sequences from position 0: no initial_state, no final state.
 
     q and k are used as given (the layer L2-normalises them); g = log alpha <= 0; beta in [0, 1] keeps the
     transition a contraction (sigmoid in the layer). `sharding`: as `loglinear_attention`'s (impl "pallas" runs
