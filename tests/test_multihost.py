@@ -255,33 +255,24 @@ LINEAR_KERNEL_SCRIPT = textwrap.dedent("""
     k_unit = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
     decay = -jnp.asarray(rng.uniform(0, 0.5, size=(4, 37, 2, 5)), jnp.float32)
     beta = jnp.asarray(rng.uniform(0, 1, size=(4, 37, 2)), jnp.float32)
-    cases = {"gla": (ops.gated_linear_attention, (q, k, v, decay)),
-             # one q and k head for both heads (Mamba-2's B and C): whole on every head shard
-             "gla_shared_qk": (ops.gated_linear_attention, (q[:, :, :1], k[:, :, :1], v, decay[..., 0])),
-             "delta": (ops.gated_delta_rule, (q, k_unit, v, decay[..., 0], beta))}
-    out = {}
-    for name, (op, inputs) in cases.items():
-        def loss(*args, sharding):
-            o, final = op(*args, impl="pallas", chunk_size=16, return_final_state=True, sharding=sharding)
-            return jnp.sum(o ** 2) + jnp.sum(final), o
-        grad = lambda sharding: jax.jit(jax.grad(lambda *a: loss(*a, sharding=sharding), argnums=tuple(
-            range(len(inputs))), has_aux=True))
-        want_grads, want_o = grad(None)(*inputs)
-        got_grads, got_o = grad(per_head)(*inputs)
-        text = str(jax.make_jaxpr(lambda *a: loss(*a, sharding=per_head))(*inputs))
-        err = lambda x, y: float(jnp.sqrt(jnp.mean((x - y) ** 2) / jnp.mean(y ** 2)))
-        out[name] = {"o": err(got_o, want_o), "grads": [err(g, w) for g, w in zip(got_grads, want_grads)],
-                     "shard_map": "shard_map" in text}
-    # The log-linear ops' kernels (no state in training): per shard too.
     from ramjax.ops.loglinear import num_levels
     weights = jnp.asarray(rng.uniform(0.2, 2.0, size=(4, 37, 2, num_levels(37) + 1)), jnp.float32)
-    loglinear_cases = {
-        "loglinear_mamba2": (ops.loglinear_attention, (q[:, :, :1], k[:, :, :1], v, decay[..., 0], weights)),
-        "loglinear_delta": (ops.loglinear_gated_delta, (q, k_unit, v, decay[..., 0], beta, weights))}
-    for name, (op, inputs) in loglinear_cases.items():
+    # (op, inputs, whether it returns a final state): the log-linear ops' kernels run without one (training).
+    cases = {"gla": (ops.gated_linear_attention, (q, k, v, decay), True),
+             # one q and k head for both heads (Mamba-2's B and C): whole on every head shard
+             "gla_shared_qk": (ops.gated_linear_attention, (q[:, :, :1], k[:, :, :1], v, decay[..., 0]), True),
+             "delta": (ops.gated_delta_rule, (q, k_unit, v, decay[..., 0], beta), True),
+             "loglinear_mamba2": (ops.loglinear_attention,
+                                  (q[:, :, :1], k[:, :, :1], v, decay[..., 0], weights), False),
+             "loglinear_delta": (ops.loglinear_gated_delta, (q, k_unit, v, decay[..., 0], beta, weights), False)}
+    out = {}
+    for name, (op, inputs, with_state) in cases.items():
         def loss(*args, sharding):
-            o = op(*args, impl="pallas", chunk_size=16, sharding=sharding)
-            return jnp.sum(o ** 2), o
+            if not with_state:
+                o = op(*args, impl="pallas", chunk_size=16, sharding=sharding)
+                return jnp.sum(o ** 2), o
+            o, final = op(*args, impl="pallas", chunk_size=16, return_final_state=True, sharding=sharding)
+            return jnp.sum(o ** 2) + jnp.sum(final), o
         grad = lambda sharding: jax.jit(jax.grad(lambda *a: loss(*a, sharding=sharding), argnums=tuple(
             range(len(inputs))), has_aux=True))
         want_grads, want_o = grad(None)(*inputs)
