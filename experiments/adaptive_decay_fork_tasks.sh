@@ -7,7 +7,7 @@
 #
 # TASKs are configs/adaptive_decay.py variants; the default is the six above. The sweeps run one after another,
 # each with its three runs at once: one of the fork's 8-seed runs alone trained at 264-320 steps/s on an H200, and
-# 22 processes on the GPU at once gave fewer steps in all than 3 (experiments/results/adaptive_decay_fork.md), so
+# 22 processes on the GPU at once gave fewer steps in all than one alone (experiments/results/adaptive_decay_fork.md), so
 # FORK_PARALLEL (default 3) runs share the GPU, each with FORK_MEM_FRACTION of its memory (default 0.1).
 # FORK_TIMEOUT=SECONDS stops each sweep after that long (its runs save; rerunning the script resumes them, and
 # finished runs are skipped), so a call with a time limit keeps what it trained. FORK_SETS: config overrides for

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from kernels.chunk_common import ChunkConfig, default_num_warps, padded_width
 from kernels.loglinear_delta_levels import level_chunk_grads, level_flags, level_walk, level_walk_grads
 from kernels.shapes import pad_axis
+from ramjax.ops.loglinear.fenwick import levels_above_chunk
 
 # The backward pass's per-chunk gradients (of W, U, K~, gamma, Q~, lambda) by one Pallas kernel per (sequence, chunk)
 # summing over the levels (True), or by batched products in jax.numpy (False), which form several [levels x tokens x
@@ -99,7 +100,7 @@ def levels_above_chunk_pallas(q_eff, w, u, to_end, gamma_end, level_weights, chu
     above the chunk). Returns float32 [B, N, C, H, dv]."""
     batch, chunks, heads, chunk, d_k = q_eff.shape
     d_v = u.shape[-1]
-    levels = max(chunks - 1, 0).bit_length()
+    levels = len(levels_above_chunk(0, chunks))
     if levels == 0:
         return jnp.zeros((batch, chunks, chunk, heads, d_v), jnp.float32)
     dk_pad, dv_pad = padded_width(d_k), padded_width(d_v)
