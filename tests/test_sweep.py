@@ -275,6 +275,11 @@ def test_the_paper_regime_sweeps_train_two_seeds_per_program_with_the_method_on(
     fig3, _, _ = sweep.load_sweep(str(ROOT / "experiments" / "sweeps" / "fig3_mqar_state_size.py:paper"))
     assert len(fig3) == 36 and all(run["train.num_seeds"] == 2 for run in fig3)
     assert not any("train.init_seed" in run or "data.seed" in run for run in fig3)
+    part, _, _ = sweep.load_sweep(str(ROOT / "experiments" / "sweeps" / "fig3_mqar_state_size.py:paper,d_model=128,lr=0.003"))
+    assert len(part) == 6 and {(r["model.d_model"], r["model.ramnet.d_v"], r["optim.learning_rate"]) for r in part} == {
+        (128, 64, 0.003)}
+    with pytest.raises(ValueError, match="selector 'd_model=96'"):
+        sweep.load_sweep(str(ROOT / "experiments" / "sweeps" / "fig3_mqar_state_size.py:paper,d_model=96"))
     fig4, _, _ = sweep.load_sweep(str(ROOT / "experiments" / "sweeps" / "fig4_ramnet_ablations.py:paper"))
     starts = {(r["model.ramnet.num_factors"], r["model.ramnet.factor_size"]):
               (r["train.ramnet_factors_start"], r["train.ramnet_top_k_start"]) for r in fig4}
