@@ -39,6 +39,8 @@ DENSE = {"model.ramnet.short_conv": 0, "model.ramnet.qk_bias": True, "model.ramn
 
 # `no_conv.py:dense_long`: K 8 of DENSE, whose better seed was still rising at step 6000 (0.214 -> 0.235 over the last
 # 500 steps; experiments/results/ramnet_without_conv.md, 2026-12-02 18:23): 12000 steps, 4 seeds in one program.
+# It sets no top-K fields, so BASE's anneal (32 -> 8 over the first 500 steps) applies, as it did in the recorded
+# run (2026-12-02 22:54: 0.452 mean at step 12000, every seed 0.37-0.52).
 DENSE_LONG = dict(DENSE, **{"train.num_steps": 12000, "train.num_seeds": 4})
 
 
