@@ -68,7 +68,8 @@ GRAD_KERNEL_SPLIT = False
 # What the custom VJP keeps for the backward pass: the inputs only (False: the backward pass reruns the WY and
 # chunk-state kernels, 5.3 of the op's 30.6 ms at 4096 x 8 in the LM step, profile_train_step_gpu.md), or also W,
 # the chunk-start states and V' (True: no rerun, for [T, d_k] + [N, d_k, d_v] fp32 + [T, d_v] more memory per
-# layer). Not yet timed: off.
+# layer). Timed on an H200 at 4096 x 8 (experiments/results/bench_models.md, 2026-12-02 23:07): the step 63.4 ms
+# against 65.2, the peak 11.4 GB against 8.49 (1.94x the transformer's against 1.44x): off.
 SAVE_FORWARD = False
 
 
