@@ -78,6 +78,13 @@ def get_config(variant: str = "ramnet") -> ml_collections.ConfigDict:
     # at a time: for runs whose step does not fit (RAM-Net's top-K start at a large memory). data.batch_size must
     # split into equal slices that are multiples of the batch shards.
     config.train.microbatches = 1
+    # The LM head and the loss over chunks of at most this many positions (batch x a slice of time), each chunk's
+    # logits formed again in the backward pass (ramjax/train/step.py: chunked_masked_totals); 0: the whole batch's
+    # logits at once. At vocabulary 8192, batch 256 and length 1024 the whole logits are 8 GiB in fp32 per copy,
+    # and two seeds' steps (train.num_seeds = 2) ran out of memory at 42 GB of an H200 (2026-12-02); chunks of
+    # 32768 positions hold 1 GiB. A batch of at most this many positions takes the plain path. Same loss and
+    # gradient up to float rounding.
+    config.train.loss_chunk_tokens = 32768
     config.train.log_every = 50
     config.train.eval_every = 1000
     config.train.checkpoint_every = 500

@@ -42,7 +42,7 @@ def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) 
     from ramjax.train.step import make_eval_step
     from ramjax.train.evaluation import Batches, evaluate
     from ramjax.train import multi_seed
-    from ramjax.train.setup import check_train_config, model_parts, restore_state
+    from ramjax.train.setup import check_train_config, loss_chunk_tokens, model_parts, restore_state
 
     config = load_run_config(workdir)
     if settings:
@@ -59,7 +59,7 @@ def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) 
     mesh = sharding.make_mesh(config.mesh)
     graphdef, rest = model_parts(config, mesh)
     num_seeds = multi_seed.num_seeds(config)
-    eval_fn = make_eval_step(graphdef)
+    eval_fn = make_eval_step(graphdef, loss_chunk_tokens=loss_chunk_tokens(config))
     eval_step = jax.jit(eval_fn if num_seeds == 1 else multi_seed.vmap_eval_step(eval_fn))
     batch_sharding = sharding.batch_sharding(config.mesh.rules, mesh)
     check_train_config(config, task, sharding.num_shards(batch_sharding))  # rounds eval_batch_size to the shards

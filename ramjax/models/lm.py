@@ -250,6 +250,15 @@ class LanguageModel(nnx.Module):
         return jax.lax.with_sharding_constraint(x, self.activation_sharding)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.features(tokens, positions))
+
+    def logits(self, features: jax.Array) -> jax.Array:
+        """The LM head: final features `[..., d_model]` -> fp32 logits `[..., vocab]`."""
+        return self.lm_head(features).astype(jnp.float32)
+
+    def features(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """What the LM head reads: the final-normed residual stream `[batch, time, d_model]` (compute dtype). The
+        training loss takes the head over chunks of it (train.loss_chunk_tokens) rather than whole logits."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x = self._constrain(self.embed(tokens))
@@ -268,7 +277,7 @@ class LanguageModel(nnx.Module):
         else:
             for group in self.groups:
                 x = run_group(group, x)
-        return self.lm_head(self.final_norm(x)).astype(jnp.float32)
+        return self.final_norm(x)
 
     # --- decoding (ramjax/models/decode.py) -------------------------------------------------------------
 

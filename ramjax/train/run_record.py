@@ -25,7 +25,7 @@ AMENDMENTS_FILE = "amendments.jsonl"
 RESULT_NEUTRAL = (
     "mesh.",
     "train.progress", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.address_metrics", "train.on_nonfinite", "train.microbatches",
+    "train.address_metrics", "train.on_nonfinite", "train.microbatches", "train.loss_chunk_tokens",
     "data.eval_settings", "data.eval_examples", "data.eval_batch_size", "data.eval_seed", "data.data_dir",
     "data.num_workers",  # the LM pipeline's order does not depend on it (tests/test_lm_pipeline.py)
 )

@@ -67,6 +67,7 @@ def check_train_config(config, task, batch_shards: int) -> None:
         raise ConfigError(f"data.batch_size: must be a positive multiple of the {batch_shards} batch shards and "
                           f"the {jax.process_count()} processes, got {d.batch_size}")
     microbatches(config, shards)
+    loss_chunk_tokens(config)
     if not isinstance(d.eval_batch_size, int) or d.eval_batch_size < 1:
         raise ConfigError(f"data.eval_batch_size: must be a positive integer, got {d.eval_batch_size!r}")
     if d.eval_batch_size % shards:
@@ -77,6 +78,15 @@ def check_train_config(config, task, batch_shards: int) -> None:
             print(f"ramjax train: data.eval_batch_size {d.eval_batch_size} -> {rounded} (a multiple of the "
                   f"{shards} batch shards; evaluation results do not depend on it)")
         d.eval_batch_size = rounded
+
+
+def loss_chunk_tokens(config) -> int:
+    """train.loss_chunk_tokens (0 when absent: the whole batch's logits at once), checked."""
+    n = config.train.get("loss_chunk_tokens", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"train.loss_chunk_tokens: must be an integer >= 0 (0: the whole batch's logits at once; "
+                          f"N: the LM head and loss over chunks of N positions), got {n!r}")
+    return n
 
 
 def microbatches(config, batch_shards: int) -> int:
@@ -163,7 +173,8 @@ def jit_train_step(config, graphdef, tx, schedule, state_sh, rest_sh, batch_sh, 
     batch)."""
     shards = math.lcm(sharding.num_shards(batch_sh), jax.process_count())
     step = make_train_step(graphdef, tx, schedule, microbatches=microbatches(config, shards),
-                           inject_nan_at_step=config.train.get("inject_nan_at_step", -1))
+                           inject_nan_at_step=config.train.get("inject_nan_at_step", -1),
+                           loss_chunk_tokens=loss_chunk_tokens(config))
     if num_seeds > 1:
         step = multi_seed.vmap_train_step(step, num_seeds)
     return jax.jit(step, in_shardings=(state_sh, rest_sh, batch_sh),

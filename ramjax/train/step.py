@@ -27,6 +27,35 @@ def masked_totals(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
     return nll_sum, correct, jnp.sum(mask)
 
 
+def chunked_masked_totals(logits_fn, features: jax.Array, targets: jax.Array, loss_mask: jax.Array,
+                          chunk_tokens: int):
+    """masked_totals(logits_fn(features), targets, loss_mask) with at most `chunk_tokens` positions' logits formed
+    at once (features `[batch, time, d]`, targets and loss_mask `[batch, time]`). The time axis is cut into chunks
+    of chunk_tokens // batch positions (the batch axis, the one sharded over devices, stays whole), each chunk's
+    logits are formed, reduced to its three totals and dropped, and the backward pass forms them again
+    (jax.checkpoint): [batch, time, vocab] fp32 logits and their gradient never exist whole. At vocabulary 8192,
+    batch 256 and length 1024 they are 8 GiB per copy. chunk_tokens <= 0, or a batch that fits in one chunk: the
+    plain computation. The totals are sums over chunks, equal to the plain ones up to float rounding."""
+    batch, time = targets.shape
+    if chunk_tokens <= 0 or batch * time <= chunk_tokens:
+        return masked_totals(logits_fn(features), targets, loss_mask)
+    chunk = max(1, chunk_tokens // batch)
+    num_chunks = -(-time // chunk)
+    pad = num_chunks * chunk - time
+
+    def split(x):  # [batch, time, ...] -> [chunks, batch, chunk, ...], padded positions masked out
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch, num_chunks, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk_totals(pieces):
+        chunk_features, chunk_targets, chunk_mask = pieces
+        return masked_totals(logits_fn(chunk_features), chunk_targets, chunk_mask)
+
+    totals = jax.lax.map(chunk_totals, (split(features), split(targets), split(loss_mask.astype(jnp.float32))))
+    return tuple(jnp.sum(t) for t in totals)
+
+
 def microbatch_split(batch: dict, microbatches: int) -> dict:
     """Each `[batch, ...]` array as `[microbatches, batch / microbatches, ...]`, microbatch i holding rows
     i, i + n, i + 2n, ... (strided, not contiguous: with the batch axis split over devices in contiguous blocks,
@@ -39,7 +68,7 @@ def microbatch_split(batch: dict, microbatches: int) -> dict:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, microbatches: int = 1,
-                    inject_nan_at_step: int = -1):
+                    inject_nan_at_step: int = -1, loss_chunk_tokens: int = 0):
     """The jitted-to-be train step. A step whose loss or gradient norm is not finite changes neither the
     parameters nor the optimizer state (only the step counter moves on, past the bad batch), and reports
     metrics["finite"] = 0; the loop decides whether to go on or stop. `inject_nan_at_step` (>= 0, tests and
@@ -48,14 +77,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, mic
     `microbatches` > 1 (train.microbatches): the batch's gradient is accumulated over that many slices of it in a
     `jax.lax.scan`, so only one slice's activations are alive at a time; then one optimizer update. Every slice's
     loss is its masked NLL sum over the whole batch's count, so the sum over slices is the same loss and gradient
-    as one pass over the batch (up to float rounding)."""
+    as one pass over the batch (up to float rounding).
+
+    `loss_chunk_tokens` > 0 (train.loss_chunk_tokens): the LM head and the loss over chunks of that many positions
+    (chunked_masked_totals), so the whole batch's logits are never formed at once."""
 
     def loss_fn(params, rest, batch, count):
         """The masked mean NLL's share of this batch (its NLL sum / count), and its correct predictions."""
         # Rebuild rest's Variables inside this trace: nnx refuses Variables made at an outer trace level.
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
-        nll_sum, correct, _ = masked_totals(model(batch["inputs"], batch.get("positions")), batch["targets"],
-                                            batch["loss_mask"])
+        features = model.features(batch["inputs"], batch.get("positions"))
+        nll_sum, correct, _ = chunked_masked_totals(model.logits, features, batch["targets"], batch["loss_mask"],
+                                                    loss_chunk_tokens)
         return nll_sum / jnp.maximum(count, 1.0), correct
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -98,11 +131,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, mic
     return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, *, loss_chunk_tokens: int = 0):
     def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        logits = model(batch["inputs"], batch.get("positions"))
-        loss_sum, correct, count = masked_totals(logits, batch["targets"], batch["loss_mask"])
+        features = model.features(batch["inputs"], batch.get("positions"))
+        loss_sum, correct, count = chunked_masked_totals(model.logits, features, batch["targets"],
+                                                         batch["loss_mask"], loss_chunk_tokens)
         return {"loss_sum": loss_sum, "correct": correct, "count": count}
 
     return eval_step

@@ -39,7 +39,7 @@ from ramjax.train.evaluation import Batches, evaluate
 from ramjax.train.metrics import MetricsLog, read_metrics
 from ramjax.train.profiling import ProfileWindow
 from ramjax.train.setup import (ModelSpec, abstract_model, check_model_config, check_train_config, initialisers,
-                                jit_train_step, make_task, with_shardings)
+                                jit_train_step, loss_chunk_tokens, make_task, with_shardings)
 from ramjax.train.step import make_eval_step
 
 # Train steps dispatched ahead of the device at most. JAX returns from a step as soon as it is queued; without a
@@ -120,7 +120,7 @@ def _prepare(config, workdir: str, devices) -> _Run:
     state_sh = sharding.tree_shardings(spec.abstract_state, config.mesh.rules, mesh)
     rest_sh = sharding.tree_shardings(spec.abstract_rest, config.mesh.rules, mesh)
     replicated = sharding.replicated(mesh)
-    eval_fn = make_eval_step(spec.graphdef)
+    eval_fn = make_eval_step(spec.graphdef, loss_chunk_tokens=loss_chunk_tokens(config))
     address_fn = lambda params, rest, inputs: nnx.merge(spec.graphdef, params, rest).ramnet_addresses(inputs)  # noqa: E731
     batches, train_batch_sh = Batches(batch_sh), batch_sh
     if num_seeds > 1:  # params and opt_state [seed, ...], train batches [seed, batch, time]
