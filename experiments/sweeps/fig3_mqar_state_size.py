@@ -18,6 +18,8 @@ learning rates), each training both seeds in one vmapped step (train.num_seeds =
 mean over seeds, summary.json each seed's):
   ramjax sweep --config configs/mqar.py:ramnet --sweep experiments/sweeps/fig3_mqar_state_size.py:paper \
       --workdir runs/fig3_paper --max-parallel 12 --config.train.num_steps=6000
+One device call cannot train all 36; `--runs 2,8,14,20,26,32` trains one part (every model at d_model 128 and lr 3e-3;
+--dry-run lists the indices) into the same directory, whose table covers the whole grid.
 
 The claim to test: RAM-Net is best at every state size. Width moves the baselines' state; RAM-Net's state is
 heads x M x (d_v + 1), so its points move with d_v (zipped with the width here). Attention's "state" is its KV
@@ -33,39 +35,17 @@ PLOT = {"x": "state_size", "y": ["eval/accuracy/mean"], "series": ["model.patter
 MODELS = ["ramnet", "gla", "mamba2", "gated_deltanet", "loglinear", "attention"]
 
 
-PAPER_WIDTHS = {64: 16, 128: 64, 256: 128}  # d_model -> RAM-Net's d_v
-PAPER_LEARNING_RATES = (3e-3, 1e-3)
-
-
 def get_sweep(regime: str = ""):
     """The grid above, or `fig3_mqar_state_size.py:paper`: issue 16's rerun in the paper's regime with RAM-Net's
     factor schedule on (configs/mqar.py's default): widths 64, 128 and 256, two learning rates, seeds 0 and 1 in
     one program each (train.num_seeds = 2); run it with --config.train.num_steps=6000 (it resumes: rerun the same
-    command). `paper,d_model=128,lr=0.003` keeps part of that grid (one device call cannot train all 36 programs;
-    each part gets its own sweep directory, and `--report` over several directories is not needed: the table
-    reads one)."""
-    name, *selectors = regime.split(",")
-    if name not in ("", "paper") or (selectors and name != "paper"):
-        raise ValueError(f"fig3_mqar_state_size.py: unknown regime {regime!r}; '' (the grid above), 'paper', or "
-                         "'paper,d_model=W,lr=R' (either selector may be left out)")
+    command)."""
+    if regime not in ("", "paper"):
+        raise ValueError(f"fig3_mqar_state_size.py: unknown regime {regime!r}; '' (the grid above) or 'paper'")
     models = values("model.pattern", MODELS)
-    if name == "paper":
-        widths, rates = dict(PAPER_WIDTHS), list(PAPER_LEARNING_RATES)
-        for selector in selectors:
-            key, _, value = selector.partition("=")
-            try:
-                number = float(value)
-            except ValueError:
-                number = None
-            if key == "d_model" and number in PAPER_WIDTHS:
-                widths = {int(number): PAPER_WIDTHS[int(number)]}
-            elif key == "lr" and number is not None and number > 0:
-                rates = [number]
-            else:
-                raise ValueError(f"fig3_mqar_state_size.py:{regime}: selector {selector!r} is not d_model=W with W "
-                                 f"in {sorted(PAPER_WIDTHS)} or lr=R with R > 0")
-        width_grid = zipped(values("model.d_model", list(widths)), values("model.ramnet.d_v", list(widths.values())))
+    if regime == "paper":
+        widths = zipped(values("model.d_model", [64, 128, 256]), values("model.ramnet.d_v", [16, 64, 128]))
         # Seed i of a program initialises with train.init_seed + i and draws data.seed + i: seeds 0 and 1.
-        return product(models, width_grid, values("optim.learning_rate", rates), values("train.num_seeds", [2]))
+        return product(models, widths, values("optim.learning_rate", [3e-3, 1e-3]), values("train.num_seeds", [2]))
     widths = zipped(values("model.d_model", [64, 128]), values("model.ramnet.d_v", [16, 64]))
     return product(models, widths, values("optim.learning_rate", [1e-2, 3e-3]))

@@ -18,6 +18,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the runs' `ramjax train` commands, run nothing")
     parser.add_argument("--max-parallel", type=int, default=1, help="runs at the same time (default 1)")
     parser.add_argument("--devices", default=None, help="GPU indices to spread the runs over, e.g. 0,1,2,3")
+    parser.add_argument("--runs", default=None, help="train only the runs of these indices, e.g. 0-5 or 3,8 (the "
+                        "000- prefixes of the run names; --dry-run lists them); the results table still covers the "
+                        "whole grid")
     parser.add_argument("--report", action="store_true", help="only write the results table and plots from the "
                         "runs' directories (no training)")
     args, extra = parser.parse_known_args(argv)
@@ -27,7 +30,7 @@ def main(argv: list[str]) -> None:
     try:
         rows = sweep(args.config, args.sweep, workdir=args.workdir, dry_run=args.dry_run,
                      max_parallel=args.max_parallel, overrides=extra, devices=parse_devices(args.devices),
-                     report_only=args.report)
+                     report_only=args.report, only=args.runs)
     except ConfigError as error:
         raise SystemExit(f"ramjax sweep: {error}") from None
     if any(r["status"] == "failed" for r in rows):

@@ -19,25 +19,29 @@ from ramjax.sweep.results import collect, failure, write_results
 
 
 def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: bool = False, max_parallel: int = 1,
-          overrides: list[str] = (), devices: list[str] = (), report_only: bool = False) -> list[dict]:
-    """Runs (or, with dry_run, prints) the sweep; returns its result rows."""
+          overrides: list[str] = (), devices: list[str] = (), report_only: bool = False,
+          only: str | None = None) -> list[dict]:
+    """Runs (or, with dry_run, prints) the sweep; returns its result rows. `only` ("3,6-11"): train (or print)
+    just the runs of those indices; the directory, the run names and the results table stay the whole grid's, so a
+    grid too large for one sitting is trained in parts into one directory."""
     runs, plot, names = load_sweep(sweep_path)
     if max_parallel < 1:
         raise ConfigError(f"--max-parallel: must be >= 1, got {max_parallel}")
+    chosen = select_runs(only, len(runs))
     sweep_dir = workdir or os.path.join("runs", "sweeps", sweep_name(sweep_path))
     commands = [train_command(config, os.path.join(sweep_dir, name), run, list(overrides))
                 for name, run in zip(names, runs)]
     if not report_only:
         validate_runs(config, names, runs, list(overrides))
     if dry_run:
-        for command, device in zip(commands, itertools.cycle(devices or [None])):
+        for command, device in zip([commands[i] for i in chosen], itertools.cycle(devices or [None])):
             print((f"CUDA_VISIBLE_DEVICES={device} " if device is not None else "") + printable(command))
         return []
     if report_only:
         if not os.path.isdir(sweep_dir):
             raise ConfigError(f"--report: no sweep directory {sweep_dir!r} (run the sweep first)")
     else:
-        run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, list(devices), max_parallel)
+        run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, list(devices), max_parallel, chosen)
     rows = collect(sweep_dir, names, runs)
     write_results(sweep_dir, rows, runs, plot)
     failed = [r["run"] for r in rows if r["status"] == "failed"]
@@ -45,6 +49,25 @@ def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: 
     print(f"ramjax sweep: results in {sweep_dir}/results.md" + (f"; {len(failed)} failed: {failed}" if failed else "")
           + (f"; {len(unfinished)} unfinished (rerun the same command to finish them)" if unfinished else ""))
     return rows
+
+
+def select_runs(only: str | None, count: int) -> list[int]:
+    """The run indices `only` names ("3,6-11": single indices and inclusive ranges, as in the run names' 000-
+    prefixes), or all `count` of them when it is None."""
+    if only is None:
+        return list(range(count))
+    chosen = set()
+    for part in only.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last if dash else first)
+        except ValueError:
+            raise ConfigError(f"--runs: {part!r} is not an index or a range like 6-11 (the grid's runs are "
+                              f"0-{count - 1})") from None
+        if not 0 <= low <= high < count:
+            raise ConfigError(f"--runs: {part!r} is outside the grid's runs 0-{count - 1}")
+        chosen.update(range(low, high + 1))
+    return sorted(chosen)
 
 
 def validate_runs(config: str, names: list[str], runs: list[dict], overrides: list[str]) -> None:
@@ -81,7 +104,8 @@ def check_sweep_record(sweep_dir: str, record: dict) -> None:
                           "the same ones, or use a new --workdir")
 
 
-def run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, devices, max_parallel) -> None:
+def run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, devices, max_parallel,
+             chosen: list[int]) -> None:
     file, argument = split_sweep_path(sweep_path)
     record = {"config": config, "sweep": os.path.abspath(file) + ("" if argument is None else f":{argument}"), "overrides": list(overrides),
               "runs": [{"name": n, "fields": r} for n, r in zip(names, runs)]}
@@ -94,10 +118,11 @@ def run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, de
         record["runs"] = list(known.values()) + [r for r in record["runs"] if r["name"] not in known]
     with open(path, "w") as f:
         json.dump(record, f, indent=2, default=str)
-    todo = [(name, command) for name, command in zip(names, commands)
-            if run_status(os.path.join(sweep_dir, name)) != "finished"]
-    print(f"ramjax sweep: {len(runs)} runs in {sweep_dir}; {len(runs) - len(todo)} finished already, "
-          f"{len(todo)} to run ({max_parallel} at a time" + (f" on devices {','.join(devices)})" if devices else ")"))
+    todo = [(names[i], commands[i]) for i in chosen if run_status(os.path.join(sweep_dir, names[i])) != "finished"]
+    part = "" if len(chosen) == len(runs) else f" ({len(chosen)} chosen by --runs)"
+    print(f"ramjax sweep: {len(runs)} runs in {sweep_dir}{part}; {len(chosen) - len(todo)} of those finished "
+          f"already, {len(todo)} to run ({max_parallel} at a time"
+          + (f" on devices {','.join(devices)})" if devices else ")"))
     launcher = Launcher(devices, max_parallel)
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, launcher.stop) if on_main_thread else None
