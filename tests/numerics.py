@@ -31,7 +31,14 @@ def equations(jaxpr):
 
 
 def matmul_dtypes(fn, *args):
-    """[(operand dtypes, result dtype)] of every matrix product (dot_general) in fn's traced program."""
-    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    """[(operand dtypes, result dtype)] of every matrix product (dot_general) in fn's traced program, as a GPU
+    traces it (ops.shared.numerics.matmul widens 16-bit operands on CPUs only)."""
+    from ramjax.ops.shared import numerics
+
+    widen, numerics.WIDEN_ON_CPU = numerics.WIDEN_ON_CPU, False
+    try:
+        jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    finally:
+        numerics.WIDEN_ON_CPU = widen
     return [(tuple(str(v.aval.dtype) for v in e.invars), str(e.outvars[0].aval.dtype))
             for e in equations(jaxpr) if e.primitive.name == "dot_general"]

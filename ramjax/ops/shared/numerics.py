@@ -48,11 +48,20 @@ def operand_dtype(*arrays):
     return None
 
 
+# On CPUs the 16-bit operands are widened to float32 first. CPUs have no bf16 matrix units (the cpu configs compute
+# in float32 because it is faster), and XLA:CPU's dot runtime rejects some BF16 x BF16 = F32 products outright: seen
+# with jax 0.10.2, log-linear attention's level read ("bgichk,bghkv->bgichv") at T >= 256 failed with "UNIMPLEMENTED:
+# Unsupported element type for DotThunk::Execute", so a bf16 config (the GPU defaults) could not run on a CPU.
+WIDEN_ON_CPU = True
+
+
 def matmul(spec: str, x, y, dtype=None):
     """einsum(spec, x, y) with both operands cast to `dtype` (None: as given), accumulated and returned in at
-    least float32 (float64 stays float64)."""
+    least float32 (float64 stays float64). On CPUs 16-bit operands are multiplied in float32 (WIDEN_ON_CPU)."""
     if dtype is not None:
         x, y = x.astype(dtype), y.astype(dtype)
+    if WIDEN_ON_CPU and jax.default_backend() == "cpu":
+        x, y = x.astype(jnp.result_type(jnp.float32, x.dtype)), y.astype(jnp.result_type(jnp.float32, y.dtype))
     return jnp.einsum(spec, x, y, preferred_element_type=jnp.result_type(jnp.float32, x.dtype, y.dtype))
 
 
