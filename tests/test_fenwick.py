@@ -398,3 +398,23 @@ def test_one_shared_qk_head_is_what_the_backward_pass_keeps():
     saved = printed.getvalue()
     assert f"[{batch},{seq_len},1,{d_k}]" in saved, saved  # the one head is kept
     assert f"[{batch},{seq_len},{heads},{d_k}]" not in saved, saved  # its copies are not
+
+
+@pytest.mark.parametrize("base", ["mamba2", "gated_delta"])
+def test_bf16_inputs_are_kept_in_bf16_for_the_backward_pass(base):
+    """With recompute, the chunked forms keep 16-bit q, k, v as residuals, not float32 copies (the log-linear Gated
+    DeltaNet widened them before its checkpoint: 2 d_k + d_v float32 values per token and head, per layer)."""
+    batch, seq_len, heads, d_k, d_v = 1, 64, 2, 5, 7  # no other array has these last two dimensions
+    inputs = random_inputs(15, batch, seq_len, heads, d_k, d_v, base=base)
+    q, k, v = (a.astype(jnp.bfloat16) for a in inputs[:3])
+
+    def loss(q, k, v):
+        return jnp.sum(OPS[base](q, k, v, *inputs[3:], impl="chunked", chunk_size=16).astype(jnp.float32))
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        jax.ad_checkpoint.print_saved_residuals(loss, q, k, v)
+    saved = printed.getvalue()
+    for width in (d_k, d_v):
+        assert f"bf16[{batch},{seq_len},{heads},{width}]" in saved, saved
+        assert f"f32[{batch},{seq_len},{heads},{width}]" not in saved, saved

@@ -147,6 +147,9 @@ def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, r
     """levels_kernel: the levels above the chunk by `levels_above_chunk_pallas` (no initial or final state).
     operand_dtype: None, or the 16-bit dtype the chunk pieces' matrix products (and the kernels') take as
     operands, accumulating in float32; states stay in the compute dtype."""
+    # 16-bit q, k, v arrive as they are (so that a checkpoint around this function keeps them, not float32
+    # copies) and are widened here, as the caller widens them for the other forms.
+    q, k, v = (a.astype(jnp.result_type(jnp.float32, a.dtype)) for a in (q, k, v))
     batch, seq_len, heads, d_k = q.shape
     d_v = v.shape[-1]
     num_level = level_weights.shape[-1]
@@ -279,11 +282,15 @@ def loglinear_gated_delta(
     checks.require_shape("beta", beta, tuple(g.shape), "[batch, time, heads] like g")
     out_dtype = v.dtype
     dtype = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
-    q, k, v, g, beta, level_weights = (a.astype(dtype) for a in (q, k, v, g, beta, level_weights))
+    impl = numerics.resolve_sequence_impl(impl, q.shape[1])
+    if impl != "chunked" or operand_dtype is None:
+        q, k, v = (a.astype(dtype) for a in (q, k, v))
+    # (16-bit q, k, v stay 16-bit into the chunked form, which widens them itself: with recompute, its checkpoint
+    # then keeps them at half the bytes, [batch, time, heads, 2 d_k + d_v] per layer.)
+    g, beta, level_weights = (a.astype(dtype) for a in (g, beta, level_weights))
     g = numerics.floor_log_decay(g)
     if initial_state is not None:
         initial_state = state_in_dtype(initial_state, dtype)
-    impl = numerics.resolve_sequence_impl(impl, q.shape[1])
     if impl == "recurrent":
         o, final = _delta_recurrent(q, k, v, g, beta, level_weights, initial_state)
     elif impl == "dense":
