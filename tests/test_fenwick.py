@@ -357,6 +357,32 @@ def test_recompute_changes_what_is_saved_not_the_gradients(base):
     assert "remat" not in str(jax.make_jaxpr(functools.partial(loss, False))(*inputs))
 
 
+def test_level_checkpoint_changes_nothing_but_what_is_saved(monkeypatch):
+    """gated_delta.LEVEL_CHECKPOINT (each level above the chunk rematerialised on its own, under recompute): the same
+    outputs and gradients, at a length with several levels above chunks of 16, starting mid-grid from a state."""
+    from ramjax.ops.loglinear import gated_delta as module
+
+    inputs = random_inputs(16, 2, 150, 2, 5, 7, base="gated_delta")
+    state = loglinear_init(2, 2, inputs[-1].shape[-1], 5, 7)._replace(position=jnp.int32(37))
+
+    def loss(flag, *inputs):  # (flag only makes each setting its own function: JAX caches traces per function)
+        o, final = loglinear_gated_delta(*inputs, impl="chunked", chunk_size=16, initial_state=state,
+                                         return_final_state=True)
+        return jnp.sum(jnp.sin(o)) + jnp.sum(jnp.cos(final.levels))
+
+    results = {}
+    for flag in (False, True):
+        monkeypatch.setattr(module, "LEVEL_CHECKPOINT", flag)
+        loss_now = functools.partial(loss, flag)
+        run = jax.jit(jax.value_and_grad(loss_now, argnums=tuple(range(len(inputs)))))
+        results[flag] = run(*inputs)
+        remats = str(jax.make_jaxpr(loss_now)(*inputs)).count("remat")
+        assert remats >= 3 if flag else remats == 1, (flag, remats)
+    assert abs(float(results[True][0]) - float(results[False][0])) < 1e-5 * abs(float(results[False][0]))
+    for got, want in zip(results[True][1], results[False][1], strict=True):
+        assert rel_rms(got, want) < 1e-6
+
+
 @pytest.mark.parametrize("impl", ["dense", "recurrent", "chunked", "pallas"])
 def test_one_shared_qk_head_equals_per_head_copies(impl):
     """The Mamba-2 base with one q and k head for all heads (C and B) gives the outputs, final state and gradients

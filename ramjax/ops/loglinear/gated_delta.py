@@ -142,11 +142,53 @@ def _compose_affine(earlier, later):
     return p_l @ p_e, p_l @ u_e + u_l
 
 
+# With recompute, each level above the chunk also as its own rematerialised piece (True): inside the chunked form's
+# own checkpoint, the backward pass then holds one level's prefix products and start states at a time instead of
+# every level's, for one more forward pass over the levels. Untimed on a GPU (the CPU's memory analysis of the LM
+# step did not move: its peak is elsewhere), so off.
+LEVEL_CHECKPOINT = False
+
+
+def _level_read(transition, block_state, level_lam, q_eff, zero, first_chunk: int, num_chunks: int, m: int):
+    """What the chunks read from Fenwick level (chunk level + m): the source block's state `block_state` [B, G,
+    H, dk, dv], carried through the reading block's earlier chunks by the chunk transitions [B, N, H, dk, dk], read
+    by q_eff [B, N, H, C, dk] with weights level_lam [B, N, C, H]. Returns (read [B, N, C, H, dv], the start states
+    [B, G, half, H, dk, dv] on block_grid's layout). `zero` (a scalar of the compute dtype) fixes the identity's
+    dtype."""
+    batch = transition.shape[0]
+    half, front, groups = block_grid(first_chunk, num_chunks, m)
+    group_pad = ((0, 0), (front, groups * 2 * half - front - num_chunks))
+    eye = jnp.eye(transition.shape[-1], dtype=zero.dtype)
+
+    def grouped(a, fill=None):  # [B, N, ...] -> [B, G, 2, half, ...] on the absolute chunk grid
+        if fill is None:
+            a = jnp.pad(a, group_pad + ((0, 0),) * (a.ndim - 2))
+        else:  # pad with copies of `fill`
+            before, after = group_pad[1]
+            parts = [jnp.broadcast_to(fill, (batch, n) + a.shape[2:]) for n in (before, after)]
+            a = jnp.concatenate([parts[0], a, parts[1]], axis=1)
+        return a.reshape(batch, groups, 2, half, *a.shape[2:])
+
+    trans = grouped(transition, fill=eye)  # padding chunks transition by the identity
+    # The source block's state carried through the reader's earlier chunks: exclusive prefix products of P over
+    # the reading block.
+    prefix = jax.lax.associative_scan(lambda e, l: l @ e, trans[:, :, 1], axis=2)
+    prefix = jnp.concatenate([jnp.broadcast_to(eye, prefix[:, :, :1].shape), prefix[:, :, :-1]], axis=2)
+    start_state = prefix @ block_state[:, :, None]  # [B, G, half, H, dk, dv]
+    reader_lam = grouped(level_lam)[:, :, 1]  # [B, G, half, C, H]
+    reader_q = grouped(jnp.moveaxis(q_eff, 3, 2))[:, :, 1]  # [B, G, half, C, H, dk]
+    read = jnp.einsum("bgich,bgichk,bgihkv->bgichv", reader_lam, reader_q, start_state)
+    read = jnp.concatenate([jnp.zeros_like(read), read], axis=2)
+    read = read.reshape(batch, groups * 2 * half, *read.shape[3:])[:, front : front + num_chunks]
+    return read, start_state
+
+
 def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state,
-                   levels_kernel=False, operand_dtype=None):
+                   levels_kernel=False, operand_dtype=None, level_checkpoint=False):
     """levels_kernel: the levels above the chunk by `levels_above_chunk_pallas` (no initial or final state).
     operand_dtype: None, or the 16-bit dtype the chunk pieces' matrix products (and the kernels') take as
-    operands, accumulating in float32; states stay in the compute dtype."""
+    operands, accumulating in float32; states stay in the compute dtype. level_checkpoint: each level above the
+    chunk rematerialised on its own (LEVEL_CHECKPOINT)."""
     # 16-bit q, k, v arrive as they are (so that a checkpoint around this function keeps them, not float32
     # copies) and are widened here, as the caller widens them for the other forms.
     q, k, v = (a.astype(jnp.result_type(jnp.float32, a.dtype)) for a in (q, k, v))
@@ -184,34 +226,15 @@ def _delta_chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, r
     identity = jnp.eye(d_k, dtype=transition.dtype)
     sources = [state for _, state in block_sources((transition, own_state), (identity, 0.0), _compose_affine,
                                                    first_chunk, len(levels))]
+    read_level = jax.checkpoint(_level_read, static_argnums=(5, 6, 7)) if level_checkpoint else _level_read
     for m, block_state in zip(levels, sources):
         level = chunk_bits + m
-        half, front, groups = block_grid(first_chunk, num_chunks, m)
-        group_pad = ((0, 0), (front, groups * 2 * half - front - num_chunks))
-
-        def grouped(a, fill=None):  # [B, N, ...] -> [B, G, 2, half, ...] on the absolute chunk grid
-            if fill is None:
-                a = jnp.pad(a, group_pad + ((0, 0),) * (a.ndim - 2))
-            else:  # pad with copies of `fill`
-                before, after = group_pad[1]
-                parts = [jnp.broadcast_to(fill, (batch, n) + a.shape[2:]) for n in (before, after)]
-                a = jnp.concatenate([parts[0], a, parts[1]], axis=1)
-            return a.reshape(batch, groups, 2, half, *a.shape[2:])
-
-        eye = jnp.eye(d_k, dtype=q.dtype)
-        trans = grouped(transition, fill=eye)  # padding chunks transition by the identity
-        # The source block's state (block_state, [B, G, H, dk, dv]) carried through the reader's earlier chunks:
-        # exclusive prefix products of P over the reading block.
-        prefix = jax.lax.associative_scan(lambda e, l: l @ e, trans[:, :, 1], axis=2)
-        prefix = jnp.concatenate([jnp.broadcast_to(eye, prefix[:, :, :1].shape), prefix[:, :, :-1]], axis=2)
-        start_state = prefix @ block_state[:, :, None]  # [B, G, half, H, dk, dv]
-        reader_lam = grouped(lc[..., level])[:, :, 1]  # [B, G, half, C, H]
-        reader_q = grouped(jnp.moveaxis(q_eff, 3, 2))[:, :, 1]  # [B, G, half, C, H, dk]
-        read = jnp.einsum("bgich,bgichk,bgihkv->bgichv", reader_lam, reader_q, start_state)
-        read = jnp.concatenate([jnp.zeros_like(read), read], axis=2)
-        o = o + read.reshape(batch, groups * 2 * half, *read.shape[3:])[:, front : front + num_chunks]
+        read, start_state = read_level(transition, block_state, lc[..., level], q_eff, jnp.zeros((), q.dtype),
+                                       first_chunk, num_chunks, m)
+        o = o + read
         if return_final_state and (last_chunk >> (m - 1)) & 1:
             # The last chunk reads this level: carry its start state through the last chunk.
+            half, front, _ = block_grid(first_chunk, num_chunks, m)
             group, slot = divmod(front + num_chunks - 1, 2 * half)
             last_state = transition[:, -1] @ start_state[:, group, slot - half]
             final_levels = final_levels.at[:, :, level].add(last_state)
@@ -299,8 +322,8 @@ def loglinear_gated_delta(
         # recompute: the backward pass reruns this forward from the op's inputs instead of keeping the chunk
         # transitions and every level's block states alive; the step's peak memory falls ~3x (docs/loglinear.md
         # section 7).
-        chunked = checkpoint_chunked(_delta_chunked, 6, (7, 8, 9, 10)) if recompute else _delta_chunked
+        chunked = checkpoint_chunked(_delta_chunked, 6, (7, 8, 9, 10, 11)) if recompute else _delta_chunked
         o, final = chunked(q, k, v, g, beta, level_weights, initial_state, chunk_size, return_final_state,
-                           levels_kernel, operand_dtype)
+                           levels_kernel, operand_dtype, recompute and LEVEL_CHECKPOINT)
     o = o.astype(out_dtype)
     return (o, final) if return_final_state else o
