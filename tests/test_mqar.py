@@ -67,3 +67,15 @@ def test_eval_suite_settings_are_valid():
 def test_rejects_bad_settings(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         mqar_batch(batch_rng(0, 0), batch_size=1, **kwargs)
+
+
+def test_partitioned_choice_equals_the_full_sort():
+    """The first `count` of a stable argsort of the same Gumbel scores, row by row and in order (the sampler
+    partitions instead of sorting whole rows)."""
+    from ramjax.data.mqar import _choose_without_replacement
+
+    for population, count, weighted in ((4095, 37, False), (101, 100, True), (7, 7, False), (50, 1, True)):
+        log_p = np.log(gap_probabilities(population, 0.01)) if weighted else None
+        got = _choose_without_replacement(np.random.default_rng(3), 9, population, count, log_p)
+        scores = np.random.default_rng(3).gumbel(size=(9, population)) + (0 if log_p is None else log_p)
+        assert np.array_equal(got, np.argsort(-scores, axis=1, kind="stable")[:, :count])

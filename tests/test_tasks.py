@@ -176,3 +176,24 @@ def test_eval_batch_size_is_rounded_up_to_the_batch_shards(capsys):
     check_train_config(config, None, 8)
     assert config.data.eval_batch_size == 256
     assert "data.eval_batch_size 250 -> 256" in capsys.readouterr().out
+
+
+def test_batches_made_ahead_are_the_batches_of_their_steps():
+    from ramjax.data.tasks import BatchesAhead
+
+    task = SyntheticTask("mqar", tiny_config().data)
+    for threads in (0, 1, 3):
+        ahead = BatchesAhead(task.train_batch, num_steps=12, threads=threads)
+        for step in [0, 1, 2, 7, 8, 3, 11]:  # in order, a jump forward, one back (a resume would ask so)
+            got, want = ahead.get(step), task.train_batch(step)
+            assert all(np.array_equal(a, b) for a, b in zip(got, want))
+        assert all(s < 12 for s in ahead.pending)  # nothing made past the last step
+        ahead.close()
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "2"])
+def test_prefetch_threads_must_be_a_count(value):
+    from ramjax.data.tasks import prefetch_threads
+
+    with pytest.raises(ValueError, match="data.prefetch_threads"):
+        prefetch_threads({"prefetch_threads": value})

@@ -64,7 +64,14 @@ def _choose_without_replacement(rng, batch_size: int, population: int, count: in
     scores = rng.gumbel(size=(batch_size, population))
     if log_p is not None:
         scores = scores + log_p
-    return np.argsort(-scores, axis=1, kind="stable")[:, :count]
+    if count >= population:
+        return np.argsort(-scores, axis=1, kind="stable")[:, :count]
+    # The `count` best of each row in order, as a full sort would give them (ties have probability zero), at a
+    # partition's cost: sorting whole rows of 4096 keys made a batch at vocabulary 8192 take ~0.26 s on a CPU,
+    # longer than the GPU's train step.
+    best = np.argpartition(-scores, count - 1, axis=1)[:, :count]
+    order = np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(best, order, axis=1)
 
 
 def mqar_batch(

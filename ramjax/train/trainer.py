@@ -29,6 +29,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from ramjax.data import lm_pipeline
+from ramjax.data.tasks import BatchesAhead, prefetch_threads
 from ramjax.errors import ConfigError
 from ramjax.models.state_size import recurrent_state_size
 from ramjax.timing import environment
@@ -423,8 +424,11 @@ class _TrainData:
     def __init__(self, run: _Run, checkpoints: Checkpoints, start: int):
         self.run, self.task = run, run.task
         self.iterator = None
+        self.ahead = None
         self.states = {}  # step -> the iterator's state before that step's batch, for the last `keep` steps
         if not hasattr(self.task, "train_iterator"):
+            self.ahead = BatchesAhead(self.task.train_batch, run.config.train.num_steps,
+                                      prefetch_threads(run.config.data))
             return
         run.batches.check_rows_split_by_process(run.config.data.batch_size)
         t = run.config.train
@@ -466,7 +470,7 @@ class _TrainData:
     def put(self, step: int) -> dict:
         """The batch of `step` on the mesh (steps are asked for in order)."""
         if self.iterator is None:
-            return self.run.batches.put(self.task.train_batch(step))
+            return self.run.batches.put(self.ahead.get(step))
         rows = next(self.iterator)
         self.states[step + 1] = self.iterator.get_state()
         self.states.pop(step + 1 - self.keep, None)
@@ -487,6 +491,9 @@ class _TrainData:
     def close(self) -> None:
         if self.iterator is not None:
             self.iterator.close()
+        if self.ahead is not None:
+            self.ahead.close()
+
 
 
 def _evaluate(run: _Run, params, rest) -> dict:
