@@ -16,9 +16,11 @@ vocabulary 512, kv 4-32 up to length 128 in training, up to kv 64 / length 256 i
 The paper's regime with the factor schedule, 2 seeds (issue 16, section 4): 36 programs (6 models x 3 widths x 2
 learning rates), each training both seeds in one vmapped step (train.num_seeds = 2; the table and plot show the
 mean over seeds, summary.json each seed's):
-  ramjax sweep --config configs/mqar.py:ramnet --sweep experiments/sweeps/fig3_mqar_state_size.py:paper \
-      --workdir runs/fig3_paper --max-parallel 12 --config.train.num_steps=6000
-One device call cannot train all 36; `--runs 2,8,14,20,26,32` trains one part (every model at d_model 128 and lr 3e-3;
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.15 ramjax sweep --config configs/mqar.py:ramnet \
+      --sweep experiments/sweeps/fig3_mqar_state_size.py:paper --workdir runs/fig3_paper --max-parallel 6 \
+      --config.train.num_steps=6000
+Six programs share an H200 at 10-17 steps/s each (2026-12-03); one device call cannot train all 36, so
+`--runs 2,8,14,20,26,32` trains one part (every model at d_model 128 and lr 3e-3;
 --dry-run lists the indices) into the same directory, whose table covers the whole grid.
 
 The claim to test: RAM-Net is best at every state size. Width moves the baselines' state; RAM-Net's state is
@@ -46,6 +48,11 @@ def get_sweep(regime: str = ""):
     if regime == "paper":
         widths = zipped(values("model.d_model", [64, 128, 256]), values("model.ramnet.d_v", [16, 64, 128]))
         # Seed i of a program initialises with train.init_seed + i and draws data.seed + i: seeds 0 and 1.
-        return product(models, widths, values("optim.learning_rate", [3e-3, 1e-3]), values("train.num_seeds", [2]))
+        grid = product(models, widths, values("optim.learning_rate", [3e-3, 1e-3]), values("train.num_seeds", [2]))
+        # RAM-Net's sparse read and write hold each token's K slots per head ([seeds, time, batch, heads x K,
+        # d_v + 1] fp32, 4.4 GB per copy at length 1024): its two-seed step at d_v 64 needs ~48 GB of temporaries
+        # (XLA:CPU's buffer assignment; it ran out of memory on an H200 at 0.15 of the GPU with 2 microbatches,
+        # 2026-12-03). 4 microbatches bring it to ~12 GB, beside its ~12 GB evaluation step; same gradient.
+        return [dict(run, **{"train.microbatches": 4}) if run["model.pattern"] == "ramnet" else run for run in grid]
     widths = zipped(values("model.d_model", [64, 128]), values("model.ramnet.d_v", [16, 64]))
     return product(models, widths, values("optim.learning_rate", [1e-2, 3e-3]))
