@@ -70,14 +70,17 @@ def test_bad_on_nonfinite_value_is_a_config_error(tmp_path):
 
 
 def test_sigterm_saves_and_exits_zero_then_resumes_exactly(tmp_path, monkeypatch, capsys, uninterrupted):
-    make_batch = SyntheticTask.train_batch
+    from ramjax.train import trainer
+
+    # The signal arrives as the loop takes step 5's batch (batches themselves are made ahead, in threads).
+    put_batch = trainer._TrainData.put
 
     def preempt_at_step_5(self, step):
         if step == 5:
             os.kill(os.getpid(), signal.SIGTERM)
-        return make_batch(self, step)
+        return put_batch(self, step)
 
-    monkeypatch.setattr(SyntheticTask, "train_batch", preempt_at_step_5)
+    monkeypatch.setattr(trainer._TrainData, "put", preempt_at_step_5)
     with pytest.raises(SystemExit) as exit_info:
         train(resume_config(), str(tmp_path))
     assert exit_info.value.code == 0
