@@ -184,7 +184,7 @@ def test_batches_made_ahead_are_the_batches_of_their_steps():
     task = SyntheticTask("mqar", tiny_config().data)
     for threads in (0, 1, 3):
         ahead = BatchesAhead(task.train_batch, num_steps=12, threads=threads)
-        for step in [0, 1, 2, 7, 8, 3, 11]:  # in order, a jump forward, one back (a resume would ask so)
+        for step in [0, 1, 2, 7, 8, 3, 11]:  # in order, a jump forward, one back (the loop never asks so)
             got, want = ahead.get(step), task.train_batch(step)
             assert all(np.array_equal(a, b) for a, b in zip(got, want))
         assert all(s < 12 for s in ahead.pending)  # nothing made past the last step

@@ -67,8 +67,8 @@ def _choose_without_replacement(rng, batch_size: int, population: int, count: in
     if count >= population:
         return np.argsort(-scores, axis=1, kind="stable")[:, :count]
     # The `count` best of each row in order, as a full sort would give them (ties have probability zero), at a
-    # partition's cost: sorting whole rows of 4096 keys made a batch at vocabulary 8192 take ~0.26 s on a CPU,
-    # longer than the GPU's train step.
+    # partition's cost: sorting whole rows of 4096 keys made a two-seed step's 512 rows at vocabulary 8192 take
+    # ~0.26 s on a CPU, longer than the GPU's train step (now ~0.04 s per 256 rows).
     best = np.argpartition(-scores, count - 1, axis=1)[:, :count]
     order = np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1, kind="stable")
     return np.take_along_axis(best, order, axis=1)

@@ -114,6 +114,7 @@ def _prepare(config, workdir: str, devices) -> _Run:
         top_k_schedule.check(config)
         factor_schedule.check(config)
         _early_stop_accuracy(config)
+        prefetch_threads(config.data)
         profiler = ProfileWindow(config.train.get("profile_steps", (0, 0)), os.path.join(workdir, "profile"))
         spec = abstract_model(config, mesh)
     except ValueError as error:
@@ -493,7 +494,6 @@ class _TrainData:
             self.iterator.close()
         if self.ahead is not None:
             self.ahead.close()
-
 
 
 def _evaluate(run: _Run, params, rest) -> dict:
