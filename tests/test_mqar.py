@@ -70,12 +70,30 @@ def test_rejects_bad_settings(kwargs, needle):
 
 
 def test_partitioned_choice_equals_the_full_sort():
-    """The first `count` of a stable argsort of the same Gumbel scores, row by row and in order (the sampler
-    partitions instead of sorting whole rows)."""
+    """The first `count` of a stable argsort of the same scores (uniform ones ascending; Gumbel plus log p
+    descending), row by row and in order: the sampler partitions instead of sorting whole rows."""
     from ramjax.data.mqar import _choose_without_replacement
 
     for population, count, weighted in ((4095, 37, False), (101, 100, True), (7, 7, False), (50, 1, True)):
         log_p = np.log(gap_probabilities(population, 0.01)) if weighted else None
         got = _choose_without_replacement(np.random.default_rng(3), 9, population, count, log_p)
-        scores = np.random.default_rng(3).gumbel(size=(9, population)) + (0 if log_p is None else log_p)
-        assert np.array_equal(got, np.argsort(-scores, axis=1, kind="stable")[:, :count])
+        rng = np.random.default_rng(3)
+        if weighted:
+            order = np.argsort(-(rng.gumbel(size=(9, population)) + log_p), axis=1, kind="stable")
+        else:
+            order = np.argsort(rng.random(size=(9, population)), axis=1, kind="stable")
+        assert np.array_equal(got, order[:, :count])
+
+
+def test_uniform_choice_is_uniform_over_indices_and_positions():
+    """Without weights every index is equally likely in every position of the chosen list (what Zoology's
+    np.random.choice(replace=False) gives): counts over 20000 rows within 5 standard deviations."""
+    from ramjax.data.mqar import _choose_without_replacement
+
+    rows, population, count = 20000, 13, 5
+    got = _choose_without_replacement(np.random.default_rng(0), rows, population, count)
+    assert all(len(set(row)) == count for row in got[:200])
+    expected = rows / population
+    for position in range(count):
+        counts = np.bincount(got[:, position], minlength=population)
+        assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected)), (position, counts)

@@ -49,10 +49,12 @@ def get_sweep(regime: str = ""):
         widths = zipped(values("model.d_model", [64, 128, 256]), values("model.ramnet.d_v", [16, 64, 128]))
         # Seed i of a program initialises with train.init_seed + i and draws data.seed + i: seeds 0 and 1.
         grid = product(models, widths, values("optim.learning_rate", [3e-3, 1e-3]), values("train.num_seeds", [2]))
-        # RAM-Net's sparse read and write hold each token's K slots per head ([seeds, time, batch, heads x K,
-        # d_v + 1] fp32, 4.4 GB per copy at length 1024): its two-seed step at d_v 64 needs ~48 GB of temporaries
-        # (XLA:CPU's buffer assignment; it ran out of memory on an H200 at 0.15 of the GPU with 2 microbatches,
-        # 2026-12-03). 4 microbatches bring it to ~12 GB, beside its ~12 GB evaluation step; same gradient.
-        return [dict(run, **{"train.microbatches": 4}) if run["model.pattern"] == "ramnet" else run for run in grid]
+        # 2 microbatches (the same gradient, half the activations at a time) where XLA:CPU's buffer assignment of
+        # the two-seed step at length 256 (the longest training length) is ~20 GB or more: RAM-Net (its sparse
+        # read and write keep each token's K slots per head, [seeds, time, batch, heads x K, d_v + 1] fp32;
+        # 12 GB at d_v 64, 21 GB at d_v 128) and every model at d_model 256 (Gated DeltaNet 27 GB, Mamba-2 20 GB;
+        # at d_model 128 9-15 GB), so that eight programs share one H200.
+        return [dict(run, **{"train.microbatches": 2})
+                if run["model.pattern"] == "ramnet" or run["model.d_model"] == 256 else run for run in grid]
     widths = zipped(values("model.d_model", [64, 128]), values("model.ramnet.d_v", [16, 64]))
     return product(models, widths, values("optim.learning_rate", [1e-2, 3e-3]))
