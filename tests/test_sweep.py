@@ -260,6 +260,29 @@ def test_report_gives_a_multi_seed_runs_best_of_each_seed(tmp_path):
     assert "eval/accuracy/mean/seed_0" in (out / "results.csv").read_text()
 
 
+def test_an_unfinished_runs_state_size_comes_from_its_config_and_the_plot_skips_runs_without_it(tmp_path):
+    """Figure 3's x axis is a result column (state_size) that only a finished run's summary held: a report of a
+    part-trained grid raised KeyError (2026-12-03). An unfinished run's comes from its config.json; one without a
+    config is left out of the plot, not fatal."""
+    from ramjax.configs import load_config
+
+    grid = str(ROOT / "experiments" / "sweeps" / "fig3_mqar_state_size.py:paper")
+    runs, _, names = sweep.load_sweep(grid)
+    out = tmp_path / "out"
+    for i in (2, 8):  # RAM-Net and GLA at d_model 128: with a config; 14 (Mamba-2): none
+        config = load_config("configs/mqar.py:ramnet", [f"{k}={v}" for k, v in runs[i].items()])
+        (out / names[i]).mkdir(parents=True)
+        (out / names[i] / "config.json").write_text(config.to_json())
+    for i in (2, 8, 14):
+        (out / names[i]).mkdir(parents=True, exist_ok=True)
+        (out / names[i] / "metrics.jsonl").write_text(json.dumps({"step": 500, "eval/accuracy/mean": 0.5}) + "\n")
+    rows = sweep.sweep("configs/mqar.py:ramnet", grid, workdir=str(out), report_only=True)
+    assert rows[2]["state_size"] == 2 * 4 * 1024 * 65  # 2 layers x 4 heads x M 1024 x (d_v 64 + 1)
+    assert rows[8]["state_size"] == 4096  # GLA at d_model 128, as its finished runs' summaries say
+    assert rows[14]["status"] == "unfinished" and rows[14]["state_size"] is None
+    assert list(out.glob("plot_*.png"))
+
+
 def test_best_rows_keeps_the_best_run_of_each_combination():
     rows = [{"model": "a", "lr": 1e-2, "acc": 0.1}, {"model": "a", "lr": 3e-3, "acc": 0.7},
             {"model": "b", "lr": 1e-2, "acc": 0.5}, {"model": "b", "lr": 3e-3, "acc": None},

@@ -10,6 +10,10 @@ import os
 import re
 import statistics
 
+import ml_collections
+
+from ramjax.data.tasks import parse_settings
+from ramjax.models.state_size import recurrent_state_size
 from ramjax.sweep.grid import format_value
 from ramjax.sweep.launcher import run_status
 from ramjax.train.metrics import best_per_seed
@@ -32,6 +36,7 @@ def collect(sweep_dir: str, names: list[str], runs: list[dict]) -> list[dict]:
             row.update(best_of_seeds(directory))
             row.update(summary.get("eval", {}))
         elif status == "unfinished":
+            row["state_size"] = state_size_from_config(directory)
             row.update(best_of_seeds(directory))
             row.update(last_evaluation(directory))
         elif status == "failed":
@@ -75,6 +80,18 @@ def last_evaluation(directory: str) -> dict:
     if not latest:
         return {}
     return {"eval_step": latest.get("step"), **{k: v for k, v in latest.items() if k.startswith("eval/")}}
+
+
+def state_size_from_config(directory: str) -> int | None:
+    """The recurrent state size a finished run's summary would give (at the longest evaluation length), from the
+    run's config.json, for a run stopped before its summary; None without a readable config."""
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            config = json.load(f)
+        longest = max(n for _, n in parse_settings("data.eval_settings", config["data"]["eval_settings"]))
+        return recurrent_state_size(ml_collections.ConfigDict(config["model"]), longest)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None
 
 
 def best_of_seeds(directory: str) -> dict:
@@ -161,7 +178,9 @@ def plot_results(sweep_dir: str, rows: list[dict], fields: list[str], plot) -> l
         figure, axes = plt.subplots(figsize=(6, 4))
         key = lambda r: tuple(r.get(s) for s in series)  # noqa: E731
         for group, members in itertools.groupby(sorted(shown, key=lambda r: str(key(r))), key=key):
-            members = [m for m in members if m.get(y) is not None]
+            # A run without the x value (a result column such as state_size that an unfinished run may lack)
+            # is left out of the plot; the table still shows it.
+            members = [m for m in members if m.get(y) is not None and m.get(x) is not None]
             points = sorted(((_number(m[x]), m[y]) for m in members), key=lambda p: p[0])
             label = ", ".join(f"{s.split('.')[-1]}={v}" for s, v in zip(series, group)) or y
             axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
