@@ -309,7 +309,10 @@ def test_the_paper_regime_sweeps_train_two_seeds_per_program_with_the_method_on(
     regime, each program with seeds 0 and 1 (train.num_seeds); Figure 4's factor schedule starts from about 64
     slots whatever d_p, and U = 1 (no factor to hold) anneals top-K instead."""
     fig3, _, _ = sweep.load_sweep(str(ROOT / "experiments" / "sweeps" / "fig3_mqar_state_size.py:paper"))
-    assert len(fig3) == 36 and all(run["train.num_seeds"] == 2 for run in fig3)
+    assert len(fig3) == 39 and all(run["train.num_seeds"] == 2 for run in fig3)
+    # RAM-Net at the baselines' state sizes, after the 36 runs of the grid (whose indices stay)
+    assert [(r["model.ramnet.num_factors"], r["model.ramnet.d_v"]) for r in fig3[36:]] == [(3, 16), (4, 16), (4, 32)]
+    assert fig3[2]["model.pattern"] == "ramnet" and fig3[2]["model.d_model"] == 128
     assert not any("train.init_seed" in run or "data.seed" in run for run in fig3)
     fig4, _, _ = sweep.load_sweep(str(ROOT / "experiments" / "sweeps" / "fig4_ramnet_ablations.py:paper"))
     starts = {(r["model.ramnet.num_factors"], r["model.ramnet.factor_size"]):

@@ -13,15 +13,19 @@ vocabulary 512, kv 4-32 up to length 128 in training, up to kv 64 / length 256 i
       --config.train.eval_every=500 --config.data.train_settings=4:64,8:64,16:64,32:128 \
       --config.data.eval_settings=4:64,8:64,16:64,32:128,64:256
 
-The paper's regime with the factor schedule, 2 seeds (issue 16, section 4): 36 programs (6 models x 3 widths x 2
-learning rates), each training both seeds in one vmapped step (train.num_seeds = 2; the table and plot show the
-mean over seeds, summary.json each seed's):
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.15 ramjax sweep --config configs/mqar.py:ramnet \
-      --sweep experiments/sweeps/fig3_mqar_state_size.py:paper --workdir runs/fig3_paper --max-parallel 6 \
-      --config.train.num_steps=6000
-Six programs share an H200 at 10-17 steps/s each (2026-12-03); one device call cannot train all 36, so
-`--runs 2,8,14,20,26,32` trains one part (every model at d_model 128 and lr 3e-3;
---dry-run lists the indices) into the same directory, whose table covers the whole grid.
+The paper's regime with the factor schedule, 2 seeds (issue 16, section 4): 39 programs (6 models x 3 widths x 2
+learning rates, then RAM-Net at three smaller states), each training both seeds in one vmapped step
+(train.num_seeds = 2; the table and plot show the mean over seeds, summary.json each seed's). Zoology's training
+mixture up to length 256 (configs/mqar.py), the 7 settings up to length 1024 in evaluation. On one H200
+(2026-12-03) eight programs sharing it advanced ~28 program-steps/s in all, and RAM-Net at d_model 256 held ~33 GB
+per program, so the grid runs as three calls of one command into one directory, each with its own memory share:
+  C="--config configs/mqar.py:ramnet --sweep experiments/sweeps/fig3_mqar_state_size.py:paper
+     --workdir runs/fig3_paper --config.train.num_steps=3000 --config.train.eval_every=500"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 ramjax sweep $C --runs 4,5 --max-parallel 2 &
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 ramjax sweep $C --runs 0-3,10,11,16,17,22,23,28,29,34-38 --max-parallel 3 &
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 ramjax sweep $C --runs 6-9,12-15,18-21,24-27,30-33 --max-parallel 1
+(--dry-run lists the indices; finished runs are skipped, unfinished ones resume from their checkpoints.) The
+whole grid is ~45 minutes of an H200 at that rate; `--report` writes the table and plot of what has finished.
 
 The claim to test: RAM-Net is best at every state size. Width moves the baselines' state; RAM-Net's state is
 heads x M x (d_v + 1), so its points move with d_v (zipped with the width here). Attention's "state" is its KV
@@ -40,8 +44,8 @@ MODELS = ["ramnet", "gla", "mamba2", "gated_deltanet", "loglinear", "attention"]
 def get_sweep(regime: str = ""):
     """The grid above, or `fig3_mqar_state_size.py:paper`: issue 16's rerun in the paper's regime with RAM-Net's
     factor schedule on (configs/mqar.py's default): widths 64, 128 and 256, two learning rates, seeds 0 and 1 in
-    one program each (train.num_seeds = 2); run it with --config.train.num_steps=6000 (it resumes: rerun the same
-    command)."""
+    one program each (train.num_seeds = 2), then RAM-Net at the baselines' state sizes (runs 36-38); it resumes:
+    rerun the same command."""
     if regime not in ("", "paper"):
         raise ValueError(f"fig3_mqar_state_size.py: unknown regime {regime!r}; '' (the grid above) or 'paper'")
     models = values("model.pattern", MODELS)
@@ -49,11 +53,19 @@ def get_sweep(regime: str = ""):
         widths = zipped(values("model.d_model", [64, 128, 256]), values("model.ramnet.d_v", [16, 64, 128]))
         # Seed i of a program initialises with train.init_seed + i and draws data.seed + i: seeds 0 and 1.
         grid = product(models, widths, values("optim.learning_rate", [3e-3, 1e-3]), values("train.num_seeds", [2]))
+        # With M = 1024 RAM-Net's state (139k-1.06M numbers) sits above every recurrent baseline's (1k-65k): to
+        # compare at equal state, RAM-Net at d_model 128 and lr 3e-3 (where it learned at every width, 2026-12-03)
+        # with M = 64, 256, 256 slots and d_v 16, 16, 32: 8,704 / 34,816 / 67,584 numbers. Appended, so that the
+        # indices and names of the runs above stay as they were.
+        grid += product(values("model.pattern", ["ramnet"]), values("model.d_model", [128]),
+                        zipped(values("model.ramnet.num_factors", [3, 4, 4]), values("model.ramnet.d_v", [16, 16, 32])),
+                        values("optim.learning_rate", [3e-3]), values("train.num_seeds", [2]))
         # 2 microbatches (the same gradient, half the activations at a time) where XLA:CPU's buffer assignment of
         # the two-seed step at length 256 (the longest training length) is ~20 GB or more: RAM-Net (its sparse
         # read and write keep each token's K slots per head, [seeds, time, batch, heads x K, d_v + 1] fp32;
         # 12 GB at d_v 64, 21 GB at d_v 128) and every model at d_model 256 (Gated DeltaNet 27 GB, Mamba-2 20 GB;
-        # at d_model 128 9-15 GB), so that eight programs share one H200.
+        # at d_model 128 9-15 GB). On an H200 RAM-Net at d_model 256 still held ~33 GB per program: give those
+        # two runs their own sweep call with a larger XLA_PYTHON_CLIENT_MEM_FRACTION (the docstring's commands).
         return [dict(run, **{"train.microbatches": 2})
                 if run["model.pattern"] == "ramnet" or run["model.d_model"] == 256 else run for run in grid]
     widths = zipped(values("model.d_model", [64, 128]), values("model.ramnet.d_v", [16, 64]))
