@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -189,6 +190,61 @@ def test_launcher_gives_each_run_a_device_and_a_share_of_its_memory(tmp_path, mo
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.2")
     assert sweep.Launcher(["0"], max_parallel=3).memory_fraction == "0.2"  # the user's setting wins
     assert sweep.Launcher([], max_parallel=3).memory_fraction == "0.2"
+
+
+SPAN = ("import sys, time; start = time.time(); time.sleep(float(sys.argv[2])); "
+        "open(sys.argv[1], 'w').write(f'{start} {time.time()}')")
+
+
+def test_runs_with_their_own_memory_share_start_only_when_their_gpu_has_room(tmp_path, monkeypatch):
+    """A sweep file's memory_fraction(run): each process gets its run's share, and a run waits while the shares
+    of the runs on its GPU (each with the ~4 GB a process holds outside XLA's pool) leave no room for it. On one
+    H200 (2026-12-03) RAM-Net at d_model 256 needed ~33 GB beside runs that fit in 14."""
+    import threading
+
+    monkeypatch.setattr(sweep.launcher, "gpu_memory_gb", lambda device: 100.0)  # overhead 4 GB = 0.04 each
+    launcher = sweep.Launcher([], max_parallel=3)
+    spans = {}
+
+    def run(name, share, seconds):
+        out = tmp_path / f"{name}.txt"
+        status, _ = launcher.execute([sys.executable, "-c", SPAN, str(out), str(seconds)], str(tmp_path / name),
+                                     share)
+        spans[name] = [float(v) for v in out.read_text().split()]
+        assert status == "unfinished"
+
+    # big (0.6 + 0.04) and small (0.3 + 0.04) fit together; a second big one (another 0.64) waits for the first.
+    threads = [threading.Thread(target=run, args=a) for a in (("big1", "0.6", 2.0), ("small", "0.3", 2.0))]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    late = threading.Thread(target=run, args=("big2", "0.6", 0.1))
+    late.start()
+    for thread in threads + [late]:
+        thread.join()
+    assert spans["small"][0] < spans["big1"][1] and spans["big1"][0] < spans["small"][1]  # overlapped
+    assert spans["big2"][0] >= spans["big1"][1]  # started after the first big run ended
+    assert launcher.reserved[None] == pytest.approx(0.0)
+    # The process sees its own share, not the launcher's.
+    out = tmp_path / "env.txt"
+    launcher.execute([sys.executable, "-c", ECHO_ENV, str(out)], str(tmp_path / "env"), "0.25")
+    assert out.read_text() == " 0.25"
+
+
+def test_a_sweep_files_memory_fraction_reaches_each_run(tmp_path, capsys):
+    grid = tmp_path / "grid.py"
+    grid.write_text("from ramjax.sweep import product, values\n\n\ndef get_sweep():\n"
+                    "    return product(values('model.d_model', [32, 64]), values('optim.learning_rate', [1e-3, 1e-2]))"
+                    "\n\n\ndef memory_fraction(run):\n    return 0.5 if run['model.d_model'] == 64 else None\n")
+    runs, _, _ = sweep.load_sweep(str(grid))
+    assert sweep.memory_fractions(str(grid), runs) == [None, None, "0.5", "0.5"]
+    sweep.sweep("configs/mqar.py:ramnet,cpu", str(grid), workdir=str(tmp_path / "s"), dry_run=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.startswith("XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 ramjax train") for line in lines] == \
+        [False, False, True, True]
+    grid.write_text(grid.read_text().replace("0.5 if", "1.5 if"))
+    with pytest.raises(ConfigError, match=r"memory_fraction\(\) of run 2 .* must be a number in \(0, 1\].*got 1.5"):
+        sweep.memory_fractions(str(grid), runs)
 
 
 def test_a_run_out_of_its_gpu_share_says_what_to_change(tmp_path, monkeypatch):

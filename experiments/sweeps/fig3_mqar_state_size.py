@@ -18,14 +18,13 @@ learning rates, then RAM-Net at three smaller states), each training both seeds 
 (train.num_seeds = 2; the table and plot show the mean over seeds, summary.json each seed's). Zoology's training
 mixture up to length 256 (configs/mqar.py), the 7 settings up to length 1024 in evaluation. On one H200
 (2026-12-03) eight programs sharing it advanced ~28 program-steps/s in all, and RAM-Net at d_model 256 held ~33 GB
-per program, so the grid runs as three calls of one command into one directory, each with its own memory share:
-  C="--config configs/mqar.py:ramnet --sweep experiments/sweeps/fig3_mqar_state_size.py:paper
-     --workdir runs/fig3_paper --config.train.num_steps=3000 --config.train.eval_every=500"
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 ramjax sweep $C --runs 4,5 --max-parallel 2 &
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 ramjax sweep $C --runs 0-3,10,11,16,17,22,23,28,29,34-38 --max-parallel 3 &
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 ramjax sweep $C --runs 6-9,12-15,18-21,24-27,30-33 --max-parallel 1
-(--dry-run lists the indices; finished runs are skipped, unfinished ones resume from their checkpoints.) The
-whole grid is ~45 minutes of an H200 at that rate; `--report` writes the table and plot of what has finished.
+per program where the others fit in 14 GB, so each run brings its own memory share (memory_fraction below) and
+the sweep packs them onto the GPU by it:
+  ramjax sweep --config configs/mqar.py:ramnet --sweep experiments/sweeps/fig3_mqar_state_size.py:paper \
+      --workdir runs/fig3_paper --max-parallel 8 --config.train.num_steps=3000 --config.train.eval_every=500
+(--dry-run lists the indices and shares; `--runs 0-5,36-38` trains part of the grid into the same directory;
+finished runs are skipped, unfinished ones resume from their checkpoints.) The whole grid is ~45 minutes of an
+H200 at that rate; `--report` writes the table and plot of what has finished.
 
 The claim to test: RAM-Net is best at every state size. Width moves the baselines' state; RAM-Net's state is
 heads x M x (d_v + 1), so its points move with d_v (zipped with the width here). Attention's "state" is its KV
@@ -39,6 +38,17 @@ PLOT = {"x": "state_size", "y": ["eval/accuracy/mean"], "series": ["model.patter
 
 
 MODELS = ["ramnet", "gla", "mamba2", "gated_deltanet", "loglinear", "attention"]
+
+
+def memory_fraction(run: dict):
+    """Each paper-grid run's share of an H200's memory (the sweep packs runs by it): RAM-Net at d_model 256 held
+    ~33 GB there (2026-12-03; it failed at 0.12 of the GPU), every other run trained within 0.12 (RAM-Net, and the
+    d_model 256 baselines) or 0.10. None (the launcher's even split) for the small grid."""
+    if run.get("train.num_seeds", 1) == 1:
+        return None
+    if run["model.pattern"] == "ramnet" and run["model.d_model"] == 256:
+        return 0.3
+    return 0.12 if run["model.pattern"] == "ramnet" or run["model.d_model"] == 256 else 0.1
 
 
 def get_sweep(regime: str = ""):
@@ -64,8 +74,8 @@ def get_sweep(regime: str = ""):
         # the two-seed step at length 256 (the longest training length) is ~20 GB or more: RAM-Net (its sparse
         # read and write keep each token's K slots per head, [seeds, time, batch, heads x K, d_v + 1] fp32;
         # 12 GB at d_v 64, 21 GB at d_v 128) and every model at d_model 256 (Gated DeltaNet 27 GB, Mamba-2 20 GB;
-        # at d_model 128 9-15 GB). On an H200 RAM-Net at d_model 256 still held ~33 GB per program: give those
-        # two runs their own sweep call with a larger XLA_PYTHON_CLIENT_MEM_FRACTION (the docstring's commands).
+        # at d_model 128 9-15 GB). On an H200 RAM-Net at d_model 256 still held ~33 GB per program: its share is
+        # larger (memory_fraction below).
         return [dict(run, **{"train.microbatches": 2})
                 if run["model.pattern"] == "ramnet" or run["model.d_model"] == 256 else run for run in grid]
     widths = zipped(values("model.d_model", [64, 128]), values("model.ramnet.d_v", [16, 64]))

@@ -67,14 +67,19 @@ def sweep_name(path: str) -> str:
     return name if argument is None else f"{name}_{argument}"
 
 
-def load_sweep(path: str):
-    """(runs, plot spec, run names) from a sweep file, "FILE.py" or "FILE.py:ARGUMENT" (get_sweep(ARGUMENT))."""
-    path, argument = split_sweep_path(path)
+def _load_module(path: str):
     if not os.path.exists(path):
         raise ConfigError(f"--sweep: no such file {path!r}")
     spec = importlib.util.spec_from_file_location(f"sweep_{os.path.basename(path)[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_sweep(path: str):
+    """(runs, plot spec, run names) from a sweep file, "FILE.py" or "FILE.py:ARGUMENT" (get_sweep(ARGUMENT))."""
+    path, argument = split_sweep_path(path)
+    module = _load_module(path)
     if not hasattr(module, "get_sweep"):
         raise ConfigError(f"--sweep {path}: defines no get_sweep()")
     try:
@@ -95,6 +100,26 @@ def load_sweep(path: str):
     runs = [{**base, **r} for r in runs]
     plot = getattr(module, "PLOT", None)
     return runs, plot, names
+
+
+def memory_fractions(path: str, runs: list[dict]) -> list[str | None]:
+    """Each run's share of one GPU's memory (its process's XLA_PYTHON_CLIENT_MEM_FRACTION) from the sweep file's
+    optional `memory_fraction(run)` (the run's fields -> a number in (0, 1], or None for the launcher's share);
+    all None without one. For grids whose runs need very different memory (RAM-Net at d_model 256 beside small
+    baselines): the launcher starts a run only when its device has room for its share."""
+    module = _load_module(split_sweep_path(path)[0])
+    function = getattr(module, "memory_fraction", None)
+    if function is None:
+        return [None] * len(runs)
+    shares = []
+    for index, run in enumerate(runs):
+        share = function(dict(run))
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
+                                  or not 0 < share <= 1):
+            raise ConfigError(f"--sweep {path}: memory_fraction() of run {index} ({run_name(index, run)}) must be "
+                              f"a number in (0, 1] (a share of one GPU's memory) or None, got {share!r}")
+        shares.append(None if share is None else f"{share:g}")
+    return shares
 
 
 def format_value(value) -> str:

@@ -68,7 +68,11 @@ def run_status(workdir: str) -> str:
 
 
 class Launcher:
-    """Starts training processes, each on the next free device slot, and stops them all on request."""
+    """Starts training processes, each on the next free device slot, and stops them all on request.
+
+    A run may bring its own memory share (a sweep file's memory_fraction(run)); then it starts only when the
+    shares of the runs on its device, each with the memory a process holds outside XLA's pool, leave room for
+    its own (a run alone on a device always starts), so that large and small runs can share GPUs in one sweep."""
 
     def __init__(self, devices: list[str], max_parallel: int):
         self.slots = queue.Queue()
@@ -82,6 +86,9 @@ class Launcher:
         self.stopping = False
         self.running: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
+        self.reserved: dict = {}  # device -> the shares (with overheads) of its runs that brought their own
+        self.memory_changed = threading.Condition()
+        self._overheads: dict = {}
 
     def stop(self, signum=signal.SIGTERM, frame=None) -> None:
         """No new runs; the running trainers get SIGTERM (they save a checkpoint and exit)."""
@@ -91,17 +98,45 @@ class Launcher:
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
 
-    def execute(self, command: list[str], workdir: str) -> tuple[str, float]:
-        """Runs one training process; its output goes to workdir/train.log. Returns (status, seconds)."""
+    def execute(self, command: list[str], workdir: str, memory_fraction: str | None = None) -> tuple[str, float]:
+        """Runs one training process; its output goes to workdir/train.log. Returns (status, seconds).
+        memory_fraction: this run's XLA_PYTHON_CLIENT_MEM_FRACTION, instead of the launcher's."""
         if self.stopping:
             return "not started", 0.0
         device = self.slots.get()
         try:
-            return self._execute(command, workdir, device)
+            need = float(memory_fraction) + self._overhead(device) if memory_fraction else 0.0
+            if not self._reserve(device, need):
+                return "not started", 0.0
+            try:
+                return self._execute(command, workdir, device, memory_fraction or self.memory_fraction)
+            finally:
+                with self.memory_changed:
+                    self.reserved[device] -= need
+                    self.memory_changed.notify_all()
         finally:
             self.slots.put(device)
 
-    def _execute(self, command: list[str], workdir: str, device) -> tuple[str, float]:
+    def _reserve(self, device, need: float) -> bool:
+        """Waits until `need` of the device's memory is free (or the device has no reserved run); False if the
+        launcher is stopped meanwhile. Timed waits: stop() may run in a signal handler, which must not lock."""
+        with self.memory_changed:
+            while (self.reserved.get(device, 0.0) > 0 and self.reserved[device] + need > 1.0 + 1e-9
+                   and not self.stopping):
+                self.memory_changed.wait(timeout=1.0)
+            if self.stopping:
+                return False
+            self.reserved[device] = self.reserved.get(device, 0.0) + need
+            return True
+
+    def _overhead(self, device) -> float:
+        """The share of the device a process holds outside XLA's pool (0 when its size is unknown)."""
+        if device not in self._overheads:
+            total = gpu_memory_gb(device)
+            self._overheads[device] = PROCESS_OVERHEAD_GB / total if total else 0.0
+        return self._overheads[device]
+
+    def _execute(self, command: list[str], workdir: str, device, memory_fraction: str | None) -> tuple[str, float]:
         os.makedirs(workdir, exist_ok=True)
         error_path = os.path.join(workdir, "error.txt")
         if os.path.exists(error_path):
@@ -109,8 +144,8 @@ class Launcher:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
-        if self.memory_fraction:
-            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = self.memory_fraction
+        if memory_fraction:
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = memory_fraction
         start = time.time()
         with open(os.path.join(workdir, "train.log"), "a") as log:
             log.write(f"$ {printable(command)}" + (f"  (device {device})" if device is not None else "") + "\n")

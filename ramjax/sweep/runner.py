@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 from ramjax.errors import ConfigError
-from ramjax.sweep.grid import format_value, load_sweep, split_sweep_path, sweep_name
+from ramjax.sweep.grid import format_value, load_sweep, memory_fractions, split_sweep_path, sweep_name
 from ramjax.sweep.launcher import Launcher, printable, run_status, train_command
 from ramjax.sweep.results import collect, failure, write_results
 
@@ -25,6 +25,7 @@ def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: 
     just the runs of those indices; the directory, the run names and the results table stay the whole grid's, so a
     grid too large for one sitting is trained in parts into one directory."""
     runs, plot, names = load_sweep(sweep_path)
+    shares = memory_fractions(sweep_path, runs)
     if max_parallel < 1:
         raise ConfigError(f"--max-parallel: must be >= 1, got {max_parallel}")
     chosen = select_runs(only, len(runs))
@@ -34,14 +35,16 @@ def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: 
     if not report_only:
         validate_runs(config, names, runs, list(overrides))
     if dry_run:
-        for command, device in zip([commands[i] for i in chosen], itertools.cycle(devices or [None])):
-            print((f"CUDA_VISIBLE_DEVICES={device} " if device is not None else "") + printable(command))
+        for i, device in zip(chosen, itertools.cycle(devices or [None])):
+            print((f"CUDA_VISIBLE_DEVICES={device} " if device is not None else "")
+                  + (f"XLA_PYTHON_CLIENT_MEM_FRACTION={shares[i]} " if shares[i] else "") + printable(commands[i]))
         return []
     if report_only:
         if not os.path.isdir(sweep_dir):
             raise ConfigError(f"--report: no sweep directory {sweep_dir!r} (run the sweep first)")
     else:
-        run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, list(devices), max_parallel, chosen)
+        run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, list(devices), max_parallel, chosen,
+                 shares)
     rows = collect(sweep_dir, names, runs)
     write_results(sweep_dir, rows, runs, plot)
     failed = [r["run"] for r in rows if r["status"] == "failed"]
@@ -105,7 +108,7 @@ def check_sweep_record(sweep_dir: str, record: dict) -> None:
 
 
 def run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, devices, max_parallel,
-             chosen: list[int]) -> None:
+             chosen: list[int], shares: list[str | None] | None = None) -> None:
     file, argument = split_sweep_path(sweep_path)
     record = {"config": config, "sweep": os.path.abspath(file) + ("" if argument is None else f":{argument}"), "overrides": list(overrides),
               "runs": [{"name": n, "fields": r} for n, r in zip(names, runs)]}
@@ -118,7 +121,9 @@ def run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, de
         record["runs"] = list(known.values()) + [r for r in record["runs"] if r["name"] not in known]
     with open(path, "w") as f:
         json.dump(record, f, indent=2, default=str)
-    todo = [(names[i], commands[i]) for i in chosen if run_status(os.path.join(sweep_dir, names[i])) != "finished"]
+    shares = shares or [None] * len(runs)
+    todo = [(names[i], commands[i], shares[i]) for i in chosen
+            if run_status(os.path.join(sweep_dir, names[i])) != "finished"]
     part = "" if len(chosen) == len(runs) else f" ({len(chosen)} chosen by --runs)"
     print(f"ramjax sweep: {len(runs)} runs in {sweep_dir}{part}; {len(chosen) - len(todo)} of those finished "
           f"already, {len(todo)} to run ({max_parallel} at a time"
@@ -128,8 +133,8 @@ def run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, de
     previous = signal.signal(signal.SIGTERM, launcher.stop) if on_main_thread else None
     try:
         with tqdm(total=len(todo), unit="run", desc="sweep") as progress, ThreadPoolExecutor(max_parallel) as pool:
-            futures = {pool.submit(launcher.execute, command, os.path.join(sweep_dir, name)): name
-                       for name, command in todo}
+            futures = {pool.submit(launcher.execute, command, os.path.join(sweep_dir, name), share): name
+                       for name, command, share in todo}
             for future in futures:
                 status, seconds = future.result()
                 progress.update(1)
