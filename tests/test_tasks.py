@@ -173,6 +173,7 @@ def test_eval_batch_size_is_rounded_up_to_the_batch_shards(capsys):
     from ramjax.train.setup import check_train_config
 
     config = load_config("configs/mqar.py")
+    config.data.eval_batch_size = 250
     check_train_config(config, None, 8)
     assert config.data.eval_batch_size == 256
     assert "data.eval_batch_size 250 -> 256" in capsys.readouterr().out
