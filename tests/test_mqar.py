@@ -69,20 +69,19 @@ def test_rejects_bad_settings(kwargs, needle):
         mqar_batch(batch_rng(0, 0), batch_size=1, **kwargs)
 
 
-def test_partitioned_choice_equals_the_full_sort():
-    """The first `count` of a stable argsort of the same scores (uniform ones ascending; Gumbel plus log p
-    descending), row by row and in order: the sampler partitions instead of sorting whole rows."""
+def test_partitioned_choice_equals_the_full_sort_of_gumbel_scores():
+    """The first `count` of a stable descending argsort of the Gumbel scores (plus log p) of the same generator,
+    row by row and in order: the sampler partitions instead of sorting whole rows, and without weights it ranks
+    the uniforms those Gumbel scores are made from (smallest first), so batches are what they were when it drew
+    Gumbel scores for keys and values too."""
     from ramjax.data.mqar import _choose_without_replacement
 
-    for population, count, weighted in ((4095, 37, False), (101, 100, True), (7, 7, False), (50, 1, True)):
+    for population, count, weighted in ((4095, 37, False), (4095, 256, False), (101, 100, True), (7, 7, False),
+                                        (50, 1, True)):
         log_p = np.log(gap_probabilities(population, 0.01)) if weighted else None
         got = _choose_without_replacement(np.random.default_rng(3), 9, population, count, log_p)
-        rng = np.random.default_rng(3)
-        if weighted:
-            order = np.argsort(-(rng.gumbel(size=(9, population)) + log_p), axis=1, kind="stable")
-        else:
-            order = np.argsort(rng.random(size=(9, population)), axis=1, kind="stable")
-        assert np.array_equal(got, order[:, :count])
+        scores = np.random.default_rng(3).gumbel(size=(9, population)) + (0 if log_p is None else log_p)
+        assert np.array_equal(got, np.argsort(-scores, axis=1, kind="stable")[:, :count])
 
 
 def test_uniform_choice_is_uniform_over_indices_and_positions():
