@@ -11,7 +11,9 @@ The paper's regime with issue 16's method on (section 4): the same seven rows wi
 anneals top-K 32 -> 8 over 500 steps instead (as experiments/sweeps/u_ablation.py:factors). Seeds 0 and 1 train
 in one program per row (train.num_seeds = 2):
   ramjax sweep --config configs/mqar.py:ramnet --sweep experiments/sweeps/fig4_ramnet_ablations.py:paper \
-      --workdir runs/fig4_paper --max-parallel 7 --config.train.num_steps=3000
+      --workdir runs/fig4_paper --max-parallel 7 --config.train.num_steps=3000 --config.train.eval_every=500
+Each paper row brings its own memory share and microbatches (memory_fraction and get_sweep below), so the sweep
+runs as many at once as fit on the GPU.
 """
 
 from ramjax.sweep import values, zipped
@@ -59,4 +61,20 @@ def get_sweep(regime: str = ""):
             else:
                 run.update(METHOD, **{"train.ramnet_factors_start": start_factors(run["model.ramnet.factor_size"])})
             run["train.num_seeds"] = 2
+            # Microbatches (the same gradient) against RAM-Net's per-token K-slot copies, which grow with d_v and
+            # with the annealed K: XLA:CPU's buffer assignment of the two-seed step at length 256 is 7.6 GB at d_v
+            # 64 with 2, 7.8 GB at d_v 256 with 4, 17 GB for U = 1 at K 32 with 4 (2026-12-03); an H200 needed
+            # ~3x that for RAM-Net at d_model 256 in the Figure-3 grid.
+            big = run["model.ramnet.d_v"] > 64 or run["model.ramnet.num_factors"] == 1
+            run["train.microbatches"] = 4 if big else 2
     return runs
+
+
+def memory_fraction(run: dict):
+    """The paper rows' shares of an H200 (the sweep packs runs by them; see the microbatches above): U = 1 with
+    its top-K anneal from 32 and d_v 256 the largest. None (the launcher's even split) for the first regime."""
+    if run.get("train.num_seeds", 1) == 1:
+        return None
+    if run["model.ramnet.num_factors"] == 1:
+        return 0.35
+    return 0.25 if run["model.ramnet.d_v"] > 64 else 0.12
