@@ -13,7 +13,6 @@ import statistics
 import ml_collections
 
 from ramjax.data.tasks import parse_settings
-from ramjax.models.state_size import recurrent_state_size
 from ramjax.sweep.grid import format_value
 from ramjax.sweep.launcher import run_status
 from ramjax.train.metrics import best_per_seed
@@ -85,6 +84,9 @@ def last_evaluation(directory: str) -> dict:
 def state_size_from_config(directory: str) -> int | None:
     """The recurrent state size a finished run's summary would give (at the longest evaluation length), from the
     run's config.json, for a run stopped before its summary; None without a readable config."""
+    # Imported here: ramjax.models brings in JAX and Flax (~2 s), which `ramjax sweep --dry-run` does not need.
+    from ramjax.models.state_size import recurrent_state_size
+
     try:
         with open(os.path.join(directory, "config.json")) as f:
             config = json.load(f)
