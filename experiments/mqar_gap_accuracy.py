@@ -40,12 +40,9 @@ def query_distances(inputs: np.ndarray, loss_mask: np.ndarray, num_kv_pairs: int
     """For every counted position (a query's answer is predicted there), the distance in tokens from the key's
     place in the key-value block (positions 0, 2, ..., 2 kv - 2) to the query: [rows, time], 0 elsewhere."""
     keys = inputs[:, 0:2 * num_kv_pairs:2]
-    distance = np.zeros(inputs.shape, np.int64)
-    rows, cols = np.nonzero(loss_mask)
-    for row, col in zip(rows, cols):
-        where = np.nonzero(keys[row] == inputs[row, col])[0]
-        distance[row, col] = col - 2 * where[0]
-    return distance
+    key_index = np.argmax(inputs[:, :, None] == keys[:, None, :], axis=-1)  # [rows, time]: first matching key
+    positions = np.arange(inputs.shape[1])[None, :]
+    return np.where(loss_mask, positions - 2 * key_index, 0)
 
 
 def correct_per_query(model, batch, batch_size: int) -> np.ndarray:
