@@ -43,12 +43,15 @@ MODELS = ["ramnet", "gla", "mamba2", "gated_deltanet", "loglinear", "attention"]
 def memory_fraction(run: dict):
     """Each paper-grid run's share of an H200's memory (the sweep packs runs by it): RAM-Net at d_model 256 held
     ~33 GB there (2026-12-03; it failed at 0.12 of the GPU), every other run trained within 0.12 (RAM-Net, and the
-    d_model 256 baselines) or 0.10. None (the launcher's even split) for the small grid."""
+    d_model 256 baselines) or 0.10; Gated DeltaNet at d_model 128 once ran out of 0.10 (a 5.53 GiB allocation,
+    nine programs on the GPU) and finished at 0.10 on a rerun, so it gets 0.12. None (the launcher's even split)
+    for the small grid."""
     if run.get("train.num_seeds", 1) == 1:
         return None
     if run["model.pattern"] == "ramnet" and run["model.d_model"] == 256:
         return 0.3
-    return 0.12 if run["model.pattern"] == "ramnet" or run["model.d_model"] == 256 else 0.1
+    wider = run["model.pattern"] in ("ramnet", "gated_deltanet") or run["model.d_model"] == 256
+    return 0.12 if wider else 0.1
 
 
 def get_sweep(regime: str = ""):
