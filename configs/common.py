@@ -123,6 +123,9 @@ def model_config() -> ml_collections.ConfigDict:
     # "auto" (on a GPU the Pallas kernels, measured faster there; elsewhere the XLA chunked form), "chunked", or
     # "pallas" (kernels/gla_chunk.py; chunk_size a power of 2 >= 16).
     m.gla.impl = "auto"
+    # A short causal conv (+ SiLU) of this width on q, k and v; 0: none (fla's GLA layer by default). MQAR's
+    # Figure 3 gives GLA one (experiments/sweeps/fig3_mqar_state_size.py), as Zoology's harness does.
+    m.gla.conv_width = 0
 
     m.mamba2 = ml_collections.ConfigDict()
     m.mamba2.expand = 2

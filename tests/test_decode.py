@@ -19,7 +19,7 @@ def relative_rms(x, ref):
     return float(np.sqrt(np.mean((x - ref) ** 2) / np.mean(ref**2)))
 
 
-def build(variant, *, pattern=None, scan_layers=True, **ramnet):
+def build(variant, *, pattern=None, scan_layers=True, gla=None, **ramnet):
     config = tiny_config(variant)
     m = config.model
     if pattern:
@@ -29,6 +29,8 @@ def build(variant, *, pattern=None, scan_layers=True, **ramnet):
     m.ramnet.cape = "1," * (m.num_layers - 1) + "1"  # CAPE on one head of every layer: positions matter
     for name, value in ramnet.items():
         m.ramnet[name] = value
+    for name, value in (gla or {}).items():
+        m.gla[name] = value
     m.gla.chunk_size = m.mamba2.chunk_size = m.gated_deltanet.chunk_size = 8
     return LanguageModel(m, rngs=nnx.Rngs(3)), m
 
@@ -38,6 +40,7 @@ CASES = {
     "ramnet_unscanned_no_conv": dict(variant="ramnet", scan_layers=False, short_conv=0, qk_bias=True),
     "attention": dict(variant="transformer"),
     "gla": dict(variant="gla"),
+    "gla_conv": dict(variant="gla", gla={"conv_width": 3}),
     "mamba2": dict(variant="mamba2"),
     "gated_deltanet": dict(variant="gated_deltanet"),
     "loglinear_mamba2": dict(variant="loglinear_mamba2"),

@@ -231,6 +231,35 @@ def test_runs_with_their_own_memory_share_start_only_when_their_gpu_has_room(tmp
     assert out.read_text() == " 0.25"
 
 
+def test_a_gpu_budget_keeps_a_sweep_within_its_part_of_the_gpu(tmp_path, monkeypatch):
+    """--gpu-budget 0.5: two runs of 0.3 (+ 0.04 outside the pool each) no longer fit side by side, and the even
+    split is of half the GPU, so that another sweep can have the other half."""
+    import threading
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    monkeypatch.setattr(sweep.launcher, "gpu_memory_gb", lambda device: 100.0)
+    assert float(sweep.Launcher([], max_parallel=2, gpu_budget=0.5).memory_fraction) == pytest.approx(
+        (0.9 * 0.5 * 100 - 2 * sweep.launcher.PROCESS_OVERHEAD_GB) / 2 / 100, abs=1e-3)
+    assert sweep.Launcher([], max_parallel=1, gpu_budget=0.5).memory_fraction == "0.410"  # one run: 45 - 4 GB
+    launcher = sweep.Launcher([], max_parallel=2, gpu_budget=0.5)
+    spans = {}
+
+    def run(name, seconds):
+        out = tmp_path / f"{name}.txt"
+        launcher.execute([sys.executable, "-c", SPAN, str(out), str(seconds)], str(tmp_path / name), "0.3")
+        spans[name] = [float(v) for v in out.read_text().split()]
+
+    first = threading.Thread(target=run, args=("a", 1.0))
+    first.start()
+    time.sleep(0.3)
+    run("b", 0.1)
+    first.join()
+    assert spans["b"][0] >= spans["a"][1]  # waited for the first
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match=r"--gpu-budget: must be a fraction in \(0, 1\]"):
+            sweep.Launcher([], max_parallel=1, gpu_budget=bad)
+
+
 def test_a_sweep_files_memory_fraction_reaches_each_run(tmp_path, capsys):
     grid = tmp_path / "grid.py"
     grid.write_text("from ramjax.sweep import product, values\n\n\ndef get_sweep():\n"

@@ -110,6 +110,8 @@ def check_model(model, max_seq_len: int | None = None) -> None:
     for kind in ("gla", "mamba2", "gated_deltanet"):
         if kind in kinds:
             _check_chunked(kind, model[kind])
+    if "gla" in kinds:
+        _int("model.gla.conv_width", model.gla.get("conv_width", 0), 0)
     if "mamba2" in kinds or ("loglinear" in kinds and model.loglinear.base == "mamba2"):
         _check_mamba2(model.mamba2)
     if "loglinear" in kinds:

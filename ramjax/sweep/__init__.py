@@ -1,7 +1,8 @@
 """`ramjax sweep`: run a grid of training runs from one config and a sweep file, and tabulate and plot them.
 
   ramjax sweep --config configs/mqar.py:ramnet --sweep configs/sweeps/NAME.py [--workdir DIR]
-               [--dry-run] [--max-parallel N] [--devices 0,1,2,3] [--report] [--config.FIELD=VALUE ...]
+               [--dry-run] [--max-parallel N] [--devices 0,1,2,3] [--gpu-budget F] [--report]
+               [--config.FIELD=VALUE ...]
 
 A sweep file is Python, like a config file. It defines `get_sweep()`, returning the grid built from
 `values(field, [...])` with `product(...)` (every combination) and `zipped(...)` (element by element), and may
@@ -24,7 +25,8 @@ CUDA_VISIBLE_DEVICES; with --max-parallel above the number of GPUs, runs share t
 set: launcher.memory_share). A sweep file may also define `memory_fraction(run)`, the share of one GPU's memory
 a run needs (a number in (0, 1], or None for that default): its process gets that XLA_PYTHON_CLIENT_MEM_FRACTION
 and starts only when the shares of the runs on its GPU leave room for it, so that large and small runs share GPUs
-in one sweep (--dry-run prints each share). At the end, results.csv, results.md and plots
+in one sweep (--dry-run prints each share). `--gpu-budget F` keeps this sweep's runs within the part F of each
+GPU (both the even split and the shares' packing), so that two sweeps can share GPUs side by side. At the end, results.csv, results.md and plots
 (PNG) are written to the sweep directory; a failed run is a row saying so, with the
 end of its error output, and an unfinished one (stopped, or still running elsewhere) shows its last evaluation.
 `--report` only writes those results from the runs' directories. SIGTERM (a scheduler's time limit) is passed on

@@ -18,6 +18,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the runs' `ramjax train` commands, run nothing")
     parser.add_argument("--max-parallel", type=int, default=1, help="runs at the same time (default 1)")
     parser.add_argument("--devices", default=None, help="GPU indices to spread the runs over, e.g. 0,1,2,3")
+    parser.add_argument("--gpu-budget", type=float, default=1.0, help="the part of each GPU's memory this sweep's "
+                        "runs may hold together (default 1; e.g. 0.5 to run two sweeps side by side on one GPU)")
     parser.add_argument("--runs", default=None, help="train only the runs of these indices, e.g. 0-5 or 3,8 (the "
                         "000- prefixes of the run names; --dry-run lists them); the results table still covers the "
                         "whole grid")
@@ -30,7 +32,7 @@ def main(argv: list[str]) -> None:
     try:
         rows = sweep(args.config, args.sweep, workdir=args.workdir, dry_run=args.dry_run,
                      max_parallel=args.max_parallel, overrides=extra, devices=parse_devices(args.devices),
-                     report_only=args.report, only=args.runs)
+                     report_only=args.report, only=args.runs, gpu_budget=args.gpu_budget)
     except ConfigError as error:
         raise SystemExit(f"ramjax sweep: {error}") from None
     if any(r["status"] == "failed" for r in rows):

@@ -42,15 +42,16 @@ def gpu_memory_gb(device: str | None) -> float | None:
         return None
 
 
-def memory_share(runs_per_device: int, device: str | None) -> str | None:
-    """XLA_PYTHON_CLIENT_MEM_FRACTION for each of `runs_per_device` runs sharing a GPU: 90% of its memory, less
-    each process's memory outside the pool, split evenly (None for one run: XLA's own default)."""
-    if runs_per_device <= 1:
+def memory_share(runs_per_device: int, device: str | None, budget: float = 1.0) -> str | None:
+    """XLA_PYTHON_CLIENT_MEM_FRACTION for each of `runs_per_device` runs sharing a GPU: 90% of the part `budget`
+    of its memory, less each process's memory outside the pool, split evenly (None for one run with the whole GPU:
+    XLA's own default)."""
+    if runs_per_device <= 1 and budget >= 1.0:
         return None
     total = gpu_memory_gb(device)
     if total is None:  # no nvidia-smi (a CPU, or another accelerator): an even split of 90%
-        return f"{0.9 / runs_per_device:.3f}"
-    share = (0.9 * total - runs_per_device * PROCESS_OVERHEAD_GB) / runs_per_device / total
+        return f"{0.9 * budget / runs_per_device:.3f}"
+    share = (0.9 * budget * total - runs_per_device * PROCESS_OVERHEAD_GB) / runs_per_device / total
     if share < 0.005:
         raise ConfigError(f"--max-parallel: {runs_per_device} runs on one GPU of {total:.0f} GB leave each less "
                           f"than 0.5% of it once each process's ~{PROCESS_OVERHEAD_GB:.0f} GB outside XLA's pool is "
@@ -72,9 +73,14 @@ class Launcher:
 
     A run may bring its own memory share (a sweep file's memory_fraction(run)); then it starts only when the
     shares of the runs on its device, each with the memory a process holds outside XLA's pool, leave room for
-    its own (a run alone on a device always starts), so that large and small runs can share GPUs in one sweep."""
+    its own (a run alone on a device always starts), so that large and small runs can share GPUs in one sweep.
+    `gpu_budget`: the part of each GPU this sweep's runs may hold together (below 1 to leave the rest to another
+    sweep on the same GPUs)."""
 
-    def __init__(self, devices: list[str], max_parallel: int):
+    def __init__(self, devices: list[str], max_parallel: int, gpu_budget: float = 1.0):
+        if not 0.0 < gpu_budget <= 1.0:
+            raise ConfigError(f"--gpu-budget: must be a fraction in (0, 1] of each GPU's memory, got {gpu_budget}")
+        self.gpu_budget = gpu_budget
         self.slots = queue.Queue()
         for i in range(max_parallel):
             self.slots.put(devices[i % len(devices)] if devices else None)
@@ -82,7 +88,7 @@ class Launcher:
         per_device = -(-max_parallel // len(devices)) if devices else max_parallel
         self.memory_fraction = (os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]
                                 if "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ
-                                else memory_share(per_device, devices[0] if devices else None))
+                                else memory_share(per_device, devices[0] if devices else None, gpu_budget))
         self.stopping = False
         self.running: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
@@ -121,7 +127,7 @@ class Launcher:
         """Waits until `need` of the device's memory is free (or the device has no reserved run); False if the
         launcher is stopped meanwhile. Timed waits: stop() may run in a signal handler, which must not lock."""
         with self.memory_changed:
-            while (self.reserved.get(device, 0.0) > 0 and self.reserved[device] + need > 1.0 + 1e-9
+            while (self.reserved.get(device, 0.0) > 0 and self.reserved[device] + need > self.gpu_budget + 1e-9
                    and not self.stopping):
                 self.memory_changed.wait(timeout=1.0)
             if self.stopping:

@@ -20,7 +20,7 @@ from ramjax.sweep.results import collect, failure, write_results
 
 def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: bool = False, max_parallel: int = 1,
           overrides: list[str] = (), devices: list[str] = (), report_only: bool = False,
-          only: str | None = None) -> list[dict]:
+          only: str | None = None, gpu_budget: float = 1.0) -> list[dict]:
     """Runs (or, with dry_run, prints) the sweep; returns its result rows. `only` ("3,6-11"): train (or print)
     just the runs of those indices; the directory, the run names and the results table stay the whole grid's, so a
     grid too large for one sitting is trained in parts into one directory."""
@@ -28,6 +28,8 @@ def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: 
     shares = memory_fractions(sweep_path, runs)
     if max_parallel < 1:
         raise ConfigError(f"--max-parallel: must be >= 1, got {max_parallel}")
+    if not 0.0 < gpu_budget <= 1.0:
+        raise ConfigError(f"--gpu-budget: must be a fraction in (0, 1] of each GPU's memory, got {gpu_budget}")
     chosen = select_runs(only, len(runs))
     sweep_dir = workdir or os.path.join("runs", "sweeps", sweep_name(sweep_path))
     commands = [train_command(config, os.path.join(sweep_dir, name), run, list(overrides))
@@ -44,7 +46,7 @@ def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: 
             raise ConfigError(f"--report: no sweep directory {sweep_dir!r} (run the sweep first)")
     else:
         run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, list(devices), max_parallel, chosen,
-                 shares)
+                 shares, gpu_budget)
     rows = collect(sweep_dir, names, runs)
     write_results(sweep_dir, rows, runs, plot)
     failed = [r["run"] for r in rows if r["status"] == "failed"]
@@ -108,7 +110,7 @@ def check_sweep_record(sweep_dir: str, record: dict) -> None:
 
 
 def run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, devices, max_parallel,
-             chosen: list[int], shares: list[str | None] | None = None) -> None:
+             chosen: list[int], shares: list[str | None] | None = None, gpu_budget: float = 1.0) -> None:
     file, argument = split_sweep_path(sweep_path)
     record = {"config": config, "sweep": os.path.abspath(file) + ("" if argument is None else f":{argument}"), "overrides": list(overrides),
               "runs": [{"name": n, "fields": r} for n, r in zip(names, runs)]}
@@ -128,7 +130,7 @@ def run_grid(config, sweep_path, sweep_dir, names, runs, commands, overrides, de
     print(f"ramjax sweep: {len(runs)} runs in {sweep_dir}{part}; {len(chosen) - len(todo)} of those finished "
           f"already, {len(todo)} to run ({max_parallel} at a time"
           + (f" on devices {','.join(devices)})" if devices else ")"))
-    launcher = Launcher(devices, max_parallel)
+    launcher = Launcher(devices, max_parallel, gpu_budget)
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, launcher.stop) if on_main_thread else None
     try:
