@@ -114,6 +114,10 @@ def model_config() -> ml_collections.ConfigDict:
     m.attention.rope_theta = 10000.0
     m.attention.impl = "auto"  # auto (cuDNN on GPU with bf16, else XLA), xla or cudnn
 
+    # Zoology's BaseConv layer (pattern kind "base_conv", e.g. "base_conv,ramnet"): its conv's width.
+    m.base_conv = ml_collections.ConfigDict()
+    m.base_conv.width = 3
+
     m.gla = ml_collections.ConfigDict()
     m.gla.expand_k = 0.5
     m.gla.expand_v = 1.0

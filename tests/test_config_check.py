@@ -22,6 +22,7 @@ from ramjax.train.setup import check_model_config
     (["model.dtype=float16"], "model.dtype: must be one of"),
     (["model.pattern=gla", "model.gla.chunk_size=0"], "model.gla.chunk_size: must be an integer >= 1"),
     (["model.pattern=gla", "model.gla.conv_width=-1"], "model.gla.conv_width: must be an integer >= 0"),
+    (["model.pattern=base_conv,ramnet", "model.base_conv.width=0"], "model.base_conv.width: must be an integer >= 1"),
     (["model.pattern=attention", "model.attention.impl=flash"], "model.attention.impl: must be one of"),
     (["model.pattern=loglinear", "model.loglinear.num_levels=3"],
      "model.loglinear.num_levels: 3 levels cover sequences up to 4 tokens; this run's longest is 64, which needs 7"),

@@ -46,6 +46,7 @@ CASES = {
     "loglinear_mamba2": dict(variant="loglinear_mamba2"),
     "loglinear_gated_deltanet": dict(variant="loglinear_gated_deltanet"),
     "hybrid": dict(variant="ramnet", pattern="ramnet,attention,gla"),
+    "zoology_base_conv": dict(variant="ramnet", pattern="base_conv,ramnet", short_conv=0),
 }
 
 

@@ -363,3 +363,26 @@ def test_the_level_weights_mlp_is_recomputed_not_kept(mode):
     shapes = [leaf.shape for leaf in jax.tree.leaves(vjp)]
     assert not [s for s in shapes if len(s) == 4 and s[-1] == hidden], shapes
     assert len([s for s in shapes if len(s) == 4 and s[-1] == levels]) <= 1, shapes  # the weights, or nothing
+
+
+# --- Zoology's BaseConv ----------------------------------------------------------------------------------------
+
+
+def test_base_conv_is_zoologys_gated_short_conv_plus_its_input():
+    """y_t = (sum_j w_j x_{t-j} + c) * (W x_t + b) + x_t, against a numpy loop (width 3, odd length)."""
+    cfg = model_config("base_conv")
+    mixer = make_mixer("base_conv", cfg, 0, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(1)
+    mixer.conv.bias[...] = jnp.asarray(rng.normal(size=cfg.d_model), jnp.float32)  # zero at initialisation
+    mixer.projection.bias[...] = jnp.asarray(rng.normal(size=cfg.d_model), jnp.float32)
+    x = rng.normal(size=(2, 13, cfg.d_model))
+    w = np.asarray(mixer.conv.kernel[...], np.float64)
+    conv = np.tile(np.asarray(mixer.conv.bias[...], np.float64), (2, 13, 1))
+    for t in range(13):
+        for j in range(w.shape[0]):
+            if t - j >= 0:
+                conv[:, t] += w[j] * x[:, t - j]
+    gate = x @ np.asarray(mixer.projection.kernel[...], np.float64) + np.asarray(mixer.projection.bias[...])
+    y = mixer(jnp.asarray(x, jnp.float32), None)
+    assert w.shape[0] == 3
+    assert rel_rms(y, conv * gate + x) < 1e-5

@@ -112,6 +112,8 @@ def check_model(model, max_seq_len: int | None = None) -> None:
             _check_chunked(kind, model[kind])
     if "gla" in kinds:
         _int("model.gla.conv_width", model.gla.get("conv_width", 0), 0)
+    if "base_conv" in kinds:
+        _int("model.base_conv.width", model.base_conv.width)
     if "mamba2" in kinds or ("loglinear" in kinds and model.loglinear.base == "mamba2"):
         _check_mamba2(model.mamba2)
     if "loglinear" in kinds:

@@ -7,13 +7,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ramjax.layers.attention import Attention
+from ramjax.layers.base_conv import BaseConvMixer
 from ramjax.layers.gated_deltanet import GatedDeltaNetMixer
 from ramjax.layers.gla import GLAMixer
 from ramjax.layers.loglinear import LogLinearMixer
 from ramjax.layers.mamba2 import Mamba2Mixer
 from ramjax.layers.ramnet import RAMNetMixer
 
-MIXERS = ("ramnet", "loglinear", "mamba2", "gated_deltanet", "gla", "attention")
+MIXERS = ("ramnet", "loglinear", "mamba2", "gated_deltanet", "gla", "attention", "base_conv")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -60,6 +61,8 @@ def make_mixer(kind: str, cfg, cape_heads: int | jax.Array, *, rngs: nnx.Rngs) -
     if kind == "gated_deltanet":
         return GatedDeltaNetMixer(cfg.d_model, num_heads=cfg.num_heads, dtype=dtype, rngs=rngs,
                                   **cfg.gated_deltanet.to_dict())
+    if kind == "base_conv":
+        return BaseConvMixer(cfg.d_model, width=cfg.base_conv.width, dtype=dtype, rngs=rngs)
     if kind == "loglinear":
         ll = cfg.loglinear
         options = dict(cfg[ll.base].to_dict(), dtype=dtype) if ll.base in ("mamba2", "gated_deltanet") else {}

@@ -7,6 +7,7 @@ The x-axis of the RAM-Net paper's MQAR figure ("total recurrent state size"). Pe
   gated_deltanet  heads x d_k x d_v                 (d_k = head_dim or d_model / heads, d_v = expand_v d_k)
   loglinear       num_levels x the base's state     one state per Fenwick level
   attention       2 x seq_len x d_model             the key-value cache at the given length
+  base_conv       0                                 a convolution only
 Short-convolution caches (width x channels) are left out, as the papers do.
 """
 
@@ -33,6 +34,8 @@ def mixer_state_size(kind: str, cfg, seq_len: int) -> int:
         return cfg.loglinear.num_levels * mixer_state_size(cfg.loglinear.base, cfg, seq_len)
     if kind == "attention":
         return 2 * seq_len * (cfg.attention.head_dim or d // h) * h
+    if kind == "base_conv":
+        return 0
     raise ValueError(f"model.pattern: unknown mixer {kind!r}")
 
 
