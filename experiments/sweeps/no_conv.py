@@ -44,12 +44,31 @@ DENSE = {"model.ramnet.short_conv": 0, "model.ramnet.qk_bias": True, "model.ramn
 DENSE_LONG = dict(DENSE, **{"train.num_steps": 12000, "train.num_seeds": 4})
 
 
+# `no_conv.py:zoology`: Zoology's MQAR layout, which the paper's MQAR setup comes from: a BaseConv layer (a gated
+# short conv of width 3, mixer kind "base_conv") then one RAM-Net layer with no conv of its own, no MLP. On the CPU
+# (M = 64, K 4; experiments/results/ramnet_without_conv_cpu.md, 2026-12-03) it stayed at 0.09-0.11 with K 4 on
+# every step and learned (0.985-0.986 at step 500) with K 16, or K 32 annealed to 4; here at M = 1024, K 8 with
+# the factor schedule, the top-K anneal, or neither, 3 seeds in one program each, and attention in the same
+# layout as the control.
+ZOOLOGY = {"model.pattern": "base_conv,ramnet", "model.num_layers": 2, "model.ramnet.short_conv": 0,
+           "model.feed_forward": False, "train.num_seeds": 3}
+
+
 def get_sweep(which: str = ""):
     """The options above; `no_conv.py:offset`: CAPE heads started as relative addresses
     (model.ramnet.cape_offset_bias; q/k bias on) on layer 0 only or on both layers, at two bias strengths;
     `no_conv.py:factors`: four of these options under the factor schedule, 3000 steps (FACTORS); `no_conv.py:dense`:
     the memory held at 64 slots longer, with K 8 or K 16 annealed to 8 (DENSE), 6000 steps; `no_conv.py:dense_long`:
-    its K 8 for 12000 steps, 4 seeds in one program (DENSE_LONG)."""
+    its K 8 for 12000 steps, 4 seeds in one program (DENSE_LONG); `no_conv.py:zoology`: Zoology's layout, a
+    BaseConv layer then RAM-Net without its own conv (ZOOLOGY)."""
+    if which == "zoology":
+        fixed = product(*(values(field, [value]) for field, value in ZOOLOGY.items()))
+        methods = zipped(values("train.ramnet_factors_start", [3, 0, 0]),
+                         values("train.ramnet_top_k_start", [0, 32, 0]),
+                         values("train.ramnet_top_k_anneal_steps", [0, 500, 0]))
+        control = product(*(values(field, [value]) for field, value in ZOOLOGY.items() if field != "model.pattern"),
+                          values("model.pattern", ["base_conv,attention"]))
+        return product(fixed, methods) + control
     if which == "dense_long":
         return product(*(values(field, [value]) for field, value in DENSE_LONG.items()))
     if which == "dense":
@@ -69,7 +88,7 @@ def get_sweep(which: str = ""):
                          values("model.ramnet.cape_offset_bias", [2.0, 4.0, 2.0, 4.0]))
     elif which:
         raise ValueError(f"no_conv.py: unknown option set {which!r}; known: '' (default), 'offset', 'factors', "
-                         "'dense', 'dense_long'")
+                         "'dense', 'dense_long', 'zoology'")
     else:
         options = zipped(values("model.ramnet.short_conv", [0, 0, 0, 4]),
                          values("model.ramnet.qk_bias", [True, True, False, False]),
