@@ -48,8 +48,8 @@ DENSE_LONG = dict(DENSE, **{"train.num_steps": 12000, "train.num_seeds": 4})
 # short conv of width 3, mixer kind "base_conv") then one RAM-Net layer with no conv of its own, no MLP. On the CPU
 # (M = 64, K 4; experiments/results/ramnet_without_conv_cpu.md, 2026-12-03) it stayed at 0.09-0.11 with K 4 on
 # every step and learned (0.985-0.986 at step 500) with K 16, or K 32 annealed to 4. At M = 1024, K 8 (this
-# regime, one seed on the CPU) the factor schedule stayed at 0.051 by step 1000, and with the top-K anneal 32 -> 8
-# added it reached 0.910. Here: the factor schedule, the top-K anneal, both, or neither, 3 seeds in one program each,
+# regime on the CPU) the factor schedule stayed at 0.051 by step 1000 (seed 0), and with the top-K anneal 32 -> 8
+# added it reached 0.910 / 0.982 (seeds 0 / 1). Here: the factor schedule, the top-K anneal, both, or neither, 3 seeds in one program each,
 # and attention in the same layout as the control.
 ZOOLOGY = {"model.pattern": "base_conv,ramnet", "model.num_layers": 2, "model.ramnet.short_conv": 0,
            "model.feed_forward": False, "train.num_seeds": 3}
