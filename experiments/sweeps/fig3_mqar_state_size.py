@@ -44,7 +44,7 @@ def memory_fraction(run: dict):
     """Each paper-grid run's share of an H200's memory (the sweep packs runs by it): RAM-Net at d_model 256 held
     ~33 GB there (2026-12-03; it failed at 0.12 of the GPU), every other run trained within 0.12 (RAM-Net, and the
     d_model 256 baselines) or 0.10; Gated DeltaNet at d_model 128 once ran out of 0.10 (a 5.53 GiB allocation,
-    nine programs on the GPU) and finished at 0.10 on a rerun, so it gets 0.12. None (the launcher's even split)
+    up to nine programs on the GPU) and finished at 0.10 on a rerun, so it gets 0.12. None (the launcher's even split)
     for the small grid."""
     if run.get("train.num_seeds", 1) == 1:
         return None
