@@ -127,8 +127,8 @@ def model_config() -> ml_collections.ConfigDict:
     # "auto" (on a GPU the Pallas kernels, measured faster there; elsewhere the XLA chunked form), "chunked", or
     # "pallas" (kernels/gla_chunk.py; chunk_size a power of 2 >= 16).
     m.gla.impl = "auto"
-    # A short causal conv (+ SiLU) of this width on q, k and v; 0: none (fla's GLA layer by default). MQAR's
-    # Figure 3 gives GLA one (experiments/sweeps/fig3_mqar_state_size.py), as Zoology's harness does.
+    # A short causal conv (+ SiLU) of this width on q, k and v; 0: none (fla's GLA layer by default; no config
+    # here turns it on: on the CPU it did not help GLA learn MQAR, experiments/results/fig3_mqar_state_size.md).
     m.gla.conv_width = 0
 
     m.mamba2 = ml_collections.ConfigDict()

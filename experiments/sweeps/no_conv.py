@@ -49,10 +49,15 @@ DENSE_LONG = dict(DENSE, **{"train.num_steps": 12000, "train.num_seeds": 4})
 # (M = 64, K 4; experiments/results/ramnet_without_conv_cpu.md, 2026-12-03) it stayed at 0.09-0.11 with K 4 on
 # every step and learned (0.985-0.986 at step 500) with K 16, or K 32 annealed to 4. At M = 1024, K 8 (this
 # regime on the CPU) the factor schedule stayed at 0.051 by step 1000 (seed 0), and with the top-K anneal 32 -> 8
-# added it reached 0.910 / 0.982 (seeds 0 / 1). Here: the factor schedule, the top-K anneal, both, or neither, 3 seeds in one program each,
-# and attention in the same layout as the control.
+# added it reached 0.910 / 0.982 (seeds 0 / 1). Here: the factor schedule, the top-K anneal, both, or neither,
+# 3 seeds in one program each, and attention in the same layout as the control.
 ZOOLOGY = {"model.pattern": "base_conv,ramnet", "model.num_layers": 2, "model.ramnet.short_conv": 0,
            "model.feed_forward": False, "train.num_seeds": 3}
+
+
+def single(fields: dict):
+    """The grid of one run with these field values."""
+    return product(*(values(field, [value]) for field, value in fields.items()))
 
 
 def get_sweep(which: str = ""):
@@ -63,15 +68,12 @@ def get_sweep(which: str = ""):
     its K 8 for 12000 steps, 4 seeds in one program (DENSE_LONG); `no_conv.py:zoology`: Zoology's layout, a
     BaseConv layer then RAM-Net without its own conv (ZOOLOGY)."""
     if which == "zoology":
-        fixed = product(*(values(field, [value]) for field, value in ZOOLOGY.items()))
         methods = zipped(values("train.ramnet_factors_start", [3, 0, 3, 0]),
                          values("train.ramnet_top_k_start", [0, 32, 32, 0]),
                          values("train.ramnet_top_k_anneal_steps", [0, 500, 500, 0]))
-        control = product(*(values(field, [value]) for field, value in ZOOLOGY.items() if field != "model.pattern"),
-                          values("model.pattern", ["base_conv,attention"]))
-        return product(fixed, methods) + control
+        return product(single(ZOOLOGY), methods) + single(dict(ZOOLOGY, **{"model.pattern": "base_conv,attention"}))
     if which == "dense_long":
-        return product(*(values(field, [value]) for field, value in DENSE_LONG.items()))
+        return single(DENSE_LONG)
     if which == "dense":
         options = product(*(values(field, [value]) for field, value in DENSE.items()),
                           zipped(values("train.ramnet_top_k_start", [0, 16]),

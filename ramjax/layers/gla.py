@@ -5,8 +5,8 @@ decay log_sigmoid(W2 W1 x) / gate_normaliser from a low-rank projection (the nor
 S_t = diag(alpha_t) S_{t-1} + k_t v_t^T read by q_t * d_k^-1/2; out = W_o GatedRMSNorm(o, W_g x) per head.
 
 `conv_width > 0`: q, k and v each through a short causal conv + SiLU first (fla's `use_short_conv`, off there and
-here by default). MQAR needs some token shift before the recall: Zoology's harness gives GLA one by mixing a
-convolution into every layer (its `Hybrid(BaseConv, GLA)`); this is the layer's own form of it.
+here by default). MQAR needs some token shift before the recall: Zoology's harness gives GLA one with a BaseConv
+layer before it (its `Hybrid(BaseConv, GLA)` alternates the two by layer); this is the layer's own form of it.
 """
 
 from __future__ import annotations

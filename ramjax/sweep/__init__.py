@@ -26,8 +26,8 @@ set: launcher.memory_share). A sweep file may also define `memory_fraction(run)`
 a run needs (a number in (0, 1], or None for that default): its process gets that XLA_PYTHON_CLIENT_MEM_FRACTION
 and starts only when the shares of the runs on its GPU leave room for it, so that large and small runs share GPUs
 in one sweep (--dry-run prints each share). `--gpu-budget F` keeps this sweep's runs within the part F of each
-GPU (both the even split and the shares' packing), so that two sweeps can share GPUs side by side. At the end, results.csv, results.md and plots
-(PNG) are written to the sweep directory; a failed run is a row saying so, with the
+GPU (both the even split and the shares' packing), so that two sweeps can share GPUs side by side. At the end,
+results.csv, results.md and plots (PNG) are written to the sweep directory; a failed run is a row saying so, with the
 end of its error output, and an unfinished one (stopped, or still running elsewhere) shows its last evaluation.
 `--report` only writes those results from the runs' directories. SIGTERM (a scheduler's time limit) is passed on
 to the running trainers, which save a checkpoint and stop; no new run starts, the results are written, and the

@@ -42,6 +42,13 @@ def gpu_memory_gb(device: str | None) -> float | None:
         return None
 
 
+def check_gpu_budget(budget: float) -> float:
+    """`budget` if it is a fraction in (0, 1] of a GPU's memory, else a ConfigError naming --gpu-budget."""
+    if not 0.0 < budget <= 1.0:
+        raise ConfigError(f"--gpu-budget: must be a fraction in (0, 1] of each GPU's memory, got {budget}")
+    return budget
+
+
 def memory_share(runs_per_device: int, device: str | None, budget: float = 1.0) -> str | None:
     """XLA_PYTHON_CLIENT_MEM_FRACTION for each of `runs_per_device` runs sharing a GPU: 90% of the part `budget`
     of its memory, less each process's memory outside the pool, split evenly (None for one run with the whole GPU:
@@ -53,7 +60,8 @@ def memory_share(runs_per_device: int, device: str | None, budget: float = 1.0) 
         return f"{0.9 * budget / runs_per_device:.3f}"
     share = (0.9 * budget * total - runs_per_device * PROCESS_OVERHEAD_GB) / runs_per_device / total
     if share < 0.005:
-        raise ConfigError(f"--max-parallel: {runs_per_device} runs on one GPU of {total:.0f} GB leave each less "
+        part = "" if budget >= 1.0 else f" (--gpu-budget {budget:g} of it)"
+        raise ConfigError(f"--max-parallel: {runs_per_device} runs on one GPU of {total:.0f} GB{part} leave each less "
                           f"than 0.5% of it once each process's ~{PROCESS_OVERHEAD_GB:.0f} GB outside XLA's pool is "
                           f"counted; run fewer at a time, or set XLA_PYTHON_CLIENT_MEM_FRACTION yourself")
     return f"{share:.3f}"
@@ -78,9 +86,7 @@ class Launcher:
     sweep on the same GPUs)."""
 
     def __init__(self, devices: list[str], max_parallel: int, gpu_budget: float = 1.0):
-        if not 0.0 < gpu_budget <= 1.0:
-            raise ConfigError(f"--gpu-budget: must be a fraction in (0, 1] of each GPU's memory, got {gpu_budget}")
-        self.gpu_budget = gpu_budget
+        self.gpu_budget = check_gpu_budget(gpu_budget)
         self.slots = queue.Queue()
         for i in range(max_parallel):
             self.slots.put(devices[i % len(devices)] if devices else None)

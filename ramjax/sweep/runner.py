@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ramjax.errors import ConfigError
 from ramjax.sweep.grid import format_value, load_sweep, memory_fractions, split_sweep_path, sweep_name
-from ramjax.sweep.launcher import Launcher, printable, run_status, train_command
+from ramjax.sweep.launcher import Launcher, check_gpu_budget, printable, run_status, train_command
 from ramjax.sweep.results import collect, failure, write_results
 
 
@@ -28,8 +28,7 @@ def sweep(config: str, sweep_path: str, *, workdir: str | None = None, dry_run: 
     shares = memory_fractions(sweep_path, runs)
     if max_parallel < 1:
         raise ConfigError(f"--max-parallel: must be >= 1, got {max_parallel}")
-    if not 0.0 < gpu_budget <= 1.0:
-        raise ConfigError(f"--gpu-budget: must be a fraction in (0, 1] of each GPU's memory, got {gpu_budget}")
+    check_gpu_budget(gpu_budget)
     chosen = select_runs(only, len(runs))
     sweep_dir = workdir or os.path.join("runs", "sweeps", sweep_name(sweep_path))
     commands = [train_command(config, os.path.join(sweep_dir, name), run, list(overrides))
