@@ -11,6 +11,7 @@ import time
 import pytest
 
 from ramjax import sweep
+from ramjax.sweep.grid import format_value
 from ramjax.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -345,6 +346,29 @@ def test_report_gives_a_multi_seed_runs_best_of_each_seed(tmp_path):
     assert "eval/accuracy/mean/seed_0" in (out / "results.csv").read_text()
 
 
+def test_figure_3_in_zoologys_layout_puts_a_base_conv_layer_before_every_mixer(tmp_path):
+    """fig3_mqar_state_size.py:zoology: the paper grid's 36 programs as Zoology builds MQAR models (BaseConv, then
+    the mixer, no MLP); RAM-Net without its own conv and with the top-K anneal added; the state is one mixer's."""
+    from ramjax.configs import load_config
+    from ramjax.models.state_size import recurrent_state_size
+
+    paper, _, _ = sweep.load_sweep(str(ROOT / "experiments" / "sweeps" / "fig3_mqar_state_size.py:paper"))
+    grid = str(ROOT / "experiments" / "sweeps" / "fig3_mqar_state_size.py:zoology")
+    zoology, _, names = sweep.load_sweep(grid)
+    assert len(zoology) == 36
+    for before, after in zip(paper, zoology):
+        mixer = before["model.pattern"]
+        assert after["model.pattern"] == f"base_conv,{mixer}" and after["model.feed_forward"] is False
+        assert {k: after[k] for k in before if k != "model.pattern"} == {k: v for k, v in before.items()
+                                                                         if k != "model.pattern"}
+        assert (after.get("model.ramnet.short_conv"), after.get("train.ramnet_top_k_start")) == (
+            (0, 32) if mixer == "ramnet" else (None, None))
+    config = load_config("configs/mqar.py:ramnet", [f"{k}={format_value(v)}" for k, v in zoology[2].items()])
+    assert recurrent_state_size(config.model, 1024) == 4 * 1024 * 65  # one RAM-Net layer at d_v 64
+    sweep.sweep("configs/mqar.py:ramnet", grid, workdir=str(tmp_path / "never_made"), dry_run=True, only="2,8,14,20,26,32")
+    assert not (tmp_path / "never_made").exists()
+
+
 def test_an_unfinished_runs_state_size_comes_from_its_config_and_the_plot_skips_runs_without_it(tmp_path):
     """Figure 3's x axis is a result column (state_size) that only a finished run's summary held: a report of a
     part-trained grid raised KeyError (2026-12-03). An unfinished run's comes from its config.json; one without a
@@ -405,6 +429,8 @@ def test_the_paper_regime_sweeps_train_two_seeds_per_program_with_the_method_on(
     assert starts == {(1, 1024): (0, 32), (2, 32): (1, 0), (5, 4): (3, 0), (10, 2): (6, 0), (4, 4): (3, 0),
                       (6, 4): (3, 0)}
     assert all(run["train.num_seeds"] == 2 for run in fig4) and len(fig4) == 7
+    # lr 3e-3: at the config's former 1e-3 no row learned in 3000 steps (2026-12-03)
+    assert all(run["optim.learning_rate"] == 3e-3 for run in fig4)
     with pytest.raises(ValueError, match="unknown regime 'papr'"):
         sweep.load_sweep(str(ROOT / "experiments" / "sweeps" / "fig4_ramnet_ablations.py:papr"))
 

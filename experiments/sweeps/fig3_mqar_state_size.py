@@ -26,6 +26,16 @@ the sweep packs them onto the GPU by it:
 finished runs are skipped, unfinished ones resume from their checkpoints.) The whole grid is ~45 minutes of an
 H200 at that rate; `--report` writes the table and plot of what has finished.
 
+Zoology's layout (`fig3_mqar_state_size.py:zoology`): the same 36 programs with every model built as Zoology's
+reference MQAR configs build theirs, a BaseConv layer (mixer kind base_conv) then the mixer, no MLP; RAM-Net
+without its own conv and trained with both the factor schedule and the top-K anneal 32 -> 8 over 500 steps (in
+this layout either alone stayed near chance at M 1024, K 8: experiments/results/ramnet_without_conv.md,
+2026-12-03); Mamba-2, Gated DeltaNet and log-linear Mamba-2 keep the short conv their blocks have. The state
+sizes are one mixer layer's. d_model 128 first (12 programs, ~15 minutes of an H200):
+  ramjax sweep --config configs/mqar.py:ramnet --sweep experiments/sweeps/fig3_mqar_state_size.py:zoology \
+      --workdir runs/fig3_zoology --runs 2,3,8,9,14,15,20,21,26,27,32,33 --config.train.num_steps=3000 \
+      --config.train.eval_every=500 --config.train.progress=False
+
 The claim to test: RAM-Net is best at every state size. Width moves the baselines' state; RAM-Net's state is
 heads x M x (d_v + 1), so its points move with d_v (zipped with the width here). Attention's "state" is its KV
 cache at the longest evaluation length. Add (256, 256) to the zip for wider points.
@@ -48,9 +58,10 @@ def memory_fraction(run: dict):
     for the small grid."""
     if run.get("train.num_seeds", 1) == 1:
         return None
-    if run["model.pattern"] == "ramnet" and run["model.d_model"] == 256:
+    mixer = run["model.pattern"].split(",")[-1]  # Zoology's layout: "base_conv,MIXER"
+    if mixer == "ramnet" and run["model.d_model"] == 256:
         return 0.3
-    wider = run["model.pattern"] in ("ramnet", "gated_deltanet") or run["model.d_model"] == 256
+    wider = mixer in ("ramnet", "gated_deltanet") or run["model.d_model"] == 256
     return 0.12 if wider else 0.1
 
 
@@ -59,9 +70,12 @@ def get_sweep(regime: str = ""):
     factor schedule on (configs/mqar.py's default): widths 64, 128 and 256, two learning rates, seeds 0 and 1 in
     one program each (train.num_seeds = 2), then RAM-Net at the baselines' state sizes (runs 36-38); it resumes:
     rerun the same command."""
-    if regime not in ("", "paper"):
-        raise ValueError(f"fig3_mqar_state_size.py: unknown regime {regime!r}; '' (the grid above) or 'paper'")
+    if regime not in ("", "paper", "zoology"):
+        raise ValueError(f"fig3_mqar_state_size.py: unknown regime {regime!r}; '' (the grid above), 'paper' or "
+                         "'zoology'")
     models = values("model.pattern", MODELS)
+    if regime == "zoology":
+        return [zoology_layout(run) for run in get_sweep("paper")[:36]]
     if regime == "paper":
         widths = zipped(values("model.d_model", [64, 128, 256]), values("model.ramnet.d_v", [16, 64, 128]))
         # Seed i of a program initialises with train.init_seed + i and draws data.seed + i: seeds 0 and 1.
@@ -83,3 +97,16 @@ def get_sweep(regime: str = ""):
                 if run["model.pattern"] == "ramnet" or run["model.d_model"] == 256 else run for run in grid]
     widths = zipped(values("model.d_model", [64, 128]), values("model.ramnet.d_v", [16, 64]))
     return product(models, widths, values("optim.learning_rate", [1e-2, 3e-3]))
+
+
+# Zoology's MQAR layout (fig3_mqar_state_size.py:zoology): a BaseConv layer then the mixer, no MLP.
+ZOOLOGY = {"model.num_layers": 2, "model.feed_forward": False}
+# RAM-Net in that layout: no conv of its own, the top-K anneal on top of the factor schedule (configs/mqar.py's).
+ZOOLOGY_RAMNET = {"model.ramnet.short_conv": 0, "train.ramnet_top_k_start": 32, "train.ramnet_top_k_anneal_steps": 500}
+
+
+def zoology_layout(run: dict) -> dict:
+    """A paper-grid run rebuilt in Zoology's layout (same width, rate, seeds and microbatches)."""
+    mixer = run["model.pattern"]
+    run = dict(run, **{"model.pattern": f"base_conv,{mixer}"}, **ZOOLOGY)
+    return dict(run, **ZOOLOGY_RAMNET) if mixer == "ramnet" else run
