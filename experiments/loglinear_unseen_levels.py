@@ -10,9 +10,10 @@ and the model reads them with weights nobody trained. This script measures what 
       [--trained-length N] [--results FILE.md]
 
 For each setting ("kv:length", MQAR examples from the run's data.eval_seed), the accuracy over the queries whose
-key sits at a level training reached and over those at an unseen level, first with the trained model, then with
-lambda of every unseen level set to 0 (a query whose key sits there then cannot be answered by the log-linear
-layers; the point is whether the others recover). Also the mean lambda of each level over the first setting's
+key sits at a level training reached and over those at an unseen level: with the trained model; with lambda of
+every unseen level set to 0 (a query whose key sits there then cannot be answered through the log-linear layers:
+do the others change?); and with every unseen level given lambda of the highest trained level (could the model
+answer them if those weights were sensible?). Also the mean lambda of each level over the first setting's
 tokens, per layer: the trained levels' against the unseen ones'. --trained-length defaults to the longest length
 of the run's data.train_settings. Seed 0 of a train.num_seeds run.
 """
@@ -51,15 +52,18 @@ def key_levels(inputs: np.ndarray, loss_mask: np.ndarray, num_kv_pairs: int) -> 
 
 
 @contextlib.contextmanager
-def level_weights_patched(mask: np.ndarray | None = None, record: list | None = None):
-    """While active, every FenwickDecay's lambda is multiplied by `mask` ([L], 0 / 1) and its mean over batch and
-    time ([heads, L]) is appended to `record` (host callbacks, in layer order), for models traced inside it."""
+def level_weights_patched(unseen: int | None = None, how: str = "off", record: list | None = None):
+    """While active, every FenwickDecay's lambda at levels >= `unseen` is set to 0 (how "off") or to lambda of
+    level unseen - 1, the highest trained one (how "copy"), and its mean over batch and time ([heads, L]) is
+    appended to `record` (host callbacks, in layer order), for models traced inside it."""
     original = FenwickDecay.__call__
 
     def patched(self, x):
         weights = original(self, x)
-        if mask is not None:
-            weights = weights * jnp.asarray(mask[:weights.shape[-1]], weights.dtype)
+        if unseen is not None:
+            top = jnp.zeros_like(weights[..., :1]) if how == "off" else weights[..., unseen - 1:unseen]
+            level = jnp.arange(weights.shape[-1])
+            weights = jnp.where(level < unseen, weights, top)
         if record is not None:
             jax.debug.callback(lambda w: record.append(np.asarray(w)), weights.mean(axis=(0, 1)), ordered=True)
         return weights
@@ -82,7 +86,6 @@ def unseen_level_table(workdir: str, settings: str, examples: int, trained_lengt
         trained_length = max(length for _, length in parse_settings("data.train_settings",
                                                                      config.data.train_settings))
     unseen = num_levels(trained_length)  # levels 0 .. num_levels - 1 cover every pair below trained_length
-    mask = (np.arange(config.model.loglinear.num_levels) < unseen).astype(np.float32)
     model = load_model(workdir, seed=None if multi_seed.num_seeds(config) == 1 else 0)
     rows, lambdas = [], None
     for kv, length in parse_settings("--settings", settings):
@@ -95,15 +98,18 @@ def unseen_level_table(workdir: str, settings: str, examples: int, trained_lengt
         record = [] if lambdas is None else None
         with level_weights_patched(record=record):
             trained = correct_per_query(model, batch, batch_size)
-        with level_weights_patched(mask=mask):
-            masked = correct_per_query(model, batch, batch_size)
+        with level_weights_patched(unseen, "off"):
+            off = correct_per_query(model, batch, batch_size)
+        with level_weights_patched(unseen, "copy"):
+            copied = correct_per_query(model, batch, batch_size)
         if record is not None:
             lambdas = record
         seen_q, unseen_q = batch.loss_mask & (levels < unseen), batch.loss_mask & (levels >= unseen)
         cell = lambda correct, chosen: float(correct[chosen].mean()) if chosen.any() else float("nan")  # noqa: E731
         rows.append({"setting": f"{kv}:{length}", "share_unseen": float(unseen_q.sum() / batch.loss_mask.sum()),
                      "trained": (cell(trained, seen_q), cell(trained, unseen_q), cell(trained, batch.loss_mask)),
-                     "masked": (cell(masked, seen_q), cell(masked, unseen_q), cell(masked, batch.loss_mask))})
+                     "off": (cell(off, seen_q), cell(off, unseen_q), cell(off, batch.loss_mask)),
+                     "copied": (cell(copied, seen_q), cell(copied, unseen_q), cell(copied, batch.loss_mask))})
     # The callbacks ran once per layer per batch slice: keep the first slice's layers (the trace's order).
     layers = len([p for p in config.model.pattern.split(",") if "loglinear" in p]) * (
         config.model.num_layers // len(config.model.pattern.split(",")))
@@ -116,10 +122,12 @@ def markdown(table: dict) -> str:
     unseen = table["first_unseen_level"]
     lines = [f"{table['workdir']}: trained up to length {table['trained_length']} (levels 0-{unseen - 1}); "
              f"accuracy over the queries whose key is at a trained level / an unseen level / all", "",
-             "| setting | queries at unseen levels | as trained | unseen levels' lambda = 0 |", "|---|---|---|---|"]
+             "| setting | queries at unseen levels | as trained | unseen levels' lambda = 0 | unseen levels take "
+             "the top trained level's lambda |", "|---|---|---|---|---|"]
     fmt = lambda acc: " / ".join("-" if np.isnan(a) else f"{a:.3f}" for a in acc)  # noqa: E731
     for row in table["rows"]:
-        lines.append(f"| {row['setting']} | {row['share_unseen']:.2f} | {fmt(row['trained'])} | {fmt(row['masked'])} |")
+        lines.append(f"| {row['setting']} | {row['share_unseen']:.2f} | {fmt(row['trained'])} | {fmt(row['off'])} | "
+                     f"{fmt(row['copied'])} |")
     lines += ["", "Mean lambda per level (over the first setting's tokens and the heads), per log-linear layer:", "",
               "| layer | " + " | ".join(f"level {l}" for l in range(len(table["lambda_per_layer"][0]))) + " |",
               "|---|" + "---|" * len(table["lambda_per_layer"][0])]

@@ -42,9 +42,31 @@ def test_table_of_a_trained_run(tmp_path):
     table = unseen.unseen_level_table(str(tmp_path / "run"), "4:32,4:48", examples=24, batch_size=8)
     assert table["trained_length"] == 32 and table["first_unseen_level"] == 6
     at_32, at_48 = table["rows"]
-    assert at_32["share_unseen"] == 0 and at_32["trained"][2] == at_32["masked"][2]
+    assert at_32["share_unseen"] == 0 and at_32["trained"][2] == at_32["off"][2] == at_32["copied"][2]
     assert np.isnan(at_32["trained"][1])
     assert 0 < at_48["share_unseen"] < 1
     assert len(table["lambda_per_layer"]) == config.model.num_layers
     assert table["lambda_per_layer"][0].shape == (config.model.loglinear.num_levels,)
     assert "| 4:48 |" in unseen.markdown(table)
+
+
+def test_the_patch_switches_off_or_copies_the_unseen_levels_and_is_undone():
+    import jax
+    from flax import nnx
+
+    from ramjax.layers.fenwick_decay import FenwickDecay
+
+    decay = FenwickDecay(8, 2, 5, "linear", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 8))
+    plain = np.asarray(decay(x))
+    record = []
+    with unseen.level_weights_patched(3, "off", record=record):
+        off = np.asarray(decay(x))
+    jax.effects_barrier()
+    with unseen.level_weights_patched(3, "copy"):
+        copied = np.asarray(decay(x))
+    np.testing.assert_array_equal(off[..., :3], plain[..., :3])
+    assert not off[..., 3:].any()
+    np.testing.assert_array_equal(copied[..., 3:], np.repeat(plain[..., 2:3], 2, axis=-1))
+    np.testing.assert_allclose(record[0], off.mean(axis=(0, 1)), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(decay(x)), plain)  # the class is as it was
