@@ -168,4 +168,8 @@ def model_config() -> ml_collections.ConfigDict:
     # or with the mamba2 base "pallas" (the in-chunk part as Pallas kernels, kernels/loglinear_chunk.py).
     m.loglinear.impl = "auto"
     m.loglinear.exact_gelu = False  # the lambda MLP's GELU: tanh approximation, or True: exact erf (the fork)
+    # Ours, 0 = off (the papers' model): levels above this one take its lambda. Levels a training length never
+    # fills keep their initial weights; `ramjax eval --tie-unseen-levels` sets this to the highest trained level
+    # (docs/loglinear.md section 4).
+    m.loglinear.tie_levels_above = 0
     return m

@@ -9,6 +9,9 @@ Synthetic tasks (mqar, selective_copy; `[--settings "kv:length,..."] [--examples
 setting, by default the run's own evaluation settings; give settings it was not trained on (more pairs, longer
 sequences) to measure length generalisation. The examples are the fixed evaluation draws of data.eval_seed.
 Writes workdir/eval_<task>_<settings>.json. RAM-Net evaluates with the model's K (not a training schedule's).
+`--tie-unseen-levels` (log-linear models): the Fenwick levels that the run's training lengths never filled take
+lambda of the highest level they did (model.loglinear.tie_levels_above; docs/loglinear.md section 4); without it
+those levels keep their initial weights. Its results go to eval_<task>_<settings>_tied.json.
 """
 
 from __future__ import annotations
@@ -35,8 +38,26 @@ def per_token_nll(graphdef, params, rest, batch):
     return jnp.where(batch["loss_mask"], nll, 0.0)
 
 
-def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) -> dict:
-    """Accuracy of a trained MQAR / selective-copying run on each of `settings` (default: its own)."""
+def tie_unseen_levels(config) -> int:
+    """Sets model.loglinear.tie_levels_above of a synthetic-task run's config to the highest Fenwick level its
+    training lengths reach (ceil(log2 T) for the longest T of data.train_settings) and returns it."""
+    from ramjax.data.tasks import parse_settings
+    from ramjax.ops.loglinear.fenwick import num_levels
+
+    if "loglinear" not in config.model.pattern:
+        raise ConfigError(f"--tie-unseen-levels: model.pattern {config.model.pattern!r} has no log-linear layer")
+    longest = max(length for _, length in parse_settings("data.train_settings", config.data.train_settings))
+    top = num_levels(longest) - 1
+    if top >= config.model.loglinear.num_levels - 1:
+        raise ConfigError(f"--tie-unseen-levels: training up to length {longest} already reaches every one of the "
+                          f"model's {config.model.loglinear.num_levels} levels; none is unseen")
+    config.model.loglinear.tie_levels_above = top
+    return top
+
+
+def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0, tie_levels: bool = False) -> dict:
+    """Accuracy of a trained MQAR / selective-copying run on each of `settings` (default: its own); `tie_levels`:
+    with the levels its training never filled tied to the highest one it did (tie_unseen_levels)."""
     from ramjax.data.tasks import SyntheticTask
     from ramjax.train import sharding
     from ramjax.train.step import make_eval_step
@@ -45,6 +66,7 @@ def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) 
     from ramjax.train.setup import check_train_config, loss_chunk_tokens, model_parts, restore_state
 
     config = load_run_config(workdir)
+    tied_above = tie_unseen_levels(config) if tie_levels else None
     if settings:
         config.data.eval_settings = settings
     if examples:
@@ -72,10 +94,14 @@ def evaluate_synthetic_run(workdir: str, settings: str = "", examples: int = 0) 
               "model": config.model.pattern, "settings": config.data.eval_settings,
               "examples_per_setting": config.data.eval_examples, "eval_seed": config.data.eval_seed, **results}
     name = config.data.eval_settings.replace(":", "x").replace(",", "_")
+    if tied_above is not None:
+        result["tie_levels_above"] = tied_above
+        name += "_tied"
     json_path = os.path.join(workdir, f"eval_{config.task}_{name}.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)
-    lines = [f"ramjax eval: {config.task} at step {result['step']}, {config.data.eval_examples} examples per setting:"]
+    lines = [f"ramjax eval: {config.task} at step {result['step']}, {config.data.eval_examples} examples per setting"
+             + (f", levels above {tied_above} tied to it" if tied_above is not None else "") + ":"]
     lines += [f"  {k.split('/')[-1]:>16s}  accuracy {v:.3f}" for k, v in results.items()
               if k.startswith("eval/accuracy/") and not k.endswith("/mean") and k.count("/") == 2]
     lines.append(f"  {'mean':>16s}  accuracy {results['eval/accuracy/mean']:.3f}   ({json_path})")
@@ -167,14 +193,17 @@ def main(argv: list[str]) -> None:
                         "to evaluate, e.g. 64:256,128:512 (default: the run's data.eval_settings)")
     parser.add_argument("--examples", type=int, default=0, help="synthetic tasks: examples per setting (default: "
                         "the run's data.eval_examples)")
+    parser.add_argument("--tie-unseen-levels", action="store_true", help="synthetic tasks, log-linear models: the "
+                        "Fenwick levels the training lengths never filled take lambda of the highest one they did")
     args = parser.parse_args(argv)
     try:
         task = load_run_config(args.workdir).task
         if task == "lm":
-            if args.settings or args.examples:
-                raise ConfigError("--settings/--examples are for synthetic tasks; this run is a language model")
+            if args.settings or args.examples or args.tie_unseen_levels:
+                raise ConfigError("--settings/--examples/--tie-unseen-levels are for synthetic tasks; this run is a "
+                                  "language model (evaluated at its training length, where no level is unseen)")
             evaluate_run(args.workdir, args.split, args.max_windows)
         else:
-            evaluate_synthetic_run(args.workdir, args.settings, args.examples)
+            evaluate_synthetic_run(args.workdir, args.settings, args.examples, args.tie_unseen_levels)
     except ConfigError as error:
         raise SystemExit(f"ramjax eval: {error}") from None

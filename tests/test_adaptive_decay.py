@@ -67,7 +67,11 @@ def test_bad_option_values_name_the_field():
                                   ("norm", "batch", "model.norm: must be one of"),
                                   ("weight_init", "xavier", "model.weight_init: must be one of"),
                                   ("mamba2.a_init", "ones", "model.mamba2.a_init: must be one of"),
-                                  ("mamba2.conv_width", -1, "model.mamba2.conv_width: must be an integer >= 0")):
+                                  ("mamba2.conv_width", -1, "model.mamba2.conv_width: must be an integer >= 0"),
+                                  ("loglinear.tie_levels_above", -1,
+                                   "model.loglinear.tie_levels_above: must be an integer >= 0"),
+                                  ("loglinear.tie_levels_above", 99,
+                                   "model.loglinear.tie_levels_above: must be below num_levels")):
         # Not type-safe: a config read back from a run's config.json has no types to hold a value to.
         m = ml_collections.ConfigDict(ADAPTIVE.get_config("mqar").model.to_dict(), type_safe=False)
         node, leaf = (m[field.split(".")[0]], field.split(".")[1]) if "." in field else (m, field)

@@ -102,3 +102,17 @@ def test_rejects_bad_arguments():
         FenwickDecay(8, 2, 4, "softplus", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="num_levels: must be a positive integer"):
         FenwickDecay(8, 2, 0, "linear", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("mode", ["linear", "mlp_softplus", "mlp_softmax"])
+def test_levels_above_the_tie_take_its_weight_and_the_rest_are_untouched(mode):
+    """model.loglinear.tie_levels_above: the levels a training length never filled take the top trained level's
+    lambda (experiments/results/loglinear_unseen_levels.md); 0 leaves the papers' model."""
+    x = inputs()
+    plain = np.asarray(make(mode)(x))
+    tied = np.asarray(FenwickDecay(D_MODEL, HEADS, LEVELS, mode, hidden=HIDDEN, tie_above=3, rngs=nnx.Rngs(0))(x))
+    np.testing.assert_array_equal(tied[..., :4], plain[..., :4])
+    np.testing.assert_array_equal(tied[..., 4:], np.repeat(plain[..., 3:4], LEVELS - 4, axis=-1))
+    for bad in (-1, LEVELS, 1.5):
+        with pytest.raises(ValueError, match="model.loglinear.tie_levels_above: must be an integer in"):
+            FenwickDecay(D_MODEL, HEADS, LEVELS, mode, tie_above=bad, rngs=nnx.Rngs(0))

@@ -308,6 +308,27 @@ def test_ramjax_eval_of_a_synthetic_run_on_its_own_and_on_new_settings(tmp_path)
         evaluate_synthetic_run(str(tmp_path), settings="99:16")
 
 
+def test_ramjax_eval_ties_the_levels_training_never_filled(tmp_path):
+    """`ramjax eval --tie-unseen-levels`: at the training lengths (every level trained) nothing changes; the
+    result records the tie and goes to its own file; a model without log-linear layers is a ConfigError."""
+    from ramjax.evaluate import evaluate_synthetic_run
+
+    config = tiny_config("loglinear_mamba2", steps=2)  # trained on lengths 16 and 32: levels 0-5
+    train(config, str(tmp_path / "ll"))
+    plain = evaluate_synthetic_run(str(tmp_path / "ll"))
+    tied = evaluate_synthetic_run(str(tmp_path / "ll"), tie_levels=True)
+    assert tied["tie_levels_above"] == 5 and "tie_levels_above" not in plain
+    assert tied["eval/accuracy/mean"] == plain["eval/accuracy/mean"]
+    for setting in ("kv2_len16", "kv4_len32"):  # the loss: the accuracy of 2 steps' training is 0 either way
+        assert tied[f"eval/loss/{setting}"] == pytest.approx(plain[f"eval/loss/{setting}"], rel=1e-6)
+    assert (tmp_path / "ll" / "eval_mqar_2x16_4x32_tied.json").exists()
+    evaluate_synthetic_run(str(tmp_path / "ll"), settings="4:48", examples=8, tie_levels=True)  # level 6 tied
+    transformer = tiny_config("transformer", steps=1)
+    train(transformer, str(tmp_path / "tf"))
+    with pytest.raises(ConfigError, match="--tie-unseen-levels: model.pattern 'attention' has no log-linear"):
+        evaluate_synthetic_run(str(tmp_path / "tf"), tie_levels=True)
+
+
 @pytest.mark.slow  # ~12 s on 2 cores; the only check of train.profile_steps
 def test_profile_steps_writes_a_trace_of_the_window(tmp_path):
     config = tiny_config("gla", steps=3)

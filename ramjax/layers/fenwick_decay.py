@@ -10,6 +10,11 @@ Initialisation (`init`): "as_described" is the above (W_l lecun normal; ours, th
 text; "as_run" is what the public adaptive-decay fork actually trains (every Linear re-initialised N(0, 0.02) with
 zero biases, also W_l, W1, W2), so lambda starts near softplus(0) = 0.69 (softmax: 1 / L) rather than 1.
 `exact_gelu`: GELU in its exact erf form (PyTorch's default, the fork's) instead of the tanh approximation.
+`tie_above` (ours; 0 = off, the papers' model): every level above it takes its lambda. Training on sequences of at
+most T tokens never fills the levels above ceil(log2 T), so their weights keep their initialisation; tying them
+to the highest trained level is what lets a model answer through them on longer sequences
+(experiments/results/loglinear_unseen_levels.md; `ramjax eval --tie-unseen-levels` sets it from the run's
+training lengths). With mlp_softmax the tie is applied after the softmax.
 `dtype`: the projection and the MLP compute in it (the model's dtype, as the layer's other projections); the last
 step (softplus or softmax) and lambda are float32.
 Parameters carry logical axis names for sharding: embed, heads, levels, decay_mlp.
@@ -47,7 +52,8 @@ class FenwickDecay(nnx.Module):
 
     def __init__(
         self, d_model: int, num_heads: int, num_levels: int, mode: str, hidden: int = 64, *,
-        init: str = "as_described", exact_gelu: bool = False, dtype=jnp.float32, rngs: nnx.Rngs
+        init: str = "as_described", exact_gelu: bool = False, tie_above: int = 0, dtype=jnp.float32,
+        rngs: nnx.Rngs
     ):
         if mode not in MODES:
             raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
@@ -57,7 +63,11 @@ class FenwickDecay(nnx.Module):
                             ("hidden", hidden)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if not isinstance(tie_above, int) or not 0 <= tie_above < num_levels:
+            raise ValueError(f"model.loglinear.tie_levels_above: must be an integer in [0, num_levels = {num_levels})"
+                             f" (0: off), got {tie_above!r}")
         self.num_heads, self.num_levels, self.mode, self.exact_gelu = num_heads, num_levels, mode, exact_gelu
+        self.tie_above = tie_above
         if mode == "fixed":
             return
         as_run = init == "as_run"
@@ -85,7 +95,11 @@ class FenwickDecay(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.mode == "fixed":
             return jnp.ones((*x.shape[:2], self.num_heads, self.num_levels), x.dtype)
-        return _level_weights(self, x)
+        weights = _level_weights(self, x)
+        if self.tie_above:
+            top = weights[..., self.tie_above:self.tie_above + 1]
+            weights = jnp.where(jnp.arange(self.num_levels) > self.tie_above, top, weights)
+        return weights
 
 
 @nnx.remat

@@ -50,8 +50,9 @@ class GatedDeltaNetMixer(nnx.Module):
 
     def __init__(self, d_model: int, *, num_heads: int, head_dim: int = 0, expand_v: int = 2, conv_width: int = 4,
                  chunk_size: int = 64, decay_mode: str | None = None, num_levels: int = 15, decay_hidden: int = 64,
-                 lambda_init: str = "as_described", exact_gelu: bool = False, recompute: bool = True,
-                 loglinear_impl: str = "auto", impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                 lambda_init: str = "as_described", exact_gelu: bool = False, tie_levels_above: int = 0,
+                 recompute: bool = True, loglinear_impl: str = "auto", impl: str = "auto", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         head_dim = head_dim or d_model // num_heads
         self.num_heads, self.d_k, self.d_v, self.chunk_size = num_heads, head_dim, expand_v * head_dim, chunk_size
         self.impl = impl  # of the plain delta rule (ops.gated_delta_rule)
@@ -75,7 +76,7 @@ class GatedDeltaNetMixer(nnx.Module):
         self.norm = GatedRMSNorm(self.d_v, axis_name=None)
         self.o_proj = dense(value_width, d_model, "heads", "embed", dtype=dtype, rngs=rngs)
         self.decay = (FenwickDecay(d_model, num_heads, num_levels, decay_mode, decay_hidden, init=lambda_init,
-                                   exact_gelu=exact_gelu, dtype=dtype, rngs=rngs)
+                                   exact_gelu=exact_gelu, tie_above=tie_levels_above, dtype=dtype, rngs=rngs)
                       if decay_mode is not None else None)
 
     def _inputs(self, x: jax.Array, windows=None):

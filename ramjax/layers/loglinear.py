@@ -19,15 +19,16 @@ class LogLinearMixer(nnx.Module):
     `base_options` are the base layer's own arguments (the config's `model.mamba2` or `model.gated_deltanet`)."""
 
     def __init__(self, d_model: int, *, base: str, mode: str, num_levels: int = 15, decay_hidden: int = 64,
-                 lambda_init: str = "as_described", exact_gelu: bool = False, recompute: bool = True,
-                 impl: str = "auto", base_options: dict, rngs: nnx.Rngs):
+                 lambda_init: str = "as_described", exact_gelu: bool = False, tie_levels_above: int = 0,
+                 recompute: bool = True, impl: str = "auto", base_options: dict, rngs: nnx.Rngs):
         if base not in BASES:
             raise ValueError(f"model.loglinear.base: must be one of {BASES}, got {base!r}")
         if mode not in MODES:
             raise ValueError(f"model.loglinear.mode: must be one of {MODES}, got {mode!r}")
         base_type = Mamba2Mixer if base == "mamba2" else GatedDeltaNetMixer
         self.base = base_type(d_model, decay_mode=mode, num_levels=num_levels, decay_hidden=decay_hidden,
-                              lambda_init=lambda_init, exact_gelu=exact_gelu, recompute=recompute,
+                              lambda_init=lambda_init, exact_gelu=exact_gelu,
+                              tie_levels_above=tie_levels_above, recompute=recompute,
                               loglinear_impl=impl, **base_options, rngs=rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:

@@ -60,8 +60,8 @@ class Mamba2Mixer(nnx.Module):
                  chunk_size: int = 64, gate: bool = True, output_norm: bool = True, d_skip: bool = True,
                  dt_scales_v: bool = True, a_init: str = "uniform", decay_mode: str | None = None,
                  num_levels: int = 15, decay_hidden: int = 64, lambda_init: str = "as_described",
-                 exact_gelu: bool = False, recompute: bool = True, loglinear_impl: str = "auto", impl: str = "auto",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 exact_gelu: bool = False, tie_levels_above: int = 0, recompute: bool = True,
+                 loglinear_impl: str = "auto", impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         d_inner = expand * d_model
         if d_inner % head_dim:
             raise ValueError(f"model.mamba2.head_dim: must divide expand * d_model = {d_inner}, got {head_dim}")
@@ -94,7 +94,7 @@ class Mamba2Mixer(nnx.Module):
         self.norm = RMSNorm(d_inner, axis_name="heads") if output_norm else None
         self.out_proj = dense(d_inner, d_model, "heads", "embed", dtype=dtype, rngs=rngs)
         self.decay = (FenwickDecay(d_model, self.num_heads, num_levels, decay_mode, decay_hidden, init=lambda_init,
-                                   exact_gelu=exact_gelu, dtype=dtype, rngs=rngs)
+                                   exact_gelu=exact_gelu, tie_above=tie_levels_above, dtype=dtype, rngs=rngs)
                       if decay_mode is not None else None)
 
     def _convs(self) -> tuple:

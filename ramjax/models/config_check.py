@@ -127,6 +127,10 @@ def check_model(model, max_seq_len: int | None = None) -> None:
         _choice("model.loglinear.impl", ll.get("impl", "auto"),
                 loglinear.ATTENTION_IMPLS if ll.base == "mamba2" else loglinear.DELTA_IMPLS)
         levels = _int("model.loglinear.num_levels", ll.num_levels)
+        tie = _int("model.loglinear.tie_levels_above", ll.get("tie_levels_above", 0), 0)
+        if tie >= levels:
+            raise ConfigError(f"model.loglinear.tie_levels_above: must be below num_levels = {levels} (0: off), "
+                              f"got {tie}")
         if max_seq_len is not None and levels < loglinear.num_levels(max_seq_len):
             raise ConfigError(f"model.loglinear.num_levels: {levels} levels cover sequences up to "
                               f"{2 ** (levels - 1)} tokens; this run's longest is {max_seq_len}, which needs "

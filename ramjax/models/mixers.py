@@ -70,6 +70,7 @@ def make_mixer(kind: str, cfg, cape_heads: int | jax.Array, *, rngs: nnx.Rngs) -
             options["num_heads"] = cfg.num_heads
         return LogLinearMixer(cfg.d_model, base=ll.base, mode=ll.mode, num_levels=ll.num_levels,
                               decay_hidden=ll.decay_hidden, lambda_init=ll.get("lambda_init", "as_described"),
-                              exact_gelu=ll.get("exact_gelu", False), recompute=ll.get("recompute", True),
+                              exact_gelu=ll.get("exact_gelu", False),
+                              tie_levels_above=ll.get("tie_levels_above", 0), recompute=ll.get("recompute", True),
                               impl=ll.get("impl", "auto"), base_options=options, rngs=rngs)
     raise ValueError(f"model.pattern: unknown mixer {kind!r}; known: {MIXERS}")
