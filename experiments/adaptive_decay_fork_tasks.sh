@@ -32,4 +32,15 @@ for task in "${tasks[@]}"; do
 done
 python experiments/fork_table.py "${dirs[@]}" --results "$results" \
   --title "the length test, selective copying, and the tasks with our block"
+# The length test again on each finished run's last checkpoint with the Fenwick level that training at 128 never
+# filled (level 8, where every query of the 256 test sits) tied to level 7 (docs/loglinear.md section 4); each
+# run's eval_mqar_*_tied.json, the per-seed accuracies printed here.
+for task in "${tasks[@]}"; do
+  case $task in
+    mqar_length*)
+      for run in "$workdir/${task//,/_}"/*/; do
+        if [ -f "$run/summary.json" ]; then python -m ramjax.cli eval --workdir "$run" --tie-unseen-levels || status=1; fi
+      done;;
+  esac
+done
 exit $status
