@@ -168,8 +168,7 @@ def model_config() -> ml_collections.ConfigDict:
     # or with the mamba2 base "pallas" (the in-chunk part as Pallas kernels, kernels/loglinear_chunk.py).
     m.loglinear.impl = "auto"
     m.loglinear.exact_gelu = False  # the lambda MLP's GELU: tanh approximation, or True: exact erf (the fork)
-    # Ours, 0 = off (the papers' model): levels above this one take its lambda. Levels a training length never
-    # fills keep their initial weights; `ramjax eval --tie-unseen-levels` sets this to the highest trained level
-    # (docs/loglinear.md section 4).
-    m.loglinear.tie_levels_above = 0
+    # Levels a training length never fills keep their initial lambda (docs/loglinear.md section 4); `ramjax eval
+    # --tie-unseen-levels` sets this field to the highest trained level.
+    m.loglinear.tie_levels_above = 0  # ours; N > 0: every level above N takes its lambda; 0: off (the papers)
     return m
