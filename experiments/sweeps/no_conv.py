@@ -71,7 +71,13 @@ def get_sweep(which: str = ""):
         methods = zipped(values("train.ramnet_factors_start", [3, 0, 3, 0]),
                          values("train.ramnet_top_k_start", [0, 32, 32, 0]),
                          values("train.ramnet_top_k_anneal_steps", [0, 500, 500, 0]))
-        return product(single(ZOOLOGY), methods) + single(dict(ZOOLOGY, **{"model.pattern": "base_conv,attention"}))
+        # Appended after the first GPU run (indices 0-4 stay): both methods in the configs' own layout (RAM-Net
+        # with its short conv, an MLP after each mixer), the question being whether the top-K anneal can join the
+        # factor schedule as a default without costing that layout anything (`--runs 5`).
+        own_layout = single({"train.num_seeds": 3, "train.ramnet_factors_start": 3, "train.ramnet_top_k_start": 32,
+                             "train.ramnet_top_k_anneal_steps": 500})
+        return (product(single(ZOOLOGY), methods) + single(dict(ZOOLOGY, **{"model.pattern": "base_conv,attention"}))
+                + own_layout)
     if which == "dense_long":
         return single(DENSE_LONG)
     if which == "dense":
