@@ -36,7 +36,8 @@ from mqar_gap_accuracy import correct_per_query  # noqa: E402
 from ramjax.data.mqar import batch_rng, mqar_batch  # noqa: E402
 from ramjax.data.tasks import parse_settings  # noqa: E402
 from ramjax.errors import ConfigError  # noqa: E402
-from ramjax.layers.fenwick_decay import FenwickDecay  # noqa: E402
+from ramjax.layers.fenwick_decay import FenwickDecay, tie_levels  # noqa: E402
+from ramjax.models.mixers import parse_pattern  # noqa: E402
 from ramjax.ops.loglinear.fenwick import level_index, num_levels  # noqa: E402
 from ramjax.train import multi_seed  # noqa: E402
 from ramjax.train.setup import load_model, load_run_config  # noqa: E402
@@ -60,10 +61,10 @@ def level_weights_patched(unseen: int | None = None, how: str = "off", record: l
 
     def patched(self, x):
         weights = original(self, x)
-        if unseen is not None:
-            top = jnp.zeros_like(weights[..., :1]) if how == "off" else weights[..., unseen - 1:unseen]
-            level = jnp.arange(weights.shape[-1])
-            weights = jnp.where(level < unseen, weights, top)
+        if unseen is not None and how == "copy":
+            weights = tie_levels(weights, unseen - 1)  # model.loglinear.tie_levels_above's own mechanism
+        elif unseen is not None:
+            weights = jnp.where(jnp.arange(weights.shape[-1]) < unseen, weights, 0.0)
         if record is not None:
             jax.debug.callback(lambda w: record.append(np.asarray(w)), weights.mean(axis=(0, 1)), ordered=True)
         return weights
@@ -111,8 +112,7 @@ def unseen_level_table(workdir: str, settings: str, examples: int, trained_lengt
                      "off": (cell(off, seen_q), cell(off, unseen_q), cell(off, batch.loss_mask)),
                      "copied": (cell(copied, seen_q), cell(copied, unseen_q), cell(copied, batch.loss_mask))})
     # The callbacks ran once per layer per batch slice: keep the first slice's layers (the trace's order).
-    layers = len([p for p in config.model.pattern.split(",") if "loglinear" in p]) * (
-        config.model.num_layers // len(config.model.pattern.split(",")))
+    layers = parse_pattern(config.model.pattern, config.model.num_layers).count("loglinear")
     per_layer = [w.mean(axis=0) for w in lambdas[:layers]]  # [L] per layer, the mean over heads
     return {"workdir": workdir, "trained_length": trained_length, "first_unseen_level": unseen, "rows": rows,
             "lambda_per_layer": per_layer}

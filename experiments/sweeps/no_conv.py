@@ -81,7 +81,7 @@ def get_sweep(which: str = ""):
     if which == "dense_long":
         return single(DENSE_LONG)
     if which == "dense":
-        options = product(*(values(field, [value]) for field, value in DENSE.items()),
+        options = product(single(DENSE),
                           zipped(values("train.ramnet_top_k_start", [0, 16]),
                                  values("train.ramnet_top_k_anneal_steps", [0, 3000])))
     elif which == "factors":

@@ -96,10 +96,12 @@ class FenwickDecay(nnx.Module):
         if self.mode == "fixed":
             return jnp.ones((*x.shape[:2], self.num_heads, self.num_levels), x.dtype)
         weights = _level_weights(self, x)
-        if self.tie_above:
-            top = weights[..., self.tie_above:self.tie_above + 1]
-            weights = jnp.where(jnp.arange(self.num_levels) > self.tie_above, top, weights)
-        return weights
+        return tie_levels(weights, self.tie_above) if self.tie_above else weights
+
+
+def tie_levels(weights: jax.Array, above: int) -> jax.Array:
+    """level weights `[..., L]` with every level above `above` given the weight of level `above`."""
+    return jnp.where(jnp.arange(weights.shape[-1]) > above, weights[..., above:above + 1], weights)
 
 
 @nnx.remat
