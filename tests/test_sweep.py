@@ -431,8 +431,27 @@ def test_the_paper_regime_sweeps_train_two_seeds_per_program_with_the_method_on(
     assert all(run["train.num_seeds"] == 2 for run in fig4) and len(fig4) == 7
     # lr 3e-3: at the config's former 1e-3 no row learned in 3000 steps (2026-12-03)
     assert all(run["optim.learning_rate"] == 3e-3 for run in fig4)
+    # evaluation is not microbatched: the d_v 256 row evaluates in small batches (it ran out of memory at 125)
+    assert [run.get("data.eval_batch_size") for run in fig4] == [None, None, None, None, 25, None, None]
     with pytest.raises(ValueError, match="unknown regime 'papr'"):
         sweep.load_sweep(str(ROOT / "experiments" / "sweeps" / "fig4_ramnet_ablations.py:papr"))
+
+
+def test_fig4_paper_both_adds_the_top_k_anneal_to_the_factor_schedule_with_more_microbatches():
+    """`paper_both`: each row of `paper` plus top-K 32 -> 8 over 500 steps (U = 1 unchanged: it anneals already);
+    the K-32 steps are split into more microbatches (with d_v) and the rows declare larger memory shares."""
+    path = str(ROOT / "experiments" / "sweeps" / "fig4_ramnet_ablations.py")
+    paper, _, _ = sweep.load_sweep(path + ":paper")
+    both, _, _ = sweep.load_sweep(path + ":paper_both")
+    assert len(both) == len(paper) == 7
+    assert both[0] == paper[0]  # U = 1
+    for one, two in zip(paper[1:], both[1:]):
+        assert two["train.ramnet_factors_start"] == one["train.ramnet_factors_start"] > 0
+        assert (two["train.ramnet_top_k_start"], two["train.ramnet_top_k_anneal_steps"]) == (32, 500)
+        assert two["train.microbatches"] >= max(4, one["train.microbatches"])
+    assert [run["train.microbatches"] for run in both] == [4, 4, 4, 4, 16, 4, 4]
+    shares = sweep.memory_fractions(path + ":paper_both", both)
+    assert shares == ["0.35"] + ["0.2"] * 6
 
 
 def test_a_sweep_directory_refuses_other_overrides(tmp_path):

@@ -14,6 +14,11 @@ in one program per row (train.num_seeds = 2):
       --workdir runs/fig4_paper --max-parallel 7 --config.train.num_steps=3000 --config.train.eval_every=500
 Each paper row brings its own memory share and microbatches (memory_fraction and get_sweep below), so the sweep
 runs as many at once as fit on the GPU: five of the seven on a GPU of its own, two under --gpu-budget 0.6.
+
+`fig4_ramnet_ablations.py:paper_both`: the same rows with both methods, the factor schedule and the top-K anneal
+32 -> 8 over 500 steps (U = 1 as in `paper`). In the paper's regime the factor schedule alone learned at U 5
+(0.977) but not at U 2 or M 4096 (experiments/results/fig4_ramnet_ablations.md, 2026-12-03), and in Zoology's
+layout only both together learned (experiments/results/ramnet_without_conv.md).
 """
 
 from ramjax.sweep import values, zipped
@@ -29,6 +34,7 @@ BASE = {"train.ramnet_top_k_start": 0, "train.ramnet_factors_start": 0}
 # `paper`: the method on, growing from about 64 slots (start_factors) to all U factors over 600 steps. U = 1 anneals
 # top-K instead (it has no factor to hold).
 METHOD = {"train.ramnet_top_k_start": 0, "train.ramnet_top_k_anneal_steps": 0, "train.ramnet_factors_grow_steps": 600}
+TOP_K_ANNEAL = {"train.ramnet_top_k_start": 32, "train.ramnet_top_k_anneal_steps": 500}  # `paper_both`, with METHOD
 START_SLOTS = 64  # where the factor schedule starts: K^2 / slots = 1 at K = 8 (experiments/results/large_memory.md)
 METHOD_U1 = {"train.ramnet_top_k_start": 32, "train.ramnet_top_k_anneal_steps": 500, "train.ramnet_factors_start": 0}
 
@@ -45,8 +51,9 @@ def start_factors(factor_size: int) -> int:
 def get_sweep(regime: str = ""):
     """The seven rows as first run (no method: BASE), or `fig4_ramnet_ablations.py:paper`: with the method on
     (METHOD; METHOD_U1 for U = 1) and seeds 0 and 1 in one program per row."""
-    if regime not in ("", "paper"):
-        raise ValueError(f"fig4_ramnet_ablations.py: unknown regime {regime!r}; '' (as first run) or 'paper'")
+    if regime not in ("", "paper", "paper_both"):
+        raise ValueError(f"fig4_ramnet_ablations.py: unknown regime {regime!r}; '' (as first run), 'paper' or "
+                         "'paper_both'")
     over_u = zipped(values("model.ramnet.num_factors", [1, 2, 5, 10]),
                     values("model.ramnet.factor_size", [1024, 32, 4, 2]),
                     values("model.ramnet.d_v", [64, 64, 64, 64]))
@@ -54,12 +61,14 @@ def get_sweep(regime: str = ""):
                     values("model.ramnet.factor_size", [4, 4, 4]),
                     values("model.ramnet.d_v", [256, 64, 16]))
     runs = over_u + over_m
-    if regime == "paper":
+    if regime in ("paper", "paper_both"):
         for run in runs:
             if run["model.ramnet.num_factors"] == 1:
                 run.update(METHOD_U1)
             else:
                 run.update(METHOD, **{"train.ramnet_factors_start": start_factors(run["model.ramnet.factor_size"])})
+                if regime == "paper_both":
+                    run.update(TOP_K_ANNEAL)
             run["train.num_seeds"] = 2
             # Figure 3's rate for RAM-Net in this regime (now configs/mqar.py's default for it): at 1e-3 no row
             # learned in 3000 steps (experiments/results/fig4_ramnet_ablations.md, 2026-12-03). Explicit, so
@@ -71,14 +80,27 @@ def get_sweep(regime: str = ""):
             # ~3x that for RAM-Net at d_model 256 in the Figure-3 grid.
             big = run["model.ramnet.d_v"] > 64 or run["model.ramnet.num_factors"] == 1
             run["train.microbatches"] = 4 if big else 2
+            if run["train.ramnet_top_k_start"]:
+                # K 32 early holds 4x the copies of K 8: microbatches as U = 1's (4 at d_v 64), scaled with d_v.
+                # XLA:CPU's buffer assignment of the step at K 32, length 256: 9.7 GB at d_v 64 (4), 6.6 GB at
+                # d_v 256 (16), against U = 1's 17 GB, which held 30 GB of an H200.
+                run["train.microbatches"] = max(4, 4 * run["model.ramnet.d_v"] // 64)
+            if run["model.ramnet.d_v"] > 64:
+                # Evaluation is not microbatched: at d_v 256 a batch of 125 at length 1024 asked for 16.6 GiB more
+                # than the row's 0.25 of an H200 and ended the run at its first evaluation (2026-12-03). Results
+                # do not depend on the evaluation batch.
+                run["data.eval_batch_size"] = 25
     return runs
 
 
 def memory_fraction(run: dict):
     """The paper rows' shares of an H200 (the sweep packs runs by them; see the microbatches above): U = 1 with
-    its top-K anneal from 32 and d_v 256 the largest. None (the launcher's even split) for the first regime."""
+    its top-K anneal from 32 and d_v 256 the largest, then the rows annealing top-K (`paper_both`). None (the
+    launcher's even split) for the first regime. On the GPU (2026-12-03) the 0.12 rows held 16-19 GB, U = 1 30 GB."""
     if run.get("train.num_seeds", 1) == 1:
         return None
     if run["model.ramnet.num_factors"] == 1:
         return 0.35
+    if run["train.ramnet_top_k_start"]:
+        return 0.2
     return 0.25 if run["model.ramnet.d_v"] > 64 else 0.12

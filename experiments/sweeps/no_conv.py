@@ -73,7 +73,8 @@ def get_sweep(which: str = ""):
                          values("train.ramnet_top_k_anneal_steps", [0, 500, 500, 0]))
         # Appended after the first GPU run (indices 0-4 stay): both methods in the configs' own layout (RAM-Net
         # with its short conv, an MLP after each mixer), the question being whether the top-K anneal can join the
-        # factor schedule as a default without costing that layout anything (`--runs 5`).
+        # factor schedule as a default without costing that layout anything (`--runs 5`). Answer (GPU, 2026-12-03):
+        # the same 0.999 at step 1000, later and dearer on the way; the default stays (large_memory.md).
         own_layout = single({"train.num_seeds": 3, "train.ramnet_factors_start": 3, "train.ramnet_top_k_start": 32,
                              "train.ramnet_top_k_anneal_steps": 500})
         return (product(single(ZOOLOGY), methods) + single(dict(ZOOLOGY, **{"model.pattern": "base_conv,attention"}))
