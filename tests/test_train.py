@@ -174,6 +174,34 @@ def test_interrupted_run_resumes_to_the_same_parameters(uninterrupted, tmp_path,
     assert open(summary_file).read() == recorded
 
 
+def test_an_evaluation_out_of_memory_keeps_the_step_and_names_the_field(uninterrupted, tmp_path, monkeypatch):
+    """An evaluation that runs out of device memory (as one did on an H200 at d_v 256) ends the run with an error
+    naming data.eval_batch_size, after the step's checkpoint is saved; the rerun resumes at that step and evaluates
+    it first, so metrics.jsonl has every evaluation, and ends where the uninterrupted run ends."""
+    from ramjax.train import trainer
+
+    evaluate, calls = trainer._evaluate, []
+
+    def out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # step 8
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 16.59GiB")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_evaluate", out_of_memory_once)
+    config = resume_config()
+    config.train.eval_every = 4
+    with pytest.raises(ConfigError, match=r"data.eval_batch_size = \d+: the evaluation at step 8 ran out of "
+                                          r"device memory.*newest checkpoint is of step 8"):
+        train(config, str(tmp_path))
+    assert [row["step"] for row in read_metrics(str(tmp_path)) if "eval/accuracy/mean" in row] == [4]
+    summary = train(config, str(tmp_path))
+    assert summary["resumed_from"] == 8
+    assert [row["step"] for row in read_metrics(str(tmp_path)) if "eval/accuracy/mean" in row] == [4, 8, 12]
+    assert summary["eval"] == uninterrupted[1]["eval"]  # the same step-12 evaluation as the run in one go
+    assert_trees_equal(restore_final(str(tmp_path))[0], restore_final(uninterrupted[0])[0])
+
+
 @pytest.mark.parametrize("field,value", [("d_model", 32), ("pattern", "ramnet"), ("num_layers", 4)])
 def test_resuming_with_a_different_model_is_refused(uninterrupted, field, value):
     workdir, _ = uninterrupted

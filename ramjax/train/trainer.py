@@ -255,6 +255,9 @@ def _loop(run: _Run, checkpoints: Checkpoints, state, start: int) -> _Outcome:
     keep_ignoring_sigterm = False
     done = start  # the steps completed so far
     in_flight = collections.deque()  # the metrics of the steps dispatched and perhaps not yet run
+    if _evaluate_on_resume(run, start):
+        last_eval = _evaluate_and_log(run, state, rest, start - 1, metrics_log, progress, checkpoints)
+        best_eval = {"step": start, **last_eval}
     try:
         for step in range(start, num_steps):
             run.profiler.before(step)
@@ -275,15 +278,17 @@ def _loop(run: _Run, checkpoints: Checkpoints, state, start: int) -> _Outcome:
                 metrics_log.write(done, {f"train/{k}": v for k, v in last_metrics.items()})
                 progress.set_postfix(loss=f"{last_metrics['loss']:.3f}", acc=f"{last_metrics['accuracy']:.3f}",
                                      tok_s=f"{last_metrics['tokens_per_s']:.0f}")
+            # The checkpoint first (it saves in the background): a failure in the evaluation then loses nothing
+            # trained, and the resumed run evaluates this step first (_evaluate_on_resume).
+            checkpoints.save(done, state, _meta(config, done))
             stop_early = False
             if done % t.eval_every == 0 or done == num_steps:
-                last_eval = _evaluate_and_log(run, state, rest, step, metrics_log, progress)
+                last_eval = _evaluate_and_log(run, state, rest, step, metrics_log, progress, checkpoints)
                 if last_eval["eval/accuracy/mean"] > best_eval.get("eval/accuracy/mean", -1.0):
                     best_eval = {"step": done, **last_eval}
                 # (train.num_seeds > 1: when every seed has reached it)
                 stop_early = 0 < early_stop <= last_eval.get("eval/accuracy/mean/min",
                                                              last_eval["eval/accuracy/mean"]) and done < num_steps
-            checkpoints.save(done, state, _meta(config, done))
             progress.update(1)
             if stop_early:
                 end = done
@@ -503,9 +508,33 @@ def _evaluate(run: _Run, params, rest) -> dict:
     return evaluate(run.eval_step, params, rest, run.task, run.batches)
 
 
-def _evaluate_and_log(run: _Run, state, rest, step: int, metrics_log: MetricsLog, progress) -> dict:
-    results = _evaluate(run, state["params"], rest)
+def _evaluate_on_resume(run: _Run, start: int) -> bool:
+    """Whether a resumed run must first evaluate its starting step: an evaluation step whose checkpoint was saved
+    but whose evaluation was never logged (it failed, or the process died in it). Every process must agree."""
+    t = run.config.train
+    due = 0 < start < t.num_steps and start % t.eval_every == 0
+    missing = due and run.is_main and not any(row.get("step") == start and "eval/accuracy/mean" in row
+                                              for row in read_metrics(run.workdir))
+    return preemption.any_process(missing)
+
+
+def _evaluate_and_log(run: _Run, state, rest, step: int, metrics_log: MetricsLog, progress,
+                      checkpoints: Checkpoints) -> dict:
     done = step + 1
+    try:
+        results = _evaluate(run, state["params"], rest)
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        checkpoints.wait()
+        latest = checkpoints.latest_step()
+        kept = (f"the newest checkpoint is of step {latest}: rerun with --config.data.eval_batch_size=N to resume "
+                f"there" if latest else "no checkpoint was saved yet")
+        raise ConfigError(
+            f"data.eval_batch_size = {run.config.data.eval_batch_size}: the evaluation at step {done} ran out of "
+            f"device memory ({str(error).splitlines()[0][:200]}). Evaluation is not split into microbatches; a "
+            f"smaller data.eval_batch_size evaluates the same examples in smaller batches (results do not depend "
+            f"on it); {kept}.") from error
     metrics_log.write(done, results)
     if run.address_step is not None:  # on the batch this step trained on; diagnostics, not in the summary
         batch = run.task.train_batch(step)
