@@ -452,6 +452,9 @@ def test_fig4_paper_both_adds_the_top_k_anneal_to_the_factor_schedule_with_more_
     assert [run["train.microbatches"] for run in both] == [4, 4, 4, 4, 16, 4, 4]
     shares = sweep.memory_fractions(path + ":paper_both", both)
     assert shares == ["0.35"] + ["0.2"] * 6
+    fast, _, _ = sweep.load_sweep(path + ":paper_lr1e-2")  # the paper rows at another rate, nothing else
+    assert [dict(run, **{"optim.learning_rate": 3e-3}) for run in fast] == paper
+    assert all(run["optim.learning_rate"] == 1e-2 for run in fast)
 
 
 def test_a_sweep_directory_refuses_other_overrides(tmp_path):
