@@ -84,13 +84,13 @@ def get_sweep(regime: str = ""):
             # with the annealed K: XLA:CPU's buffer assignment of the two-seed step at length 256 is 7.6 GB at d_v
             # 64 with 2, 7.8 GB at d_v 256 with 4, 17 GB for U = 1 at K 32 with 4 (2026-12-03); an H200 needed
             # ~3x that for RAM-Net at d_model 256 in the Figure-3 grid.
-            big = run["model.ramnet.d_v"] > 64 or run["model.ramnet.num_factors"] == 1
-            run["train.microbatches"] = 4 if big else 2
             if run["train.ramnet_top_k_start"]:
-                # K 32 early holds 4x the copies of K 8: microbatches as U = 1's (4 at d_v 64), scaled with d_v.
-                # XLA:CPU's buffer assignment of the step at K 32, length 256: 9.7 GB at d_v 64 (4), 6.6 GB at
-                # d_v 256 (16), against U = 1's 17 GB, which held 30 GB of an H200.
+                # K 32 early (U = 1, and every `paper_both` row) holds 4x the copies of K 8: 4 microbatches at
+                # d_v 64, scaled with d_v. XLA:CPU's buffer assignment of the step at K 32, length 256: 9.7 GB at
+                # d_v 64 (4), 6.6 GB at d_v 256 (16), against U = 1's 17 GB, which held ~30 GB of an H200.
                 run["train.microbatches"] = max(4, 4 * run["model.ramnet.d_v"] // 64)
+            else:
+                run["train.microbatches"] = 4 if run["model.ramnet.d_v"] > 64 else 2
             if run["model.ramnet.d_v"] > 64:
                 # Evaluation is not microbatched: at d_v 256 a batch of 125 at length 1024 asked for 16.6 GiB more
                 # than the row's 0.25 of an H200 and ended the run at its first evaluation (2026-12-03). Results
@@ -102,7 +102,8 @@ def get_sweep(regime: str = ""):
 def memory_fraction(run: dict):
     """The paper rows' shares of an H200 (the sweep packs runs by them; see the microbatches above): U = 1 with
     its top-K anneal from 32 and d_v 256 the largest, then the rows annealing top-K (`paper_both`). None (the
-    launcher's even split) for the first regime. On the GPU (2026-12-03) the 0.12 rows held 16-19 GB, U = 1 30 GB."""
+    launcher's even split) for the first regime. On the GPU (2026-12-03) the 0.12 rows held 16-19 GB and one program
+    30 GB, by elimination U = 1 (nvidia-smi does not name the row)."""
     if run.get("train.num_seeds", 1) == 1:
         return None
     if run["model.ramnet.num_factors"] == 1:
