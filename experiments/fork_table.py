@@ -22,7 +22,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ramjax.train.metrics import read_metrics  # noqa: E402
+from ramjax.train.metrics import seed_evaluations  # noqa: E402
 
 
 def run_dirs(path: str) -> list[str]:
@@ -33,17 +33,6 @@ def run_dirs(path: str) -> list[str]:
         raise SystemExit(f"fork_table: {path} is neither a run directory (config.json) nor a sweep directory")
     return [os.path.join(path, name) for name in sorted(os.listdir(path))
             if os.path.exists(os.path.join(path, name, "config.json"))]
-
-
-def seed_evaluations(workdir: str, num_seeds: int) -> list[tuple[int, list[float]]]:
-    """(step, [accuracy of each seed]) of every evaluation in the run's metrics.jsonl, in step order (a resumed
-    run's re-evaluated steps: the later line wins)."""
-    keys = [f"eval/accuracy/mean/seed_{i}" for i in range(num_seeds)] if num_seeds > 1 else ["eval/accuracy/mean"]
-    evaluations = {}
-    for row in read_metrics(workdir):
-        if all(isinstance(row.get(k), (int, float)) for k in keys):
-            evaluations[row["step"]] = [float(row[k]) for k in keys]
-    return sorted(evaluations.items())
 
 
 def mean_std(values: list[float]) -> str:

@@ -73,6 +73,17 @@ def read_metrics(workdir: str) -> list[dict]:
         return [record for record in _parse_lines(f.readlines(), path) if record is not None]
 
 
+def seed_evaluations(workdir: str, num_seeds: int) -> list[tuple[int, list[float]]]:
+    """(step, [accuracy of each seed]) of every evaluation in the run's metrics.jsonl, in step order (a resumed
+    run's re-evaluated steps: the later line wins)."""
+    keys = [f"eval/accuracy/mean/seed_{i}" for i in range(num_seeds)] if num_seeds > 1 else ["eval/accuracy/mean"]
+    evaluations = {}
+    for row in read_metrics(workdir):
+        if all(isinstance(row.get(k), (int, float)) for k in keys):
+            evaluations[row["step"]] = [float(row[k]) for k in keys]
+    return sorted(evaluations.items())
+
+
 def best_per_seed(workdir: str, n: int) -> list[dict]:
     """Each seed's best evaluation (highest mean accuracy over slices) in a train.num_seeds = n run's
     metrics.jsonl, with its step (step None for a seed not yet evaluated)."""
