@@ -43,3 +43,30 @@ def test_table_gives_best_final_and_first_steps_per_seed(tmp_path, capsys):
     fork_table.main([str(sweep / "000-mode=linear"), "--results", str(results), "--title", "length test"])
     written = results.read_text()
     assert "## length test (tabulated" in written and "fork_table.py" in written and "| linear | fork |" in written
+
+
+_curves_spec = importlib.util.spec_from_file_location("eval_curves", ROOT / "experiments" / "eval_curves.py")
+eval_curves = importlib.util.module_from_spec(_curves_spec)
+_curves_spec.loader.exec_module(eval_curves)
+
+
+def test_eval_curves_reads_seeds_resumed_steps_and_labels_with_equals(tmp_path):
+    """experiments/eval_curves.py: a label may contain '=' ('U = 5'); a resumed run's re-evaluated step keeps its
+    later value; the CSV has each seed and their mean."""
+    run = tmp_path / "000-num_factors=5"
+    write_run(run, "linear", "pre_norm", [(500, [0.0, 0.1, 0.2]), (1000, [0.5, 0.5, 0.5]), (1000, [0.9, 0.6, 0.3])])
+    label, run_dir = eval_curves.split_argument(f"U = 5={run}")
+    assert (label, run_dir) == ("U = 5", str(run))
+    rows = eval_curves.curve(run_dir)
+    assert [row["step"] for row in rows] == [500, 1000]
+    assert rows[1]["seeds"] == [0.9, 0.6, 0.3] and abs(rows[1]["mean"] - 0.6) < 1e-12
+    path = tmp_path / "curves.csv"
+    eval_curves.write_csv(str(path), {label: rows})
+    assert path.read_text().splitlines()[1:] == ["U = 5,500,0.1000,0.0000,0.1000,0.2000",
+                                                 "U = 5,1000,0.6000,0.9000,0.6000,0.3000"]
+    try:
+        eval_curves.split_argument(f"U = 5={tmp_path / 'missing'}")
+    except SystemExit as error:
+        assert "RUN_DIR" in str(error)
+    else:
+        raise AssertionError("a missing run directory must be refused")

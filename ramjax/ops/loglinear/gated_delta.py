@@ -144,8 +144,8 @@ def _compose_affine(earlier, later):
 
 # With recompute, each level above the chunk also as its own rematerialised piece (True): inside the chunked form's
 # own checkpoint, the backward pass then holds one level's prefix products and start states at a time instead of
-# every level's, for one more forward pass over the levels. Untimed on a GPU (the CPU's memory analysis of the LM
-# step did not move: its peak is elsewhere), so off.
+# every level's, for one more forward pass over the levels. Off: on an H200 it left the LM step's peak and time as
+# they were (12.1 GB, 177 -> 179 ms at 4096 x 8; experiments/results/bench_models.md, 2026-12-03): the peak is elsewhere.
 LEVEL_CHECKPOINT = False
 
 
