@@ -19,7 +19,7 @@ and then
 
 Kernels (G = B * H sequences; d_k, d_v padded to powers of 2 >= 16, T to whole chunks with tokens that write
 nothing: k = v = 0, beta = 0, a = 0):
-  _wy_kernel          grid (G, chunks): T by block doubling in full fp32, then W and U;
+  _wy_kernel          grid (G, chunks): T by block doubling in fp32 (INVERSE_PRECISION), then W and U;
   _state_kernel       grid (G, d_v blocks): walks the chunks (all of d_k in one program: W S sums over it), storing
                       each chunk's start state, V' and the final state;
   _output_kernel      grid (G, chunks, d_v blocks): O per chunk;
@@ -30,13 +30,13 @@ nothing: k = v = 0, beta = 0, a = 0):
                       chunk, recomputing T and W; through the inverse, dM = -M^-T dM^-1 M^-T.
 
 Numerics: no positive number is ever exponentiated (every decay ratio is exp of a difference <= 0, masked; the
-minimum with 0 guards against rounding). The inverse (I + diag(beta) L)^-1 and its gradient are computed with IEEE
-fp32 products whatever the inputs' dtype (block doubling as ramjax.ops.gated_delta's chunked form does it: every
-intermediate is the inverse of a block-diagonal part, moderate for unit-norm keys and beta in [0, 1]). Other matrix
-products take operands in the inputs' dtype (bf16 or fp32) with fp32 accumulation; decays, sums and states are
-fp32. Where a decay ratio is exp(g_i - g_i) = 1 (the diagonal of D, the chunk's last key decayed to the chunk's
-end), its gradient with respect to g is left out rather than formed as two opposite terms that would cancel only up
-to rounding.
+minimum with 0 guards against rounding). The inverse (I + diag(beta) L)^-1 and its gradient are computed with fp32
+products (IEEE, or TF32 x 3: INVERSE_PRECISION) whatever the inputs' dtype (block doubling as ramjax.ops.gated_delta's
+chunked form does it: every intermediate is the inverse of a block-diagonal part, moderate for unit-norm keys and
+beta in [0, 1]). Other matrix products take operands in the inputs' dtype (bf16 or fp32) with fp32 accumulation;
+decays, sums and states are fp32. Where a decay ratio is exp(g_i - g_i) = 1 (the diagonal of D, the chunk's last
+key decayed to the chunk's end), its gradient with respect to g is left out rather than formed as two opposite
+terms that would cancel only up to rounding.
 """
 
 from __future__ import annotations
@@ -71,6 +71,15 @@ GRAD_KERNEL_SPLIT = False
 # layer). Timed on an H200 at 4096 x 8 (experiments/results/bench_models.md, 2026-12-02 23:07): the step 63.4 ms
 # against 65.2, the peak 11.4 GB against 8.49 (1.94x the transformer's against 1.44x): off.
 SAVE_FORWARD = False
+# The matrix products of the chunk inverse (I + diag(beta) L)^-1 and of its gradient (14 [C, C] products per chunk
+# in the backward kernel, 12 in the WY kernel): "ieee", full fp32 products on the CUDA cores, or "tf32x3", each
+# product as three TF32 tensor-core products (the operands split into a high and a low TF32 part; about fp32's
+# accuracy, where one TF32 product would lose the inverse). With bf16 operands the kernels' other products are on
+# the tensor cores already, so these fp32 ones are likely a large part of the WY and backward kernels' time.
+# Interpret mode computes them in IEEE fp32 whatever this says (CPUs have no TF32). Not yet timed on a GPU: "ieee"
+# until it is.
+INVERSE_PRECISION = "ieee"
+INVERSE_PRECISIONS = ("ieee", "tf32x3")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,8 +112,25 @@ def _decay_matrix(g):
     return jnp.where(s <= t, exp_nonpositive(g - _column_to_row(g)), 0.0)
 
 
-def _unit_lower_inverse(a):
-    """(I + a)^-1 for a strictly lower-triangular [c, c] fp32 a, by block doubling in IEEE fp32 products.
+def _inverse_precision(cfg: ChunkConfig):
+    """The `precision` of the inverse's products under INVERSE_PRECISION (IEEE fp32 in interpret mode)."""
+    if INVERSE_PRECISION not in INVERSE_PRECISIONS:
+        raise ValueError(f"kernels.gated_delta_chunk.INVERSE_PRECISION: {INVERSE_PRECISION!r} is not one of "
+                         f"{INVERSE_PRECISIONS}")
+    if INVERSE_PRECISION == "ieee" or cfg.interpret:
+        return jax.lax.Precision.HIGHEST
+    return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+
+def _fp32_dot(a, b, precision, *, trans_a=False, trans_b=False):
+    """a @ b (a^T, b^T where told) of fp32 a and b at `precision` (_inverse_precision's), fp32 result."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims, precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def _unit_lower_inverse(a, precision):
+    """(I + a)^-1 for a strictly lower-triangular [c, c] fp32 a, by block doubling in fp32 products at `precision`.
 
     X starts as I (the inverse of the unit diagonal); each round merges pairs of diagonal blocks of width w into
     blocks of width 2w: with E the entries of a linking the two halves of each 2w block, the merged inverse is
@@ -115,30 +141,30 @@ def _unit_lower_inverse(a):
     width = 1
     while width < c:
         link = ((t // (2 * width)) == (s // (2 * width))) & ((t // width) % 2 == 1) & ((s // width) % 2 == 0)
-        step = dot(x, jnp.where(link, a, 0.0), jnp.float32)
-        x = x - dot(step, x, jnp.float32)
+        step = _fp32_dot(x, jnp.where(link, a, 0.0), precision)
+        x = x - _fp32_dot(step, x, precision)
         width *= 2
     return x
 
 
-def _wy(k, g, beta, dtype):
+def _wy(k, g, beta, dtype, precision):
     """The chunk's (I + diag(beta) L)^-1 [C, C] fp32, L = strict_lower(D * K K^T) [C, C] and D [C, C].
     k [C, DK] fp32, g and beta [C, 1] fp32."""
     t, s = _iotas(k.shape[0])
     d = _decay_matrix(g)
     lower = jnp.where(s < t, d * dot(k, k, dtype, trans_b=True), 0.0)
-    return _unit_lower_inverse(beta * lower), lower, d
+    return _unit_lower_inverse(beta * lower, precision), lower, d
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Forward kernels
 
 
-def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, dtype):
+def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, dtype, precision):
     """W [C, DK] and U [C, DV] of one chunk: k_ref [C, DK], v_ref [C, DV], g_ref, beta_ref [C, 1]."""
     w_ref, u_ref = refs[-2:]  # (with poison_output, the aliased NaN buffers come first)
     k, g, beta = k_ref[...].astype(jnp.float32), g_ref[...], beta_ref[...]
-    inverse, _, _ = _wy(k, g, beta, dtype)
+    inverse, _, _ = _wy(k, g, beta, dtype, precision)
     t_mat = inverse * _column_to_row(beta)  # T = (I + diag(beta) L)^-1 diag(beta)
     w_ref[...] = dot(t_mat, k * exp_nonpositive(g), dtype).astype(w_ref.dtype)
     u_ref[...] = dot(t_mat, v_ref[...], dtype).astype(u_ref.dtype)
@@ -218,13 +244,12 @@ def _output_side_grads(q, k, g, g_last, do, h, dh, vn, dtype):
     return dq, dk, dg
 
 
-def _wy_side_grads(k, v, g, beta, h, dvn, dtype):
+def _wy_side_grads(k, v, g, beta, h, dvn, dtype, precision):
     """(dk's part, dv, dg's part, dbeta) of one chunk from V' = U - W S, U = T V, W = T Gamma K, recomputing T.
     k [C, DK], v [C, DV] fp32; g, beta [C, 1]; h (chunk-start state) [DK, DV]; dvn (dV') [C, DV]."""
-    f32 = jnp.float32
     t, s = _iotas(k.shape[0])
     gamma = exp_nonpositive(g)
-    inverse, lower, d = _wy(k, g, beta, dtype)
+    inverse, lower, d = _wy(k, g, beta, dtype, precision)
     beta_row = _column_to_row(beta)
     t_mat = inverse * beta_row
     kd = k * gamma  # Gamma K
@@ -232,8 +257,9 @@ def _wy_side_grads(k, v, g, beta, h, dvn, dtype):
     dv = dot(t_mat, dvn, dtype, trans_a=True)
     dkd = dot(t_mat, dw, dtype, trans_a=True)
     dt = dot(dvn, v, dtype, trans_b=True) + dot(dw, kd, dtype, trans_b=True)
-    # T = M^-1 diag(beta), M = I + diag(beta) L: d M = -M^-T d(M^-1) M^-T (IEEE fp32), strictly lower part
-    dm = -dot(dot(inverse, dt * beta_row, f32, trans_a=True), inverse, f32, trans_b=True)
+    # T = M^-1 diag(beta), M = I + diag(beta) L: d M = -M^-T d(M^-1) M^-T (fp32 at the inverse's precision),
+    # strictly lower part
+    dm = -_fp32_dot(_fp32_dot(inverse, dt * beta_row, precision, trans_a=True), inverse, precision, trans_b=True)
     dm = jnp.where(s < t, dm, 0.0)
     dl = beta * dm
     dkk = dl * d  # L = strict_lower(D * K K^T)
@@ -243,7 +269,8 @@ def _wy_side_grads(k, v, g, beta, h, dvn, dtype):
     return dk, dv, dg, dbeta
 
 
-def _grad_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, do_ref, h_ref, dh_ref, vn_ref, dvn_ref, *refs, dtype):
+def _grad_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, do_ref, h_ref, dh_ref, vn_ref, dvn_ref, *refs, dtype,
+                 precision):
     """dq, dk [C, DK], dv [C, DV], dg and dbeta [C, 1] of one chunk (dg: the gradient of the cumulative log decay).
     q_ref, k_ref [C, DK]; v_ref, do_ref, vn_ref (V'), dvn_ref (dV', all of V's gradient) [C, DV]; g_ref, beta_ref
     [C, 1]; h_ref (chunk-start state), dh_ref (chunk-end state gradient) [DK, DV]."""
@@ -252,7 +279,7 @@ def _grad_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, do_ref, h_ref, dh_ref, vn
     g, h = g_ref[...], h_ref[...]
     g_last = g_ref[q.shape[0] - 1, :][None, :]
     dq, dk_out, dg_out = _output_side_grads(q, k, g, g_last, do_ref[...], h, dh_ref[...], vn_ref[...], dtype)
-    dk_wy, dv, dg_wy, dbeta = _wy_side_grads(k, v, g, beta_ref[...], h, dvn_ref[...], dtype)
+    dk_wy, dv, dg_wy, dbeta = _wy_side_grads(k, v, g, beta_ref[...], h, dvn_ref[...], dtype, precision)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = (dk_out + dk_wy).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -270,12 +297,12 @@ def _grad_kernel_outputs(q_ref, k_ref, g_ref, do_ref, h_ref, dh_ref, vn_ref, *re
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _grad_kernel_wy(k_ref, v_ref, g_ref, beta_ref, h_ref, dvn_ref, *refs, dtype):
+def _grad_kernel_wy(k_ref, v_ref, g_ref, beta_ref, h_ref, dvn_ref, *refs, dtype, precision):
     """_grad_kernel's WY side alone (GRAD_KERNEL_SPLIT): dv, dbeta, and fp32 parts of dk and dg."""
     dk_ref, dv_ref, dg_ref, dbeta_ref = refs[-4:]
     k, v = (ref[...].astype(jnp.float32) for ref in (k_ref, v_ref))
     dk_ref[...], dv, dg_ref[...], dbeta_ref[...] = _wy_side_grads(k, v, g_ref[...], beta_ref[...], h_ref[...],
-                                                                  dvn_ref[...], dtype)
+                                                                  dvn_ref[...], dtype, precision)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -356,7 +383,7 @@ def _wy_pieces(x: _Inputs, lay: _Layout, cfg: ChunkConfig):
     out_specs = [_chunk_spec(c, lay.dk_pad), _chunk_spec(c, lay.dv_pad)]
     out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dk_pad), lay.dtype),
                  jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), lay.dtype)]
-    kernel = functools.partial(_wy_kernel, dtype=lay.dtype)
+    kernel = functools.partial(_wy_kernel, dtype=lay.dtype, precision=_inverse_precision(cfg))
     return call(kernel, cfg, "gated_delta_wy", (g, lay.n_chunks), [x.k, x.v, x.g, x.beta], in_specs, out_specs,
                  out_shape)
 
@@ -422,7 +449,7 @@ def _chunk_grads(x: _Inputs, do, h_start, dh_end, vn, dvn, dtypes, lay: _Layout,
                  jax.ShapeDtypeStruct((g, lay.t_pad, dv), v_dtype)] + [
                      jax.ShapeDtypeStruct((g, lay.t_pad, 1), jnp.float32)] * 2
     if not GRAD_KERNEL_SPLIT:
-        kernel = functools.partial(_grad_kernel, dtype=lay.dtype)
+        kernel = functools.partial(_grad_kernel, dtype=lay.dtype, precision=_inverse_precision(cfg))
         return call(kernel, cfg, "gated_delta_grads", (g, lay.n_chunks),
                      [x.q, x.k, x.v, x.g, x.beta, do, h_start, dh_end, vn, dvn], in_specs, out_specs, out_shape)
     f32_k, f32_column = (jax.ShapeDtypeStruct((g, lay.t_pad, width), jnp.float32) for width in (dk, 1))
@@ -431,7 +458,8 @@ def _chunk_grads(x: _Inputs, do, h_start, dh_end, vn, dvn, dtypes, lay: _Layout,
                               [x.q, x.k, x.g, do, h_start, dh_end, vn],
                               [chunk_k, chunk_k, column, chunk_v, state, state, chunk_v], [chunk_k, chunk_k, column],
                               [out_shape[0], f32_k, f32_column])
-    dk_wy, dv, dg_wy, dbeta = call(functools.partial(_grad_kernel_wy, dtype=lay.dtype), cfg, "gated_delta_grads_wy",
+    dk_wy, dv, dg_wy, dbeta = call(functools.partial(_grad_kernel_wy, dtype=lay.dtype,
+                                                     precision=_inverse_precision(cfg)), cfg, "gated_delta_grads_wy",
                                    (g, lay.n_chunks), [x.k, x.v, x.g, x.beta, h_start, dvn],
                                    [chunk_k, chunk_v, column, column, state, chunk_v],
                                    [chunk_k, chunk_v, column, column], [f32_k, out_shape[2], f32_column, f32_column])

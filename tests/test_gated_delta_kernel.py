@@ -123,6 +123,23 @@ def test_saved_forward_pieces_match_float64_recurrence(monkeypatch):
     check_against_reference(5, chunk_size=16, with_initial_state=True)
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="TF32 products need a GPU (interpret mode computes IEEE)")
+def test_tf32x3_inverse_matches_float64_recurrence_on_a_gpu(monkeypatch):
+    """INVERSE_PRECISION "tf32x3" (compiled kernels on a GPU): the inverse's products as three TF32 products each
+    keep fp32's tolerance against the float64 recurrence, at chunk 64 with keys sharing a direction (large entries
+    in K K^T, the inverse's hard case)."""
+    monkeypatch.setattr(gated_delta_chunk, "INVERSE_PRECISION", "tf32x3")
+    check_against_reference(7, chunk_size=64, with_initial_state=True, interpret=False, seq_len=200, d_k=64,
+                            d_v=64, aligned=2.0)
+
+
+def test_inverse_precision_is_checked(monkeypatch):
+    monkeypatch.setattr(gated_delta_chunk, "INVERSE_PRECISION", "tf32")
+    q = jnp.zeros((1, 16, 1, 16))
+    with pytest.raises(ValueError, match="INVERSE_PRECISION: 'tf32' is not one of"):
+        chunk_gated_delta(q, q, q, jnp.zeros((1, 16, 1)), jnp.zeros((1, 16, 1)), interpret=True)
+
+
 def test_sequential_kernels_narrow_their_blocks_for_few_sequences():
     assert gated_delta_chunk.state_block_v(16, 128) == 16  # the LM at 16384 x 2: 16 sequences x 8 blocks
     assert gated_delta_chunk.state_block_v(64, 128) == 32  # 4096 x 8: 64 x 4 = 256 programs
@@ -237,12 +254,14 @@ def test_arguments_are_checked():
         chunk_gated_delta(q.astype(jnp.float16), q, v, a, b)
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_gradient_lowers_for_cuda_through_triton(monkeypatch, split):
-    """The forward and backward kernels lower to Triton custom calls for CUDA (jax.export; no GPU needed). This
-    checks the Pallas-to-Triton lowering only, not Triton's compilation to PTX."""
+@pytest.mark.parametrize("split,precision", [(False, "ieee"), (True, "ieee"), (False, "tf32x3")])
+def test_gradient_lowers_for_cuda_through_triton(monkeypatch, split, precision):
+    """The forward and backward kernels lower to Triton custom calls for CUDA (jax.export; no GPU needed), also with
+    the inverse's products as TF32 x 3 (INVERSE_PRECISION, which interpret mode cannot run: CPUs have no TF32).
+    This checks the Pallas-to-Triton lowering only, not Triton's compilation to PTX."""
     from jax import export
     monkeypatch.setattr(gated_delta_chunk, "GRAD_KERNEL_SPLIT", split)
+    monkeypatch.setattr(gated_delta_chunk, "INVERSE_PRECISION", precision)
 
     def loss(q, k, v, log_decay, beta, state):
         o, final = chunk_gated_delta(q, k, v, log_decay, beta, state, chunk_size=64)
