@@ -440,3 +440,37 @@ def test_delta_rule_chunked_is_stable_with_aligned_keys(chunk_size):
     grad = jax.jit(jax.grad(loss), static_argnums=1)(args[1], "chunked")
     assert bool(jnp.isfinite(grad).all())
     assert rel_rms(grad, jax.jit(jax.grad(loss), static_argnums=1)(args[1], "recurrent")) < 1e-3
+
+
+def test_delta_chunk_inverse_tf32x3_lowers_for_cuda_and_keeps_fp32_elsewhere(monkeypatch):
+    """chunked.INVERSE_PRECISION "tf32x3": the chunk inverse's products lower with the TF32 x 3 algorithm for CUDA
+    (forward and gradient; jax.export, no GPU needed) and stay IEEE fp32 on this CPU (the same numbers as
+    "highest"); an unknown value is refused naming the switch."""
+    from jax import export
+
+    from ramjax.ops.gated_delta import chunked
+
+    (q, k, v, a, beta), _ = random_inputs(3, 40, op="delta")
+
+    def loss(k):
+        return jnp.sum(gated_delta_rule(q, k, v, a, beta, impl="chunked", chunk_size=16) ** 2)
+
+    want = jax.jit(jax.value_and_grad(loss))(k)
+    monkeypatch.setattr(chunked, "INVERSE_PRECISION", "tf32x3")
+    got = jax.jit(jax.value_and_grad(loss))(k)
+    assert float(got[0]) == float(want[0]) and bool(jnp.all(got[1] == want[1]))
+    module = export.export(jax.jit(jax.grad(loss)), platforms=["cuda"])(k).mlir_module()
+    assert "lhs_precision_type = tf32" in module
+    monkeypatch.setattr(chunked, "INVERSE_PRECISION", "tf32")
+    with pytest.raises(ValueError, match="INVERSE_PRECISION: 'tf32' is not one of"):
+        loss(k)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="TF32 products need a GPU (elsewhere it is IEEE fp32)")
+def test_delta_chunk_inverse_tf32x3_keeps_fp32_accuracy_on_a_gpu(monkeypatch):
+    """chunked.INVERSE_PRECISION "tf32x3" on a GPU: with aligned keys (the inverse's hard case) at chunk 64 the
+    chunked form stays within fp32's tolerance of the float64 recurrence, its gradient finite and close."""
+    from ramjax.ops.gated_delta import chunked
+
+    monkeypatch.setattr(chunked, "INVERSE_PRECISION", "tf32x3")
+    test_delta_rule_chunked_is_stable_with_aligned_keys(64)

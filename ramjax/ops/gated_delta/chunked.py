@@ -20,6 +20,32 @@ import numpy as np
 from ramjax.ops.shared import numerics
 
 
+# The chunk inverse's fp32 matrix products: "highest" (IEEE fp32) or "tf32x3" (on CUDA GPUs each product as three
+# TF32 tensor-core products, the operands split into a high and a low TF32 part: about fp32's accuracy, where one
+# TF32 product would lose the inverse; other platforms keep "highest"). The inverse is ~12 [C, C] products per
+# chunk, and XLA runs IEEE fp32 products on a GPU's CUDA cores. Not yet timed on a GPU: "highest" until it is.
+INVERSE_PRECISION = "highest"
+INVERSE_PRECISIONS = ("highest", "tf32x3")
+
+
+def _inverse_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b in fp32 at INVERSE_PRECISION (chosen per platform when the program is lowered)."""
+    if INVERSE_PRECISION not in INVERSE_PRECISIONS:
+        raise ValueError(f"ramjax.ops.gated_delta.chunked.INVERSE_PRECISION: {INVERSE_PRECISION!r} is not one of "
+                         f"{INVERSE_PRECISIONS}")
+
+    def highest(a, b):
+        return jnp.matmul(a, b, precision="highest")
+
+    if INVERSE_PRECISION == "highest":
+        return highest(a, b)
+
+    def tf32x3(a, b):
+        return jnp.matmul(a, b, precision=jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+
+    return jax.lax.platform_dependent(a, b, cuda=tf32x3, default=highest)
+
+
 def _unit_lower_inverse(strict_lower: jax.Array) -> jax.Array:
     """(I + A)^-1 for strictly lower-triangular A [..., C, C], by block doubling (matmuls only).
 
@@ -28,8 +54,8 @@ def _unit_lower_inverse(strict_lower: jax.Array) -> jax.Array:
     the merged inverse is X - X E X (exact: E X E = 0). Every X is the inverse of a block-diagonal part of I + A,
     so it stays moderate for the delta rule's unit-norm keys and beta in [0, 1]. (The Neumann product
     prod_i (I + (-A)^(2^i)) has the same cost but is not stable: with aligned keys the powers of A reach ~1e17
-    and cancel, which gave wrong outputs and NaN gradients in fp32.) Full fp32 precision: TF32 would lose the
-    inverse. Matmuls also avoid jaxlib's CPU triangular solve, which deadlocked here when two batched solves ran
+    and cancel, which gave wrong outputs and NaN gradients in fp32.) Full fp32 precision (or TF32 x 3:
+    INVERSE_PRECISION): one TF32 product would lose the inverse. Matmuls also avoid jaxlib's CPU triangular solve, which deadlocked here when two batched solves ran
     at once on a 2-core machine.
     """
     size = strict_lower.shape[-1]
@@ -39,8 +65,8 @@ def _unit_lower_inverse(strict_lower: jax.Array) -> jax.Array:
     while width < size:
         same_pair = (index[:, None] // (2 * width)) == (index[None, :] // (2 * width))
         link = same_pair & ((index[:, None] // width) % 2 == 1) & ((index[None, :] // width) % 2 == 0)
-        step = jnp.matmul(inverse, jnp.where(link, strict_lower, 0.0), precision="highest")
-        inverse = inverse - jnp.matmul(step, inverse, precision="highest")
+        step = _inverse_matmul(inverse, jnp.where(link, strict_lower, 0.0))
+        inverse = inverse - _inverse_matmul(step, inverse)
         width *= 2
     return inverse
 
