@@ -442,10 +442,12 @@ def test_delta_rule_chunked_is_stable_with_aligned_keys(chunk_size):
     assert rel_rms(grad, jax.jit(jax.grad(loss), static_argnums=1)(args[1], "recurrent")) < 1e-3
 
 
-def test_delta_chunk_inverse_tf32x3_lowers_for_cuda_and_keeps_fp32_elsewhere(monkeypatch):
-    """chunked.INVERSE_PRECISION "tf32x3": the chunk inverse's products lower with the TF32 x 3 algorithm for CUDA
-    (forward and gradient; jax.export, no GPU needed) and stay IEEE fp32 on this CPU (the same numbers as
-    "highest"); an unknown value is refused naming the switch."""
+@pytest.mark.parametrize("method,lowered", [("doubling_tf32x3", "lhs_precision_type = tf32"),
+                                            ("triangular_solve", "stablehlo.triangular_solve")])
+def test_delta_chunk_inverse_methods_lower_for_cuda_and_keep_doubling_elsewhere(monkeypatch, method, lowered):
+    """chunked.INVERSE_METHOD: the CUDA lowering carries the method (forward and gradient; jax.export, no GPU
+    needed) and this CPU keeps block doubling in IEEE fp32 (the same numbers as "doubling"); an unknown value is
+    refused naming the switch."""
     from jax import export
 
     from ramjax.ops.gated_delta import chunked
@@ -456,21 +458,36 @@ def test_delta_chunk_inverse_tf32x3_lowers_for_cuda_and_keeps_fp32_elsewhere(mon
         return jnp.sum(gated_delta_rule(q, k, v, a, beta, impl="chunked", chunk_size=16) ** 2)
 
     want = jax.jit(jax.value_and_grad(loss))(k)
-    monkeypatch.setattr(chunked, "INVERSE_PRECISION", "tf32x3")
+    monkeypatch.setattr(chunked, "INVERSE_METHOD", method)
     got = jax.jit(jax.value_and_grad(loss))(k)
     assert float(got[0]) == float(want[0]) and bool(jnp.all(got[1] == want[1]))
     module = export.export(jax.jit(jax.grad(loss)), platforms=["cuda"])(k).mlir_module()
-    assert "lhs_precision_type = tf32" in module
-    monkeypatch.setattr(chunked, "INVERSE_PRECISION", "tf32")
-    with pytest.raises(ValueError, match="INVERSE_PRECISION: 'tf32' is not one of"):
+    assert lowered in module
+    monkeypatch.setattr(chunked, "INVERSE_METHOD", "tf32")
+    with pytest.raises(ValueError, match="INVERSE_METHOD: 'tf32' is not one of"):
         loss(k)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="TF32 products need a GPU (elsewhere it is IEEE fp32)")
-def test_delta_chunk_inverse_tf32x3_keeps_fp32_accuracy_on_a_gpu(monkeypatch):
-    """chunked.INVERSE_PRECISION "tf32x3" on a GPU: with aligned keys (the inverse's hard case) at chunk 64 the
-    chunked form stays within fp32's tolerance of the float64 recurrence, its gradient finite and close."""
+def test_delta_chunk_inverse_by_triangular_solve_matches_doubling():
+    """The triangular-solve inverse (INVERSE_METHOD "triangular_solve" on CUDA) equals block doubling here, value
+    and gradient with respect to the strictly lower part."""
     from ramjax.ops.gated_delta import chunked
 
-    monkeypatch.setattr(chunked, "INVERSE_PRECISION", "tf32x3")
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(np.tril(rng.normal(size=(2, 32, 32)) * 0.3, -1), jnp.float32)
+    doubled, solved = chunked._doubling_inverse(a, "highest"), chunked._solved_inverse(a)
+    assert rel_rms(solved, doubled) < 1e-6
+    grads = [jax.grad(lambda a, f=f: jnp.sum(jnp.sin(f(a))))(a) for f in
+             (lambda a: chunked._doubling_inverse(a, "highest"), chunked._solved_inverse)]
+    assert rel_rms(jnp.tril(grads[1], -1), jnp.tril(grads[0], -1)) < 1e-6
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the methods differ on CUDA only")
+@pytest.mark.parametrize("method", ["doubling_tf32x3", "triangular_solve"])
+def test_delta_chunk_inverse_methods_keep_fp32_accuracy_on_a_gpu(monkeypatch, method):
+    """chunked.INVERSE_METHOD on a GPU: with aligned keys (the inverse's hard case) at chunk 64 the chunked form
+    stays within fp32's tolerance of the float64 recurrence, its gradient finite and close."""
+    from ramjax.ops.gated_delta import chunked
+
+    monkeypatch.setattr(chunked, "INVERSE_METHOD", method)
     test_delta_rule_chunked_is_stable_with_aligned_keys(64)

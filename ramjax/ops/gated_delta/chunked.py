@@ -20,43 +20,29 @@ import numpy as np
 from ramjax.ops.shared import numerics
 
 
-# The chunk inverse's fp32 matrix products: "highest" (IEEE fp32) or "tf32x3" (on CUDA GPUs each product as three
-# TF32 tensor-core products, the operands split into a high and a low TF32 part: about fp32's accuracy, where one
-# TF32 product would lose the inverse; other platforms keep "highest"). The inverse is ~12 [C, C] products per
-# chunk, and XLA runs IEEE fp32 products on a GPU's CUDA cores. Not yet timed on a GPU: "highest" until it is.
-INVERSE_PRECISION = "highest"
-INVERSE_PRECISIONS = ("highest", "tf32x3")
+# How the chunk inverse (I + diag(beta) L)^-1 is formed on CUDA GPUs (other platforms always take "doubling"):
+#   "doubling"          block doubling in IEEE fp32 products (~12 [C, C] products per chunk, which XLA runs on the
+#                       CUDA cores, not the tensor cores);
+#   "doubling_tf32x3"   the same products as three TF32 tensor-core products each (the operands split into a high
+#                       and a low TF32 part: about fp32's accuracy, where one TF32 product would lose the inverse);
+#   "triangular_solve"  one batched unit-lower triangular solve against I (cuBLAS; ~C^3 / 3 multiply-adds per
+#                       chunk against doubling's ~2 log2(C) C^3), differentiated by JAX as further solves.
+# Chosen per platform when the program is lowered. Not yet timed on a GPU: "doubling" until it is.
+INVERSE_METHOD = "doubling"
+INVERSE_METHODS = ("doubling", "doubling_tf32x3", "triangular_solve")
 
 
-def _inverse_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a @ b in fp32 at INVERSE_PRECISION (chosen per platform when the program is lowered)."""
-    if INVERSE_PRECISION not in INVERSE_PRECISIONS:
-        raise ValueError(f"ramjax.ops.gated_delta.chunked.INVERSE_PRECISION: {INVERSE_PRECISION!r} is not one of "
-                         f"{INVERSE_PRECISIONS}")
-
-    def highest(a, b):
-        return jnp.matmul(a, b, precision="highest")
-
-    if INVERSE_PRECISION == "highest":
-        return highest(a, b)
-
-    def tf32x3(a, b):
-        return jnp.matmul(a, b, precision=jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
-
-    return jax.lax.platform_dependent(a, b, cuda=tf32x3, default=highest)
-
-
-def _unit_lower_inverse(strict_lower: jax.Array) -> jax.Array:
-    """(I + A)^-1 for strictly lower-triangular A [..., C, C], by block doubling (matmuls only).
+def _doubling_inverse(strict_lower: jax.Array, precision) -> jax.Array:
+    """(I + A)^-1 for strictly lower-triangular A [..., C, C] by block doubling, products at `precision`.
 
     X starts as the inverse of the unit diagonal (I); each round merges pairs of diagonal blocks of width w into
     blocks of width 2w: if E holds the entries of I + A that link the two halves of each 2w block (a fixed mask),
     the merged inverse is X - X E X (exact: E X E = 0). Every X is the inverse of a block-diagonal part of I + A,
     so it stays moderate for the delta rule's unit-norm keys and beta in [0, 1]. (The Neumann product
     prod_i (I + (-A)^(2^i)) has the same cost but is not stable: with aligned keys the powers of A reach ~1e17
-    and cancel, which gave wrong outputs and NaN gradients in fp32.) Full fp32 precision (or TF32 x 3:
-    INVERSE_PRECISION): one TF32 product would lose the inverse. Matmuls also avoid jaxlib's CPU triangular solve, which deadlocked here when two batched solves ran
-    at once on a 2-core machine.
+    and cancel, which gave wrong outputs and NaN gradients in fp32.) Full fp32 precision (or TF32 x 3): one TF32
+    product would lose the inverse. Matmuls also avoid jaxlib's CPU triangular solve, which deadlocked here when
+    two batched solves ran at once on a 2-core machine.
     """
     size = strict_lower.shape[-1]
     index = np.arange(size)
@@ -65,10 +51,36 @@ def _unit_lower_inverse(strict_lower: jax.Array) -> jax.Array:
     while width < size:
         same_pair = (index[:, None] // (2 * width)) == (index[None, :] // (2 * width))
         link = same_pair & ((index[:, None] // width) % 2 == 1) & ((index[None, :] // width) % 2 == 0)
-        step = _inverse_matmul(inverse, jnp.where(link, strict_lower, 0.0))
-        inverse = inverse - _inverse_matmul(step, inverse)
+        step = jnp.matmul(inverse, jnp.where(link, strict_lower, 0.0), precision=precision)
+        inverse = inverse - jnp.matmul(step, inverse, precision=precision)
         width *= 2
     return inverse
+
+
+def _solved_inverse(strict_lower: jax.Array) -> jax.Array:
+    """(I + A)^-1 for strictly lower-triangular A [..., C, C] by one triangular solve against I."""
+    eye = jnp.broadcast_to(jnp.eye(strict_lower.shape[-1], dtype=strict_lower.dtype), strict_lower.shape)
+    return jax.lax.linalg.triangular_solve(strict_lower, eye, left_side=True, lower=True, unit_diagonal=True)
+
+
+def _unit_lower_inverse(strict_lower: jax.Array) -> jax.Array:
+    """(I + A)^-1 for strictly lower-triangular A [..., C, C] by INVERSE_METHOD on CUDA, block doubling in IEEE fp32
+    elsewhere."""
+    if INVERSE_METHOD not in INVERSE_METHODS:
+        raise ValueError(f"ramjax.ops.gated_delta.chunked.INVERSE_METHOD: {INVERSE_METHOD!r} is not one of "
+                         f"{INVERSE_METHODS}")
+
+    def ieee(a):
+        return _doubling_inverse(a, "highest")
+
+    if INVERSE_METHOD == "doubling":
+        return ieee(strict_lower)
+    if INVERSE_METHOD == "doubling_tf32x3":
+        def on_cuda(a):
+            return _doubling_inverse(a, jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+    else:
+        on_cuda = _solved_inverse
+    return jax.lax.platform_dependent(strict_lower, cuda=on_cuda, default=ieee)
 
 
 class ChunkPieces(NamedTuple):
