@@ -23,10 +23,13 @@ rewritten after every row, so a run cut short keeps what it measured.
 Options: --config FILE[:VARIANT] and --config.FIELD=VALUE (the bench config: e.g. --config.model_overrides="
 FIELD=VALUE ..." for every model config), --only NAME[,NAME] (a variant's name, or its name up to the first
 ":"), --shapes SEQxBATCH[,...], --variant "NAME FIELD=VALUE ..." (an extra row with its own overrides;
-repeatable), --steps, --warmup, --num_devices, --results, and --append: keep the results file's rows at the
-shapes this run does not measure (the whole scoreboard one shape per command, within a time limit per command;
-every shape's rows, the baseline's included, still come from one run). FIELD=VALUE items are parsed as
---config.FIELD=VALUE would be (ramjax.configs.override).
+repeatable; an item "set:package.module.NAME=VALUE" sets a module switch for that row alone, e.g. "gdn:tf32
+model.pattern=gated_deltanet set:kernels.gated_delta_chunk.INVERSE_PRECISION=tf32x3", so that switches are timed
+against one baseline in one run; config.kernel_settings sets them for every row), --steps, --warmup,
+--num_devices, --results, and --append: keep the results file's rows at the shapes this run does not measure
+(the whole scoreboard one shape per command, within a time limit per command; every shape's rows, the baseline's
+included, still come from one run). FIELD=VALUE items are parsed as --config.FIELD=VALUE would be
+(ramjax.configs.override).
 """
 
 from __future__ import annotations
@@ -106,11 +109,22 @@ def parse_items(text: str) -> list[str]:
     return items
 
 
+SETTING_PREFIX = "set:"  # a variant item "set:package.module.NAME=value": a module switch for that row only
+
+
+def row_settings(overrides: dict) -> list[str]:
+    """The variant's module switches ("set:" items) as "package.module.NAME=value" settings."""
+    return [f"{field[len(SETTING_PREFIX):]}={value}" for field, value in overrides.items()
+            if field.startswith(SETTING_PREFIX)]
+
+
 def model_config(bench, overrides: dict, *, name: str = "base"):
     """The training config of one row: bench.model_config, bench.model_overrides, then the row's own overrides
-    (which define the row, so they win). A field that does not exist is an error."""
+    (which define the row, so they win; "set:" items are module switches, not config fields). A field that does
+    not exist is an error."""
     config = load_config(_model_config_spec(bench.model_config))
-    items = parse_items(bench.model_overrides) + [f"{field}={value}" for field, value in overrides.items()]
+    items = parse_items(bench.model_overrides) + [f"{field}={value}" for field, value in overrides.items()
+                                                  if not field.startswith(SETTING_PREFIX)]
     for item in items:
         try:
             override(config, item)
@@ -385,7 +399,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     devices = jax.devices()[:bench.num_devices]
 
     for name, overrides in variants:
-        model_config(bench, overrides, name=name)  # every field checked before the first compilation
+        model_config(bench, overrides, name=name)  # every field and switch checked before the first compilation
+        for setting in row_settings(overrides):
+            try:
+                timing.parse_module_setting(setting)
+            except ValueError as error:
+                raise SystemExit(f"bench_models: {name}: {error}") from None
         clash = sorted({item.partition("=")[0] for item in parse_items(bench.model_overrides)} & set(overrides))
         if clash:
             print(f"bench_models: {name} keeps its own {', '.join(clash)} (over model_overrides)", flush=True)
@@ -409,7 +428,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             config = model_config(bench, dict(variants)[name], name=name)
             start = time.perf_counter()
             try:
-                measure(config, seq_len, batch, bench, devices, row)
+                with timing.module_settings(row_settings(dict(variants)[name])):
+                    measure(config, seq_len, batch, bench, devices, row)
             except Exception as error:  # noqa: BLE001 - out of memory, a compile error: record it and go on
                 row["error"] = _short(error)
             row["wall_s"] = time.perf_counter() - start

@@ -124,6 +124,49 @@ def test_module_settings_switch_a_kernel_and_refuse_what_does_not_exist(monkeypa
             timing.apply_module_settings((setting,))
 
 
+def test_module_settings_hold_for_a_block_retrace_and_restore():
+    """timing.module_settings: the switch holds inside the block and a function traced before sees it (JAX's
+    caches are cleared, so no stale trace), the old value is back after (also after an error), and every setting
+    is checked before any is set."""
+    import jax
+
+    from ramjax import timing
+    from ramjax.ops.gated_delta import chunked
+
+    @jax.jit
+    def read_switch(x):
+        return x + len(chunked.INVERSE_METHOD)  # read when traced
+
+    assert chunked.INVERSE_METHOD == "doubling" and int(read_switch(0)) == 8
+    with timing.module_settings(["ramjax.ops.gated_delta.chunked.INVERSE_METHOD='triangular_solve'"]):
+        assert chunked.INVERSE_METHOD == "triangular_solve" and int(read_switch(0)) == 16
+    assert chunked.INVERSE_METHOD == "doubling" and int(read_switch(0)) == 8
+    with pytest.raises(RuntimeError, match="inside"):  # a bare word sets a string switch (shells eat quotes)
+        with timing.module_settings(["ramjax.ops.gated_delta.chunked.INVERSE_METHOD=triangular_solve"]):
+            assert chunked.INVERSE_METHOD == "triangular_solve"
+            raise RuntimeError("inside")
+    assert chunked.INVERSE_METHOD == "doubling"
+    with pytest.raises(ValueError, match="has no 'NO_SUCH'"):
+        with timing.module_settings(["ramjax.ops.gated_delta.chunked.INVERSE_METHOD='triangular_solve'",
+                                     "ramjax.ops.gated_delta.chunked.NO_SUCH=1"]):
+            pass
+    assert chunked.INVERSE_METHOD == "doubling"
+
+
+def test_variant_set_items_are_row_switches_not_config_fields(tmp_path):
+    """--variant "NAME ... set:package.module.NAME=VALUE": the set: items are that row's module switches (checked
+    before anything compiles), the rest config fields."""
+    bench = bench_models.load_config(str(ROOT / "configs" / "bench_models.py") + ":cpu", [])
+    overrides = {"model.pattern": "gated_deltanet", "set:kernels.gated_delta_chunk.INVERSE_PRECISION": "'tf32x3'"}
+    assert bench_models.row_settings(overrides) == ["kernels.gated_delta_chunk.INVERSE_PRECISION='tf32x3'"]
+    assert bench_models.model_config(bench, overrides).model.pattern == "gated_deltanet"
+    argv = ["--config", f"{ROOT}/configs/bench_models.py:cpu", "--only", "transformer", "--shapes", "32x2",
+            "--results", str(tmp_path / "b.md"),
+            "--variant", "gdn model.pattern=gated_deltanet set:kernels.gla_chunk.NO=1"]
+    with pytest.raises(SystemExit, match="gdn: kernel_settings: .* has no 'NO'"):
+        bench_models.main(argv)
+
+
 def test_kernel_launch_options_by_name_then_star_then_the_ops_warps(monkeypatch):
     from kernels import chunk_common
 
