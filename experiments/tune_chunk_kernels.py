@@ -51,7 +51,9 @@ def kernel_times(trace_dir: str, calls: int) -> dict[str, float]:
 
 def time_setting(op: str, inputs, chunk_size: int, calls: int) -> tuple[dict[str, float], float]:
     """(per-kernel ms per call, wall ms per call) of one op's jitted forward + backward under the current
-    LAUNCH_BY_KERNEL (a fresh jit, so the setting is traced in)."""
+    LAUNCH_BY_KERNEL (a fresh jit after clearing JAX's caches, so that the setting is traced in rather than a
+    cached trace of the custom VJP's pieces reused)."""
+    jax.clear_caches()
     forward = bench_linear_ops.our_op(op, "pallas", chunk_size)
     step = jax.jit(jax.grad(lambda *args: jnp.sum(forward(*args).astype(jnp.float32)),
                             argnums=tuple(range(len(inputs)))))
@@ -91,6 +93,9 @@ def main() -> None:
     parser.add_argument("--stages", default="1,2,3", help="num_stages values (GPU)")
     parser.add_argument("--calls", type=int, default=5, help="traced (and timed) calls per setting")
     parser.add_argument("--results", default="experiments/results/tune_chunk_kernels.md")
+    parser.add_argument("--setting", action="append", default=[],
+                        help="a module switch for the whole run, 'package.module.NAME=value' (repeatable; "
+                             "e.g. kernels.gated_delta_chunk.INVERSE_PRECISION=tf32x3)")
     args = parser.parse_args()
     batch, seq_len = (int(x) for x in args.shape.lower().split("x"))
     settings = [(int(w), int(s)) for w in args.warps.split(",") for s in args.stages.split(",")]
@@ -104,26 +109,32 @@ def main() -> None:
            timing.environment_lines(command),
            f"{batch}x{seq_len}, {args.heads} heads of {args.dim}, {args.dtype}, chunk {args.chunk_size}; device ms "
            f"per forward + backward call (mean of {args.calls} traced calls); w = num_warps, s = num_stages, applied "
-           "to every kernel at once.", ""]
-    saved = dict(chunk_common.LAUNCH_BY_KERNEL)
-    try:
-        for op in ops:
-            inputs = bench_linear_ops.make_inputs(op, batch, seq_len, args.heads, args.dim, jnp.dtype(args.dtype))
-            results = {}
-            for warps, stages in settings:
-                chunk_common.LAUNCH_BY_KERNEL.clear()
-                chunk_common.LAUNCH_BY_KERNEL["*"] = {"num_warps": warps, "num_stages": stages}
-                results[warps, stages] = time_setting(op, inputs, args.chunk_size, args.calls)
-                print(f"{op} w{warps} s{stages}: wall {results[warps, stages][1]:.3f} ms", flush=True)
-            lines = table(op, settings, results)
-            out += lines
-            print("\n".join(lines), flush=True)
-            os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
-            with open(args.results, "w") as f:
-                f.write("\n".join(out) + "\n")
-    finally:
-        chunk_common.LAUNCH_BY_KERNEL.clear()
-        chunk_common.LAUNCH_BY_KERNEL.update(saved)
+           "to every kernel at once" + (f"; switches: {', '.join(args.setting)}" if args.setting else "") + ".", ""]
+    for setting in args.setting:  # every switch checked before anything is traced
+        try:
+            timing.parse_module_setting(setting)
+        except ValueError as error:
+            raise SystemExit(f"tune_chunk_kernels: --setting: {error}") from None
+    with timing.module_settings(args.setting):
+        saved = dict(chunk_common.LAUNCH_BY_KERNEL)
+        try:
+            for op in ops:
+                inputs = bench_linear_ops.make_inputs(op, batch, seq_len, args.heads, args.dim, jnp.dtype(args.dtype))
+                results = {}
+                for warps, stages in settings:
+                    chunk_common.LAUNCH_BY_KERNEL.clear()
+                    chunk_common.LAUNCH_BY_KERNEL["*"] = {"num_warps": warps, "num_stages": stages}
+                    results[warps, stages] = time_setting(op, inputs, args.chunk_size, args.calls)
+                    print(f"{op} w{warps} s{stages}: wall {results[warps, stages][1]:.3f} ms", flush=True)
+                lines = table(op, settings, results)
+                out += lines
+                print("\n".join(lines), flush=True)
+                os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
+                with open(args.results, "w") as f:
+                    f.write("\n".join(out) + "\n")
+        finally:
+            chunk_common.LAUNCH_BY_KERNEL.clear()
+            chunk_common.LAUNCH_BY_KERNEL.update(saved)
     print(f"wrote {args.results}", flush=True)
 
 
