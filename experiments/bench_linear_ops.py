@@ -44,11 +44,13 @@ PEERS = {
 }
 
 
-def make_inputs(op: str, batch: int, seq_len: int, heads: int, dim: int, dtype, seed: int = 0) -> tuple:
-    """The op's positional inputs (see the module docstring)."""
+def make_inputs(op: str, batch: int, seq_len: int, heads: int, dim: int, dtype, seed: int = 0,
+                dim_v: int | None = None) -> tuple:
+    """The op's positional inputs (see the module docstring); v of width dim_v (default: dim)."""
     keys = jax.random.split(jax.random.key(seed), 6)
     shape = (batch, seq_len, heads, dim)
-    q, k, v = (jax.random.normal(key, shape, jnp.float32) for key in keys[:3])
+    q, k = (jax.random.normal(key, shape, jnp.float32) for key in keys[:2])
+    v = jax.random.normal(keys[2], shape[:3] + (dim_v or dim,), jnp.float32)
     if op in ("gated_delta", "loglinear_gated_delta"):
         k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
     q, k, v = (x.astype(dtype) for x in (q, k, v))

@@ -86,7 +86,8 @@ def main() -> None:
     parser.add_argument("--ops", default="gla,gated_delta", help="of bench_linear_ops' ops with a pallas impl")
     parser.add_argument("--shape", default="8x4096", help="BATCHxTIME")
     parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=64, help="d_k (and d_v unless --dim_v)")
+    parser.add_argument("--dim_v", type=int, default=None, help="d_v (default: --dim)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--chunk_size", type=int, default=64)
     parser.add_argument("--warps", default="2,4,8", help="num_warps values (GPU)")
@@ -107,7 +108,8 @@ def main() -> None:
     command = "python experiments/tune_chunk_kernels.py " + shlex.join(sys.argv[1:])
     out = ["# Chunked-op kernels under each Triton launch setting (experiments/tune_chunk_kernels.py)", "",
            timing.environment_lines(command),
-           f"{batch}x{seq_len}, {args.heads} heads of {args.dim}, {args.dtype}, chunk {args.chunk_size}; device ms "
+           f"{batch}x{seq_len}, {args.heads} heads, d_k {args.dim}, d_v {args.dim_v or args.dim}, {args.dtype}, "
+           f"chunk {args.chunk_size}; device ms "
            f"per forward + backward call (mean of {args.calls} traced calls); w = num_warps, s = num_stages, applied "
            "to every kernel at once" + (f"; switches: {', '.join(args.setting)}" if args.setting else "") + ".", ""]
     for setting in args.setting:  # every switch checked before anything is traced
@@ -119,7 +121,8 @@ def main() -> None:
         saved = dict(chunk_common.LAUNCH_BY_KERNEL)
         try:
             for op in ops:
-                inputs = bench_linear_ops.make_inputs(op, batch, seq_len, args.heads, args.dim, jnp.dtype(args.dtype))
+                inputs = bench_linear_ops.make_inputs(op, batch, seq_len, args.heads, args.dim, jnp.dtype(args.dtype),
+                                                      dim_v=args.dim_v)
                 results = {}
                 for warps, stages in settings:
                     chunk_common.LAUNCH_BY_KERNEL.clear()
