@@ -80,6 +80,12 @@ SAVE_FORWARD = False
 # until it is.
 INVERSE_PRECISION = "ieee"
 INVERSE_PRECISIONS = ("ieee", "tf32x3")
+# Without SAVE_FORWARD the backward pass reruns the WY kernel, which forms each chunk's inverse, and then the
+# gradients kernel forms it again. True: the rerun WY kernel also writes the inverse ([G, T_pad, C] fp32, alive only
+# within the backward pass: 34 MB per layer at 4096 x 8 with 8 heads and C 32) and the gradients kernel reads it,
+# dropping the inverse's 10-12 fp32 products and their registers from the op's largest kernel. Not yet timed on a
+# GPU: off until it is.
+REUSE_INVERSE = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,24 +153,30 @@ def _unit_lower_inverse(a, precision):
     return x
 
 
-def _wy(k, g, beta, dtype, precision):
-    """The chunk's (I + diag(beta) L)^-1 [C, C] fp32, L = strict_lower(D * K K^T) [C, C] and D [C, C].
-    k [C, DK] fp32, g and beta [C, 1] fp32."""
+def _wy(k, g, beta, dtype, precision, inverse=None):
+    """The chunk's (I + diag(beta) L)^-1 [C, C] fp32 (formed here, or the given `inverse`), L = strict_lower(D * K
+    K^T) [C, C] and D [C, C]. k [C, DK] fp32, g and beta [C, 1] fp32."""
     t, s = _iotas(k.shape[0])
     d = _decay_matrix(g)
     lower = jnp.where(s < t, d * dot(k, k, dtype, trans_b=True), 0.0)
-    return _unit_lower_inverse(beta * lower, precision), lower, d
+    if inverse is None:
+        inverse = _unit_lower_inverse(beta * lower, precision)
+    return inverse, lower, d
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Forward kernels
 
 
-def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, dtype, precision):
-    """W [C, DK] and U [C, DV] of one chunk: k_ref [C, DK], v_ref [C, DV], g_ref, beta_ref [C, 1]."""
-    w_ref, u_ref = refs[-2:]  # (with poison_output, the aliased NaN buffers come first)
+def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, dtype, precision, with_inverse=False):
+    """W [C, DK] and U [C, DV] of one chunk (and with_inverse: the inverse [C, C] fp32 too): k_ref [C, DK], v_ref
+    [C, DV], g_ref, beta_ref [C, 1]."""
+    # (with poison_output, the aliased NaN buffers come first)
+    w_ref, u_ref, inverse_ref = refs[-3:] if with_inverse else (*refs[-2:], None)
     k, g, beta = k_ref[...].astype(jnp.float32), g_ref[...], beta_ref[...]
     inverse, _, _ = _wy(k, g, beta, dtype, precision)
+    if with_inverse:
+        inverse_ref[...] = inverse
     t_mat = inverse * _column_to_row(beta)  # T = (I + diag(beta) L)^-1 diag(beta)
     w_ref[...] = dot(t_mat, k * exp_nonpositive(g), dtype).astype(w_ref.dtype)
     u_ref[...] = dot(t_mat, v_ref[...], dtype).astype(u_ref.dtype)
@@ -244,12 +256,13 @@ def _output_side_grads(q, k, g, g_last, do, h, dh, vn, dtype):
     return dq, dk, dg
 
 
-def _wy_side_grads(k, v, g, beta, h, dvn, dtype, precision):
-    """(dk's part, dv, dg's part, dbeta) of one chunk from V' = U - W S, U = T V, W = T Gamma K, recomputing T.
-    k [C, DK], v [C, DV] fp32; g, beta [C, 1]; h (chunk-start state) [DK, DV]; dvn (dV') [C, DV]."""
+def _wy_side_grads(k, v, g, beta, h, dvn, dtype, precision, inverse=None):
+    """(dk's part, dv, dg's part, dbeta) of one chunk from V' = U - W S, U = T V, W = T Gamma K, recomputing T (or
+    from the WY kernel's `inverse`). k [C, DK], v [C, DV] fp32; g, beta [C, 1]; h (chunk-start state) [DK, DV]; dvn
+    (dV') [C, DV]."""
     t, s = _iotas(k.shape[0])
     gamma = exp_nonpositive(g)
-    inverse, lower, d = _wy(k, g, beta, dtype, precision)
+    inverse, lower, d = _wy(k, g, beta, dtype, precision, inverse)
     beta_row = _column_to_row(beta)
     t_mat = inverse * beta_row
     kd = k * gamma  # Gamma K
@@ -270,16 +283,18 @@ def _wy_side_grads(k, v, g, beta, h, dvn, dtype, precision):
 
 
 def _grad_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, do_ref, h_ref, dh_ref, vn_ref, dvn_ref, *refs, dtype,
-                 precision):
+                 precision, with_inverse=False):
     """dq, dk [C, DK], dv [C, DV], dg and dbeta [C, 1] of one chunk (dg: the gradient of the cumulative log decay).
     q_ref, k_ref [C, DK]; v_ref, do_ref, vn_ref (V'), dvn_ref (dV', all of V's gradient) [C, DV]; g_ref, beta_ref
-    [C, 1]; h_ref (chunk-start state), dh_ref (chunk-end state gradient) [DK, DV]."""
+    [C, 1]; h_ref (chunk-start state), dh_ref (chunk-end state gradient) [DK, DV]; with_inverse: then the WY
+    kernel's inverse [C, C]."""
     dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref = refs[-5:]
+    inverse = refs[0][...] if with_inverse else None
     q, k, v = (ref[...].astype(jnp.float32) for ref in (q_ref, k_ref, v_ref))
     g, h = g_ref[...], h_ref[...]
     g_last = g_ref[q.shape[0] - 1, :][None, :]
     dq, dk_out, dg_out = _output_side_grads(q, k, g, g_last, do_ref[...], h, dh_ref[...], vn_ref[...], dtype)
-    dk_wy, dv, dg_wy, dbeta = _wy_side_grads(k, v, g, beta_ref[...], h, dvn_ref[...], dtype, precision)
+    dk_wy, dv, dg_wy, dbeta = _wy_side_grads(k, v, g, beta_ref[...], h, dvn_ref[...], dtype, precision, inverse)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = (dk_out + dk_wy).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -297,12 +312,13 @@ def _grad_kernel_outputs(q_ref, k_ref, g_ref, do_ref, h_ref, dh_ref, vn_ref, *re
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _grad_kernel_wy(k_ref, v_ref, g_ref, beta_ref, h_ref, dvn_ref, *refs, dtype, precision):
+def _grad_kernel_wy(k_ref, v_ref, g_ref, beta_ref, h_ref, dvn_ref, *refs, dtype, precision, with_inverse=False):
     """_grad_kernel's WY side alone (GRAD_KERNEL_SPLIT): dv, dbeta, and fp32 parts of dk and dg."""
     dk_ref, dv_ref, dg_ref, dbeta_ref = refs[-4:]
+    inverse = refs[0][...] if with_inverse else None
     k, v = (ref[...].astype(jnp.float32) for ref in (k_ref, v_ref))
     dk_ref[...], dv, dg_ref[...], dbeta_ref[...] = _wy_side_grads(k, v, g_ref[...], beta_ref[...], h_ref[...],
-                                                                  dvn_ref[...], dtype, precision)
+                                                                  dvn_ref[...], dtype, precision, inverse)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -376,16 +392,20 @@ def _chunk_spec(c, width):
     return pl.BlockSpec((None, c, width), lambda s, n, *_: (s, n, 0))
 
 
-def _wy_pieces(x: _Inputs, lay: _Layout, cfg: ChunkConfig):
-    """W [G, T_pad, DK] and U [G, T_pad, DV] in lay.dtype."""
+def _wy_pieces(x: _Inputs, lay: _Layout, cfg: ChunkConfig, with_inverse: bool = False):
+    """W [G, T_pad, DK] and U [G, T_pad, DV] in lay.dtype, and with_inverse each chunk's inverse [G, T_pad, C] fp32
+    (else None)."""
     g, c = lay.sequences, lay.chunk
     in_specs = [_chunk_spec(c, lay.dk_pad), _chunk_spec(c, lay.dv_pad), _chunk_spec(c, 1), _chunk_spec(c, 1)]
-    out_specs = [_chunk_spec(c, lay.dk_pad), _chunk_spec(c, lay.dv_pad)]
+    out_specs = [_chunk_spec(c, lay.dk_pad), _chunk_spec(c, lay.dv_pad)] + [_chunk_spec(c, c)] * with_inverse
     out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, lay.dk_pad), lay.dtype),
-                 jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), lay.dtype)]
-    kernel = functools.partial(_wy_kernel, dtype=lay.dtype, precision=_inverse_precision(cfg))
-    return call(kernel, cfg, "gated_delta_wy", (g, lay.n_chunks), [x.k, x.v, x.g, x.beta], in_specs, out_specs,
-                 out_shape)
+                 jax.ShapeDtypeStruct((g, lay.t_pad, lay.dv_pad), lay.dtype)] + [
+                     jax.ShapeDtypeStruct((g, lay.t_pad, c), jnp.float32)] * with_inverse
+    kernel = functools.partial(_wy_kernel, dtype=lay.dtype, precision=_inverse_precision(cfg),
+                               with_inverse=with_inverse)
+    pieces = call(kernel, cfg, "gated_delta_wy", (g, lay.n_chunks), [x.k, x.v, x.g, x.beta], in_specs, out_specs,
+                  out_shape)
+    return (*pieces, None) if not with_inverse else tuple(pieces)
 
 
 def _chunk_states(x: _Inputs, w, u, h0, lay: _Layout, cfg: ChunkConfig):
@@ -437,8 +457,9 @@ def _state_grads(x: _Inputs, w, do, dfinal, lay: _Layout, cfg: ChunkConfig):
                  in_specs, out_specs, out_shape)
 
 
-def _chunk_grads(x: _Inputs, do, h_start, dh_end, vn, dvn, dtypes, lay: _Layout, cfg: ChunkConfig):
-    """dq, dk [G, T_pad, DK], dv [G, T_pad, DV] (in dtypes), dg and dbeta [G, T_pad, 1] fp32."""
+def _chunk_grads(x: _Inputs, do, h_start, dh_end, vn, dvn, dtypes, lay: _Layout, cfg: ChunkConfig, inverse=None):
+    """dq, dk [G, T_pad, DK], dv [G, T_pad, DV] (in dtypes), dg and dbeta [G, T_pad, 1] fp32. inverse: the WY
+    kernel's [G, T_pad, C] (REUSE_INVERSE), or None to form it again."""
     g, c, dk, dv = lay.sequences, lay.chunk, lay.dk_pad, lay.dv_pad
     state = pl.BlockSpec((None, None, dk, dv), lambda s, n: (s, n, 0, 0))
     chunk_k, chunk_v, column = _chunk_spec(c, dk), _chunk_spec(c, dv), _chunk_spec(c, 1)
@@ -448,20 +469,25 @@ def _chunk_grads(x: _Inputs, do, h_start, dh_end, vn, dvn, dtypes, lay: _Layout,
     out_shape = [jax.ShapeDtypeStruct((g, lay.t_pad, dk), q_dtype), jax.ShapeDtypeStruct((g, lay.t_pad, dk), k_dtype),
                  jax.ShapeDtypeStruct((g, lay.t_pad, dv), v_dtype)] + [
                      jax.ShapeDtypeStruct((g, lay.t_pad, 1), jnp.float32)] * 2
+    with_inverse = inverse is not None
+    extra_inputs, extra_specs = ([inverse], [_chunk_spec(c, c)]) if with_inverse else ([], [])
     if not GRAD_KERNEL_SPLIT:
-        kernel = functools.partial(_grad_kernel, dtype=lay.dtype, precision=_inverse_precision(cfg))
+        kernel = functools.partial(_grad_kernel, dtype=lay.dtype, precision=_inverse_precision(cfg),
+                                   with_inverse=with_inverse)
         return call(kernel, cfg, "gated_delta_grads", (g, lay.n_chunks),
-                     [x.q, x.k, x.v, x.g, x.beta, do, h_start, dh_end, vn, dvn], in_specs, out_specs, out_shape)
+                     [x.q, x.k, x.v, x.g, x.beta, do, h_start, dh_end, vn, dvn] + extra_inputs,
+                     in_specs + extra_specs, out_specs, out_shape)
     f32_k, f32_column = (jax.ShapeDtypeStruct((g, lay.t_pad, width), jnp.float32) for width in (dk, 1))
     dq, dk_out, dg_out = call(functools.partial(_grad_kernel_outputs, dtype=lay.dtype), cfg,
                               "gated_delta_grads_outputs", (g, lay.n_chunks),
                               [x.q, x.k, x.g, do, h_start, dh_end, vn],
                               [chunk_k, chunk_k, column, chunk_v, state, state, chunk_v], [chunk_k, chunk_k, column],
                               [out_shape[0], f32_k, f32_column])
-    dk_wy, dv, dg_wy, dbeta = call(functools.partial(_grad_kernel_wy, dtype=lay.dtype,
-                                                     precision=_inverse_precision(cfg)), cfg, "gated_delta_grads_wy",
-                                   (g, lay.n_chunks), [x.k, x.v, x.g, x.beta, h_start, dvn],
-                                   [chunk_k, chunk_v, column, column, state, chunk_v],
+    wy_kernel = functools.partial(_grad_kernel_wy, dtype=lay.dtype, precision=_inverse_precision(cfg),
+                                  with_inverse=with_inverse)
+    dk_wy, dv, dg_wy, dbeta = call(wy_kernel, cfg, "gated_delta_grads_wy",
+                                   (g, lay.n_chunks), [x.k, x.v, x.g, x.beta, h_start, dvn] + extra_inputs,
+                                   [chunk_k, chunk_v, column, column, state, chunk_v] + extra_specs,
                                    [chunk_k, chunk_v, column, column], [f32_k, out_shape[2], f32_column, f32_column])
     return dq, (dk_out + dk_wy).astype(k_dtype), dv, dg_out + dg_wy, dbeta
 
@@ -470,17 +496,17 @@ def _chunk_grads(x: _Inputs, do, h_start, dh_end, vn, dvn, dtypes, lay: _Layout,
 # The custom VJP
 
 
-def _run_forward(q, k, v, log_decay, beta, initial_state, cfg: ChunkConfig):
+def _run_forward(q, k, v, log_decay, beta, initial_state, cfg: ChunkConfig, with_inverse: bool = False):
     lay = _layout(q, k, v, cfg.chunk_size)
     x = _inputs(q, k, v, log_decay, beta, lay)
-    w, u = _wy_pieces(x, lay, cfg)
+    w, u, inverse = _wy_pieces(x, lay, cfg, with_inverse)
     h_start, vn, final = _chunk_states(x, w, u, state_rows(initial_state, lay), lay, cfg)
-    return lay, x, w, h_start, vn, final
+    return lay, x, w, h_start, vn, final, inverse
 
 
 def _forward_and_pieces(q, k, v, log_decay, beta, initial_state, cfg: ChunkConfig):
     """((o, final state), (W, chunk-start states, V'))."""
-    lay, x, w, h_start, vn, final = _run_forward(q, k, v, log_decay, beta, initial_state, cfg)
+    lay, x, w, h_start, vn, final, _ = _run_forward(q, k, v, log_decay, beta, initial_state, cfg)
     o = _chunk_outputs(x, vn, h_start, v.dtype, lay, cfg)
     return (from_rows(o, lay, lay.d_v), final[:, :lay.d_k, :lay.d_v].reshape(initial_state.shape)), (w, h_start, vn)
 
@@ -504,15 +530,17 @@ def _chunk_gated_delta_fwd(q, k, v, log_decay, beta, initial_state, cfg: ChunkCo
 def _chunk_gated_delta_bwd(cfg: ChunkConfig, saved, cotangents):
     q, k, v, log_decay, beta, initial_state, forward = saved
     d_out, d_final = cotangents
-    if forward is None:
-        lay, x, w, h_start, vn, _ = _run_forward(q, k, v, log_decay, beta, initial_state, cfg)
+    if forward is None:  # rerun the forward kernels (with REUSE_INVERSE the WY kernel also hands over its inverse)
+        lay, x, w, h_start, vn, _, inverse = _run_forward(q, k, v, log_decay, beta, initial_state, cfg,
+                                                          with_inverse=REUSE_INVERSE)
     else:
         lay = _layout(q, k, v, cfg.chunk_size)
         x = _inputs(q, k, v, log_decay, beta, lay)
-        w, h_start, vn = forward
+        (w, h_start, vn), inverse = forward, None
     do = to_rows(d_out, lay, lay.dv_pad, lay.dtype)
     dh_end, dvn, d_initial = _state_grads(x, w, do, state_rows(d_final, lay), lay, cfg)
-    dq, dk, dv, d_cum, dbeta = _chunk_grads(x, do, h_start, dh_end, vn, dvn, (q.dtype, k.dtype, v.dtype), lay, cfg)
+    dq, dk, dv, d_cum, dbeta = _chunk_grads(x, do, h_start, dh_end, vn, dvn, (q.dtype, k.dtype, v.dtype), lay, cfg,
+                                            inverse)
     # g = in-chunk cumulative sum of a, so da_t = sum of dg over the chunk's tokens from t on.
     d_cum = d_cum.reshape(lay.sequences, lay.n_chunks, lay.chunk)
     da = jax.lax.cumsum(d_cum, axis=2, reverse=True).reshape(lay.sequences, lay.t_pad, 1)

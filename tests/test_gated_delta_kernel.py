@@ -116,6 +116,16 @@ def test_split_gradient_kernels_match_float64_recurrence(monkeypatch):
     check_against_reference(3, chunk_size=32, with_initial_state=True, seq_len=45, decay_scale=3.0)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_reused_inverse_matches_float64_recurrence(monkeypatch, split):
+    """REUSE_INVERSE: the backward pass's rerun WY kernel hands each chunk's inverse to the gradients kernel (one
+    kernel, or the split WY side) instead of it forming the inverse again; the same gradients (odd T, strong decays,
+    d_k != d_v, an initial state)."""
+    monkeypatch.setattr(gated_delta_chunk, "REUSE_INVERSE", True)
+    monkeypatch.setattr(gated_delta_chunk, "GRAD_KERNEL_SPLIT", split)
+    check_against_reference(11, chunk_size=16, with_initial_state=True, seq_len=45, decay_scale=3.0)
+
+
 def test_saved_forward_pieces_match_float64_recurrence(monkeypatch):
     """SAVE_FORWARD: the backward pass uses the forward's W, chunk states and V' instead of rerunning their
     kernels; the same gradients (odd T, an initial state)."""
@@ -254,14 +264,16 @@ def test_arguments_are_checked():
         chunk_gated_delta(q.astype(jnp.float16), q, v, a, b)
 
 
-@pytest.mark.parametrize("split,precision", [(False, "ieee"), (True, "ieee"), (False, "tf32x3")])
-def test_gradient_lowers_for_cuda_through_triton(monkeypatch, split, precision):
+@pytest.mark.parametrize("split,precision,reuse", [(False, "ieee", False), (True, "ieee", False),
+                                                   (False, "tf32x3", False), (False, "ieee", True)])
+def test_gradient_lowers_for_cuda_through_triton(monkeypatch, split, precision, reuse):
     """The forward and backward kernels lower to Triton custom calls for CUDA (jax.export; no GPU needed), also with
     the inverse's products as TF32 x 3 (INVERSE_PRECISION, which interpret mode cannot run: CPUs have no TF32).
     This checks the Pallas-to-Triton lowering only, not Triton's compilation to PTX."""
     from jax import export
     monkeypatch.setattr(gated_delta_chunk, "GRAD_KERNEL_SPLIT", split)
     monkeypatch.setattr(gated_delta_chunk, "INVERSE_PRECISION", precision)
+    monkeypatch.setattr(gated_delta_chunk, "REUSE_INVERSE", reuse)
 
     def loss(q, k, v, log_decay, beta, state):
         o, final = chunk_gated_delta(q, k, v, log_decay, beta, state, chunk_size=64)
