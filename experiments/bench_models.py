@@ -425,10 +425,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row = {"shape": f"{seq_len}x{batch}", "seq_len": seq_len, "batch": batch, "variant": name,
                    "run": len(runs) - 1}
             print(f"[{done + 1}/{total}] {row['shape']} {name}: compiling and timing", flush=True)
-            config = model_config(bench, dict(variants)[name], name=name)
+            overrides = dict(variants)[name]
+            config = model_config(bench, overrides, name=name)
             start = time.perf_counter()
             try:
-                with timing.module_settings(row_settings(dict(variants)[name])):
+                with timing.module_settings(row_settings(overrides)):
                     measure(config, seq_len, batch, bench, devices, row)
             except Exception as error:  # noqa: BLE001 - out of memory, a compile error: record it and go on
                 row["error"] = _short(error)

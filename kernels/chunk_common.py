@@ -68,11 +68,11 @@ def operand_dtype(q, k, v):
     return jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in (q, k, v)) else jnp.float32
 
 
-def dot(a, b, dtype, *, trans_a=False, trans_b=False):
+def dot(a, b, dtype, *, trans_a=False, trans_b=False, precision=jax.lax.Precision.HIGHEST):
     """a @ b (a^T, b^T where told) with operands cast to `dtype` and fp32 accumulation (IEEE fp32 for fp32:
-    Triton's default for fp32 is tf32)."""
+    Triton's default for fp32 is tf32; `precision` may instead name an fp32 algorithm such as TF32 x 3)."""
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=jax.lax.Precision.HIGHEST,
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=precision,
                                preferred_element_type=jnp.float32)
 
 

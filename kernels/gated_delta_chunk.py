@@ -128,13 +128,6 @@ def _inverse_precision(cfg: ChunkConfig):
     return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
-def _fp32_dot(a, b, precision, *, trans_a=False, trans_b=False):
-    """a @ b (a^T, b^T where told) of fp32 a and b at `precision` (_inverse_precision's), fp32 result."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims, precision=precision,
-                               preferred_element_type=jnp.float32)
-
-
 def _unit_lower_inverse(a, precision):
     """(I + a)^-1 for a strictly lower-triangular [c, c] fp32 a, by block doubling in fp32 products at `precision`.
 
@@ -147,8 +140,8 @@ def _unit_lower_inverse(a, precision):
     width = 1
     while width < c:
         link = ((t // (2 * width)) == (s // (2 * width))) & ((t // width) % 2 == 1) & ((s // width) % 2 == 0)
-        step = _fp32_dot(x, jnp.where(link, a, 0.0), precision)
-        x = x - _fp32_dot(step, x, precision)
+        step = dot(x, jnp.where(link, a, 0.0), jnp.float32, precision=precision)
+        x = x - dot(step, x, jnp.float32, precision=precision)
         width *= 2
     return x
 
@@ -272,7 +265,9 @@ def _wy_side_grads(k, v, g, beta, h, dvn, dtype, precision, inverse=None):
     dt = dot(dvn, v, dtype, trans_b=True) + dot(dw, kd, dtype, trans_b=True)
     # T = M^-1 diag(beta), M = I + diag(beta) L: d M = -M^-T d(M^-1) M^-T (fp32 at the inverse's precision),
     # strictly lower part
-    dm = -_fp32_dot(_fp32_dot(inverse, dt * beta_row, precision, trans_a=True), inverse, precision, trans_b=True)
+    f32 = jnp.float32
+    dm = -dot(dot(inverse, dt * beta_row, f32, trans_a=True, precision=precision), inverse, f32, trans_b=True,
+              precision=precision)
     dm = jnp.where(s < t, dm, 0.0)
     dl = beta * dm
     dkk = dl * d  # L = strict_lower(D * K K^T)
