@@ -63,7 +63,8 @@ MIN_STATE_PROGRAMS = 256
 # (D * Q K^T) V' and S_next side, _grad_kernel_wy for the V' = U - W S side, their dk and dg summed after) or one
 # (False: _grad_kernel). The one kernel holds about fifteen [C, C] / [C, d] fp32 tiles at once (~60k values at
 # chunk 64, d 64), likely spilling; it is half of the op's time in the LM step (14.5 of 30.6 ms at 4096 x 8,
-# experiments/results/profile_train_step_gpu.md). The split is not yet timed on a GPU: off until it is.
+# experiments/results/profile_train_step_gpu.md). Timed on an H200 at 16384 x 2: 85.2 ms against 86.0, within the
+# run-to-run spread (experiments/results/bench_models.md, 2026-12-03 19:44): off.
 GRAD_KERNEL_SPLIT = False
 # What the custom VJP keeps for the backward pass: the inputs only (False: the backward pass reruns the WY and
 # chunk-state kernels, 5.3 of the op's 30.6 ms at 4096 x 8 in the LM step, profile_train_step_gpu.md), or also W,
@@ -76,15 +77,17 @@ SAVE_FORWARD = False
 # product as three TF32 tensor-core products (the operands split into a high and a low TF32 part; about fp32's
 # accuracy, where one TF32 product would lose the inverse). With bf16 operands the kernels' other products are on
 # the tensor cores already, so these fp32 ones are likely a large part of the WY and backward kernels' time.
-# Interpret mode computes them in IEEE fp32 whatever this says (CPUs have no TF32). Not yet timed on a GPU: "ieee"
-# until it is.
+# Interpret mode computes them in IEEE fp32 whatever this says (CPUs have no TF32). Timed on an H200 at chunk 32:
+# the LM step 2-3% faster (63.1 ms against 65.0 at 4096 x 8, 84.4 against 86.0 at 16384 x 2) (experiments/results/bench_models.md, 2026-12-03 19:44);
+# "ieee" stays the default until its GPU accuracy test (test_tf32x3_inverse_matches_float64_recurrence_on_a_gpu)
+# has run.
 INVERSE_PRECISION = "ieee"
 INVERSE_PRECISIONS = ("ieee", "tf32x3")
 # Without SAVE_FORWARD the backward pass reruns the WY kernel, which forms each chunk's inverse, and then the
 # gradients kernel forms it again. True: the rerun WY kernel also writes the inverse ([G, T_pad, C] fp32, alive only
 # within the backward pass: 34 MB per layer at 4096 x 8 with 8 heads and C 32) and the gradients kernel reads it,
-# dropping the inverse's 10-12 fp32 products and their registers from the op's largest kernel. Not yet timed on a
-# GPU: off until it is.
+# dropping the inverse's 10-12 fp32 products and their registers from the op's largest kernel. Timed on an H200
+# at 4096 x 8: 65.8 ms against 65.0 (experiments/results/bench_models.md, 2026-12-03 19:44): off.
 REUSE_INVERSE = False
 
 
