@@ -73,6 +73,23 @@ def test_a_changed_result_field_is_refused_then_amended_and_recorded(finished, t
     assert train(changed, workdir)["steps"] == 4
 
 
+def test_a_changed_model_size_is_refused_even_with_amend_and_the_run_stays_whole(tmp_path):
+    """A size that changes the parameters' shapes cannot resume: refused before anything is recorded or moved, so
+    the run still resumes with its own config (restoring would fail on every checkpoint, which would then be
+    moved aside as corrupt)."""
+    workdir = str(tmp_path)
+    train(small(steps=2), workdir)
+    checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    wider = small(steps=4)
+    wider.model.d_model = 2 * wider.model.d_model
+    with pytest.raises(ConfigError, match=r"checkpoint at step 2 holds a state of other shapes.*params/.*stored "
+                                          r"\(.*now \(.*not even with --amend"):
+        train(wider, workdir, amend=True)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
+    assert run_record.read_amendments(workdir) == []
+    assert train(small(steps=4), workdir, amend=True)["resumed_from"] == 2
+
+
 def test_fields_that_do_not_change_the_result_may_change(finished):
     workdir, summary = finished
     config = small()

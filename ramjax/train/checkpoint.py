@@ -77,6 +77,28 @@ class Checkpoints:
                         "trying the previous one")
         return None
 
+    def shape_changes(self, step: int, abstract_state) -> list[str] | None:
+        """Where checkpoint `step`'s stored state differs in shape from `abstract_state` ("path: stored (64,), now
+        (32,)", and paths only one of them has), or None when its metadata does not read (a corrupt checkpoint:
+        `restore_newest_good` deals with it). A run whose sizes changed cannot resume from its checkpoints, and its
+        checkpoints are not corrupt: the caller says so before anything is moved or recorded."""
+        try:
+            metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+        except Exception:  # noqa: BLE001 -- unreadable metadata is corruption, judged when restoring
+            return None
+        stored = _shapes(getattr(metadata, "item_metadata", metadata))  # a StepMetadata in newer Orbax
+        if not stored:
+            return None
+        now = _shapes(abstract_state)
+        if not set(stored) & set(now):  # leaves named in a way this reading does not know: no judgement
+            return None
+        stored = dict(sorted(stored.items(), key=lambda item: (not item[0].startswith("params"), item[0])))
+        changes = [f"{path}: stored {stored[path]}, now {now[path]}" for path in stored
+                   if path in now and stored[path] != now[path]]
+        changes += [f"{path}: stored {stored[path]}, not in this run's model" for path in stored if path not in now]
+        changes += [f"{path}: not stored, now {now[path]}" for path in now if path not in stored]
+        return changes
+
     def corrupt_dirs(self) -> list[str]:
         """The checkpoints `restore_newest_good` moved aside, by name (corrupt-STEP-TIME)."""
         if not os.path.isdir(self.directory):
@@ -134,3 +156,21 @@ class _SavedState:
 
     def get_state(self) -> bytes:
         return self.state
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """{"params/layers/0/w": shape} of a state tree's arrays (ShapeDtypeStructs, arrays or Orbax's metadata), the
+    path's keys as plain names so that a stored tree and a live one name a leaf alike."""
+    def name(key):
+        for attribute in ("key", "idx", "name"):
+            if hasattr(key, attribute):
+                return str(getattr(key, attribute))
+        return str(key)
+
+    def path_name(path):
+        names = [name(k) for k in path]
+        return "/".join(names[:-1] if names and names[-1] == "value" else names)  # a stored nnx Variable's "value"
+
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {path_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+

@@ -181,6 +181,8 @@ def _resume(run: _Run, checkpoints: Checkpoints, *, amend: bool, restart: bool):
         current["data_provenance"] = run.task.provenance
     latest = checkpoints.latest_step()
     inert = factor_schedule.inert_fields(config) + top_k_schedule.inert_fields(config)
+    if latest is not None:  # before --amend records anything: sizes that changed cannot resume
+        _check_shapes(workdir, checkpoints.shape_changes(latest, run.spec.abstract_state), latest)
     run_record.check_and_record(workdir, current, step=latest or 0, amend=amend, write=is_main, inert=inert)
     summary_path = os.path.join(workdir, "summary.json")
     finished = _read_json(summary_path)
@@ -218,6 +220,16 @@ def _resume(run: _Run, checkpoints: Checkpoints, *, amend: bool, restart: bool):
         if hasattr(run.task, "tokenizer"):
             run.task.tokenizer.save(workdir)  # evaluation reads the text with the tokenizer training used
     return None, state, start
+
+
+def _check_shapes(workdir: str, changes: list[str] | None, step: int) -> None:
+    """Refuse a resume whose parameters or optimizer state differ in shape from the checkpoint's (a changed
+    model size, pattern or optimizer): restoring would fail on every checkpoint, which would then look corrupt."""
+    if changes:
+        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+        raise ConfigError(f"{workdir}'s checkpoint at step {step} holds a state of other shapes than this config "
+                          f"builds ({shown}): a run cannot change its model's sizes, not even with --amend; rerun "
+                          "with the recorded config (config.json) or use a new --workdir")
 
 
 def _start_over(workdir: str, corrupt: list) -> None:
