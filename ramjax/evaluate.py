@@ -116,6 +116,8 @@ def evaluate_run(workdir: str, split: str = "validation", max_windows: int = 0) 
     from ramjax.train import sharding
     from ramjax.train.setup import make_task, model_parts, restore_state
 
+    if max_windows < 0:
+        raise ConfigError(f"--max_windows: 0 (the config's data.eval_examples) or a positive count, got {max_windows}")
     config = load_run_config(workdir)
     if config.task != "lm":
         raise ConfigError(f"{workdir}: task {config.task!r}: use --settings/--examples (synthetic tasks), not "
@@ -186,7 +188,8 @@ def plot_per_position(result: dict, path: str) -> str:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="ramjax eval", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--split", default="validation", choices=("validation", "train"))
+    parser.add_argument("--split", default=None, choices=("validation", "train"),
+                        help="language models: the split to read (default validation)")
     parser.add_argument("--max_windows", type=int, default=0, help="evaluate at most this many windows (0: the "
                         "config's data.eval_examples; set it larger to cover more of the split)")
     parser.add_argument("--settings", default="", help="synthetic tasks: kv:length (or tokens:length) settings "
@@ -202,8 +205,11 @@ def main(argv: list[str]) -> None:
             if args.settings or args.examples or args.tie_unseen_levels:
                 raise ConfigError("--settings/--examples/--tie-unseen-levels are for synthetic tasks; this run is a "
                                   "language model (evaluated at its training length, where no level is unseen)")
-            evaluate_run(args.workdir, args.split, args.max_windows)
+            evaluate_run(args.workdir, args.split or "validation", args.max_windows)
         else:
+            if args.split is not None or args.max_windows:  # said so rather than ignored
+                raise ConfigError(f"--split/--max_windows are for language models; this run's task is {task!r} "
+                                  "(use --settings and --examples)")
             evaluate_synthetic_run(args.workdir, args.settings, args.examples, args.tie_unseen_levels)
     except ConfigError as error:
         raise SystemExit(f"ramjax eval: {error}") from None

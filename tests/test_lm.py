@@ -179,6 +179,14 @@ def test_eval_refuses_a_non_lm_workdir(tmp_path):
         evaluate_run(str(tmp_path))
     with pytest.raises(ConfigError, match="no config.json"):
         evaluate_run(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="--max_windows: 0 .* or a positive count, got -1"):
+        evaluate_run(str(tmp_path), max_windows=-1)
+    from ramjax.evaluate import main  # the language-model flags on a synthetic run: refused, not ignored
+
+    for flags in (["--split", "train"], ["--max_windows", "3"]):
+        with pytest.raises(SystemExit, match="--split/--max_windows are for language models; this run's task is "
+                                             "'mqar'"):
+            main(["--workdir", str(tmp_path), *flags])
 
 
 def test_prepared_data_is_keyed_by_its_source_and_a_changed_corpus_is_refused(corpus, tmp_path):
