@@ -90,11 +90,13 @@ def test_a_changed_model_size_is_refused_even_with_amend_and_the_run_stays_whole
     assert train(small(steps=4), workdir, amend=True)["resumed_from"] == 2
 
 
-def test_fields_that_do_not_change_the_result_may_change(finished):
+def test_fields_that_do_not_change_the_result_may_change(finished, capsys):
     workdir, summary = finished
     config = small()
     config.train.log_every, config.train.progress, config.model.remat = 1, False, True
     assert train(config, workdir) == summary  # finished: returned as recorded
+    out = capsys.readouterr().out  # ... and the user told that the new values did nothing
+    assert "not applied to the finished run: model.remat False -> True; train.log_every 2 -> 1" in out
 
 
 def test_a_torn_metrics_line_and_a_truncated_config_are_tolerated(tmp_path, capsys):

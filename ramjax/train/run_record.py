@@ -79,6 +79,16 @@ def differences(recorded: dict, current: dict, inert: tuple[str, ...] = ()) -> d
     return diffs
 
 
+def neutral_changes(workdir: str, current: dict) -> dict:
+    """{field: (recorded, current)} of the result-neutral fields (cadences, evaluation settings, implementations)
+    that differ from the run's record: what a rerun of a finished run would silently not apply."""
+    recorded = effective_config(workdir)
+    if recorded is None:
+        return {}
+    old, new = _flatten(recorded), _flatten(current)
+    return {f: (old[f], new[f]) for f in sorted(set(old) & set(new)) if _is_neutral(f) and old[f] != new[f]}
+
+
 def _set(tree: dict, field: str, value) -> None:
     *parents, leaf = field.split(".")
     for name in parents:

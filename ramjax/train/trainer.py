@@ -192,6 +192,11 @@ def _resume(run: _Run, checkpoints: Checkpoints, *, amend: bool, restart: bool):
         if is_main:
             print(f"ramjax train: {workdir} already finished ({latest} steps); its summary is "
                   f"{summary_path} (left as it was)")
+            unapplied = run_record.neutral_changes(workdir, current)
+            if unapplied:  # e.g. a new eval_every: nothing trains, so nothing of it happens; say so
+                listed = "; ".join(f"{field} {a!r} -> {b!r}" for field, (a, b) in unapplied.items())
+                print(f"ramjax train: not applied to the finished run: {listed} (`ramjax eval --workdir {workdir}` "
+                      "evaluates it again; --amend with more train.num_steps trains on)")
         return finished, None, None
     restored = None
     if latest is not None:
