@@ -54,7 +54,9 @@ def resolve_config_spec(spec: str, prog: str) -> str:
         if os.path.isfile(in_repo):
             return in_repo + sep + variant
         candidates.append(in_repo)
-    _usage_error(f"{prog}: config file {path!r} not found (looked for {' and '.join(candidates)})")
+    # Run from the repository root, both candidates are the same path: name it once.
+    looked = " and ".join(dict.fromkeys(candidates))
+    _usage_error(f"{prog}: config file {path!r} not found (looked for {looked})")
 
 
 def _with_config_resolved(args: list[str], default: str, prog: str) -> tuple[list[str], str]:

@@ -8,6 +8,7 @@ it (outputs and gradients), and each is timed forward and forward + backward.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,12 @@ def check_config(config) -> None:
     if config.top_k > config.factor_size**config.num_factors:
         raise ConfigError(f"config.top_k: must be <= M = factor_size ** num_factors = "
                           f"{config.factor_size ** config.num_factors}, got {config.top_k}")
+    # The memory op's own rules (ramjax/ops/memory/op.py), here so that a bad value is one line, not a traceback.
+    for field, low, high in (("gamma", 0, math.inf), ("eps", 0, math.inf), ("grad_eps", 0, 1)):
+        value = config[field]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+            allowed = f">= {low} and < {high}" if high < math.inf else f">= {low}"
+            raise ConfigError(f"config.{field}: must be a finite number {allowed}, got {value!r}")
     for impl in config.impls:
         if impl not in IMPLS:
             raise ConfigError(f"config.impls: {impl!r} is not an implementation; allowed: {IMPLS}")

@@ -53,6 +53,15 @@ def test_bad_sweep_files_are_clear_errors(tmp_path):
     path.write_text("X = 1\n")
     with pytest.raises(ConfigError, match="defines no get_sweep"):
         sweep.load_sweep(str(path))
+    path = tmp_path / "typo.py"  # a syntax error: where, in one line, not importlib's traceback
+    path.write_text("def get_sweep(:\n    return []\n")
+    with pytest.raises(ConfigError, match=r"typo.py: line 1: .*'def get_sweep\(:'"):
+        sweep.load_sweep(str(path))
+    path = tmp_path / "plot.py"  # a PLOT field no run sets would drop out of the plot without a word
+    path.write_text("from ramjax.sweep import values\nPLOT = {'series': ['model.patern']}\n"
+                    "def get_sweep():\n    return values('model.pattern', ['ramnet', 'gla'])\n")
+    with pytest.raises(ConfigError, match=r"PLOT series \['model.patern'\] is not a field any run sets"):
+        sweep.load_sweep(str(path))
 
 
 def test_a_sweep_file_argument_goes_to_get_sweep(tmp_path):
@@ -98,18 +107,20 @@ from tiny import tiny_config
 def get_config(variant="transformer"):
     config = tiny_config(variant, steps=2)
     config.data.eval_settings = "2:32,4:32"
+    config.train.on_nonfinite = "stop"  # a run whose loss turns NaN exits 3: a run that fails while training
     return config
 """
 
 SWEEP = """
 from ramjax.sweep import product, values
 
-PLOT = {"x": "optim.learning_rate", "y": "eval/accuracy/mean", "series": ["data.train_settings"]}
+PLOT = {"x": "optim.learning_rate", "y": "eval/accuracy/mean", "series": ["train.inject_nan_at_step"]}
 
 
 def get_sweep():
-    # The second setting is invalid (4 * kv > length): that run fails, and the sweep must say so.
-    return product(values("data.train_settings", ["2:16,4:32", "9:32"]), values("optim.learning_rate", [1e-3, 1e-2]))
+    # The second setting makes the loss NaN at step 1: that run fails, and the sweep must say so. (An invalid
+    # field would not get that far: the sweep checks every run's config before it starts any.)
+    return product(values("train.inject_nan_at_step", [-1, 1]), values("optim.learning_rate", [1e-3, 1e-2]))
 """
 
 
@@ -128,22 +139,22 @@ def test_sweep_runs_skips_resumes_and_reports_failures(tmp_path):
     first = run_cli(*args, cwd=tmp_path)
     assert first.returncode == 1, first.stderr[-2000:]  # two runs failed
     said = first.stdout + first.stderr  # each run's end, its error when it fails
-    assert ": failed in " in said and "setting 9:32 is invalid" in said, said[-2000:]
+    assert ": failed in " in said and "stopped at step 1 (train.on_nonfinite='stop')" in said, said[-2000:]
     out = tmp_path / "out"
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["status"] for r in rows] == ["finished", "finished", "failed", "failed"]
     assert all(float(r["eval/accuracy/mean"]) >= 0 for r in rows[:2])
-    assert "setting 9:32 is invalid" in rows[2]["error"] and "exit code 2" in rows[2]["error"], rows[2]["error"]
+    assert "stopped at step 1" in rows[2]["error"] and "exit code 3" in rows[2]["error"], rows[2]["error"]
     table = (out / "results.md").read_text()
-    assert "| failed |" in table and "| 000-train_settings=2_16,4_32-learning_rate=0.001 | 2:16,4:32 | 0.001 | finished |" in table
+    assert "| failed |" in table and "| 000-inject_nan_at_step=-1-learning_rate=0.001 | -1 | 0.001 | finished |" in table
     assert (out / "plot_eval_accuracy_mean.png").stat().st_size > 1000
 
     # Rerun: finished runs are skipped; an unfinished one (no summary) resumes from its checkpoint.
-    (out / "001-train_settings=2_16,4_32-learning_rate=0.01" / "summary.json").unlink()
+    (out / "001-inject_nan_at_step=-1-learning_rate=0.01" / "summary.json").unlink()
     second = run_cli(*args, cwd=tmp_path)
     assert "4 runs in out; 1 of those finished already, 3 to run" in second.stdout, second.stdout
-    log = (out / "001-train_settings=2_16,4_32-learning_rate=0.01" / "train.log").read_text()
+    log = (out / "001-inject_nan_at_step=-1-learning_rate=0.01" / "train.log").read_text()
     assert "resuming" in log
     with open(out / "results.csv") as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["finished", "finished", "failed", "failed"]
@@ -167,7 +178,7 @@ def test_runs_picks_part_of_the_grid_by_index(capsys, tmp_path):
     assert [line.split("--workdir=")[1].split("/")[-1][:4] for line in lines] == ["006-", "007-", "008-", "035-"]
     assert sweep.runner.select_runs(None, 3) == [0, 1, 2] and sweep.runner.select_runs("2,0-1,1", 3) == [0, 1, 2]
     for bad, needle in (("36", "outside the grid's runs 0-35"), ("a-b", "not an index or a range"),
-                        ("5-3", "outside")):
+                        ("5-3", "'5-3' is a reversed range; write it low-high, as 3-5")):
         with pytest.raises(ConfigError, match=needle):
             sweep.runner.select_runs(bad, 36)
 
@@ -410,6 +421,14 @@ def test_dry_run_validates_every_run_first(tmp_path, capsys):
                     overrides=["--config.model.ramnet.impl=fast"])
     with pytest.raises(ConfigError, match="nope.py"):
         sweep.sweep("configs/nope.py", grid, workdir=str(tmp_path / "s"), dry_run=True)
+    # the train, optim and data fields too: the checks `ramjax train` makes before building anything
+    for override, needle in (("optim.schedule=cosine_typo", "optim.schedule: must be one of .*got 'cosine_typo'"),
+                             ("train.num_steps=0", "train.num_steps: must be a positive integer, got 0"),
+                             ("data.mixture=zzz", "data.mixture: must be one of .*got 'zzz'"),
+                             ("train.keep_checkpoints=0", "train.keep_checkpoints: must be a positive integer")):
+        with pytest.raises(ConfigError, match=f"run 000-.*: {needle}"):
+            sweep.sweep("configs/mqar.py:ramnet,cpu", grid, workdir=str(tmp_path / "s"), dry_run=True,
+                        overrides=[f"--config.{override}"])
     assert capsys.readouterr().out == ""  # nothing printed before the error
 
 

@@ -17,7 +17,7 @@ Results: experiments/results/large_memory.md.
 
 from ramjax.sweep import product, values, zipped
 
-PLOT = {"x": "model.ramnet.num_factors", "y": ["eval/accuracy/mean"], "series": ["model.ramnet.top_k"]}
+PLOT = {"x": "model.ramnet.num_factors", "y": ["eval/accuracy/mean"]}  # a line per seed
 
 
 FACTORISATIONS = {1: 1024, 2: 32, 5: 4, 10: 2}  # U -> d_p, d_p^U = 1024

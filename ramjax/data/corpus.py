@@ -11,6 +11,8 @@ import hashlib
 import os
 import sysconfig
 
+from ramjax.errors import ConfigError
+
 SUFFIXES = (".txt", ".jsonl", ".parquet", ".py")
 
 
@@ -23,7 +25,7 @@ def corpus_files(corpus_dir: str) -> list[str]:
     """Every document file under corpus_dir (absolute paths), in a fixed order."""
     corpus_dir = os.path.abspath(os.path.expanduser(corpus_dir))
     if not os.path.isdir(corpus_dir):
-        raise ValueError(f"data.corpus_dir: {corpus_dir!r} is not a directory")
+        raise ConfigError(f"data.corpus_dir: {corpus_dir!r} is not a directory")
     stdlib = corpus_dir == os.path.abspath(default_corpus_dir())
     out = []
     for root, dirs, files in os.walk(corpus_dir):

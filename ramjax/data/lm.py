@@ -46,6 +46,7 @@ from ramjax.data import lm_pipeline
 from ramjax.data.lm_pipeline import LMBatch  # noqa: F401  (re-exported: the batches LMTask yields)
 from ramjax.data.tasks import EvalSlice
 from ramjax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
+from ramjax.errors import ConfigError
 
 TOKENIZERS = ("byte", "sentencepiece")
 
@@ -92,9 +93,9 @@ def check_provenance(d) -> dict:
             recorded = json.load(f)
         changed = [f"{k}: {recorded.get(k)!r} -> {now[k]!r}" for k in now if recorded.get(k) != now[k]]
         if changed:
-            raise ValueError(f"data.corpus_dir: {now.get('corpus_dir', d.dataset)} is not what was prepared in "
-                             f"{directory} on {recorded.get('prepared', '?')} ({'; '.join(changed)}); delete that "
-                             "directory to prepare it again")
+            raise ConfigError(f"data.corpus_dir: {now.get('corpus_dir', d.dataset)} is not what was prepared in "
+                              f"{directory} on {recorded.get('prepared', '?')} ({'; '.join(changed)}); delete that "
+                              "directory to prepare it again")
     else:
         os.makedirs(directory, exist_ok=True)
         partial = path + f".{os.getpid()}.tmp"
@@ -124,11 +125,11 @@ def split_source(d, split: str):
         name = d.dataset[len("tfds:"):]
         builder = tfds.builder(name, data_dir=os.path.expanduser(d.data_dir))
         if not builder.is_prepared():
-            raise ValueError(f"data.dataset {d.dataset!r}: not prepared in {data_root(d)}; prepare it there first "
-                             f"(`tfds build {name} --data_dir {data_root(d)}` on a machine with TensorFlow, with "
-                             "--file_format array_record so that reading needs none)")
+            raise ConfigError(f"data.dataset {d.dataset!r}: not prepared in {data_root(d)}; prepare it there first "
+                              f"(`tfds build {name} --data_dir {data_root(d)}` on a machine with TensorFlow, with "
+                              "--file_format array_record so that reading needs none)")
         return builder.as_data_source(split), d.text_feature
-    raise ValueError(f"data.dataset: 'local_text' or 'tfds:NAME', got {d.dataset!r}")
+    raise ConfigError(f"data.dataset: 'local_text' or 'tfds:NAME', got {d.dataset!r}")
 
 
 def _texts(d, split: str):
@@ -152,7 +153,7 @@ def make_tokenizer(d, *, train_if_missing: bool = True):
                 texts = (t for i, t in zip(range(d.tokenizer_max_documents), texts))
             train_sentencepiece(texts, path, d.vocab_size)
         return SentencePieceTokenizer(path)
-    raise ValueError(f"data.tokenizer: must be one of {TOKENIZERS}, got {d.tokenizer!r}")
+    raise ConfigError(f"data.tokenizer: must be one of {TOKENIZERS}, got {d.tokenizer!r}")
 
 
 def _tokenizer_tag(tokenizer) -> str:
@@ -169,10 +170,10 @@ class LMTask:
     def __init__(self, data_config, *, eval_split: str = "validation"):
         d = self.config = data_config
         if d.tokenizer not in TOKENIZERS:
-            raise ValueError(f"data.tokenizer: must be one of {TOKENIZERS}, got {d.tokenizer!r}")
+            raise ConfigError(f"data.tokenizer: must be one of {TOKENIZERS}, got {d.tokenizer!r}")
         self.seq_len = int(d.seq_len)
         if self.seq_len < 2:
-            raise ValueError(f"data.seq_len: must be >= 2, got {d.seq_len}")
+            raise ConfigError(f"data.seq_len: must be >= 2, got {d.seq_len}")
         self.num_workers = d.get("num_workers", 0)
         lm_pipeline.check_layout(batch_size=d.batch_size, process_index=0, process_count=1,
                                  num_workers=self.num_workers)
@@ -181,8 +182,8 @@ class LMTask:
         # What this task's data is: recorded with each run (config.json), so a resume on other data is refused.
         self.provenance = dict(source, tokenizer=_tokenizer_tag(self.tokenizer))
         if d.tokenizer == "byte" and d.vocab_size != ByteTokenizer.vocab_size:
-            raise ValueError(f"data.vocab_size: the byte tokenizer has {ByteTokenizer.vocab_size} ids, "
-                             f"got {d.vocab_size}")
+            raise ConfigError(f"data.vocab_size: the byte tokenizer has {ByteTokenizer.vocab_size} ids, "
+                              f"got {d.vocab_size}")
         self.train_settings = self.eval_settings = [(0, self.seq_len)]
         self.eval_split = eval_split
         self.eval_slices = [EvalSlice(f"{eval_split}_len{self.seq_len}", 0, self.seq_len)]

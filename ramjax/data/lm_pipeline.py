@@ -47,6 +47,8 @@ import grain
 from absl import flags
 import numpy as np
 
+from ramjax.errors import ConfigError
+
 READ_THREADS = 4  # threads reading and tokenising documents per process (or per worker)
 READ_PREFETCH = 32  # documents read ahead per process (or per worker)
 WORKER_BUFFER = 64  # tokenised documents each worker process holds ready
@@ -154,11 +156,11 @@ def check_layout(*, batch_size: int, process_index: int, process_count: int, num
         raise ValueError(f"process_index {process_index} of process_count {process_count}: need "
                          "0 <= process_index < process_count")
     if batch_size < 1 or batch_size % process_count:
-        raise ValueError(f"data.batch_size: must be a positive multiple of the {process_count} processes, "
-                         f"got {batch_size}")
+        raise ConfigError(f"data.batch_size: must be a positive multiple of the {process_count} processes, "
+                          f"got {batch_size}")
     if not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"data.num_workers: grain worker processes, an integer >= 0 (0: read in this process), "
-                         f"got {num_workers!r}")
+        raise ConfigError(f"data.num_workers: grain worker processes, an integer >= 0 (0: read in this process), "
+                          f"got {num_workers!r}")
 
 
 def train_dataset(source, feature: str, tokenizer, *, seq_len: int, batch_size: int, seed: int,

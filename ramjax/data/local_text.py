@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from ramjax.data import corpus
 from ramjax.data.corpus import default_corpus_dir
+from ramjax.errors import ConfigError
 
 
 def list_documents(corpus_dir: str):
@@ -54,16 +55,16 @@ def check_splits(corpus_dir: str, validation_percent: float) -> None:
     """Refuses a corpus or validation_percent that would leave a split without documents (TFDS cannot write an
     empty split), before anything is prepared."""
     if not 0 < validation_percent < 100:
-        raise ValueError(f"data.validation_percent: must be in (0, 100), got {validation_percent}")
+        raise ConfigError(f"data.validation_percent: must be in (0, 100), got {validation_percent}")
     counts = {"train": 0, "validation": 0}
     for identity, _ in list_documents(corpus_dir):
         counts[split_of(identity, validation_percent)] += 1
     empty = [split for split, n in counts.items() if n == 0]
     if empty:
         total = sum(counts.values())
-        raise ValueError(f"data.validation_percent: {validation_percent}% of the {total} documents in {corpus_dir} "
-                         f"leaves the {' and '.join(empty)} split empty; "
-                         + ("add documents (data.corpus_dir)" if total < 2 else "change data.validation_percent"))
+        raise ConfigError(f"data.validation_percent: {validation_percent}% of the {total} documents in {corpus_dir} "
+                          f"leaves the {' and '.join(empty)} split empty; "
+                          + ("add documents (data.corpus_dir)" if total < 2 else "change data.validation_percent"))
 
 
 class LocalText(tfds.core.GeneratorBasedBuilder):

@@ -24,6 +24,7 @@ import numpy as np
 
 from ramjax.data import mqar, selective_copy
 from ramjax.data.mqar import Batch, batch_rng
+from ramjax.errors import ConfigError
 
 TASKS = ("mqar", "selective_copy")
 MIXTURES = ("cycle", "pad")
@@ -38,8 +39,8 @@ def parse_settings(field: str, text: str) -> list[tuple[int, int]]:
     for item in str(text).split(","):
         parts = item.strip().split(":")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"{field}: expected comma-separated 'count:length' pairs such as '4:64,8:64', "
-                             f"got {text!r}")
+            raise ConfigError(f"{field}: expected comma-separated 'count:length' pairs such as '4:64,8:64', "
+                              f"got {text!r}")
         settings.append((int(parts[0]), int(parts[1])))
     return settings
 
@@ -54,20 +55,20 @@ class EvalSlice:
 class SyntheticTask:
     def __init__(self, task: str, data_config):
         if task not in TASKS:
-            raise ValueError(f"task: must be one of {TASKS}, got {task!r}")
+            raise ConfigError(f"task: must be one of {TASKS}, got {task!r}")
         d = data_config
         if d.mixture not in MIXTURES:
-            raise ValueError(f"data.mixture: must be one of {MIXTURES}, got {d.mixture!r}")
+            raise ConfigError(f"data.mixture: must be one of {MIXTURES}, got {d.mixture!r}")
         self.layout = d.get("layout", "standard")
         if self.layout not in LAYOUTS:
-            raise ValueError(f"data.layout: must be one of {LAYOUTS}, got {self.layout!r}")
+            raise ConfigError(f"data.layout: must be one of {LAYOUTS}, got {self.layout!r}")
         self.pool_size = d.get("train_pool_size", 0)
         if isinstance(self.pool_size, bool) or not isinstance(self.pool_size, int) or self.pool_size < 0:
-            raise ValueError(f"data.train_pool_size: must be an integer >= 0 (0: fresh examples every step), got "
-                             f"{self.pool_size!r}")
+            raise ConfigError(f"data.train_pool_size: must be an integer >= 0 (0: fresh examples every step), got "
+                              f"{self.pool_size!r}")
         if 0 < self.pool_size < d.batch_size:
-            raise ValueError(f"data.train_pool_size: a batch takes distinct examples of the pool, so it must be 0 "
-                             f"or >= data.batch_size ({d.batch_size}), got {self.pool_size}")
+            raise ConfigError(f"data.train_pool_size: a batch takes distinct examples of the pool, so it must be 0 "
+                              f"or >= data.batch_size ({d.batch_size}), got {self.pool_size}")
         self._pools = {}  # train setting index -> its pool (a Batch of pool_size rows), made on first use
         self.task, self.config = task, d
         self.train_settings = parse_settings("data.train_settings", d.train_settings)
@@ -78,10 +79,10 @@ class SyntheticTask:
                 try:
                     self._check(count, seq_len)
                 except ValueError as error:
-                    raise ValueError(f"{field}: setting {count}:{seq_len} is invalid: {error}") from None
+                    raise ConfigError(f"{field}: setting {count}:{seq_len} is invalid: {error}") from None
         if d.mixture == "pad" and d.batch_size < len(self.train_settings):
-            raise ValueError(f"data.batch_size: with mixture 'pad' every batch holds every setting, so it must be "
-                             f">= {len(self.train_settings)} (the number of train settings), got {d.batch_size}")
+            raise ConfigError(f"data.batch_size: with mixture 'pad' every batch holds every setting, so it must be "
+                              f">= {len(self.train_settings)} (the number of train settings), got {d.batch_size}")
         prefix = "kv" if task == "mqar" else "tokens"
         self.eval_slices = [EvalSlice(f"{prefix}{c}_len{n}", c, n) for c, n in self.eval_settings]
 
@@ -160,8 +161,8 @@ def prefetch_threads(data_config) -> int:
     """data.prefetch_threads, checked."""
     value = data_config.get("prefetch_threads", 2)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"data.prefetch_threads: must be an integer >= 0 (0: each synthetic batch made in the "
-                         f"loop, when its step is dispatched), got {value!r}")
+        raise ConfigError(f"data.prefetch_threads: must be an integer >= 0 (0: each synthetic batch made in the "
+                          f"loop, when its step is dispatched), got {value!r}")
     return value
 
 

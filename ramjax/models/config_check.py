@@ -81,8 +81,45 @@ def _check_chunked(name: str, section) -> None:
         raise ConfigError(f"model.{name}.chunk_size: impl 'pallas' needs a power of 2 >= 16, got {chunk_size}")
 
 
-def _check_mamba2(m) -> None:
-    """The switches of the Mamba-2 layer (all on, and A uniform, in Mamba-2; off and arange in the fork)."""
+def _head_dim(name: str, section, d_model: int, num_heads: int) -> int:
+    """model.<name>.head_dim, or (when 0) d_model / num_heads: the layer would round that down, so that heads of
+    a d_model num_heads does not divide would silently leave part of d_model out."""
+    head_dim = _int(f"model.{name}.head_dim", section.head_dim, 0)
+    if head_dim == 0 and d_model % num_heads:
+        raise ConfigError(f"model.d_model: {d_model} is not divisible by model.num_heads = {num_heads} (with "
+                          f"model.{name}.head_dim = 0 a head is d_model / num_heads wide); set model.{name}.head_dim "
+                          "explicitly or pick divisible sizes")
+    return head_dim or d_model // num_heads
+
+
+def _check_attention(model) -> None:
+    _choice("model.attention.impl", model.attention.impl, ATTENTION_IMPLS)
+    head_dim = _head_dim("attention", model.attention, model.d_model, model.num_heads)
+    if head_dim < 2 or head_dim % 2:  # RoPE rotates pairs of dimensions
+        raise ConfigError(f"model.attention.head_dim: must be even and >= 2 for RoPE, got {head_dim} (0: d_model "
+                          f"{model.d_model} / num_heads {model.num_heads})")
+
+
+def _check_gla(model) -> None:
+    g = model.gla
+    _int("model.gla.conv_width", g.get("conv_width", 0), 0)
+    _int("model.gla.gate_rank", g.gate_rank)
+    for name in ("expand_k", "expand_v"):
+        # q, k (expand_k) and v (expand_v) are int(expand * d_model) wide, split evenly into the heads.
+        width = int(model.d_model * _number(f"model.gla.{name}", g[name], 0.0))
+        if width < model.num_heads or width % model.num_heads:
+            raise ConfigError(f"model.gla.{name}: {name} * d_model = {width} must be a positive multiple of "
+                              f"model.num_heads = {model.num_heads}, got {name} = {g[name]!r}")
+
+
+def _check_mamba2(m, d_model: int) -> None:
+    """The sizes of the Mamba-2 layer, and its switches (all on, and A uniform, in Mamba-2; off and arange in the
+    fork)."""
+    expand = _int("model.mamba2.expand", m.expand)
+    head_dim = _int("model.mamba2.head_dim", m.head_dim)
+    _int("model.mamba2.d_state", m.d_state)
+    if (expand * d_model) % head_dim:  # its heads are expand * d_model / head_dim
+        raise ConfigError(f"model.mamba2.head_dim: must divide expand * d_model = {expand * d_model}, got {head_dim}")
     _int("model.mamba2.conv_width", m.conv_width, 0)
     for name in ("gate", "output_norm", "d_skip", "dt_scales_v"):
         _bool(f"model.mamba2.{name}", m.get(name, True))
@@ -95,6 +132,7 @@ def check_model(model, max_seq_len: int | None = None) -> None:
     kinds = set(mixers_of(model.pattern))
     for field in ("d_model", "num_layers", "num_heads", "vocab_size"):
         _int(f"model.{field}", model[field])
+    _int("model.mlp_hidden", model.get("mlp_hidden", 0), 0)  # 0: 8/3 d_model (ramjax/models/lm.py mlp_hidden)
     _choice("model.dtype", model.dtype, DTYPES)
     _choice("model.block", model.get("block", "pre_norm"), BLOCKS)
     _choice("model.norm", model.get("norm", "rms"), NORMS)
@@ -106,20 +144,25 @@ def check_model(model, max_seq_len: int | None = None) -> None:
     if "ramnet" in kinds:
         _check_ramnet(model.ramnet)
     if "attention" in kinds:
-        _choice("model.attention.impl", model.attention.impl, ATTENTION_IMPLS)
+        _check_attention(model)
     for kind in ("gla", "mamba2", "gated_deltanet"):
         if kind in kinds:
             _check_chunked(kind, model[kind])
     if "gla" in kinds:
-        _int("model.gla.conv_width", model.gla.get("conv_width", 0), 0)
+        _check_gla(model)
     if "base_conv" in kinds:
         _int("model.base_conv.width", model.base_conv.width)
     if "mamba2" in kinds or ("loglinear" in kinds and model.loglinear.base == "mamba2"):
-        _check_mamba2(model.mamba2)
+        _check_mamba2(model.mamba2, model.d_model)
+    if "gated_deltanet" in kinds or ("loglinear" in kinds and model.loglinear.base == "gated_deltanet"):
+        _head_dim("gated_deltanet", model.gated_deltanet, model.d_model, model.num_heads)
+        _int("model.gated_deltanet.expand_v", model.gated_deltanet.expand_v)
+        _int("model.gated_deltanet.conv_width", model.gated_deltanet.conv_width, 0)
     if "loglinear" in kinds:
         ll = model.loglinear
         _choice("model.loglinear.base", ll.base, LOGLINEAR_BASES)
         _choice("model.loglinear.mode", ll.mode, LOGLINEAR_MODES)
+        _int("model.loglinear.decay_hidden", ll.get("decay_hidden", 64))
         _check_chunked(ll.base, model[ll.base])
         _choice("model.loglinear.lambda_init", ll.get("lambda_init", "as_described"), LAMBDA_INITS)
         _bool("model.loglinear.exact_gelu", ll.get("exact_gelu", False))

@@ -72,7 +72,10 @@ def _load_module(path: str):
         raise ConfigError(f"--sweep: no such file {path!r}")
     spec = importlib.util.spec_from_file_location(f"sweep_{os.path.basename(path)[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as error:  # the user's file, not ramjax: where, in one line (other errors keep their trace)
+        raise ConfigError(f"--sweep {path}: line {error.lineno}: {error.msg}: {(error.text or '').strip()!r}") from None
     return module
 
 
@@ -99,6 +102,14 @@ def load_sweep(path: str):
         raise ConfigError(f"--sweep {path}: BASE must be a dict of field -> value, got {type(base).__name__}")
     runs = [{**base, **r} for r in runs]
     plot = getattr(module, "PLOT", None)
+    set_fields = {field for run in runs for field in run}
+    # A misspelt field here would drop out of the plot without a word. Checked on the whole grid only: a file's
+    # argument may pick a smaller grid that fixes a PLOT field (plot_fields then plots without it).
+    for key in ("series", "best_over") if argument is None else ():
+        unknown = [f for f in (plot or {}).get(key, []) if f not in set_fields]
+        if unknown:
+            raise ConfigError(f"--sweep {path}: PLOT {key} {unknown} is not a field any run sets (they set: "
+                              f"{', '.join(sorted(set_fields))})")
     return runs, plot, names
 
 

@@ -68,6 +68,8 @@ def select_runs(only: str | None, count: int) -> list[int]:
         except ValueError:
             raise ConfigError(f"--runs: {part!r} is not an index or a range like 6-11 (the grid's runs are "
                               f"0-{count - 1})") from None
+        if low > high:
+            raise ConfigError(f"--runs: {part!r} is a reversed range; write it low-high, as {high}-{low}")
         if not 0 <= low <= high < count:
             raise ConfigError(f"--runs: {part!r} is outside the grid's runs 0-{count - 1}")
         chosen.update(range(low, high + 1))
@@ -75,10 +77,11 @@ def select_runs(only: str | None, count: int) -> list[int]:
 
 
 def validate_runs(config: str, names: list[str], runs: list[dict], overrides: list[str]) -> None:
-    """Every run's config built and checked here first (a missing config file, a misspelt field, a bad value:
-    one ConfigError naming the run and the field), so that neither --dry-run nor the sweep starts on a typo."""
+    """Every run's config built and checked here first, with the checks `ramjax train` makes before building
+    anything (a missing config file, a misspelt field, a bad model, train, optim or data value: one ConfigError
+    naming the run and the field), so that neither --dry-run nor the sweep starts on a typo."""
     from ramjax.configs import error_message, load_config, override
-    from ramjax.train.setup import check_model_config
+    from ramjax.train.setup import check_run_config
 
     items = [o[len("--config."):] for o in overrides]
     try:
@@ -88,7 +91,7 @@ def validate_runs(config: str, names: list[str], runs: list[dict], overrides: li
     for name, run in zip(names, runs):
         try:
             fields = [f"{field}={format_value(value)}" for field, value in run.items()]
-            check_model_config(override(load_config(config, items), fields))
+            check_run_config(override(load_config(config, items), fields))
         except (ConfigError, KeyError, AttributeError, ValueError, TypeError) as error:
             raise ConfigError(f"run {name}: {error_message(error)}") from None
 

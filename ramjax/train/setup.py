@@ -21,10 +21,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ramjax.data.tasks import SyntheticTask, parse_settings
+from ramjax.data.tasks import SyntheticTask, parse_settings, prefetch_threads
 from ramjax.errors import ConfigError
 from ramjax.models import LanguageModel, config_check
-from ramjax.train import multi_seed, sharding
+from ramjax.train import factor_schedule, multi_seed, sharding, top_k_schedule
 from ramjax.train.checkpoint import Checkpoints
 from ramjax.train.optim import learning_rate_schedule, make_optimizer
 from ramjax.train.step import make_train_step
@@ -51,21 +51,26 @@ def make_task(config, **kwargs):
     return SyntheticTask(config.task, config.data)
 
 
-def check_train_config(config, task, batch_shards: int) -> None:
+def check_train_config(config, task, batch_shards: int, *, process_count: int | None = None) -> None:
     """The training and data fields a run needs, for `batch_shards` shards of the batch; rounds
-    data.eval_batch_size up to the shards (evaluation results do not depend on it)."""
+    data.eval_batch_size up to the shards (evaluation results do not depend on it). `process_count`: None for
+    this run's (jax.process_count(), which starts JAX's backends), or a number when checking a config away from
+    its run (check_run_config)."""
     d, t = config.data, config.train
+    processes = jax.process_count() if process_count is None else process_count
     if config.model.vocab_size < d.vocab_size:
         raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) must be >= data.vocab_size ({d.vocab_size})")
-    for field in ("num_steps", "log_every", "eval_every"):
-        if not isinstance(t[field], int) or t[field] < 1:
+    # The checkpoint fields are checked again by Checkpoints, but only once the model is built: here they fail
+    # at once, with the others.
+    for field in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        if isinstance(t[field], bool) or not isinstance(t[field], int) or t[field] < 1:
             raise ConfigError(f"train.{field}: must be a positive integer, got {t[field]!r}")
     if t.get("on_nonfinite", "skip") not in ("skip", "stop"):
         raise ConfigError(f"train.on_nonfinite: must be 'skip' or 'stop', got {t.on_nonfinite!r}")
-    shards = math.lcm(batch_shards, jax.process_count())
+    shards = math.lcm(batch_shards, processes)
     if not isinstance(d.batch_size, int) or d.batch_size < 1 or d.batch_size % shards:
         raise ConfigError(f"data.batch_size: must be a positive multiple of the {batch_shards} batch shards and "
-                          f"the {jax.process_count()} processes, got {d.batch_size}")
+                          f"the {processes} processes, got {d.batch_size}")
     microbatches(config, shards)
     loss_chunk_tokens(config)
     if not isinstance(d.eval_batch_size, int) or d.eval_batch_size < 1:
@@ -78,6 +83,25 @@ def check_train_config(config, task, batch_shards: int) -> None:
             print(f"ramjax train: data.eval_batch_size {d.eval_batch_size} -> {rounded} (a multiple of the "
                   f"{shards} batch shards; evaluation results do not depend on it)")
         d.eval_batch_size = rounded
+
+
+def check_run_config(config) -> None:
+    """The checks `ramjax train` makes before it builds anything (trainer.py's _prepare: the model, task, train,
+    schedule and optimizer fields), for a config away from its run: what `ramjax sweep` runs on every run of a
+    grid before it starts any. It starts no JAX backend (the sweep's own process must not take GPU memory from
+    its runs) and reads no dataset, so batch sizes are checked for one process and one batch shard (each run checks
+    them again on its mesh), and a language model's data fields when its run prepares the data."""
+    multi_seed.num_seeds(config)
+    check_model_config(config)
+    if config.task != "lm":  # SyntheticTask checks the data fields; LMTask would prepare the dataset
+        make_task(config)
+    check_train_config(config, None, 1, process_count=1)
+    top_k_schedule.check(config)
+    factor_schedule.check(config)
+    prefetch_threads(config.data)
+    # The optimizer and schedule check their fields when made (abstract_model makes them the same way).
+    learning_rate_schedule(config.optim, config.train.num_steps)
+    make_optimizer(config.optim, config.train.num_steps)
 
 
 def loss_chunk_tokens(config) -> int:
