@@ -15,7 +15,7 @@ from absl import app, flags, logging  # noqa: F401  (importing app defines --hel
 from ml_collections import config_flags
 
 from ramjax.configs import error_message, load_config
-from ramjax.errors import ConfigError
+from ramjax.errors import ConfigError, exit_with_usage_error
 
 # command: (module, default config, one line of help, whether it takes --workdir)
 COMMANDS = {
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         importlib.import_module(OWN_FLAG_COMMANDS[command][0]).main(argv[2:])
         return
     if command not in COMMANDS:
-        raise SystemExit(f"ramjax: unknown command {command!r}; known: "
-                         f"{', '.join(list(COMMANDS) + list(OWN_FLAG_COMMANDS))}\n\n{usage()}")
+        _usage_error(f"ramjax: unknown command {command!r}; known: "
+                     f"{', '.join(list(COMMANDS) + list(OWN_FLAG_COMMANDS))}\n\n{usage()}")
     module_name, default_config, _, takes_workdir = COMMANDS[command]
     prog = f"ramjax {command}"
     args, default_config = _with_config_resolved(argv[2:], default_config, prog)
@@ -186,13 +186,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Exit status of a bad flag, config field or input (as argparse's usage errors); other failures exit 1.
-USAGE_ERROR = 2
 
 
 def _usage_error(message: str):
-    """One line on stderr and exit status 2: no traceback."""
-    print(message, file=sys.stderr)
-    raise SystemExit(USAGE_ERROR)
+    exit_with_usage_error(message)
 
 
 if __name__ == "__main__":

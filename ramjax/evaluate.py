@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from ramjax.errors import ConfigError
+from ramjax.errors import ConfigError, exit_with_usage_error
 from ramjax.train.setup import load_run_config
 from ramjax.train.step import token_nll
 
@@ -212,4 +212,4 @@ def main(argv: list[str]) -> None:
                                   "(use --settings and --examples)")
             evaluate_synthetic_run(args.workdir, args.settings, args.examples, args.tie_unseen_levels)
     except ConfigError as error:
-        raise SystemExit(f"ramjax eval: {error}") from None
+        exit_with_usage_error(f"ramjax eval: {error}")

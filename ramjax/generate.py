@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from ramjax.errors import ConfigError
+from ramjax.errors import ConfigError, exit_with_usage_error
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
@@ -85,6 +85,6 @@ def main(argv: list[str]) -> None:
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                               step=args.step)
     except ConfigError as error:
-        raise SystemExit(f"ramjax generate: {error}") from None
+        exit_with_usage_error(f"ramjax generate: {error}")
     for prompt, text in zip(prompts, texts):
         print(f"{prompt}{text}" if len(prompts) == 1 else f"--- {prompt!r}\n{prompt}{text}")

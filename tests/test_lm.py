@@ -170,7 +170,7 @@ def test_ramjax_eval_reports_bits_per_byte_and_per_position_loss(corpus, tmp_pat
     assert (tmp_path / "run" / "spm_bpe_300.model").exists()  # the tokenizer travels with the run
 
 
-def test_eval_refuses_a_non_lm_workdir(tmp_path):
+def test_eval_refuses_a_non_lm_workdir(tmp_path, capsys):
     from ramjax.errors import ConfigError
     from ramjax.evaluate import evaluate_run
 
@@ -184,9 +184,10 @@ def test_eval_refuses_a_non_lm_workdir(tmp_path):
     from ramjax.evaluate import main  # the language-model flags on a synthetic run: refused, not ignored
 
     for flags in (["--split", "train"], ["--max_windows", "3"]):
-        with pytest.raises(SystemExit, match="--split/--max_windows are for language models; this run's task is "
-                                             "'mqar'"):
+        with pytest.raises(SystemExit) as exit_info:
             main(["--workdir", str(tmp_path), *flags])
+        assert exit_info.value.code == 2
+        assert "--split/--max_windows are for language models; this run's task is 'mqar'" in capsys.readouterr().err
 
 
 def test_prepared_data_is_keyed_by_its_source_and_a_changed_corpus_is_refused(corpus, tmp_path):
@@ -284,7 +285,7 @@ def test_ramjax_generate_prints_a_continuation(corpus, tmp_path):
     assert done.stdout.count("--- ") == 2 and "memory slot" in done.stdout and "the state decays" in done.stdout
 
 
-def test_ramjax_generate_refuses_bad_input_in_one_line(tmp_path):
+def test_ramjax_generate_refuses_bad_input_in_one_line(tmp_path, capsys):
     from ramjax.generate import main
 
     (tmp_path / "mqar").mkdir()
@@ -295,5 +296,6 @@ def test_ramjax_generate_refuses_bad_input_in_one_line(tmp_path):
                          (["--workdir", str(tmp_path / "mqar")], "give a prompt")):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
-        message = str(exit_info.value.code)
+        message = capsys.readouterr().err.strip()  # one line on stderr, exit status 2 (a usage error)
+        assert exit_info.value.code == 2
         assert message.startswith("ramjax generate: ") and needle in message and "\n" not in message, message

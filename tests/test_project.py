@@ -51,7 +51,7 @@ def test_cli_names_a_misspelt_field_and_bad_values():
     result = _ramjax("demo", "--config", "configs/no_such_file.py")
     assert result.returncode != 0 and "no_such_file.py" in result.stderr and "Traceback" not in result.stderr
     result = _ramjax("launch")
-    assert result.returncode != 0 and "unknown command 'launch'" in result.stderr
+    assert result.returncode == 2 and "unknown command 'launch'" in result.stderr
 
 
 def _ramjax_imports():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ramjax.errors import ConfigError
+from ramjax.errors import ConfigError, exit_with_usage_error
 from ramjax.sweep.launcher import parse_devices
 from ramjax.sweep.runner import sweep
 
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> None:
                      max_parallel=args.max_parallel, overrides=extra, devices=parse_devices(args.devices),
                      report_only=args.report, only=args.runs, gpu_budget=args.gpu_budget)
     except ConfigError as error:
-        raise SystemExit(f"ramjax sweep: {error}") from None
+        exit_with_usage_error(f"ramjax sweep: {error}")
     if any(r["status"] == "failed" for r in rows):
         raise SystemExit(1)
 
