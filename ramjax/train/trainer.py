@@ -181,9 +181,15 @@ def _resume(run: _Run, checkpoints: Checkpoints, *, amend: bool, restart: bool):
         current["data_provenance"] = run.task.provenance
     latest = checkpoints.latest_step()
     inert = factor_schedule.inert_fields(config) + top_k_schedule.inert_fields(config)
+    def record():
+        run_record.check_and_record(workdir, current, step=latest or 0, amend=amend, write=is_main, inert=inert)
+
+    if not amend:
+        record()  # a changed config is refused with its list of differences, the usual message
     if latest is not None:  # before --amend records anything: sizes that changed cannot resume
         _check_shapes(workdir, checkpoints.shape_changes(latest, run.spec.abstract_state), latest)
-    run_record.check_and_record(workdir, current, step=latest or 0, amend=amend, write=is_main, inert=inert)
+    if amend:
+        record()
     summary_path = os.path.join(workdir, "summary.json")
     finished = _read_json(summary_path)
     num_steps = config.train.num_steps
