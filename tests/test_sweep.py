@@ -425,7 +425,8 @@ def test_dry_run_validates_every_run_first(tmp_path, capsys):
     for override, needle in (("optim.schedule=cosine_typo", "optim.schedule: must be one of .*got 'cosine_typo'"),
                              ("train.num_steps=0", "train.num_steps: must be a positive integer, got 0"),
                              ("data.mixture=zzz", "data.mixture: must be one of .*got 'zzz'"),
-                             ("train.keep_checkpoints=0", "train.keep_checkpoints: must be a positive integer")):
+                             ("train.keep_checkpoints=0", "train.keep_checkpoints: must be a positive integer"),
+                             ("train.early_stop_accuracy=2.0", "train.early_stop_accuracy: must be in \\[0, 1\\]")):
         with pytest.raises(ConfigError, match=f"run 000-.*: {needle}"):
             sweep.sweep("configs/mqar.py:ramnet,cpu", grid, workdir=str(tmp_path / "s"), dry_run=True,
                         overrides=[f"--config.{override}"])

@@ -85,6 +85,14 @@ def check_train_config(config, task, batch_shards: int, *, process_count: int | 
         d.eval_batch_size = rounded
 
 
+def early_stop_accuracy(config) -> float:
+    """train.early_stop_accuracy, checked: stop once the mean evaluation accuracy reaches it (0: never)."""
+    value = config.train.get("early_stop_accuracy", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ConfigError(f"train.early_stop_accuracy: must be in [0, 1] (0: no early stop), got {value!r}")
+    return float(value)
+
+
 def check_run_config(config) -> None:
     """The checks `ramjax train` makes before it builds anything (trainer.py's _prepare: the model, task, train,
     schedule and optimizer fields), for a config away from its run: what `ramjax sweep` runs on every run of a
@@ -98,6 +106,7 @@ def check_run_config(config) -> None:
     check_train_config(config, None, 1, process_count=1)
     top_k_schedule.check(config)
     factor_schedule.check(config)
+    early_stop_accuracy(config)
     prefetch_threads(config.data)
     # The optimizer and schedule check their fields when made (abstract_model makes them the same way).
     learning_rate_schedule(config.optim, config.train.num_steps)

@@ -39,8 +39,9 @@ from ramjax.train.checkpoint import Checkpoints
 from ramjax.train.evaluation import Batches, evaluate
 from ramjax.train.metrics import MetricsLog, read_metrics
 from ramjax.train.profiling import ProfileWindow
-from ramjax.train.setup import (ModelSpec, abstract_model, check_model_config, check_train_config, initialisers,
-                                jit_train_step, loss_chunk_tokens, make_task, with_shardings)
+from ramjax.train.setup import (ModelSpec, abstract_model, check_model_config, check_train_config,
+                                early_stop_accuracy, initialisers, jit_train_step, loss_chunk_tokens, make_task,
+                                with_shardings)
 from ramjax.train.step import make_eval_step
 
 # Train steps dispatched ahead of the device at most. JAX returns from a step as soon as it is queued; without a
@@ -113,7 +114,7 @@ def _prepare(config, workdir: str, devices) -> _Run:
         check_train_config(config, task, sharding.num_shards(batch_sh))
         top_k_schedule.check(config)
         factor_schedule.check(config)
-        _early_stop_accuracy(config)
+        early_stop_accuracy(config)
         prefetch_threads(config.data)
         profiler = ProfileWindow(config.train.get("profile_steps", (0, 0)), os.path.join(workdir, "profile"))
         spec = abstract_model(config, mesh)
@@ -194,7 +195,7 @@ def _resume(run: _Run, checkpoints: Checkpoints, *, amend: bool, restart: bool):
     finished = _read_json(summary_path)
     num_steps = config.train.num_steps
     if finished is not None and latest == finished.get("steps") and (
-            latest == num_steps or (finished.get("stopped_early") and _early_stop_accuracy(config) > 0)):
+            latest == num_steps or (finished.get("stopped_early") and early_stop_accuracy(config) > 0)):
         if is_main:
             print(f"ramjax train: {workdir} already finished ({latest} steps); its summary is "
                   f"{summary_path} (left as it was)")
@@ -271,7 +272,7 @@ def _loop(run: _Run, checkpoints: Checkpoints, state, start: int) -> _Outcome:
     nonfinite = _NonfiniteSteps(run, metrics_log, progress, data)
     throughput = _Throughput(tokens_per_step)
     last_metrics, last_eval, best_eval = {}, {}, {}
-    early_stop = _early_stop_accuracy(config)
+    early_stop = early_stop_accuracy(config)
     end = num_steps
     preempted = []
     previous_handler = preemption.install_sigterm_flag(preempted)
@@ -348,13 +349,6 @@ def _loop(run: _Run, checkpoints: Checkpoints, state, start: int) -> _Outcome:
     best_eval = _best_eval(run.workdir, best_eval or ({"step": end, **last_eval} if last_eval else {}))
     return _Outcome(state=state, start=start, end=end, last_metrics=last_metrics, best_eval=best_eval,
                     last_eval=last_eval, nonfinite_steps=nonfinite.steps, train_seconds=throughput.train_seconds)
-
-
-def _early_stop_accuracy(config) -> float:
-    value = config.train.get("early_stop_accuracy", 0.0)
-    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ConfigError(f"train.early_stop_accuracy: must be in [0, 1] (0: no early stop), got {value!r}")
-    return float(value)
 
 
 def _best_eval(workdir: str, this_session: dict) -> dict:
