@@ -143,8 +143,11 @@ def evaluate_run(workdir: str, split: str = "validation", max_windows: int = 0) 
         count += int(batch.loss_mask.sum())
         by_position += nll[rows].sum(axis=0)
         windows += int(rows.sum())
+    if count == 0:  # a loss of 0 over no tokens would read as a perfect model
+        raise ConfigError(f"{workdir}: the {split} split has no tokens to score (its documents hold no text); "
+                          "prepare the data from a corpus with text in both splits (data.corpus_dir)")
     nbytes = int(task.eval_bytes(windows).sum())
-    loss = loss_sum / max(count, 1)
+    loss = loss_sum / count
     result = {"workdir": os.path.abspath(workdir), "split": split, "step": int(meta["step"]),
               "model": config.model.pattern, "tokenizer": config.data.tokenizer, "windows": windows,
               "tokens": count, "bytes": nbytes, "loss": loss, "perplexity": math.exp(min(loss, 700)),

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pytest
 from ramjax.data import lm
 from ramjax.data.local_text import list_documents, local_text_builder
 from ramjax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
+from ramjax.errors import ConfigError
 from ramjax.train.trainer import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -237,8 +239,27 @@ def test_a_split_left_empty_is_refused_before_preparing(tmp_path):
     for i in range(3):
         (small / f"d{i}.txt").write_text(f"document {i}\n")
     config = lm_config(small, tmp_path / "data", validation_percent=0.001)
-    with pytest.raises(ValueError, match=r"data.validation_percent: 0.001% of the 3 documents .* leaves the "
-                                         r"validation split empty"):
+    with pytest.raises(ValueError, match=r"data.validation_percent: 0.001% of the 3 documents with text .* leaves "
+                                         r"the validation split without text"):
+        lm.LMTask(config.data).source("train")
+    empty = tmp_path / "empty"  # files without text: no split has anything to read (was prepared, and scored 0)
+    empty.mkdir()
+    for i in range(4):
+        (empty / f"d{i}.txt").write_text("")
+    with pytest.raises(ValueError, match=r"of the 0 documents with text .* leaves the train and validation split "
+                                         r"without text; add documents"):
+        lm.LMTask(lm_config(empty, tmp_path / "data_empty", validation_percent=50.0).data).source("train")
+
+
+@pytest.mark.parametrize("line,detail", [(b'{"text": "a\xff"}\n', "can't decode"), (b'{"txt": "a"}\n', 'no "text"'),
+                                         (b'{"text": "a\n', "line 1 column"), (b'{"text": 3}\n', "is a int")])
+def test_a_bad_jsonl_line_is_named_with_its_file_and_line(tmp_path, line, detail):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "d.jsonl").write_bytes(b'{"text": "fine"}\n' + line)
+    config = lm_config(corpus, tmp_path / "data", validation_percent=50.0)
+    with pytest.raises(ConfigError, match=r"data.corpus_dir: .*d.jsonl line 2: each line must be a JSON object "
+                                          r'with a "text" string \(.*' + re.escape(detail)):
         lm.LMTask(config.data).source("train")
 
 

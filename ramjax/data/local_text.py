@@ -33,10 +33,7 @@ def list_documents(corpus_dir: str):
             with open(path, encoding="utf-8", errors="replace") as f:
                 yield relative, f.read()
         elif path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f):
-                    if line.strip():
-                        yield f"{relative}:{number}", json.loads(line)["text"]
+            yield from _jsonl_documents(path, relative)
         else:  # .parquet
             try:
                 import pyarrow.parquet as pq
@@ -44,6 +41,25 @@ def list_documents(corpus_dir: str):
                 raise ValueError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
             for number, text in enumerate(pq.read_table(path, columns=["text"]).column("text").to_pylist()):
                 yield f"{relative}:{number}", text
+
+
+def _jsonl_documents(path: str, relative: str):
+    """(identity, text) of each non-blank line of a .jsonl file, {"text": ...} each; a line that is not such an
+    object (or not UTF-8) is an error naming the file and line, not a traceback from json."""
+    number = 0
+    try:
+        with open(path, "rb") as f:  # bytes, decoded per line: a decoding error then names its own line
+            for number, raw in enumerate(f):
+                line = raw.decode("utf-8")
+                if line.strip():
+                    text = json.loads(line)["text"]
+                    if not isinstance(text, str):
+                        raise TypeError(f'"text" is a {type(text).__name__}, not a string')
+                    yield f"{relative}:{number}", text
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        detail = "no \"text\" field" if isinstance(error, KeyError) else str(error).splitlines()[0][:200]
+        raise ConfigError(f"data.corpus_dir: {path} line {number + 1}: each line must be a JSON object with a "
+                          f"\"text\" string ({detail})") from None
 
 
 def split_of(identity: str, validation_percent: float) -> str:
@@ -56,14 +72,14 @@ def check_splits(corpus_dir: str, validation_percent: float) -> None:
     empty split), before anything is prepared."""
     if not 0 < validation_percent < 100:
         raise ConfigError(f"data.validation_percent: must be in (0, 100), got {validation_percent}")
-    counts = {"train": 0, "validation": 0}
-    for identity, _ in list_documents(corpus_dir):
-        counts[split_of(identity, validation_percent)] += 1
+    counts = {"train": 0, "validation": 0}  # documents with text: an empty file gives a split nothing to read
+    for identity, text in list_documents(corpus_dir):
+        counts[split_of(identity, validation_percent)] += bool(text)
     empty = [split for split, n in counts.items() if n == 0]
     if empty:
         total = sum(counts.values())
-        raise ConfigError(f"data.validation_percent: {validation_percent}% of the {total} documents in {corpus_dir} "
-                          f"leaves the {' and '.join(empty)} split empty; "
+        raise ConfigError(f"data.validation_percent: {validation_percent}% of the {total} documents with text in "
+                          f"{corpus_dir} leaves the {' and '.join(empty)} split without text; "
                           + ("add documents (data.corpus_dir)" if total < 2 else "change data.validation_percent"))
 
 
