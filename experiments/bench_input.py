@@ -35,7 +35,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ramjax import timing
-from ramjax.configs import load_config, override
+from ramjax.configs import error_message, load_config, override
 from ramjax.data import lm
 from ramjax.data.local_text import local_text_builder
 from ramjax.data.tokenizers import ByteTokenizer
@@ -250,12 +250,17 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     f = flags.FlagValues()
     config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs/bench_input.py:gpu"),
                                     "the bench config, FILE[:VARIANT]", flag_values=f, sys_argv=argv)
+    flags.DEFINE_bool("help", False, "print this script's description and its flags", flag_values=f,
+                      short_name="h")
     flags.DEFINE_string("measure", None, "internal: measure one row given as JSON (a row's own process)",
                         flag_values=f)
     try:
         rest = f(argv)
-    except flags.Error as error:
-        raise SystemExit(f"bench_input: {error}") from None
+    except flags.Error as error:  # a config file's own error arrives with its traceback inside: its last line
+        raise SystemExit(f"bench_input: {error_message(error)}") from None
+    if f.help:  # absl's own --help needs the global flags; these are the script's own
+        print(__doc__ + "\nFlags:\n" + f.main_module_help())
+        raise SystemExit(0)
     if len(rest) > 1:
         raise SystemExit(f"bench_input: unexpected arguments {rest[1:]}")
     return f

@@ -48,7 +48,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ramjax import timing
-from ramjax.configs import load_config, override
+from ramjax.configs import error_message, load_config, override
 from ramjax.train.setup import train_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,8 +62,9 @@ def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     shapes = []
     for item in text.split(","):
         seq_len, sep, batch = item.strip().lower().partition("x")
-        if not sep or not seq_len.isdigit() or not batch.isdigit():
-            raise SystemExit(f"bench_models: --shapes: {item!r} is not SEQ_LENxBATCH (e.g. 1024x32)")
+        if not sep or not seq_len.isdigit() or not batch.isdigit() or int(seq_len) < 1 or int(batch) < 1:
+            raise SystemExit(f"bench_models: --shapes: {item!r} is not SEQ_LENxBATCH of positive sizes (e.g. "
+                             "1024x32)")
         shapes.append((int(seq_len), int(batch)))
     return tuple(shapes)
 
@@ -360,12 +361,17 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     flags.DEFINE_integer("warmup", None, "warm-up steps (default: the config's)", flag_values=f)
     flags.DEFINE_integer("num_devices", None, "devices (default: the config's)", flag_values=f)
     flags.DEFINE_string("results", None, "the Markdown file (default: the config's results_file)", flag_values=f)
+    flags.DEFINE_bool("help", False, "print this script's description and its flags", flag_values=f,
+                      short_name="h")
     flags.DEFINE_bool("append", False, "keep the results file's rows at the shapes this run does not measure (a "
                       "long scoreboard one shape per command); rows at this run's shapes are replaced", flag_values=f)
     try:
         rest = f(argv)
-    except flags.Error as error:
-        raise SystemExit(f"bench_models: {error}") from None
+    except flags.Error as error:  # a config file's own error arrives with its traceback inside: its last line
+        raise SystemExit(f"bench_models: {error_message(error)}") from None
+    if f.help:  # absl's own --help needs the global flags; these are the script's own
+        print(__doc__ + "\nFlags:\n" + f.main_module_help())
+        raise SystemExit(0)
     if len(rest) > 1:
         raise SystemExit(f"bench_models: unexpected arguments {rest[1:]}")
     return f
@@ -380,6 +386,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          ("results_file", args.results)):
         if value is not None:
             bench[field] = value
+    # Checked before anything runs: a bad value would otherwise fail every row and still rewrite the results file.
+    for field, least in (("steps", 1), ("warmup_steps", 0), ("num_devices", 1)):
+        if isinstance(bench[field], bool) or not isinstance(bench[field], int) or bench[field] < least:
+            raise SystemExit(f"bench_models: {field}: must be an integer >= {least}, got {bench[field]!r}")
     if args.shapes:
         bench.shapes = parse_shapes(args.shapes)
     extra = []

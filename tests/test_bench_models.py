@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import pathlib
 import re
 
@@ -29,6 +30,22 @@ def test_gpu_config_variants_build_and_select():
     chosen = bench_models.select_variants(bench.variants, "gla:chunked", "transformer")
     assert [name for name, _ in chosen] == ["transformer", "gla:chunked"]
     assert bench_models.parse_shapes("1024x32, 16384x2") == ((1024, 32), (16384, 2))
+
+
+def test_bad_arguments_stop_before_any_row_runs(tmp_path, capsys):
+    """A zero size or step count failed every row and still rewrote the results file; a bad config variant was a
+    traceback; --help printed nothing useful."""
+    results = str(tmp_path / "r.md")
+    for argv, message in ((["--shapes", "0x4"], "--shapes: '0x4' is not SEQ_LENxBATCH of positive sizes"),
+                          (["--steps", "0"], "steps: must be an integer >= 1, got 0"),
+                          (["--config", "configs/bench_models.py:nosuch"], "unknown variant 'nosuch'; known")):
+        with pytest.raises(SystemExit, match=message) as exit_info:
+            bench_models.main(["--config", "configs/bench_models.py:cpu", "--results", results, *argv])
+        assert "Traceback" not in str(exit_info.value.code)
+    assert not os.path.exists(results)
+    with pytest.raises(SystemExit) as exit_info:
+        bench_models.main(["--help"])
+    assert exit_info.value.code == 0 and "The model scoreboard" in capsys.readouterr().out
 
 
 def test_random_tokens_repeat_like_text_by_default():
