@@ -81,14 +81,28 @@ def table(op: str, settings: list[tuple[int, int]], results: dict) -> list[str]:
     return lines + [""]
 
 
+def _shape(text: str) -> tuple[int, int]:
+    """"8x4096" -> (8, 4096); anything else is argparse's one-line error."""
+    batch, sep, seq_len = text.lower().partition("x")
+    if not sep or not batch.isdigit() or not seq_len.isdigit() or int(batch) < 1 or int(seq_len) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxTIME of positive sizes (e.g. 8x4096)")
+    return int(batch), int(seq_len)
+
+
+def _dtype(text: str) -> str:
+    if text not in ("bfloat16", "float16", "float32"):
+        raise argparse.ArgumentTypeError(f"{text!r}: one of bfloat16, float16, float32")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default="gla,gated_delta", help="of bench_linear_ops' ops with a pallas impl")
-    parser.add_argument("--shape", default="8x4096", help="BATCHxTIME")
+    parser.add_argument("--shape", type=_shape, default="8x4096", help="BATCHxTIME")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dim", type=int, default=64, help="d_k (and d_v unless --dim_v)")
     parser.add_argument("--dim_v", type=int, default=None, help="d_v (default: --dim)")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", type=_dtype, default="bfloat16")
     parser.add_argument("--chunk_size", type=int, default=64)
     parser.add_argument("--warps", default="2,4,8", help="num_warps values (GPU)")
     parser.add_argument("--stages", default="1,2,3", help="num_stages values (GPU)")
@@ -98,7 +112,7 @@ def main() -> None:
                         help="a module switch for the whole run, 'package.module.NAME=value' (repeatable; "
                              "e.g. kernels.gated_delta_chunk.INVERSE_PRECISION=tf32x3)")
     args = parser.parse_args()
-    batch, seq_len = (int(x) for x in args.shape.lower().split("x"))
+    batch, seq_len = args.shape
     settings = [(int(w), int(s)) for w in args.warps.split(",") for s in args.stages.split(",")]
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     unknown = [op for op in ops if op not in ("gla", "simple_gla", "gated_delta", "loglinear_mamba2")]
