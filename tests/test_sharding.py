@@ -84,7 +84,7 @@ def test_mesh_axes_of_size_one_are_not_used():
 
 
 def test_non_divisible_dimensions_stay_replicated_with_a_warning():
-    with pytest.warns(UserWarning, match="'heads' of size 3 .* kept replicated"):
+    with pytest.warns(UserWarning, match="'heads' of size 3 .* keeps it replicated"):
         spec = sharding.logical_to_mesh(("embed", "heads"), (16, 3), RULES, mesh(), "w")
     assert spec == P("fsdp", None)
     with pytest.warns(UserWarning, match="'batch' of size 6"):

@@ -71,8 +71,10 @@ def logical_to_mesh(names, shape, rules, mesh: Mesh, where: str = "") -> Partiti
         axes = tuple(a for a in (table[name] or ()) if a not in used and mesh.shape[a] > 1)
         ways = math.prod(mesh.shape[a] for a in axes)
         if axes and size % ways:
-            warnings.warn(f"sharding: {where} dimension {name!r} of size {size} is not divisible by mesh axes "
-                          f"{axes} ({ways} ways); kept replicated", stacklevel=2)
+            # The message names the dimension, not the array, so that Python's warning filter shows it once for
+            # every array (and optimizer moment) that has it, not once per array.
+            warnings.warn(f"sharding: dimension {name!r} of size {size} is not divisible by mesh axes {axes} "
+                          f"({ways} ways); every array with it keeps it replicated", stacklevel=2)
             axes = ()
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
