@@ -56,7 +56,7 @@ def resolve_config_spec(spec: str, prog: str) -> str:
         candidates.append(in_repo)
     # Run from the repository root, both candidates are the same path: name it once.
     looked = " and ".join(dict.fromkeys(candidates))
-    _usage_error(f"{prog}: config file {path!r} not found (looked for {looked})")
+    exit_with_usage_error(f"{prog}: config file {path!r} not found (looked for {looked})")
 
 
 def _with_config_resolved(args: list[str], default: str, prog: str) -> tuple[list[str], str]:
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         importlib.import_module(OWN_FLAG_COMMANDS[command][0]).main(argv[2:])
         return
     if command not in COMMANDS:
-        _usage_error(f"ramjax: unknown command {command!r}; known: "
-                     f"{', '.join(list(COMMANDS) + list(OWN_FLAG_COMMANDS))}\n\n{usage()}")
+        exit_with_usage_error(f"ramjax: unknown command {command!r}; known: "
+                              f"{', '.join(list(COMMANDS) + list(OWN_FLAG_COMMANDS))}\n\n{usage()}")
     module_name, default_config, _, takes_workdir = COMMANDS[command]
     prog = f"ramjax {command}"
     args, default_config = _with_config_resolved(argv[2:], default_config, prog)
@@ -167,9 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         config.to_dict()  # a config file that failed to load only raises when first used
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
         # A misspelt field, a bad value or a missing config file: say which, without a traceback.
-        _usage_error(f"{prog}: bad flag or config: {error_message(error)}")
+        exit_with_usage_error(f"{prog}: bad flag or config: {error_message(error)}")
     if len(rest) > 1:
-        _usage_error(f"{prog}: unexpected arguments {rest[1:]}; settings go through --config.FIELD=VALUE")
+        exit_with_usage_error(f"{prog}: unexpected arguments {rest[1:]}; settings go through --config.FIELD=VALUE")
     logging.set_verbosity(logging.WARNING)  # absl would otherwise echo JAX's backend probing as INFO
     try:
         module = importlib.import_module(module_name)
@@ -182,14 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             module.main(config)
     except ConfigError as error:
-        _usage_error(f"{prog}: {error}")
-
-
-# Exit status of a bad flag, config field or input (as argparse's usage errors); other failures exit 1.
-
-
-def _usage_error(message: str):
-    exit_with_usage_error(message)
+        exit_with_usage_error(f"{prog}: {error}")
 
 
 if __name__ == "__main__":

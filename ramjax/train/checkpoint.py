@@ -161,16 +161,9 @@ class _SavedState:
 def _shapes(tree) -> dict[str, tuple]:
     """{"params/layers/0/w": shape} of a state tree's arrays (ShapeDtypeStructs, arrays or Orbax's metadata), the
     path's keys as plain names so that a stored tree and a live one name a leaf alike."""
-    def name(key):
-        for attribute in ("key", "idx", "name"):
-            if hasattr(key, attribute):
-                return str(getattr(key, attribute))
-        return str(key)
-
     def path_name(path):
-        names = [name(k) for k in path]
-        return "/".join(names[:-1] if names and names[-1] == "value" else names)  # a stored nnx Variable's "value"
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        return name.removesuffix("/value")  # an nnx Variable's leaf, stored or live
 
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     return {path_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
-

@@ -94,9 +94,9 @@ def early_stop_accuracy(config) -> float:
 
 
 def check_run_config(config) -> None:
-    """The checks `ramjax train` makes before it builds anything (trainer.py's _prepare: the model, task, train,
-    schedule and optimizer fields), for a config away from its run: what `ramjax sweep` runs on every run of a
-    grid before it starts any. It starts no JAX backend (the sweep's own process must not take GPU memory from
+    """The checks of a run's config that need no mesh (the model, task, train, schedule and optimizer fields):
+    `ramjax train` makes them first (trainer.py's _prepare, before its mesh-dependent ones), and `ramjax sweep` on
+    every run of a grid before it starts any. It starts no JAX backend (the sweep's own process must not take GPU memory from
     its runs) and reads no dataset, so batch sizes are checked for one process and one batch shard (each run checks
     them again on its mesh), and a language model's data fields when its run prepares the data."""
     multi_seed.num_seeds(config)

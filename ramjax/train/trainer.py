@@ -39,7 +39,7 @@ from ramjax.train.checkpoint import Checkpoints
 from ramjax.train.evaluation import Batches, evaluate
 from ramjax.train.metrics import MetricsLog, read_metrics
 from ramjax.train.profiling import ProfileWindow
-from ramjax.train.setup import (ModelSpec, abstract_model, check_model_config, check_train_config,
+from ramjax.train.setup import (ModelSpec, abstract_model, check_run_config, check_train_config,
                                 early_stop_accuracy, initialisers, jit_train_step, loss_chunk_tokens, make_task,
                                 with_shardings)
 from ramjax.train.step import make_eval_step
@@ -106,16 +106,12 @@ def train(config, workdir: str, *, devices=None, amend: bool = False, restart: b
 
 def _prepare(config, workdir: str, devices) -> _Run:
     try:
+        check_run_config(config)  # what needs no mesh, as `ramjax sweep` checks it; then what does
         num_seeds = multi_seed.num_seeds(config)
-        check_model_config(config)
         task = make_task(config)
         mesh = sharding.make_mesh(config.mesh, devices)
         batch_sh = sharding.batch_sharding(config.mesh.rules, mesh)
         check_train_config(config, task, sharding.num_shards(batch_sh))
-        top_k_schedule.check(config)
-        factor_schedule.check(config)
-        early_stop_accuracy(config)
-        prefetch_threads(config.data)
         profiler = ProfileWindow(config.train.get("profile_steps", (0, 0)), os.path.join(workdir, "profile"))
         spec = abstract_model(config, mesh)
     except ValueError as error:
