@@ -460,7 +460,8 @@ def test_delta_chunk_inverse_methods_lower_for_cuda_and_keep_doubling_elsewhere(
     want = jax.jit(jax.value_and_grad(loss))(k)
     monkeypatch.setattr(chunked, "INVERSE_METHOD", method)
     got = jax.jit(jax.value_and_grad(loss))(k)
-    assert float(got[0]) == float(want[0]) and bool(jnp.all(got[1] == want[1]))
+    if jax.default_backend() != "gpu":  # (on a GPU the method does change the numbers)
+        assert float(got[0]) == float(want[0]) and bool(jnp.all(got[1] == want[1]))
     module = export.export(jax.jit(jax.grad(loss)), platforms=["cuda"])(k).mlir_module()
     assert lowered in module
     monkeypatch.setattr(chunked, "INVERSE_METHOD", "tf32")
