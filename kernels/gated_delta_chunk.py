@@ -586,7 +586,8 @@ def chunk_gated_delta(q, k, v, log_decay, beta, initial_state=None, *, chunk_siz
 
     Args:
       q, k: `[B, T, H, d_k]`; v: `[B, T, H, d_v]`; float32 or bfloat16 (matrix products take bf16 operands with
-        fp32 accumulation where q, k and v all are bf16; the chunk's (I + diag(beta) L)^-1 is always IEEE fp32).
+        fp32 accumulation where q, k and v all are bf16; the chunk's (I + diag(beta) L)^-1 always
+        takes fp32 products: TF32 x 3 on a GPU by default, INVERSE_PRECISION; IEEE in interpret mode).
         k is used as given (the layer L2-normalises it).
       log_decay: a_t <= 0, `[B, T, H]`; beta: `[B, T, H]`, in [0, 1] for a contraction. Computed in float32.
       initial_state: S_0, `[B, H, d_k, d_v]`, or None for zeros.
