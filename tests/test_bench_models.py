@@ -154,20 +154,20 @@ def test_module_settings_hold_for_a_block_retrace_and_restore():
     def read_switch(x):
         return x + len(chunked.INVERSE_METHOD)  # read when traced
 
-    assert chunked.INVERSE_METHOD == "doubling" and int(read_switch(0)) == 8
-    with timing.module_settings(["ramjax.ops.gated_delta.chunked.INVERSE_METHOD='triangular_solve'"]):
-        assert chunked.INVERSE_METHOD == "triangular_solve" and int(read_switch(0)) == 16
-    assert chunked.INVERSE_METHOD == "doubling" and int(read_switch(0)) == 8
+    assert chunked.INVERSE_METHOD == "triangular_solve" and int(read_switch(0)) == 16
+    with timing.module_settings(["ramjax.ops.gated_delta.chunked.INVERSE_METHOD='doubling'"]):
+        assert chunked.INVERSE_METHOD == "doubling" and int(read_switch(0)) == 8
+    assert chunked.INVERSE_METHOD == "triangular_solve" and int(read_switch(0)) == 16
     with pytest.raises(RuntimeError, match="inside"):  # a bare word sets a string switch (shells eat quotes)
-        with timing.module_settings(["ramjax.ops.gated_delta.chunked.INVERSE_METHOD=triangular_solve"]):
-            assert chunked.INVERSE_METHOD == "triangular_solve"
+        with timing.module_settings(["ramjax.ops.gated_delta.chunked.INVERSE_METHOD=doubling"]):
+            assert chunked.INVERSE_METHOD == "doubling"
             raise RuntimeError("inside")
-    assert chunked.INVERSE_METHOD == "doubling"
+    assert chunked.INVERSE_METHOD == "triangular_solve"
     with pytest.raises(ValueError, match="has no 'NO_SUCH'"):
-        with timing.module_settings(["ramjax.ops.gated_delta.chunked.INVERSE_METHOD='triangular_solve'",
+        with timing.module_settings(["ramjax.ops.gated_delta.chunked.INVERSE_METHOD='doubling'",
                                      "ramjax.ops.gated_delta.chunked.NO_SUCH=1"]):
             pass
-    assert chunked.INVERSE_METHOD == "doubling"
+    assert chunked.INVERSE_METHOD == "triangular_solve"
 
 
 def test_variant_set_items_are_row_switches_not_config_fields(tmp_path):

@@ -457,6 +457,7 @@ def test_delta_chunk_inverse_methods_lower_for_cuda_and_keep_doubling_elsewhere(
     def loss(k):
         return jnp.sum(gated_delta_rule(q, k, v, a, beta, impl="chunked", chunk_size=16) ** 2)
 
+    monkeypatch.setattr(chunked, "INVERSE_METHOD", "doubling")
     want = jax.jit(jax.value_and_grad(loss))(k)
     monkeypatch.setattr(chunked, "INVERSE_METHOD", method)
     got = jax.jit(jax.value_and_grad(loss))(k)
@@ -484,11 +485,14 @@ def test_delta_chunk_inverse_by_triangular_solve_matches_doubling():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the methods differ on CUDA only")
-@pytest.mark.parametrize("method", ["doubling_tf32x3", "triangular_solve"])
+@pytest.mark.parametrize("method", ["doubling", "doubling_tf32x3", "triangular_solve"])
 def test_delta_chunk_inverse_methods_keep_fp32_accuracy_on_a_gpu(monkeypatch, method):
     """chunked.INVERSE_METHOD on a GPU: with aligned keys (the inverse's hard case) at chunk 64 the chunked form
-    stays within fp32's tolerance of the float64 recurrence, its gradient finite and close."""
+    stays within fp32's tolerance of the float64 recurrence, its gradient finite and close. The chunked form's
+    other products run at full fp32 here: at XLA's default GPU precision (TF32) every method, "doubling" too, is
+    ~5e-3 off on this case (H200, 2026-12-04), which says nothing about the inverse."""
     from ramjax.ops.gated_delta import chunked
 
     monkeypatch.setattr(chunked, "INVERSE_METHOD", method)
-    test_delta_rule_chunked_is_stable_with_aligned_keys(64)
+    with jax.default_matmul_precision("highest"):
+        test_delta_rule_chunked_is_stable_with_aligned_keys(64)

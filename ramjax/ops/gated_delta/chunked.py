@@ -27,8 +27,11 @@ from ramjax.ops.shared import numerics
 #                       and a low TF32 part: about fp32's accuracy, where one TF32 product would lose the inverse);
 #   "triangular_solve"  one batched unit-lower triangular solve against I (cuBLAS; ~C^3 / 3 multiply-adds per
 #                       chunk against doubling's ~2 log2(C) C^3), differentiated by JAX as further solves.
-# Chosen per platform when the program is lowered. Not yet timed on a GPU: "doubling" until it is.
-INVERSE_METHOD = "doubling"
+# Chosen per platform when the program is lowered. "triangular_solve" by default: on an H200 it made the log-linear
+# Gated DeltaNet LM's step 5-6% faster than "doubling" (experiments/results/bench_models.md, 2026-12-03), and with
+# the chunked form's other products at full fp32 its error on the aligned-keys case (chunk 64) against the float64
+# recurrence was 7.0e-7 against doubling's 8.0e-7 (2026-12-04).
+INVERSE_METHOD = "triangular_solve"
 INVERSE_METHODS = ("doubling", "doubling_tf32x3", "triangular_solve")
 
 
