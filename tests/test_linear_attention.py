@@ -496,3 +496,25 @@ def test_delta_chunk_inverse_methods_keep_fp32_accuracy_on_a_gpu(monkeypatch, me
     monkeypatch.setattr(chunked, "INVERSE_METHOD", method)
     with jax.default_matmul_precision("highest"):
         test_delta_rule_chunked_is_stable_with_aligned_keys(64)
+
+
+def test_inverse_method_accuracy_script_prints_every_method_and_restores_the_switch(capsys):
+    """experiments/inverse_method_accuracy.py: one row per INVERSE_METHOD and precision, errors within the GPU
+    test's tolerances on this CPU (all methods are IEEE doubling here), and the module switch left as it was."""
+    import importlib.util
+    import pathlib
+
+    from ramjax.ops.gated_delta import chunked
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "inverse_method_accuracy.py"
+    spec = importlib.util.spec_from_file_location("inverse_method_accuracy", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    before = chunked.INVERSE_METHOD
+    script.main()
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = [[cell.strip() for cell in row] for row in rows[1:]]  # past the header
+    want = [(method, precision) for precision in ("default", "highest") for method in chunked.INVERSE_METHODS]
+    assert [(row[0], row[1]) for row in rows] == want
+    assert all(float(row[2]) < 1e-4 and float(row[3]) < 1e-3 for row in rows)
+    assert chunked.INVERSE_METHOD == before
