@@ -11,13 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ramjax.numerics import rel_rms
 from ramjax.ops import gated_delta_rule
 from ramjax.ops.gated_delta import chunked
-
-
-def rel_rms(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2)))
+from ramjax.timing import module_settings
 
 
 def aligned_key_inputs(seed: int = 0, time: int = 130, heads: int = 2, dim: int = 16):
@@ -47,19 +44,15 @@ def errors(inputs, chunk_size: int) -> tuple[float, float]:
 
 def main():
     inputs = aligned_key_inputs()
-    default = chunked.INVERSE_METHOD
-    print(f"backend {jax.default_backend()}, jax {jax.__version__}; default INVERSE_METHOD {default!r}")
+    print(f"backend {jax.default_backend()}, jax {jax.__version__}; default INVERSE_METHOD {chunked.INVERSE_METHOD!r}")
     print("| method | precision of the other products | output error | gradient error |")
     print("|---|---|---|---|")
-    try:
-        for precision in ("default", "highest"):
-            for method in chunked.INVERSE_METHODS:
-                chunked.INVERSE_METHOD = method
-                with jax.default_matmul_precision(precision):
-                    out, grad = errors(inputs, chunk_size=64)
-                print(f"| {method} | {precision} | {out:.2e} | {grad:.2e} |")
-    finally:
-        chunked.INVERSE_METHOD = default
+    for precision in ("default", "highest"):
+        for method in chunked.INVERSE_METHODS:
+            setting = f"ramjax.ops.gated_delta.chunked.INVERSE_METHOD='{method}'"
+            with module_settings([setting]), jax.default_matmul_precision(precision):
+                out, grad = errors(inputs, chunk_size=64)
+            print(f"| {method} | {precision} | {out:.2e} | {grad:.2e} |")
 
 
 if __name__ == "__main__":
