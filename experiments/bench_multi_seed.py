@@ -16,7 +16,6 @@ single runs one after another). --config.FIELD=VALUE overrides apply to every ro
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -76,8 +75,8 @@ def measure(spec: str, overrides: list[str], seeds: list[int], steps: int, log_e
     rows = []
     for n in seeds:
         with tempfile.TemporaryDirectory(prefix=f"bench_multi_seed_{n}_") as workdir:
-            train(run_config(spec, overrides, n, steps, log_every), os.path.join(workdir, "run"))
-            rates = steps_per_second(os.path.join(workdir, "run"))
+            train(run_config(spec, overrides, n, steps, log_every), workdir)
+            rates = steps_per_second(workdir)
         rows.append({"num_seeds": n, "steps_per_s": statistics.median(rates), "intervals": len(rates)})
         print(f"bench_multi_seed: num_seeds {n}: {rows[-1]['steps_per_s']:.1f} steps/s "
               f"(median of {len(rates)} intervals of {log_every} steps)", flush=True)
